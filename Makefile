@@ -1,0 +1,58 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Each installs what it needs.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.busseg-installed
+NVCC   ?= $(shell command -v nvcc 2>/dev/null)
+CUDA_ARCH_FLAGS := -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90
+NATIVE_SOURCES  := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh') setup.py
+export MAX_JOBS ?= 2
+
+.PHONY: install build test test-all cuda-check cmake-check bench demo clean
+
+install: $(STAMP)
+
+# A CUDA machine already has torch: the venv then sees the system packages and keeps it.
+$(STAMP):
+	@if [ ! -x $(PY) ]; then \
+	  if python3 -c 'import torch' 2>/dev/null; then python3 -m venv --system-site-packages $(VENV); \
+	  else python3 -m venv $(VENV); fi; fi
+	$(PY) -c 'import torch' 2>/dev/null || $(PIP) install -q torch==2.13.0
+	$(PIP) install -q triton numpy pytest pytest-benchmark ninja pybind11 setuptools wheel
+	$(PIP) install -q --no-build-isolation --no-deps -e .
+	touch $(STAMP)
+
+# Incremental rebuild of the extension in place (ninja keeps objects under build/).
+build: $(STAMP) busseg_ops/.built
+busseg_ops/.built: $(NATIVE_SOURCES)
+	$(PY) setup.py -q build_ext --inplace
+	touch $@
+
+# Every CUDA source must compile for sm_80 and sm_90 with no warning, GPU or not.
+cuda-check:
+	@if [ -z "$(NVCC)" ]; then echo "cuda-check: nvcc not found, skipped"; exit 0; fi; \
+	mkdir -p build/cuda-check; \
+	for f in csrc/cuda/*.cu; do \
+	  echo "nvcc $$f"; \
+	  $(NVCC) -std=c++17 -O3 $(CUDA_ARCH_FLAGS) -Werror all-warnings -Xcompiler -Wall,-Wextra,-Werror \
+	    -Icsrc -c $$f -o build/cuda-check/$$(basename $$f .cu).o || exit 1; \
+	done
+
+# The CMake build for C++ users, configured and built once per `make test`.
+cmake-check: $(STAMP)
+	cmake -S . -B build/cmake -G Ninja -DCMAKE_BUILD_TYPE=Release \
+	  -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')" >/dev/null
+	cmake --build build/cmake
+
+test: build cuda-check cmake-check
+	$(PY) -m pytest tests -q
+
+bench: build
+	$(PY) -m pytest benchmarks -q --benchmark-columns=min,median,mean,rounds --benchmark-sort=name
+	$(PY) benchmarks/memory.py
+
+demo: build
+	$(PY) examples/arp_demo.py
+
+clean:
+	rm -rf build busseg_ops/*.so busseg_ops/.built *.egg-info

@@ -1,0 +1,20 @@
+"""busseg_ops: accelerated operators for relation-aware semi-supervised breast-ultrasound
+lesion segmentation (RA-BUSSeg, PH-Net, LA-Net, SemiSeg-CAW). See SPEC and README."""
+try:
+    from . import _C  # noqa: F401  (registers the torch.ops.busseg.* schemas and kernels)
+except ImportError as err:  # pragma: no cover - exercised only on an unbuilt checkout
+    raise ImportError(
+        "busseg_ops: the compiled extension busseg_ops._C is missing or broken. Build it from the "
+        "repository root with `make install` (or `pip install --no-build-isolation -e .` inside an "
+        "environment that already has torch); set FORCE_CUDA=1 to include the CUDA kernels. "
+        f"Original error: {err}"
+    ) from err
+
+from .backends import _HAS_TRITON, BACKENDS, available_backends, use_backend
+from .arp import adjacent_relation_propagation
+
+if _HAS_TRITON:
+    from . import triton as _triton_ops  # noqa: F401  (registers the busseg::*_triton ops)
+
+__all__ = ["BACKENDS", "available_backends", "use_backend", "adjacent_relation_propagation"]
+__version__ = "0.1.0"

@@ -1,0 +1,51 @@
+"""Argument checks shared by the public ops: each error names the argument and what was expected
+(SPEC §7)."""
+from __future__ import annotations
+
+import torch
+
+_CPU_DTYPES = (torch.float32, torch.float64)
+_CUDA_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def tensor(name: str, t, ndim: int | None = None, layout: str = "", floating: bool = True,
+           allow_empty: bool = False) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dims {layout}, got shape {tuple(t.shape)}")
+    if floating:
+        allowed = _CUDA_DTYPES if t.device.type == "cuda" else _CPU_DTYPES
+        if t.dtype not in allowed:
+            names = ", ".join(str(d).removeprefix("torch.") for d in allowed)
+            raise TypeError(f"{name} must be one of {names} on {t.device.type}, got {t.dtype}")
+    if not allow_empty and t.numel() == 0:
+        raise ValueError(f"{name} is empty (shape {tuple(t.shape)})")
+
+
+def same(names: str, a: torch.Tensor, b: torch.Tensor, *, dims: tuple[int, ...] = (),
+         dtype: bool = False) -> None:
+    """a and b share device, the sizes at ``dims`` and, if asked, dtype."""
+    if a.device != b.device:
+        raise ValueError(f"{names} must be on the same device, got {a.device} and {b.device}")
+    if any(a.shape[d] != b.shape[d] for d in dims):
+        raise ValueError(f"{names} must share sizes at dims {dims}, got {tuple(a.shape)} and "
+                         f"{tuple(b.shape)}")
+    if dtype and a.dtype != b.dtype:
+        raise TypeError(f"{names} must have the same dtype, got {a.dtype} and {b.dtype}")
+
+
+def integer(name: str, v, minimum: int | None = None, odd: bool = False) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise TypeError(f"{name} must be an int, got {type(v).__name__}")
+    if minimum is not None and v < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {v}")
+    if odd and v % 2 == 0:
+        raise ValueError(f"{name} must be odd, got {v}")
+    return v
+
+
+def choice(name: str, v, options: tuple[str, ...]) -> str:
+    if v not in options:
+        raise ValueError(f"{name} must be one of {options}, got {v!r}")
+    return v
