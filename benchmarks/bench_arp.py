@@ -1,0 +1,76 @@
+"""ARP at the upstream setting (SPEC §1; issue 2): B=8, C=256, 65×65 features (stride 8 of a
+520 px crop), K=2 classes, 3×3 kernel. Ours (`cpu`) against (a) the unfold formulation of the
+RA-BUSSeg code and (b) torch.compile of it; forward and forward+backward; peak memory."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import busseg_ops
+from peak_memory import peak_extra_mib
+
+B, C, K, H, W, KS = 8, 256, 2, 65, 65, 3
+
+
+def unfold_arp(feat, value, kernel_size=KS, dilation=1):
+    """RA-BUSSeg's formulation: unfold features and values, einsum affinities, softmax, sum."""
+    b, c, h, w = feat.shape
+    pad = dilation * (kernel_size // 2)
+    fu = F.unfold(feat, kernel_size, dilation=dilation, padding=pad).view(b, c, -1, h * w)
+    vu = F.unfold(value, kernel_size, dilation=dilation, padding=pad).view(b, value.shape[1], -1, h * w)
+    weights = (torch.einsum("bcp,bckp->bkp", feat.flatten(2), fu) * c ** -0.5).softmax(1)
+    return torch.einsum("bkp,bvkp->bvp", weights, vu).view_as(value)
+
+
+def ours(feat, value):
+    with busseg_ops.use_backend("cpu"):
+        return busseg_ops.adjacent_relation_propagation(feat, value, KS)
+
+
+_compiled = torch.compile(unfold_arp)
+IMPLS = {"cpu": ours, "unfold": unfold_arp, "compiled_unfold": _compiled}
+
+
+def inputs(requires_grad):
+    g = torch.Generator().manual_seed(0)
+    feat = torch.randn(B, C, H, W, generator=g).requires_grad_(requires_grad)
+    return feat, torch.randn(B, K, H, W, generator=g)
+
+
+@pytest.mark.parametrize("impl", list(IMPLS))
+def test_arp_forward(benchmark, impl):
+    benchmark.group = "arp forward"
+    feat, value = inputs(False)
+    fn = IMPLS[impl]
+    with torch.no_grad():
+        fn(feat, value)  # warm-up (compiles)
+        benchmark.pedantic(fn, (feat, value), rounds=5, warmup_rounds=1)
+
+
+@pytest.mark.parametrize("impl", list(IMPLS))
+def test_arp_forward_backward(benchmark, impl):
+    benchmark.group = "arp fwd+bwd"
+    feat, value = inputs(True)
+    fn = IMPLS[impl]
+
+    def step():
+        fn(feat, value).sum().backward()
+        feat.grad = None
+
+    step()
+    benchmark.pedantic(step, rounds=5, warmup_rounds=1)
+
+
+_SETUP = f"""
+import sys; sys.path.insert(0, 'benchmarks')
+import torch, bench_arp
+feat = torch.randn({B}, {C}, {H}, {W}, requires_grad=True)
+value = torch.randn({B}, {K}, {H}, {W})
+fn = bench_arp.IMPLS[IMPL]
+"""
+
+
+@pytest.mark.parametrize("impl", list(IMPLS))
+def test_arp_peak_memory(impl, record_memory):
+    mib = peak_extra_mib(_SETUP.replace("IMPL", repr(impl)), "fn(feat, value).sum().backward()",
+                         warm=True)
+    record_memory("arp fwd+bwd", impl, mib)
