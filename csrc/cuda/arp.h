@@ -17,9 +17,10 @@ struct ArpShape {
 cudaError_t arp_forward(DType dtype, const ArpShape& s, const void* feat, const void* value,
                         void* out, void* weights, double scale, cudaStream_t stream);
 
-// `da_scratch` holds B*H*W*taps accumulators (double for f64, else float); grad_feat / grad_value may be null when not wanted.
+// `da_scratch` holds B*H*W*taps accumulators (double for f64, else float); grad_feat / grad_value
+// may be null when not wanted.
 cudaError_t arp_backward(DType dtype, const ArpShape& s, const void* grad_out, const void* feat,
-                         const void* value, const void* weights, void* grad_feat,
-                         void* grad_value, void* da_scratch, double scale, cudaStream_t stream);
+                         const void* value, const void* weights, void* grad_feat, void* grad_value,
+                         void* da_scratch, double scale, cudaStream_t stream);
 
 }  // namespace busseg::cuda

@@ -11,8 +11,14 @@ namespace {
 
 ArpShape shape_of(const at::Tensor& feat, const at::Tensor& value, int64_t kernel_size,
                   int64_t dilation, bool valid_padding) {
-  return {feat.size(0), feat.size(1), value.size(1), feat.size(2), feat.size(3),
-          static_cast<int>(kernel_size), static_cast<int>(dilation), valid_padding};
+  return {feat.size(0),
+          feat.size(1),
+          value.size(1),
+          feat.size(2),
+          feat.size(3),
+          static_cast<int>(kernel_size),
+          static_cast<int>(dilation),
+          valid_padding};
 }
 
 at::Tensor channels_last(const at::Tensor& t) { return t.permute({0, 2, 3, 1}).contiguous(); }
@@ -45,11 +51,12 @@ std::tuple<at::Tensor, at::Tensor> arp_backward_cuda(
                                         : at::empty({0}, feat.options());
   at::Tensor grad_value = need_grad_value ? at::empty({s.B, s.K, s.H, s.W}, value.options())
                                           : at::empty({0}, value.options());
-  at::Tensor da = at::empty({need_grad_feat ? w.numel() : 0}, feat.options().dtype(accumulator_type(feat)));
+  at::Tensor da =
+      at::empty({need_grad_feat ? w.numel() : 0}, feat.options().dtype(accumulator_type(feat)));
   check_launch(arp_backward(dtype_of(feat), s, go.data_ptr(), f.data_ptr(), v.data_ptr(),
                             w.data_ptr(), need_grad_feat ? grad_feat.data_ptr() : nullptr,
-                            need_grad_value ? grad_value.data_ptr() : nullptr, da.data_ptr(),
-                            scale, c10::cuda::getCurrentCUDAStream()),
+                            need_grad_value ? grad_value.data_ptr() : nullptr, da.data_ptr(), scale,
+                            c10::cuda::getCurrentCUDAStream()),
                "arp_backward");
   if (need_grad_feat) grad_feat = grad_feat.permute({0, 3, 1, 2});
   return {grad_feat, grad_value};

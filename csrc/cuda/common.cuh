@@ -10,34 +10,70 @@
 namespace busseg::cuda {
 
 // Accumulation type: float for half/bfloat16/float, double for double.
-template <typename T> struct Acc { using type = float; };
-template <> struct Acc<double> { using type = double; };
-template <typename T> using acc_t = typename Acc<T>::type;
+template <typename T>
+struct Acc {
+  using type = float;
+};
+template <>
+struct Acc<double> {
+  using type = double;
+};
+template <typename T>
+using acc_t = typename Acc<T>::type;
 
-template <typename T> __device__ __forceinline__ acc_t<T> load(const T* p) { return static_cast<acc_t<T>>(*p); }
-template <> __device__ __forceinline__ float load<__half>(const __half* p) { return __half2float(*p); }
-template <> __device__ __forceinline__ float load<__nv_bfloat16>(const __nv_bfloat16* p) { return __bfloat162float(*p); }
+template <typename T>
+__device__ __forceinline__ acc_t<T> load(const T* p) {
+  return static_cast<acc_t<T>>(*p);
+}
+template <>
+__device__ __forceinline__ float load<__half>(const __half* p) {
+  return __half2float(*p);
+}
+template <>
+__device__ __forceinline__ float load<__nv_bfloat16>(const __nv_bfloat16* p) {
+  return __bfloat162float(*p);
+}
 
-template <typename T> __device__ __forceinline__ void store(T* p, acc_t<T> v) { *p = static_cast<T>(v); }
-template <> __device__ __forceinline__ void store<__half>(__half* p, float v) { *p = __float2half(v); }
-template <> __device__ __forceinline__ void store<__nv_bfloat16>(__nv_bfloat16* p, float v) { *p = __float2bfloat16(v); }
+template <typename T>
+__device__ __forceinline__ void store(T* p, acc_t<T> v) {
+  *p = static_cast<T>(v);
+}
+template <>
+__device__ __forceinline__ void store<__half>(__half* p, float v) {
+  *p = __float2half(v);
+}
+template <>
+__device__ __forceinline__ void store<__nv_bfloat16>(__nv_bfloat16* p, float v) {
+  *p = __float2bfloat16(v);
+}
 
-template <typename A> __device__ __forceinline__ A warp_sum(A v) {
+template <typename A>
+__device__ __forceinline__ A warp_sum(A v) {
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
   return v;
 }
-template <typename A> __device__ __forceinline__ A warp_max(A v) {
+template <typename A>
+__device__ __forceinline__ A warp_max(A v) {
   for (int o = 16; o > 0; o >>= 1) v = max(v, __shfl_xor_sync(0xffffffffu, v, o));
   return v;
 }
 
 // Calls f(T{}) with T the storage type of `dtype`.
-template <typename F> cudaError_t dispatch(DType dtype, F&& f) {
+template <typename F>
+cudaError_t dispatch(DType dtype, F&& f) {
   switch (dtype) {
-    case DType::f16: f(__half{}); break;
-    case DType::bf16: f(__nv_bfloat16{}); break;
-    case DType::f32: f(float{}); break;
-    case DType::f64: f(double{}); break;
+    case DType::f16:
+      f(__half{});
+      break;
+    case DType::bf16:
+      f(__nv_bfloat16{});
+      break;
+    case DType::f32:
+      f(float{});
+      break;
+    case DType::f64:
+      f(double{});
+      break;
   }
   return cudaGetLastError();
 }
