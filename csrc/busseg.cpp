@@ -3,7 +3,7 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY(busseg, m) {
-  // §1 adjacent relation propagation. weights come back as (B, H, W, k*k), kept for backward.
+  // §1 adjacent relation propagation. weights (B, k*k, H, W) are kept for backward.
   m.def(
       "arp_forward(Tensor feat, Tensor value, int kernel_size, int dilation, float scale, "
       "bool valid_padding) -> (Tensor out, Tensor weights)");

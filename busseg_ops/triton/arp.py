@@ -48,7 +48,7 @@ def _arp_forward_kernel(feat, value, out, weights, H, W, C, K, scale,
     amax = tl.where(in_image, tl.max(affinity, axis=1), 0.0)  # rows past the image: all -inf
     e = tl.exp(affinity - amax[:, None])
     w = e / tl.sum(e, axis=1)[:, None]
-    tl.store(weights + (b * HW + p)[:, None] * (KS * KS) + taps[None, :], w,
+    tl.store(weights + (b * KS * KS + taps[None, :]) * HW + p[:, None], w,
              mask=in_image[:, None] & (taps[None, :] < KS * KS))
     acc = tl.zeros([BLOCK_P, BLOCK_K], ACC)
     for t in tl.static_range(KS * KS):
@@ -74,7 +74,7 @@ def _arp_affinity_grad_kernel(grad_out, value, weights, da, H, W, K, scale,
     taps = tl.arange(0, TAPS_PAD)
     ks = tl.arange(0, BLOCK_K)
     tap_mask = in_image[:, None] & (taps[None, :] < KS * KS)
-    w = tl.load(weights + (b * HW + p)[:, None] * (KS * KS) + taps[None, :], mask=tap_mask,
+    w = tl.load(weights + (b * KS * KS + taps[None, :]) * HW + p[:, None], mask=tap_mask,
                 other=0.0).to(ACC)
     g = tl.load(grad_out + (b * K + ks[None, :]) * HW + p[:, None],
                 mask=in_image[:, None] & (ks[None, :] < K), other=0.0).to(ACC)
@@ -127,7 +127,7 @@ def _arp_value_grad_kernel(grad_out, weights, grad_value, H, W, K,
     for t in tl.static_range(KS * KS):
         src, inside = _neighbour(y, x, t, -1, H, W, KS, DIL)  # the pixel whose tap t lands on p
         inside = inside & in_image
-        w = tl.load(weights + (b * HW + src) * (KS * KS) + t, mask=inside, other=0.0)
+        w = tl.load(weights + (b * KS * KS + t) * HW + src, mask=inside, other=0.0)
         g = tl.load(grad_out + (b * K + ks[None, :]) * HW + src[:, None],
                     mask=inside[:, None] & (ks[None, :] < K), other=0.0)
         acc += w.to(ACC)[:, None] * g.to(ACC)
@@ -152,7 +152,7 @@ def arp_forward_triton(feat: torch.Tensor, value: torch.Tensor, kernel_size: int
     B, C, H, W = feat.shape
     K = value.shape[1]
     out = value.new_empty(B, K, H, W)
-    weights = feat.new_empty(B, H, W, kernel_size * kernel_size)
+    weights = feat.new_empty(B, kernel_size * kernel_size, H, W)
     grid = (triton.cdiv(H * W, _BLOCK_P), B)
     wrap_triton(_arp_forward_kernel)[grid](
         _channels_last(feat), _channels_last(value), out, weights, H, W, C, K, scale,
@@ -178,7 +178,7 @@ def arp_backward_triton(grad_out: torch.Tensor, feat: torch.Tensor, value: torch
     if need_grad_feat:
         f = _channels_last(feat)
         acc_dtype = torch.float64 if feat.dtype == torch.float64 else torch.float32
-        da = torch.empty(weights.shape, dtype=acc_dtype, device=feat.device)
+        da = torch.empty(B, H, W, kernel_size * kernel_size, dtype=acc_dtype, device=feat.device)
         wrap_triton(_arp_affinity_grad_kernel)[(pixel_blocks, B)](
             grad_out, _channels_last(value), weights, da, H, W, K, scale, KS=kernel_size,
             DIL=dilation, TAPS_PAD=triton.next_power_of_2(kernel_size * kernel_size),

@@ -66,7 +66,7 @@ __global__ void arp_forward_kernel(ArpShape s, const T* __restrict__ feat,
   __syncwarp();
   for (int t = lane; t < taps; t += 32) {
     aff[t] = exp(aff[t] - amax) / denom;
-    store(weights + i * taps + t, aff[t]);
+    store(weights + (px.b * taps + t) * s.H * s.W + px.p, aff[t]);
   }
   __syncwarp();
   for (int k = 0; k < s.K; ++k) {
@@ -99,12 +99,12 @@ __global__ void arp_affinity_grad_kernel(ArpShape s, const T* __restrict__ grad_
       for (int k = 0; k < s.K; ++k)
         dw += load(grad_out + (px.b * s.K + k) * HW + px.p) * load(value + q * s.K + k);
     da[i * taps + t] = dw;
-    wdw += load(weights + i * taps + t) * dw;
+    wdw += load(weights + (px.b * taps + t) * HW + px.p) * dw;
   }
   wdw = warp_sum(wdw);
   for (int t = lane; t < taps; t += 32)
-    da[i * taps + t] =
-        static_cast<A>(scale) * load(weights + i * taps + t) * (da[i * taps + t] - wdw);
+    da[i * taps + t] = static_cast<A>(scale) * load(weights + (px.b * taps + t) * HW + px.p) *
+                       (da[i * taps + t] - wdw);
 }
 
 template <typename T>
@@ -136,7 +136,7 @@ __global__ void arp_gather_grad_kernel(ArpShape s, const T* __restrict__ grad_ou
       for (int t = 0; t < taps; ++t) {
         const long long src = neighbour(s, px, t, -1);  // the pixel whose tap t lands on p
         if (src >= 0)
-          acc += load(weights + src * taps + t) *
+          acc += load(weights + (px.b * taps + t) * HW + (src - px.b * HW)) *
                  load(grad_out + (px.b * s.K + k) * HW + (src - px.b * HW));
       }
       store(grad_value + (px.b * s.K + k) * HW + px.p, acc);

@@ -1,6 +1,6 @@
 // Adjacent relation propagation (SPEC §1): CUDA launchers on raw pointers.
 // feat (B, H, W, C) and value (B, H, W, K) are channels-last; out and grad_out are (B, K, H, W);
-// weights (B, H, W, taps); grad_feat (B, H, W, C); grad_value (B, K, H, W).
+// weights (B, taps, H, W); grad_feat (B, H, W, C); grad_value (B, K, H, W).
 #pragma once
 #include <cuda_runtime.h>
 

@@ -31,7 +31,7 @@ std::tuple<at::Tensor, at::Tensor> arp_forward_cuda(const at::Tensor& feat, cons
   const ArpShape s = shape_of(feat, value, kernel_size, dilation, valid_padding);
   const at::Tensor f = channels_last(feat), v = channels_last(value);
   at::Tensor out = at::empty({s.B, s.K, s.H, s.W}, feat.options());
-  at::Tensor weights = at::empty({s.B, s.H, s.W, kernel_size * kernel_size}, feat.options());
+  at::Tensor weights = at::empty({s.B, kernel_size * kernel_size, s.H, s.W}, feat.options());
   check_launch(arp_forward(dtype_of(feat), s, f.data_ptr(), v.data_ptr(), out.data_ptr(),
                            weights.data_ptr(), scale, c10::cuda::getCurrentCUDAStream()),
                "arp_forward");
@@ -58,7 +58,8 @@ std::tuple<at::Tensor, at::Tensor> arp_backward_cuda(
                             need_grad_value ? grad_value.data_ptr() : nullptr, da.data_ptr(), scale,
                             c10::cuda::getCurrentCUDAStream()),
                "arp_backward");
-  if (need_grad_feat) grad_feat = grad_feat.permute({0, 3, 1, 2});
+  // The kernels run channels-last; the op's contract is a contiguous (B, C, H, W) gradient.
+  if (need_grad_feat) grad_feat = grad_feat.permute({0, 3, 1, 2}).contiguous();
   return {grad_feat, grad_value};
 }
 
