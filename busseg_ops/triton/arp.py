@@ -18,15 +18,20 @@ def _neighbour(y, x, t, sign, H, W, KS: tl.constexpr, DIL: tl.constexpr):
 
 
 @triton.jit
+def _pixel_block(H, W, BLOCK_P: tl.constexpr):
+    """This program's pixels of its image: index, in-image mask, row, column."""
+    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    return p, p < H * W, p // W, p % W
+
+
+@triton.jit
 def _arp_forward_kernel(feat, value, out, weights, H, W, C, K, scale,
                         KS: tl.constexpr, DIL: tl.constexpr, VALID: tl.constexpr,
                         TAPS_PAD: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
                         BLOCK_K: tl.constexpr, ACC: tl.constexpr):
     b = tl.program_id(1)
     HW = H * W
-    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
-    in_image = p < HW
-    y, x = p // W, p % W
+    p, in_image, y, x = _pixel_block(H, W, BLOCK_P)
     taps = tl.arange(0, TAPS_PAD)
     ks = tl.arange(0, BLOCK_K)
     affinity = tl.full([BLOCK_P, TAPS_PAD], float("-inf"), ACC)
@@ -68,9 +73,7 @@ def _arp_affinity_grad_kernel(grad_out, value, weights, da, H, W, K, scale,
                               BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr):
     b = tl.program_id(1)
     HW = H * W
-    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
-    in_image = p < HW
-    y, x = p // W, p % W
+    p, in_image, y, x = _pixel_block(H, W, BLOCK_P)
     taps = tl.arange(0, TAPS_PAD)
     ks = tl.arange(0, BLOCK_K)
     tap_mask = in_image[:, None] & (taps[None, :] < KS * KS)
@@ -95,10 +98,8 @@ def _arp_feat_grad_kernel(feat, da, grad_feat, H, W, C,
                           BLOCK_C: tl.constexpr, ACC: tl.constexpr):
     b = tl.program_id(2)
     HW = H * W
-    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    p, in_image, y, x = _pixel_block(H, W, BLOCK_P)
     cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    in_image = p < HW
-    y, x = p // W, p % W
     acc = tl.zeros([BLOCK_P, BLOCK_C], ACC)
     for t in tl.static_range(KS * KS):
         for sign in tl.static_range(2):  # p as query of q (sign 0), p as key of q (sign 1)
@@ -119,9 +120,7 @@ def _arp_value_grad_kernel(grad_out, weights, grad_value, H, W, K,
                            BLOCK_K: tl.constexpr, ACC: tl.constexpr):
     b = tl.program_id(1)
     HW = H * W
-    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
-    in_image = p < HW
-    y, x = p // W, p % W
+    p, in_image, y, x = _pixel_block(H, W, BLOCK_P)
     ks = tl.arange(0, BLOCK_K)
     acc = tl.zeros([BLOCK_P, BLOCK_K], ACC)
     for t in tl.static_range(KS * KS):
