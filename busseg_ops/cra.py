@@ -207,6 +207,13 @@ def cross_layer_alignment_loss(feats, proxies=None, reduction: str = "mean", eps
     return loss
 
 
+def align_norm(shape, reduction: str) -> float:
+    """Factor on the summed KL terms of logits (L, B, HW, M): 1 / ((L-1) * d), d = B*HW*M
+    ("mean"), B ("batchmean") or 1 ("sum"). The C++ front-ends compute the same."""
+    L, B, HW, M = shape
+    return 1.0 / ((L - 1) * {"mean": B * HW * M, "batchmean": B, "sum": 1}[reduction])
+
+
 def _fake_greedy(feat, first, num_proxies, scale):
     return first.new_empty(feat.shape[0], num_proxies)
 
