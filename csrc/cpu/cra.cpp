@@ -1,8 +1,8 @@
 // Cross-layer relation alignment (SPEC §2), C++/OpenMP CPU kernels.
 //
 // Greedy proxy sampling keeps per image the cumulative similarity c(j) and its running max
-// (O(HW) state) and computes one row S(s_m, ·) per step from channels-last features, so every
-// similarity is a contiguous dot product. With at least as many images as threads, images run in
+// (O(HW) state) and computes one row S(s_m, ·) per step straight from the (C, HW) features:
+// channel by channel, a contiguous axpy over the pixels (no channels-last copy of the input). With at least as many images as threads, images run in
 // parallel; otherwise one image's pixels are split over the threads inside every step, with a
 // per-thread arg-min combined after one barrier.
 //
@@ -31,7 +31,9 @@ namespace {
 // max that propagates NaN from either side, like torch.maximum.
 template <typename T> inline T nan_max(T a, T b) { return (a != a || a >= b) ? a : b; }
 
-// Greedy sampling of one image, features (HW, C) channels-last, with a team of `threads`.
+// Greedy sampling of one image, features (C, HW) as stored (no copy), with a team of
+// `threads`. Each thread owns a contiguous chunk of pixels; per step it accumulates its part of
+// the row S(s, ·) channel by channel (contiguous, vectorised axpy over the chunk).
 template <typename scalar_t>
 void greedy_image(const scalar_t* f, int64_t HW, int64_t C, int64_t first, int64_t M,
                   double scale, int64_t* out, int threads) {
@@ -48,16 +50,25 @@ void greedy_image(const scalar_t* f, int64_t HW, int64_t C, int64_t first, int64
     { best[0].resize(nt); best[1].resize(nt); }  // implicit barrier after single
     const int64_t chunk = (HW + nt - 1) / nt;
     const int64_t begin = std::min(HW, tid * chunk), end = std::min(HW, begin + chunk);
+    std::vector<acc_t> fs(C), row(end - begin);
     int64_t s = first;
     for (int64_t m = 0; m < M; ++m) {
       if (tid == 0) out[m] = s;
       if (s >= begin && s < end) chosen[s] = 1;  // each thread owns its chunk's state
       if (m + 1 == M) break;
-      const scalar_t* fs = f + s * C;
+      for (int64_t c = 0; c < C; ++c) fs[c] = acc_t(scale) * acc_t(f[c * HW + s]);
+      std::fill(row.begin(), row.end(), acc_t(0));
+      for (int64_t c = 0; c < C; ++c) {
+        const acc_t v = fs[c];
+        const scalar_t* fc = f + c * HW + begin;
+        acc_t* r = row.data();
+#pragma omp simd
+        for (int64_t j = 0; j < end - begin; ++j) r[j] += v * acc_t(fc[j]);
+      }
       acc_t bv = kInf;
       int64_t bi = -1;
       for (int64_t j = begin; j < end; ++j) {
-        cumulative[j] += acc_t(scale) * dot<acc_t>(fs, f + j * C, C);
+        cumulative[j] += row[j - begin];
         score[j] = nan_max(score[j], cumulative[j]);
         if (chosen[j]) continue;
         const acc_t key = std::isnan(score[j]) ? kInf : score[j];  // NaN counts as +inf
@@ -93,7 +104,7 @@ at::Tensor cra_greedy_sampling_cpu(const at::Tensor& feat, const at::Tensor& fir
                                    int64_t num_proxies, double scale) {
   check_greedy_args(feat, first, num_proxies);
   const int64_t B = feat.size(0), C = feat.size(1), HW = feat.size(2) * feat.size(3);
-  const at::Tensor f = feat.permute({0, 2, 3, 1}).contiguous();  // free for channels-last input
+  const at::Tensor f = feat.contiguous();  // (B, C, HW): free for the usual layout
   const at::Tensor s0 = first.contiguous();
   at::Tensor idx = at::empty({B, num_proxies}, first.options());
   AT_DISPATCH_FLOATING_TYPES(feat.scalar_type(), "cra_greedy_sampling_cpu", [&] {
