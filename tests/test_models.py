@@ -210,7 +210,7 @@ def _loss(feats, proxies, reduction="mean", eps=1e-10):
 
 @pytest.fixture
 def cra_standins(monkeypatch):
-    for name, fn in (("greedy_proxy_sampling", _greedy), ("map_proxy_indices", _map),
+    for name, fn in (("sample_proxies", _greedy), ("greedy_proxy_sampling", _greedy), ("map_proxy_indices", _map),
                      ("gather_proxies", _gather), ("cross_layer_alignment_loss", _loss)):
         monkeypatch.setattr(busseg_ops, name, fn, raising=False)
 

@@ -20,23 +20,10 @@
 #include <vector>
 
 #include "arp_checks.h"
-
-// Row loops get an AVX2+FMA clone chosen at load time, so one binary runs everywhere.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define BUSSEG_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define BUSSEG_SIMD_CLONES
-#endif
+#include "cpu/common.h"
 
 namespace busseg {
 namespace {
-
-// acc[x] += a[x] * b[x]
-template <typename T>
-BUSSEG_SIMD_CLONES void multiply_add(T* acc, const T* a, const T* b, int64_t n) {
-#pragma omp simd
-  for (int64_t x = 0; x < n; ++x) acc[x] += a[x] * b[x];
-}
 
 struct ArpGeometry {
   int64_t B, C, K, H, W;
@@ -57,18 +44,6 @@ struct ArpGeometry {
   }
 };
 
-// OpenMP over rows in one contiguous chunk per thread (honouring torch.set_num_threads), so
-// each thread allocates its scratch once: body(begin, end).
-template <typename F>
-inline void parallel_rows(int64_t n, const F& body) {
-#pragma omp parallel num_threads(at::get_num_threads())
-  {
-    const int64_t threads = omp_get_num_threads(), chunk = (n + threads - 1) / threads;
-    const int64_t begin = omp_get_thread_num() * chunk, end = std::min(n, begin + chunk);
-    if (begin < end) body(begin, end);
-  }
-}
-
 // The kernels take float or double; all tensors are NCHW contiguous, per-tap ones
 // (B, taps, H, W). Row r = b * H + y.
 template <typename T>
@@ -78,7 +53,7 @@ void arp_forward_kernel(const ArpGeometry& g, const T* feat, const T* value, T* 
   const T outside = valid ? -std::numeric_limits<T>::infinity() : T(0);  // zeros: feature 0
   // Pass 1: affinities of the taps from the centre on; the others are their mirrors.
   std::vector<T> raw(g.B * taps * H * W);
-  parallel_rows(g.B * H, [&](int64_t begin, int64_t end) {
+  parallel_chunks(g.B * H, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const int64_t b = r / H, y = r % H;
       for (int64_t t = g.centre(), x0, x1; t < taps; ++t) {
@@ -95,7 +70,7 @@ void arp_forward_kernel(const ArpGeometry& g, const T* feat, const T* value, T* 
     }
   });
   // Pass 2: complete the taps from the mirrors, softmax over taps, propagate the values.
-  parallel_rows(g.B * H, [&](int64_t begin, int64_t end) {
+  parallel_chunks(g.B * H, [&](int64_t begin, int64_t end) {
     std::vector<T> a(taps * W), amax(W), denom(W);
     for (int64_t r = begin; r < end; ++r) {
       const int64_t b = r / H, y = r % H;
@@ -141,7 +116,7 @@ void arp_backward_kernel(const ArpGeometry& g, const T* grad_out, const T* feat,
   std::vector<T> da;
   if (grad_feat) {
     da.assign(g.B * taps * H * W, T(0));
-    parallel_rows(g.B * H, [&](int64_t begin, int64_t end) {
+    parallel_chunks(g.B * H, [&](int64_t begin, int64_t end) {
       std::vector<T> wdw(W);
       for (int64_t r = begin; r < end; ++r) {
         const int64_t b = r / H, y = r % H;
@@ -167,7 +142,7 @@ void arp_backward_kernel(const ArpGeometry& g, const T* grad_out, const T* feat,
   }
   // Pass 2: pixel p gathers from each neighbour q = p + d*o with one coefficient, da[p, o]
   // (p as query) plus da[q, -o] (p as key of q); grad_value gathers w[q, -o] * grad_out[q].
-  parallel_rows(g.B * H, [&](int64_t begin, int64_t end) {
+  parallel_chunks(g.B * H, [&](int64_t begin, int64_t end) {
     std::vector<T> coef(grad_feat ? taps * W : 0);
     for (int64_t r = begin; r < end; ++r) {
       const int64_t b = r / H, y = r % H;

@@ -58,6 +58,36 @@ __device__ __forceinline__ A warp_max(A v) {
   return v;
 }
 
+// Arg-min over (value, index) pairs, ties to the smaller index; index < 0 means "no candidate".
+template <typename A>
+__device__ __forceinline__ bool argmin_better(A v, long long i, A best_v, long long best_i) {
+  return i >= 0 && (best_i < 0 || v < best_v || (v == best_v && i < best_i));
+}
+template <typename A> __device__ __forceinline__ void warp_argmin(A& v, long long& i) {
+  for (int o = 16; o > 0; o >>= 1) {
+    const A ov = __shfl_xor_sync(0xffffffffu, v, o);
+    const long long oi = __shfl_xor_sync(0xffffffffu, i, o);
+    if (argmin_better(ov, oi, v, i)) v = ov, i = oi;
+  }
+}
+// Block-wide arg-min; every thread of a 1-D block (blockDim.x a multiple of 32) must call it.
+// The result is valid in thread 0. Ends with a barrier, so it can be called again at once.
+template <typename A> __device__ __forceinline__ void block_argmin(A& v, long long& i) {
+  __shared__ A warp_v[32];
+  __shared__ long long warp_i[32];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  warp_argmin(v, i);
+  if (lane == 0) warp_v[warp] = v, warp_i[warp] = i;
+  __syncthreads();
+  if (warp == 0) {
+    const bool has = lane < static_cast<int>(blockDim.x >> 5);
+    v = has ? warp_v[lane] : A(0);
+    i = has ? warp_i[lane] : -1;
+    warp_argmin(v, i);
+  }
+  __syncthreads();
+}
+
 // Calls f(T{}) with T the storage type of `dtype`.
 template <typename F>
 cudaError_t dispatch(DType dtype, F&& f) {
