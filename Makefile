@@ -13,7 +13,7 @@ export MAX_JOBS ?= 2
 install: $(STAMP)
 
 # A CUDA machine already has torch: the venv then sees the system packages and keeps it.
-$(STAMP):
+$(STAMP): Makefile setup.py pyproject.toml
 	@if [ ! -x $(PY) ]; then \
 	  if python3 -c 'import torch' 2>/dev/null; then python3 -m venv --system-site-packages $(VENV); \
 	  else python3 -m venv $(VENV); fi; fi
@@ -47,9 +47,10 @@ cmake-check: $(STAMP)
 test: build cuda-check cmake-check
 	$(PY) -m pytest tests -q
 
+# Prints pytest-benchmark's tables, then one Markdown table of medians, ratios against the
+# baselines from the same run, and peak memory (also written to benchmarks/last_run.md).
 bench: build
-	$(PY) -m pytest benchmarks -q --benchmark-columns=min,median,mean,rounds --benchmark-sort=name
-	$(PY) benchmarks/memory.py
+	$(PY) -m pytest benchmarks -q -p no:warnings --benchmark-columns=min,median,mean,rounds --benchmark-sort=name
 
 demo: build
 	$(PY) examples/arp_demo.py
