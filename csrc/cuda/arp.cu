@@ -17,12 +17,16 @@ struct Pixel {
   int y, x;
 };
 
-__device__ __forceinline__ Pixel pixel_of(const ArpShape& s, long long i) {
+// The pixel of this warp (one warp per pixel); false past the last one, for the whole warp.
+__device__ __forceinline__ bool warp_pixel(const ArpShape& s, Pixel& px) {
   const long long HW = s.H * s.W;
-  Pixel px{i, i / HW, i % HW, 0, 0};
+  px.i = static_cast<long long>(blockIdx.x) * kWarpsPerBlock + threadIdx.y;
+  if (px.i >= s.B * HW) return false;
+  px.b = px.i / HW;
+  px.p = px.i % HW;
   px.y = static_cast<int>(px.p / s.W);
   px.x = static_cast<int>(px.p % s.W);
-  return px;
+  return true;
 }
 
 // Neighbour at tap t in direction sign (+1: p + d*o, -1: p - d*o) as a flat index; -1 outside.
@@ -43,9 +47,9 @@ __global__ void arp_forward_kernel(ArpShape s, const T* __restrict__ feat,
   extern __shared__ unsigned char smem[];
   const int taps = s.kernel_size * s.kernel_size, lane = threadIdx.x;
   A* aff = reinterpret_cast<A*>(smem) + threadIdx.y * taps;
-  const long long i = static_cast<long long>(blockIdx.x) * kWarpsPerBlock + threadIdx.y;
-  if (i >= s.B * s.H * s.W) return;  // the whole warp leaves together
-  const Pixel px = pixel_of(s, i);
+  Pixel px;
+  if (!warp_pixel(s, px)) return;
+  const long long i = px.i;
   const T* fp = feat + i * s.C;
 
   for (int t = 0; t < taps; ++t) {
@@ -87,9 +91,9 @@ __global__ void arp_affinity_grad_kernel(ArpShape s, const T* __restrict__ grad_
                                          acc_t<T>* __restrict__ da, double scale) {
   using A = acc_t<T>;
   const int taps = s.kernel_size * s.kernel_size, lane = threadIdx.x;
-  const long long i = static_cast<long long>(blockIdx.x) * kWarpsPerBlock + threadIdx.y;
-  if (i >= s.B * s.H * s.W) return;
-  const Pixel px = pixel_of(s, i);
+  Pixel px;
+  if (!warp_pixel(s, px)) return;
+  const long long i = px.i;
   const long long HW = s.H * s.W;
   A wdw = 0;
   for (int t = lane; t < taps; t += 32) {
@@ -114,9 +118,9 @@ __global__ void arp_gather_grad_kernel(ArpShape s, const T* __restrict__ grad_ou
                                        T* __restrict__ grad_value) {
   using A = acc_t<T>;
   const int taps = s.kernel_size * s.kernel_size, lane = threadIdx.x;
-  const long long i = static_cast<long long>(blockIdx.x) * kWarpsPerBlock + threadIdx.y;
-  if (i >= s.B * s.H * s.W) return;
-  const Pixel px = pixel_of(s, i);
+  Pixel px;
+  if (!warp_pixel(s, px)) return;
+  const long long i = px.i;
   const long long HW = s.H * s.W;
   if (grad_feat != nullptr) {
     for (long long c = lane; c < s.C; c += 32) {
