@@ -204,17 +204,35 @@ def cross_layer_alignment_loss(feats, proxies=None, reduction: str = "mean", eps
     backend = selected_backend(feats[0].device)
     if backend == "reference":
         return reference.cross_layer_alignment_loss(feats, proxies, reduction, float(eps))
-    # Logits by BLAS: (B, HW, C) @ (B, C, M) per layer, stacked to (L, B, HW, M).
-    logits = torch.stack([torch.matmul(f.flatten(2).transpose(1, 2), p.transpose(1, 2))
-                          for f, p in zip(feats, proxies)])
-    op = _ops.cra_align_forward_triton if backend == "triton" else _ops.cra_align_forward
-    loss, _ = op(logits, reduction, float(eps))
+    if backend == "triton":
+        # Logits by BLAS: (B, HW, C) @ (B, C, M) per layer, stacked to (L, B, HW, M).
+        logits = torch.stack([torch.matmul(f.flatten(2).transpose(1, 2), p.transpose(1, 2))
+                              for f, p in zip(feats, proxies)])
+        loss, _ = _ops.cra_align_forward_triton(logits, reduction, float(eps))
+        return loss
+    # cpu / cuda: blocks of pixel rows straight from the (B, C_l, HW) views of the maps.
+    rows = block_rows(len(feats), feats[0].shape[0], proxies[0].shape[1],
+                      feats[0].element_size(), feats[0].device)
+    loss, _ = _ops.cra_align_blocked_forward([f.flatten(2) for f in feats], list(proxies),
+                                             reduction, float(eps), rows)
     return loss
+
+
+#: Bytes of one (L, B, rows, M) logit block: a few MiB stays in cache on the CPU; on a GPU a
+#: larger block gives the row kernel and cuBLAS enough parallelism.
+BLOCK_BYTES = {"cpu": 4 << 20, "cuda": 32 << 20}
+
+
+def block_rows(L: int, B: int, M: int, element_size: int, device: torch.device) -> int:
+    """Pixel rows per block of the blocked CRA loss ops, so that the block buffer is about
+    ``BLOCK_BYTES`` of the device."""
+    budget = BLOCK_BYTES.get(torch.device(device).type, BLOCK_BYTES["cpu"])
+    return max(1, budget // (L * B * M * element_size))
 
 
 def align_norm(shape, reduction: str) -> float:
     """Factor on the summed KL terms of logits (L, B, HW, M): 1 / ((L-1) * d), d = B*HW*M
-    ("mean"), B ("batchmean") or 1 ("sum"). The C++ front-ends compute the same."""
+    ("mean"), B ("batchmean") or 1 ("sum"). The C++ driver (csrc/cra_driver.h) computes the same."""
     L, B, HW, M = shape
     return 1.0 / ((L - 1) * {"mean": B * HW * M, "batchmean": B, "sum": 1}[reduction])
 
@@ -223,17 +241,40 @@ def _fake_greedy(feat, first, num_proxies, scale):
     return first.new_empty(feat.shape[0], num_proxies)
 
 
-def _fake_align_forward(logits, reduction, eps):
-    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    return logits.new_empty(()), logits.new_empty(logits.shape[:3], dtype=acc)
+def _fake_blocked_forward(feats, proxies, reduction, eps, block_rows):
+    f = feats[0]
+    acc = torch.float64 if f.dtype == torch.float64 else torch.float32
+    return f.new_empty(()), f.new_empty((len(feats), f.shape[0], f.shape[2]), dtype=acc)
 
 
-def _fake_align_backward(grad_loss, logits, lse, reduction, eps):
-    return torch.empty_like(logits)
+def _fake_blocked_backward(grad_loss, feats, proxies, lse, reduction, eps, block_rows,
+                           need_grad_feats, need_grad_proxies):
+    return ([f.new_empty(f.shape) for f in feats] if need_grad_feats else [],
+            [p.new_empty(p.shape) for p in proxies] if need_grad_proxies else [])
+
+
+def _blocked_setup_context(ctx, inputs, output):
+    feats, proxies, reduction, eps, rows = inputs
+    ctx.save_for_backward(*feats, *proxies, output[1])
+    ctx.params = (reduction, eps, rows)
+    ctx.wants = ([f.requires_grad for f in feats], [p.requires_grad for p in proxies])
+    ctx.mark_non_differentiable(output[1])
+
+
+def _blocked_backward(ctx, grad_loss, _grad_lse):
+    *tensors, lse = ctx.saved_tensors
+    L = len(tensors) // 2
+    want_f, want_p = ctx.wants
+    grad_f, grad_p = _ops.cra_align_blocked_backward(
+        grad_loss, tensors[:L], tensors[L:], lse, *ctx.params, any(want_f), any(want_p))
+    grad_f = [g if w else None for g, w in zip(grad_f, want_f)] if any(want_f) else [None] * L
+    grad_p = [g if w else None for g, w in zip(grad_p, want_p)] if any(want_p) else [None] * L
+    return grad_f, grad_p, None, None, None
 
 
 def register_autograd(forward_op: str, backward_op) -> None:
-    """Autograd for a CRA loss forward op whose backward is the registered op ``backward_op``."""
+    """Autograd for a CRA loss forward op on stacked logits (the Triton backend) whose backward is
+    the op ``backward_op``."""
 
     def setup_context(ctx, inputs, output):
         logits, reduction, eps = inputs
@@ -249,6 +290,7 @@ def register_autograd(forward_op: str, backward_op) -> None:
 
 
 torch.library.register_fake("busseg::cra_greedy_sampling")(_fake_greedy)
-torch.library.register_fake("busseg::cra_align_forward")(_fake_align_forward)
-torch.library.register_fake("busseg::cra_align_backward")(_fake_align_backward)
-register_autograd("busseg::cra_align_forward", _ops.cra_align_backward)
+torch.library.register_fake("busseg::cra_align_blocked_forward")(_fake_blocked_forward)
+torch.library.register_fake("busseg::cra_align_blocked_backward")(_fake_blocked_backward)
+torch.library.register_autograd("busseg::cra_align_blocked_forward", _blocked_backward,
+                                setup_context=_blocked_setup_context)

@@ -1,0 +1,178 @@
+// Cross-layer relation alignment loss (SPEC §2.2), the device-independent driver shared by the
+// CPU and CUDA front-ends. Pixel rows are processed in blocks: per block the logits of every
+// layer, f_l[:, :, block]ᵀ p_lᵀ, are formed with at::bmm (BLAS / cuBLAS) into one preallocated
+// (L, B, rows, M) buffer, and a device-specific fused row kernel does everything after them
+// (log-softmax of every layer, the L-1 KL terms; in backward the logit gradients). Backward
+// recomputes the block's logits and folds the gradient block straight into the proxy gradients
+// (and the feature gradients when asked). No (L, B, HW, M) tensor ever exists: memory is the
+// block buffers plus the (L, B, HW) log-sum-exp that forward saves.
+//
+// Layouts: feats[l] (B, C_l, HW) (the usual NCHW map flattened: a view, no copy; any strides),
+// proxies[l] (B, M, C_l), lse (L, B, HW) in the accumulator type (double for f64, else float).
+#pragma once
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <string>
+#include <tuple>
+#include <vector>
+
+namespace busseg {
+
+// Fused row kernels a device provides, on a contiguous block of R pixel rows.
+struct AlignRowKernels {
+  // logits (L, R, M) -> lse (L, R) (accumulator type, contiguous, written); returns the sum of
+  // the rows' KL terms Σ_l Σ_m q (log q − log(p + eps)) as a 0-dim accumulator-type tensor.
+  at::Tensor (*forward)(const at::Tensor& logits, double eps, at::Tensor& lse);
+  // grad (L, R, M) = grad_loss · norm · ∂(sum of the rows' KL terms)/∂logits (grad_loss is a
+  // 0-dim tensor on the device; grad does not alias logits).
+  void (*backward)(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& lse,
+                   double eps, double norm, at::Tensor& grad);
+};
+
+struct AlignShape4 {
+  int64_t L, B, HW, M;
+};
+
+// Checks the lists and returns their shape; `norm` gets the factor on the summed KL terms:
+// 1 / ((L - 1) * d), d = B*HW*M ("mean"), B ("batchmean") or 1 ("sum").
+inline AlignShape4 check_align_blocked_args(at::TensorList feats, at::TensorList proxies,
+                                            const std::string& reduction, double eps,
+                                            int64_t block_rows, double* norm) {
+  TORCH_CHECK_VALUE(feats.size() >= 2, "feats must hold L >= 2 layers, got ", feats.size());
+  TORCH_CHECK_VALUE(proxies.size() == feats.size(), "proxies must hold L = ", feats.size(),
+                    " tensors, got ", proxies.size());
+  TORCH_CHECK_VALUE(eps >= 0, "eps must be >= 0, got ", eps);
+  TORCH_CHECK_VALUE(block_rows >= 1, "block_rows must be >= 1, got ", block_rows);
+  const at::Tensor& f0 = feats[0];
+  const at::Tensor& p0 = proxies[0];
+  TORCH_CHECK_VALUE(f0.dim() == 3, "feats[0] must be (B, C_l, HW), got ", f0.sizes());
+  TORCH_CHECK_VALUE(p0.dim() == 3, "proxies[0] must be (B, M, C_l), got ", p0.sizes());
+  const AlignShape4 s{static_cast<int64_t>(feats.size()), f0.size(0), f0.size(2), p0.size(1)};
+  TORCH_CHECK_VALUE(s.B * s.HW * s.M > 0, "the loss inputs are empty (B = ", s.B, ", HW = ", s.HW,
+                    ", M = ", s.M, ")");
+  for (size_t l = 0; l < feats.size(); ++l) {
+    const at::Tensor &f = feats[l], &p = proxies[l];
+    TORCH_CHECK_VALUE(f.dim() == 3 && f.size(0) == s.B && f.size(2) == s.HW && f.size(1) > 0,
+                      "feats[", l, "] must be (B, C_l, HW) with B = ", s.B, ", HW = ", s.HW,
+                      ", got ", f.sizes());
+    TORCH_CHECK_VALUE(p.dim() == 3 && p.size(0) == s.B && p.size(1) == s.M && p.size(2) == f.size(1),
+                      "proxies[", l, "] must be (B, M, C_l) = (", s.B, ", ", s.M, ", ", f.size(1),
+                      "), got ", p.sizes());
+    TORCH_CHECK_TYPE(f.scalar_type() == f0.scalar_type() && p.scalar_type() == f0.scalar_type(),
+                     "feats and proxies must share one dtype");
+    TORCH_CHECK_VALUE(f.device() == f0.device() && p.device() == f0.device(),
+                      "feats and proxies must be on one device");
+  }
+  const double pairs = static_cast<double>(s.L - 1);
+  if (reduction == "mean")
+    *norm = 1.0 / (pairs * static_cast<double>(s.B * s.HW * s.M));
+  else if (reduction == "batchmean")
+    *norm = 1.0 / (pairs * static_cast<double>(s.B));
+  else {
+    TORCH_CHECK_VALUE(reduction == "sum", "reduction must be 'mean', 'batchmean' or 'sum', got '",
+                      reduction, "'");
+    *norm = 1.0 / pairs;
+  }
+  return s;
+}
+
+namespace align {
+
+// A contiguous (dims) view at the start of `buf` (a flat buffer big enough for any block).
+inline at::Tensor head(const at::Tensor& buf, at::IntArrayRef dims) {
+  return buf.narrow(0, 0, c10::multiply_integers(dims)).view(dims);
+}
+
+// logits (L, B, n, M) of pixel rows [r0, r0 + n) into z.
+inline void block_logits(at::TensorList feats, at::TensorList proxies, int64_t r0, int64_t n,
+                         at::Tensor& z) {
+  for (size_t l = 0; l < feats.size(); ++l) {
+    at::Tensor out = z.select(0, static_cast<int64_t>(l));
+    at::bmm_out(out, feats[l].narrow(2, r0, n).transpose(1, 2), proxies[l].transpose(1, 2));
+  }
+}
+
+}  // namespace align
+
+// Returns (loss, lse (L, B, HW)).
+inline std::tuple<at::Tensor, at::Tensor> align_blocked_forward(
+    const AlignRowKernels& k, at::TensorList feats, at::TensorList proxies,
+    const std::string& reduction, double eps, int64_t block_rows) {
+  double norm = 0;
+  const AlignShape4 s = check_align_blocked_args(feats, proxies, reduction, eps, block_rows, &norm);
+  const at::Tensor& f0 = feats[0];
+  const auto acc = f0.options().dtype(at::toOpMathType(f0.scalar_type()));
+  const int64_t rows = std::min(block_rows, s.HW);
+  at::Tensor lse = at::empty({s.L, s.B, s.HW}, acc);
+  const at::Tensor zbuf = at::empty({s.L * s.B * rows * s.M}, f0.options());
+  const at::Tensor lbuf = at::empty({s.L * s.B * rows}, acc);
+  at::Tensor total = at::zeros({}, acc);
+  for (int64_t r0 = 0; r0 < s.HW; r0 += rows) {
+    const int64_t n = std::min(rows, s.HW - r0);
+    at::Tensor z = align::head(zbuf, {s.L, s.B, n, s.M});
+    align::block_logits(feats, proxies, r0, n, z);
+    at::Tensor bl = align::head(lbuf, {s.L, s.B * n});
+    total.add_(k.forward(z.view({s.L, s.B * n, s.M}), eps, bl));
+    lse.narrow(2, r0, n).copy_(bl.view({s.L, s.B, n}));
+  }
+  return {(total * norm).to(f0.scalar_type()), lse};
+}
+
+// Returns (grad_feats, grad_proxies): lists of L (B, C_l, HW) / (B, M, C_l) tensors, each empty
+// when not asked for.
+inline std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> align_blocked_backward(
+    const AlignRowKernels& k, const at::Tensor& grad_loss, at::TensorList feats,
+    at::TensorList proxies, const at::Tensor& lse, const std::string& reduction, double eps,
+    int64_t block_rows, bool need_grad_feats, bool need_grad_proxies) {
+  double norm = 0;
+  const AlignShape4 s = check_align_blocked_args(feats, proxies, reduction, eps, block_rows, &norm);
+  TORCH_CHECK_VALUE(lse.dim() == 3 && lse.size(0) == s.L && lse.size(1) == s.B && lse.size(2) == s.HW,
+                    "lse must be (L, B, HW) = (", s.L, ", ", s.B, ", ", s.HW, "), got ", lse.sizes());
+  TORCH_CHECK_VALUE(grad_loss.numel() == 1, "grad_loss must be a scalar, got ", grad_loss.sizes());
+  const at::Tensor& f0 = feats[0];
+  const at::ScalarType dtype = f0.scalar_type(), acc_type = at::toOpMathType(dtype);
+  std::vector<at::Tensor> grad_feats, grad_proxies;
+  if (!need_grad_feats && !need_grad_proxies) return {grad_feats, grad_proxies};
+  const bool reduced = dtype != acc_type;  // half / bfloat16: accumulate proxy grads in float
+  for (int64_t l = 0; l < s.L; ++l) {
+    if (need_grad_feats) grad_feats.push_back(at::empty(feats[l].sizes(), feats[l].options()));
+    if (need_grad_proxies)
+      grad_proxies.push_back(at::zeros(proxies[l].sizes(), proxies[l].options().dtype(acc_type)));
+  }
+  const int64_t rows = std::min(block_rows, s.HW);
+  const at::Tensor zbuf = at::empty({s.L * s.B * rows * s.M}, f0.options());
+  const at::Tensor gbuf = at::empty({s.L * s.B * rows * s.M}, f0.options());
+  const at::Tensor lbuf = at::empty({s.L * s.B * rows}, f0.options().dtype(acc_type));
+  const at::Tensor g_loss = grad_loss.reshape({}).to(f0.options());
+  const at::Tensor saved = lse.to(acc_type);
+  for (int64_t r0 = 0; r0 < s.HW; r0 += rows) {
+    const int64_t n = std::min(rows, s.HW - r0);
+    at::Tensor z = align::head(zbuf, {s.L, s.B, n, s.M});
+    align::block_logits(feats, proxies, r0, n, z);
+    at::Tensor bl = align::head(lbuf, {s.L, s.B, n});
+    bl.copy_(saved.narrow(2, r0, n));
+    at::Tensor g = align::head(gbuf, {s.L, s.B, n, s.M});
+    at::Tensor gv = g.view({s.L, s.B * n, s.M});
+    k.backward(g_loss, z.view({s.L, s.B * n, s.M}), bl.view({s.L, s.B * n}), eps, norm, gv);
+    for (int64_t l = 0; l < s.L; ++l) {
+      const at::Tensor gl = g.select(0, l);                         // (B, n, M)
+      const at::Tensor fl = feats[l].narrow(2, r0, n);              // (B, C, n)
+      if (need_grad_proxies) {                                      // += gᵀ f_blockᵀ
+        if (reduced)
+          grad_proxies[l].add_(at::bmm(gl.transpose(1, 2), fl.transpose(1, 2)));
+        else
+          grad_proxies[l].baddbmm_(gl.transpose(1, 2), fl.transpose(1, 2));
+      }
+      if (need_grad_feats)                                          // f_block grad = (g p)ᵀ
+        grad_feats[l].narrow(2, r0, n).copy_(at::bmm(proxies[l].transpose(1, 2), gl.transpose(1, 2)));
+    }
+  }
+  if (reduced)
+    for (auto& g : grad_proxies) g = g.to(dtype);
+  return {grad_feats, grad_proxies};
+}
+
+}  // namespace busseg
