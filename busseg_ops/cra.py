@@ -210,11 +210,15 @@ def cross_layer_alignment_loss(feats, proxies=None, reduction: str = "mean", eps
                               for f, p in zip(feats, proxies)])
         loss, _ = _ops.cra_align_forward_triton(logits, reduction, float(eps))
         return loss
-    # cpu / cuda: blocks of pixel rows straight from the (B, C_l, HW) views of the maps.
+    # cpu / cuda: blocks of pixel rows straight from the (B, C_l, HW) views of the maps. When
+    # only the proxies need a gradient (upstream: detached maps), forward forms it from the logit
+    # blocks it already has and backward just scales it (no recomputed logits).
     rows = block_rows(len(feats), feats[0].shape[0], proxies[0].shape[1],
                       feats[0].element_size(), feats[0].device)
-    loss, _ = _ops.cra_align_blocked_forward([f.flatten(2) for f in feats], list(proxies),
-                                             reduction, float(eps), rows)
+    grad_proxies = (torch.is_grad_enabled() and any(p.requires_grad for p in proxies)
+                    and not any(f.requires_grad for f in feats))
+    loss, _, _ = _ops.cra_align_blocked_forward([f.flatten(2) for f in feats], list(proxies),
+                                                reduction, float(eps), rows, grad_proxies)
     return loss
 
 
@@ -241,10 +245,11 @@ def _fake_greedy(feat, first, num_proxies, scale):
     return first.new_empty(feat.shape[0], num_proxies)
 
 
-def _fake_blocked_forward(feats, proxies, reduction, eps, block_rows):
+def _fake_blocked_forward(feats, proxies, reduction, eps, block_rows, grad_proxies):
     f = feats[0]
     acc = torch.float64 if f.dtype == torch.float64 else torch.float32
-    return f.new_empty(()), f.new_empty((len(feats), f.shape[0], f.shape[2]), dtype=acc)
+    return (f.new_empty(()), f.new_empty((len(feats), f.shape[0], f.shape[2]), dtype=acc),
+            [p.new_empty(p.shape) for p in proxies] if grad_proxies else [])
 
 
 def _fake_blocked_backward(grad_loss, feats, proxies, lse, reduction, eps, block_rows,
@@ -254,22 +259,28 @@ def _fake_blocked_backward(grad_loss, feats, proxies, lse, reduction, eps, block
 
 
 def _blocked_setup_context(ctx, inputs, output):
-    feats, proxies, reduction, eps, rows = inputs
-    ctx.save_for_backward(*feats, *proxies, output[1])
+    feats, proxies, reduction, eps, rows, _ = inputs
+    ctx.save_for_backward(*feats, *proxies, output[1], *output[2])
     ctx.params = (reduction, eps, rows)
     ctx.wants = ([f.requires_grad for f in feats], [p.requires_grad for p in proxies])
-    ctx.mark_non_differentiable(output[1])
+    ctx.mark_non_differentiable(output[1], *output[2])
 
 
-def _blocked_backward(ctx, grad_loss, _grad_lse):
-    *tensors, lse = ctx.saved_tensors
-    L = len(tensors) // 2
+def _blocked_backward(ctx, grad_loss, _grad_lse, _grad_grads):
     want_f, want_p = ctx.wants
-    grad_f, grad_p = _ops.cra_align_blocked_backward(
-        grad_loss, tensors[:L], tensors[L:], lse, *ctx.params, any(want_f), any(want_p))
-    grad_f = [g if w else None for g, w in zip(grad_f, want_f)] if any(want_f) else [None] * L
-    grad_p = [g if w else None for g, w in zip(grad_p, want_p)] if any(want_p) else [None] * L
-    return grad_f, grad_p, None, None, None
+    L = len(want_f)
+    saved = ctx.saved_tensors
+    feats, proxies, lse, unit_grads = saved[:L], saved[L:2 * L], saved[2 * L], saved[2 * L + 1:]
+    need_f, need_p = any(want_f), any(want_p) and not unit_grads
+    grad_f, grad_p = [None] * L, [None] * L
+    if need_f or need_p:
+        gf, gp = _ops.cra_align_blocked_backward(grad_loss, feats, proxies, lse, *ctx.params,
+                                                 need_f, need_p)
+        grad_f = [g if w else None for g, w in zip(gf, want_f)] if need_f else grad_f
+        grad_p = [g if w else None for g, w in zip(gp, want_p)] if need_p else grad_p
+    if unit_grads:  # formed in forward for grad_loss = 1
+        grad_p = [grad_loss * g if w else None for g, w in zip(unit_grads, want_p)]
+    return grad_f, grad_p, None, None, None, None
 
 
 def register_autograd(forward_op: str, backward_op) -> None:

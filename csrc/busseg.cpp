@@ -16,12 +16,14 @@ TORCH_LIBRARY(busseg, m) {
   // (B,) -> (B, M) int64. The loss works on feats[l] (B, C_l, HW) and proxies[l] (B, M, C_l)
   // directly, block_rows pixel rows at a time (the (L, B, HW, M) logits never exist), and keeps
   // only the per-row log-sum-exp (L, B, HW) for backward, which recomputes each block's logits;
-  // reduction is "mean" | "batchmean" | "sum". Backward returns empty lists for the gradients
-  // it was not asked for.
+  // reduction is "mean" | "batchmean" | "sum". With grad_proxies the forward also returns the
+  // proxy gradients for a unit grad_loss (else an empty list), formed from the logit blocks it
+  // already has, so that backward needs no recomputation when only the proxies need a gradient.
+  // Backward returns empty lists for the gradients it was not asked for.
   m.def("cra_greedy_sampling(Tensor feat, Tensor first, int num_proxies, float scale) -> Tensor");
   m.def(
       "cra_align_blocked_forward(Tensor[] feats, Tensor[] proxies, str reduction, float eps, "
-      "int block_rows) -> (Tensor loss, Tensor lse)");
+      "int block_rows, bool grad_proxies) -> (Tensor loss, Tensor lse, Tensor[] grad_proxies)");
   m.def(
       "cra_align_blocked_backward(Tensor grad_loss, Tensor[] feats, Tensor[] proxies, Tensor lse, "
       "str reduction, float eps, int block_rows, bool need_grad_feats, bool need_grad_proxies) "

@@ -95,30 +95,63 @@ inline void block_logits(at::TensorList feats, at::TensorList proxies, int64_t r
   }
 }
 
+// grads[l] (accumulator type) += g_lᵀ f_l[:, :, r0:r0+n]ᵀ for the gradient block g (L, B, n, M).
+inline void accumulate_proxy_grads(at::TensorList feats, const at::Tensor& g, int64_t r0, int64_t n,
+                                   std::vector<at::Tensor>& grads) {
+  for (size_t l = 0; l < feats.size(); ++l) {
+    const at::Tensor gl = g.select(0, static_cast<int64_t>(l)).transpose(1, 2);  // (B, M, n)
+    const at::Tensor fl = feats[l].narrow(2, r0, n).transpose(1, 2);             // (B, n, C)
+    if (grads[l].scalar_type() == fl.scalar_type())
+      grads[l].baddbmm_(gl, fl);
+    else  // half / bfloat16 inputs: products in their dtype, the sum over blocks in float
+      grads[l].add_(at::bmm(gl, fl));
+  }
+}
+
 }  // namespace align
 
-// Returns (loss, lse (L, B, HW)).
-inline std::tuple<at::Tensor, at::Tensor> align_blocked_forward(
+// Returns (loss, lse (L, B, HW), grad_proxies). With `grad_proxies` the proxy gradients for a
+// unit grad_loss are formed here too, from the logit block that is already in the buffer:
+// backward then only scales them, and no logit block is recomputed (used when only the
+// proxies need a gradient, the upstream setting with detached feature maps). Otherwise the list
+// is empty.
+inline std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> align_blocked_forward(
     const AlignRowKernels& k, at::TensorList feats, at::TensorList proxies,
-    const std::string& reduction, double eps, int64_t block_rows) {
+    const std::string& reduction, double eps, int64_t block_rows, bool grad_proxies) {
   double norm = 0;
   const AlignShape4 s = check_align_blocked_args(feats, proxies, reduction, eps, block_rows, &norm);
   const at::Tensor& f0 = feats[0];
-  const auto acc = f0.options().dtype(at::toOpMathType(f0.scalar_type()));
+  const at::ScalarType dtype = f0.scalar_type(), acc_type = at::toOpMathType(dtype);
+  const auto acc = f0.options().dtype(acc_type);
   const int64_t rows = std::min(block_rows, s.HW);
   at::Tensor lse = at::empty({s.L, s.B, s.HW}, acc);
   const at::Tensor zbuf = at::empty({s.L * s.B * rows * s.M}, f0.options());
   const at::Tensor lbuf = at::empty({s.L * s.B * rows}, acc);
+  at::Tensor gbuf, unit;
+  std::vector<at::Tensor> grads;
+  if (grad_proxies) {
+    gbuf = at::empty({s.L * s.B * rows * s.M}, f0.options());
+    unit = at::ones({}, f0.options());
+    for (int64_t l = 0; l < s.L; ++l) grads.push_back(at::zeros(proxies[l].sizes(), acc));
+  }
   at::Tensor total = at::zeros({}, acc);
   for (int64_t r0 = 0; r0 < s.HW; r0 += rows) {
     const int64_t n = std::min(rows, s.HW - r0);
     at::Tensor z = align::head(zbuf, {s.L, s.B, n, s.M});
     align::block_logits(feats, proxies, r0, n, z);
     at::Tensor bl = align::head(lbuf, {s.L, s.B * n});
-    total.add_(k.forward(z.view({s.L, s.B * n, s.M}), eps, bl));
+    const at::Tensor zv = z.view({s.L, s.B * n, s.M});
+    total.add_(k.forward(zv, eps, bl));
     lse.narrow(2, r0, n).copy_(bl.view({s.L, s.B, n}));
+    if (grad_proxies) {
+      at::Tensor g = align::head(gbuf, {s.L, s.B, n, s.M});
+      at::Tensor gv = g.view({s.L, s.B * n, s.M});
+      k.backward(unit, zv, bl, eps, norm, gv);
+      align::accumulate_proxy_grads(feats, g, r0, n, grads);
+    }
   }
-  return {(total * norm).to(f0.scalar_type()), lse};
+  for (auto& g : grads) g = g.to(dtype);
+  return {(total * norm).to(dtype), lse, grads};
 }
 
 // Returns (grad_feats, grad_proxies): lists of L (B, C_l, HW) / (B, M, C_l) tensors, each empty
@@ -136,7 +169,6 @@ inline std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> align_blocke
   const at::ScalarType dtype = f0.scalar_type(), acc_type = at::toOpMathType(dtype);
   std::vector<at::Tensor> grad_feats, grad_proxies;
   if (!need_grad_feats && !need_grad_proxies) return {grad_feats, grad_proxies};
-  const bool reduced = dtype != acc_type;  // half / bfloat16: accumulate proxy grads in float
   for (int64_t l = 0; l < s.L; ++l) {
     if (need_grad_feats) grad_feats.push_back(at::empty(feats[l].sizes(), feats[l].options()));
     if (need_grad_proxies)
@@ -157,21 +189,13 @@ inline std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> align_blocke
     at::Tensor g = align::head(gbuf, {s.L, s.B, n, s.M});
     at::Tensor gv = g.view({s.L, s.B * n, s.M});
     k.backward(g_loss, z.view({s.L, s.B * n, s.M}), bl.view({s.L, s.B * n}), eps, norm, gv);
-    for (int64_t l = 0; l < s.L; ++l) {
-      const at::Tensor gl = g.select(0, l);                         // (B, n, M)
-      const at::Tensor fl = feats[l].narrow(2, r0, n);              // (B, C, n)
-      if (need_grad_proxies) {                                      // += gᵀ f_blockᵀ
-        if (reduced)
-          grad_proxies[l].add_(at::bmm(gl.transpose(1, 2), fl.transpose(1, 2)));
-        else
-          grad_proxies[l].baddbmm_(gl.transpose(1, 2), fl.transpose(1, 2));
-      }
-      if (need_grad_feats)                                          // f_block grad = (g p)ᵀ
-        grad_feats[l].narrow(2, r0, n).copy_(at::bmm(proxies[l].transpose(1, 2), gl.transpose(1, 2)));
-    }
+    if (need_grad_proxies) align::accumulate_proxy_grads(feats, g, r0, n, grad_proxies);
+    if (need_grad_feats)  // f_l[:, :, block] gradient = (g_l p_l)ᵀ
+      for (int64_t l = 0; l < s.L; ++l)
+        grad_feats[l].narrow(2, r0, n).copy_(
+            at::bmm(proxies[l].transpose(1, 2), g.select(0, l).transpose(1, 2)));
   }
-  if (reduced)
-    for (auto& g : grad_proxies) g = g.to(dtype);
+  for (auto& g : grad_proxies) g = g.to(dtype);
   return {grad_feats, grad_proxies};
 }
 

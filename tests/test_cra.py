@@ -363,10 +363,11 @@ def test_global_alignment(backend, monkeypatch):
 def test_loss_opcheck():
     feats, proxies = make_loss_inputs((2, 3, 4, 5, (2, 3, 4)))
     flat = [f.flatten(2) for f in feats]
-    for reduction, rows in (("mean", 5), ("batchmean", 12), ("sum", 64)):
+    for reduction, rows, grad_proxies in (("mean", 5, False), ("batchmean", 12, True),
+                                          ("sum", 64, True)):
         torch.library.opcheck(torch.ops.busseg.cra_align_blocked_forward,
-                              (flat, proxies, reduction, 1e-10, rows))
-    _, lse = torch.ops.busseg.cra_align_blocked_forward(flat, proxies, "mean", 1e-10, 5)
+                              (flat, proxies, reduction, 1e-10, rows, grad_proxies))
+    _, lse, _ = torch.ops.busseg.cra_align_blocked_forward(flat, proxies, "mean", 1e-10, 5, False)
     detached = ([f.detach() for f in flat], [p.detach() for p in proxies])
     for need in ((True, True), (False, True), (True, False)):
         torch.library.opcheck(torch.ops.busseg.cra_align_blocked_backward,
@@ -383,16 +384,21 @@ def test_loss_opcheck():
 
 
 @pytest.mark.parametrize("rows", [1, 5, 12, 1000])
-def test_blocked_loss_any_block_rows(rows):
-    # blocks that do and do not divide HW = 12, and one block larger than HW
-    feats, proxies = make_loss_inputs((2, 3, 4, 5, (2, 3, 4)))
+@pytest.mark.parametrize("grad", [(True, True), (False, True)])
+def test_blocked_loss_any_block_rows(rows, grad):
+    # blocks that do and do not divide HW = 12, and one block larger than HW; proxy gradients
+    # recomputed in backward, or formed in forward (only the proxies need a gradient)
+    feats, proxies = make_loss_inputs((2, 3, 4, 5, (2, 3, 4)), grad=grad)
     flat = [f.flatten(2) for f in feats]
-    loss, _ = torch.ops.busseg.cra_align_blocked_forward(flat, proxies, "sum", 1e-4, rows)
-    grads = torch.autograd.grad(loss, feats + proxies)
+    inputs = [t for t in feats + proxies if t.requires_grad]
+    loss, _, unit = torch.ops.busseg.cra_align_blocked_forward(flat, proxies, "sum", 1e-4, rows,
+                                                               not grad[0])
+    assert len(unit) == (0 if grad[0] else len(proxies))
+    grads = torch.autograd.grad(loss * 1.5, inputs)
     ref, ref_grads = loss_and_grads("reference", feats, proxies, reduction="sum", eps=1e-4)
     torch.testing.assert_close(loss, ref)
     for g, r in zip(grads, ref_grads):
-        torch.testing.assert_close(g, r)
+        torch.testing.assert_close(g, 1.5 * r)
 
 
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
@@ -447,13 +453,13 @@ def test_direct_loss_ops_are_checked_in_cpp():
     f, p = [torch.randn(2, 3, 12)] * 2, [torch.randn(2, 5, 3)] * 2
     fwd, bwd = torch.ops.busseg.cra_align_blocked_forward, torch.ops.busseg.cra_align_blocked_backward
     with pytest.raises(ValueError, match="L >= 2 layers"):
-        fwd(f[:1], p[:1], "mean", 1e-10, 4)
+        fwd(f[:1], p[:1], "mean", 1e-10, 4, False)
     with pytest.raises(ValueError, match="reduction must be 'mean', 'batchmean' or 'sum'"):
-        fwd(f, p, "none", 1e-10, 4)
+        fwd(f, p, "none", 1e-10, 4, False)
     with pytest.raises(ValueError, match="block_rows must be >= 1"):
-        fwd(f, p, "mean", 1e-10, 0)
+        fwd(f, p, "mean", 1e-10, 0, False)
     with pytest.raises(ValueError, match=r"proxies\[1\] must be \(B, M, C_l\) = \(2, 5, 3\)"):
-        fwd(f, [p[0], torch.randn(2, 4, 3)], "mean", 1e-10, 4)
+        fwd(f, [p[0], torch.randn(2, 4, 3)], "mean", 1e-10, 4, False)
     with pytest.raises(ValueError, match=r"lse must be \(L, B, HW\)"):
         bwd(torch.tensor(1.0), f, p, torch.randn(2, 2), "sum", 1e-10, 4, True, True)
 
@@ -463,9 +469,9 @@ def test_cpu_fast_exp_log_accuracy():
     z = torch.linspace(-30, 30, 64)
     feats = [torch.ones(1, 1, 1), torch.ones(1, 1, 1)]
     proxies = [z.reshape(1, 64, 1), z.flip(0).reshape(1, 64, 1) * 0.5]
-    loss, _ = torch.ops.busseg.cra_align_blocked_forward(feats, proxies, "sum", 1e-10, 1)
-    ref, _ = torch.ops.busseg.cra_align_blocked_forward([t.double() for t in feats],
-                                                        [t.double() for t in proxies], "sum", 1e-10, 1)
+    loss, _, _ = torch.ops.busseg.cra_align_blocked_forward(feats, proxies, "sum", 1e-10, 1, False)
+    ref, _, _ = torch.ops.busseg.cra_align_blocked_forward(
+        [t.double() for t in feats], [t.double() for t in proxies], "sum", 1e-10, 1, False)
     torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=0)
 
 

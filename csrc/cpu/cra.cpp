@@ -122,10 +122,13 @@ at::Tensor cra_greedy_sampling_cpu(const at::Tensor& feat, const at::Tensor& fir
 // Every element needs one exp (its probability) and, for the input layers of the pairs, one log
 // (log(p + eps)); log q is z - lse. In float these run through polynomial exp/log (Cephes,
 // about 1 ulp) written as plain loops that the AVX2 clone vectorises; double keeps std::exp /
-// std::log (gradcheck precision).
+// std::log (gradcheck precision). The NaN / range selects below only become vector blends when
+// the compiler may assume comparisons do not trap: the build passes -fno-trapping-math (it
+// changes no result, only floating-point exception flags, which nothing reads).
 
 inline float exp_poly(float x) {
-  const float xc = std::min(std::max(x, -87.33654f), 88.3762626f);
+  float xc = x < -87.33654f ? -87.33654f : x;
+  xc = xc > 88.3762626f ? 88.3762626f : xc;
   const float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
   const float r = (xc - n * 0.693359375f) + n * 2.12194440e-4f;
   float y = 1.9875691500e-4f;
@@ -144,8 +147,8 @@ inline float exp_poly(float x) {
 
 inline float log_poly(float x) {
   const bool tiny = x < std::numeric_limits<float>::min();  // denormals: scale up by 2^23 first
-  const uint32_t bits = std::bit_cast<uint32_t>(tiny ? x * 8388608.0f : x);
-  float e = static_cast<float>(static_cast<int32_t>((bits >> 23) & 0xffu) - 126) - (tiny ? 23.0f : 0.0f);
+  const uint32_t bits = std::bit_cast<uint32_t>(x * (tiny ? 8388608.0f : 1.0f));
+  float e = static_cast<float>(static_cast<int32_t>(bits >> 23) - 126) - (tiny ? 23.0f : 0.0f);
   float m = std::bit_cast<float>((bits & 0x007fffffu) | 0x3f000000u);  // [0.5, 1)
   const bool low = m < 0.707106781186547524f;
   e = low ? e - 1.0f : e;
@@ -164,7 +167,7 @@ inline float log_poly(float x) {
   float out = m + y + 0.693359375f * e;
   out = x == 0.0f ? -std::numeric_limits<float>::infinity() : out;
   out = x == std::numeric_limits<float>::infinity() ? x : out;
-  return (x < 0.0f || x != x) ? std::numeric_limits<float>::quiet_NaN() : out;
+  return ((x < 0.0f) | (x != x)) ? std::numeric_limits<float>::quiet_NaN() : out;
 }
 
 // out[m] = exp(z[m] - shift)
@@ -192,7 +195,7 @@ BUSSEG_SIMD_CLONES acc_t kl_sum(const acc_t* q, const acc_t* zq, acc_t lse_q, co
   acc_t s = 0;
 #pragma omp simd reduction(+ : s)
   for (int64_t i = 0; i < n; ++i)
-    s += (q[i] > 0 || q[i] != q[i]) ? q[i] * ((zq[i] - lse_q) - lpe[i]) : acc_t(0);
+    s += ((q[i] > 0) | (q[i] != q[i])) ? q[i] * ((zq[i] - lse_q) - lpe[i]) : acc_t(0);
   return s;
 }
 
@@ -237,7 +240,7 @@ BUSSEG_SIMD_CLONES void pair_grad(const acc_t* p, const acc_t* q, const acc_t* z
   acc_t A = 0, Bs = 0;
 #pragma omp simd reduction(+ : A, Bs)
   for (int64_t i = 0; i < n; ++i) {
-    u[i] = (q[i] > 0 || q[i] != q[i]) ? (zq[i] - lse_q) - lpe[i] : acc_t(0);
+    u[i] = ((q[i] > 0) | (q[i] != q[i])) ? (zq[i] - lse_q) - lpe[i] : acc_t(0);
     h[i] = -q[i] / (p[i] + eps);
     A += q[i] * u[i];
     Bs += p[i] * h[i];
@@ -322,11 +325,11 @@ void rows_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& logits, co
 
 constexpr AlignRowKernels kCpuRows{&rows_forward_cpu, &rows_backward_cpu};
 
-std::tuple<at::Tensor, at::Tensor> cra_align_blocked_forward_cpu(at::TensorList feats,
-                                                                 at::TensorList proxies,
-                                                                 c10::string_view reduction,
-                                                                 double eps, int64_t block_rows) {
-  return align_blocked_forward(kCpuRows, feats, proxies, std::string(reduction), eps, block_rows);
+std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> cra_align_blocked_forward_cpu(
+    at::TensorList feats, at::TensorList proxies, c10::string_view reduction, double eps,
+    int64_t block_rows, bool grad_proxies) {
+  return align_blocked_forward(kCpuRows, feats, proxies, std::string(reduction), eps, block_rows,
+                               grad_proxies);
 }
 
 std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> cra_align_blocked_backward_cpu(

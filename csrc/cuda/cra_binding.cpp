@@ -60,13 +60,13 @@ void rows_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& logits, c
 
 constexpr AlignRowKernels kCudaRows{&rows_forward_cuda, &rows_backward_cuda};
 
-std::tuple<at::Tensor, at::Tensor> cra_align_blocked_forward_cuda(at::TensorList feats,
-                                                                  at::TensorList proxies,
-                                                                  c10::string_view reduction,
-                                                                  double eps, int64_t block_rows) {
+std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> cra_align_blocked_forward_cuda(
+    at::TensorList feats, at::TensorList proxies, c10::string_view reduction, double eps,
+    int64_t block_rows, bool grad_proxies) {
   TORCH_CHECK_VALUE(!feats.empty(), "feats must hold L >= 2 layers, got 0");
   const c10::cuda::CUDAGuard guard(feats[0].device());
-  return align_blocked_forward(kCudaRows, feats, proxies, std::string(reduction), eps, block_rows);
+  return align_blocked_forward(kCudaRows, feats, proxies, std::string(reduction), eps, block_rows,
+                               grad_proxies);
 }
 
 std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> cra_align_blocked_backward_cuda(
