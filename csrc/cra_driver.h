@@ -86,6 +86,12 @@ inline at::Tensor head(const at::Tensor& buf, at::IntArrayRef dims) {
   return buf.narrow(0, 0, c10::multiply_integers(dims)).view(dims);
 }
 
+// Rows per block: at most block_rows, balanced over the blocks.
+inline int64_t rows_per_block(int64_t HW, int64_t block_rows) {
+  const int64_t blocks = (HW + block_rows - 1) / block_rows;
+  return (HW + blocks - 1) / blocks;
+}
+
 // logits (L, B, n, M) of pixel rows [r0, r0 + n) into z.
 inline void block_logits(at::TensorList feats, at::TensorList proxies, int64_t r0, int64_t n,
                          at::Tensor& z) {
@@ -123,7 +129,7 @@ inline std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> align_blocked
   const at::Tensor& f0 = feats[0];
   const at::ScalarType dtype = f0.scalar_type(), acc_type = at::toOpMathType(dtype);
   const auto acc = f0.options().dtype(acc_type);
-  const int64_t rows = std::min(block_rows, s.HW);
+  const int64_t rows = align::rows_per_block(s.HW, block_rows);
   at::Tensor lse = at::empty({s.L, s.B, s.HW}, acc);
   const at::Tensor zbuf = at::empty({s.L * s.B * rows * s.M}, f0.options());
   const at::Tensor lbuf = at::empty({s.L * s.B * rows}, acc);
@@ -174,7 +180,7 @@ inline std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> align_blocke
     if (need_grad_proxies)
       grad_proxies.push_back(at::zeros(proxies[l].sizes(), proxies[l].options().dtype(acc_type)));
   }
-  const int64_t rows = std::min(block_rows, s.HW);
+  const int64_t rows = align::rows_per_block(s.HW, block_rows);
   const at::Tensor zbuf = at::empty({s.L * s.B * rows * s.M}, f0.options());
   const at::Tensor gbuf = at::empty({s.L * s.B * rows * s.M}, f0.options());
   const at::Tensor lbuf = at::empty({s.L * s.B * rows}, f0.options().dtype(acc_type));
