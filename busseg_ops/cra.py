@@ -204,17 +204,40 @@ def cross_layer_alignment_loss(feats, proxies=None, reduction: str = "mean", eps
     backend = selected_backend(feats[0].device)
     if backend == "reference":
         return reference.cross_layer_alignment_loss(feats, proxies, reduction, float(eps))
-    # Logits by BLAS: (B, HW, C) @ (B, C, M) per layer, stacked to (L, B, HW, M).
-    logits = torch.stack([torch.matmul(f.flatten(2).transpose(1, 2), p.transpose(1, 2))
-                          for f, p in zip(feats, proxies)])
-    op = _ops.cra_align_forward_triton if backend == "triton" else _ops.cra_align_forward
-    loss, _ = op(logits, reduction, float(eps))
+    if backend == "triton":
+        # Logits by BLAS: (B, HW, C) @ (B, C, M) per layer, stacked to (L, B, HW, M).
+        logits = torch.stack([torch.matmul(f.flatten(2).transpose(1, 2), p.transpose(1, 2))
+                              for f, p in zip(feats, proxies)])
+        loss, _ = _ops.cra_align_forward_triton(logits, reduction, float(eps))
+        return loss
+    # cpu / cuda: blocks of pixel rows straight from the (B, C_l, HW) views of the maps. When
+    # only the proxies need a gradient (upstream: detached maps), forward forms it from the logit
+    # blocks it already has and backward just scales it (no recomputed logits).
+    rows = block_rows(len(feats), feats[0].shape[0], proxies[0].shape[1],
+                      feats[0].element_size(), feats[0].device)
+    grad_proxies = (torch.is_grad_enabled() and any(p.requires_grad for p in proxies)
+                    and not any(f.requires_grad for f in feats))
+    loss, _, _ = _ops.cra_align_blocked_forward([f.flatten(2) for f in feats], list(proxies),
+                                                reduction, float(eps), rows, grad_proxies)
     return loss
+
+
+#: Bytes of one (L, B, rows, M) logit block (the driver balances the blocks). Few, large blocks
+#: keep the number of BLAS calls and thread fork/joins low (at the upstream setting 8 MiB is four
+#: blocks of 1057 rows); a GPU gets larger blocks for parallelism.
+BLOCK_BYTES = {"cpu": 8 << 20, "cuda": 32 << 20}
+
+
+def block_rows(L: int, B: int, M: int, element_size: int, device: torch.device) -> int:
+    """Pixel rows per block of the blocked CRA loss ops, so that the block buffer is at most
+    ``BLOCK_BYTES`` of the device."""
+    budget = BLOCK_BYTES.get(torch.device(device).type, BLOCK_BYTES["cpu"])
+    return max(1, budget // (L * B * M * element_size))
 
 
 def align_norm(shape, reduction: str) -> float:
     """Factor on the summed KL terms of logits (L, B, HW, M): 1 / ((L-1) * d), d = B*HW*M
-    ("mean"), B ("batchmean") or 1 ("sum"). The C++ front-ends compute the same."""
+    ("mean"), B ("batchmean") or 1 ("sum"). The C++ driver (csrc/cra_driver.h) computes the same."""
     L, B, HW, M = shape
     return 1.0 / ((L - 1) * {"mean": B * HW * M, "batchmean": B, "sum": 1}[reduction])
 
@@ -223,17 +246,47 @@ def _fake_greedy(feat, first, num_proxies, scale):
     return first.new_empty(feat.shape[0], num_proxies)
 
 
-def _fake_align_forward(logits, reduction, eps):
-    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    return logits.new_empty(()), logits.new_empty(logits.shape[:3], dtype=acc)
+def _fake_blocked_forward(feats, proxies, reduction, eps, block_rows, grad_proxies):
+    f = feats[0]
+    acc = torch.float64 if f.dtype == torch.float64 else torch.float32
+    return (f.new_empty(()), f.new_empty((len(feats), f.shape[0], f.shape[2]), dtype=acc),
+            [p.new_empty(p.shape) for p in proxies] if grad_proxies else [])
 
 
-def _fake_align_backward(grad_loss, logits, lse, reduction, eps):
-    return torch.empty_like(logits)
+def _fake_blocked_backward(grad_loss, feats, proxies, lse, reduction, eps, block_rows,
+                           need_grad_feats, need_grad_proxies):
+    return ([f.new_empty(f.shape) for f in feats] if need_grad_feats else [],
+            [p.new_empty(p.shape) for p in proxies] if need_grad_proxies else [])
+
+
+def _blocked_setup_context(ctx, inputs, output):
+    feats, proxies, reduction, eps, rows, _ = inputs
+    ctx.save_for_backward(*feats, *proxies, output[1], *output[2])
+    ctx.params = (reduction, eps, rows)
+    ctx.wants = ([f.requires_grad for f in feats], [p.requires_grad for p in proxies])
+    ctx.mark_non_differentiable(output[1], *output[2])
+
+
+def _blocked_backward(ctx, grad_loss, _grad_lse, _grad_grads):
+    want_f, want_p = ctx.wants
+    L = len(want_f)
+    saved = ctx.saved_tensors
+    feats, proxies, lse, unit_grads = saved[:L], saved[L:2 * L], saved[2 * L], saved[2 * L + 1:]
+    need_f, need_p = any(want_f), any(want_p) and not unit_grads
+    grad_f, grad_p = [None] * L, [None] * L
+    if need_f or need_p:
+        gf, gp = _ops.cra_align_blocked_backward(grad_loss, feats, proxies, lse, *ctx.params,
+                                                 need_f, need_p)
+        grad_f = [g if w else None for g, w in zip(gf, want_f)] if need_f else grad_f
+        grad_p = [g if w else None for g, w in zip(gp, want_p)] if need_p else grad_p
+    if unit_grads:  # formed in forward for grad_loss = 1
+        grad_p = [grad_loss * g if w else None for g, w in zip(unit_grads, want_p)]
+    return grad_f, grad_p, None, None, None, None
 
 
 def register_autograd(forward_op: str, backward_op) -> None:
-    """Autograd for a CRA loss forward op whose backward is the registered op ``backward_op``."""
+    """Autograd for a CRA loss forward op on stacked logits (the Triton backend) whose backward is
+    the op ``backward_op``."""
 
     def setup_context(ctx, inputs, output):
         logits, reduction, eps = inputs
@@ -249,6 +302,7 @@ def register_autograd(forward_op: str, backward_op) -> None:
 
 
 torch.library.register_fake("busseg::cra_greedy_sampling")(_fake_greedy)
-torch.library.register_fake("busseg::cra_align_forward")(_fake_align_forward)
-torch.library.register_fake("busseg::cra_align_backward")(_fake_align_backward)
-register_autograd("busseg::cra_align_forward", _ops.cra_align_backward)
+torch.library.register_fake("busseg::cra_align_blocked_forward")(_fake_blocked_forward)
+torch.library.register_fake("busseg::cra_align_blocked_backward")(_fake_blocked_backward)
+torch.library.register_autograd("busseg::cra_align_blocked_forward", _blocked_backward,
+                                setup_context=_blocked_setup_context)

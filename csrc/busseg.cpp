@@ -13,14 +13,21 @@ TORCH_LIBRARY(busseg, m) {
       "-> (Tensor grad_feat, Tensor grad_value)");
 
   // §2 cross-layer relation alignment. Greedy proxy sampling from the given first proxies
-  // (B,) -> (B, M) int64. The loss takes the stacked pixel-to-proxy logits (L, B, HW, M) and keeps
-  // only the per-row log-sum-exp (L, B, HW) for backward; reduction is "mean" | "batchmean" |
-  // "sum".
+  // (B,) -> (B, M) int64. The loss works on feats[l] (B, C_l, HW) and proxies[l] (B, M, C_l)
+  // directly, block_rows pixel rows at a time (the (L, B, HW, M) logits never exist), and keeps
+  // only the per-row log-sum-exp (L, B, HW) for backward, which recomputes each block's logits;
+  // reduction is "mean" | "batchmean" | "sum". With grad_proxies the forward also returns the
+  // proxy gradients for a unit grad_loss (else an empty list), formed from the logit blocks it
+  // already has, so that backward needs no recomputation when only the proxies need a gradient.
+  // Backward returns empty lists for the gradients it was not asked for.
   m.def("cra_greedy_sampling(Tensor feat, Tensor first, int num_proxies, float scale) -> Tensor");
-  m.def("cra_align_forward(Tensor logits, str reduction, float eps) -> (Tensor loss, Tensor lse)");
   m.def(
-      "cra_align_backward(Tensor grad_loss, Tensor logits, Tensor lse, str reduction, float eps) "
-      "-> Tensor");
+      "cra_align_blocked_forward(Tensor[] feats, Tensor[] proxies, str reduction, float eps, "
+      "int block_rows, bool grad_proxies) -> (Tensor loss, Tensor lse, Tensor[] grad_proxies)");
+  m.def(
+      "cra_align_blocked_backward(Tensor grad_loss, Tensor[] feats, Tensor[] proxies, Tensor lse, "
+      "str reduction, float eps, int block_rows, bool need_grad_feats, bool need_grad_proxies) "
+      "-> (Tensor[] grad_feats, Tensor[] grad_proxies)");
 
   // ---- PH-Net ops (SPEC §3, §4, §6; issue 4) ----
   // §3 patch-entropy hardness: x (B, K, H, W) -> (B, H/patch_h, W/patch_w).

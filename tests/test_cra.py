@@ -362,19 +362,43 @@ def test_global_alignment(backend, monkeypatch):
 
 def test_loss_opcheck():
     feats, proxies = make_loss_inputs((2, 3, 4, 5, (2, 3, 4)))
-    logits = torch.stack([torch.einsum("bchw,bmc->bhwm", f, p).flatten(1, 2)
-                          for f, p in zip(feats, proxies)]).detach().requires_grad_()
-    for reduction in ("mean", "batchmean", "sum"):
-        torch.library.opcheck(torch.ops.busseg.cra_align_forward, (logits, reduction, 1e-10))
-    _, lse = torch.ops.busseg.cra_align_forward(logits, "mean", 1e-10)
-    torch.library.opcheck(torch.ops.busseg.cra_align_backward,
-                          (torch.tensor(1.5, dtype=torch.float64), logits.detach(), lse, "sum", 1e-4))
+    flat = [f.flatten(2) for f in feats]
+    for reduction, rows, grad_proxies in (("mean", 5, False), ("batchmean", 12, True),
+                                          ("sum", 64, True)):
+        torch.library.opcheck(torch.ops.busseg.cra_align_blocked_forward,
+                              (flat, proxies, reduction, 1e-10, rows, grad_proxies))
+    _, lse, _ = torch.ops.busseg.cra_align_blocked_forward(flat, proxies, "mean", 1e-10, 5, False)
+    detached = ([f.detach() for f in flat], [p.detach() for p in proxies])
+    for need in ((True, True), (False, True), (True, False)):
+        torch.library.opcheck(torch.ops.busseg.cra_align_blocked_backward,
+                              (torch.tensor(1.5, dtype=torch.float64), *detached, lse, "sum", 1e-4,
+                               5, *need))
     feat = torch.randn(2, 3, 4, 5, dtype=torch.float64)
     torch.library.opcheck(torch.ops.busseg.cra_greedy_sampling, (feat, torch.tensor([0, 7]), 6, 0.5))
     if "triton" in busseg_ops.available_backends("cpu"):
+        logits = torch.stack([torch.einsum("bchw,bmc->bhwm", f, p).flatten(1, 2)
+                              for f, p in zip(feats, proxies)]).detach().requires_grad_()
         # Fake-tensor tracing of a triton_op needs a GPU; the interpreter runs the kernel instead.
         torch.library.opcheck(torch.ops.busseg.cra_align_forward_triton, (logits, "mean", 1e-10),
                               test_utils=("test_schema", "test_autograd_registration"))
+
+
+@pytest.mark.parametrize("rows", [1, 5, 12, 1000])
+@pytest.mark.parametrize("grad", [(True, True), (False, True)])
+def test_blocked_loss_any_block_rows(rows, grad):
+    # blocks that do and do not divide HW = 12, and one block larger than HW; proxy gradients
+    # recomputed in backward, or formed in forward (only the proxies need a gradient)
+    feats, proxies = make_loss_inputs((2, 3, 4, 5, (2, 3, 4)), grad=grad)
+    flat = [f.flatten(2) for f in feats]
+    inputs = [t for t in feats + proxies if t.requires_grad]
+    loss, _, unit = torch.ops.busseg.cra_align_blocked_forward(flat, proxies, "sum", 1e-4, rows,
+                                                               not grad[0])
+    assert len(unit) == (0 if grad[0] else len(proxies))
+    grads = torch.autograd.grad(loss * 1.5, inputs)
+    ref, ref_grads = loss_and_grads("reference", feats, proxies, reduction="sum", eps=1e-4)
+    torch.testing.assert_close(loss, ref)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, 1.5 * r)
 
 
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
@@ -426,13 +450,29 @@ def test_loss_bad_inputs(call, error, match):
 
 
 def test_direct_loss_ops_are_checked_in_cpp():
+    f, p = [torch.randn(2, 3, 12)] * 2, [torch.randn(2, 5, 3)] * 2
+    fwd, bwd = torch.ops.busseg.cra_align_blocked_forward, torch.ops.busseg.cra_align_blocked_backward
     with pytest.raises(ValueError, match="L >= 2 layers"):
-        torch.ops.busseg.cra_align_forward(torch.randn(1, 2, 3, 4), "mean", 1e-10)
+        fwd(f[:1], p[:1], "mean", 1e-10, 4, False)
     with pytest.raises(ValueError, match="reduction must be 'mean', 'batchmean' or 'sum'"):
-        torch.ops.busseg.cra_align_forward(torch.randn(2, 2, 3, 4), "none", 1e-10)
+        fwd(f, p, "none", 1e-10, 4, False)
+    with pytest.raises(ValueError, match="block_rows must be >= 1"):
+        fwd(f, p, "mean", 1e-10, 0, False)
+    with pytest.raises(ValueError, match=r"proxies\[1\] must be \(B, M, C_l\) = \(2, 5, 3\)"):
+        fwd(f, [p[0], torch.randn(2, 4, 3)], "mean", 1e-10, 4, False)
     with pytest.raises(ValueError, match=r"lse must be \(L, B, HW\)"):
-        torch.ops.busseg.cra_align_backward(torch.tensor(1.0), torch.randn(2, 2, 3, 4),
-                                            torch.randn(2, 2), "sum", 1e-10)
+        bwd(torch.tensor(1.0), f, p, torch.randn(2, 2), "sum", 1e-10, 4, True, True)
+
+
+def test_cpu_fast_exp_log_accuracy():
+    # float rows use polynomial exp/log: compare one row's loss and gradient against float64
+    z = torch.linspace(-30, 30, 64)
+    feats = [torch.ones(1, 1, 1), torch.ones(1, 1, 1)]
+    proxies = [z.reshape(1, 64, 1), z.flip(0).reshape(1, 64, 1) * 0.5]
+    loss, _, _ = torch.ops.busseg.cra_align_blocked_forward(feats, proxies, "sum", 1e-10, 1, False)
+    ref, _, _ = torch.ops.busseg.cra_align_blocked_forward(
+        [t.double() for t in feats], [t.double() for t in proxies], "sum", 1e-10, 1, False)
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=0)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

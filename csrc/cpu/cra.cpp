@@ -6,23 +6,26 @@
 // at least as many images as threads, images run in parallel; otherwise one image's pixels are
 // split over the threads inside every step, with a per-thread arg-min combined after one barrier.
 //
-// The alignment loss takes the stacked logits (L, B, HW, M) (computed by BLAS outside) and does
-// everything after them in one pass per pixel row: log-sum-exp of every layer, the L-1 KL terms,
-// and in backward the logit gradients, recomputing the probabilities from logits and the saved
-// log-sum-exp. Only (L, B, HW) row statistics are kept between forward and backward.
+// The alignment loss runs the blocked driver of cra_driver.h (BLAS logits per block of pixel
+// rows) with the fused row kernels below: per pixel row, log-sum-exp of every layer and the L-1
+// KL terms, and in backward the logit gradients, recomputing the probabilities from the logits
+// and the saved log-sum-exp. Only (L, B, HW) row statistics are kept between forward and backward.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <omp.h>
 #include <torch/library.h>
 
+#include <bit>
 #include <cmath>
+#include <cstdint>
 #include <limits>
 #include <utility>
 #include <vector>
 
 #include "cpu/common.h"
 #include "cra_checks.h"
+#include "cra_driver.h"
 
 namespace busseg {
 namespace {
@@ -114,51 +117,156 @@ at::Tensor cra_greedy_sampling_cpu(const at::Tensor& feat, const at::Tensor& fir
   return idx;
 }
 
-template <typename acc_t, typename scalar_t>
-inline acc_t log_sum_exp(const scalar_t* z, int64_t M) {
-  acc_t zmax = -std::numeric_limits<acc_t>::infinity();
-  for (int64_t m = 0; m < M; ++m) zmax = nan_max(zmax, acc_t(z[m]));
-  if (std::isinf(zmax)) return zmax;  // all -inf (or +inf present): no finite shift exists
-  acc_t sum = 0;
-  for (int64_t m = 0; m < M; ++m) sum += std::exp(acc_t(z[m]) - zmax);
-  return zmax + std::log(sum);
+// ---- alignment loss: fused row kernels on a block of logits ---------------------------------
+//
+// Every element needs one exp (its probability) and, for the input layers of the pairs, one log
+// (log(p + eps)); log q is z - lse. In float these run through polynomial exp/log (Cephes,
+// about 1 ulp) written as plain loops that the AVX2 clone vectorises; double keeps std::exp /
+// std::log (gradcheck precision). The NaN / range selects below only become vector blends when
+// the compiler may assume comparisons do not trap: the build passes -fno-trapping-math (it
+// changes no result, only floating-point exception flags, which nothing reads).
+
+inline float exp_poly(float x) {
+  float xc = x < -87.33654f ? -87.33654f : x;
+  xc = xc > 88.3762626f ? 88.3762626f : xc;
+  const float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
+  const float r = (xc - n * 0.693359375f) + n * 2.12194440e-4f;
+  float y = 1.9875691500e-4f;
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * r * r + r + 1.0f;
+  const float scale = std::bit_cast<float>(static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23);
+  float out = y * scale;
+  out = x < -87.33654f ? 0.0f : out;
+  out = x > 88.3762626f ? std::numeric_limits<float>::infinity() : out;
+  return x != x ? x : out;
 }
 
-// Per pixel row: p_l = softmax(z_l) from z and the saved lse, into prob (L x M).
-template <typename acc_t, typename scalar_t>
-inline void row_probs(const scalar_t* logits, const acc_t* lse, int64_t L, int64_t R, int64_t r,
-                      int64_t M, acc_t* prob) {
+inline float log_poly(float x) {
+  const bool tiny = x < std::numeric_limits<float>::min();  // denormals: scale up by 2^23 first
+  const uint32_t bits = std::bit_cast<uint32_t>(x * (tiny ? 8388608.0f : 1.0f));
+  float e = static_cast<float>(static_cast<int32_t>(bits >> 23) - 126) - (tiny ? 23.0f : 0.0f);
+  float m = std::bit_cast<float>((bits & 0x007fffffu) | 0x3f000000u);  // [0.5, 1)
+  const bool low = m < 0.707106781186547524f;
+  e = low ? e - 1.0f : e;
+  m = low ? m + m - 1.0f : m - 1.0f;
+  const float z = m * m;
+  float y = 7.0376836292e-2f;
+  y = y * m - 1.1514610310e-1f;
+  y = y * m + 1.1676998740e-1f;
+  y = y * m - 1.2420140846e-1f;
+  y = y * m + 1.4249322787e-1f;
+  y = y * m - 1.6668057665e-1f;
+  y = y * m + 2.0000714765e-1f;
+  y = y * m - 2.4999993993e-1f;
+  y = y * m + 3.3333331174e-1f;
+  y = y * m * z - 2.12194440e-4f * e - 0.5f * z;
+  float out = m + y + 0.693359375f * e;
+  out = x == 0.0f ? -std::numeric_limits<float>::infinity() : out;
+  out = x == std::numeric_limits<float>::infinity() ? x : out;
+  return ((x < 0.0f) | (x != x)) ? std::numeric_limits<float>::quiet_NaN() : out;
+}
+
+// out[m] = exp(z[m] - shift)
+BUSSEG_SIMD_CLONES void exp_shifted(const float* z, float shift, float* out, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) out[i] = exp_poly(z[i] - shift);
+}
+inline void exp_shifted(const double* z, double shift, double* out, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) out[i] = std::exp(z[i] - shift);
+}
+
+// out[m] = log(p[m] + eps)
+BUSSEG_SIMD_CLONES void log_plus(const float* p, float eps, float* out, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) out[i] = log_poly(p[i] + eps);
+}
+inline void log_plus(const double* p, double eps, double* out, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) out[i] = std::log(p[i] + eps);
+}
+
+// Σ_m KL term of q against p: q (log q - log(p + eps)), 0 * log 0 = 0 (NaN propagates).
+template <typename acc_t>
+BUSSEG_SIMD_CLONES acc_t kl_sum(const acc_t* q, const acc_t* zq, acc_t lse_q, const acc_t* lpe,
+                                int64_t n) {
+  acc_t s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < n; ++i)
+    s += ((q[i] > 0) | (q[i] != q[i])) ? q[i] * ((zq[i] - lse_q) - lpe[i]) : acc_t(0);
+  return s;
+}
+
+// One row, all layers: z (L x M, acc) -> prob (L x M) and lse (L); the row's summed KL terms.
+template <typename acc_t>
+acc_t forward_row(const acc_t* z, int64_t L, int64_t M, acc_t eps, acc_t* prob, acc_t* lpe,
+                  acc_t* lse) {
   for (int64_t l = 0; l < L; ++l) {
-    const scalar_t* z = logits + (l * R + r) * M;
-    const acc_t s = lse[l * R + r];
-    for (int64_t m = 0; m < M; ++m) prob[l * M + m] = std::exp(acc_t(z[m]) - s);
+    const acc_t* zl = z + l * M;
+    acc_t* pl = prob + l * M;
+    acc_t zmax = -std::numeric_limits<acc_t>::infinity();
+    for (int64_t m = 0; m < M; ++m) zmax = nan_max(zmax, zl[m]);
+    if (std::isinf(zmax)) {  // all -inf (or +inf present): no finite shift exists
+      lse[l] = zmax;
+      exp_shifted(zl, zmax, pl, M);
+      continue;
+    }
+    exp_shifted(zl, zmax, pl, M);
+    acc_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t m = 0; m < M; ++m) sum += pl[m];
+    lse[l] = zmax + std::log(sum);
+    const acc_t inv = acc_t(1) / sum;
+#pragma omp simd
+    for (int64_t m = 0; m < M; ++m) pl[m] *= inv;
+  }
+  acc_t total = 0;
+  for (int64_t l = 0; l + 1 < L; ++l) {  // KL(P_{l+1} || P_l)
+    log_plus(prob + l * M, eps, lpe, M);
+    total += kl_sum(prob + (l + 1) * M, z + (l + 1) * M, lse[l + 1], lpe, M);
+  }
+  return total;
+}
+
+// One row: g (L x M) = ∂(row KL terms)/∂z from z and lse. Pair (input p = P_l, target q =
+// P_{l+1}): u = log q - log(p + eps) (0 where q = 0), h = -q / (p + eps);
+// ∂/∂z_{l+1} = q (u - <q, u>), ∂/∂z_l = p (h - <p, h>).
+template <typename acc_t>
+BUSSEG_SIMD_CLONES void pair_grad(const acc_t* p, const acc_t* q, const acc_t* zq, acc_t lse_q,
+                                  const acc_t* lpe, acc_t eps, acc_t* gp, acc_t* gq, acc_t* u,
+                                  acc_t* h, int64_t n) {
+  acc_t A = 0, Bs = 0;
+#pragma omp simd reduction(+ : A, Bs)
+  for (int64_t i = 0; i < n; ++i) {
+    u[i] = ((q[i] > 0) | (q[i] != q[i])) ? (zq[i] - lse_q) - lpe[i] : acc_t(0);
+    h[i] = -q[i] / (p[i] + eps);
+    A += q[i] * u[i];
+    Bs += p[i] * h[i];
+  }
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    gq[i] += q[i] * (u[i] - A);
+    gp[i] += p[i] * (h[i] - Bs);
   }
 }
 
 template <typename scalar_t>
-void align_forward_kernel(const scalar_t* logits, int64_t L, int64_t R, int64_t M, double eps,
-                          at::opmath_type<scalar_t>* lse, double* row_sum) {
+void align_rows_forward(const scalar_t* logits, int64_t L, int64_t R, int64_t M, double eps,
+                        at::opmath_type<scalar_t>* lse, double* row_sum) {
   using acc_t = at::opmath_type<scalar_t>;
   const int nt = at::get_num_threads();
   std::vector<double> partial(nt, 0.0);
   parallel_chunks(R, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> prob(L * M);
+    std::vector<acc_t> z(L * M), prob(L * M), lpe(M), row_lse(L);
     double total = 0;
     for (int64_t r = begin; r < end; ++r) {
       for (int64_t l = 0; l < L; ++l)
-        lse[l * R + r] = log_sum_exp<acc_t>(logits + (l * R + r) * M, M);
-      row_probs(logits, lse, L, R, r, M, prob.data());
-      for (int64_t l = 0; l + 1 < L; ++l) {  // KL(P_{l+1} || P_l) = sum q (log q - log(p + eps))
-        const acc_t* p = prob.data() + l * M;
-        const acc_t* q = prob.data() + (l + 1) * M;
-        const scalar_t* zq = logits + ((l + 1) * R + r) * M;
-        const acc_t lse_q = lse[(l + 1) * R + r];
-        acc_t kl = 0;
-        for (int64_t m = 0; m < M; ++m)
-          if (q[m] > 0 || q[m] != q[m])  // 0 * log 0 = 0, as in KLDivLoss; NaN propagates
-            kl += q[m] * ((acc_t(zq[m]) - lse_q) - std::log(p[m] + acc_t(eps)));
-        total += double(kl);
-      }
+        for (int64_t m = 0; m < M; ++m) z[l * M + m] = acc_t(logits[(l * R + r) * M + m]);
+      total += double(forward_row<acc_t>(z.data(), L, M, acc_t(eps), prob.data(), lpe.data(),
+                                         row_lse.data()));
+      for (int64_t l = 0; l < L; ++l) lse[l * R + r] = row_lse[l];
     }
     partial[omp_get_thread_num()] = total;
   });
@@ -168,34 +276,22 @@ void align_forward_kernel(const scalar_t* logits, int64_t L, int64_t R, int64_t 
 }
 
 template <typename scalar_t>
-void align_backward_kernel(const scalar_t* logits, const at::opmath_type<scalar_t>* lse, int64_t L,
-                           int64_t R, int64_t M, double eps, double coef, scalar_t* grad) {
+void align_rows_backward(const scalar_t* logits, const at::opmath_type<scalar_t>* lse, int64_t L,
+                         int64_t R, int64_t M, double eps, double coef, scalar_t* grad) {
   using acc_t = at::opmath_type<scalar_t>;
   parallel_chunks(R, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> prob(L * M), log_p_eps(M), g(L * M);
+    std::vector<acc_t> z(L * M), prob(L * M), lpe(M), g(L * M), u(M), h(M);
     for (int64_t r = begin; r < end; ++r) {
-      row_probs(logits, lse, L, R, r, M, prob.data());
+      for (int64_t l = 0; l < L; ++l) {
+        for (int64_t m = 0; m < M; ++m) z[l * M + m] = acc_t(logits[(l * R + r) * M + m]);
+        exp_shifted(z.data() + l * M, lse[l * R + r], prob.data() + l * M, M);
+      }
       std::fill(g.begin(), g.end(), acc_t(0));
-      for (int64_t l = 0; l + 1 < L; ++l) {  // pair (input P_l = p, target P_{l+1} = q)
-        const acc_t* p = prob.data() + l * M;
-        const acc_t* q = prob.data() + (l + 1) * M;
-        const scalar_t* zq = logits + ((l + 1) * R + r) * M;
-        const acc_t lse_q = lse[(l + 1) * R + r];
-        // u = log q - log(p + eps), h = -q / (p + eps); A = <q, u>, Bsum = <p, h>
-        acc_t A = 0, Bsum = 0;
-        for (int64_t m = 0; m < M; ++m) {
-          log_p_eps[m] = std::log(p[m] + acc_t(eps));
-          if (q[m] > 0 || q[m] != q[m]) A += q[m] * ((acc_t(zq[m]) - lse_q) - log_p_eps[m]);
-          Bsum -= p[m] * q[m] / (p[m] + acc_t(eps));
-        }
-        acc_t* gp = g.data() + l * M;
-        acc_t* gq = g.data() + (l + 1) * M;
-        for (int64_t m = 0; m < M; ++m) {
-          const acc_t u =
-              (q[m] > 0 || q[m] != q[m]) ? (acc_t(zq[m]) - lse_q) - log_p_eps[m] : acc_t(0);
-          gq[m] += q[m] * (u - A);
-          gp[m] += p[m] * (-q[m] / (p[m] + acc_t(eps)) - Bsum);
-        }
+      for (int64_t l = 0; l + 1 < L; ++l) {
+        log_plus(prob.data() + l * M, acc_t(eps), lpe.data(), M);
+        pair_grad<acc_t>(prob.data() + l * M, prob.data() + (l + 1) * M, z.data() + (l + 1) * M,
+                         lse[(l + 1) * R + r], lpe.data(), acc_t(eps), g.data() + l * M,
+                         g.data() + (l + 1) * M, u.data(), h.data(), M);
       }
       for (int64_t l = 0; l < L; ++l) {
         scalar_t* out = grad + (l * R + r) * M;
@@ -205,44 +301,51 @@ void align_backward_kernel(const scalar_t* logits, const at::opmath_type<scalar_
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> cra_align_forward_cpu(const at::Tensor& logits,
-                                                         c10::string_view reduction, double eps) {
-  const double norm = check_align_args(logits, std::string(reduction), eps);
-  const int64_t L = logits.size(0), R = logits.size(1) * logits.size(2), M = logits.size(3);
-  const at::Tensor z = logits.contiguous();
-  at::Tensor lse = at::empty({L, logits.size(1), logits.size(2)},
-                             logits.options().dtype(at::toOpMathType(logits.scalar_type())));
+// AlignRowKernels for the CPU (cra_driver.h).
+at::Tensor rows_forward_cpu(const at::Tensor& logits, double eps, at::Tensor& lse) {
+  const int64_t L = logits.size(0), R = logits.size(1), M = logits.size(2);
   double total = 0;
-  AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "cra_align_forward_cpu", [&] {
-    align_forward_kernel<scalar_t>(z.data_ptr<scalar_t>(), L, R, M, eps,
-                                   lse.data_ptr<at::opmath_type<scalar_t>>(), &total);
+  AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "cra_rows_forward_cpu", [&] {
+    align_rows_forward<scalar_t>(logits.data_ptr<scalar_t>(), L, R, M, eps,
+                                 lse.data_ptr<at::opmath_type<scalar_t>>(), &total);
   });
-  return {at::scalar_tensor(total * norm, logits.options()), lse};
+  return at::scalar_tensor(total, lse.options());
 }
 
-at::Tensor cra_align_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& logits,
-                                  const at::Tensor& lse, c10::string_view reduction, double eps) {
-  const double norm = check_align_args(logits, std::string(reduction), eps);
-  check_lse(logits, lse);
-  TORCH_CHECK_VALUE(grad_loss.numel() == 1, "grad_loss must be a scalar, got ", grad_loss.sizes());
-  const int64_t L = logits.size(0), R = logits.size(1) * logits.size(2), M = logits.size(3);
-  const at::Tensor z = logits.contiguous();
-  const at::Tensor s = lse.to(at::toOpMathType(logits.scalar_type())).contiguous();
-  at::Tensor grad = at::empty(logits.sizes(), logits.options());
+void rows_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& lse,
+                       double eps, double norm, at::Tensor& grad) {
+  const int64_t L = logits.size(0), R = logits.size(1), M = logits.size(2);
   const double coef = grad_loss.item<double>() * norm;
-  AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "cra_align_backward_cpu", [&] {
-    align_backward_kernel<scalar_t>(z.data_ptr<scalar_t>(), s.data_ptr<at::opmath_type<scalar_t>>(),
-                                    L, R, M, eps, coef, grad.data_ptr<scalar_t>());
+  AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "cra_rows_backward_cpu", [&] {
+    align_rows_backward<scalar_t>(logits.data_ptr<scalar_t>(),
+                                  lse.data_ptr<at::opmath_type<scalar_t>>(), L, R, M, eps, coef,
+                                  grad.data_ptr<scalar_t>());
   });
-  return grad;
+}
+
+constexpr AlignRowKernels kCpuRows{&rows_forward_cpu, &rows_backward_cpu};
+
+std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> cra_align_blocked_forward_cpu(
+    at::TensorList feats, at::TensorList proxies, c10::string_view reduction, double eps,
+    int64_t block_rows, bool grad_proxies) {
+  return align_blocked_forward(kCpuRows, feats, proxies, std::string(reduction), eps, block_rows,
+                               grad_proxies);
+}
+
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> cra_align_blocked_backward_cpu(
+    const at::Tensor& grad_loss, at::TensorList feats, at::TensorList proxies, const at::Tensor& lse,
+    c10::string_view reduction, double eps, int64_t block_rows, bool need_grad_feats,
+    bool need_grad_proxies) {
+  return align_blocked_backward(kCpuRows, grad_loss, feats, proxies, lse, std::string(reduction),
+                                eps, block_rows, need_grad_feats, need_grad_proxies);
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(busseg, CPU, m) {
   m.impl("cra_greedy_sampling", &cra_greedy_sampling_cpu);
-  m.impl("cra_align_forward", &cra_align_forward_cpu);
-  m.impl("cra_align_backward", &cra_align_backward_cpu);
+  m.impl("cra_align_blocked_forward", &cra_align_blocked_forward_cpu);
+  m.impl("cra_align_blocked_backward", &cra_align_blocked_backward_cpu);
 }
 
 }  // namespace busseg

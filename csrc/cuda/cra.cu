@@ -7,7 +7,8 @@
 // next proxy. Any HW works; parallelism is B blocks, so small batches of large maps leave most
 // SMs idle (no cross-block scheme yet).
 //
-// The loss kernels give each pixel row one warp (lanes over the M proxies): log-sum-exp of every
+// The loss kernels (the row kernels of the blocked driver, csrc/cra_driver.h, run on one block
+// of pixel rows at a time) give each pixel row one warp (lanes over the M proxies): log-sum-exp of every
 // layer, the L-1 KL terms; backward recomputes the probabilities from the logits and the saved
 // log-sum-exp and writes every logit gradient once.
 #include <cmath>

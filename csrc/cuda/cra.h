@@ -1,8 +1,8 @@
 // Cross-layer relation alignment (SPEC §2): CUDA launchers on raw pointers.
 // Greedy sampling: feat (B, HW, C) channels-last, first (B,), out (B, M) int64; scratch holds
 // 2*B*HW accumulators (double for f64, else float) and B*HW bytes.
-// Loss: logits (L, B*HW, M) contiguous; lse (L, B*HW) and row_loss (B*HW) in the accumulator type;
-// grad_logits like logits.
+// Loss (the row kernels of the blocked driver, csrc/cra_driver.h): a block of logits (L, R, M)
+// contiguous; lse (L, R) and row_loss (R) in the accumulator type; grad_logits like logits.
 #pragma once
 #include <cuda_runtime.h>
 

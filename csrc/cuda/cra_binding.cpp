@@ -3,8 +3,11 @@
 #include <torch/library.h>
 
 #include <string>
+#include <tuple>
+#include <vector>
 
 #include "cra_checks.h"
+#include "cra_driver.h"
 #include "cuda/binding.h"
 #include "cuda/cra.h"
 
@@ -30,50 +33,58 @@ at::Tensor cra_greedy_sampling_cuda(const at::Tensor& feat, const at::Tensor& fi
   return idx;
 }
 
+// AlignRowKernels for CUDA (cra_driver.h): the fused row kernels on a contiguous block.
 AlignShape align_shape(const at::Tensor& logits) {
   TORCH_CHECK_VALUE(logits.size(0) <= kMaxAlignLayers, "the CUDA alignment loss handles at most ",
                     kMaxAlignLayers, " layers, got ", logits.size(0));
-  return {static_cast<int>(logits.size(0)), logits.size(1) * logits.size(2), logits.size(3)};
+  return {static_cast<int>(logits.size(0)), logits.size(1), logits.size(2)};
 }
 
-std::tuple<at::Tensor, at::Tensor> cra_align_forward_cuda(const at::Tensor& logits,
-                                                          c10::string_view reduction, double eps) {
-  const double norm = check_align_args(logits, std::string(reduction), eps);
-  const c10::cuda::CUDAGuard guard(logits.device());
+at::Tensor rows_forward_cuda(const at::Tensor& logits, double eps, at::Tensor& lse) {
   const AlignShape s = align_shape(logits);
-  const at::Tensor z = logits.contiguous();
-  const auto acc = logits.options().dtype(accumulator_type(logits));
-  at::Tensor lse = at::empty({s.L, logits.size(1), logits.size(2)}, acc);
-  at::Tensor row_loss = at::empty({s.R}, acc);
-  check_launch(cra_align_forward(dtype_of(logits), s, z.data_ptr(), eps, lse.data_ptr(),
+  at::Tensor row_loss = at::empty({s.R}, lse.options());
+  check_launch(cra_align_forward(dtype_of(logits), s, logits.data_ptr(), eps, lse.data_ptr(),
                                  row_loss.data_ptr(), c10::cuda::getCurrentCUDAStream()),
                "cra_align_forward");
-  return {(row_loss.sum() * norm).to(logits.scalar_type()), lse};
+  return row_loss.sum();
 }
 
-at::Tensor cra_align_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& logits,
-                                   const at::Tensor& lse, c10::string_view reduction, double eps) {
-  const double norm = check_align_args(logits, std::string(reduction), eps);
-  check_lse(logits, lse);
-  TORCH_CHECK_VALUE(grad_loss.numel() == 1, "grad_loss must be a scalar, got ", grad_loss.sizes());
-  const c10::cuda::CUDAGuard guard(logits.device());
+void rows_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& lse,
+                        double eps, double norm, at::Tensor& grad) {
   const AlignShape s = align_shape(logits);
-  const at::Tensor z = logits.contiguous();
-  const at::Tensor g = grad_loss.to(logits.scalar_type()).contiguous();
-  const at::Tensor stats = lse.to(accumulator_type(logits)).contiguous();
-  at::Tensor grad = at::empty(logits.sizes(), logits.options());
-  check_launch(cra_align_backward(dtype_of(logits), s, g.data_ptr(), z.data_ptr(), stats.data_ptr(),
-                                  eps, norm, grad.data_ptr(), c10::cuda::getCurrentCUDAStream()),
+  check_launch(cra_align_backward(dtype_of(logits), s, grad_loss.data_ptr(), logits.data_ptr(),
+                                  lse.data_ptr(), eps, norm, grad.data_ptr(),
+                                  c10::cuda::getCurrentCUDAStream()),
                "cra_align_backward");
-  return grad;
+}
+
+constexpr AlignRowKernels kCudaRows{&rows_forward_cuda, &rows_backward_cuda};
+
+std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> cra_align_blocked_forward_cuda(
+    at::TensorList feats, at::TensorList proxies, c10::string_view reduction, double eps,
+    int64_t block_rows, bool grad_proxies) {
+  TORCH_CHECK_VALUE(!feats.empty(), "feats must hold L >= 2 layers, got 0");
+  const c10::cuda::CUDAGuard guard(feats[0].device());
+  return align_blocked_forward(kCudaRows, feats, proxies, std::string(reduction), eps, block_rows,
+                               grad_proxies);
+}
+
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> cra_align_blocked_backward_cuda(
+    const at::Tensor& grad_loss, at::TensorList feats, at::TensorList proxies, const at::Tensor& lse,
+    c10::string_view reduction, double eps, int64_t block_rows, bool need_grad_feats,
+    bool need_grad_proxies) {
+  TORCH_CHECK_VALUE(!feats.empty(), "feats must hold L >= 2 layers, got 0");
+  const c10::cuda::CUDAGuard guard(feats[0].device());
+  return align_blocked_backward(kCudaRows, grad_loss, feats, proxies, lse, std::string(reduction),
+                                eps, block_rows, need_grad_feats, need_grad_proxies);
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(busseg, CUDA, m) {
   m.impl("cra_greedy_sampling", &cra_greedy_sampling_cuda);
-  m.impl("cra_align_forward", &cra_align_forward_cuda);
-  m.impl("cra_align_backward", &cra_align_backward_cuda);
+  m.impl("cra_align_blocked_forward", &cra_align_blocked_forward_cuda);
+  m.impl("cra_align_blocked_backward", &cra_align_blocked_backward_cuda);
 }
 
 }  // namespace busseg::cuda

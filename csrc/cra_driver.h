@@ -1,0 +1,208 @@
+// Cross-layer relation alignment loss (SPEC §2.2), the device-independent driver shared by the
+// CPU and CUDA front-ends. Pixel rows are processed in blocks: per block the logits of every
+// layer, f_l[:, :, block]ᵀ p_lᵀ, are formed with at::bmm (BLAS / cuBLAS) into one preallocated
+// (L, B, rows, M) buffer, and a device-specific fused row kernel does everything after them
+// (log-softmax of every layer, the L-1 KL terms; in backward the logit gradients). Backward
+// recomputes the block's logits and folds the gradient block straight into the proxy gradients
+// (and the feature gradients when asked). No (L, B, HW, M) tensor ever exists: memory is the
+// block buffers plus the (L, B, HW) log-sum-exp that forward saves.
+//
+// Layouts: feats[l] (B, C_l, HW) (the usual NCHW map flattened: a view, no copy; any strides),
+// proxies[l] (B, M, C_l), lse (L, B, HW) in the accumulator type (double for f64, else float).
+#pragma once
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <string>
+#include <tuple>
+#include <vector>
+
+namespace busseg {
+
+// Fused row kernels a device provides, on a contiguous block of R pixel rows.
+struct AlignRowKernels {
+  // logits (L, R, M) -> lse (L, R) (accumulator type, contiguous, written); returns the sum of
+  // the rows' KL terms Σ_l Σ_m q (log q − log(p + eps)) as a 0-dim accumulator-type tensor.
+  at::Tensor (*forward)(const at::Tensor& logits, double eps, at::Tensor& lse);
+  // grad (L, R, M) = grad_loss · norm · ∂(sum of the rows' KL terms)/∂logits (grad_loss is a
+  // 0-dim tensor on the device; grad does not alias logits).
+  void (*backward)(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& lse,
+                   double eps, double norm, at::Tensor& grad);
+};
+
+struct AlignShape4 {
+  int64_t L, B, HW, M;
+};
+
+// Checks the lists and returns their shape; `norm` gets the factor on the summed KL terms:
+// 1 / ((L - 1) * d), d = B*HW*M ("mean"), B ("batchmean") or 1 ("sum").
+inline AlignShape4 check_align_blocked_args(at::TensorList feats, at::TensorList proxies,
+                                            const std::string& reduction, double eps,
+                                            int64_t block_rows, double* norm) {
+  TORCH_CHECK_VALUE(feats.size() >= 2, "feats must hold L >= 2 layers, got ", feats.size());
+  TORCH_CHECK_VALUE(proxies.size() == feats.size(), "proxies must hold L = ", feats.size(),
+                    " tensors, got ", proxies.size());
+  TORCH_CHECK_VALUE(eps >= 0, "eps must be >= 0, got ", eps);
+  TORCH_CHECK_VALUE(block_rows >= 1, "block_rows must be >= 1, got ", block_rows);
+  const at::Tensor& f0 = feats[0];
+  const at::Tensor& p0 = proxies[0];
+  TORCH_CHECK_VALUE(f0.dim() == 3, "feats[0] must be (B, C_l, HW), got ", f0.sizes());
+  TORCH_CHECK_VALUE(p0.dim() == 3, "proxies[0] must be (B, M, C_l), got ", p0.sizes());
+  const AlignShape4 s{static_cast<int64_t>(feats.size()), f0.size(0), f0.size(2), p0.size(1)};
+  TORCH_CHECK_VALUE(s.B * s.HW * s.M > 0, "the loss inputs are empty (B = ", s.B, ", HW = ", s.HW,
+                    ", M = ", s.M, ")");
+  for (size_t l = 0; l < feats.size(); ++l) {
+    const at::Tensor &f = feats[l], &p = proxies[l];
+    TORCH_CHECK_VALUE(f.dim() == 3 && f.size(0) == s.B && f.size(2) == s.HW && f.size(1) > 0,
+                      "feats[", l, "] must be (B, C_l, HW) with B = ", s.B, ", HW = ", s.HW,
+                      ", got ", f.sizes());
+    TORCH_CHECK_VALUE(p.dim() == 3 && p.size(0) == s.B && p.size(1) == s.M && p.size(2) == f.size(1),
+                      "proxies[", l, "] must be (B, M, C_l) = (", s.B, ", ", s.M, ", ", f.size(1),
+                      "), got ", p.sizes());
+    TORCH_CHECK_TYPE(f.scalar_type() == f0.scalar_type() && p.scalar_type() == f0.scalar_type(),
+                     "feats and proxies must share one dtype");
+    TORCH_CHECK_VALUE(f.device() == f0.device() && p.device() == f0.device(),
+                      "feats and proxies must be on one device");
+  }
+  const double pairs = static_cast<double>(s.L - 1);
+  if (reduction == "mean")
+    *norm = 1.0 / (pairs * static_cast<double>(s.B * s.HW * s.M));
+  else if (reduction == "batchmean")
+    *norm = 1.0 / (pairs * static_cast<double>(s.B));
+  else {
+    TORCH_CHECK_VALUE(reduction == "sum", "reduction must be 'mean', 'batchmean' or 'sum', got '",
+                      reduction, "'");
+    *norm = 1.0 / pairs;
+  }
+  return s;
+}
+
+namespace align {
+
+// A contiguous (dims) view at the start of `buf` (a flat buffer big enough for any block).
+inline at::Tensor head(const at::Tensor& buf, at::IntArrayRef dims) {
+  return buf.narrow(0, 0, c10::multiply_integers(dims)).view(dims);
+}
+
+// Rows per block: at most block_rows, balanced over the blocks.
+inline int64_t rows_per_block(int64_t HW, int64_t block_rows) {
+  const int64_t blocks = (HW + block_rows - 1) / block_rows;
+  return (HW + blocks - 1) / blocks;
+}
+
+// logits (L, B, n, M) of pixel rows [r0, r0 + n) into z.
+inline void block_logits(at::TensorList feats, at::TensorList proxies, int64_t r0, int64_t n,
+                         at::Tensor& z) {
+  for (size_t l = 0; l < feats.size(); ++l) {
+    at::Tensor out = z.select(0, static_cast<int64_t>(l));
+    at::bmm_out(out, feats[l].narrow(2, r0, n).transpose(1, 2), proxies[l].transpose(1, 2));
+  }
+}
+
+// grads[l] (accumulator type) += g_lᵀ f_l[:, :, r0:r0+n]ᵀ for the gradient block g (L, B, n, M).
+inline void accumulate_proxy_grads(at::TensorList feats, const at::Tensor& g, int64_t r0, int64_t n,
+                                   std::vector<at::Tensor>& grads) {
+  for (size_t l = 0; l < feats.size(); ++l) {
+    const at::Tensor gl = g.select(0, static_cast<int64_t>(l)).transpose(1, 2);  // (B, M, n)
+    const at::Tensor fl = feats[l].narrow(2, r0, n).transpose(1, 2);             // (B, n, C)
+    if (grads[l].scalar_type() == fl.scalar_type())
+      grads[l].baddbmm_(gl, fl);
+    else  // half / bfloat16 inputs: products in their dtype, the sum over blocks in float
+      grads[l].add_(at::bmm(gl, fl));
+  }
+}
+
+}  // namespace align
+
+// Returns (loss, lse (L, B, HW), grad_proxies). With `grad_proxies` the proxy gradients for a
+// unit grad_loss are formed here too, from the logit block that is already in the buffer:
+// backward then only scales them, and no logit block is recomputed (used when only the
+// proxies need a gradient, the upstream setting with detached feature maps). Otherwise the list
+// is empty.
+inline std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> align_blocked_forward(
+    const AlignRowKernels& k, at::TensorList feats, at::TensorList proxies,
+    const std::string& reduction, double eps, int64_t block_rows, bool grad_proxies) {
+  double norm = 0;
+  const AlignShape4 s = check_align_blocked_args(feats, proxies, reduction, eps, block_rows, &norm);
+  const at::Tensor& f0 = feats[0];
+  const at::ScalarType dtype = f0.scalar_type(), acc_type = at::toOpMathType(dtype);
+  const auto acc = f0.options().dtype(acc_type);
+  const int64_t rows = align::rows_per_block(s.HW, block_rows);
+  at::Tensor lse = at::empty({s.L, s.B, s.HW}, acc);
+  const at::Tensor zbuf = at::empty({s.L * s.B * rows * s.M}, f0.options());
+  const at::Tensor lbuf = at::empty({s.L * s.B * rows}, acc);
+  at::Tensor gbuf, unit;
+  std::vector<at::Tensor> grads;
+  if (grad_proxies) {
+    gbuf = at::empty({s.L * s.B * rows * s.M}, f0.options());
+    unit = at::ones({}, f0.options());
+    for (int64_t l = 0; l < s.L; ++l) grads.push_back(at::zeros(proxies[l].sizes(), acc));
+  }
+  at::Tensor total = at::zeros({}, acc);
+  for (int64_t r0 = 0; r0 < s.HW; r0 += rows) {
+    const int64_t n = std::min(rows, s.HW - r0);
+    at::Tensor z = align::head(zbuf, {s.L, s.B, n, s.M});
+    align::block_logits(feats, proxies, r0, n, z);
+    at::Tensor bl = align::head(lbuf, {s.L, s.B * n});
+    const at::Tensor zv = z.view({s.L, s.B * n, s.M});
+    total.add_(k.forward(zv, eps, bl));
+    lse.narrow(2, r0, n).copy_(bl.view({s.L, s.B, n}));
+    if (grad_proxies) {
+      at::Tensor g = align::head(gbuf, {s.L, s.B, n, s.M});
+      at::Tensor gv = g.view({s.L, s.B * n, s.M});
+      k.backward(unit, zv, bl, eps, norm, gv);
+      align::accumulate_proxy_grads(feats, g, r0, n, grads);
+    }
+  }
+  for (auto& g : grads) g = g.to(dtype);
+  return {(total * norm).to(dtype), lse, grads};
+}
+
+// Returns (grad_feats, grad_proxies): lists of L (B, C_l, HW) / (B, M, C_l) tensors, each empty
+// when not asked for.
+inline std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> align_blocked_backward(
+    const AlignRowKernels& k, const at::Tensor& grad_loss, at::TensorList feats,
+    at::TensorList proxies, const at::Tensor& lse, const std::string& reduction, double eps,
+    int64_t block_rows, bool need_grad_feats, bool need_grad_proxies) {
+  double norm = 0;
+  const AlignShape4 s = check_align_blocked_args(feats, proxies, reduction, eps, block_rows, &norm);
+  TORCH_CHECK_VALUE(lse.dim() == 3 && lse.size(0) == s.L && lse.size(1) == s.B && lse.size(2) == s.HW,
+                    "lse must be (L, B, HW) = (", s.L, ", ", s.B, ", ", s.HW, "), got ", lse.sizes());
+  TORCH_CHECK_VALUE(grad_loss.numel() == 1, "grad_loss must be a scalar, got ", grad_loss.sizes());
+  const at::Tensor& f0 = feats[0];
+  const at::ScalarType dtype = f0.scalar_type(), acc_type = at::toOpMathType(dtype);
+  std::vector<at::Tensor> grad_feats, grad_proxies;
+  if (!need_grad_feats && !need_grad_proxies) return {grad_feats, grad_proxies};
+  for (int64_t l = 0; l < s.L; ++l) {
+    if (need_grad_feats) grad_feats.push_back(at::empty(feats[l].sizes(), feats[l].options()));
+    if (need_grad_proxies)
+      grad_proxies.push_back(at::zeros(proxies[l].sizes(), proxies[l].options().dtype(acc_type)));
+  }
+  const int64_t rows = align::rows_per_block(s.HW, block_rows);
+  const at::Tensor zbuf = at::empty({s.L * s.B * rows * s.M}, f0.options());
+  const at::Tensor gbuf = at::empty({s.L * s.B * rows * s.M}, f0.options());
+  const at::Tensor lbuf = at::empty({s.L * s.B * rows}, f0.options().dtype(acc_type));
+  const at::Tensor g_loss = grad_loss.reshape({}).to(f0.options());
+  const at::Tensor saved = lse.to(acc_type);
+  for (int64_t r0 = 0; r0 < s.HW; r0 += rows) {
+    const int64_t n = std::min(rows, s.HW - r0);
+    at::Tensor z = align::head(zbuf, {s.L, s.B, n, s.M});
+    align::block_logits(feats, proxies, r0, n, z);
+    at::Tensor bl = align::head(lbuf, {s.L, s.B, n});
+    bl.copy_(saved.narrow(2, r0, n));
+    at::Tensor g = align::head(gbuf, {s.L, s.B, n, s.M});
+    at::Tensor gv = g.view({s.L, s.B * n, s.M});
+    k.backward(g_loss, z.view({s.L, s.B * n, s.M}), bl.view({s.L, s.B * n}), eps, norm, gv);
+    if (need_grad_proxies) align::accumulate_proxy_grads(feats, g, r0, n, grad_proxies);
+    if (need_grad_feats)  // f_l[:, :, block] gradient = (g_l p_l)ᵀ
+      for (int64_t l = 0; l < s.L; ++l)
+        grad_feats[l].narrow(2, r0, n).copy_(
+            at::bmm(proxies[l].transpose(1, 2), g.select(0, l).transpose(1, 2)));
+  }
+  for (auto& g : grad_proxies) g = g.to(dtype);
+  return {grad_feats, grad_proxies};
+}
+
+}  // namespace busseg
