@@ -4,10 +4,13 @@
     peak_extra_mib(setup, stmt) -> MiB that `stmt` adds to the high-water mark after `setup`.
 
 The child resets the high-water mark after setup (writing 5 to /proc/self/clear_refs) where the
-kernel allows it, else subtracts the setup's own peak.
+kernel allows it, else subtracts the setup's own peak. Large blocks are mmap'ed and returned on
+free (MALLOC_MMAP_THRESHOLD_), so what a warm-up call freed is not silently reused and the
+reading does not depend on the allocator's history.
 """
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -43,7 +46,8 @@ def peak_extra_mib(setup: str, stmt: str, threads: int = 2, warm: bool = False) 
     ``warm`` runs the statement once before measuring (for code that compiles on first call)."""
     code = _CHILD.format(threads=threads, setup=textwrap.dedent(setup), stmt=textwrap.dedent(stmt),
                          stmt_warm=textwrap.dedent(stmt) if warm else "")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     if out.returncode != 0:
         raise RuntimeError(f"memory probe failed:\n{out.stderr[-3000:]}")
     return float(out.stdout.strip().splitlines()[-1])
