@@ -18,7 +18,7 @@ $(STAMP):
 	  if python3 -c 'import torch' 2>/dev/null; then python3 -m venv --system-site-packages $(VENV); \
 	  else python3 -m venv $(VENV); fi; fi
 	$(PY) -c 'import torch' 2>/dev/null || $(PIP) install -q torch==2.13.0
-	$(PIP) install -q triton numpy pytest pytest-benchmark ninja pybind11 setuptools wheel
+	$(PIP) install -q triton numpy pytest pytest-benchmark ninja pybind11 setuptools wheel pillow matplotlib tqdm
 	$(PIP) install -q --no-build-isolation --no-deps -e .
 	touch $(STAMP)
 
