@@ -1,0 +1,107 @@
+"""LA-Net (seed 003, Fan et al., MedIA 2023): feature extractor + lesion-aware network + attention
+classifier for joint lesion localisation and classification.
+
+Design choices (the paper leaves them open):
+- FEX: any backbone here; by default a ResNet without dilation (strides 4/8/16/32, "each residual
+  block down-samples the feature map by half"); ``replace_stride_with_dilation`` is passed through.
+- CBAM per level, applied in sequence channel → spatial gate (Woo et al.). Channel gate: avg- and
+  max-pooled descriptors through one shared MLP (reduction 16, at least 1 hidden unit), summed,
+  sigmoid. Spatial gate: [channel max, channel mean] through three 3×3 convs (2→8→8→1, BN-ReLU
+  between; the receptive field of CBAM's single 7×7), sigmoid.
+- Fusion: per level a 3×3 conv to one channel, bilinear resize (align_corners=True) to the deepest
+  map, concat (n channels), 3×3 conv + BN → ``mask_logits`` at the deepest grid; the sigmoid of it
+  is f_mask.
+- Attention classifier (MAM): f + f ⊗ f_mask on the deepest FEX map (not the CBAM output; the
+  paper feeds f_n of the FEX), global average pool, FC to the class count.
+Outputs: ``mask_logits`` (B, 1, H, W) at the input resolution (for BCE-with-logits / Dice),
+``mask`` = its sigmoid, ``cls`` (B, num_classes) logits, and on request ``feats``.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .deeplab import upsample
+from .resnet import conv_bn_relu, resnet
+from .unet import UNetEncoder
+
+
+class ChannelGate(nn.Module):
+    def __init__(self, channels: int, reduction: int = 16):
+        super().__init__()
+        hidden = max(channels // reduction, 1)
+        self.mlp = nn.Sequential(nn.Conv2d(channels, hidden, 1), nn.ReLU(inplace=True), nn.Conv2d(hidden, channels, 1))
+
+    def forward(self, x):
+        avg = x.mean(dim=(2, 3), keepdim=True)
+        mx = x.amax(dim=(2, 3), keepdim=True)
+        return x * torch.sigmoid(self.mlp(avg) + self.mlp(mx))
+
+
+class SpatialGate(nn.Module):
+    def __init__(self, hidden: int = 8):
+        super().__init__()
+        self.body = nn.Sequential(conv_bn_relu(2, hidden), conv_bn_relu(hidden, hidden), nn.Conv2d(hidden, 1, 3, padding=1))
+
+    def forward(self, x):
+        desc = torch.cat([x.amax(dim=1, keepdim=True), x.mean(dim=1, keepdim=True)], dim=1)
+        return x * torch.sigmoid(self.body(desc))
+
+
+class CBAM(nn.Module):
+    def __init__(self, channels: int, reduction: int = 16):
+        super().__init__()
+        self.channel = ChannelGate(channels, reduction)
+        self.spatial = SpatialGate()
+
+    def forward(self, x):
+        return self.spatial(self.channel(x))
+
+
+class LesionAwareNet(nn.Module):
+    """The LA-Net proper: CBAM per level + squeeze + fusion → mask logits at the deepest grid."""
+
+    def __init__(self, channels, reduction: int = 16):
+        super().__init__()
+        self.cbam = nn.ModuleList([CBAM(c, reduction) for c in channels])
+        self.squeeze = nn.ModuleList([nn.Conv2d(c, 1, 3, padding=1) for c in channels])
+        self.fuse = nn.Sequential(nn.Conv2d(len(channels), 1, 3, padding=1, bias=False), nn.BatchNorm2d(1))
+
+    def forward(self, feats):
+        size = feats[-1].shape[-2:]
+        merged = torch.cat([upsample(sq(cbam(f)), size) for f, cbam, sq in zip(feats, self.cbam, self.squeeze)], 1)
+        return self.fuse(merged)
+
+
+class LANet(nn.Module):
+    """Joint localisation + classification. ``backbone``: "resnet18/34/50/101" or "unet"."""
+
+    def __init__(self, num_classes: int = 2, backbone: str = "resnet50", in_channels: int = 3,
+                 pretrained: str | None = None, replace_stride_with_dilation=(False, False, False),
+                 reduction: int = 16, unet_base: int = 16):
+        super().__init__()
+        if backbone == "unet":
+            if pretrained is not None:
+                raise ValueError("pretrained: the U-Net backbone has no ImageNet weights")
+            self.backbone = UNetEncoder(in_channels, unet_base)
+            channels = self.backbone.channels
+        else:
+            self.backbone = resnet(backbone, in_channels=in_channels, pretrained=pretrained,
+                                   replace_stride_with_dilation=replace_stride_with_dilation)
+            channels = self.backbone.channels
+        self.lanet = LesionAwareNet(channels, reduction)
+        self.fc = nn.Linear(channels[-1], num_classes)
+
+    def forward(self, x, need_feats: bool = False) -> dict:
+        feats = self.backbone(x)
+        if isinstance(self.backbone, UNetEncoder):
+            feats = feats[1:]  # the four strided maps
+        mask_logits = self.lanet(feats)
+        f = feats[-1]
+        attended = f + f * torch.sigmoid(mask_logits)
+        logits_full = upsample(mask_logits, x.shape[-2:])
+        out = {"mask_logits": logits_full, "mask": torch.sigmoid(logits_full),
+               "cls": self.fc(attended.mean(dim=(2, 3)))}
+        if need_feats:
+            out["feats"] = feats
+        return out

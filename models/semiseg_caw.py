@@ -1,0 +1,113 @@
+"""SemiSeg-CAW (seed 004, Barzegar & Khan 2025): class-level guidance and adaptive loss weights.
+
+Design choices (the paper gives the stages, not the layers):
+- :class:`SegClassNet`: a segmentation network here (DeepLabv3+ or U-Net) plus an image-level
+  classifier (global average pool of the deepest stage map → FC), so segmentation and
+  classification share the encoder ("share a significant portion of their structure").
+- :class:`ClassElevateSeg` (stage 1): a SegClassNet trained with segmentation + classification
+  losses; its auxiliary map ``aux`` is the softmax foreground probability (1 − p(background)),
+  (B, 1, H, W) at the input resolution.
+- Guidance mode: **concatenation**. :class:`SemiSegCAW` feeds ``[image, aux]`` (in_channels + 1
+  channels) to the main SegClassNet. We chose it over multiplying the map into features because
+  it needs no change to the main network's internals, works for any backbone, and lets the main
+  network learn how much to trust the guide (a multiplicative gate zeros the features wherever the
+  auxiliary net misses a lesion). The auxiliary network is frozen (eval mode, no gradient) by
+  default, as in the paper's pre-trained stage 1; ``freeze_aux=False`` trains both jointly.
+- :class:`WeightGenerationModule` (stage 3): learned log-variances s_i (Kendall et al. 2018);
+  weights w_i = exp(−s_i) > 0 always, total = Σ_i w_i·L_i + s_i (the +s_i term keeps the weights
+  from collapsing to zero).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+
+from .deeplab import DeepLabV3Plus
+from .unet import UNet
+
+
+class SegClassNet(nn.Module):
+    """Segmentation network + GAP/FC classifier on the deepest stage map.
+    ``forward(x, **flags)`` → the segmentation dict plus ``cls`` (B, num_labels)."""
+
+    def __init__(self, num_classes: int = 2, num_labels: int = 2, arch: str = "deeplab",
+                 in_channels: int = 3, **kwargs):
+        super().__init__()
+        if arch == "deeplab":
+            self.seg = DeepLabV3Plus(num_classes, in_channels=in_channels, **kwargs)
+            deep = self.seg.backbone.channels[-1]
+        elif arch == "unet":
+            self.seg = UNet(num_classes, in_channels=in_channels, **kwargs)
+            deep = self.seg.encoder.channels[-1]
+        else:
+            raise ValueError(f"arch: expected 'deeplab' or 'unet', got {arch!r}")
+        self.fc = nn.Linear(deep, num_labels)
+
+    def forward(self, x, need_feats: bool = False, **flags) -> dict:
+        out = self.seg(x, need_feats=True, **flags)
+        out["cls"] = self.fc(out["feats"][-1].mean(dim=(2, 3)))
+        if not need_feats:
+            del out["feats"]
+        return out
+
+
+class ClassElevateSeg(SegClassNet):
+    """Stage-1 auxiliary network; adds ``aux`` = foreground probability (B, 1, H, W)."""
+
+    def forward(self, x, **flags) -> dict:
+        out = super().forward(x, **flags)
+        out["aux"] = 1 - torch.softmax(out["pred"], dim=1)[:, :1]
+        return out
+
+
+class SemiSegCAW(nn.Module):
+    """Main network guided by ClassElevateSeg (concatenated guide channel). ``forward(x)`` →
+    ``pred``, ``cls`` of the main network, ``aux`` (the guide used) and, when the auxiliary net is
+    trained jointly, ``aux_pred`` / ``aux_cls``."""
+
+    def __init__(self, num_classes: int = 2, num_labels: int = 2, arch: str = "deeplab",
+                 in_channels: int = 3, aux: ClassElevateSeg | None = None, freeze_aux: bool = True,
+                 **kwargs):
+        super().__init__()
+        self.aux = aux if aux is not None else ClassElevateSeg(num_classes, num_labels, arch, in_channels, **kwargs)
+        self.main = SegClassNet(num_classes, num_labels, arch, in_channels + 1, **kwargs)
+        self.freeze_aux = freeze_aux
+        if freeze_aux:
+            self.aux.requires_grad_(False)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.freeze_aux:
+            self.aux.eval()
+        return self
+
+    def forward(self, x, **flags) -> dict:
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_aux):
+            aux = self.aux(x)
+        out = self.main(torch.cat([x, aux["aux"]], dim=1), **flags)
+        out["aux"] = aux["aux"]
+        if not self.freeze_aux:
+            out["aux_pred"], out["aux_cls"] = aux["pred"], aux["cls"]
+        return out
+
+
+class WeightGenerationModule(nn.Module):
+    """Trainable, always-positive weights for ``num_losses`` task losses.
+    ``forward(losses)`` → (total, weights): total = Σ exp(−s_i)·L_i + s_i, weights = exp(−s)
+    (detached, for logging)."""
+
+    def __init__(self, num_losses: int, init_log_var: float = 0.0):
+        super().__init__()
+        if num_losses < 1:
+            raise ValueError(f"num_losses: expected ≥ 1, got {num_losses}")
+        self.log_vars = nn.Parameter(torch.full((num_losses,), float(init_log_var)))
+
+    def forward(self, losses: Sequence[torch.Tensor]):
+        if len(losses) != self.log_vars.numel():
+            raise ValueError(f"losses: expected {self.log_vars.numel()} task losses, got {len(losses)}")
+        stacked = torch.stack([torch.as_tensor(l, dtype=self.log_vars.dtype, device=self.log_vars.device).reshape(())
+                               for l in losses])
+        weights = torch.exp(-self.log_vars)
+        return (weights * stacked + self.log_vars).sum(), weights.detach()

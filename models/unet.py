@@ -1,0 +1,71 @@
+"""U-Net option (PH-Net reports both ResNet-50 DeepLabv3+ and U-Net), with the same outputs.
+
+Encoder: double 3×3 Conv-BN-ReLU at full resolution (``base`` channels) and four max-pool +
+double-conv stages (2, 4, 8, 16 × base channels at strides 2, 4, 8, 16) — the SSL4MIS U-Net used
+by PH-Net's comparison code, with base 16 there. Decoder: 1×1 conv, bilinear resize to the skip
+map (so any input size works, no cropping), concat, double conv; a 1×1 classifier at full
+resolution. ``feats`` are the four strided encoder maps (shallow → deep), ``proj`` is the
+relation head on the deepest one, ``rep`` the projector on the last decoder feature.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .deeplab import SegmentationHeads, upsample
+from .resnet import conv_bn_relu
+
+
+def double_conv(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(conv_bn_relu(cin, cout), conv_bn_relu(cout, cout))
+
+
+class UpBlock(nn.Module):
+    def __init__(self, cin: int, cskip: int, cout: int):
+        super().__init__()
+        self.reduce = nn.Conv2d(cin, cskip, 1)
+        self.conv = double_conv(2 * cskip, cout)
+
+    def forward(self, x, skip):
+        return self.conv(torch.cat([skip, upsample(self.reduce(x), skip.shape[-2:])], dim=1))
+
+
+class UNetEncoder(nn.Module):
+    """Returns the five encoder maps (strides 1, 2, 4, 8, 16); ``channels``/``strides`` describe
+    the four strided ones, the "stage maps"."""
+
+    def __init__(self, in_channels: int = 3, base: int = 16):
+        super().__init__()
+        ch = [base * 2 ** i for i in range(5)]
+        self.channels, self.strides = ch[1:], [2, 4, 8, 16]
+        self.inc = double_conv(in_channels, ch[0])
+        self.down = nn.ModuleList([double_conv(ch[i], ch[i + 1]) for i in range(4)])
+
+    def forward(self, x):
+        skips = [self.inc(x)]
+        for down in self.down:
+            skips.append(down(F.max_pool2d(skips[-1], 2, ceil_mode=True)))
+        return skips
+
+
+class UNet(nn.Module):
+    """``forward(x, need_rep=False, need_proj=False, need_feats=False)`` → dict like
+    :class:`DeepLabV3Plus` (``pred`` at the input resolution)."""
+
+    def __init__(self, num_classes: int = 2, in_channels: int = 3, base: int = 16,
+                 rep_dim: int = 256, proj_dim: int = 256):
+        super().__init__()
+        ch = [base * 2 ** i for i in range(5)]
+        self.encoder = UNetEncoder(in_channels, base)
+        self.up = nn.ModuleList([UpBlock(ch[i + 1], ch[i], ch[i]) for i in reversed(range(4))])
+        self.classifier = nn.Conv2d(ch[0], num_classes, 1)
+        self.heads = SegmentationHeads(ch[0], ch[4], rep_dim, proj_dim)
+
+    def forward(self, x, need_rep: bool = False, need_proj: bool = False, need_feats: bool = False) -> dict:
+        skips = self.encoder(x)
+        y = skips[-1]
+        for up, skip in zip(self.up, reversed(skips[:-1])):
+            y = up(y, skip)
+        return self.heads.outputs(self.classifier(y), x.shape[-2:], y, skips[1:], need_rep, need_proj,
+                                  need_feats)
