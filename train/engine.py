@@ -23,7 +23,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from . import checkpoint, data, methods, metrics, nets, visualize
+from .. import models
+from . import checkpoint, data, methods, metrics, visualize
 
 
 @dataclass
@@ -48,8 +49,11 @@ class TrainConfig:
     poly_power: float = 0.9
     ema: float = 0.999
     seed: int = 0
-    width: int = 16
-    depth: int = 1
+    model: str = "unet"              # unet | deeplab (DeepLabv3+); lanet/semiseg_caw use their own
+    backbone: str = "resnet18"       # deeplab / lanet backbone (resnet18/34/50/101, lanet: or unet)
+    unet_base: int = 16              # U-Net width (the SSL4MIS U-Net uses 16)
+    proj_dim: int = 64               # RA-BUSSeg relation projection channels
+    rep_dim: int = 64                # PH-Net projector channels
     num_workers: int = 0
     out: str = "runs/train"
     device: str = "cpu"
@@ -84,7 +88,22 @@ class TrainConfig:
 
 
 def build_model(cfg: TrainConfig) -> torch.nn.Module:
-    return nets.SegNet(in_channels=1, num_classes=2, width=cfg.width, depth=cfg.depth)
+    """The network from busseg_ops.models for the method (grayscale input, 2 classes)."""
+    if cfg.method == "lanet":
+        return models.LANet(2, backbone=cfg.backbone, in_channels=1, unet_base=cfg.unet_base)
+    if cfg.model == "unet":
+        return models.UNet(2, in_channels=1, base=cfg.unet_base, rep_dim=cfg.rep_dim, proj_dim=cfg.proj_dim)
+    if cfg.model == "deeplab":
+        return models.DeepLabV3Plus(2, backbone=cfg.backbone, in_channels=1, rep_dim=cfg.rep_dim,
+                                    proj_dim=cfg.proj_dim)
+    raise ValueError(f"model must be unet or deeplab, got {cfg.model!r}")
+
+
+def foreground(out: dict) -> torch.Tensor:
+    """Binary lesion mask (B, H, W) from a network's output dict (softmax or sigmoid head)."""
+    if "pred" in out:
+        return out["pred"].argmax(1)
+    return (out["mask_logits"][:, 0] > 0).long()
 
 
 def _dist() -> tuple[int, int]:
@@ -111,7 +130,8 @@ class Trainer:
             p.requires_grad_(False)
         if self.world > 1:
             student = torch.nn.SyncBatchNorm.convert_sync_batchnorm(student)
-            student = torch.nn.parallel.DistributedDataParallel(student)
+            # Heads a step does not use (e.g. the projector for suponly) get no gradient.
+            student = torch.nn.parallel.DistributedDataParallel(student, find_unused_parameters=True)
         self.student = student
         self.opt = torch.optim.SGD(self.student.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                    weight_decay=cfg.weight_decay)
@@ -354,10 +374,7 @@ class Trainer:
 @torch.no_grad()
 def predict_masks(model, images: torch.Tensor) -> torch.Tensor:
     """(B, 1, S, S) images → (B, S, S) binary masks."""
-    model.eval()
-    logits = model(images)["pred"]
-    logits = F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=True)
-    return logits.argmax(1)
+    return foreground(model.eval()(images))
 
 
 @torch.no_grad()
@@ -369,7 +386,7 @@ def evaluate(model, items, size, device, overlay_dir=None, overlays=8, batch=8) 
         samples = [ds[i] for i in range(start, min(len(ds), start + batch))]
         x = torch.stack([s["image"] for s in samples]).to(device)
         out = model.eval()(x)
-        pred = F.interpolate(out["pred"], size=x.shape[-2:], mode="bilinear", align_corners=True).argmax(1).cpu()
+        pred = foreground(out).cpu()
         if "cls" in out:
             probs.append(torch.softmax(out["cls"], 1).cpu())
             classes += [s["cls"] for s in samples]

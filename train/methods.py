@@ -20,20 +20,10 @@ import torch.nn.functional as F
 
 import busseg_ops
 
+from .. import models
 from . import augment
 
 IGNORE = augment.IGNORE
-
-
-def up(logits: torch.Tensor, size) -> torch.Tensor:
-    """Bilinear resize with align_corners=True (the upstream convention for logits and maps)."""
-    if tuple(logits.shape[-2:]) == tuple(size):
-        return logits
-    return F.interpolate(logits, size=size, mode="bilinear", align_corners=True)
-
-
-def down_labels(target: torch.Tensor, size) -> torch.Tensor:
-    return F.interpolate(target[:, None].float(), size=size, mode="nearest")[:, 0].long()
 
 
 def ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -67,8 +57,7 @@ class Method:
 
     def __call__(self, student, teacher, lab: dict, unl: dict | None, ctx: dict):
         x, y = lab["image"], lab["mask"]
-        out = student(x)
-        loss_s = ce(up(out["pred"], x.shape[-2:]), y)
+        loss_s = ce(student(x)["pred"], y)
         return loss_s, {"loss_s": loss_s.detach()}
 
     def state_dict(self) -> dict:
@@ -88,6 +77,14 @@ class RABUSSeg(Method):
     name = "rabusseg"
     uses_unlabeled = True
 
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        if cfg.cra and not hasattr(busseg_ops, "greedy_proxy_sampling"):
+            raise RuntimeError("rabusseg with CRA needs busseg_ops.greedy_proxy_sampling and the other "
+                               "CRA ops (issue 3), which this build lacks; pass --no-cra for ARP only")
+        self.arp = models.AdjacentRelationPropagation(kernel_size=cfg.arp_kernel)
+        self.cra = models.CrossLayerRelationAlignment(cfg.num_proxies, cfg.cra_scales, cfg.cra_strategy)
+
     def __call__(self, student, teacher, lab, unl, ctx):
         c = self.cfg
         xl, yl = lab["image"], lab["mask"]
@@ -99,13 +96,13 @@ class RABUSSeg(Method):
         else:
             xu, valid = unl["image"], unl["mask"] != IGNORE
             with torch.no_grad():
-                prob = torch.softmax(up(teacher(xu)["pred"], size), 1)
+                prob = torch.softmax(teacher(xu)["pred"], 1)
                 pl = prob.argmax(1).masked_fill(~valid, IGNORE)
             box = augment.cutmix_box(len(xu), *size, p=c.cutmix_p)
             xu, pl_u, prob_u = augment.mix(box, xu, pl, prob)
             x, targets, nl = torch.cat([xl, xu]), torch.cat([yl, pl_u]), len(xl)
-        out = student(x)
-        pred = up(out["pred"], size)
+        out = student(x, need_proj=c.arp or c.cra, need_feats=c.cra)
+        pred = out["pred"]
         loss_s = ce(pred[:nl], yl)
         loss = loss_s
         logs["loss_s"] = loss_s.detach()
@@ -113,63 +110,31 @@ class RABUSSeg(Method):
             loss_u = entropy_filtered_ce(pred[nl:], pl_u, prob_u, c.drop_percent)
             loss = loss + c.lambda_u * loss_u
             logs["loss_u"] = loss_u.detach()
-        if c.arp:
-            loss_arp = self.arp_loss(out, targets, size)
+        if c.arp:  # L_ARP = CE(upsample(ARP(proj, logits↓ detached)), GT / pseudo-label)
+            loss_arp = self.arp.loss(out["proj"], pred, targets)
             loss = loss + c.lambda_arp * loss_arp
             logs["loss_arp"] = loss_arp.detach()
-        if c.cra:
-            loss_cra = self.cra_loss(out, targets)
+        if c.cra:  # first proxy on the (pseudo-)lesion; L_CRA over the deepest cra_scales maps
+            loss_cra = self.cra(out["feats"], out["proj"], label=targets)
             loss = loss + c.lambda_cra * loss_cra
             logs["loss_cra"] = loss_cra.detach()
         return loss, logs
 
-    def arp_loss(self, out: dict, targets: torch.Tensor, size) -> torch.Tensor:
-        """L_ARP = CE(upsample(ARP(proj(deepest), logits↓ detached)), target) (SPEC §1)."""
-        feat = out["arp"]
-        value = up(out["pred"].detach(), feat.shape[-2:])
-        prop = busseg_ops.adjacent_relation_propagation(feat, value, kernel_size=self.cfg.arp_kernel)
-        return ce(up(prop, size), targets)
-
-    def cra_loss(self, out: dict, targets: torch.Tensor) -> torch.Tensor:
-        """L_CRA over the `cra_scales` deepest encoder maps (SPEC §2): proxies chosen on the deepest
-        map, mapped to each layer's own grid and gathered there (they keep their gradient); the maps
-        resized to the deep grid and detached."""
-        c = self.cfg
-        feats = out["feats"][-c.cra_scales:]
-        deep = feats[-1]
-        hw = tuple(deep.shape[-2:])
-        if c.cra_strategy == "global":  # Table 4 row 2: every pixel a proxy
-            proxies = [up(f, hw).flatten(2).transpose(1, 2) for f in feats]
-        else:
-            label = (down_labels(targets, hw) == 1).long()
-            idx = self.proxies(deep.detach(), label)
-            proxies = []
-            for f in feats:
-                fi = busseg_ops.map_proxy_indices(idx, hw, tuple(f.shape[-2:]))
-                proxies.append(busseg_ops.gather_proxies(f, fi))
-        resized = [up(f, hw).detach() for f in feats]
-        return busseg_ops.cross_layer_alignment_loss(resized, proxies)
-
-    def proxies(self, deep: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
-        c = self.cfg
-        m = min(c.num_proxies, deep.shape[-2] * deep.shape[-1])
-        if c.cra_strategy == "greedy":
-            return busseg_ops.greedy_proxy_sampling(deep, m, label=label)
-        if c.cra_strategy == "random":
-            n = deep.shape[-2] * deep.shape[-1]
-            return torch.stack([torch.randperm(n)[:m] for _ in range(len(deep))]).to(deep.device)
-        fn = getattr(busseg_ops, f"{c.cra_strategy}_proxy_sampling", None)
-        if fn is None:
-            raise ValueError(f"cra_strategy {c.cra_strategy!r}: busseg_ops has no "
-                             f"{c.cra_strategy}_proxy_sampling; use greedy, random or global")
-        return fn(deep, m)
-
 
 # ----------------------------------------------------------------------------------------------
 
+def bce(mask_logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Binary CE of a (B, 1, H, W) mask head against 0/1 targets, ignoring 255."""
+    valid = target != IGNORE
+    if not valid.any():
+        return mask_logits.sum() * 0.0
+    return F.binary_cross_entropy_with_logits(mask_logits[:, 0][valid], target[valid].float())
+
+
 class LANet(Method):
-    """Two-stage sequential training (LA-Net, MedIA 2023, Eq. 6–7). Needs image class labels
-    (`cls` ≥ 0) on the unlabelled images: they are the class-only images."""
+    """Two-stage sequential training (LA-Net, MedIA 2023, Eq. 6–7) of the LANet model (sigmoid
+    lesion mask + classifier). The unlabelled images are its class-only images: they need class
+    labels (`cls` ≥ 0; BUSI and the synthetic set have them)."""
 
     name = "lanet"
     uses_unlabeled = True
@@ -177,28 +142,25 @@ class LANet(Method):
     def __call__(self, student, teacher, lab, unl, ctx):
         c = self.cfg
         xl, yl = lab["image"], lab["mask"]
-        size = xl.shape[-2:]
         if unl is None or ctx["epoch"] < c.stage1_epochs:  # stage 1: L_floc on location labels
-            out = student(xl)
-            loss = ce(up(out["pred"], size), yl)
+            loss = bce(student(xl)["mask_logits"], yl)
             return loss, {"loss_floc": loss.detach()}
-        xu = unl["image"]
+        xu, nl = unl["image"], len(xl)
         out = student(torch.cat([xl, xu]))
-        nl = len(xl)
-        pred = up(out["pred"], size)
-        cls_t = torch.cat([lab["cls"], unl["cls"]]).to(pred.device)
+        logits = out["mask_logits"]
+        cls_t = torch.cat([torch.as_tensor(lab["cls"]), torch.as_tensor(unl["cls"])]).to(logits.device)
         known = cls_t >= 0
-        loss_cls = F.cross_entropy(out["cls"][known], cls_t[known]) if known.any() else pred.sum() * 0
-        loss_w = ce(pred[:nl], yl)
-        with torch.no_grad():  # pseudo location labels, gated by class confidence > τ
-            p_pix = torch.softmax(pred[nl:], 1)[:, 1]
-            p_cls = torch.softmax(out["cls"][nl:], 1).max(1).values
-            pseudo = (p_pix > 0.5).long()
-            pseudo[~(p_cls > c.tau)] = IGNORE
+        loss_cls = F.cross_entropy(out["cls"][known], cls_t[known]) if known.any() else logits.sum() * 0
+        loss_w = bce(logits[:nl], yl)
+        with torch.no_grad():  # pseudo location labels binarize(P_pixel > 0.5), only where P_cls > τ
+            pseudo = (logits[nl:, 0] > 0).long()
+            confident = torch.softmax(out["cls"][nl:], 1).max(1).values > c.tau
+            pseudo[~confident] = IGNORE
             pseudo[unl["mask"] == IGNORE] = IGNORE
-        loss_wo = ce(pred[nl:], pseudo)
+        loss_wo = bce(logits[nl:], pseudo)
         loss = c.lam * loss_cls + (1 - c.lam) * (loss_w + c.alpha * loss_wo)
-        return loss, {"loss_cls": loss_cls.detach(), "loss_sloc_w": loss_w.detach(), "loss_sloc_wo": loss_wo.detach()}
+        return loss, {"loss_cls": loss_cls.detach(), "loss_sloc_w": loss_w.detach(),
+                      "loss_sloc_wo": loss_wo.detach()}
 
 
 METHODS = {m.name: m for m in (SupOnly, RABUSSeg, LANet)}
