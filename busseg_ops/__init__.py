@@ -14,9 +14,13 @@ except ImportError as err:  # pragma: no cover - exercised only on an unbuilt ch
 
 from .backends import _HAS_TRITON, BACKENDS, available_backends, use_backend
 from .arp import adjacent_relation_propagation
+from .cra import (cross_layer_alignment_loss, gather_proxies, greedy_proxy_sampling,
+                  map_proxy_indices, sample_proxies)
 
 if _HAS_TRITON:
     from . import triton as _triton_ops  # noqa: F401  (registers the busseg::*_triton ops)
 
-__all__ = ["BACKENDS", "available_backends", "use_backend", "adjacent_relation_propagation"]
+__all__ = ["BACKENDS", "available_backends", "use_backend", "adjacent_relation_propagation",
+           "greedy_proxy_sampling", "sample_proxies", "map_proxy_indices", "gather_proxies",
+           "cross_layer_alignment_loss"]
 __version__ = "0.1.0"

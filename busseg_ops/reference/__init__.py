@@ -1,5 +1,6 @@
 """Plain-PyTorch implementations of every op: the executable form of SPEC.md, the oracle for the
 tests and the fallback backend on any device."""
 from .arp import adjacent_relation_propagation
+from .cra import cross_layer_alignment_loss, greedy_proxy_sampling
 
-__all__ = ["adjacent_relation_propagation"]
+__all__ = ["adjacent_relation_propagation", "cross_layer_alignment_loss", "greedy_proxy_sampling"]

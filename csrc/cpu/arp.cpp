@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "arp_checks.h"
+#include "cpu/common.h"
 
 namespace busseg {
 namespace {
@@ -36,26 +37,6 @@ struct ArpGeometry {
     return true;
   }
 };
-
-template <typename acc_t, typename scalar_t>
-inline acc_t dot(const scalar_t* a, const scalar_t* b, int64_t n) {
-  acc_t s = 0;
-#pragma omp simd reduction(+ : s)
-  for (int64_t c = 0; c < n; ++c) s += acc_t(a[c]) * acc_t(b[c]);
-  return s;
-}
-
-// OpenMP over pixels in one contiguous chunk per thread (honouring torch.set_num_threads), so
-// each thread allocates its scratch once: body(begin, end).
-template <typename F>
-inline void parallel_pixels(int64_t n, const F& body) {
-#pragma omp parallel num_threads(at::get_num_threads())
-  {
-    const int64_t threads = omp_get_num_threads(), chunk = (n + threads - 1) / threads;
-    const int64_t begin = omp_get_thread_num() * chunk, end = std::min(n, begin + chunk);
-    if (begin < end) body(begin, end);
-  }
-}
 
 template <typename scalar_t>
 void arp_forward_kernel(const ArpGeometry& g, const scalar_t* feat, const scalar_t* value,

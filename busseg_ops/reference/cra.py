@@ -1,0 +1,131 @@
+"""Cross-layer relation alignment (SPEC §2) in plain PyTorch: the executable form of the spec.
+
+Greedy sampling keeps the two running arrays of §2.1 for the whole batch and computes one
+similarity row per step (never the (B, HW, HW) map). The loss is written the upstream way:
+softmax per layer, then ``KLDivLoss(log(P_l + eps), P_{l+1})`` per adjacent pair.
+"""
+import torch
+
+
+def first_proxy_index(label, batch, hw, generator, device):
+    """First proxy per image: a uniform foreground pixel of ``label`` (B, H, W) where it has one,
+    else a uniform pixel. One uniform draw per image from ``generator``. (B,) int64."""
+    gen_device = generator.device if generator is not None else device
+    u = torch.rand(batch, generator=generator, device=gen_device, dtype=torch.float64).to(device)
+    uniform = (u * hw).long().clamp_(max=hw - 1)
+    if label is None:
+        return uniform
+    fg = label.reshape(batch, hw) > 0
+    count = fg.sum(1)
+    k = (u * count).long().clamp_(max=(count - 1).clamp(min=0))
+    kth_fg = (fg.cumsum(1) > k[:, None]).long().argmax(1)  # first pixel with k+1 foreground up to it
+    return torch.where(count > 0, kth_fg, uniform)
+
+
+def _next_proxy(score, chosen):
+    """Smallest score among unchosen pixels (NaN counts as +inf), ties to the smallest index."""
+    key = torch.where(score.isnan(), float("inf"), score)
+    best = torch.where(chosen, float("inf"), key).amin(1, keepdim=True)
+    return (~chosen & (key == best)).long().argmax(1)  # argmax of a 0/1 row: its first 1
+
+
+def greedy_proxy_sampling(feat, first, num_proxies, scale):
+    """(B, M) int64 proxies per SPEC §2.1, starting from ``first`` (B,)."""
+    B, C, H, W = feat.shape
+    acc = torch.float64 if feat.dtype == torch.float64 else torch.float32
+    f = feat.reshape(B, C, H * W).to(acc)
+    batch = torch.arange(B, device=feat.device)
+    cumulative = torch.zeros(B, H * W, dtype=acc, device=feat.device)  # c_t(j)
+    score = torch.full_like(cumulative, float("-inf"))                  # max over t of c_t(j)
+    chosen = torch.zeros(B, H * W, dtype=torch.bool, device=feat.device)
+    idx = torch.empty(B, num_proxies, dtype=torch.long, device=feat.device)
+    s = first.to(device=feat.device, dtype=torch.long)
+    for m in range(num_proxies):
+        idx[:, m] = s
+        chosen[batch, s] = True
+        if m + 1 < num_proxies:
+            cumulative += scale * torch.einsum("bc,bcj->bj", f[batch, :, s], f)  # row S(s_m, ·)
+            score = torch.maximum(score, cumulative)
+            s = _next_proxy(score, chosen)
+    return idx
+
+
+def random_proxies(batch, hw, num_proxies, generator, device):
+    """Uniform without replacement: the first M of a random permutation per image."""
+    gen_device = generator.device if generator is not None else device
+    keys = torch.rand(batch, hw, generator=generator, device=gen_device)
+    return keys.argsort(1)[:, :num_proxies].to(device)
+
+
+def _nearest_distinct(feat_flat, centres, allowed=None):
+    """For each centre (B, M, C) the nearest pixel of feat_flat (B, C, HW) not taken by an earlier
+    centre (and inside ``allowed`` (B, M, HW) when given). (B, M) int64."""
+    B, M, _ = centres.shape
+    dist = torch.cdist(centres, feat_flat.transpose(1, 2))  # (B, M, HW)
+    if allowed is not None:
+        dist = dist.masked_fill(~allowed, float("inf"))
+    dist = torch.where(dist.isnan(), float("inf"), dist)
+    taken = torch.zeros(B, feat_flat.shape[2], dtype=torch.bool, device=feat_flat.device)
+    batch = torch.arange(B, device=feat_flat.device)
+    out = []
+    for m in range(M):
+        j = dist[:, m].masked_fill(taken, float("inf")).argmin(1)
+        taken[batch, j] = True
+        out.append(j)
+    return torch.stack(out, 1)
+
+
+def kmeans_proxies(feat, num_proxies, iterations, generator):
+    """Lloyd's k-means on the pixel features (centres start at M random pixels); the proxies are
+    the pixels nearest to the final centres, kept distinct (nearest not yet taken)."""
+    B, C, H, W = feat.shape
+    f = feat.reshape(B, C, H * W)
+    start = random_proxies(B, H * W, num_proxies, generator, feat.device)
+    centres = f.gather(2, start[:, None].expand(B, C, num_proxies)).transpose(1, 2)  # (B, M, C)
+    for _ in range(iterations):
+        assign = torch.cdist(f.transpose(1, 2), centres).argmin(2)  # (B, HW)
+        one_hot = torch.nn.functional.one_hot(assign, num_proxies).to(f.dtype)  # (B, HW, M)
+        count = one_hot.sum(1)[:, :, None]
+        mean = torch.bmm(one_hot.transpose(1, 2), f.transpose(1, 2)) / count.clamp(min=1)
+        centres = torch.where(count > 0, mean, centres)  # an empty cluster keeps its centre
+    return _nearest_distinct(f, centres)
+
+
+def patch_grid(num_proxies, H, W):
+    """(rows, cols) with rows*cols = M, rows <= H, cols <= W, closest to the image's aspect."""
+    best = None
+    for rows in range(1, num_proxies + 1):
+        if num_proxies % rows or rows > H or num_proxies // rows > W:
+            continue
+        cols = num_proxies // rows
+        err = abs(rows / cols - H / W)
+        if best is None or err < best[0]:
+            best = (err, rows, cols)
+    if best is None:
+        raise ValueError(f"num_proxies={num_proxies} cannot be laid out as a grid of patches on a "
+                         f"{H}x{W} map (strategy='patch' needs rows*cols = num_proxies, rows <= H, "
+                         f"cols <= W)")
+    return best[1], best[2]
+
+
+def patch_proxies(feat, num_proxies):
+    """One proxy per patch of a rows x cols grid (M = rows*cols, patch edges at floor(k*H/rows)):
+    the pixel of the patch nearest to the patch's mean feature."""
+    B, C, H, W = feat.shape
+    rows, cols = patch_grid(num_proxies, H, W)
+    ys = torch.arange(H, device=feat.device) * rows // H  # patch row of each pixel row
+    xs = torch.arange(W, device=feat.device) * cols // W
+    patch = (ys[:, None] * cols + xs[None, :]).reshape(-1)  # (HW,) patch id of each pixel
+    member = torch.nn.functional.one_hot(patch, num_proxies).T.bool()  # (M, HW)
+    f = feat.reshape(B, C, H * W)
+    mean = torch.einsum("bcj,mj->bmc", f, member.to(f.dtype)) / member.sum(1)[None, :, None]
+    return _nearest_distinct(f, mean, member[None].expand(B, -1, -1))
+
+
+def cross_layer_alignment_loss(feats, proxies, reduction, eps):
+    """SPEC §2.2 the upstream way: P_l = softmax of pixel-to-proxy logits, then
+    KLDivLoss(log(P_l + eps), P_{l+1}) averaged over the L-1 adjacent pairs."""
+    kl = torch.nn.KLDivLoss(reduction=reduction)
+    probs = [torch.einsum("bchw,bmc->bhwm", f, p).softmax(-1) for f, p in zip(feats, proxies)]
+    pairs = [kl(torch.log(probs[l] + eps), probs[l + 1]) for l in range(len(probs) - 1)]
+    return sum(pairs) / len(pairs)
