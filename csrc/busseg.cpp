@@ -17,4 +17,20 @@ TORCH_LIBRARY(busseg, m) {
   m.def("cra_align_forward(Tensor logits, str reduction, float eps) -> (Tensor loss, Tensor lse)");
   m.def("cra_align_backward(Tensor grad_loss, Tensor logits, Tensor lse, str reduction, float eps) "
         "-> Tensor");
+  // ---- PH-Net ops (SPEC §3, §4, §6; issue 4) ----
+  // §3 patch-entropy hardness: x (B, K, H, W) -> (B, H/patch_h, W/patch_w).
+  m.def("patch_entropy_hardness_forward(Tensor x, int patch_h, int patch_w, bool from_logits, "
+        "float eps) -> Tensor");
+  m.def("patch_entropy_hardness_backward(Tensor grad, Tensor x, int patch_h, int patch_w, "
+        "bool from_logits, float eps) -> Tensor");
+  // §4 cutmix gather: every tensor (B, ..., H, W) takes image (b+1) mod B where patch_mask is False.
+  m.def("patch_cutmix(Tensor[] tensors, Tensor patch_mask) -> Tensor[]");
+  // §6 streaming contrastive loss; lse (N,) is what backward needs besides the inputs.
+  m.def("memory_contrastive_forward(Tensor anchors, Tensor anchor_labels, Tensor negatives, "
+        "Tensor negative_labels, Tensor positives, Tensor has_positive, float temperature) "
+        "-> (Tensor loss, Tensor lse)");
+  m.def("memory_contrastive_backward(Tensor grad_loss, Tensor anchors, Tensor anchor_labels, "
+        "Tensor negatives, Tensor negative_labels, Tensor positives, Tensor has_positive, "
+        "Tensor lse, float temperature, bool need_grad_negatives) "
+        "-> (Tensor grad_anchors, Tensor grad_negatives)");
 }
