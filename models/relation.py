@@ -66,8 +66,8 @@ class CrossLayerRelationAlignment(nn.Module):
         if label is not None:
             label = F.interpolate(label[:, None].float(), size=proj.shape[-2:], mode="nearest")[:, 0].long()
             label = label.masked_fill(label == self.ignore_index, 0)
-        return busseg_ops.greedy_proxy_sampling(proj.detach(), self.num_proxies, first=first, label=label,
-                                                generator=generator, strategy=self.strategy)
+        return busseg_ops.sample_proxies(proj.detach(), self.num_proxies, strategy=self.strategy,
+                                         first=first, label=label, generator=generator)
 
     def forward(self, feats, proj, label=None, first=None, generator=None) -> torch.Tensor:
         if len(feats) < self.scales:

@@ -71,6 +71,17 @@ class TrainConfig:
     num_proxies: int = 64
     drop_percent: float = 20.0
     cutmix_p: float = 1.0
+    # phnet
+    apa: bool = True                 # adaptive patch cutmix (off: plain box cutmix)
+    shield: bool = True              # dynamic shielding of the hardest patches within APA
+    hpc: bool = True                 # hard-patch contrastive loss
+    mb: bool = True                  # memory-bank positives (off: batch class means)
+    num_patches: int = 4             # N×N patch grid
+    beta: float = 0.3
+    gamma: float = 0.9
+    lambda_c: float = 1.0
+    temperature: float = 0.5
+    bank_size: int = 4096
     # lanet
     stage1_epochs: int = 1
     tau: float = 0.8

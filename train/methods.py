@@ -33,19 +33,6 @@ def ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits, target, ignore_index=IGNORE)
 
 
-def entropy_filtered_ce(logits: torch.Tensor, target: torch.Tensor, prob: torch.Tensor,
-                        drop_percent: float) -> torch.Tensor:
-    """CE over the pixels whose teacher entropy is below the (100 − drop_percent)-th percentile of
-    the valid pixels (RA-BUSSeg / U2PL: the most uncertain pixels are not trusted)."""
-    target = target.clone()
-    valid = target != IGNORE
-    if drop_percent > 0 and valid.any():
-        ent = -(prob * torch.log(prob + 1e-10)).sum(1)
-        thresh = torch.quantile(ent[valid].float(), 1 - drop_percent / 100.0)
-        target[valid & (ent > thresh)] = IGNORE
-    return ce(logits, target)
-
-
 class Method:
     """Base: the supervised-only step. Subclasses add the unlabelled terms."""
 
@@ -107,7 +94,7 @@ class RABUSSeg(Method):
         loss = loss_s
         logs["loss_s"] = loss_s.detach()
         if prob_u is not None:
-            loss_u = entropy_filtered_ce(pred[nl:], pl_u, prob_u, c.drop_percent)
+            loss_u = busseg_ops.entropy_filtered_cross_entropy(pred[nl:], pl_u, prob_u, c.drop_percent)
             loss = loss + c.lambda_u * loss_u
             logs["loss_u"] = loss_u.detach()
         if c.arp:  # L_ARP = CE(upsample(ARP(proj, logits↓ detached)), GT / pseudo-label)
@@ -122,6 +109,74 @@ class RABUSSeg(Method):
 
 
 # ----------------------------------------------------------------------------------------------
+
+class PHNet(Method):
+    """PH-Net (CVPR 2024). APA: the teacher's patch-entropy hardness shields the k = ⌊β·t/T·N²⌋
+    hardest patches from the cutmix (off: plain box cutmix). L_u: CE counted where the teacher's
+    confidence on the mixed image is ≥ γ. HPC: InfoNCE of reliable hard-patch projector features
+    against their class centre (MB: from the memory bank; off: the batch's own class means)."""
+
+    name = "phnet"
+    uses_unlabeled = True
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.bank = busseg_ops.ClassMemoryBank(2, cfg.rep_dim, cfg.bank_size)
+
+    def __call__(self, student, teacher, lab, unl, ctx):
+        c = self.cfg
+        xl, yl = lab["image"], lab["mask"]
+        if unl is None or ctx.get("warmup", False):
+            return super().__call__(student, teacher, lab, unl, ctx)
+        xu, valid = unl["image"], unl["mask"] != IGNORE
+        n = c.num_patches
+        with torch.no_grad():
+            prob = torch.softmax(teacher(xu)["pred"], 1)
+            pl = prob.argmax(1).masked_fill(~valid, IGNORE)
+            hardness = busseg_ops.patch_entropy_hardness(prob, num_patches=n)
+        k = busseg_ops.shield_count(c.beta, min(1.0, ctx["progress"]), n * n)
+        if c.apa:
+            (xm, plm), _ = busseg_ops.adaptive_patch_cutmix([xu, pl], hardness, k if c.shield else 0)
+        else:
+            xm, plm = augment.mix(augment.cutmix_box(len(xu), *xu.shape[-2:], p=c.cutmix_p), xu, pl)
+        with torch.no_grad():
+            tprob = torch.softmax(teacher(xm)["pred"], 1)
+        nl = len(xl)
+        out = student(torch.cat([xl, xm]), need_rep=c.hpc)
+        pred = out["pred"]
+        loss_s = ce(pred[:nl], yl)
+        loss_u = busseg_ops.confidence_masked_cross_entropy(pred[nl:], plm, tprob, c.gamma)
+        loss = loss_s + c.lambda_u * loss_u
+        logs = {"loss_s": loss_s.detach(), "loss_u": loss_u.detach()}
+        if c.hpc:
+            loss_c = self.contrastive(out["rep"][nl:], plm, tprob)
+            loss = loss + c.lambda_c * loss_c
+            logs["loss_c"] = loss_c.detach()
+        return loss, logs
+
+    def contrastive(self, rep, plm, tprob):
+        c = self.cfg
+        hard_m = busseg_ops.patch_entropy_hardness(tprob, num_patches=c.num_patches)
+        k = max(1, busseg_ops.shield_count(c.beta, 1.0, c.num_patches ** 2))  # anchors: the hardest patches
+        sel = busseg_ops.reliable_hard_pixels(plm, tprob.argmax(1), hard_m, k, rep.shape[-2:])
+        keep = sel.mask & (sel.labels != IGNORE)
+        anchors = rep.permute(0, 2, 3, 1)[keep]
+        labels = sel.labels[keep]
+        if c.mb:
+            positives = self.bank.means()
+            self.bank.push(anchors.detach(), labels)  # after use: this batch is not its own positive
+        else:
+            positives = [anchors[labels == j].detach().mean(0) if (labels == j).any() else None for j in range(2)]
+        return busseg_ops.memory_contrastive_loss(anchors, labels, anchors.detach(), labels, positives,
+                                                  c.temperature)
+
+    def state_dict(self) -> dict:
+        return {"bank": self.bank.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "bank" in state:
+            self.bank.load_state_dict(state["bank"])
+
 
 def bce(mask_logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Binary CE of a (B, 1, H, W) mask head against 0/1 targets, ignoring 255."""
@@ -163,7 +218,7 @@ class LANet(Method):
                       "loss_sloc_wo": loss_wo.detach()}
 
 
-METHODS = {m.name: m for m in (SupOnly, RABUSSeg, LANet)}
+METHODS = {m.name: m for m in (SupOnly, RABUSSeg, PHNet, LANet)}
 
 
 def build(cfg) -> Method:
