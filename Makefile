@@ -45,14 +45,21 @@ cmake-check: $(STAMP)
 	cmake --build build/cmake
 
 test: build cuda-check cmake-check
+	$(PY) -m pytest tests -q -m "not slow"
+
+# Everything, the slow tests included (e.g. the BUSI training integration test).
+test-all: build cuda-check cmake-check
 	$(PY) -m pytest tests -q
 
 bench: build
 	$(PY) -m pytest benchmarks -q --benchmark-columns=min,median,mean,rounds --benchmark-sort=name
 	$(PY) benchmarks/memory.py
 
+# Trains suponly and rabusseg on the synthetic default (a few minutes on a CPU), prints both test
+# Dice, writes overlays and curve plots under runs/demo/. Nothing is downloaded.
 demo: build
 	$(PY) examples/arp_demo.py
+	$(PY) examples/train_demo.py
 
 clean:
 	rm -rf build busseg_ops/*.so busseg_ops/.built *.egg-info

@@ -140,7 +140,8 @@ class Trainer:
         for p in self.teacher.parameters():
             p.requires_grad_(False)
         if self.world > 1:
-            student = torch.nn.SyncBatchNorm.convert_sync_batchnorm(student)
+            if self.device.type == "cuda":  # torch's SyncBatchNorm is CUDA-only; on CPU DDP
+                student = torch.nn.SyncBatchNorm.convert_sync_batchnorm(student)  # broadcasts rank 0's BN buffers
             # Heads a step does not use (e.g. the projector for suponly) get no gradient.
             student = torch.nn.parallel.DistributedDataParallel(student, find_unused_parameters=True)
         self.student = student
