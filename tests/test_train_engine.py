@@ -123,7 +123,8 @@ def test_busi_integration_rabusseg_beats_chance(tmp_path):
                              num_proxies=32, out=str(tmp_path / "busi"), quiet=True, overlays=2)
     res = engine.run(cfg)
     # Chance: the all-lesion prediction on a fixed set of 32 test-list images not in the subset.
-    subset = {it.name for it in data.make_splits("busi", BUSI, "1/2", 0, limit=48).labeled}
+    sp = data.make_splits("busi", BUSI, "1/2", 0, limit=48)
+    subset = {it.name for part in (sp.labeled, sp.unlabeled, sp.val, sp.test) for it in part}
     test = [it for it in data.busi_items(BUSI) if it.name in data.read_list(os.path.join(BUSI, "splits", "test.txt"))]
     test = [it for it in test if it.name not in subset][:32]
     model = engine.build_model(cfg)

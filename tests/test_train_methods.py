@@ -38,7 +38,7 @@ def _loss(cfg, ctx=None, seed=0):
     return loss, logs
 
 
-CASES = [("suponly", {}), ("rabusseg", {}), ("phnet", {}), ("lanet", {"tau": 0.0})]
+CASES = [("suponly", {}), ("rabusseg", {}), ("phnet", {}), ("lanet", {"tau": 0.0}), ("semiseg_caw", {})]
 
 
 @pytest.mark.parametrize("name,kw", CASES)
@@ -67,6 +67,7 @@ def test_step_finite_and_decreasing(tmp_path, name, kw):
     ("rabusseg", {"drop_percent": 0.0}, {}),
     ("phnet", {"apa": False}, {}), ("phnet", {"hpc": False}, {"mb": False, "gamma": 0.0}), ("phnet", {"gamma": 0.99}, {}),
     ("lanet", {"tau": 1.0}, {"tau": 0.0}), ("lanet", {"alpha": 0.5}, {"tau": 0.0}),
+    ("semiseg_caw", {"stage1_epochs": 5}, {}),
 ])
 def test_every_switch_changes_the_loss(tmp_path, name, switch, kw):
     base, _ = _loss(tiny(tmp_path, method=name, **kw))
@@ -97,3 +98,25 @@ def test_warmup_and_stage1_are_supervised_only(tmp_path):
     assert "loss_u" not in logs and "loss_arp" in logs
     _, logs = _loss(tiny(tmp_path, method="lanet", stage1_epochs=1), {"epoch": 0, "progress": 0, "warmup": False})
     assert set(logs) == {"loss_floc"}
+    _, logs = _loss(tiny(tmp_path, method="semiseg_caw", stage1_epochs=1), {"epoch": 0, "progress": 0, "warmup": False})
+    assert set(logs) == {"loss_aux_seg", "loss_aux_cls"}
+
+
+def test_semiseg_caw_wgm_learns_the_weights(tmp_path):
+    # At initialisation the WGM weights are 1 (log-variances 0), so on/off differ only once trained.
+    def after_steps(wgm):
+        cfg = tiny(tmp_path, method="semiseg_caw", wgm=wgm)
+        student, teacher, method = _setup(cfg)
+        opt = torch.optim.SGD(list(student.parameters()) + method.parameters(), lr=0.5)
+        for _ in range(3):
+            torch.manual_seed(0)
+            student.train()
+            loss, logs = method(student, teacher, _batch(2, 1), _batch(2, 2, labeled=False),
+                                {"epoch": 1, "progress": 0.5, "warmup": False})
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        return loss.detach(), method
+    on, m = after_steps(True)
+    off, _ = after_steps(False)
+    assert m.wgm.log_vars.abs().sum() > 0 and not torch.isclose(on, off)

@@ -82,8 +82,9 @@ class TrainConfig:
     lambda_c: float = 1.0
     temperature: float = 0.5
     bank_size: int = 4096
-    # lanet
-    stage1_epochs: int = 1
+    # lanet, semiseg_caw
+    stage1_epochs: int = 1           # LA-Net stage 1 / ClassElevateSeg pre-training epochs
+    wgm: bool = True                 # semiseg_caw: learned loss weights (off: all 1)
     tau: float = 0.8
     alpha: float = 0.1
     lam: float = 0.5
@@ -102,6 +103,9 @@ def build_model(cfg: TrainConfig) -> torch.nn.Module:
     """The network from busseg_ops.models for the method (grayscale input, 2 classes)."""
     if cfg.method == "lanet":
         return models.LANet(2, backbone=cfg.backbone, in_channels=1, unet_base=cfg.unet_base)
+    if cfg.method == "semiseg_caw":
+        kw = dict(base=cfg.unet_base) if cfg.model == "unet" else dict(backbone=cfg.backbone)
+        return models.SemiSegCAW(2, 2, arch=cfg.model, in_channels=1, freeze_aux=False, rep_dim=0, proj_dim=0, **kw)
     if cfg.model == "unet":
         return models.UNet(2, in_channels=1, base=cfg.unet_base, rep_dim=cfg.rep_dim, proj_dim=cfg.proj_dim)
     if cfg.model == "deeplab":
@@ -145,7 +149,7 @@ class Trainer:
             # Heads a step does not use (e.g. the projector for suponly) get no gradient.
             student = torch.nn.parallel.DistributedDataParallel(student, find_unused_parameters=True)
         self.student = student
-        self.opt = torch.optim.SGD(self.student.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+        self.opt = torch.optim.SGD(list(self.student.parameters()) + self.method.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                    weight_decay=cfg.weight_decay)
         self.lab_ds = data.SegDataset(self.splits.labeled, cfg.size, train=True, seed=cfg.seed)
         self.unl_ds = data.SegDataset(self.splits.unlabeled, cfg.size, train=True, seed=cfg.seed + 1,
@@ -170,11 +174,13 @@ class Trainer:
             persistent_workers=False)
 
     def _steps_per_epoch(self) -> int:
-        """Semi-supervised: one pass over the unlabelled set (labelled set cycled); else labelled."""
-        semi = self.method.uses_unlabeled and len(self.unl_ds) > 0
-        ds, b = (self.unl_ds, self.cfg.batch_unlabeled) if semi else (self.lab_ds, self.cfg.batch_labeled)
-        per_rank = math.ceil(len(ds) / self.world)
-        n = per_rank // b if per_rank >= b else 1
+        """One pass over the larger of the two streams (normally the unlabelled set; the labelled set
+        is cycled) — the same for every method, so suponly and a semi-supervised method on one
+        partition take the same number of steps."""
+        n = 1
+        for ds, b in ((self.lab_ds, self.cfg.batch_labeled), (self.unl_ds, self.cfg.batch_unlabeled)):
+            per_rank = math.ceil(len(ds) / self.world)
+            n = max(n, per_rank // b)
         return min(n, self.cfg.max_steps) if self.cfg.max_steps else n
 
     def _batches(self, epoch):

@@ -11,6 +11,7 @@ teacher and evaluates it). A method maps one labelled and one unlabelled batch t
   lanet      LA-Net's two-stage sequential training: stage 1 segmentation on location labels;
              stage 2 L = λ·L_cls + (1−λ)·(L_sloc-w + α·L_sloc-wo) with pseudo location labels
              binarize(P_pixel > 0.5) kept only for images whose class confidence exceeds τ.
+  semiseg_caw ClassElevateSeg pre-training, then joint training with WGM-weighted losses.
 During the first `warmup_epochs` every method trains on the labelled batch only.
 """
 from __future__ import annotations
@@ -46,6 +47,10 @@ class Method:
         x, y = lab["image"], lab["mask"]
         loss_s = ce(student(x)["pred"], y)
         return loss_s, {"loss_s": loss_s.detach()}
+
+    def parameters(self) -> list:
+        """Trainable parameters the method owns (optimised with the network's)."""
+        return []
 
     def state_dict(self) -> dict:
         return {}
@@ -218,7 +223,65 @@ class LANet(Method):
                       "loss_sloc_wo": loss_wo.detach()}
 
 
-METHODS = {m.name: m for m in (SupOnly, RABUSSeg, PHNet, LANet)}
+class SemiSegCAW(Method):
+    """SemiSeg-CAW (2025) on models.SemiSegCAW. Stage 1 (`stage1_epochs`): pre-train the
+    ClassElevateSeg auxiliary network (segmentation on the labelled images + classification on
+    every image with a class label, the class-only images included). Stage 2: it is frozen and
+    guides the main network, trained on L_seg (labelled), L_cls (all class labels) and L_u
+    (teacher pseudo-labels, confidence ≥ γ) combined by the weight generation module (WGM; off:
+    static weights 1)."""
+
+    name = "semiseg_caw"
+    uses_unlabeled = True
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.wgm = models.WeightGenerationModule(3)
+
+    def parameters(self):
+        return list(self.wgm.parameters())
+
+    def __call__(self, student, teacher, lab, unl, ctx):
+        c = self.cfg
+        net = student.module if hasattr(student, "module") else student
+        stage1 = unl is None or ctx["epoch"] < c.stage1_epochs
+        net.aux.requires_grad_(stage1)  # set every step: the stage follows the epoch (and resumes)
+        net.freeze_aux = not stage1
+        net.aux.train(stage1 and net.training)  # frozen in stage 2: no BN statistics updates
+        xl, yl = lab["image"], lab["mask"]
+        x = xl if unl is None else torch.cat([xl, unl["image"]])
+        cls_t = torch.as_tensor(lab["cls"]) if unl is None else torch.cat([torch.as_tensor(lab["cls"]), torch.as_tensor(unl["cls"])])
+        cls_t = cls_t.to(x.device)
+        known = cls_t >= 0
+        nl = len(xl)
+        if stage1:
+            out = net.aux(x)
+            loss_seg = ce(out["pred"][:nl], yl)
+            loss_cls = F.cross_entropy(out["cls"][known], cls_t[known]) if known.any() else loss_seg * 0
+            return loss_seg + loss_cls, {"loss_aux_seg": loss_seg.detach(), "loss_aux_cls": loss_cls.detach()}
+        out = student(x)
+        loss_seg = ce(out["pred"][:nl], yl)
+        loss_cls = F.cross_entropy(out["cls"][known], cls_t[known]) if known.any() else loss_seg * 0
+        with torch.no_grad():
+            prob = torch.softmax(teacher(unl["image"])["pred"], 1)
+            pl = prob.argmax(1).masked_fill(unl["mask"] == IGNORE, IGNORE)
+        loss_u = busseg_ops.confidence_masked_cross_entropy(out["pred"][nl:], pl, prob, c.gamma)
+        losses = [loss_seg, loss_cls, loss_u]
+        if c.wgm:
+            loss, w = self.wgm(losses)
+        else:
+            loss, w = sum(losses), torch.ones(3)
+        return loss, {"loss_seg": loss_seg.detach(), "loss_cls": loss_cls.detach(), "loss_u": loss_u.detach(),
+                      "w_seg": w[0], "w_cls": w[1], "w_u": w[2]}
+
+    def state_dict(self) -> dict:
+        return {"wgm": self.wgm.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.wgm.load_state_dict(state["wgm"])
+
+
+METHODS = {m.name: m for m in (SupOnly, RABUSSeg, PHNet, LANet, SemiSegCAW)}
 
 
 def build(cfg) -> Method:
