@@ -64,7 +64,7 @@ def test_step_finite_and_decreasing(tmp_path, name, kw):
 @pytest.mark.parametrize("name,switch,kw", [
     ("rabusseg", {"arp": False}, {}), ("rabusseg", {"cra": False}, {}),
     ("rabusseg", {"cra_strategy": "random"}, {}), ("rabusseg", {"cra_scales": 2}, {}),
-    ("rabusseg", {"drop_percent": 0.0}, {}),
+    ("rabusseg", {"drop_percent": 0.0}, {}), ("suponly", {"dice_weight": 1.0}, {}),
     ("phnet", {"apa": False}, {}), ("phnet", {"hpc": False}, {"mb": False, "gamma": 0.0}), ("phnet", {"gamma": 0.99}, {}),
     ("lanet", {"tau": 1.0}, {"tau": 0.0}), ("lanet", {"alpha": 0.5}, {"tau": 0.0}),
     ("semiseg_caw", {"stage1_epochs": 5}, {}),

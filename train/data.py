@@ -275,7 +275,7 @@ class SegDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict:
         img, mask = self.raw(i)
-        image = torch.from_numpy(img).float().div_(255)[None]
+        image = torch.from_numpy(img.copy()).float().div_(255)[None]  # cached array stays read-only
         if mask is not None and self.labeled:
             target = torch.from_numpy(mask).long()
         else:  # unlabelled: 0 inside the image, so that padding (255) still marks invalid pixels

@@ -48,6 +48,7 @@ class TrainConfig:
     weight_decay: float = 1e-4
     poly_power: float = 0.9
     ema: float = 0.999
+    dice_weight: float = 0.0         # L_s = CE + dice_weight·soft Dice (0: CE only, as the papers)
     seed: int = 0
     model: str = "unet"              # unet | deeplab (DeepLabv3+); lanet/semiseg_caw use their own
     backbone: str = "resnet18"       # deeplab / lanet backbone (resnet18/34/50/101, lanet: or unet)
@@ -284,7 +285,7 @@ class Trainer:
             val = self.evaluate(self.splits.val) if self.splits.val else None
             if val is not None:
                 row["val_dice"] = val["summary"]["dice"][0]
-                if row["val_dice"] > self.best:
+                if row["val_dice"] >= self.best:  # ties: the later (more trained) teacher
                     self.best = row["val_dice"]
                     self._save("best.pt")
             self._log(row)

@@ -34,6 +34,15 @@ def ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits, target, ignore_index=IGNORE)
 
 
+def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """1 − soft Dice of the lesion class over the batch (ignore 255): the SSL4MIS companion of CE
+    that gets a from-scratch network off the all-background solution quickly."""
+    valid = (target != IGNORE).float()
+    p = torch.softmax(logits, 1)[:, 1] * valid
+    g = (target == 1).float()
+    return 1 - (2 * (p * g).sum() + 1) / (p.sum() + g.sum() + 1)
+
+
 class Method:
     """Base: the supervised-only step. Subclasses add the unlabelled terms."""
 
@@ -43,9 +52,16 @@ class Method:
     def __init__(self, cfg):
         self.cfg = cfg
 
+    def sup(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """L_s: CE (the papers), plus `dice_weight` × soft Dice when asked (off by default)."""
+        loss = ce(logits, target)
+        if self.cfg.dice_weight:
+            loss = loss + self.cfg.dice_weight * soft_dice_loss(logits, target)
+        return loss
+
     def __call__(self, student, teacher, lab: dict, unl: dict | None, ctx: dict):
         x, y = lab["image"], lab["mask"]
-        loss_s = ce(student(x)["pred"], y)
+        loss_s = self.sup(student(x)["pred"], y)
         return loss_s, {"loss_s": loss_s.detach()}
 
     def parameters(self) -> list:
@@ -95,7 +111,7 @@ class RABUSSeg(Method):
             x, targets, nl = torch.cat([xl, xu]), torch.cat([yl, pl_u]), len(xl)
         out = student(x, need_proj=c.arp or c.cra, need_feats=c.cra)
         pred = out["pred"]
-        loss_s = ce(pred[:nl], yl)
+        loss_s = self.sup(pred[:nl], yl)
         loss = loss_s
         logs["loss_s"] = loss_s.detach()
         if prob_u is not None:
@@ -149,7 +165,7 @@ class PHNet(Method):
         nl = len(xl)
         out = student(torch.cat([xl, xm]), need_rep=c.hpc)
         pred = out["pred"]
-        loss_s = ce(pred[:nl], yl)
+        loss_s = self.sup(pred[:nl], yl)
         loss_u = busseg_ops.confidence_masked_cross_entropy(pred[nl:], plm, tprob, c.gamma)
         loss = loss_s + c.lambda_u * loss_u
         logs = {"loss_s": loss_s.detach(), "loss_u": loss_u.detach()}
@@ -256,11 +272,11 @@ class SemiSegCAW(Method):
         nl = len(xl)
         if stage1:
             out = net.aux(x)
-            loss_seg = ce(out["pred"][:nl], yl)
+            loss_seg = self.sup(out["pred"][:nl], yl)
             loss_cls = F.cross_entropy(out["cls"][known], cls_t[known]) if known.any() else loss_seg * 0
             return loss_seg + loss_cls, {"loss_aux_seg": loss_seg.detach(), "loss_aux_cls": loss_cls.detach()}
         out = student(x)
-        loss_seg = ce(out["pred"][:nl], yl)
+        loss_seg = self.sup(out["pred"][:nl], yl)
         loss_cls = F.cross_entropy(out["cls"][known], cls_t[known]) if known.any() else loss_seg * 0
         with torch.no_grad():
             prob = torch.softmax(teacher(unl["image"])["pred"], 1)
