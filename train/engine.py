@@ -215,7 +215,10 @@ class Trainer:
         for tp, sp in zip(self.teacher.parameters(), s.parameters()):
             tp.mul_(a).add_(sp.detach(), alpha=1 - a)
         for tb, sb in zip(self.teacher.buffers(), s.buffers()):
-            tb.copy_(sb)
+            if tb.dtype.is_floating_point:  # BN statistics follow the averaged weights they belong to
+                tb.mul_(a).add_(sb, alpha=1 - a)
+            else:
+                tb.copy_(sb)
 
     def train_step(self, lab, unl, ctx) -> dict:
         to = lambda b: None if b is None else {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in b.items()}  # noqa: E731
@@ -237,6 +240,9 @@ class Trainer:
         cfg = self.cfg
         os.makedirs(cfg.out, exist_ok=True)
         if self.rank == 0:
+            log = os.path.join(cfg.out, "metrics.csv")
+            if self.global_step == 0 and os.path.isfile(log):  # a fresh run starts a fresh log
+                os.unlink(log)
             self._open_tb()
         stopped = False
         with checkpoint.StopGuard() as guard:
