@@ -83,6 +83,7 @@ class TrainConfig:
     lambda_c: float = 1.0
     temperature: float = 0.5
     bank_size: int = 4096
+    max_anchors: int = 1024          # anchors per step (random subset of the reliable hard pixels)
     # lanet, semiseg_caw
     stage1_epochs: int = 1           # LA-Net stage 1 / ClassElevateSeg pre-training epochs
     wgm: bool = True                 # semiseg_caw: learned loss weights (off: all 1)

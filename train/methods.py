@@ -183,6 +183,9 @@ class PHNet(Method):
         keep = sel.mask & (sel.labels != IGNORE)
         anchors = rep.permute(0, 2, 3, 1)[keep]
         labels = sel.labels[keep]
+        if len(anchors) > c.max_anchors:  # a random subset (U2PL/PH-Net sample anchors too)
+            pick = torch.randperm(len(anchors), device=anchors.device)[: c.max_anchors]
+            anchors, labels = anchors[pick], labels[pick]
         if c.mb:
             positives = self.bank.means()
             self.bank.push(anchors.detach(), labels)  # after use: this batch is not its own positive
