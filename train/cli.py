@@ -108,7 +108,7 @@ def cmd_predict(args) -> int:
     out = args.out or "predictions"
     for it in items:
         img = data.read_gray(it.image)
-        x = torch.from_numpy(img).float().div(255)[None, None]
+        x = torch.from_numpy(img.copy()).float().div(255)[None, None]
         x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
         mask = engine.predict_masks(model, x)[0].float()
         mask = torch.nn.functional.interpolate(mask[None, None], size=img.shape, mode="nearest")[0, 0]
