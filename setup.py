@@ -19,7 +19,7 @@ def with_cuda() -> bool:
 
 def extension():
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
-    cxx = ["-O3", "-std=c++17", "-fopenmp"]
+    cxx = ["-O3", "-std=c++20", "-fopenmp"]
     if not with_cuda():
         return CppExtension("busseg_ops._C", sources, include_dirs=[os.path.join(HERE, "csrc")],
                             extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])

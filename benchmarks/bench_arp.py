@@ -60,17 +60,17 @@ def test_arp_forward_backward(benchmark, impl):
     benchmark.pedantic(step, rounds=5, warmup_rounds=1)
 
 
-_SETUP = f"""
+_SETUP = """
 import sys; sys.path.insert(0, 'benchmarks')
 import torch, bench_arp
-feat = torch.randn({B}, {C}, {H}, {W}, requires_grad=True)
-value = torch.randn({B}, {K}, {H}, {W})
-fn = bench_arp.IMPLS[IMPL]
+feat = torch.randn(bench_arp.B, bench_arp.C, bench_arp.H, bench_arp.W, requires_grad=True)
+value = torch.randn(bench_arp.B, bench_arp.K, bench_arp.H, bench_arp.W)
+fn = bench_arp.IMPLS[{impl!r}]
 """
 
 
 @pytest.mark.parametrize("impl", list(IMPLS))
 def test_arp_peak_memory(impl, record_memory):
-    mib = peak_extra_mib(_SETUP.replace("IMPL", repr(impl)), "fn(feat, value).sum().backward()",
+    mib = peak_extra_mib(_SETUP.format(impl=impl), "fn(feat, value).sum().backward()",
                          warm=True)
     record_memory("arp fwd+bwd", impl, mib)

@@ -43,5 +43,7 @@ def peak_extra_mib(setup: str, stmt: str, threads: int = 2, warm: bool = False) 
     ``warm`` runs the statement once before measuring (for code that compiles on first call)."""
     code = _CHILD.format(threads=threads, setup=textwrap.dedent(setup), stmt=textwrap.dedent(stmt),
                          stmt_warm=textwrap.dedent(stmt) if warm else "")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"memory probe failed:\n{out.stderr[-3000:]}")
     return float(out.stdout.strip().splitlines()[-1])

@@ -35,20 +35,18 @@ def adjacent_relation_propagation(feat: torch.Tensor, value: torch.Tensor, kerne
     else:
         op = _ops.arp_forward_triton if backend == "triton" else _ops.arp_forward
         out, weights = op(feat, value, kernel_size, dilation, scale, valid)
-        weights = weights.permute(0, 3, 1, 2)
     return (out, weights) if return_weights else out
 
 
 def _fake_forward(feat, value, kernel_size, dilation, scale, valid_padding):
     B, _, H, W = feat.shape
     return (value.new_empty(B, value.shape[1], H, W),
-            feat.new_empty(B, H, W, kernel_size * kernel_size))
+            feat.new_empty(B, kernel_size * kernel_size, H, W))
 
 
 def _fake_backward(grad_out, feat, value, weights, kernel_size, dilation, scale, valid_padding,
                    need_grad_feat, need_grad_value):
-    B, C, H, W = feat.shape
-    grad_feat = feat.new_empty(B, H, W, C).permute(0, 3, 1, 2) if need_grad_feat else feat.new_empty(0)
+    grad_feat = feat.new_empty(feat.shape) if need_grad_feat else feat.new_empty(0)
     grad_value = value.new_empty(value.shape) if need_grad_value else value.new_empty(0)
     return grad_feat, grad_value
 

@@ -33,7 +33,8 @@ def _first_proxies(feat, first, label, generator):
     if first is not None:
         _index_tensor("first", first, (B,), "(B,)")
         _validate.same("feat and first", feat, first)
-        if bool(((first < 0) | (first >= H * W)).any()):
+        # (a data-dependent check: under torch.compile the C++ op checks the range instead)
+        if not torch.compiler.is_compiling() and bool(((first < 0) | (first >= H * W)).any()):
             raise ValueError(f"first must hold pixel indices in [0, H*W = {H * W}), got "
                              f"{first.tolist()}")
         return first.long()
@@ -82,7 +83,7 @@ def sample_proxies(feat: torch.Tensor, num_proxies: int = 64, strategy: str = "g
                    generator: torch.Generator | None = None, kmeans_iterations: int = 10):
     """Proxy pixels by ``strategy`` (seed supplementary Table 4), all (B, M) int64 distinct:
     ``greedy`` (ours, :func:`greedy_proxy_sampling`), ``random`` (uniform without replacement),
-    ``kmeans`` (pixels nearest to k-means centres, centres seeded at random pixels) or ``patch``
+    ``kmeans`` (pixels nearest to k-means centres, k-means++ seeding) or ``patch``
     (one per cell of a rows x cols grid with rows*cols = M: the pixel nearest to the cell's mean
     feature). ``first``/``label``/``scale`` apply to greedy only."""
     _validate.choice("strategy", strategy, STRATEGIES)
@@ -128,7 +129,7 @@ def gather_proxies(feat: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     if idx.dtype != torch.int64:
         raise TypeError(f"idx must be int64, got {idx.dtype}")
     _validate.same("feat and idx", feat, idx, dims=(0,))
-    if bool(((idx < 0) | (idx >= H * W)).any()):
+    if not torch.compiler.is_compiling() and bool(((idx < 0) | (idx >= H * W)).any()):
         raise ValueError(f"idx must hold pixel indices in [0, H*W = {H * W})")
     return feat.flatten(2).gather(2, idx[:, None, :].expand(B, C, idx.shape[1])).transpose(1, 2)
 
@@ -146,6 +147,10 @@ def _available_bytes(device: torch.device) -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
+def _size(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
 def _global_proxies(feats):
     """Every pixel a proxy (Table 4, row 2), when the (L, B, HW, HW) logits fit."""
     L, (B, _, H, W) = len(feats), feats[0].shape
@@ -154,9 +159,9 @@ def _global_proxies(feats):
     have = _available_bytes(feats[0].device)
     if need > have:
         raise RuntimeError(
-            f"global alignment (proxies=None, every pixel a proxy) needs about {need / 2**30:.1f} "
-            f"GiB for the (L, B, HW, HW) = ({L}, {B}, {H * W}, {H * W}) logits and their gradient, "
-            f"but only {have / 2**30:.1f} GiB is available on {feats[0].device}; sample proxies "
+            f"global alignment (proxies=None, every pixel a proxy) needs about {_size(need)} for "
+            f"the (L, B, HW, HW) = ({L}, {B}, {H * W}, {H * W}) logits and their gradient, "
+            f"but only {_size(have)} is available on {feats[0].device}; sample proxies "
             f"instead (greedy_proxy_sampling + gather_proxies)")
     return [f.flatten(2).transpose(1, 2) for f in feats]
 
@@ -205,6 +210,13 @@ def cross_layer_alignment_loss(feats, proxies=None, reduction: str = "mean", eps
     op = _ops.cra_align_forward_triton if backend == "triton" else _ops.cra_align_forward
     loss, _ = op(logits, reduction, float(eps))
     return loss
+
+
+def align_norm(shape, reduction: str) -> float:
+    """Factor on the summed KL terms of logits (L, B, HW, M): 1 / ((L-1) * d), d = B*HW*M
+    ("mean"), B ("batchmean") or 1 ("sum"). The C++ front-ends compute the same."""
+    L, B, HW, M = shape
+    return 1.0 / ((L - 1) * {"mean": B * HW * M, "batchmean": B, "sum": 1}[reduction])
 
 
 def _fake_greedy(feat, first, num_proxies, scale):

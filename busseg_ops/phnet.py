@@ -259,7 +259,7 @@ def _positives(positives, dim: int, like: torch.Tensor):
         _validate.tensor("positives", positives, 2, "(K, D)")
         return positives.detach(), torch.ones(positives.shape[0], dtype=torch.bool,
                                               device=positives.device)
-    if not isinstance(positives, Sequence) or len(positives) == 0:
+    if isinstance(positives, str) or not isinstance(positives, Sequence) or len(positives) == 0:
         raise TypeError("positives must be a (K, D) tensor or a non-empty list of (D,) tensors / None")
     rows, present = [], []
     for c, p in enumerate(positives):

@@ -5,7 +5,7 @@ Design choices (the paper leaves them open):
 - FEX: any backbone here; by default a ResNet without dilation (strides 4/8/16/32, "each residual
   block down-samples the feature map by half"); ``replace_stride_with_dilation`` is passed through.
 - CBAM per level, applied in sequence channel → spatial gate (Woo et al.). Channel gate: avg- and
-  max-pooled descriptors through one shared MLP (reduction 16, at least 1 hidden unit), summed,
+  max-pooled descriptors through one shared MLP (reduction 16, at least 4 hidden units), summed,
   sigmoid. Spatial gate: [channel max, channel mean] through three 3×3 convs (2→8→8→1, BN-ReLU
   between; the receptive field of CBAM's single 7×7), sigmoid.
 - Fusion: per level a 3×3 conv to one channel, bilinear resize (align_corners=True) to the deepest
@@ -29,7 +29,7 @@ from .unet import UNetEncoder
 class ChannelGate(nn.Module):
     def __init__(self, channels: int, reduction: int = 16):
         super().__init__()
-        hidden = max(channels // reduction, 1)
+        hidden = max(channels // reduction, 4)
         self.mlp = nn.Sequential(nn.Conv2d(channels, hidden, 1), nn.ReLU(inplace=True), nn.Conv2d(hidden, channels, 1))
 
     def forward(self, x):

@@ -1,6 +1,13 @@
 """Shared test set-up. Without a GPU, Triton kernels run on the CPU through its interpreter; the
-variable must be set before triton is first imported."""
+variable must be set before triton is first imported. torch.compile gets a cache of its own
+per session: the shared one does not key on custom ops' fake kernels, so graphs cached by
+another checkout (or an older build) could be replayed against this one."""
 import os
+import shutil
+import tempfile
+import zlib
+
+_INDUCTOR_CACHE = os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="busseg-inductor-")
 
 if os.environ.get("TRITON_INTERPRET") is None:
     import torch
@@ -31,4 +38,8 @@ def tolerance(dtype: torch.dtype) -> dict:
 @pytest.fixture(autouse=True)
 def _fresh_seed(request):
     """A different but reproducible seed per test: fresh inputs, replayable failures."""
-    torch.manual_seed(hash(request.node.nodeid) % (2**31))
+    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(_INDUCTOR_CACHE, ignore_errors=True)

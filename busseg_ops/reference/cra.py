@@ -75,13 +75,30 @@ def _nearest_distinct(feat_flat, centres, allowed=None):
     return torch.stack(out, 1)
 
 
+def _kmeans_plus_plus(f, num_proxies, generator):
+    """k-means++ seeding: the first centre a uniform pixel, each next one drawn with probability
+    proportional to the squared distance to the nearest centre so far. (B, M, C)."""
+    B, C, HW = f.shape
+    pixels = f.transpose(1, 2)
+    gen_device = generator.device if generator is not None else f.device
+    first = (torch.rand(B, generator=generator, device=gen_device) * HW).long().clamp_(max=HW - 1)
+    centres = [pixels[torch.arange(B), first.to(f.device)]]
+    nearest = torch.full((B, HW), float("inf"), dtype=f.dtype, device=f.device)
+    for _ in range(num_proxies - 1):
+        nearest = torch.minimum(nearest, (pixels - centres[-1][:, None]).square().sum(2))
+        weights = torch.nan_to_num(nearest, nan=0.0, posinf=0.0).clamp(min=0)
+        weights = torch.where(weights.sum(1, keepdim=True) > 0, weights, torch.ones_like(weights))
+        pick = torch.multinomial(weights.to(gen_device, torch.float64), 1, generator=generator)
+        centres.append(pixels[torch.arange(B), pick[:, 0].to(f.device)])
+    return torch.stack(centres, 1)
+
+
 def kmeans_proxies(feat, num_proxies, iterations, generator):
-    """Lloyd's k-means on the pixel features (centres start at M random pixels); the proxies are
-    the pixels nearest to the final centres, kept distinct (nearest not yet taken)."""
+    """Lloyd's k-means on the pixel features from k-means++ seeds; the proxies are the pixels
+    nearest to the final centres, kept distinct (nearest pixel not taken by an earlier centre)."""
     B, C, H, W = feat.shape
     f = feat.reshape(B, C, H * W)
-    start = random_proxies(B, H * W, num_proxies, generator, feat.device)
-    centres = f.gather(2, start[:, None].expand(B, C, num_proxies)).transpose(1, 2)  # (B, M, C)
+    centres = _kmeans_plus_plus(f, num_proxies, generator)  # (B, M, C)
     for _ in range(iterations):
         assign = torch.cdist(f.transpose(1, 2), centres).argmin(2)  # (B, HW)
         one_hot = torch.nn.functional.one_hot(assign, num_proxies).to(f.dtype)  # (B, HW, M)

@@ -18,15 +18,20 @@ def _neighbour(y, x, t, sign, H, W, KS: tl.constexpr, DIL: tl.constexpr):
 
 
 @triton.jit
+def _pixel_block(H, W, BLOCK_P: tl.constexpr):
+    """This program's pixels of its image: index, in-image mask, row, column."""
+    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    return p, p < H * W, p // W, p % W
+
+
+@triton.jit
 def _arp_forward_kernel(feat, value, out, weights, H, W, C, K, scale,
                         KS: tl.constexpr, DIL: tl.constexpr, VALID: tl.constexpr,
                         TAPS_PAD: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
                         BLOCK_K: tl.constexpr, ACC: tl.constexpr):
     b = tl.program_id(1)
     HW = H * W
-    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
-    in_image = p < HW
-    y, x = p // W, p % W
+    p, in_image, y, x = _pixel_block(H, W, BLOCK_P)
     taps = tl.arange(0, TAPS_PAD)
     ks = tl.arange(0, BLOCK_K)
     affinity = tl.full([BLOCK_P, TAPS_PAD], float("-inf"), ACC)
@@ -48,7 +53,7 @@ def _arp_forward_kernel(feat, value, out, weights, H, W, C, K, scale,
     amax = tl.where(in_image, tl.max(affinity, axis=1), 0.0)  # rows past the image: all -inf
     e = tl.exp(affinity - amax[:, None])
     w = e / tl.sum(e, axis=1)[:, None]
-    tl.store(weights + (b * HW + p)[:, None] * (KS * KS) + taps[None, :], w,
+    tl.store(weights + (b * KS * KS + taps[None, :]) * HW + p[:, None], w,
              mask=in_image[:, None] & (taps[None, :] < KS * KS))
     acc = tl.zeros([BLOCK_P, BLOCK_K], ACC)
     for t in tl.static_range(KS * KS):
@@ -68,13 +73,11 @@ def _arp_affinity_grad_kernel(grad_out, value, weights, da, H, W, K, scale,
                               BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr):
     b = tl.program_id(1)
     HW = H * W
-    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
-    in_image = p < HW
-    y, x = p // W, p % W
+    p, in_image, y, x = _pixel_block(H, W, BLOCK_P)
     taps = tl.arange(0, TAPS_PAD)
     ks = tl.arange(0, BLOCK_K)
     tap_mask = in_image[:, None] & (taps[None, :] < KS * KS)
-    w = tl.load(weights + (b * HW + p)[:, None] * (KS * KS) + taps[None, :], mask=tap_mask,
+    w = tl.load(weights + (b * KS * KS + taps[None, :]) * HW + p[:, None], mask=tap_mask,
                 other=0.0).to(ACC)
     g = tl.load(grad_out + (b * K + ks[None, :]) * HW + p[:, None],
                 mask=in_image[:, None] & (ks[None, :] < K), other=0.0).to(ACC)
@@ -95,10 +98,8 @@ def _arp_feat_grad_kernel(feat, da, grad_feat, H, W, C,
                           BLOCK_C: tl.constexpr, ACC: tl.constexpr):
     b = tl.program_id(2)
     HW = H * W
-    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    p, in_image, y, x = _pixel_block(H, W, BLOCK_P)
     cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    in_image = p < HW
-    y, x = p // W, p % W
     acc = tl.zeros([BLOCK_P, BLOCK_C], ACC)
     for t in tl.static_range(KS * KS):
         for sign in tl.static_range(2):  # p as query of q (sign 0), p as key of q (sign 1)
@@ -119,15 +120,13 @@ def _arp_value_grad_kernel(grad_out, weights, grad_value, H, W, K,
                            BLOCK_K: tl.constexpr, ACC: tl.constexpr):
     b = tl.program_id(1)
     HW = H * W
-    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
-    in_image = p < HW
-    y, x = p // W, p % W
+    p, in_image, y, x = _pixel_block(H, W, BLOCK_P)
     ks = tl.arange(0, BLOCK_K)
     acc = tl.zeros([BLOCK_P, BLOCK_K], ACC)
     for t in tl.static_range(KS * KS):
         src, inside = _neighbour(y, x, t, -1, H, W, KS, DIL)  # the pixel whose tap t lands on p
         inside = inside & in_image
-        w = tl.load(weights + (b * HW + src) * (KS * KS) + t, mask=inside, other=0.0)
+        w = tl.load(weights + (b * KS * KS + t) * HW + src, mask=inside, other=0.0)
         g = tl.load(grad_out + (b * K + ks[None, :]) * HW + src[:, None],
                     mask=inside[:, None] & (ks[None, :] < K), other=0.0)
         acc += w.to(ACC)[:, None] * g.to(ACC)
@@ -152,7 +151,7 @@ def arp_forward_triton(feat: torch.Tensor, value: torch.Tensor, kernel_size: int
     B, C, H, W = feat.shape
     K = value.shape[1]
     out = value.new_empty(B, K, H, W)
-    weights = feat.new_empty(B, H, W, kernel_size * kernel_size)
+    weights = feat.new_empty(B, kernel_size * kernel_size, H, W)
     grid = (triton.cdiv(H * W, _BLOCK_P), B)
     wrap_triton(_arp_forward_kernel)[grid](
         _channels_last(feat), _channels_last(value), out, weights, H, W, C, K, scale,
@@ -178,7 +177,7 @@ def arp_backward_triton(grad_out: torch.Tensor, feat: torch.Tensor, value: torch
     if need_grad_feat:
         f = _channels_last(feat)
         acc_dtype = torch.float64 if feat.dtype == torch.float64 else torch.float32
-        da = torch.empty(weights.shape, dtype=acc_dtype, device=feat.device)
+        da = torch.empty(B, H, W, kernel_size * kernel_size, dtype=acc_dtype, device=feat.device)
         wrap_triton(_arp_affinity_grad_kernel)[(pixel_blocks, B)](
             grad_out, _channels_last(value), weights, da, H, W, K, scale, KS=kernel_size,
             DIL=dilation, TAPS_PAD=triton.next_power_of_2(kernel_size * kernel_size),

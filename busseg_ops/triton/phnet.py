@@ -151,16 +151,25 @@ def _contrastive_forward_kernel(a, n, ya_ptr, yn, pos, lse, N, M, D, inv_tau,
 
 
 @triton.jit
+def _anchor_block(a, ya_ptr, lse, coef, rows, N, D, BLOCK_D: tl.constexpr):
+    """A block of normalised anchors (rows, BLOCK_D) with their labels, LSE and gradient coefficients."""
+    ds = tl.arange(0, BLOCK_D)
+    a_tile = tl.load(a + rows[:, None] * D + ds[None, :], mask=(rows[:, None] < N) & (ds[None, :] < D),
+                     other=0.0)
+    ya = tl.load(ya_ptr + rows, mask=rows < N, other=0)
+    l = tl.load(lse + rows, mask=rows < N, other=0.0)
+    c = tl.load(coef + rows, mask=rows < N, other=0.0)
+    return a_tile, ya, l, c
+
+
+@triton.jit
 def _contrastive_anchor_grad_kernel(a, n, ya_ptr, yn, lse, coef, da, N, M, D, inv_tau,
                                     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
                                     BLOCK_D: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     ds = tl.arange(0, BLOCK_D)
     tile_mask = (rows[:, None] < N) & (ds[None, :] < D)
-    a_tile = tl.load(a + rows[:, None] * D + ds[None, :], mask=tile_mask, other=0.0)
-    ya = tl.load(ya_ptr + rows, mask=rows < N, other=0)
-    l = tl.load(lse + rows, mask=rows < N, other=0.0)
-    c = tl.load(coef + rows, mask=rows < N, other=0.0)
+    a_tile, ya, l, c = _anchor_block(a, ya_ptr, lse, coef, rows, N, D, BLOCK_D)
     acc = tl.zeros([BLOCK_N, BLOCK_D], a_tile.dtype)
     for j0 in range(0, M, BLOCK_M):
         logits, counted, n_tile = _sim_tile(a_tile, n, yn, j0, M, D, ya, inv_tau, BLOCK_M, BLOCK_D)
@@ -182,11 +191,7 @@ def _contrastive_negative_grad_kernel(a, n, ya_ptr, yn, lse, coef, dn, N, M, D, 
     acc = tl.zeros([BLOCK_M, BLOCK_D], n_tile.dtype)
     for i0 in range(0, N, BLOCK_N):
         rows = i0 + tl.arange(0, BLOCK_N)
-        a_tile = tl.load(a + rows[:, None] * D + ds[None, :], mask=(rows[:, None] < N) & (ds[None, :] < D),
-                         other=0.0)
-        ya = tl.load(ya_ptr + rows, mask=rows < N, other=0)
-        l = tl.load(lse + rows, mask=rows < N, other=0.0)
-        c = tl.load(coef + rows, mask=rows < N, other=0.0)
+        a_tile, ya, l, c = _anchor_block(a, ya_ptr, lse, coef, rows, N, D, BLOCK_D)
         logits = tl.dot(a_tile, tl.trans(n_tile), input_precision="ieee") * inv_tau
         counted = (rows[:, None] < N) & (cols[None, :] < M) & (labels[None, :] != ya[:, None])
         g = tl.where(counted & (c[:, None] != 0), c[:, None] * tl.exp(logits - l[:, None]), 0.0)

@@ -1,16 +1,18 @@
 // Adjacent relation propagation (SPEC §1), C++/OpenMP CPU kernels.
 //
-// Features and values are read channels-last, (B, H, W, C), so every affinity is a dot product
-// over a contiguous channel vector (vectorised with `omp simd`). Work is split over the B*H*W
-// pixels. The backward is two passes: per-pixel affinity gradients `da`, then a gather in
-// which each pixel collects what it receives as query and as key, so no write races and no
-// atomics. Nothing of size (B, C*k*k, HW) is ever formed.
+// Works on the tensors' own NCHW layout, one image row at a time: for a tap, the affinities of
+// a whole row are a sum over channels of products of two contiguous rows (the row and its
+// shifted neighbour row), so the inner loops run over x and vectorise, and neither the inputs
+// nor the gradient are ever transposed. OpenMP splits the B*H rows. Affinities are symmetric,
+// a[p, o] = a[p + d*o, -o]: the forward computes the taps from the centre on and reads the
+// mirrored ones from the neighbour; the backward gives each neighbour one coefficient (p as
+// query plus p as key), a gather with no write races and no atomics. Per-tap buffers (raw
+// affinities, weights, their gradients) are (B, taps, H, W); nothing of size (B, C*k*k, HW)
+// is formed.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <ATen/OpMathType.h>
-#include <torch/library.h>
-
 #include <omp.h>
+#include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
@@ -27,138 +29,169 @@ struct ArpGeometry {
   int64_t B, C, K, H, W;
   int64_t radius, dilation, taps;  // taps = kernel_size^2, row-major offsets (dy outer)
 
-  // Neighbour of (y, x) at tap t and sign (+1: p + d*o, -1: p - d*o); false when outside.
-  bool neighbour(int64_t y, int64_t x, int64_t t, int64_t sign, int64_t& q) const {
-    const int64_t ks = 2 * radius + 1;
-    const int64_t qy = y + sign * dilation * (t / ks - radius);
-    const int64_t qx = x + sign * dilation * (t % ks - radius);
-    if (qy < 0 || qy >= H || qx < 0 || qx >= W) return false;
-    q = qy * W + qx;
-    return true;
+  int64_t centre() const { return taps / 2; }
+  int64_t mirror(int64_t t) const { return taps - 1 - t; }  // tap of offset -o
+  int64_t dy(int64_t t) const { return dilation * (t / (2 * radius + 1) - radius); }
+  int64_t dx(int64_t t) const { return dilation * (t % (2 * radius + 1) - radius); }
+  // The x range [x0, x1) whose tap-t neighbour lies inside the row; empty if the row is outside.
+  bool columns(int64_t y, int64_t t, int64_t& x0, int64_t& x1) const {
+    x0 = std::max<int64_t>(0, -dx(t));
+    x1 = std::min<int64_t>(W, W - dx(t));
+    return y + dy(t) >= 0 && y + dy(t) < H && x0 < x1;
+  }
+  int64_t plane(int64_t b, int64_t channel, int64_t channels) const {  // start of a (H, W) plane
+    return (b * channels + channel) * H * W;
   }
 };
 
-template <typename scalar_t>
-void arp_forward_kernel(const ArpGeometry& g, const scalar_t* feat, const scalar_t* value,
-                        scalar_t* out, scalar_t* weights, double scale, bool valid) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const int64_t HW = g.H * g.W;
-  parallel_pixels(g.B * HW, [&](int64_t begin, int64_t end) {
-   std::vector<acc_t> aff(g.taps);
-   for (int64_t i = begin; i < end; ++i) {
-    const int64_t b = i / HW, p = i % HW, y = p / g.W, x = p % g.W;
-    const scalar_t* fp = feat + i * g.C;
-    scalar_t* w = weights + i * g.taps;
-    acc_t amax = -std::numeric_limits<acc_t>::infinity();
-    for (int64_t t = 0; t < g.taps; ++t) {
-      int64_t q;
-      if (g.neighbour(y, x, t, +1, q))
-        aff[t] = acc_t(scale) * dot<acc_t>(fp, feat + (b * HW + q) * g.C, g.C);
-      else  // zeros: an outside neighbour has feature 0, so affinity 0; valid: excluded
-        aff[t] = valid ? -std::numeric_limits<acc_t>::infinity() : acc_t(0);
-      amax = std::max(amax, aff[t]);
-    }
-    acc_t denom = 0;
-    for (int64_t t = 0; t < g.taps; ++t) denom += (aff[t] = std::exp(aff[t] - amax));
-    for (int64_t t = 0; t < g.taps; ++t) w[t] = scalar_t(aff[t] /= denom);
-    for (int64_t k = 0; k < g.K; ++k) {
-      acc_t s = 0;
-      for (int64_t t = 0; t < g.taps; ++t) {
-        int64_t q;
-        if (g.neighbour(y, x, t, +1, q)) s += aff[t] * acc_t(value[(b * HW + q) * g.K + k]);
+// The kernels take float or double; all tensors are NCHW contiguous, per-tap ones
+// (B, taps, H, W). Row r = b * H + y.
+template <typename T>
+void arp_forward_kernel(const ArpGeometry& g, const T* feat, const T* value, T* out, T* weights,
+                        double scale, bool valid) {
+  const int64_t H = g.H, W = g.W, taps = g.taps;
+  const T outside = valid ? -std::numeric_limits<T>::infinity() : T(0);  // zeros: feature 0
+  // Pass 1: affinities of the taps from the centre on; the others are their mirrors.
+  std::vector<T> raw(g.B * taps * H * W);
+  parallel_chunks(g.B * H, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t b = r / H, y = r % H;
+      for (int64_t t = g.centre(), x0, x1; t < taps; ++t) {
+        if (!g.columns(y, t, x0, x1)) continue;
+        T* acc = raw.data() + g.plane(b, t, taps) + y * W;
+        std::fill(acc + x0, acc + x1, T(0));
+        for (int64_t c = 0; c < g.C; ++c) {
+          const T* row = feat + g.plane(b, c, g.C) + y * W;
+          const T* shifted = row + g.dy(t) * W + g.dx(t);
+          multiply_add(acc + x0, row + x0, shifted + x0, x1 - x0);
+        }
+        for (int64_t x = x0; x < x1; ++x) acc[x] *= T(scale);
       }
-      out[(b * g.K + k) * HW + p] = scalar_t(s);
     }
-   }
+  });
+  // Pass 2: complete the taps from the mirrors, softmax over taps, propagate the values.
+  parallel_chunks(g.B * H, [&](int64_t begin, int64_t end) {
+    std::vector<T> a(taps * W), amax(W), denom(W);
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t b = r / H, y = r % H;
+      for (int64_t t = 0, x0, x1; t < taps; ++t) {
+        T* at = a.data() + t * W;
+        std::fill(at, at + W, outside);
+        if (!g.columns(y, t, x0, x1)) continue;
+        const bool own = t >= g.centre();  // else the neighbour holds it as its mirror tap
+        const T* src =
+            raw.data() + (own ? g.plane(b, t, taps) + y * W
+                              : g.plane(b, g.mirror(t), taps) + (y + g.dy(t)) * W + g.dx(t));
+        std::copy(src + x0, src + x1, at + x0);
+      }
+      std::fill(amax.begin(), amax.end(), -std::numeric_limits<T>::infinity());
+      std::fill(denom.begin(), denom.end(), T(0));
+      for (int64_t t = 0; t < taps; ++t)
+        for (int64_t x = 0; x < W; ++x) amax[x] = std::max(amax[x], a[t * W + x]);
+      for (int64_t t = 0; t < taps; ++t)
+        for (int64_t x = 0; x < W; ++x)
+          denom[x] += (a[t * W + x] = std::exp(a[t * W + x] - amax[x]));
+      for (int64_t t = 0; t < taps; ++t) {
+        T* w = weights + g.plane(b, t, taps) + y * W;
+        for (int64_t x = 0; x < W; ++x) w[x] = (a[t * W + x] /= denom[x]);
+      }
+      for (int64_t k = 0; k < g.K; ++k) {
+        T* o = out + g.plane(b, k, g.K) + y * W;
+        std::fill(o, o + W, T(0));
+        for (int64_t t = 0, x0, x1; t < taps; ++t)
+          if (g.columns(y, t, x0, x1)) {
+            const T* v = value + g.plane(b, k, g.K) + (y + g.dy(t)) * W + g.dx(t);
+            multiply_add(o + x0, a.data() + t * W + x0, v + x0, x1 - x0);
+          }
+      }
+    }
   });
 }
 
-template <typename scalar_t>
-void arp_backward_kernel(const ArpGeometry& g, const scalar_t* grad_out, const scalar_t* feat,
-                         const scalar_t* value, const scalar_t* weights, scalar_t* grad_feat,
-                         scalar_t* grad_value, double scale) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const int64_t HW = g.H * g.W;
+template <typename T>
+void arp_backward_kernel(const ArpGeometry& g, const T* grad_out, const T* feat, const T* value,
+                         const T* weights, T* grad_feat, T* grad_value, double scale) {
+  const int64_t H = g.H, W = g.W, taps = g.taps;
   // Pass 1: da[p, t] = scale * w (dw - <w, dw>), with dw[p, t] = <grad_out[:, p], value[:, q]>.
-  std::vector<acc_t> da;
+  std::vector<T> da;
   if (grad_feat) {
-    da.resize(g.B * HW * g.taps);
-    parallel_pixels(g.B * HW, [&](int64_t begin, int64_t end) {
-     for (int64_t i = begin; i < end; ++i) {
-      const int64_t b = i / HW, p = i % HW, y = p / g.W, x = p % g.W;
-      const scalar_t* w = weights + i * g.taps;
-      acc_t* dai = da.data() + i * g.taps;
-      acc_t wdw = 0;
-      for (int64_t t = 0; t < g.taps; ++t) {
-        int64_t q;
-        acc_t dw = 0;
-        if (g.neighbour(y, x, t, +1, q))
-          for (int64_t k = 0; k < g.K; ++k)
-            dw += acc_t(grad_out[(b * g.K + k) * HW + p]) * acc_t(value[(b * HW + q) * g.K + k]);
-        dai[t] = dw;
-        wdw += acc_t(w[t]) * dw;
+    da.assign(g.B * taps * H * W, T(0));
+    parallel_chunks(g.B * H, [&](int64_t begin, int64_t end) {
+      std::vector<T> wdw(W);
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t b = r / H, y = r % H;
+        std::fill(wdw.begin(), wdw.end(), T(0));
+        for (int64_t t = 0, x0, x1; t < taps; ++t) {
+          if (!g.columns(y, t, x0, x1)) continue;
+          T* dw = da.data() + g.plane(b, t, taps) + y * W;
+          for (int64_t k = 0; k < g.K; ++k) {
+            const T* go = grad_out + g.plane(b, k, g.K) + y * W;
+            const T* v = value + g.plane(b, k, g.K) + (y + g.dy(t)) * W + g.dx(t);
+            multiply_add(dw + x0, go + x0, v + x0, x1 - x0);
+          }
+          multiply_add(wdw.data() + x0, weights + g.plane(b, t, taps) + y * W + x0, dw + x0,
+                       x1 - x0);
+        }
+        for (int64_t t = 0; t < taps; ++t) {
+          T* dw = da.data() + g.plane(b, t, taps) + y * W;
+          const T* w = weights + g.plane(b, t, taps) + y * W;
+          for (int64_t x = 0; x < W; ++x) dw[x] = T(scale) * w[x] * (dw[x] - wdw[x]);
+        }
       }
-      for (int64_t t = 0; t < g.taps; ++t) dai[t] = acc_t(scale) * acc_t(w[t]) * (dai[t] - wdw);
-     }
     });
   }
-  // Pass 2: each pixel gathers its gradient as query (p + d*o) and as key (p - d*o).
-  parallel_pixels(g.B * HW, [&](int64_t begin, int64_t end) {
-   std::vector<acc_t> acc(grad_feat ? g.C : 0);
-   for (int64_t i = begin; i < end; ++i) {
-    const int64_t b = i / HW, p = i % HW, y = p / g.W, x = p % g.W;
-    if (grad_feat) {
-      std::fill(acc.begin(), acc.end(), acc_t(0));
-      for (int64_t t = 0; t < g.taps; ++t) {
-        int64_t q;
-        if (g.neighbour(y, x, t, +1, q)) {
-          const acc_t c = da[i * g.taps + t];
-          const scalar_t* fq = feat + (b * HW + q) * g.C;
-#pragma omp simd
-          for (int64_t ch = 0; ch < g.C; ++ch) acc[ch] += c * acc_t(fq[ch]);
+  // Pass 2: pixel p gathers from each neighbour q = p + d*o with one coefficient, da[p, o]
+  // (p as query) plus da[q, -o] (p as key of q); grad_value gathers w[q, -o] * grad_out[q].
+  parallel_chunks(g.B * H, [&](int64_t begin, int64_t end) {
+    std::vector<T> coef(grad_feat ? taps * W : 0);
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t b = r / H, y = r % H;
+      if (grad_feat) {
+        for (int64_t t = 0, x0, x1; t < taps; ++t) {
+          if (!g.columns(y, t, x0, x1)) continue;
+          const T* own = da.data() + g.plane(b, t, taps) + y * W;
+          const T* key = da.data() + g.plane(b, g.mirror(t), taps) + (y + g.dy(t)) * W + g.dx(t);
+          for (int64_t x = x0; x < x1; ++x) coef[t * W + x] = own[x] + key[x];
         }
-        if (g.neighbour(y, x, t, -1, q)) {
-          const acc_t c = da[(b * HW + q) * g.taps + t];
-          const scalar_t* fq = feat + (b * HW + q) * g.C;
-#pragma omp simd
-          for (int64_t ch = 0; ch < g.C; ++ch) acc[ch] += c * acc_t(fq[ch]);
+        for (int64_t c = 0; c < g.C; ++c) {
+          T* gf = grad_feat + g.plane(b, c, g.C) + y * W;
+          std::fill(gf, gf + W, T(0));
+          for (int64_t t = 0, x0, x1; t < taps; ++t)
+            if (g.columns(y, t, x0, x1)) {
+              const T* f = feat + g.plane(b, c, g.C) + (y + g.dy(t)) * W + g.dx(t);
+              multiply_add(gf + x0, coef.data() + t * W + x0, f + x0, x1 - x0);
+            }
         }
       }
-      scalar_t* gf = grad_feat + i * g.C;
-      for (int64_t ch = 0; ch < g.C; ++ch) gf[ch] = scalar_t(acc[ch]);
-    }
-    if (grad_value) {
-      for (int64_t k = 0; k < g.K; ++k) {
-        acc_t s = 0;
-        for (int64_t t = 0; t < g.taps; ++t) {
-          int64_t q;  // the pixel whose tap t lands on p
-          if (g.neighbour(y, x, t, -1, q))
-            s += acc_t(weights[(b * HW + q) * g.taps + t]) * acc_t(grad_out[(b * g.K + k) * HW + q]);
+      if (grad_value)
+        for (int64_t k = 0; k < g.K; ++k) {
+          T* gv = grad_value + g.plane(b, k, g.K) + y * W;
+          std::fill(gv, gv + W, T(0));
+          for (int64_t t = 0, x0, x1; t < taps; ++t)
+            if (g.columns(y, t, x0, x1)) {
+              const int64_t shift = (y + g.dy(t)) * W + g.dx(t);
+              multiply_add(gv + x0, weights + g.plane(b, g.mirror(t), taps) + shift + x0,
+                           grad_out + g.plane(b, k, g.K) + shift + x0, x1 - x0);
+            }
         }
-        grad_value[(b * g.K + k) * HW + p] = scalar_t(s);
-      }
     }
-   }
   });
 }
 
 ArpGeometry geometry(const at::Tensor& feat, const at::Tensor& value, int64_t kernel_size,
                      int64_t dilation) {
-  return {feat.size(0), feat.size(1), value.size(1), feat.size(2), feat.size(3),
-          (kernel_size - 1) / 2, dilation, kernel_size * kernel_size};
+  return {feat.size(0), feat.size(1),          value.size(1), feat.size(2),
+          feat.size(3), (kernel_size - 1) / 2, dilation,      kernel_size * kernel_size};
 }
-
-// (B, C, H, W) in any layout -> a contiguous (B, H, W, C) view; free for channels-last input.
-at::Tensor channels_last(const at::Tensor& t) { return t.permute({0, 2, 3, 1}).contiguous(); }
 
 std::tuple<at::Tensor, at::Tensor> arp_forward_cpu(const at::Tensor& feat, const at::Tensor& value,
                                                    int64_t kernel_size, int64_t dilation,
                                                    double scale, bool valid_padding) {
   check_arp_args(feat, value, kernel_size, dilation);
   const ArpGeometry g = geometry(feat, value, kernel_size, dilation);
-  const at::Tensor f = channels_last(feat), v = channels_last(value);
+  const at::Tensor f = feat.contiguous(), v = value.contiguous();
   at::Tensor out = at::empty({g.B, g.K, g.H, g.W}, feat.options());
-  at::Tensor weights = at::empty({g.B, g.H, g.W, g.taps}, feat.options());
+  at::Tensor weights = at::empty({g.B, g.taps, g.H, g.W}, feat.options());
   AT_DISPATCH_FLOATING_TYPES(feat.scalar_type(), "arp_forward_cpu", [&] {
     arp_forward_kernel<scalar_t>(g, f.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
                                  out.data_ptr<scalar_t>(), weights.data_ptr<scalar_t>(), scale,
@@ -167,19 +200,20 @@ std::tuple<at::Tensor, at::Tensor> arp_forward_cpu(const at::Tensor& feat, const
   return {out, weights};
 }
 
-std::tuple<at::Tensor, at::Tensor> arp_backward_cpu(
-    const at::Tensor& grad_out, const at::Tensor& feat, const at::Tensor& value,
-    const at::Tensor& weights, int64_t kernel_size, int64_t dilation, double scale,
-    bool valid_padding, bool need_grad_feat, bool need_grad_value) {
+std::tuple<at::Tensor, at::Tensor> arp_backward_cpu(const at::Tensor& grad_out,
+                                                    const at::Tensor& feat, const at::Tensor& value,
+                                                    const at::Tensor& weights, int64_t kernel_size,
+                                                    int64_t dilation, double scale,
+                                                    bool valid_padding, bool need_grad_feat,
+                                                    bool need_grad_value) {
   (void)valid_padding;  // encoded in `weights` (zero for excluded taps)
   check_arp_args(feat, value, kernel_size, dilation);
   const ArpGeometry g = geometry(feat, value, kernel_size, dilation);
-  TORCH_CHECK_VALUE(weights.sizes() == at::IntArrayRef({g.B, g.H, g.W, g.taps}),
-                    "weights must be (B, H, W, k*k), got ", weights.sizes());
-  const at::Tensor f = channels_last(feat), v = channels_last(value);
+  TORCH_CHECK_VALUE(weights.sizes() == at::IntArrayRef({g.B, g.taps, g.H, g.W}),
+                    "weights must be (B, k*k, H, W), got ", weights.sizes());
+  const at::Tensor f = feat.contiguous(), v = value.contiguous();
   const at::Tensor go = grad_out.contiguous(), w = weights.contiguous();
-  // grad_feat is produced channels-last: (B, H, W, C) memory, returned as a (B, C, H, W) view.
-  at::Tensor grad_feat = need_grad_feat ? at::empty({g.B, g.H, g.W, g.C}, feat.options())
+  at::Tensor grad_feat = need_grad_feat ? at::empty({g.B, g.C, g.H, g.W}, feat.options())
                                         : at::empty({0}, feat.options());
   at::Tensor grad_value = need_grad_value ? at::empty({g.B, g.K, g.H, g.W}, value.options())
                                           : at::empty({0}, value.options());
@@ -189,7 +223,6 @@ std::tuple<at::Tensor, at::Tensor> arp_backward_cpu(
         w.data_ptr<scalar_t>(), need_grad_feat ? grad_feat.data_ptr<scalar_t>() : nullptr,
         need_grad_value ? grad_value.data_ptr<scalar_t>() : nullptr, scale);
   });
-  if (need_grad_feat) grad_feat = grad_feat.permute({0, 3, 1, 2});
   return {grad_feat, grad_value};
 }
 

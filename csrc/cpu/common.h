@@ -1,27 +1,40 @@
-// Helpers shared by the CPU kernels: a vectorised dot product with a wider accumulator and the
-// OpenMP split of a range into one contiguous chunk per thread.
+// Helpers shared by the CPU kernels: vectorised loops over contiguous runs and the OpenMP split
+// of a range into one contiguous chunk per thread.
 #pragma once
 #include <ATen/Parallel.h>
-
 #include <omp.h>
 
 #include <algorithm>
 #include <cstdint>
 
-namespace busseg {
+// Inner loops get an AVX2+FMA clone chosen at load time, so one binary runs everywhere.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define BUSSEG_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define BUSSEG_SIMD_CLONES
+#endif
 
-template <typename acc_t, typename scalar_t>
-inline acc_t dot(const scalar_t* a, const scalar_t* b, int64_t n) {
-  acc_t s = 0;
-#pragma omp simd reduction(+ : s)
-  for (int64_t c = 0; c < n; ++c) s += acc_t(a[c]) * acc_t(b[c]);
-  return s;
+namespace busseg {
+namespace {
+
+// acc[i] += a[i] * b[i]
+template <typename T>
+BUSSEG_SIMD_CLONES void multiply_add(T* acc, const T* a, const T* b, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) acc[i] += a[i] * b[i];
 }
 
-// OpenMP over pixels in one contiguous chunk per thread (honouring torch.set_num_threads), so
+// y[i] += alpha * x[i], x possibly stored narrower than the accumulator y
+template <typename acc_t, typename scalar_t>
+BUSSEG_SIMD_CLONES void axpy(acc_t alpha, const scalar_t* x, acc_t* y, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) y[i] += alpha * acc_t(x[i]);
+}
+
+// OpenMP over [0, n) in one contiguous chunk per thread (honouring torch.set_num_threads), so
 // each thread allocates its scratch once: body(begin, end).
 template <typename F>
-inline void parallel_pixels(int64_t n, const F& body) {
+inline void parallel_chunks(int64_t n, const F& body) {
 #pragma omp parallel num_threads(at::get_num_threads())
   {
     const int64_t threads = omp_get_num_threads(), chunk = (n + threads - 1) / threads;
@@ -30,4 +43,5 @@ inline void parallel_pixels(int64_t n, const F& body) {
   }
 }
 
+}  // namespace
 }  // namespace busseg

@@ -1,10 +1,10 @@
 // Cross-layer relation alignment (SPEC §2), C++/OpenMP CPU kernels.
 //
 // Greedy proxy sampling keeps per image the cumulative similarity c(j) and its running max
-// (O(HW) state) and computes one row S(s_m, ·) per step from channels-last features, so every
-// similarity is a contiguous dot product. With at least as many images as threads, images run in
-// parallel; otherwise one image's pixels are split over the threads inside every step, with a
-// per-thread arg-min combined after one barrier.
+// (O(HW) state) and computes one row S(s_m, ·) per step straight from the (C, HW) features:
+// channel by channel, a contiguous axpy over the pixels (no channels-last copy of the input). With
+// at least as many images as threads, images run in parallel; otherwise one image's pixels are
+// split over the threads inside every step, with a per-thread arg-min combined after one barrier.
 //
 // The alignment loss takes the stacked logits (L, B, HW, M) (computed by BLAS outside) and does
 // everything after them in one pass per pixel row: log-sum-exp of every layer, the L-1 KL terms,
@@ -13,9 +13,8 @@
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
-
 #include <omp.h>
+#include <torch/library.h>
 
 #include <cmath>
 #include <limits>
@@ -29,12 +28,17 @@ namespace busseg {
 namespace {
 
 // max that propagates NaN from either side, like torch.maximum.
-template <typename T> inline T nan_max(T a, T b) { return (a != a || a >= b) ? a : b; }
+template <typename T>
+inline T nan_max(T a, T b) {
+  return (a != a || a >= b) ? a : b;
+}
 
-// Greedy sampling of one image, features (HW, C) channels-last, with a team of `threads`.
+// Greedy sampling of one image, features (C, HW) as stored (no copy), with a team of
+// `threads`. Each thread owns a contiguous chunk of pixels; per step it accumulates its part of
+// the row S(s, ·) channel by channel (contiguous, vectorised axpy over the chunk).
 template <typename scalar_t>
-void greedy_image(const scalar_t* f, int64_t HW, int64_t C, int64_t first, int64_t M,
-                  double scale, int64_t* out, int threads) {
+void greedy_image(const scalar_t* f, int64_t HW, int64_t C, int64_t first, int64_t M, double scale,
+                  int64_t* out, int threads) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr acc_t kInf = std::numeric_limits<acc_t>::infinity();
   std::vector<acc_t> cumulative(HW, acc_t(0)), score(HW, -kInf);
@@ -45,19 +49,25 @@ void greedy_image(const scalar_t* f, int64_t HW, int64_t C, int64_t first, int64
   {
     const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
 #pragma omp single
-    { best[0].resize(nt); best[1].resize(nt); }  // implicit barrier after single
+    {
+      best[0].resize(nt);
+      best[1].resize(nt);
+    }  // implicit barrier after single
     const int64_t chunk = (HW + nt - 1) / nt;
     const int64_t begin = std::min(HW, tid * chunk), end = std::min(HW, begin + chunk);
+    std::vector<acc_t> fs(C), row(end - begin);
     int64_t s = first;
     for (int64_t m = 0; m < M; ++m) {
       if (tid == 0) out[m] = s;
       if (s >= begin && s < end) chosen[s] = 1;  // each thread owns its chunk's state
       if (m + 1 == M) break;
-      const scalar_t* fs = f + s * C;
+      for (int64_t c = 0; c < C; ++c) fs[c] = acc_t(scale) * acc_t(f[c * HW + s]);
+      std::fill(row.begin(), row.end(), acc_t(0));
+      for (int64_t c = 0; c < C; ++c) axpy(fs[c], f + c * HW + begin, row.data(), end - begin);
       acc_t bv = kInf;
       int64_t bi = -1;
       for (int64_t j = begin; j < end; ++j) {
-        cumulative[j] += acc_t(scale) * dot<acc_t>(fs, f + j * C, C);
+        cumulative[j] += row[j - begin];
         score[j] = nan_max(score[j], cumulative[j]);
         if (chosen[j]) continue;
         const acc_t key = std::isnan(score[j]) ? kInf : score[j];  // NaN counts as +inf
@@ -68,7 +78,8 @@ void greedy_image(const scalar_t* f, int64_t HW, int64_t C, int64_t first, int64
 #pragma omp barrier
       bv = kInf, bi = -1;
       for (int t = 0; t < nt; ++t)  // chunks ascend with t, so strict < keeps the smallest index
-        if (slot[t].second >= 0 && (bi < 0 || slot[t].first < bv)) bv = slot[t].first, bi = slot[t].second;
+        if (slot[t].second >= 0 && (bi < 0 || slot[t].first < bv))
+          bv = slot[t].first, bi = slot[t].second;
       s = bi;  // every thread reaches the same choice; M <= HW guarantees one exists
     }
   }
@@ -93,7 +104,7 @@ at::Tensor cra_greedy_sampling_cpu(const at::Tensor& feat, const at::Tensor& fir
                                    int64_t num_proxies, double scale) {
   check_greedy_args(feat, first, num_proxies);
   const int64_t B = feat.size(0), C = feat.size(1), HW = feat.size(2) * feat.size(3);
-  const at::Tensor f = feat.permute({0, 2, 3, 1}).contiguous();  // free for channels-last input
+  const at::Tensor f = feat.contiguous();  // (B, C, HW): free for the usual layout
   const at::Tensor s0 = first.contiguous();
   at::Tensor idx = at::empty({B, num_proxies}, first.options());
   AT_DISPATCH_FLOATING_TYPES(feat.scalar_type(), "cra_greedy_sampling_cpu", [&] {
@@ -130,11 +141,12 @@ void align_forward_kernel(const scalar_t* logits, int64_t L, int64_t R, int64_t 
   using acc_t = at::opmath_type<scalar_t>;
   const int nt = at::get_num_threads();
   std::vector<double> partial(nt, 0.0);
-  parallel_pixels(R, [&](int64_t begin, int64_t end) {
+  parallel_chunks(R, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> prob(L * M);
     double total = 0;
     for (int64_t r = begin; r < end; ++r) {
-      for (int64_t l = 0; l < L; ++l) lse[l * R + r] = log_sum_exp<acc_t>(logits + (l * R + r) * M, M);
+      for (int64_t l = 0; l < L; ++l)
+        lse[l * R + r] = log_sum_exp<acc_t>(logits + (l * R + r) * M, M);
       row_probs(logits, lse, L, R, r, M, prob.data());
       for (int64_t l = 0; l + 1 < L; ++l) {  // KL(P_{l+1} || P_l) = sum q (log q - log(p + eps))
         const acc_t* p = prob.data() + l * M;
@@ -159,7 +171,7 @@ template <typename scalar_t>
 void align_backward_kernel(const scalar_t* logits, const at::opmath_type<scalar_t>* lse, int64_t L,
                            int64_t R, int64_t M, double eps, double coef, scalar_t* grad) {
   using acc_t = at::opmath_type<scalar_t>;
-  parallel_pixels(R, [&](int64_t begin, int64_t end) {
+  parallel_chunks(R, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> prob(L * M), log_p_eps(M), g(L * M);
     for (int64_t r = begin; r < end; ++r) {
       row_probs(logits, lse, L, R, r, M, prob.data());
@@ -179,7 +191,8 @@ void align_backward_kernel(const scalar_t* logits, const at::opmath_type<scalar_
         acc_t* gp = g.data() + l * M;
         acc_t* gq = g.data() + (l + 1) * M;
         for (int64_t m = 0; m < M; ++m) {
-          const acc_t u = (q[m] > 0 || q[m] != q[m]) ? (acc_t(zq[m]) - lse_q) - log_p_eps[m] : acc_t(0);
+          const acc_t u =
+              (q[m] > 0 || q[m] != q[m]) ? (acc_t(zq[m]) - lse_q) - log_p_eps[m] : acc_t(0);
           gq[m] += q[m] * (u - A);
           gp[m] += p[m] * (-q[m] / (p[m] + acc_t(eps)) - Bsum);
         }

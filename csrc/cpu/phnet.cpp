@@ -8,9 +8,8 @@
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
-
 #include <omp.h>
+#include <torch/library.h>
 
 #include <cmath>
 #include <cstring>
@@ -61,7 +60,8 @@ void hardness_forward_kernel(const scalar_t* x, scalar_t* out, const PatchGrid& 
       const int64_t b = r / g.Nh, i = r % g.Nh;
       std::fill(acc.begin(), acc.end(), acc_t(0));
       for (int64_t y = i * g.ph; y < (i + 1) * g.ph; ++y) {
-        row_probabilities(x + b * g.K * HW + y * g.W, g.K, g.W, HW, from_logits, p.data(), scratch.data());
+        row_probabilities(x + b * g.K * HW + y * g.W, g.K, g.W, HW, from_logits, p.data(),
+                          scratch.data());
         std::fill(ent.begin(), ent.end(), acc_t(0));
         for (int64_t k = 0; k < g.K; ++k) {
           const acc_t* pk = p.data() + k * g.W;
@@ -87,7 +87,8 @@ void hardness_backward_kernel(const scalar_t* grad, const scalar_t* x, scalar_t*
     for (int64_t r = begin; r < end; ++r) {
       const int64_t b = r / g.H, y = r % g.H;
       scalar_t* dr = dx + b * g.K * HW + y * g.W;
-      row_probabilities(x + b * g.K * HW + y * g.W, g.K, g.W, HW, from_logits, p.data(), scratch.data());
+      row_probabilities(x + b * g.K * HW + y * g.W, g.K, g.W, HW, from_logits, p.data(),
+                        scratch.data());
       const scalar_t* gr = grad + (b * g.Nh + y / g.ph) * g.Nw;
       for (int64_t i = 0; i < g.W; ++i) c[i] = scale * acc_t(gr[i / g.pw]), dot[i] = 0;
       // dr/dp_k = scale · (log(p_k + eps) + p_k / (p_k + eps))
@@ -142,10 +143,11 @@ void cutmix_kernel(const std::vector<at::Tensor>& src, std::vector<at::Tensor>& 
   });
 }
 
-// Contrastive tile kernels: rows of a (rows, cols) tile of dot products, a thread per block of rows.
+// Contrastive tile kernels: rows of a (rows, cols) tile of dot products, a thread per block of
+// rows.
 template <typename scalar_t>
-void lse_update_kernel(const at::Tensor& sim, const at::Tensor& ya, const at::Tensor& yn, at::Tensor& m,
-                       at::Tensor& s, double inv_tau) {
+void lse_update_kernel(const at::Tensor& sim, const at::Tensor& ya, const at::Tensor& yn,
+                       at::Tensor& m, at::Tensor& s, double inv_tau) {
   const int64_t rows = sim.size(0), cols = sim.size(1);
   const scalar_t* S = sim.data_ptr<scalar_t>();
   const int64_t* la = ya.data_ptr<int64_t>();
@@ -168,7 +170,8 @@ void lse_update_kernel(const at::Tensor& sim, const at::Tensor& ya, const at::Te
       const scalar_t m_new = nan ? std::numeric_limits<scalar_t>::quiet_NaN() : std::max(mp[i], mx);
       scalar_t sum = 0;
 #pragma omp simd reduction(+ : sum)
-      for (int64_t j = 0; j < cols; ++j) sum += ln[j] != c ? std::exp(Si[j] * it - m_new) : scalar_t(0);
+      for (int64_t j = 0; j < cols; ++j)
+        sum += ln[j] != c ? std::exp(Si[j] * it - m_new) : scalar_t(0);
       sp[i] = sp[i] * std::exp(mp[i] - m_new) + sum;
       mp[i] = m_new;
     }
@@ -176,8 +179,8 @@ void lse_update_kernel(const at::Tensor& sim, const at::Tensor& ya, const at::Te
 }
 
 template <typename scalar_t>
-void grad_tile_kernel(at::Tensor& sim, const at::Tensor& ya, const at::Tensor& yn, const at::Tensor& lse,
-                      const at::Tensor& coef, double inv_tau) {
+void grad_tile_kernel(at::Tensor& sim, const at::Tensor& ya, const at::Tensor& yn,
+                      const at::Tensor& lse, const at::Tensor& coef, double inv_tau) {
   const int64_t rows = sim.size(0), cols = sim.size(1);
   scalar_t* S = sim.data_ptr<scalar_t>();
   const int64_t* la = ya.data_ptr<int64_t>();
@@ -195,19 +198,20 @@ void grad_tile_kernel(at::Tensor& sim, const at::Tensor& ya, const at::Tensor& y
         continue;
       }
 #pragma omp simd
-      for (int64_t j = 0; j < cols; ++j) Si[j] = ln[j] != c ? ci * std::exp(Si[j] * it - li) : scalar_t(0);
+      for (int64_t j = 0; j < cols; ++j)
+        Si[j] = ln[j] != c ? ci * std::exp(Si[j] * it - li) : scalar_t(0);
     }
   });
 }
 
-void lse_update_cpu(const at::Tensor& sim, const at::Tensor& ya, const at::Tensor& yn, at::Tensor& m,
-                    at::Tensor& s, double inv_tau) {
+void lse_update_cpu(const at::Tensor& sim, const at::Tensor& ya, const at::Tensor& yn,
+                    at::Tensor& m, at::Tensor& s, double inv_tau) {
   AT_DISPATCH_FLOATING_TYPES(sim.scalar_type(), "lse_update_cpu",
                              [&] { lse_update_kernel<scalar_t>(sim, ya, yn, m, s, inv_tau); });
 }
 
-void grad_tile_cpu(at::Tensor& sim, const at::Tensor& ya, const at::Tensor& yn, const at::Tensor& lse,
-                   const at::Tensor& coef, double inv_tau) {
+void grad_tile_cpu(at::Tensor& sim, const at::Tensor& ya, const at::Tensor& yn,
+                   const at::Tensor& lse, const at::Tensor& coef, double inv_tau) {
   AT_DISPATCH_FLOATING_TYPES(sim.scalar_type(), "grad_tile_cpu",
                              [&] { grad_tile_kernel<scalar_t>(sim, ya, yn, lse, coef, inv_tau); });
 }
@@ -257,16 +261,18 @@ std::tuple<at::Tensor, at::Tensor> contrastive_forward_cpu(
     const at::Tensor& anchors, const at::Tensor& anchor_labels, const at::Tensor& negatives,
     const at::Tensor& negative_labels, const at::Tensor& positives, const at::Tensor& has_positive,
     double temperature) {
-  return contrastive_forward(kCpuTiles, anchors, anchor_labels, negatives, negative_labels, positives,
-                             has_positive, temperature);
+  return contrastive_forward(kCpuTiles, anchors, anchor_labels, negatives, negative_labels,
+                             positives, has_positive, temperature);
 }
 
 std::tuple<at::Tensor, at::Tensor> contrastive_backward_cpu(
     const at::Tensor& grad_loss, const at::Tensor& anchors, const at::Tensor& anchor_labels,
     const at::Tensor& negatives, const at::Tensor& negative_labels, const at::Tensor& positives,
-    const at::Tensor& has_positive, const at::Tensor& lse, double temperature, bool need_grad_negatives) {
-  return contrastive_backward(kCpuTiles, grad_loss, anchors, anchor_labels, negatives, negative_labels,
-                              positives, has_positive, lse, temperature, need_grad_negatives);
+    const at::Tensor& has_positive, const at::Tensor& lse, double temperature,
+    bool need_grad_negatives) {
+  return contrastive_backward(kCpuTiles, grad_loss, anchors, anchor_labels, negatives,
+                              negative_labels, positives, has_positive, lse, temperature,
+                              need_grad_negatives);
 }
 
 }  // namespace

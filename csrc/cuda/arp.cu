@@ -17,16 +17,21 @@ struct Pixel {
   int y, x;
 };
 
-__device__ __forceinline__ Pixel pixel_of(const ArpShape& s, long long i) {
+// The pixel of this warp (one warp per pixel); false past the last one, for the whole warp.
+__device__ __forceinline__ bool warp_pixel(const ArpShape& s, Pixel& px) {
   const long long HW = s.H * s.W;
-  Pixel px{i, i / HW, i % HW, 0, 0};
+  px.i = static_cast<long long>(blockIdx.x) * kWarpsPerBlock + threadIdx.y;
+  if (px.i >= s.B * HW) return false;
+  px.b = px.i / HW;
+  px.p = px.i % HW;
   px.y = static_cast<int>(px.p / s.W);
   px.x = static_cast<int>(px.p % s.W);
-  return px;
+  return true;
 }
 
 // Neighbour at tap t in direction sign (+1: p + d*o, -1: p - d*o) as a flat index; -1 outside.
-__device__ __forceinline__ long long neighbour(const ArpShape& s, const Pixel& px, int t, int sign) {
+__device__ __forceinline__ long long neighbour(const ArpShape& s, const Pixel& px, int t,
+                                               int sign) {
   const int r = s.kernel_size / 2;
   const int qy = px.y + sign * s.dilation * (t / s.kernel_size - r);
   const int qx = px.x + sign * s.dilation * (t % s.kernel_size - r);
@@ -42,9 +47,9 @@ __global__ void arp_forward_kernel(ArpShape s, const T* __restrict__ feat,
   extern __shared__ unsigned char smem[];
   const int taps = s.kernel_size * s.kernel_size, lane = threadIdx.x;
   A* aff = reinterpret_cast<A*>(smem) + threadIdx.y * taps;
-  const long long i = static_cast<long long>(blockIdx.x) * kWarpsPerBlock + threadIdx.y;
-  if (i >= s.B * s.H * s.W) return;  // the whole warp leaves together
-  const Pixel px = pixel_of(s, i);
+  Pixel px;
+  if (!warp_pixel(s, px)) return;
+  const long long i = px.i;
   const T* fp = feat + i * s.C;
 
   for (int t = 0; t < taps; ++t) {
@@ -53,7 +58,8 @@ __global__ void arp_forward_kernel(ArpShape s, const T* __restrict__ feat,
     if (q >= 0)
       for (long long c = lane; c < s.C; c += 32) part += load(fp + c) * load(feat + q * s.C + c);
     part = warp_sum(part);
-    if (lane == 0) aff[t] = q >= 0 ? static_cast<A>(scale) * part : (s.valid_padding ? A(-INFINITY) : A(0));
+    if (lane == 0)
+      aff[t] = q >= 0 ? static_cast<A>(scale) * part : (s.valid_padding ? A(-INFINITY) : A(0));
   }
   __syncwarp();
   A amax = A(-INFINITY), denom = 0;
@@ -64,7 +70,7 @@ __global__ void arp_forward_kernel(ArpShape s, const T* __restrict__ feat,
   __syncwarp();
   for (int t = lane; t < taps; t += 32) {
     aff[t] = exp(aff[t] - amax) / denom;
-    store(weights + i * taps + t, aff[t]);
+    store(weights + (px.b * taps + t) * s.H * s.W + px.p, aff[t]);
   }
   __syncwarp();
   for (int k = 0; k < s.K; ++k) {
@@ -85,9 +91,9 @@ __global__ void arp_affinity_grad_kernel(ArpShape s, const T* __restrict__ grad_
                                          acc_t<T>* __restrict__ da, double scale) {
   using A = acc_t<T>;
   const int taps = s.kernel_size * s.kernel_size, lane = threadIdx.x;
-  const long long i = static_cast<long long>(blockIdx.x) * kWarpsPerBlock + threadIdx.y;
-  if (i >= s.B * s.H * s.W) return;
-  const Pixel px = pixel_of(s, i);
+  Pixel px;
+  if (!warp_pixel(s, px)) return;
+  const long long i = px.i;
   const long long HW = s.H * s.W;
   A wdw = 0;
   for (int t = lane; t < taps; t += 32) {
@@ -97,11 +103,12 @@ __global__ void arp_affinity_grad_kernel(ArpShape s, const T* __restrict__ grad_
       for (int k = 0; k < s.K; ++k)
         dw += load(grad_out + (px.b * s.K + k) * HW + px.p) * load(value + q * s.K + k);
     da[i * taps + t] = dw;
-    wdw += load(weights + i * taps + t) * dw;
+    wdw += load(weights + (px.b * taps + t) * HW + px.p) * dw;
   }
   wdw = warp_sum(wdw);
   for (int t = lane; t < taps; t += 32)
-    da[i * taps + t] = static_cast<A>(scale) * load(weights + i * taps + t) * (da[i * taps + t] - wdw);
+    da[i * taps + t] = static_cast<A>(scale) * load(weights + (px.b * taps + t) * HW + px.p) *
+                       (da[i * taps + t] - wdw);
 }
 
 template <typename T>
@@ -111,17 +118,17 @@ __global__ void arp_gather_grad_kernel(ArpShape s, const T* __restrict__ grad_ou
                                        T* __restrict__ grad_value) {
   using A = acc_t<T>;
   const int taps = s.kernel_size * s.kernel_size, lane = threadIdx.x;
-  const long long i = static_cast<long long>(blockIdx.x) * kWarpsPerBlock + threadIdx.y;
-  if (i >= s.B * s.H * s.W) return;
-  const Pixel px = pixel_of(s, i);
+  Pixel px;
+  if (!warp_pixel(s, px)) return;
+  const long long i = px.i;
   const long long HW = s.H * s.W;
   if (grad_feat != nullptr) {
     for (long long c = lane; c < s.C; c += 32) {
       A acc = 0;
       for (int t = 0; t < taps; ++t) {
-        const long long q = neighbour(s, px, t, +1);   // p as query of q
+        const long long q = neighbour(s, px, t, +1);  // p as query of q
         if (q >= 0) acc += da[i * taps + t] * load(feat + q * s.C + c);
-        const long long k = neighbour(s, px, t, -1);   // p as key of k
+        const long long k = neighbour(s, px, t, -1);  // p as key of k
         if (k >= 0) acc += da[k * taps + t] * load(feat + k * s.C + c);
       }
       store(grad_feat + i * s.C + c, acc);
@@ -133,7 +140,8 @@ __global__ void arp_gather_grad_kernel(ArpShape s, const T* __restrict__ grad_ou
       for (int t = 0; t < taps; ++t) {
         const long long src = neighbour(s, px, t, -1);  // the pixel whose tap t lands on p
         if (src >= 0)
-          acc += load(weights + src * taps + t) * load(grad_out + (px.b * s.K + k) * HW + (src - px.b * HW));
+          acc += load(weights + (px.b * taps + t) * HW + (src - px.b * HW)) *
+                 load(grad_out + (px.b * s.K + k) * HW + (src - px.b * HW));
       }
       store(grad_value + (px.b * s.K + k) * HW + px.p, acc);
     }
@@ -158,8 +166,8 @@ cudaError_t arp_forward(DType dtype, const ArpShape& s, const void* feat, const 
 }
 
 cudaError_t arp_backward(DType dtype, const ArpShape& s, const void* grad_out, const void* feat,
-                         const void* value, const void* weights, void* grad_feat,
-                         void* grad_value, void* da_scratch, double scale, cudaStream_t stream) {
+                         const void* value, const void* weights, void* grad_feat, void* grad_value,
+                         void* da_scratch, double scale, cudaStream_t stream) {
   if (s.B * s.H * s.W == 0) return cudaSuccess;
   return dispatch(dtype, [&](auto tag) {
     using T = decltype(tag);
@@ -169,8 +177,8 @@ cudaError_t arp_backward(DType dtype, const ArpShape& s, const void* grad_out, c
           static_cast<const T*>(weights), static_cast<acc_t<T>*>(da_scratch), scale);
     arp_gather_grad_kernel<T><<<pixel_grid(s), kBlock, 0, stream>>>(
         s, static_cast<const T*>(grad_out), static_cast<const T*>(feat),
-        static_cast<const T*>(weights), static_cast<const acc_t<T>*>(da_scratch), static_cast<T*>(grad_feat),
-        static_cast<T*>(grad_value));
+        static_cast<const T*>(weights), static_cast<const acc_t<T>*>(da_scratch),
+        static_cast<T*>(grad_feat), static_cast<T*>(grad_value));
   });
 }
 

@@ -11,8 +11,14 @@ namespace {
 
 ArpShape shape_of(const at::Tensor& feat, const at::Tensor& value, int64_t kernel_size,
                   int64_t dilation, bool valid_padding) {
-  return {feat.size(0), feat.size(1), value.size(1), feat.size(2), feat.size(3),
-          static_cast<int>(kernel_size), static_cast<int>(dilation), valid_padding};
+  return {feat.size(0),
+          feat.size(1),
+          value.size(1),
+          feat.size(2),
+          feat.size(3),
+          static_cast<int>(kernel_size),
+          static_cast<int>(dilation),
+          valid_padding};
 }
 
 at::Tensor channels_last(const at::Tensor& t) { return t.permute({0, 2, 3, 1}).contiguous(); }
@@ -25,7 +31,7 @@ std::tuple<at::Tensor, at::Tensor> arp_forward_cuda(const at::Tensor& feat, cons
   const ArpShape s = shape_of(feat, value, kernel_size, dilation, valid_padding);
   const at::Tensor f = channels_last(feat), v = channels_last(value);
   at::Tensor out = at::empty({s.B, s.K, s.H, s.W}, feat.options());
-  at::Tensor weights = at::empty({s.B, s.H, s.W, kernel_size * kernel_size}, feat.options());
+  at::Tensor weights = at::empty({s.B, kernel_size * kernel_size, s.H, s.W}, feat.options());
   check_launch(arp_forward(dtype_of(feat), s, f.data_ptr(), v.data_ptr(), out.data_ptr(),
                            weights.data_ptr(), scale, c10::cuda::getCurrentCUDAStream()),
                "arp_forward");
@@ -45,13 +51,15 @@ std::tuple<at::Tensor, at::Tensor> arp_backward_cuda(
                                         : at::empty({0}, feat.options());
   at::Tensor grad_value = need_grad_value ? at::empty({s.B, s.K, s.H, s.W}, value.options())
                                           : at::empty({0}, value.options());
-  at::Tensor da = at::empty({need_grad_feat ? w.numel() : 0}, feat.options().dtype(accumulator_type(feat)));
+  at::Tensor da =
+      at::empty({need_grad_feat ? w.numel() : 0}, feat.options().dtype(accumulator_type(feat)));
   check_launch(arp_backward(dtype_of(feat), s, go.data_ptr(), f.data_ptr(), v.data_ptr(),
                             w.data_ptr(), need_grad_feat ? grad_feat.data_ptr() : nullptr,
-                            need_grad_value ? grad_value.data_ptr() : nullptr, da.data_ptr(),
-                            scale, c10::cuda::getCurrentCUDAStream()),
+                            need_grad_value ? grad_value.data_ptr() : nullptr, da.data_ptr(), scale,
+                            c10::cuda::getCurrentCUDAStream()),
                "arp_backward");
-  if (need_grad_feat) grad_feat = grad_feat.permute({0, 3, 1, 2});
+  // The kernels run channels-last; the op's contract is a contiguous (B, C, H, W) gradient.
+  if (need_grad_feat) grad_feat = grad_feat.permute({0, 3, 1, 2}).contiguous();
   return {grad_feat, grad_value};
 }
 

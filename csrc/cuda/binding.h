@@ -10,11 +10,16 @@ namespace busseg::cuda {
 
 inline DType dtype_of(const at::Tensor& t) {
   switch (t.scalar_type()) {
-    case at::kHalf: return DType::f16;
-    case at::kBFloat16: return DType::bf16;
-    case at::kFloat: return DType::f32;
-    case at::kDouble: return DType::f64;
-    default: TORCH_CHECK_TYPE(false, "expected a floating tensor, got ", t.scalar_type());
+    case at::kHalf:
+      return DType::f16;
+    case at::kBFloat16:
+      return DType::bf16;
+    case at::kFloat:
+      return DType::f32;
+    case at::kDouble:
+      return DType::f64;
+    default:
+      TORCH_CHECK_TYPE(false, "expected a floating tensor, got ", t.scalar_type());
   }
 }
 

@@ -64,10 +64,13 @@ std::vector<at::Tensor> patch_cutmix_cuda(at::TensorList tensors, const at::Tens
   return dst;
 }
 
+// int64 label tensors as the launchers' 64-bit `long long` (int64_t is `long` on Linux).
+const long long* labels(const at::Tensor& t) { return static_cast<const long long*>(t.data_ptr()); }
+
 void lse_update_cuda(const at::Tensor& sim, const at::Tensor& ya, const at::Tensor& yn, at::Tensor& m,
                      at::Tensor& s, double inv_tau) {
   check_launch(contrastive_lse_update(dtype_of(sim), sim.data_ptr(), sim.size(0), sim.size(1),
-                                      ya.data_ptr<int64_t>(), yn.data_ptr<int64_t>(), m.data_ptr(),
+                                      labels(ya), labels(yn), m.data_ptr(),
                                       s.data_ptr(), inv_tau, c10::cuda::getCurrentCUDAStream()),
                "memory_contrastive lse tile");
 }
@@ -75,7 +78,7 @@ void lse_update_cuda(const at::Tensor& sim, const at::Tensor& ya, const at::Tens
 void grad_tile_cuda(at::Tensor& sim, const at::Tensor& ya, const at::Tensor& yn, const at::Tensor& lse,
                     const at::Tensor& coef, double inv_tau) {
   check_launch(contrastive_grad_tile(dtype_of(sim), sim.data_ptr(), sim.size(0), sim.size(1),
-                                     ya.data_ptr<int64_t>(), yn.data_ptr<int64_t>(), lse.data_ptr(),
+                                     labels(ya), labels(yn), lse.data_ptr(),
                                      coef.data_ptr(), inv_tau, c10::cuda::getCurrentCUDAStream()),
                "memory_contrastive gradient tile");
 }

@@ -1,0 +1,122 @@
+"""CRA at the upstream setting (SPEC §2; issue 3): B=8, 65×65 deep features, M=64 proxies.
+
+- Greedy sampling (C=256 projected deep features): ours (`cpu`) against the upstream formulation
+  (materialised (B, HW, HW) correlation map, then a per-image, per-step Python loop with argmin).
+- Alignment loss over four layers of 256/512/1024/2048 channels on the 65×65 grid (layer 1
+  resized from its 130×130 map, detached, as upstream), proxies gathered from each layer's own
+  map at the mapped indices: ours (`cpu`) against the reference formulation (einsum + softmax +
+  KLDivLoss per adjacent pair), forward+backward.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import busseg_ops
+from peak_memory import peak_extra_mib
+
+B, C, H, W, M = 8, 256, 65, 65, 64
+CHANNELS = (256, 512, 1024, 2048)
+
+
+def upstream_sampling(feat, first, num_proxies=M):
+    """RA-BUSSeg's formulation: the whole correlation map, then per image and per step a pass
+    over it with argmin (same selection rule as SPEC §2.1)."""
+    b, c, h, w = feat.shape
+    f = feat.flatten(2)
+    corr = torch.bmm(f.transpose(1, 2), f) * c ** -0.5  # (B, HW, HW)
+    out = []
+    for i in range(b):
+        chosen = [int(first[i])]
+        cumulative = torch.zeros(h * w)
+        score = torch.full((h * w,), float("-inf"))
+        for _ in range(num_proxies - 1):
+            cumulative = cumulative + corr[i, chosen[-1]]
+            score = torch.maximum(score, cumulative)
+            masked = score.clone()
+            masked[chosen] = float("inf")
+            chosen.append(int(masked.argmin()))
+        out.append(chosen)
+    return torch.tensor(out)
+
+
+def ours_sampling(feat, first):
+    with busseg_ops.use_backend("cpu"):
+        return busseg_ops.greedy_proxy_sampling(feat, M, first=first)
+
+
+SAMPLING = {"cpu": ours_sampling, "upstream": upstream_sampling}
+
+
+def sampling_inputs():
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(B, C, H, W, generator=g).relu(), torch.randint(0, H * W, (B,), generator=g)
+
+
+@pytest.mark.parametrize("impl", list(SAMPLING))
+def test_cra_sampling(benchmark, impl):
+    benchmark.group = "cra greedy sampling"
+    feat, first = sampling_inputs()
+    fn = SAMPLING[impl]
+    if impl == "cpu":
+        assert torch.equal(fn(feat, first), upstream_sampling(feat, first))
+    benchmark.pedantic(fn, (feat, first), rounds=3, warmup_rounds=1)
+
+
+def reference_loss(feats, proxies):
+    with busseg_ops.use_backend("reference"):
+        return busseg_ops.cross_layer_alignment_loss(feats, proxies)
+
+
+def ours_loss(feats, proxies):
+    with busseg_ops.use_backend("cpu"):
+        return busseg_ops.cross_layer_alignment_loss(feats, proxies)
+
+
+LOSS = {"cpu": ours_loss, "reference": reference_loss}
+
+
+def loss_inputs():
+    """Layer maps (layer 1 at 130×130), the 65×65 grid feats (detached) and the proxies gathered
+    from each map at the mapped greedy indices (leaves that require grad)."""
+    g = torch.Generator().manual_seed(0)
+    maps = [torch.randn(B, c, 2 * H if l == 0 else H, 2 * W if l == 0 else W, generator=g)
+            for l, c in enumerate(CHANNELS)]
+    feats = [F.interpolate(maps[0], (H, W), mode="bilinear", align_corners=True)] + maps[1:]
+    idx = busseg_ops.greedy_proxy_sampling(maps[-1], M, first=torch.zeros(B, dtype=torch.long))
+    proxies = [busseg_ops.gather_proxies(maps[0], busseg_ops.map_proxy_indices(idx, (H, W), (2 * H, 2 * W)))]
+    proxies += [busseg_ops.gather_proxies(m, idx) for m in maps[1:]]
+    return feats, [p.contiguous().requires_grad_() for p in proxies]
+
+
+@pytest.mark.parametrize("impl", list(LOSS))
+def test_cra_loss_forward_backward(benchmark, impl):
+    benchmark.group = "cra loss fwd+bwd"
+    feats, proxies = loss_inputs()
+    fn = LOSS[impl]
+
+    def step():
+        fn(feats, proxies).backward()
+        for p in proxies:
+            p.grad = None
+
+    step()
+    benchmark.pedantic(step, rounds=3, warmup_rounds=1)
+
+
+_SETUP = f"""
+import sys; sys.path.insert(0, 'benchmarks')
+import torch, bench_cra
+"""
+
+
+@pytest.mark.parametrize("impl", list(SAMPLING))
+def test_cra_sampling_peak_memory(impl, record_memory):
+    setup = _SETUP + f"feat, first = bench_cra.sampling_inputs()\nfn = bench_cra.SAMPLING[{impl!r}]\n"
+    record_memory("cra greedy sampling", impl, peak_extra_mib(setup, "fn(feat, first)"))
+
+
+@pytest.mark.parametrize("impl", list(LOSS))
+def test_cra_loss_peak_memory(impl, record_memory):
+    setup = _SETUP + f"feats, proxies = bench_cra.loss_inputs()\nfn = bench_cra.LOSS[{impl!r}]\n"
+    record_memory("cra loss fwd+bwd", impl,
+                  peak_extra_mib(setup, "fn(feats, proxies).backward()", warm=True))

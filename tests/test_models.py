@@ -1,0 +1,358 @@
+"""busseg_ops.models: shapes, gradients, op wiring, torch.compile, pretrained loading, sizes.
+
+Small models throughout (ResNet-18 widths, U-Net base 8, 64-ish px inputs whose sides are not
+multiples of 32); only the parameter-count test builds a ResNet-50."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import busseg_ops
+from busseg_ops import models as M
+
+H, W = 70, 58  # not divisible by 32 (nor by 8)
+
+
+def up(x, size):
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=True)
+
+
+def shapes(out):
+    return {k: (tuple(v.shape) if torch.is_tensor(v) else [tuple(f.shape) for f in v]) for k, v in out.items()}
+
+
+def grad_check(model, loss):
+    """Every trainable parameter gets a finite, non-zero gradient."""
+    model.zero_grad(set_to_none=True)
+    loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)]
+    assert not missing, f"no gradient reaches: {missing}"
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def random_loss(out):
+    """A loss that touches every element of every output with a random weight."""
+    total = 0
+    for v in out.values():
+        for t in ([v] if torch.is_tensor(v) else v):
+            total = total + (t * torch.randn_like(t)).sum()
+    return total
+
+
+# ---------------------------------------------------------------------------------------- ResNet
+@pytest.mark.parametrize("dilate,strides", [((False, True, True), [4, 8, 8, 8]), ((False, False, False), [4, 8, 16, 32]),
+                                            ((False, False, True), [4, 8, 16, 16])])
+def test_resnet18_stage_maps(dilate, strides):
+    net = M.resnet18(replace_stride_with_dilation=dilate)
+    feats = net(torch.randn(2, 3, H, W))
+    assert net.strides == strides and net.channels == [64, 128, 256, 512]
+    for f, c, s in zip(feats, net.channels, strides):
+        assert f.shape == (2, c, math.ceil(H / s), math.ceil(W / s))
+    assert net.conv1[0].stride == (2, 2) and [net.conv1[i].out_channels for i in (0, 3, 6)] == [64, 64, 128]
+    assert net.layer1[0].conv1.in_channels == 128
+
+
+def test_resnet_dilation_and_multi_grid():
+    plain = M.resnet18()
+    assert [b.conv2.dilation[0] for b in plain.layer3] == [1, 2]      # torchvision semantics
+    assert [b.conv2.dilation[0] for b in plain.layer4] == [2, 4]
+    grid = M.resnet50(multi_grid=(1, 2, 4))
+    assert [b.conv2.dilation[0] for b in grid.layer4] == [4, 8, 16]  # DeepLabv3 multi-grid at OS 8
+    assert grid.layer4[0].conv2.stride == (1, 1)
+    with pytest.raises(ValueError, match="multi_grid"):
+        M.resnet18(multi_grid=(1, 2, 4))
+    with pytest.raises(ValueError, match="backbone"):
+        M.resnet("resnet19")
+
+
+def test_load_pretrained_with_torchvision_names(tmp_path):
+    src = M.resnet18()
+    state = {f"module.{k}": v.clone() for k, v in src.state_dict().items()}   # DataParallel names
+    state["conv1.weight"] = torch.randn(64, 3, 7, 7)                           # plain torchvision stem
+    state["bn1.weight"] = torch.ones(64)                                       # plain stem's bn1: 64 ch
+    del state["module.bn1.weight"]
+    state["fc.weight"], state["fc.bias"] = torch.randn(1000, 512), torch.randn(1000)
+    path = tmp_path / "r18.pth"
+    torch.save({"state_dict": state}, path)
+
+    dst = M.resnet18()
+    report = dst.load_pretrained(str(path))
+    print(report)
+    assert report.unexpected == ["conv1.weight"]
+    assert [m.split(":")[0] for m in report.mismatched] == ["bn1.weight"]
+    assert sorted(report.ignored) == ["fc.bias", "fc.weight"]
+    assert report.missing == ["bn1.weight"]
+    for k, v in src.state_dict().items():
+        if k != "bn1.weight":
+            torch.testing.assert_close(dst.state_dict()[k], v, rtol=0, atol=0)
+
+    net = M.DeepLabV3Plus(2, "resnet18", pretrained=str(path), rep_dim=0, proj_dim=0)
+    torch.testing.assert_close(net.backbone.layer3[1].conv2.weight, src.layer3[1].conv2.weight, rtol=0, atol=0)
+    assert net.backbone.load_report.loaded == report.loaded
+
+    assert str(M.resnet18(pretrained=None).load_report).startswith("no pretrained file")
+    with pytest.raises(FileNotFoundError, match="no file"):
+        M.resnet18(pretrained=str(tmp_path / "missing.pth"))
+
+
+# ------------------------------------------------------------------------------ segmentation nets
+def small_deeplab(**kw):
+    return M.DeepLabV3Plus(2, "resnet18", rep_dim=32, proj_dim=32, **kw)
+
+
+def test_deeplab_outputs_only_what_is_asked():
+    net = small_deeplab().eval()
+    x = torch.randn(2, 3, H, W)
+    assert list(net(x)) == ["pred"] and net(x)["pred"].shape == (2, 2, H, W)
+    out = net(x, need_rep=True, need_proj=True, need_feats=True, need_fp=True)
+    s4, s8 = (math.ceil(H / 4), math.ceil(W / 4)), (math.ceil(H / 8), math.ceil(W / 8))
+    assert shapes(out) == {"pred": (2, 2, H, W), "rep": (2, 32, *s4), "proj": (2, 32, *s8),
+                           "feats": [(2, 64, *s4), (2, 128, *s8), (2, 256, *s8), (2, 512, *s8)],
+                           "pred_fp": (2, 2, H, W)}
+    torch.testing.assert_close(out["rep"].norm(dim=1), torch.ones(2, *s4))
+    assert (out["proj"] >= 0).all()
+    torch.testing.assert_close(out["pred"], net(x)["pred"])             # eval: fp branch = plain
+    with pytest.raises(ValueError, match="rep_dim"):
+        M.DeepLabV3Plus(2, "resnet18", rep_dim=0)(x, need_rep=True)
+
+
+def test_deeplab_gradients_reach_every_parameter():
+    net = small_deeplab().train()
+    out = net(torch.randn(2, 3, H, W), need_rep=True, need_proj=True, need_fp=True)
+    grad_check(net, random_loss(out))
+
+
+def test_unet_outputs_and_gradients():
+    net = M.UNet(2, in_channels=1, base=8, rep_dim=16, proj_dim=16)
+    x = torch.randn(2, 1, H, W)
+    out = net(x, need_rep=True, need_proj=True, need_feats=True)
+    sizes = [(math.ceil(H / s), math.ceil(W / s)) for s in (2, 4, 8, 16)]
+    assert shapes(out) == {"pred": (2, 2, H, W), "rep": (2, 16, H, W), "proj": (2, 16, *sizes[-1]),
+                           "feats": [(2, 8 * 2 ** i, *sz) for i, sz in enumerate(sizes, 1)]}
+    grad_check(net, random_loss(out))
+
+
+def test_resnet50_deeplab_parameter_count():
+    net = M.DeepLabV3Plus(2, "resnet50")
+    count = lambda m: sum(p.numel() for p in m.parameters())
+    total, backbone, heads = count(net), count(net.backbone), count(net.heads)
+    print(f"\nResNet-50 DeepLabv3+ (deep stem, K=2): backbone {backbone / 1e6:.2f} M, segmentation net "
+          f"{(total - heads) / 1e6:.2f} M (published ≈40.5 M), + rep/proj heads {heads / 1e6:.2f} M = "
+          f"{total / 1e6:.2f} M")
+    assert 23.4e6 < backbone < 23.9e6          # torchvision R50 trunk 23.5 M + deep stem
+    assert 40.0e6 < total - heads < 41.0e6
+    rep, proj = 304 * 256 * 9 + 256 * 256 + 4 * 256, 2048 * 256 * 9 + 2 * 256
+    assert heads == rep + proj
+
+
+# ------------------------------------------------------------------------------- relation modules
+def test_arp_module_matches_the_op_by_hand():
+    feat = torch.randn(2, 16, 9, 8, requires_grad=True)
+    logits = torch.randn(2, 2, H, W, requires_grad=True)
+    arp = M.AdjacentRelationPropagation(kernel_size=3, dilation=2)
+    out = arp(feat, logits)
+    ref = up(busseg_ops.adjacent_relation_propagation(feat, up(logits.detach(), (9, 8)), 3, 2), (H, W))
+    torch.testing.assert_close(out, ref)
+    target = torch.randint(0, 2, (2, H, W))
+    target[:, :3] = 255
+    loss = arp.loss(feat, logits, target)
+    torch.testing.assert_close(loss, F.cross_entropy(ref, target, ignore_index=255))
+    loss.backward()
+    assert feat.grad.abs().sum() > 0 and logits.grad is None          # logits are detached
+
+
+# Stand-ins for the CRA ops (SPEC §2), plain PyTorch, used until the real ops land in main.
+def _greedy(feat, num_proxies=64, first=None, label=None, scale=None, generator=None, strategy="greedy"):
+    assert strategy == "greedy"
+    B, C, Hf, Wf = feat.shape
+    f = feat.detach().flatten(2).transpose(1, 2).double()
+    scale = C ** -0.5 if scale is None else scale
+    rows = []
+    for b in range(B):
+        if first is not None:
+            s = int(first[b])
+        else:
+            pool = (label[b].flatten() > 0).nonzero()[:, 0] if label is not None else torch.empty(0, dtype=torch.long)
+            if len(pool) == 0:
+                pool = torch.arange(Hf * Wf)
+            s = int(pool[torch.randint(len(pool), (1,), generator=generator)])
+        chosen, c, run = [s], torch.zeros(Hf * Wf, dtype=torch.double), torch.full((Hf * Wf,), -math.inf, dtype=torch.double)
+        for _ in range(1, num_proxies):
+            c = c + scale * f[b] @ f[b, chosen[-1]]
+            run = torch.maximum(run, c)
+            score = run.clone()
+            score[chosen] = math.inf
+            chosen.append(int(score.argmin()))
+        rows.append(chosen)
+    return torch.tensor(rows, dtype=torch.long, device=feat.device)
+
+
+def _map(idx, src_hw, dst_hw):
+    f = math.ceil(dst_hw[1] / src_hw[1])
+    return (idx // src_hw[1]) * f * dst_hw[1] + (idx % src_hw[1]) * f
+
+
+def _gather(feat, idx):
+    flat = feat.flatten(2).transpose(1, 2)
+    return torch.gather(flat, 1, idx[..., None].expand(-1, -1, flat.shape[-1]))
+
+
+def _loss(feats, proxies, reduction="mean", eps=1e-10):
+    """Σ P_{l+1}(log P_{l+1} − log(P_l + eps)), the target's log taken as a log-softmax so that
+    saturated (exactly 0) probabilities give no NaN gradient."""
+    assert reduction == "mean"
+    logits = [torch.einsum("bcp,bmc->bpm", f.flatten(2), p) for f, p in zip(feats, proxies)]
+    kl = [(torch.softmax(t, -1) * (torch.log_softmax(t, -1) - torch.log(torch.softmax(s, -1) + eps))).mean()
+          for s, t in zip(logits[:-1], logits[1:])]
+    return sum(kl) / len(kl)
+
+
+@pytest.fixture
+def cra_standins(monkeypatch):
+    for name, fn in (("sample_proxies", _greedy), ("greedy_proxy_sampling", _greedy), ("map_proxy_indices", _map),
+                     ("gather_proxies", _gather), ("cross_layer_alignment_loss", _loss)):
+        monkeypatch.setattr(busseg_ops, name, fn, raising=False)
+
+
+def cra_by_hand(feats, proj, label, num_proxies, scales, seed):
+    """SPEC §2 wiring written out, calling the (real or stand-in) ops directly."""
+    lab = F.interpolate(label[:, None].float(), size=proj.shape[-2:], mode="nearest")[:, 0].long()
+    lab[lab == 255] = 0
+    idx = busseg_ops.greedy_proxy_sampling(proj.detach(), num_proxies, label=lab,
+                                           generator=torch.Generator().manual_seed(seed))
+    feats = feats[-scales:]
+    deep = feats[-1].shape[-2:]
+    proxies = [busseg_ops.gather_proxies(f, busseg_ops.map_proxy_indices(idx, tuple(proj.shape[-2:]), tuple(f.shape[-2:])))
+               for f in feats]
+    aligned = [up(f.detach(), deep) for f in feats[:-1]] + [feats[-1]]
+    return busseg_ops.cross_layer_alignment_loss(aligned, proxies), idx, lab
+
+
+def check_cra_module(scales):
+    net = small_deeplab().train()
+    x = torch.randn(2, 3, H, W)
+    label = torch.zeros(2, H, W, dtype=torch.long)
+    label[0, 20:50, 10:40] = 1
+    label[1, :, :5] = 255                      # ignore pixels never seed the first proxy
+    out = net(x, need_proj=True, need_feats=True)
+    cra = M.CrossLayerRelationAlignment(num_proxies=12, scales=scales)
+    loss = cra(out["feats"], out["proj"], label, generator=torch.Generator().manual_seed(7))
+    ref, idx, lab = cra_by_hand(out["feats"], out["proj"], label, 12, scales, 7)
+    torch.testing.assert_close(loss, ref)
+    assert loss > 0
+    assert lab[0].flatten()[idx[0, 0]] == 1                             # first proxy on the lesion
+    assert idx.shape == (2, 12) and all(len(set(r.tolist())) == 12 for r in idx)
+    net.zero_grad()
+    loss.backward()
+    stages = ["layer1", "layer2", "layer3", "layer4"][4 - scales:]
+    for name in stages:                                                 # via the proxies
+        assert getattr(net.backbone, name)[0].conv1.weight.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("scales", [2, 3, 4])
+def test_cra_module_matches_ops_by_hand_standins(cra_standins, scales):
+    check_cra_module(scales)
+
+
+@pytest.mark.skipif(not hasattr(busseg_ops, "cross_layer_alignment_loss"),
+                    reason="CRA ops (busseg_ops.greedy_proxy_sampling, ...) not in this build yet (issue 3)")
+def test_cra_module_matches_real_ops_by_hand():
+    check_cra_module(4)
+
+
+def test_cra_module_validates():
+    with pytest.raises(ValueError, match="scales"):
+        M.CrossLayerRelationAlignment(scales=5)
+    with pytest.raises(ValueError, match="feats"):
+        M.CrossLayerRelationAlignment(scales=4)([torch.randn(1, 4, 4, 4)] * 3, torch.randn(1, 4, 4, 4))
+
+
+# ----------------------------------------------------------------------------------- torch.compile
+def test_torch_compile_full_forward_with_arp():
+    torch._dynamo.reset()
+    net = small_deeplab().eval()
+    arp = M.AdjacentRelationPropagation()
+
+    def step(x):
+        out = net(x, need_proj=True)
+        return out["pred"], arp(out["proj"], out["pred"])
+
+    x = torch.randn(2, 3, 66, 62)
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        for got, want in zip(compiled(x), step(x)):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------ LA-Net
+@pytest.mark.parametrize("backbone", ["resnet18", "unet"])
+def test_lanet_outputs_and_gradients(backbone):
+    net = M.LANet(3, backbone, in_channels=1, **({"unet_base": 8} if backbone == "unet" else {})).train()
+    out = net(torch.randn(2, 1, H, W), need_feats=True)
+    assert out["mask_logits"].shape == (2, 1, H, W) and out["cls"].shape == (2, 3)
+    assert ((out["mask"] > 0) & (out["mask"] < 1)).all()
+    torch.testing.assert_close(out["mask"], torch.sigmoid(out["mask_logits"]))
+    assert len(out["feats"]) == 4
+    del out["feats"]
+    grad_check(net, random_loss(out))
+
+
+def test_lanet_mask_attention_classifier():
+    """cls = FC(GAP(f + f·mask)): with the fusion forced to a constant mask m the pooled feature
+    is (1 + m)·GAP(f)."""
+    net = M.LANet(2, "resnet18").eval()
+    x = torch.randn(2, 3, 64, 64)
+    f = net.backbone(x)[-1].mean(dim=(2, 3))
+    for m in (0.0, 3.0):
+        with torch.no_grad():
+            net.lanet.fuse[0].weight.zero_()
+            net.lanet.fuse[1].bias.fill_(m)
+            net.lanet.fuse[1].running_mean.zero_()
+            net.lanet.fuse[1].running_var.fill_(1 - 1e-5)
+            torch.testing.assert_close(net(x)["cls"], net.fc((1 + torch.sigmoid(torch.tensor(m))) * f))
+
+
+# ------------------------------------------------------------------------------------- SemiSeg-CAW
+def test_semiseg_caw_guidance_and_gradients():
+    net = M.SemiSegCAW(2, 3, arch="unet", in_channels=1, base=8, rep_dim=0, proj_dim=0).train()
+    assert not net.aux.training and net.main.seg.encoder.inc[0][0].in_channels == 2
+    x = torch.randn(2, 1, H, W)
+    out = net(x)
+    assert shapes(out) == {"pred": (2, 2, H, W), "cls": (2, 3), "aux": (2, 1, H, W)}
+    torch.testing.assert_close(out["aux"], 1 - torch.softmax(net.aux(x)["pred"], 1)[:, :1])
+    loss = random_loss(out)
+    loss.backward()
+    assert all(p.grad is None for p in net.aux.parameters())          # frozen stage-1 network
+    grad_check(net.main, random_loss(net(x)))
+
+    joint = M.SemiSegCAW(2, 3, arch="deeplab", backbone="resnet18", rep_dim=0, proj_dim=0, freeze_aux=False)
+    out = joint(torch.randn(2, 3, H, W))
+    assert set(out) == {"pred", "cls", "aux", "aux_pred", "aux_cls"}
+    grad_check(joint, random_loss(out))
+
+
+def test_class_elevate_seg_outputs():
+    net = M.ClassElevateSeg(2, 2, arch="deeplab", backbone="resnet18", rep_dim=8, proj_dim=0)
+    out = net(torch.randn(2, 3, H, W), need_rep=True, need_feats=True)
+    assert set(out) == {"pred", "cls", "aux", "rep", "feats"} and out["aux"].shape == (2, 1, H, W)
+    with pytest.raises(ValueError, match="arch"):
+        M.SegClassNet(arch="vit")
+
+
+def test_weight_generation_module():
+    wgm = M.WeightGenerationModule(2)
+    losses = [torch.tensor(4.0), torch.tensor(0.5)]
+    total, w = wgm(losses)
+    torch.testing.assert_close(total, torch.tensor(4.5))
+    torch.testing.assert_close(w, torch.ones(2))
+    opt = torch.optim.SGD(wgm.parameters(), lr=0.1)
+    for _ in range(200):
+        opt.zero_grad()
+        wgm(losses)[0].backward()
+        opt.step()
+    _, w = wgm(losses)
+    assert (w > 0).all()
+    torch.testing.assert_close(w, torch.tensor([1 / 4.0, 1 / 0.5]), rtol=1e-2, atol=1e-3)  # optimum exp(s)=L
+    with pytest.raises(ValueError, match="losses"):
+        wgm([torch.tensor(1.0)])
