@@ -18,7 +18,7 @@ $(STAMP): Makefile setup.py pyproject.toml
 	  if python3 -c 'import torch' 2>/dev/null; then python3 -m venv --system-site-packages $(VENV); \
 	  else python3 -m venv $(VENV); fi; fi
 	$(PY) -c 'import torch' 2>/dev/null || $(PIP) install -q torch==2.13.0
-	$(PIP) install -q triton numpy pytest pytest-benchmark ninja pybind11 setuptools wheel
+	$(PIP) install -q triton numpy pytest pytest-benchmark ninja pybind11 setuptools wheel pillow matplotlib tqdm
 	$(PIP) install -q --no-build-isolation --no-deps -e .
 	touch $(STAMP)
 
@@ -56,6 +56,10 @@ cmake-check: $(STAMP)
 	cmake --build build/cmake
 
 test: build cuda-check cmake-check
+	$(PY) -m pytest tests -q -m "not slow"
+
+# Everything, the slow tests included (e.g. the BUSI training integration test).
+test-all: build cuda-check cmake-check
 	$(PY) -m pytest tests -q
 
 # Prints pytest-benchmark's tables, then one Markdown table of medians, ratios against the
@@ -63,8 +67,11 @@ test: build cuda-check cmake-check
 bench: build
 	$(PY) -m pytest benchmarks -q -p no:warnings --benchmark-columns=min,median,mean,rounds --benchmark-sort=name
 
+# Trains suponly and rabusseg on the synthetic default (a few minutes on a CPU), prints both test
+# Dice, writes overlays and curve plots under runs/demo/. Nothing is downloaded.
 demo: build
 	$(PY) examples/arp_demo.py
+	$(PY) examples/train_demo.py
 
 clean:
 	rm -rf build busseg_ops/*.so busseg_ops/.built *.egg-info

@@ -42,5 +42,6 @@ setup(
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "numpy"],
-    extras_require={"triton": ["triton"]},
+    extras_require={"triton": ["triton"], "train": ["pillow", "matplotlib", "tqdm"]},
+    entry_points={"console_scripts": ["busseg = busseg_ops.train.cli:main"]},
 )

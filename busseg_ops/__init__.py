@@ -1,5 +1,7 @@
 """busseg_ops: accelerated operators for relation-aware semi-supervised breast-ultrasound
 lesion segmentation (RA-BUSSeg, PH-Net, LA-Net, SemiSeg-CAW). See SPEC and README."""
+import torch  # noqa: F401  (loads libtorch/libc10, which _C links against: `import busseg_ops` alone works)
+
 try:
     from . import _C  # noqa: F401  (registers the torch.ops.busseg.* schemas and kernels)
 except ImportError as err:  # pragma: no cover - exercised only on an unbuilt checkout

@@ -1,0 +1,288 @@
+"""Datasets: BUSI, UDIAT Dataset B, a generic image/mask folder pair and the synthetic default;
+split lists, the 1/2–1/4–1/8 partition protocols and the 8:1:1 split.
+
+An `Item` names one image and its mask files; `SegDataset` reads it (cached) and returns tensors.
+Images are read as 8-bit grayscale whatever their encoding (L, RGB-encoded grayscale, RGBA, 16-bit);
+masks are binarised (> 0) and several mask files are merged by union.
+"""
+from __future__ import annotations
+
+import os
+import random
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from . import augment, synthetic
+
+CLASSES = {"benign": 0, "malignant": 1, "normal": 2}
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+
+class DataError(RuntimeError):
+    """A missing or unreadable data file; the message names it."""
+
+
+@dataclass(frozen=True)
+class Item:
+    name: str                      # the name used in split lists (BUSI: "benign (3).png")
+    image: str = ""                # image path ("" for synthetic items)
+    masks: tuple[str, ...] = ()    # mask paths, merged by union; () = no mask (unlabelled)
+    cls: int = -1                  # class index (CLASSES), -1 unknown
+    seed: int | None = None        # synthetic items: generator seed
+    extra: dict = field(default_factory=dict, compare=False, hash=False)
+
+
+def read_gray(path: str) -> np.ndarray:
+    """8-bit grayscale array from an image file of any common encoding; errors name the file."""
+    from PIL import Image  # Pillow is only needed for real data
+
+    if not os.path.isfile(path):
+        raise DataError(f"missing data file: {path}")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if im.mode in ("I;16", "I;16B", "I"):
+                a = np.asarray(im, dtype=np.float64)
+                return (255 * a / max(a.max(), 1)).astype(np.uint8)
+            return np.asarray(im.convert("L"), dtype=np.uint8)
+    except Exception as err:  # PIL raises several types for corrupt files
+        raise DataError(f"cannot read image file {path}: {err}") from err
+
+
+def load_item(item: Item, synthetic_size: int = 128) -> tuple[np.ndarray, np.ndarray | None]:
+    """(uint8 image (H, W), uint8 mask 0/1 (H, W) or None when the item has no mask)."""
+    if item.seed is not None:
+        img, mask, _ = synthetic.make_image(item.seed, synthetic_size)
+        return img, mask
+    img = read_gray(item.image)
+    if not item.masks:
+        return img, None
+    mask = np.zeros(img.shape, dtype=np.uint8)
+    for p in item.masks:
+        m = read_gray(p)
+        if m.shape != img.shape:
+            raise DataError(f"mask {p} is {m.shape[1]}x{m.shape[0]} but image {item.image} is "
+                            f"{img.shape[1]}x{img.shape[0]}")
+        mask |= (m > 0).astype(np.uint8)
+    return img, mask
+
+
+# ----------------------------------------------------------------------------------------------
+# Layouts
+
+def busi_items(root: str, include_normal: bool = False) -> list[Item]:
+    """BUSI: `<class>/<class> (N).png` with `_mask.png` and optional `_mask_1.png`, ... (union)."""
+    items = []
+    for cname, cidx in CLASSES.items():
+        if cname == "normal" and not include_normal:
+            continue
+        d = os.path.join(root, cname)
+        if not os.path.isdir(d):
+            if cname == "normal":
+                continue
+            raise DataError(f"BUSI class folder missing: {d}")
+        files = set(os.listdir(d))
+        for f in files:
+            stem, ext = os.path.splitext(f)
+            if "_mask" in stem or ext.lower() not in IMAGE_EXTS:
+                continue
+            masks = sorted((m for m in files if re.fullmatch(re.escape(stem) + r"_mask(_\d+)?" + re.escape(ext), m)),
+                           key=lambda m: (len(m), m))
+            if not masks:
+                raise DataError(f"BUSI image {os.path.join(d, f)} has no mask file {stem}_mask{ext}")
+            items.append(Item(f, os.path.join(d, f), tuple(os.path.join(d, m) for m in masks), cidx))
+    if not items:
+        raise DataError(f"no BUSI images found under {root}")
+    return sorted(items, key=lambda it: _natural(it.name))
+
+
+def udiat_items(root: str) -> list[Item]:
+    """UDIAT Dataset B: `original/NAME.png` with `GT/NAME.png`."""
+    return folder_items(os.path.join(root, "original"), os.path.join(root, "GT"))
+
+
+def folder_items(image_dir: str, mask_dir: str | None = None) -> list[Item]:
+    """Generic pair of folders; a mask is `NAME.ext` or `NAME_mask.ext` in `mask_dir` (any image
+    extension). Without `mask_dir` the items are unlabelled (for `busseg predict`)."""
+    if not os.path.isdir(image_dir):
+        raise DataError(f"image folder missing: {image_dir}")
+    masks = {}
+    if mask_dir is not None:
+        if not os.path.isdir(mask_dir):
+            raise DataError(f"mask folder missing: {mask_dir}")
+        for m in os.listdir(mask_dir):
+            stem, ext = os.path.splitext(m)
+            if ext.lower() in IMAGE_EXTS:
+                masks[stem[:-5] if stem.endswith("_mask") else stem] = os.path.join(mask_dir, m)
+    items = []
+    for f in sorted(os.listdir(image_dir), key=_natural):
+        stem, ext = os.path.splitext(f)
+        if ext.lower() not in IMAGE_EXTS or (mask_dir is None and stem.endswith("_mask")):
+            continue
+        if mask_dir is not None and stem not in masks:
+            raise DataError(f"no mask for {os.path.join(image_dir, f)} in {mask_dir}")
+        items.append(Item(f, os.path.join(image_dir, f), (masks[stem],) if mask_dir else ()))
+    if not items:
+        raise DataError(f"no images found in {image_dir}")
+    return items
+
+
+def synthetic_items(n: int, seed: int = 0) -> list[Item]:
+    """n synthetic images; item i is generated from seed·100003 + i (a stable function of both)."""
+    out = []
+    for i in range(n):
+        s = seed * 100003 + i
+        out.append(Item(f"synthetic_{i:05d}.png", seed=s, cls=synthetic.make_image(s, 16)[2]))
+    return out
+
+
+def _natural(name: str):
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Splits and partitions
+
+def read_list(path: str) -> list[str]:
+    if not os.path.isfile(path):
+        raise DataError(f"split list missing: {path}")
+    with open(path) as f:
+        return [ln.strip() for ln in f if ln.strip()]
+
+
+def select(items: list[Item], names: list[str], what: str) -> list[Item]:
+    by = {it.name: it for it in items}
+    missing = [n for n in names if n not in by]
+    if missing:
+        raise DataError(f"{what}: {len(missing)} listed names not found in the data, e.g. {missing[0]!r}")
+    return [by[n] for n in names]
+
+
+def split_811(items: list[Item], seed: int = 0) -> tuple[list[Item], list[Item], list[Item]]:
+    """Seeded 8:1:1 train/val/test split (used when no split lists are given)."""
+    order = list(items)
+    random.Random(seed).shuffle(order)
+    n = len(order)
+    n_test = max(1, round(n / 10))
+    n_val = max(1, round(n / 10))
+    return order[: n - n_val - n_test], order[n - n_val - n_test: n - n_test], order[n - n_test:]
+
+
+def partition(train: list[Item], fraction: float, seed: int = 0,
+              labeled_pool: list[Item] | None = None) -> tuple[list[Item], list[Item]]:
+    """(labelled, unlabelled) with round(fraction·len(train)) labelled images drawn with `seed`
+    from `labeled_pool` (default: the whole training set); the rest of the training set is
+    unlabelled. BUSI's 1/4 and 1/8 take the subset from the authors' 1/2 labelled list."""
+    pool = list(labeled_pool if labeled_pool is not None else train)
+    k = max(1, round(fraction * len(train)))
+    if k > len(pool):
+        raise ValueError(f"partition {fraction}: needs {k} labelled images, the pool has {len(pool)}")
+    chosen = set(it.name for it in random.Random(seed).sample(pool, k))
+    return [it for it in train if it.name in chosen], [it for it in train if it.name not in chosen]
+
+
+def parse_fraction(text: str | float) -> float:
+    if isinstance(text, (int, float)):
+        return float(text)
+    if "/" in text:
+        a, b = text.split("/")
+        return float(a) / float(b)
+    return float(text)
+
+
+@dataclass
+class Splits:
+    labeled: list[Item]
+    unlabeled: list[Item]
+    val: list[Item]
+    test: list[Item]
+
+
+def make_splits(data: str, root: str | None = None, partition_: str | float = "1/4", seed: int = 0,
+                split_dir: str | None = None, synthetic_n: int = 200, limit: int | None = None,
+                mask_dir: str | None = None) -> Splits:
+    """Items for a run. With split lists (`split_dir` with test.txt and 1_2/{labeled,unlabeled}.txt,
+    BUSI's `splits/` by default) they are used; otherwise the 8:1:1 split. `limit` keeps a seeded
+    subset of that many images first (quick runs, integration tests)."""
+    if data == "synthetic":
+        items = synthetic_items(synthetic_n, seed)
+    elif data == "busi":
+        items = busi_items(_need(root, data))
+        split_dir = split_dir or os.path.join(root, "splits")
+    elif data == "udiat":
+        items = udiat_items(_need(root, data))
+    elif data == "folder":
+        items = folder_items(_need(root, data), mask_dir or os.path.join(root, "masks"))
+    else:
+        raise ValueError(f"data must be synthetic, busi, udiat or folder, got {data!r}")
+    frac = parse_fraction(partition_)
+    if limit is not None and limit < len(items):
+        items = random.Random(seed).sample(items, limit)
+        split_dir = None  # the authors' lists do not apply to a subset
+    if split_dir and os.path.isfile(os.path.join(split_dir, "test.txt")):
+        test = select(items, read_list(os.path.join(split_dir, "test.txt")), "test.txt")
+        lab = select(items, read_list(os.path.join(split_dir, "1_2", "labeled.txt")), "1_2/labeled.txt")
+        unl = select(items, read_list(os.path.join(split_dir, "1_2", "unlabeled.txt")), "1_2/unlabeled.txt")
+        train = lab + unl
+        # No validation list is published: model selection uses the test list, as the authors do.
+        val = test
+        if abs(frac - 0.5) > 1e-9:
+            lab, unl = partition(train, frac, seed, labeled_pool=lab)
+        return Splits(lab, unl, val, test)
+    train, val, test = split_811(items, seed)
+    lab, unl = partition(train, frac, seed)
+    return Splits(lab, unl, val, test)
+
+
+def _need(root, data):
+    if not root:
+        raise ValueError(f"--root is required for data {data!r}")
+    return root
+
+
+# ----------------------------------------------------------------------------------------------
+# torch Dataset
+
+class SegDataset(torch.utils.data.Dataset):
+    """Returns dict(image (1, S, S) float in [0, 1], mask (S, S) int64 with 255 = ignore, cls, index).
+    labeled=False hides the mask (unlabelled stream): 0 everywhere except padding.
+
+    train=True applies the weak augmentation with a generator seeded by (seed, epoch, index), so a
+    sample depends on nothing else: identical across worker counts, ranks and resumes.
+    """
+
+    def __init__(self, items: list[Item], size: int, train: bool = False, seed: int = 0,
+                 synthetic_size: int | None = None, labeled: bool = True):
+        self.items, self.size, self.train, self.seed = items, size, train, seed
+        self.labeled = labeled
+        self.synthetic_size = synthetic_size or size
+        self.epoch = 0
+        self._cache: dict[int, tuple[np.ndarray, np.ndarray | None]] = {}
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def raw(self, i: int) -> tuple[np.ndarray, np.ndarray | None]:
+        if i not in self._cache:
+            self._cache[i] = load_item(self.items[i], self.synthetic_size)
+        return self._cache[i]
+
+    def __getitem__(self, i: int) -> dict:
+        img, mask = self.raw(i)
+        image = torch.from_numpy(img.copy()).float().div_(255)[None]  # cached array stays read-only
+        if mask is not None and self.labeled:
+            target = torch.from_numpy(mask).long()
+        else:  # unlabelled: 0 inside the image, so that padding (255) still marks invalid pixels
+            target = torch.zeros(img.shape, dtype=torch.long)
+        if self.train:
+            g = torch.Generator().manual_seed(hash((self.seed, self.epoch, i)) % (2**62))
+            image, target = augment.weak(image, target, self.size, g)
+        else:
+            image, target = augment.resize(image, target, self.size)
+        return {"image": image, "mask": target, "cls": self.items[i].cls, "index": i}

@@ -1,0 +1,459 @@
+"""The training loop: data streams, student + EMA teacher, SGD with poly decay, per-epoch
+evaluation of the teacher, CSV log (TensorBoard when installed), atomic checkpoints each epoch and
+on SIGINT/SIGTERM, bit-for-bit resume on CPU, and DDP under torchrun (gloo on CPU, SyncBatchNorm,
+DistributedSampler).
+
+Determinism: samples depend only on (seed, epoch, index) (see data.SegDataset); sampler order on
+(seed, epoch, cycle); the methods' own draws (cutmix boxes, proxies) use the global torch RNG,
+whose state is checkpointed. Output folder `out`: metrics.csv, last.pt, best.pt, test_metrics.json,
+test_per_image.csv, overlays/, curves.png.
+"""
+from __future__ import annotations
+
+import copy
+import csv
+import dataclasses
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from .. import models
+from . import checkpoint, data, methods, metrics, visualize
+
+
+@dataclass
+class TrainConfig:
+    method: str = "suponly"
+    data: str = "synthetic"          # synthetic | busi | udiat | folder
+    root: str | None = None
+    split_dir: str | None = None
+    mask_dir: str | None = None
+    partition: str = "1/4"
+    limit: int | None = None         # seeded subset of the dataset (quick runs)
+    synthetic_n: int = 200
+    size: int = 128
+    epochs: int = 10
+    warmup_epochs: int = 1           # supervised-only epochs first (PH-Net: 10 of 200)
+    max_steps: int | None = None     # cap on steps per epoch (tests, smoke runs)
+    batch_labeled: int = 4
+    batch_unlabeled: int = 4
+    lr: float = 0.003
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    poly_power: float = 0.9
+    ema: float = 0.999
+    dice_weight: float = 0.0         # L_s = CE + dice_weight·soft Dice (0: CE only, as the papers)
+    seed: int = 0
+    model: str = "unet"              # unet | deeplab (DeepLabv3+); lanet/semiseg_caw use their own
+    backbone: str = "resnet18"       # deeplab / lanet backbone (resnet18/34/50/101, lanet: or unet)
+    unet_base: int = 16              # U-Net width (the SSL4MIS U-Net uses 16)
+    proj_dim: int = 64               # RA-BUSSeg relation projection channels
+    rep_dim: int = 64                # PH-Net projector channels
+    num_workers: int = 0
+    out: str = "runs/train"
+    device: str = "cpu"
+    overlays: int = 8
+    quiet: bool = False
+    # rabusseg
+    lambda_u: float = 1.0
+    lambda_arp: float = 1.0
+    lambda_cra: float = 1.0
+    arp: bool = True
+    cra: bool = True
+    arp_kernel: int = 3
+    cra_strategy: str = "greedy"     # greedy | random | kmeans | patch | global
+    cra_scales: int = 4
+    num_proxies: int = 64
+    drop_percent: float = 20.0
+    cutmix_p: float = 1.0
+    # phnet
+    apa: bool = True                 # adaptive patch cutmix (off: plain box cutmix)
+    shield: bool = True              # dynamic shielding of the hardest patches within APA
+    hpc: bool = True                 # hard-patch contrastive loss
+    mb: bool = True                  # memory-bank positives (off: batch class means)
+    num_patches: int = 4             # N×N patch grid
+    beta: float = 0.3
+    gamma: float = 0.9
+    lambda_c: float = 1.0
+    temperature: float = 0.5
+    bank_size: int = 4096
+    max_anchors: int = 1024          # anchors per step (random subset of the reliable hard pixels)
+    # lanet, semiseg_caw
+    stage1_epochs: int = 1           # LA-Net stage 1 / ClassElevateSeg pre-training epochs
+    wgm: bool = True                 # semiseg_caw: learned loss weights (off: all 1)
+    tau: float = 0.8
+    alpha: float = 0.1
+    lam: float = 0.5
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown config keys: {unknown}")
+        return cls(**d)
+
+
+def build_model(cfg: TrainConfig) -> torch.nn.Module:
+    """The network from busseg_ops.models for the method (grayscale input, 2 classes)."""
+    if cfg.method == "lanet":
+        return models.LANet(2, backbone=cfg.backbone, in_channels=1, unet_base=cfg.unet_base)
+    if cfg.method == "semiseg_caw":
+        kw = dict(base=cfg.unet_base) if cfg.model == "unet" else dict(backbone=cfg.backbone)
+        return models.SemiSegCAW(2, 2, arch=cfg.model, in_channels=1, freeze_aux=False, rep_dim=0, proj_dim=0, **kw)
+    if cfg.model == "unet":
+        return models.UNet(2, in_channels=1, base=cfg.unet_base, rep_dim=cfg.rep_dim, proj_dim=cfg.proj_dim)
+    if cfg.model == "deeplab":
+        return models.DeepLabV3Plus(2, backbone=cfg.backbone, in_channels=1, rep_dim=cfg.rep_dim,
+                                    proj_dim=cfg.proj_dim)
+    raise ValueError(f"model must be unet or deeplab, got {cfg.model!r}")
+
+
+def foreground(out: dict) -> torch.Tensor:
+    """Binary lesion mask (B, H, W) from a network's output dict (softmax or sigmoid head)."""
+    if "pred" in out:
+        return out["pred"].argmax(1)
+    return (out["mask_logits"][:, 0] > 0).long()
+
+
+def _dist() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if cfg.device.startswith("cuda") else "gloo")
+        self.rank, self.world = _dist()
+        self.device = torch.device(cfg.device if not cfg.device.startswith("cuda")
+                                   else f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
+        torch.manual_seed(cfg.seed)
+        self.splits = data.make_splits(cfg.data, cfg.root, cfg.partition, cfg.seed, cfg.split_dir,
+                                       cfg.synthetic_n, cfg.limit, cfg.mask_dir)
+        self.method = methods.build(cfg)
+        student = build_model(cfg).to(self.device)
+        self.teacher = copy.deepcopy(student).eval()
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+        if self.world > 1:
+            if self.device.type == "cuda":  # torch's SyncBatchNorm is CUDA-only; on CPU DDP
+                student = torch.nn.SyncBatchNorm.convert_sync_batchnorm(student)  # broadcasts rank 0's BN buffers
+            # Heads a step does not use (e.g. the projector for suponly) get no gradient.
+            student = torch.nn.parallel.DistributedDataParallel(student, find_unused_parameters=True)
+        self.student = student
+        self.opt = torch.optim.SGD(list(self.student.parameters()) + self.method.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                   weight_decay=cfg.weight_decay)
+        self.lab_ds = data.SegDataset(self.splits.labeled, cfg.size, train=True, seed=cfg.seed)
+        self.unl_ds = data.SegDataset(self.splits.unlabeled, cfg.size, train=True, seed=cfg.seed + 1,
+                                      labeled=False)
+        self.steps_per_epoch = self._steps_per_epoch()
+        total = max(1, cfg.epochs * self.steps_per_epoch)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(
+            self.opt, lambda it: max(0.0, 1 - it / total) ** cfg.poly_power)
+        self.epoch, self.step_in_epoch, self.global_step, self.best = 0, 0, 0, -1.0
+        self.tb = None
+
+    # ------------------------------------------------------------------ data streams
+    def _loader(self, ds, batch, epoch, cycle):
+        sampler = torch.utils.data.DistributedSampler(ds, num_replicas=self.world, rank=self.rank,
+                                                      shuffle=True, seed=self.cfg.seed)
+        sampler.set_epoch(epoch * 1000 + cycle)
+        ds.set_epoch(epoch * 1000 + cycle)
+        per_rank = math.ceil(len(ds) / self.world)
+        return torch.utils.data.DataLoader(
+            ds, batch_size=batch, sampler=sampler, num_workers=self.cfg.num_workers,
+            drop_last=per_rank >= batch, generator=torch.Generator().manual_seed(self.cfg.seed + epoch),
+            persistent_workers=False)
+
+    def _steps_per_epoch(self) -> int:
+        """One pass over the larger of the two streams (normally the unlabelled set; the labelled set
+        is cycled) — the same for every method, so suponly and a semi-supervised method on one
+        partition take the same number of steps."""
+        n = 1
+        for ds, b in ((self.lab_ds, self.cfg.batch_labeled), (self.unl_ds, self.cfg.batch_unlabeled)):
+            per_rank = math.ceil(len(ds) / self.world)
+            n = max(n, per_rank // b)
+        return min(n, self.cfg.max_steps) if self.cfg.max_steps else n
+
+    def _batches(self, epoch):
+        """Yields (labelled, unlabelled or None) batches for one epoch, cycling the shorter stream."""
+        streams = {}
+
+        def nxt(name, ds, batch):
+            it, cycle = streams.get(name, (None, -1))
+            while True:
+                if it is not None:
+                    try:
+                        return next(it)
+                    except StopIteration:
+                        pass
+                cycle += 1
+                it = iter(self._loader(ds, batch, epoch, cycle))
+                streams[name] = (it, cycle)
+
+        semi = self.method.uses_unlabeled and len(self.unl_ds) > 0
+        for _ in range(self.steps_per_epoch):
+            lab = nxt("lab", self.lab_ds, self.cfg.batch_labeled)
+            unl = nxt("unl", self.unl_ds, self.cfg.batch_unlabeled) if semi else None
+            yield lab, unl
+
+    # ------------------------------------------------------------------ training
+    @torch.no_grad()
+    def _ema_update(self):
+        # Ramp (1 − 1/(t+1)) so that the teacher tracks the student early on (mean teacher).
+        a = min(self.cfg.ema, 1 - 1 / (self.global_step + 1))
+        s = self.student.module if hasattr(self.student, "module") else self.student
+        for tp, sp in zip(self.teacher.parameters(), s.parameters()):
+            tp.mul_(a).add_(sp.detach(), alpha=1 - a)
+        for tb, sb in zip(self.teacher.buffers(), s.buffers()):
+            if tb.dtype.is_floating_point:  # BN statistics follow the averaged weights they belong to
+                tb.mul_(a).add_(sb, alpha=1 - a)
+            else:
+                tb.copy_(sb)
+
+    def train_step(self, lab, unl, ctx) -> dict:
+        to = lambda b: None if b is None else {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in b.items()}  # noqa: E731
+        self.student.train()
+        loss, logs = self.method(self.student, self.teacher, to(lab), to(unl), ctx)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite loss at epoch {self.epoch} step {self.step_in_epoch}: {logs}")
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        self.sched.step()
+        self.global_step += 1
+        self._ema_update()
+        logs = {k: float(v) for k, v in logs.items()}
+        logs["loss"] = float(loss.detach())
+        return logs
+
+    def fit(self) -> dict:
+        cfg = self.cfg
+        os.makedirs(cfg.out, exist_ok=True)
+        if self.rank == 0:
+            log = os.path.join(cfg.out, "metrics.csv")
+            if self.global_step == 0 and os.path.isfile(log):  # a fresh run starts a fresh log
+                os.unlink(log)
+            self._open_tb()
+        stopped = False
+        with checkpoint.StopGuard() as guard:
+            while self.epoch < cfg.epochs and not stopped:
+                stopped = self._run_epoch(guard)
+        if stopped:
+            if self.rank == 0 and not cfg.quiet:
+                print(f"stopped by signal; checkpoint {os.path.join(cfg.out, 'last.pt')}", flush=True)
+            return {"stopped": True}
+        return self.finish()
+
+    def _run_epoch(self, guard) -> bool:
+        cfg = self.cfg
+        ctx = {"epoch": self.epoch, "warmup": self.epoch < cfg.warmup_epochs,
+               "progress": self.epoch / max(1, cfg.epochs), "epochs": cfg.epochs}
+        sums, n = {}, 0
+        batches = self._batches(self.epoch)
+        resume_rng = getattr(self, "_resume_rng", None)
+        for _ in range(self.step_in_epoch):  # mid-epoch resume: replay the data stream
+            next(batches)
+        if resume_rng is not None:
+            checkpoint.set_rng_state(resume_rng)
+            self._resume_rng = None
+        bar = self._bar(self.steps_per_epoch - self.step_in_epoch)
+        for lab, unl in batches:
+            logs = self.train_step(lab, unl, ctx)
+            self.step_in_epoch += 1
+            n += 1
+            for k, v in logs.items():
+                sums[k] = sums.get(k, 0.0) + v
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix({k: f"{v:.3f}" for k, v in logs.items()})
+            if self._stop_requested(guard):
+                if bar is not None:
+                    bar.close()
+                self._save("last.pt")
+                return True
+        if bar is not None:
+            bar.close()
+        self.epoch += 1
+        self.step_in_epoch = 0
+        row = {"epoch": self.epoch, "step": self.global_step, "lr": self.sched.get_last_lr()[0]}
+        row.update({k: v / max(1, n) for k, v in sums.items()})
+        if self.rank == 0:
+            val = self.evaluate(self.splits.val) if self.splits.val else None
+            if val is not None:
+                row["val_dice"] = val["summary"]["dice"][0]
+                if row["val_dice"] >= self.best:  # ties: the later (more trained) teacher
+                    self.best = row["val_dice"]
+                    self._save("best.pt")
+            self._log(row)
+        self._save("last.pt")
+        return False
+
+    def _stop_requested(self, guard) -> bool:
+        flag = torch.tensor([1.0 if guard.requested else 0.0])
+        if self.world > 1:  # every rank stops at the same step
+            dist.all_reduce(flag)
+        return bool(flag.item() > 0)
+
+    # ------------------------------------------------------------------ evaluation and outputs
+    @torch.no_grad()
+    def evaluate(self, items, model=None, overlay_dir=None) -> dict:
+        return evaluate(model or self.teacher, items, self.cfg.size, self.device,
+                        overlay_dir=overlay_dir, overlays=self.cfg.overlays)
+
+    def finish(self) -> dict:
+        cfg = self.cfg
+        result = {}
+        if self.rank == 0:
+            best = os.path.join(cfg.out, "best.pt")
+            model = self.teacher
+            if os.path.isfile(best):
+                model = build_model(cfg).to(self.device)
+                model.load_state_dict(checkpoint.load(best)["teacher"])
+            res = self.evaluate(self.splits.test, model=model, overlay_dir=os.path.join(cfg.out, "overlays"))
+            write_results(res, cfg.out, method=cfg.method)
+            if os.path.isfile(os.path.join(cfg.out, "metrics.csv")):
+                visualize.plot_curves(os.path.join(cfg.out, "metrics.csv"), os.path.join(cfg.out, "curves.png"))
+            result = res["summary"]
+            if self.tb is not None:
+                self.tb.close()
+        if self.world > 1:
+            dist.barrier()
+        return result
+
+    def state_dict(self) -> dict:
+        s = self.student.module if hasattr(self.student, "module") else self.student
+        return {"config": dataclasses.asdict(self.cfg), "student": s.state_dict(),
+                "teacher": self.teacher.state_dict(), "optimizer": self.opt.state_dict(),
+                "scheduler": self.sched.state_dict(), "method": self.method.state_dict(),
+                "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
+                "global_step": self.global_step, "best": self.best, "rng": checkpoint.rng_state()}
+
+    def load_state_dict(self, st: dict) -> None:
+        s = self.student.module if hasattr(self.student, "module") else self.student
+        s.load_state_dict(st["student"])
+        self.teacher.load_state_dict(st["teacher"])
+        self.opt.load_state_dict(st["optimizer"])
+        self.sched.load_state_dict(st["scheduler"])
+        self.method.load_state_dict(st["method"])
+        self.epoch, self.step_in_epoch = st["epoch"], st["step_in_epoch"]
+        self.global_step, self.best = st["global_step"], st["best"]
+        if self.step_in_epoch:
+            self._resume_rng = st["rng"]  # restored after the data stream is replayed
+        else:
+            checkpoint.set_rng_state(st["rng"])
+
+    def resume(self, path: str) -> None:
+        self.load_state_dict(checkpoint.load(path))
+
+    def _save(self, name: str) -> None:
+        if self.rank == 0:
+            checkpoint.save(self.state_dict(), os.path.join(self.cfg.out, name))
+
+    def _log(self, row: dict) -> None:
+        """Append a row to metrics.csv, rewriting it when new columns appear (loss_u after warm-up)."""
+        path = os.path.join(self.cfg.out, "metrics.csv")
+        rows = []
+        if os.path.isfile(path):
+            with open(path) as f:
+                rows = list(csv.DictReader(f))
+        rows.append(row)
+        keys = list(dict.fromkeys(k for r in rows for k in r))
+        with open(path, "w", newline="") as f:
+            w = csv.DictWriter(f, keys, restval="")
+            w.writeheader()
+            w.writerows(rows)
+        if self.tb is not None:
+            for k, v in row.items():
+                if k not in ("epoch",):
+                    self.tb.add_scalar(k, v, row["epoch"])
+        if not self.cfg.quiet:
+            print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
+
+    def _open_tb(self):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except Exception:  # tensorboard not installed: CSV only
+            return
+        self.tb = SummaryWriter(os.path.join(self.cfg.out, "tb"))
+
+    def _bar(self, total):
+        if self.cfg.quiet or self.rank != 0:
+            return None
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            return None
+        return tqdm(total=total, desc=f"epoch {self.epoch + 1}/{self.cfg.epochs}", leave=False)
+
+
+@torch.no_grad()
+def predict_masks(model, images: torch.Tensor) -> torch.Tensor:
+    """(B, 1, S, S) images → (B, S, S) binary masks."""
+    return foreground(model.eval()(images))
+
+
+@torch.no_grad()
+def evaluate(model, items, size, device, overlay_dir=None, overlays=8, batch=8) -> dict:
+    """Per-image metrics of `model` on `items` at size×size (masks resized with nearest)."""
+    ds = data.SegDataset(items, size, train=False)
+    rows, probs, classes = [], [], []
+    for start in range(0, len(ds), batch):
+        samples = [ds[i] for i in range(start, min(len(ds), start + batch))]
+        x = torch.stack([s["image"] for s in samples]).to(device)
+        out = model.eval()(x)
+        pred = foreground(out).cpu()
+        if "cls" in out:
+            probs.append(torch.softmax(out["cls"], 1).cpu())
+            classes += [s["cls"] for s in samples]
+        for j, s in enumerate(samples):
+            r = metrics.seg_metrics(pred[j], s["mask"])
+            r["name"] = items[s["index"]].name
+            rows.append(r)
+            if overlay_dir and s["index"] < overlays:
+                img = (s["image"][0].numpy() * 255).astype("uint8")
+                stem = os.path.splitext(os.path.basename(r["name"]))[0]
+                visualize.save_png(visualize.overlay(img, pred[j].numpy(), s["mask"].numpy()),
+                                   os.path.join(overlay_dir, f"{stem}.png"))
+    res = {"per_image": rows, "summary": metrics.summarize(rows)}
+    if probs:
+        y = torch.tensor(classes)
+        known = y >= 0
+        p = torch.cat(probs)
+        if known.any() and (y[known] < p.shape[1]).all():
+            res["classification"] = metrics.cls_metrics(y[known], p[known])
+    return res
+
+
+def write_results(res: dict, out: str, method: str = "") -> None:
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "test_per_image.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, ["name", *metrics.SEG_KEYS])
+        w.writeheader()
+        w.writerows(res["per_image"])
+    summary = {"method": method, "n": len(res["per_image"]),
+               **{k: {"mean": m, "std": s} for k, (m, s) in res["summary"].items()}}
+    if "classification" in res:
+        summary["classification"] = res["classification"]
+    with open(os.path.join(out, "test_metrics.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+
+
+def run(cfg: TrainConfig, resume: str | None = None) -> dict:
+    t0 = time.time()
+    tr = Trainer(cfg)
+    if resume:
+        tr.resume(resume)
+    res = tr.fit()
+    res["wall_s"] = time.time() - t0
+    return res

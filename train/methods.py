@@ -1,0 +1,309 @@
+"""Training steps of the methods, all on the mean-teacher framework (the engine keeps the EMA
+teacher and evaluates it). A method maps one labelled and one unlabelled batch to a loss.
+
+  suponly    L = L_s on the labelled batch.
+  rabusseg   L = L_s + λ_u·L_u + λ₁·L_ARP + λ₂·L_CRA (RA-BUSSeg; λ's = 1, seed supp. Table 1).
+             L_u: CE on box-cutmixed unlabelled images against the teacher's mixed pseudo-labels,
+             dropping the most uncertain `drop_percent` of pixels by entropy. ARP and CRA switch off
+             for the ablations; the CRA proxy strategy and number of scales are options.
+  phnet      PH-Net: adaptive patch cutmix with dynamic shielding (APA), confidence-filtered L_u,
+             hard-patch contrastive loss (HPC) with the class memory bank (MB); all switchable.
+  lanet      LA-Net's two-stage sequential training: stage 1 segmentation on location labels;
+             stage 2 L = λ·L_cls + (1−λ)·(L_sloc-w + α·L_sloc-wo) with pseudo location labels
+             binarize(P_pixel > 0.5) kept only for images whose class confidence exceeds τ.
+  semiseg_caw ClassElevateSeg pre-training, then joint training with WGM-weighted losses.
+During the first `warmup_epochs` every method trains on the labelled batch only.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+import busseg_ops
+
+from .. import models
+from . import augment
+
+IGNORE = augment.IGNORE
+
+
+def ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy with ignore 255; 0 (still attached to the graph) when every pixel is ignored."""
+    if not (target != IGNORE).any():
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits, target, ignore_index=IGNORE)
+
+
+def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """1 − soft Dice of the lesion class over the batch (ignore 255): the SSL4MIS companion of CE
+    that gets a from-scratch network off the all-background solution quickly."""
+    valid = (target != IGNORE).float()
+    p = torch.softmax(logits, 1)[:, 1] * valid
+    g = (target == 1).float()
+    return 1 - (2 * (p * g).sum() + 1) / (p.sum() + g.sum() + 1)
+
+
+class Method:
+    """Base: the supervised-only step. Subclasses add the unlabelled terms."""
+
+    name = "suponly"
+    uses_unlabeled = False
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    def sup(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """L_s: CE (the papers), plus `dice_weight` × soft Dice when asked (off by default)."""
+        loss = ce(logits, target)
+        if self.cfg.dice_weight:
+            loss = loss + self.cfg.dice_weight * soft_dice_loss(logits, target)
+        return loss
+
+    def __call__(self, student, teacher, lab: dict, unl: dict | None, ctx: dict):
+        x, y = lab["image"], lab["mask"]
+        loss_s = self.sup(student(x)["pred"], y)
+        return loss_s, {"loss_s": loss_s.detach()}
+
+    def parameters(self) -> list:
+        """Trainable parameters the method owns (optimised with the network's)."""
+        return []
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+class SupOnly(Method):
+    pass
+
+
+# ----------------------------------------------------------------------------------------------
+
+class RABUSSeg(Method):
+    name = "rabusseg"
+    uses_unlabeled = True
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        if cfg.cra and not hasattr(busseg_ops, "greedy_proxy_sampling"):
+            raise RuntimeError("rabusseg with CRA needs busseg_ops.greedy_proxy_sampling and the other "
+                               "CRA ops (issue 3), which this build lacks; pass --no-cra for ARP only")
+        self.arp = models.AdjacentRelationPropagation(kernel_size=cfg.arp_kernel)
+        self.cra = models.CrossLayerRelationAlignment(cfg.num_proxies, cfg.cra_scales, cfg.cra_strategy)
+
+    def __call__(self, student, teacher, lab, unl, ctx):
+        c = self.cfg
+        xl, yl = lab["image"], lab["mask"]
+        size = xl.shape[-2:]
+        logs = {}
+        if unl is None or ctx.get("warmup", False):
+            x, targets, nl = xl, yl, len(xl)
+            prob_u = pl_u = None
+        else:
+            xu, valid = unl["image"], unl["mask"] != IGNORE
+            with torch.no_grad():
+                prob = torch.softmax(teacher(xu)["pred"], 1)
+                pl = prob.argmax(1).masked_fill(~valid, IGNORE)
+            box = augment.cutmix_box(len(xu), *size, p=c.cutmix_p)
+            xu, pl_u, prob_u = augment.mix(box, xu, pl, prob)
+            x, targets, nl = torch.cat([xl, xu]), torch.cat([yl, pl_u]), len(xl)
+        out = student(x, need_proj=c.arp or c.cra, need_feats=c.cra)
+        pred = out["pred"]
+        loss_s = self.sup(pred[:nl], yl)
+        loss = loss_s
+        logs["loss_s"] = loss_s.detach()
+        if prob_u is not None:
+            loss_u = busseg_ops.entropy_filtered_cross_entropy(pred[nl:], pl_u, prob_u, c.drop_percent)
+            loss = loss + c.lambda_u * loss_u
+            logs["loss_u"] = loss_u.detach()
+        if c.arp:  # L_ARP = CE(upsample(ARP(proj, logits↓ detached)), GT / pseudo-label)
+            loss_arp = self.arp.loss(out["proj"], pred, targets)
+            loss = loss + c.lambda_arp * loss_arp
+            logs["loss_arp"] = loss_arp.detach()
+        if c.cra:  # first proxy on the (pseudo-)lesion; L_CRA over the deepest cra_scales maps
+            loss_cra = self.cra(out["feats"], out["proj"], label=targets)
+            loss = loss + c.lambda_cra * loss_cra
+            logs["loss_cra"] = loss_cra.detach()
+        return loss, logs
+
+
+# ----------------------------------------------------------------------------------------------
+
+class PHNet(Method):
+    """PH-Net (CVPR 2024). APA: the teacher's patch-entropy hardness shields the k = ⌊β·t/T·N²⌋
+    hardest patches from the cutmix (off: plain box cutmix). L_u: CE counted where the teacher's
+    confidence on the mixed image is ≥ γ. HPC: InfoNCE of reliable hard-patch projector features
+    against their class centre (MB: from the memory bank; off: the batch's own class means)."""
+
+    name = "phnet"
+    uses_unlabeled = True
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.bank = busseg_ops.ClassMemoryBank(2, cfg.rep_dim, cfg.bank_size)
+
+    def __call__(self, student, teacher, lab, unl, ctx):
+        c = self.cfg
+        xl, yl = lab["image"], lab["mask"]
+        if unl is None or ctx.get("warmup", False):
+            return super().__call__(student, teacher, lab, unl, ctx)
+        xu, valid = unl["image"], unl["mask"] != IGNORE
+        n = c.num_patches
+        with torch.no_grad():
+            prob = torch.softmax(teacher(xu)["pred"], 1)
+            pl = prob.argmax(1).masked_fill(~valid, IGNORE)
+            hardness = busseg_ops.patch_entropy_hardness(prob, num_patches=n)
+        k = busseg_ops.shield_count(c.beta, min(1.0, ctx["progress"]), n * n)
+        if c.apa:
+            (xm, plm), _ = busseg_ops.adaptive_patch_cutmix([xu, pl], hardness, k if c.shield else 0)
+        else:
+            xm, plm = augment.mix(augment.cutmix_box(len(xu), *xu.shape[-2:], p=c.cutmix_p), xu, pl)
+        with torch.no_grad():
+            tprob = torch.softmax(teacher(xm)["pred"], 1)
+        nl = len(xl)
+        out = student(torch.cat([xl, xm]), need_rep=c.hpc)
+        pred = out["pred"]
+        loss_s = self.sup(pred[:nl], yl)
+        loss_u = busseg_ops.confidence_masked_cross_entropy(pred[nl:], plm, tprob, c.gamma)
+        loss = loss_s + c.lambda_u * loss_u
+        logs = {"loss_s": loss_s.detach(), "loss_u": loss_u.detach()}
+        if c.hpc:
+            loss_c = self.contrastive(out["rep"][nl:], plm, tprob)
+            loss = loss + c.lambda_c * loss_c
+            logs["loss_c"] = loss_c.detach()
+        return loss, logs
+
+    def contrastive(self, rep, plm, tprob):
+        c = self.cfg
+        hard_m = busseg_ops.patch_entropy_hardness(tprob, num_patches=c.num_patches)
+        k = max(1, busseg_ops.shield_count(c.beta, 1.0, c.num_patches ** 2))  # anchors: the hardest patches
+        sel = busseg_ops.reliable_hard_pixels(plm, tprob.argmax(1), hard_m, k, rep.shape[-2:])
+        keep = sel.mask & (sel.labels != IGNORE)
+        anchors = rep.permute(0, 2, 3, 1)[keep]
+        labels = sel.labels[keep]
+        if len(anchors) > c.max_anchors:  # a random subset (U2PL/PH-Net sample anchors too)
+            pick = torch.randperm(len(anchors), device=anchors.device)[: c.max_anchors]
+            anchors, labels = anchors[pick], labels[pick]
+        if c.mb:
+            positives = self.bank.means()
+            self.bank.push(anchors.detach(), labels)  # after use: this batch is not its own positive
+        else:
+            positives = [anchors[labels == j].detach().mean(0) if (labels == j).any() else None for j in range(2)]
+        return busseg_ops.memory_contrastive_loss(anchors, labels, anchors.detach(), labels, positives,
+                                                  c.temperature)
+
+    def state_dict(self) -> dict:
+        return {"bank": self.bank.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "bank" in state:
+            self.bank.load_state_dict(state["bank"])
+
+
+def bce(mask_logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Binary CE of a (B, 1, H, W) mask head against 0/1 targets, ignoring 255."""
+    valid = target != IGNORE
+    if not valid.any():
+        return mask_logits.sum() * 0.0
+    return F.binary_cross_entropy_with_logits(mask_logits[:, 0][valid], target[valid].float())
+
+
+class LANet(Method):
+    """Two-stage sequential training (LA-Net, MedIA 2023, Eq. 6–7) of the LANet model (sigmoid
+    lesion mask + classifier). The unlabelled images are its class-only images: they need class
+    labels (`cls` ≥ 0; BUSI and the synthetic set have them)."""
+
+    name = "lanet"
+    uses_unlabeled = True
+
+    def __call__(self, student, teacher, lab, unl, ctx):
+        c = self.cfg
+        xl, yl = lab["image"], lab["mask"]
+        if unl is None or ctx["epoch"] < c.stage1_epochs:  # stage 1: L_floc on location labels
+            loss = bce(student(xl)["mask_logits"], yl)
+            return loss, {"loss_floc": loss.detach()}
+        xu, nl = unl["image"], len(xl)
+        out = student(torch.cat([xl, xu]))
+        logits = out["mask_logits"]
+        cls_t = torch.cat([torch.as_tensor(lab["cls"]), torch.as_tensor(unl["cls"])]).to(logits.device)
+        known = cls_t >= 0
+        loss_cls = F.cross_entropy(out["cls"][known], cls_t[known]) if known.any() else logits.sum() * 0
+        loss_w = bce(logits[:nl], yl)
+        with torch.no_grad():  # pseudo location labels binarize(P_pixel > 0.5), only where P_cls > τ
+            pseudo = (logits[nl:, 0] > 0).long()
+            confident = torch.softmax(out["cls"][nl:], 1).max(1).values > c.tau
+            pseudo[~confident] = IGNORE
+            pseudo[unl["mask"] == IGNORE] = IGNORE
+        loss_wo = bce(logits[nl:], pseudo)
+        loss = c.lam * loss_cls + (1 - c.lam) * (loss_w + c.alpha * loss_wo)
+        return loss, {"loss_cls": loss_cls.detach(), "loss_sloc_w": loss_w.detach(),
+                      "loss_sloc_wo": loss_wo.detach()}
+
+
+class SemiSegCAW(Method):
+    """SemiSeg-CAW (2025) on models.SemiSegCAW. Stage 1 (`stage1_epochs`): pre-train the
+    ClassElevateSeg auxiliary network (segmentation on the labelled images + classification on
+    every image with a class label, the class-only images included). Stage 2: it is frozen and
+    guides the main network, trained on L_seg (labelled), L_cls (all class labels) and L_u
+    (teacher pseudo-labels, confidence ≥ γ) combined by the weight generation module (WGM; off:
+    static weights 1)."""
+
+    name = "semiseg_caw"
+    uses_unlabeled = True
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.wgm = models.WeightGenerationModule(3)
+
+    def parameters(self):
+        return list(self.wgm.parameters())
+
+    def __call__(self, student, teacher, lab, unl, ctx):
+        c = self.cfg
+        net = student.module if hasattr(student, "module") else student
+        stage1 = unl is None or ctx["epoch"] < c.stage1_epochs
+        net.aux.requires_grad_(stage1)  # set every step: the stage follows the epoch (and resumes)
+        net.freeze_aux = not stage1
+        net.aux.train(stage1 and net.training)  # frozen in stage 2: no BN statistics updates
+        xl, yl = lab["image"], lab["mask"]
+        x = xl if unl is None else torch.cat([xl, unl["image"]])
+        cls_t = torch.as_tensor(lab["cls"]) if unl is None else torch.cat([torch.as_tensor(lab["cls"]), torch.as_tensor(unl["cls"])])
+        cls_t = cls_t.to(x.device)
+        known = cls_t >= 0
+        nl = len(xl)
+        if stage1:
+            out = net.aux(x)
+            loss_seg = self.sup(out["pred"][:nl], yl)
+            loss_cls = F.cross_entropy(out["cls"][known], cls_t[known]) if known.any() else loss_seg * 0
+            return loss_seg + loss_cls, {"loss_aux_seg": loss_seg.detach(), "loss_aux_cls": loss_cls.detach()}
+        out = student(x)
+        loss_seg = self.sup(out["pred"][:nl], yl)
+        loss_cls = F.cross_entropy(out["cls"][known], cls_t[known]) if known.any() else loss_seg * 0
+        with torch.no_grad():
+            prob = torch.softmax(teacher(unl["image"])["pred"], 1)
+            pl = prob.argmax(1).masked_fill(unl["mask"] == IGNORE, IGNORE)
+        loss_u = busseg_ops.confidence_masked_cross_entropy(out["pred"][nl:], pl, prob, c.gamma)
+        losses = [loss_seg, loss_cls, loss_u]
+        if c.wgm:
+            loss, w = self.wgm(losses)
+        else:
+            loss, w = sum(losses), torch.ones(3)
+        return loss, {"loss_seg": loss_seg.detach(), "loss_cls": loss_cls.detach(), "loss_u": loss_u.detach(),
+                      "w_seg": w[0], "w_cls": w[1], "w_u": w[2]}
+
+    def state_dict(self) -> dict:
+        return {"wgm": self.wgm.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.wgm.load_state_dict(state["wgm"])
+
+
+METHODS = {m.name: m for m in (SupOnly, RABUSSeg, PHNet, LANet, SemiSegCAW)}
+
+
+def build(cfg) -> Method:
+    if cfg.method not in METHODS:
+        raise ValueError(f"method must be one of {sorted(METHODS)}, got {cfg.method!r}")
+    return METHODS[cfg.method](cfg)

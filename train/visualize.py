@@ -1,0 +1,62 @@
+"""Figures: overlays as in the papers (red ground truth, green prediction, yellow overlap) and the
+training-curve plot from the CSV log."""
+from __future__ import annotations
+
+import csv
+import os
+
+import numpy as np
+
+
+def overlay(image: np.ndarray, pred: np.ndarray, gt: np.ndarray | None = None, alpha: float = 0.5) -> np.ndarray:
+    """uint8 RGB (H, W, 3): grayscale image (H, W) in [0, 1] or uint8, blended with red where only
+    the ground truth is, green where only the prediction is, yellow where both are."""
+    img = image.astype(np.float64)
+    if img.max() > 1.0:
+        img = img / 255.0
+    rgb = np.repeat(img[..., None], 3, axis=2)
+    p = pred.astype(bool)
+    g = (gt == 1) if gt is not None else np.zeros_like(p)
+    colours = {(True, False): (1.0, 0.0, 0.0), (False, True): (0.0, 1.0, 0.0), (True, True): (1.0, 1.0, 0.0)}
+    for (in_gt, in_pred), c in colours.items():
+        sel = (g == in_gt) & (p == in_pred)
+        rgb[sel] = (1 - alpha) * rgb[sel] + alpha * np.array(c)
+    return (rgb * 255).round().astype(np.uint8)
+
+
+def save_png(array: np.ndarray, path: str) -> None:
+    from PIL import Image
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    Image.fromarray(array).save(path)
+
+
+def plot_curves(csv_path: str, out_path: str) -> str:
+    """Loss and validation Dice against epoch, from the engine's metrics.csv."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(csv_path) as f:
+        rows = list(csv.DictReader(f))
+    epochs = [int(r["epoch"]) for r in rows]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    for key in rows[0] if rows else []:
+        if key.startswith("loss"):  # a term may start late (loss_u after warm-up): skip blanks
+            pts = [(e, float(r[key])) for e, r in zip(epochs, rows) if r.get(key, "") != ""]
+            ax1.plot([p[0] for p in pts], [p[1] for p in pts], label=key)
+    ax1.set_xlabel("epoch")
+    ax1.set_ylabel("training loss (epoch mean)")
+    ax1.legend(fontsize=8)
+    if rows and "val_dice" in rows[0]:
+        ax2.plot(epochs, [float(r["val_dice"]) for r in rows], marker="o", label="val Dice (teacher)")
+    ax2.set_xlabel("epoch")
+    ax2.set_ylabel("Dice")
+    ax2.set_ylim(0, 1)
+    ax2.legend(fontsize=8)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    fig.savefig(out_path, dpi=100)
+    plt.close(fig)
+    return out_path
