@@ -8,7 +8,7 @@ CUDA_ARCH_FLAGS := -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,
 NATIVE_SOURCES  := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh') setup.py
 export MAX_JOBS ?= 2
 
-.PHONY: install build test test-all cuda-check cmake-check bench demo clean
+.PHONY: install build test cuda-check cmake-check bench demo clean
 
 install: $(STAMP)
 
@@ -56,10 +56,6 @@ cmake-check: $(STAMP)
 	cmake --build build/cmake
 
 test: build cuda-check cmake-check
-	$(PY) -m pytest tests -q -m "not slow"
-
-# Everything, the slow tests included (e.g. the BUSI training integration test).
-test-all: build cuda-check cmake-check
 	$(PY) -m pytest tests -q
 
 # Prints pytest-benchmark's tables, then one Markdown table of medians, ratios against the

@@ -5,6 +5,7 @@ import sys
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 import busseg_ops
 
@@ -27,12 +28,10 @@ def main(out_dir: str = "runs/arp_demo") -> None:
         dice = 2 * (pred & truth).sum() / (pred.sum() + truth.sum())
         print(f"{name:>13}: Dice {dice:.3f}")
     os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, "arp_demo.pgm")
+    path = os.path.join(out_dir, "arp_demo.png")
     strip = torch.cat([lesion, logits.argmax(1)[0].float(), refined.argmax(1)[0].float()], 1)
     strip = F.interpolate(strip[None, None], scale_factor=4, mode="nearest")[0, 0]
-    with open(path, "wb") as f:
-        f.write(b"P5 %d %d 255\n" % (strip.shape[1], strip.shape[0]))
-        f.write((strip * 255).byte().numpy().tobytes())
+    Image.fromarray((strip * 255).byte().numpy()).save(path)
     print(f"picture (truth | noisy argmax | after ARP): {path}")
     print(f"backends available here: {busseg_ops.available_backends()}")
 

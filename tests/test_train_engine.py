@@ -115,11 +115,10 @@ def test_ddp_two_processes_gloo(tmp_path):
     assert os.path.isfile(tmp_path / "run" / "last.pt")
 
 
-@pytest.mark.slow
 @pytest.mark.skipif(not os.path.isdir(BUSI), reason=f"BUSI data not found at {BUSI}")
 def test_busi_integration_rabusseg_beats_chance(tmp_path):
     cfg = engine.TrainConfig(method="rabusseg", data="busi", root=BUSI, limit=48, size=128, partition="1/2",
-                             epochs=30, warmup_epochs=2, lr=0.01, ema=0.9, dice_weight=1.0, unet_base=8, proj_dim=32, rep_dim=16,
+                             epochs=60, warmup_epochs=2, lr=0.01, ema=0.9, dice_weight=1.0, unet_base=16, proj_dim=32, rep_dim=16,
                              num_proxies=32, out=str(tmp_path / "busi"), quiet=True, overlays=2)
     res = engine.run(cfg)
     # Chance: the all-lesion prediction on a fixed set of 32 test-list images not in the subset.
@@ -133,4 +132,4 @@ def test_busi_integration_rabusseg_beats_chance(tmp_path):
     ds = data.SegDataset(test, 128)
     chance = sum(metrics.seg_metrics(torch.ones(128, 128), ds[i]["mask"])["dice"] for i in range(len(ds))) / len(ds)
     print(f"BUSI 48-image subset: held-out Dice {ours:.3f} (subset test {res['dice'][0]:.3f}), chance {chance:.3f}")
-    assert ours > chance + 0.1
+    assert ours > chance + 0.15  # measured: 0.42 against 0.10 (deterministic on CPU)
