@@ -58,10 +58,15 @@ cmake-check: $(STAMP)
 test: build cuda-check cmake-check
 	$(PY) -m pytest tests -q
 
-# Prints pytest-benchmark's tables, then one Markdown table of medians, ratios against the
-# baselines from the same run, and peak memory (also written to benchmarks/last_run.md).
+# One process per benchmark file. Each prints pytest-benchmark's table, then a Markdown table of
+# medians, ratios against the baselines of the same run, and peak memory; all of them are
+# collected in benchmarks/last_run.md.
 bench: build
-	$(PY) -m pytest benchmarks -q -p no:warnings --benchmark-columns=min,median,mean,rounds --benchmark-sort=name
+	rm -f benchmarks/last_run.md
+	for f in benchmarks/bench_*.py; do \
+	  $(PY) -m pytest $$f -q -p no:warnings --benchmark-columns=min,median,mean,rounds || exit 1; \
+	done
+	@cat benchmarks/last_run.md
 
 # Trains suponly and rabusseg on the synthetic default (a few minutes on a CPU), prints both test
 # Dice, writes overlays and curve plots under runs/demo/. Nothing is downloaded.

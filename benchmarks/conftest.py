@@ -1,8 +1,9 @@
 """Benchmark plumbing: each case is `benchmark(fn)` with `benchmark.group` naming the problem and
 `benchmark.name`'s parameter naming the implementation; peak memory goes through the
 `record_memory` fixture. At the end a Markdown table of medians, speed-ups against every
-baseline of the same group (all from this one run) and peak memory is printed and written to
-benchmarks/last_run.md."""
+baseline of the same group (all from this one run) and peak memory is printed and appended to
+benchmarks/last_run.md (`make bench` clears it first and runs each file in a process of its own,
+so one benchmark's leftovers — compiled graphs, allocator state — cannot slow another's)."""
 import os
 import sys
 from collections import defaultdict
@@ -46,5 +47,5 @@ def pytest_terminal_summary(terminalreporter):
                          f"{'' if mem is None else f'{mem:.0f}'} |")
     table = "\n".join(lines)
     terminalreporter.write_line("\n" + table)
-    with open(os.path.join(os.path.dirname(__file__), "last_run.md"), "w") as f:
-        f.write(table + "\n")
+    with open(os.path.join(os.path.dirname(__file__), "last_run.md"), "a") as f:
+        f.write(table + "\n\n")

@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "cpu/common.h"
+#include "cpu/fast_math.h"
 #include "cra_checks.h"
 #include "cra_driver.h"
 
@@ -120,55 +121,8 @@ at::Tensor cra_greedy_sampling_cpu(const at::Tensor& feat, const at::Tensor& fir
 // ---- alignment loss: fused row kernels on a block of logits ---------------------------------
 //
 // Every element needs one exp (its probability) and, for the input layers of the pairs, one log
-// (log(p + eps)); log q is z - lse. In float these run through polynomial exp/log (Cephes,
-// about 1 ulp) written as plain loops that the AVX2 clone vectorises; double keeps std::exp /
-// std::log (gradcheck precision). The NaN / range selects below only become vector blends when
-// the compiler may assume comparisons do not trap: the build passes -fno-trapping-math (it
-// changes no result, only floating-point exception flags, which nothing reads).
-
-inline float exp_poly(float x) {
-  float xc = x < -87.33654f ? -87.33654f : x;
-  xc = xc > 88.3762626f ? 88.3762626f : xc;
-  const float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
-  const float r = (xc - n * 0.693359375f) + n * 2.12194440e-4f;
-  float y = 1.9875691500e-4f;
-  y = y * r + 1.3981999507e-3f;
-  y = y * r + 8.3334519073e-3f;
-  y = y * r + 4.1665795894e-2f;
-  y = y * r + 1.6666665459e-1f;
-  y = y * r + 5.0000001201e-1f;
-  y = y * r * r + r + 1.0f;
-  const float scale = std::bit_cast<float>(static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23);
-  float out = y * scale;
-  out = x < -87.33654f ? 0.0f : out;
-  out = x > 88.3762626f ? std::numeric_limits<float>::infinity() : out;
-  return x != x ? x : out;
-}
-
-inline float log_poly(float x) {
-  const bool tiny = x < std::numeric_limits<float>::min();  // denormals: scale up by 2^23 first
-  const uint32_t bits = std::bit_cast<uint32_t>(x * (tiny ? 8388608.0f : 1.0f));
-  float e = static_cast<float>(static_cast<int32_t>(bits >> 23) - 126) - (tiny ? 23.0f : 0.0f);
-  float m = std::bit_cast<float>((bits & 0x007fffffu) | 0x3f000000u);  // [0.5, 1)
-  const bool low = m < 0.707106781186547524f;
-  e = low ? e - 1.0f : e;
-  m = low ? m + m - 1.0f : m - 1.0f;
-  const float z = m * m;
-  float y = 7.0376836292e-2f;
-  y = y * m - 1.1514610310e-1f;
-  y = y * m + 1.1676998740e-1f;
-  y = y * m - 1.2420140846e-1f;
-  y = y * m + 1.4249322787e-1f;
-  y = y * m - 1.6668057665e-1f;
-  y = y * m + 2.0000714765e-1f;
-  y = y * m - 2.4999993993e-1f;
-  y = y * m + 3.3333331174e-1f;
-  y = y * m * z - 2.12194440e-4f * e - 0.5f * z;
-  float out = m + y + 0.693359375f * e;
-  out = x == 0.0f ? -std::numeric_limits<float>::infinity() : out;
-  out = x == std::numeric_limits<float>::infinity() ? x : out;
-  return ((x < 0.0f) | (x != x)) ? std::numeric_limits<float>::quiet_NaN() : out;
-}
+// (log(p + eps)); log q is z - lse. In float these run through cpu/fast_math.h's polynomial
+// exp/log, vectorised by the AVX2 clone; double keeps std::exp / std::log.
 
 // out[m] = exp(z[m] - shift)
 BUSSEG_SIMD_CLONES void exp_shifted(const float* z, float shift, float* out, int64_t n) {
@@ -264,8 +218,8 @@ void align_rows_forward(const scalar_t* logits, int64_t L, int64_t R, int64_t M,
     for (int64_t r = begin; r < end; ++r) {
       for (int64_t l = 0; l < L; ++l)
         for (int64_t m = 0; m < M; ++m) z[l * M + m] = acc_t(logits[(l * R + r) * M + m]);
-      total += double(forward_row<acc_t>(z.data(), L, M, acc_t(eps), prob.data(), lpe.data(),
-                                         row_lse.data()));
+      total += double(
+          forward_row<acc_t>(z.data(), L, M, acc_t(eps), prob.data(), lpe.data(), row_lse.data()));
       for (int64_t l = 0; l < L; ++l) lse[l * R + r] = row_lse[l];
     }
     partial[omp_get_thread_num()] = total;
@@ -333,9 +287,9 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> cra_align_blocked_fo
 }
 
 std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> cra_align_blocked_backward_cpu(
-    const at::Tensor& grad_loss, at::TensorList feats, at::TensorList proxies, const at::Tensor& lse,
-    c10::string_view reduction, double eps, int64_t block_rows, bool need_grad_feats,
-    bool need_grad_proxies) {
+    const at::Tensor& grad_loss, at::TensorList feats, at::TensorList proxies,
+    const at::Tensor& lse, c10::string_view reduction, double eps, int64_t block_rows,
+    bool need_grad_feats, bool need_grad_proxies) {
   return align_blocked_backward(kCpuRows, grad_loss, feats, proxies, lse, std::string(reduction),
                                 eps, block_rows, need_grad_feats, need_grad_proxies);
 }

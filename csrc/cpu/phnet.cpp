@@ -17,10 +17,30 @@
 #include <vector>
 
 #include "contrastive_driver.h"
+#include "cpu/common.h"
+#include "cpu/fast_math.h"
 #include "phnet_checks.h"
 
 namespace busseg {
 namespace {
+
+// x[i] = exp(x[i]); float through the vectorised polynomial.
+BUSSEG_SIMD_CLONES void exp_inplace(float* x, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) x[i] = exp_poly(x[i]);
+}
+void exp_inplace(double* x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) x[i] = std::exp(x[i]);
+}
+
+// ent[i] += p[i] * log(p[i] + eps)
+BUSSEG_SIMD_CLONES void add_p_log_p(const float* p, float eps, float* ent, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) ent[i] += p[i] * log_poly(p[i] + eps);
+}
+void add_p_log_p(const double* p, double eps, double* ent, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) ent[i] += p[i] * std::log(p[i] + eps);
+}
 
 // Per-pixel class probabilities of one image row, (K, W) with stride HW between classes:
 // p[k*W + x]. From logits the softmax is taken here.
@@ -42,7 +62,11 @@ void row_probabilities(const scalar_t* x, int64_t K, int64_t W, int64_t HW, bool
     for (int64_t i = 0; i < W; ++i) mx[i] = std::max(mx[i], p[k * W + i]);
   for (int64_t k = 0; k < K; ++k)
 #pragma omp simd
-    for (int64_t i = 0; i < W; ++i) sum[i] += (p[k * W + i] = std::exp(p[k * W + i] - mx[i]));
+    for (int64_t i = 0; i < W; ++i) p[k * W + i] -= mx[i];
+  exp_inplace(p, K * W);
+  for (int64_t k = 0; k < K; ++k)
+#pragma omp simd
+    for (int64_t i = 0; i < W; ++i) sum[i] += p[k * W + i];
   for (int64_t k = 0; k < K; ++k)
 #pragma omp simd
     for (int64_t i = 0; i < W; ++i) p[k * W + i] /= sum[i];
@@ -63,11 +87,8 @@ void hardness_forward_kernel(const scalar_t* x, scalar_t* out, const PatchGrid& 
         row_probabilities(x + b * g.K * HW + y * g.W, g.K, g.W, HW, from_logits, p.data(),
                           scratch.data());
         std::fill(ent.begin(), ent.end(), acc_t(0));
-        for (int64_t k = 0; k < g.K; ++k) {
-          const acc_t* pk = p.data() + k * g.W;
-#pragma omp simd
-          for (int64_t c = 0; c < g.W; ++c) ent[c] += pk[c] * std::log(pk[c] + acc_t(eps));
-        }
+        for (int64_t k = 0; k < g.K; ++k)
+          add_p_log_p(p.data() + k * g.W, acc_t(eps), ent.data(), g.W);
         for (int64_t j = 0; j < g.Nw; ++j)
           for (int64_t c = j * g.pw; c < (j + 1) * g.pw; ++c) acc[j] += ent[c];
       }
