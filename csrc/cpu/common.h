@@ -31,6 +31,15 @@ BUSSEG_SIMD_CLONES void axpy(acc_t alpha, const scalar_t* x, acc_t* y, int64_t n
   for (int64_t i = 0; i < n; ++i) y[i] += alpha * acc_t(x[i]);
 }
 
+// y[i] += a0 * x0[i] + a1 * x1[i] + a2 * x2[i] + a3 * x3[i]: four axpys in one pass over y
+template <typename acc_t, typename scalar_t>
+BUSSEG_SIMD_CLONES void axpy4(const acc_t* a, const scalar_t* x0, const scalar_t* x1,
+                              const scalar_t* x2, const scalar_t* x3, acc_t* y, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i)
+    y[i] += a[0] * acc_t(x0[i]) + a[1] * acc_t(x1[i]) + a[2] * acc_t(x2[i]) + a[3] * acc_t(x3[i]);
+}
+
 // OpenMP over [0, n) in one contiguous chunk per thread (honouring torch.set_num_threads), so
 // each thread allocates its scratch once: body(begin, end).
 template <typename F>

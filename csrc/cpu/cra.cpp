@@ -67,7 +67,13 @@ void greedy_image(const scalar_t* f, int64_t HW, int64_t C, int64_t first, int64
       if (m + 1 == M) break;
       for (int64_t c = 0; c < C; ++c) fs[c] = acc_t(scale) * acc_t(f[c * HW + s]);
       std::fill(row.begin(), row.end(), acc_t(0));
-      for (int64_t c = 0; c < C; ++c) axpy(fs[c], f + c * HW + begin, row.data(), end - begin);
+      // Four channels per pass over the row: a quarter of the row's load/store traffic.
+      const int64_t n = end - begin, C4 = C - C % 4;
+      const scalar_t* fb = f + begin;
+      for (int64_t c = 0; c < C4; c += 4)
+        axpy4(&fs[c], fb + c * HW, fb + (c + 1) * HW, fb + (c + 2) * HW, fb + (c + 3) * HW,
+              row.data(), n);
+      for (int64_t c = C4; c < C; ++c) axpy(fs[c], fb + c * HW, row.data(), n);
       acc_t bv = kInf;
       int64_t bi = -1;
       for (int64_t j = begin; j < end; ++j) {
