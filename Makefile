@@ -20,7 +20,7 @@ $(STAMP): Makefile setup.py pyproject.toml
 	$(PY) -c 'import torch' 2>/dev/null || $(PIP) install -q torch==2.13.0
 	$(PIP) install -q triton numpy pytest pytest-benchmark ninja pybind11 setuptools wheel pillow matplotlib tqdm
 	$(PIP) install -q --no-build-isolation --no-deps -e .
-	touch $(STAMP)
+	touch busseg_ops/.built $(STAMP)  # the editable install just built the extension in place
 
 # Incremental rebuild of the extension in place (ninja keeps objects under build/).
 build: $(STAMP) busseg_ops/.built

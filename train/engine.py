@@ -423,8 +423,8 @@ def evaluate(model, items, size, device, overlay_dir=None, overlays=8, batch=8) 
             if overlay_dir and s["index"] < overlays:
                 img = (s["image"][0].numpy() * 255).astype("uint8")
                 stem = os.path.splitext(os.path.basename(r["name"]))[0]
-                visualize.save_png(visualize.overlay(img, pred[j].numpy(), s["mask"].numpy()),
-                                   os.path.join(overlay_dir, f"{stem}.png"))
+                picture = visualize.overlay(img, pred[j].numpy(), s["mask"].numpy())
+                visualize.save_png(visualize.enlarge(picture), os.path.join(overlay_dir, f"{stem}.png"))
     res = {"per_image": rows, "summary": metrics.summarize(rows)}
     if probs:
         y = torch.tensor(classes)

@@ -24,6 +24,12 @@ def overlay(image: np.ndarray, pred: np.ndarray, gt: np.ndarray | None = None, a
     return (rgb * 255).round().astype(np.uint8)
 
 
+def enlarge(array: np.ndarray, min_side: int = 256) -> np.ndarray:
+    """Nearest-neighbour integer upscaling so small training crops stay readable as pictures."""
+    factor = max(1, -(-min_side // min(array.shape[:2])))
+    return array.repeat(factor, axis=0).repeat(factor, axis=1)
+
+
 def save_png(array: np.ndarray, path: str) -> None:
     from PIL import Image
 
