@@ -44,6 +44,18 @@ struct ArpGeometry {
   }
 };
 
+// Row y of dst (an (H, W) plane) = sum over taps of coef[t] (taps x W) times src's neighbours at
+// tap t: the value propagation of the forward and the feature gradient's gather.
+template <typename T>
+void tap_weighted_row(const ArpGeometry& g, int64_t y, const T* coef, const T* src, T* dst) {
+  T* row = dst + y * g.W;
+  std::fill(row, row + g.W, T(0));
+  for (int64_t t = 0, x0, x1; t < g.taps; ++t)
+    if (g.columns(y, t, x0, x1))
+      multiply_add(row + x0, coef + t * g.W + x0, src + (y + g.dy(t)) * g.W + g.dx(t) + x0,
+                   x1 - x0);
+}
+
 // The kernels take float or double; all tensors are NCHW contiguous, per-tap ones
 // (B, taps, H, W). Row r = b * H + y.
 template <typename T>
@@ -95,15 +107,8 @@ void arp_forward_kernel(const ArpGeometry& g, const T* feat, const T* value, T* 
         T* w = weights + g.plane(b, t, taps) + y * W;
         for (int64_t x = 0; x < W; ++x) w[x] = (a[t * W + x] /= denom[x]);
       }
-      for (int64_t k = 0; k < g.K; ++k) {
-        T* o = out + g.plane(b, k, g.K) + y * W;
-        std::fill(o, o + W, T(0));
-        for (int64_t t = 0, x0, x1; t < taps; ++t)
-          if (g.columns(y, t, x0, x1)) {
-            const T* v = value + g.plane(b, k, g.K) + (y + g.dy(t)) * W + g.dx(t);
-            multiply_add(o + x0, a.data() + t * W + x0, v + x0, x1 - x0);
-          }
-      }
+      for (int64_t k = 0; k < g.K; ++k)
+        tap_weighted_row(g, y, a.data(), value + g.plane(b, k, g.K), out + g.plane(b, k, g.K));
     }
   });
 }
@@ -153,15 +158,9 @@ void arp_backward_kernel(const ArpGeometry& g, const T* grad_out, const T* feat,
           const T* key = da.data() + g.plane(b, g.mirror(t), taps) + (y + g.dy(t)) * W + g.dx(t);
           for (int64_t x = x0; x < x1; ++x) coef[t * W + x] = own[x] + key[x];
         }
-        for (int64_t c = 0; c < g.C; ++c) {
-          T* gf = grad_feat + g.plane(b, c, g.C) + y * W;
-          std::fill(gf, gf + W, T(0));
-          for (int64_t t = 0, x0, x1; t < taps; ++t)
-            if (g.columns(y, t, x0, x1)) {
-              const T* f = feat + g.plane(b, c, g.C) + (y + g.dy(t)) * W + g.dx(t);
-              multiply_add(gf + x0, coef.data() + t * W + x0, f + x0, x1 - x0);
-            }
-        }
+        for (int64_t c = 0; c < g.C; ++c)
+          tap_weighted_row(g, y, coef.data(), feat + g.plane(b, c, g.C),
+                           grad_feat + g.plane(b, c, g.C));
       }
       if (grad_value)
         for (int64_t k = 0; k < g.K; ++k) {
