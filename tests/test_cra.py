@@ -149,6 +149,43 @@ def test_greedy_layouts_and_nan(backend):
     assert sorted(got[0].tolist()) == list(range(63)) and got[0, -1] == 31  # NaN pixel last
 
 
+def near_copies(B, C, H, W, spread, groups=4):
+    """Float features whose pixels are near-copies of a few vectors: differences (spread) at or
+    below half precision (2^-11 relative) but far above float's."""
+    base = torch.randn(B, C, groups).relu() + 0.1
+    pick = torch.randint(0, groups, (H * W,))
+    return (base[:, :, pick] + spread * torch.randn(B, C, H * W)).reshape(B, C, H, W)
+
+
+@pytest.mark.parametrize("case", [(2, 16, 9, 11, 40, 1e-5), (1, 37, 13, 10, 130, 1e-4),
+                                  (3, 64, 5, 7, 35, 1e-3)])
+def test_float_sampling_resolves_differences_below_half_precision(case):
+    # The cpu backend screens float images through a half copy and re-scores the pixels it
+    # cannot rule out exactly: its choice must be the exact (double) arg-min.
+    B, C, H, W, M, spread = case
+    feat = near_copies(B, C, H, W, spread)
+    first = torch.randint(0, H * W, (B,))
+    expected = run_greedy("reference", feat.double(), M, first=first)
+    rounded = run_greedy("reference", feat.half().double(), M, first=first)
+    assert not torch.equal(rounded, expected), "the half copy alone must not suffice here"
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        try:
+            got = run_greedy("cpu", feat, M, first=first)
+        finally:
+            torch.set_num_threads(2)
+        assert torch.equal(got, expected), f"{threads} threads"
+
+
+@pytest.mark.parametrize("magnitude", [1e-6, 1e5])
+def test_float_sampling_beyond_the_half_normal_range(magnitude):
+    # 1e-6: subnormal in half (absolute rounding); 1e5: beyond half, the plain float loop runs.
+    feat = torch.randn(2, 24, 9, 8) * magnitude
+    first = torch.tensor([3, 70])
+    expected = run_greedy("reference", feat.double(), 30, first=first)
+    assert torch.equal(run_greedy("cpu", feat, 30, first=first), expected)
+
+
 def test_greedy_memory_at_128x128():
     from peak_memory import peak_extra_mib
     setup = """
