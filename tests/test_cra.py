@@ -197,6 +197,109 @@ first = torch.tensor([0])
     assert mib < 64, f"greedy sampling at 128x128 added {mib:.0f} MiB (the HW x HW map is 1024)"
 
 
+# The CUDA greedy kernel runs an image on one block or on several cooperating blocks (grid
+# barrier per step); BUSSEG_GREEDY_BLOCKS_PER_IMAGE forces the split (0: the launcher's choice).
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+SPLITS = [1, 2, 13, 0]
+
+
+def run_greedy_split(monkeypatch, blocks, feat, num_proxies, **kw):
+    monkeypatch.setenv("BUSSEG_GREEDY_BLOCKS_PER_IMAGE", str(blocks))
+    return run_greedy("cuda", feat, num_proxies, **kw)
+
+
+def exact_features(shape, dtype=torch.float32):
+    """Entries in {-1, 0, 1}: with scale 1/2 every similarity sum is exact in float32 (|c| < 2^22)
+    whatever the summation order, so all backends must agree exactly; many exact ties."""
+    return torch.randint(-1, 2, shape, device="cuda").to(dtype)
+
+
+@needs_cuda
+@pytest.mark.parametrize("B", [1, 2, 3])
+@pytest.mark.parametrize("H,W", [(127, 129), (65, 65)])
+@pytest.mark.parametrize("C", [1, 7, 256])
+@pytest.mark.parametrize("M", [1, 5, 64, "HW"])
+def test_cuda_greedy_splits_match_reference(monkeypatch, B, H, W, C, M):
+    M = H * W if M == "HW" else M
+    feat = exact_features((B, C, H, W))
+    first = torch.randint(0, H * W, (B,), device="cuda")
+    expected = run_greedy("reference", feat, M, first=first, scale=0.5)
+    # 1 or 2 blocks per image take minutes for all 16383 steps at 127x129: finer splits only
+    for blocks in SPLITS[2:] if M == 127 * 129 else SPLITS:
+        got = run_greedy_split(monkeypatch, blocks, feat, M, first=first, scale=0.5)
+        assert torch.equal(got, expected), f"{blocks} blocks per image"
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+def test_cuda_greedy_splits_dtypes(monkeypatch, dtype):
+    shape = (2, 7, 65, 65)
+    feat = (torch.randn(shape, device="cuda", dtype=dtype) if dtype == torch.float64
+            else exact_features(shape, dtype))
+    first = torch.tensor([0, 4224], device="cuda")
+    expected = run_greedy("reference", feat, 64, first=first, scale=0.5)
+    for blocks in SPLITS:
+        assert torch.equal(run_greedy_split(monkeypatch, blocks, feat, 64, first=first, scale=0.5),
+                           expected), f"{blocks} blocks per image"
+
+
+@needs_cuda
+def test_cuda_greedy_splits_agree_bitwise(monkeypatch):
+    # float32 sums round, but every split does the same arithmetic per pixel: same proxies
+    feat = torch.randn(2, 256, 127, 129, device="cuda")
+    first = torch.tensor([3, 16000], device="cuda")
+    runs = [run_greedy_split(monkeypatch, blocks, feat, 64, first=first) for blocks in SPLITS]
+    assert all(torch.equal(r, runs[0]) for r in runs[1:])
+    many = exact_features((200, 7, 65, 65))  # a batch larger than the SM count
+    first = torch.randint(0, 65 * 65, (200,), device="cuda")
+    assert torch.equal(run_greedy_split(monkeypatch, 0, many, 5, first=first, scale=0.5),
+                       run_greedy("reference", many, 5, first=first, scale=0.5))
+
+
+@needs_cuda
+@pytest.mark.parametrize("blocks", SPLITS + [25])  # 25: one pixel per block
+def test_cuda_greedy_split_ties(monkeypatch, blocks):
+    feat = torch.ones(2, 3, 5, 5, device="cuda")  # every unchosen pixel ties at every step
+    idx = run_greedy_split(monkeypatch, blocks, feat, 7, first=torch.tensor([6, 0], device="cuda"))
+    assert idx.tolist() == [[6, 0, 1, 2, 3, 4, 5], [0, 1, 2, 3, 4, 5, 6]]
+    feat = torch.randint(-2, 3, (3, 2, 5, 5)).double()  # small integers, scale 1: exact sums
+    first = torch.tensor([0, 12, 24])
+    got = run_greedy_split(monkeypatch, blocks, feat.cuda(), 25, first=first.cuda(), scale=1.0)
+    assert torch.equal(got.cpu(), brute_force_greedy(feat, first, 25, 1.0))
+    big = torch.ones(2, 3, 65, 65, device="cuda")
+    idx = run_greedy_split(monkeypatch, min(blocks, 13), big, 300,
+                           first=torch.tensor([4000, 0], device="cuda"))
+    assert idx[0].tolist() == [4000] + list(range(299)) and idx[1].tolist() == list(range(300))
+
+
+@needs_cuda
+@pytest.mark.parametrize("blocks", SPLITS)
+def test_cuda_greedy_split_nan(monkeypatch, blocks):
+    HW = 65 * 65
+    feat = torch.randn(2, 7, 65, 65, device="cuda", dtype=torch.float64)
+    feat[0, 3, 10, 20] = feat[0, 0, 64, 1] = float("nan")  # pixels 670 and 4161
+    feat[1, 5, 0, 9] = float("nan")  # image 1 starts at NaN pixel 9: every score NaN (+inf)
+    first = torch.tensor([2000, 9], device="cuda")
+    got = run_greedy_split(monkeypatch, blocks, feat, HW, first=first)
+    assert torch.equal(got, run_greedy("reference", feat, HW, first=first))
+    assert sorted(got[0, -2:].tolist()) == [670, 4161]  # NaN pixels last
+    assert got[1].tolist() == [9] + [j for j in range(HW) if j != 9]
+
+
+@needs_cuda
+def test_cuda_greedy_split_errors(monkeypatch):
+    feat = torch.randn(1, 7, 127, 129, device="cuda")
+    first = torch.tensor([0], device="cuda")
+    for bad in ("two", "-1", str(127 * 129 + 1)):
+        with pytest.raises(ValueError, match="BUSSEG_GREEDY_BLOCKS_PER_IMAGE"):
+            run_greedy_split(monkeypatch, bad, feat, 5, first=first)
+    # 16383 blocks cannot all be resident: the cooperative launch refuses, no hang
+    with pytest.raises(RuntimeError, match="cra_greedy_sampling failed"):
+        run_greedy_split(monkeypatch, 127 * 129, feat, 5, first=first)
+    assert torch.equal(run_greedy_split(monkeypatch, 0, feat, 5, first=first),
+                       run_greedy("reference", feat, 5, first=first))
+
+
 @pytest.mark.parametrize("call,error,match", [
     (lambda f: greedy(f, 36), ValueError, r"num_proxies must be <= H\*W = 35"),
     (lambda f: greedy(f, 0), ValueError, "num_proxies must be >= 1"),

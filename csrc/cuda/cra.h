@@ -1,6 +1,8 @@
 // Cross-layer relation alignment (SPEC §2): CUDA launchers on raw pointers.
-// Greedy sampling: feat (B, HW, C) channels-last, first (B,), out (B, M) int64; scratch holds
-// 2*B*HW accumulators (double for f64, else float) and B*HW bytes.
+// Greedy sampling: feat (B, HW, C) channels-last, first (B,), out (B, M) int64, on
+// blocks_per_image blocks per image (1: one block each; >= 2: cooperating blocks in a cooperative
+// launch, which fails unless all B * blocks_per_image blocks fit on the GPU at once).
+// cra_greedy_blocks_per_image picks it; the workspace holds cra_greedy_workspace_bytes.
 // Loss (the row kernels of the blocked driver, csrc/cra_driver.h): a block of logits (L, R, M)
 // contiguous; lse (L, R) and row_loss (R) in the accumulator type; grad_logits like logits.
 #pragma once
@@ -13,10 +15,14 @@ namespace busseg::cuda {
 // Layers the fused loss kernels handle (per-row statistics live in registers).
 constexpr int kMaxAlignLayers = 16;
 
+cudaError_t cra_greedy_blocks_per_image(DType dtype, long long B, long long HW, long long C,
+                                        long long* blocks_per_image);
+
+size_t cra_greedy_workspace_bytes(DType dtype, long long B, long long HW, long long blocks_per_image);
+
 cudaError_t cra_greedy_sampling(DType dtype, long long B, long long HW, long long C, long long M,
-                                const void* feat, const long long* first, double scale,
-                                void* acc_scratch, unsigned char* chosen_scratch, long long* out,
-                                cudaStream_t stream);
+                                long long blocks_per_image, const void* feat, const long long* first,
+                                double scale, void* workspace, long long* out, cudaStream_t stream);
 
 struct AlignShape {
   int L;

@@ -2,6 +2,7 @@
 // current stream.
 #include <torch/library.h>
 
+#include <cstdlib>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -14,19 +15,36 @@
 namespace busseg::cuda {
 namespace {
 
+// BUSSEG_GREEDY_BLOCKS_PER_IMAGE forces the greedy kernel's split (tests, tuning): 1 = one block
+// per image, n >= 2 = n cooperating blocks (at most H*W); unset or 0 = the launcher's choice.
+int64_t greedy_blocks_per_image(DType dtype, int64_t B, int64_t HW, int64_t C) {
+  const char* env = std::getenv("BUSSEG_GREEDY_BLOCKS_PER_IMAGE");
+  char* end = nullptr;
+  const long long forced = env == nullptr ? 0 : std::strtoll(env, &end, 10);
+  TORCH_CHECK_VALUE(env == nullptr || (end != env && *end == '\0' && forced >= 0 && forced <= HW),
+                    "BUSSEG_GREEDY_BLOCKS_PER_IMAGE must be a count in [0, H*W = ", HW, "], got '",
+                    env, "'");
+  if (forced > 0) return forced;
+  long long blocks = 1;
+  check_launch(cra_greedy_blocks_per_image(dtype, B, HW, C, &blocks), "cra_greedy_blocks_per_image");
+  return blocks;
+}
+
 at::Tensor cra_greedy_sampling_cuda(const at::Tensor& feat, const at::Tensor& first,
                                     int64_t num_proxies, double scale) {
   check_greedy_args(feat, first, num_proxies);
   const c10::cuda::CUDAGuard guard(feat.device());
   const int64_t B = feat.size(0), C = feat.size(1), HW = feat.size(2) * feat.size(3);
+  const DType dtype = dtype_of(feat);
   const at::Tensor f = feat.permute({0, 2, 3, 1}).contiguous();  // (B, HW, C)
   const at::Tensor s0 = first.contiguous();
   at::Tensor idx = at::empty({B, num_proxies}, first.options());
-  at::Tensor acc = at::empty({2 * B * HW}, feat.options().dtype(accumulator_type(feat)));
-  at::Tensor chosen = at::empty({B * HW}, feat.options().dtype(at::kByte));
-  check_launch(cra_greedy_sampling(dtype_of(feat), B, HW, C, num_proxies, f.data_ptr(),
+  const int64_t blocks = greedy_blocks_per_image(dtype, B, HW, C);
+  const auto bytes = static_cast<int64_t>(cra_greedy_workspace_bytes(dtype, B, HW, blocks));
+  at::Tensor workspace = at::empty({bytes}, feat.options().dtype(at::kByte));
+  check_launch(cra_greedy_sampling(dtype, B, HW, C, num_proxies, blocks, f.data_ptr(),
                                    reinterpret_cast<const long long*>(s0.data_ptr<int64_t>()),
-                                   scale, acc.data_ptr(), chosen.data_ptr<uint8_t>(),
+                                   scale, workspace.data_ptr(),
                                    reinterpret_cast<long long*>(idx.data_ptr<int64_t>()),
                                    c10::cuda::getCurrentCUDAStream()),
                "cra_greedy_sampling");
