@@ -158,7 +158,7 @@ def near_copies(B, C, H, W, spread, groups=4):
 
 
 @pytest.mark.parametrize("case", [(2, 16, 9, 11, 40, 1e-5), (1, 37, 13, 10, 130, 1e-4),
-                                  (3, 64, 5, 7, 35, 1e-3)])
+                                  (3, 64, 5, 7, 35, 1e-3), (1, 5, 7, 9, 20, 1e-4)])
 def test_float_sampling_resolves_differences_below_half_precision(case):
     # The cpu backend screens float images through a half copy and re-scores the pixels it
     # cannot rule out exactly: its choice must be the exact (double) arg-min.

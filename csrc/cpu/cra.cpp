@@ -146,12 +146,12 @@ BUSSEG_SIMD_CLONES void mark_candidates(const float* score, const float* bound, 
 // The bound needs finite features within half range and sums far from float overflow: returns
 // false (choosing nothing) otherwise.
 bool greedy_image_screened(const float* f, int64_t HW, int64_t C, int64_t first, int64_t M,
-                           double scale, int64_t* out, int threads) {
+                           double scale, int64_t* out, int threads, std::vector<uint16_t>& half) {
   constexpr float kInfF = std::numeric_limits<float>::infinity();
   constexpr double kInf = std::numeric_limits<double>::infinity();
   const double relative = (0x1p-11 + 0x1p-22 + 2.0 * double(C + 2) * 0x1p-24) * (1 + 0x1p-8);
   const double absolute = 0x1p-25 * (1 + 0x1p-8);
-  std::vector<uint16_t> half(C * HW);
+  half.resize(C * HW);  // the caller's buffer: reused across images without new page faults
   std::vector<float> approx_c(HW, 0.0f), approx_score(HW, -kInfF), bound(HW, 0.0f), norm(HW);
   std::vector<double> exact_c(HW, 0.0), exact_score(HW, -kInf);
   std::vector<int64_t> exact_upto(HW, 0);  // proxies folded into exact_c / exact_score so far
@@ -248,14 +248,15 @@ bool greedy_image_screened(const float* f, int64_t HW, int64_t C, int64_t first,
 }
 #endif
 
-// One image, screened through a half copy where that is exact and supported, else plain.
+// One image, screened through a half copy (kept in `half`) where that is exact and supported,
+// else plain.
 template <typename scalar_t>
 void greedy_one_image(const scalar_t* f, int64_t HW, int64_t C, int64_t first, int64_t M,
-                      double scale, int64_t* out, int threads) {
+                      double scale, int64_t* out, int threads, std::vector<uint16_t>& half) {
 #ifdef BUSSEG_HALF_ROWS
   if constexpr (std::is_same_v<scalar_t, float>) {
     if (M > 1 && half_rows_supported() &&
-        greedy_image_screened(f, HW, C, first, M, scale, out, threads))
+        greedy_image_screened(f, HW, C, first, M, scale, out, threads, half))
       return;
   }
 #endif
@@ -268,12 +269,18 @@ void greedy_batch(const scalar_t* f, const int64_t* first, int64_t B, int64_t HW
                   int64_t M, double scale, int64_t* out) {
   const int threads = at::get_num_threads();
   if (B >= threads || threads == 1) {
-#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
-    for (int64_t b = 0; b < B; ++b)
-      greedy_one_image<scalar_t>(f + b * HW * C, HW, C, first[b], M, scale, out + b * M, 1);
+#pragma omp parallel num_threads(threads)
+    {
+      std::vector<uint16_t> half;
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t b = 0; b < B; ++b)
+        greedy_one_image<scalar_t>(f + b * HW * C, HW, C, first[b], M, scale, out + b * M, 1, half);
+    }
   } else {
+    std::vector<uint16_t> half;
     for (int64_t b = 0; b < B; ++b)
-      greedy_one_image<scalar_t>(f + b * HW * C, HW, C, first[b], M, scale, out + b * M, threads);
+      greedy_one_image<scalar_t>(f + b * HW * C, HW, C, first[b], M, scale, out + b * M, threads,
+                                 half);
   }
 }
 
