@@ -59,7 +59,8 @@ def test_cra_sampling(benchmark, impl):
     fn = SAMPLING[impl]
     if impl == "cpu":
         assert torch.equal(fn(feat, first), upstream_sampling(feat, first))
-    benchmark.pedantic(fn, (feat, first), rounds=3, warmup_rounds=1)
+    # five rounds each: on this shared 2-core VM single rounds move by 20-40 %
+    benchmark.pedantic(fn, (feat, first), rounds=5, warmup_rounds=1)
 
 
 def reference_loss(feats, proxies):
@@ -100,7 +101,7 @@ def test_cra_loss_forward_backward(benchmark, impl):
             p.grad = None
 
     step()
-    benchmark.pedantic(step, rounds=3, warmup_rounds=1)
+    benchmark.pedantic(step, rounds=5, warmup_rounds=1)
 
 
 _SETUP = f"""
