@@ -102,6 +102,36 @@ def test_hardness_nan_propagates(backend):
     assert r[0, 0, 0].isnan() and not r[0, 1, 1].isnan()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("eps", [1e-10, 0.1])
+def test_hardness_two_class_logits_path(dtype, eps):
+    """K = 2 from logits has a one-pass kernel (one exp per pixel): odd widths (SIMD remainders),
+    logits far apart (a probability below eps) and a large eps against the reference."""
+    x = torch.randn(3, 2, 10, 37, dtype=dtype) * 4
+    x[0, 0, :2] += 60  # p of class 1 ≈ e^-60 there
+    grad = torch.randn(3, 5, 1, dtype=dtype)
+    outs = {}
+    for backend in ("reference", "cpu"):
+        xb = x.clone().requires_grad_()
+        with busseg_ops.use_backend(backend):
+            r = hardness(xb, patch_size=(2, 37), from_logits=True, eps=eps)
+        outs[backend] = (r, *torch.autograd.grad(r, xb, grad))
+    tol = tolerance(dtype)
+    torch.testing.assert_close(outs["cpu"][0], outs["reference"][0], **tol)
+    torch.testing.assert_close(outs["cpu"][1], outs["reference"][1], **tol)
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
+def test_hardness_two_class_non_finite_logits_match_reference(value):
+    x = torch.randn(1, 2, 4, 4)
+    x[0, 1, 0, 0] = value
+    with busseg_ops.use_backend("reference"):
+        ref = hardness(x, num_patches=2, from_logits=True)
+    with busseg_ops.use_backend("cpu"):
+        out = hardness(x, num_patches=2, from_logits=True)
+    torch.testing.assert_close(out, ref, equal_nan=True)
+
+
 # ---- cutmix ----------------------------------------------------------------------------------
 
 def cutmix_inputs(B, H, W, device="cpu"):
