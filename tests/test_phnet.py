@@ -241,6 +241,30 @@ def test_cutmix_opcheck_and_compile():
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_cutmix_cpu_splits_bytes_across_threads(threads):
+    """The CPU kernel splits the output bytes of all tensors between threads: element sizes from
+    1 to 8 bytes, a channel dimension and runs of patches must come out exactly as the reference."""
+    B, H, W = 3, 12, 20
+    tensors = [torch.randint(0, 255, (B, H, W), dtype=torch.uint8), torch.randn(B, 2, H, W, dtype=torch.float64),
+               torch.randint(-9, 9, (B, 1, 3, H, W), dtype=torch.int16), torch.randn(B, H, W)]
+    mask = torch.rand(B, 4, 5) > 0.4
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = torch.ops.busseg.patch_cutmix(tensors, mask)
+    finally:
+        torch.set_num_threads(previous)
+    for a, b in zip(out, busseg_ops.reference.patch_cutmix(tensors, mask)):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+def test_cutmix_cpu_empty_maps():
+    for shape in ((2, 3, 0, 4), (2, 3, 4, 0)):
+        out = torch.ops.busseg.patch_cutmix([torch.rand(shape)], torch.ones(2, 1, 2, dtype=torch.bool))
+        assert out[0].shape == shape
+
+
 # ---- hardness opcheck / compile --------------------------------------------------------------
 
 def test_hardness_opcheck():

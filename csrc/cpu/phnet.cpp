@@ -3,9 +3,9 @@
 // Hardness: one pass over the probabilities (or logits, softmax fused), a thread per row of
 // patches, each image row's pixel entropies computed with `omp simd` over x and summed per column
 // over the patch row, then per patch; two classes from logits take one fused loop with a single
-// exp per pixel. Cutmix: one byte-level gather over every given tensor at once (a
-// patch-wide memcpy per row segment, any dtype). Contrastive: the shared tiled driver with
-// at::mm tiles and OpenMP tile kernels.
+// exp per pixel. Cutmix: one byte-level gather over every given tensor at once (a memcpy per
+// run of patches from the same image, any dtype), the output bytes split evenly between
+// threads. Contrastive: the shared tiled driver with at::mm tiles and OpenMP tile kernels.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -164,27 +164,34 @@ void hardness_backward_kernel(const scalar_t* grad, const scalar_t* x, scalar_t*
   });
 }
 
-// Every tensor viewed as (B, R, H, W) contiguous; out = mask ? own image : image (b+1) mod B.
-// One parallel loop over the rows (tensor, b, r, y) of all tensors; a memcpy per patch segment.
+// Every tensor viewed as (B, R, H, W) contiguous rows of W elements; out = mask ? own image :
+// image (b+1) mod B. The threads split the output bytes evenly (a label row of int64 is twice an
+// image row of float), so each first-touches an equal share of the fresh outputs; a row is
+// copied in runs of neighbouring patches that come from the same image.
 void cutmix_kernel(const std::vector<at::Tensor>& src, std::vector<at::Tensor>& dst,
                    const bool* mask, const PatchGrid& g) {
-  std::vector<int64_t> first_row(src.size() + 1, 0);
-  for (size_t t = 0; t < src.size(); ++t) first_row[t + 1] = first_row[t] + src[t].numel() / g.W;
-  at::parallel_for(0, first_row.back(), 64, [&](int64_t begin, int64_t end) {
-    size_t t = 0;
-    for (int64_t row = begin; row < end; ++row) {
-      while (row >= first_row[t + 1]) ++t;
-      const int64_t local = row - first_row[t];
-      const int64_t per_image = src[t].numel() / (g.B * g.W);  // R * H rows
-      const int64_t b = local / per_image, y = local % g.H;
-      const int64_t next = (b + 1) % g.B;
-      const size_t es = src[t].element_size(), seg = g.pw * es;
-      const char* own = static_cast<const char*>(src[t].data_ptr()) + local * g.W * es;
-      const char* other = own + (next - b) * per_image * g.W * static_cast<int64_t>(es);
-      char* out = static_cast<char*>(dst[t].data_ptr()) + local * g.W * es;
-      const bool* m = mask + (b * g.Nh + y / g.ph) * g.Nw;
-      for (int64_t j = 0; j < g.Nw; ++j)
-        std::memcpy(out + j * seg, (m[j] ? own : other) + j * seg, seg);
+  std::vector<int64_t> first_byte(src.size() + 1, 0);
+  for (size_t t = 0; t < src.size(); ++t) first_byte[t + 1] = first_byte[t] + src[t].nbytes();
+  parallel_chunks(first_byte.back(), [&](int64_t begin, int64_t end) {
+    for (size_t t = 0; t < src.size(); ++t) {
+      const int64_t es = src[t].element_size(), row_bytes = g.W * es, seg = g.pw * es;
+      const int64_t rows_per_image = src[t].numel() / (g.B * g.W);  // R * H
+      // the rows of tensor t that start inside [begin, end)
+      const auto first_row = [&](int64_t byte) {
+        return std::clamp<int64_t>((byte - first_byte[t] + row_bytes - 1) / row_bytes, 0,
+                                   g.B * rows_per_image);
+      };
+      for (int64_t row = first_row(begin); row < first_row(end); ++row) {
+        const int64_t b = row / rows_per_image, y = row % g.H;
+        const char* own = static_cast<const char*>(src[t].const_data_ptr()) + row * row_bytes;
+        const char* other = own + (((b + 1) % g.B) - b) * rows_per_image * row_bytes;
+        char* out = static_cast<char*>(dst[t].data_ptr()) + row * row_bytes;
+        const bool* m = mask + (b * g.Nh + y / g.ph) * g.Nw;
+        for (int64_t j = 0, j1; j < g.Nw; j = j1) {
+          for (j1 = j + 1; j1 < g.Nw && m[j1] == m[j];) ++j1;
+          std::memcpy(out + j * seg, (m[j] ? own : other) + j * seg, (j1 - j) * seg);
+        }
+      }
     }
   });
 }
