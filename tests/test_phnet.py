@@ -102,6 +102,36 @@ def test_hardness_nan_propagates(backend):
     assert r[0, 0, 0].isnan() and not r[0, 1, 1].isnan()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("eps", [1e-10, 0.1])
+def test_hardness_two_class_logits_path(dtype, eps):
+    """K = 2 from logits has a one-pass kernel (one exp per pixel): odd widths (SIMD remainders),
+    logits far apart (a probability below eps) and a large eps against the reference."""
+    x = torch.randn(3, 2, 10, 37, dtype=dtype) * 4
+    x[0, 0, :2] += 60  # p of class 1 ≈ e^-60 there
+    grad = torch.randn(3, 5, 1, dtype=dtype)
+    outs = {}
+    for backend in ("reference", "cpu"):
+        xb = x.clone().requires_grad_()
+        with busseg_ops.use_backend(backend):
+            r = hardness(xb, patch_size=(2, 37), from_logits=True, eps=eps)
+        outs[backend] = (r, *torch.autograd.grad(r, xb, grad))
+    tol = tolerance(dtype)
+    torch.testing.assert_close(outs["cpu"][0], outs["reference"][0], **tol)
+    torch.testing.assert_close(outs["cpu"][1], outs["reference"][1], **tol)
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
+def test_hardness_two_class_non_finite_logits_match_reference(value):
+    x = torch.randn(1, 2, 4, 4)
+    x[0, 1, 0, 0] = value
+    with busseg_ops.use_backend("reference"):
+        ref = hardness(x, num_patches=2, from_logits=True)
+    with busseg_ops.use_backend("cpu"):
+        out = hardness(x, num_patches=2, from_logits=True)
+    torch.testing.assert_close(out, ref, equal_nan=True)
+
+
 # ---- cutmix ----------------------------------------------------------------------------------
 
 def cutmix_inputs(B, H, W, device="cpu"):
@@ -209,6 +239,30 @@ def test_cutmix_opcheck_and_compile():
     fn = torch.compile(lambda ts, m: torch.ops.busseg.patch_cutmix(ts, m), fullgraph=True)
     for a, b in zip(fn(tensors, mask), busseg_ops.reference.patch_cutmix(tensors, mask)):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_cutmix_cpu_splits_bytes_across_threads(threads):
+    """The CPU kernel splits the output bytes of all tensors between threads: element sizes from
+    1 to 8 bytes, a channel dimension and runs of patches must come out exactly as the reference."""
+    B, H, W = 3, 12, 20
+    tensors = [torch.randint(0, 255, (B, H, W), dtype=torch.uint8), torch.randn(B, 2, H, W, dtype=torch.float64),
+               torch.randint(-9, 9, (B, 1, 3, H, W), dtype=torch.int16), torch.randn(B, H, W)]
+    mask = torch.rand(B, 4, 5) > 0.4
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = torch.ops.busseg.patch_cutmix(tensors, mask)
+    finally:
+        torch.set_num_threads(previous)
+    for a, b in zip(out, busseg_ops.reference.patch_cutmix(tensors, mask)):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+def test_cutmix_cpu_empty_maps():
+    for shape in ((2, 3, 0, 4), (2, 3, 4, 0)):
+        out = torch.ops.busseg.patch_cutmix([torch.rand(shape)], torch.ones(2, 1, 2, dtype=torch.bool))
+        assert out[0].shape == shape
 
 
 # ---- hardness opcheck / compile --------------------------------------------------------------

@@ -1,8 +1,10 @@
 // Polynomial float exp and log (Cephes, about 1 ulp) written as branch-free scalar code, so loops
-// over them vectorise in the AVX2 clones (glibc's vector exp/log need -ffast-math). Double
+// over them vectorise in the SIMD clones (glibc's vector exp/log need -ffast-math). Double
 // callers keep std::exp / std::log for gradcheck precision. The NaN and range selects become
 // vector blends only when comparisons may be assumed not to trap: the build passes
-// -fno-trapping-math (it changes no result, only floating-point exception flags).
+// -fno-trapping-math (it changes no result, only floating-point exception flags). Both are
+// always inlined: in a unit that includes torch's headers GCC's inline-unit-growth limit is
+// already spent, and a call left in the loop keeps it scalar.
 #pragma once
 #include <bit>
 #include <cstdint>
@@ -11,7 +13,7 @@
 namespace busseg {
 namespace {
 
-inline float exp_poly(float x) {
+[[gnu::always_inline]] inline float exp_poly(float x) {
   float xc = x < -87.33654f ? -87.33654f : x;
   xc = xc > 88.3762626f ? 88.3762626f : xc;
   const float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
@@ -31,7 +33,7 @@ inline float exp_poly(float x) {
   return x != x ? x : out;
 }
 
-inline float log_poly(float x) {
+[[gnu::always_inline]] inline float log_poly(float x) {
   const bool tiny = x < std::numeric_limits<float>::min();  // denormals: scale up by 2^23 first
   const uint32_t bits = std::bit_cast<uint32_t>(x * (tiny ? 8388608.0f : 1.0f));
   float e = static_cast<float>(static_cast<int32_t>(bits >> 23) - 126) - (tiny ? 23.0f : 0.0f);

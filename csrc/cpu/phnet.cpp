@@ -1,10 +1,11 @@
 // PH-Net ops (SPEC §3, §4, §6), C++/OpenMP CPU kernels.
 //
 // Hardness: one pass over the probabilities (or logits, softmax fused), a thread per row of
-// patches, each image row's pixel entropies computed with `omp simd` over x and summed into the
-// row's patch accumulators. Cutmix: one byte-level gather over every given tensor at once (a
-// patch-wide memcpy per row segment, any dtype). Contrastive: the shared tiled driver with
-// at::mm tiles and OpenMP tile kernels.
+// patches, each image row's pixel entropies computed with `omp simd` over x and summed per column
+// over the patch row, then per patch; two classes from logits take one fused loop with a single
+// exp per pixel. Cutmix: one byte-level gather over every given tensor at once (a memcpy per
+// run of patches from the same image, any dtype), the output bytes split evenly between
+// threads. Contrastive: the shared tiled driver with at::mm tiles and OpenMP tile kernels.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -24,22 +25,39 @@
 namespace busseg {
 namespace {
 
-// x[i] = exp(x[i]); float through the vectorised polynomial.
-BUSSEG_SIMD_CLONES void exp_inplace(float* x, int64_t n) {
+// Float goes through the vectorised polynomials; double keeps std::exp / std::log (gradcheck).
+[[gnu::always_inline]] inline float exp_of(float x) { return exp_poly(x); }
+inline double exp_of(double x) { return std::exp(x); }
+[[gnu::always_inline]] inline float log_of(float x) { return log_poly(x); }
+inline double log_of(double x) { return std::log(x); }
+
+// x[i] = exp(x[i])
+template <typename T>
+BUSSEG_SIMD_CLONES void exp_inplace(T* x, int64_t n) {
 #pragma omp simd
-  for (int64_t i = 0; i < n; ++i) x[i] = exp_poly(x[i]);
-}
-void exp_inplace(double* x, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) x[i] = std::exp(x[i]);
+  for (int64_t i = 0; i < n; ++i) x[i] = exp_of(x[i]);
 }
 
 // ent[i] += p[i] * log(p[i] + eps)
-BUSSEG_SIMD_CLONES void add_p_log_p(const float* p, float eps, float* ent, int64_t n) {
+template <typename T>
+BUSSEG_SIMD_CLONES void add_p_log_p(const T* p, T eps, T* ent, int64_t n) {
 #pragma omp simd
-  for (int64_t i = 0; i < n; ++i) ent[i] += p[i] * log_poly(p[i] + eps);
+  for (int64_t i = 0; i < n; ++i) ent[i] += p[i] * log_of(p[i] + eps);
 }
-void add_p_log_p(const double* p, double eps, double* ent, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) ent[i] += p[i] * std::log(p[i] + eps);
+
+// ent[i] += Σ_k p_k · log(p_k + eps) for two classes given as logits, in one pass: with
+// m = max(x0, x1) one of x0 − m, x1 − m is 0 and their sum t = −|x1 − x0|, so the softmax is
+// 1 / (1 + e^t) and e^t / (1 + e^t): one exp, no scratch rows. Non-finite logits give NaN
+// through x − m, as in the reference softmax.
+template <typename T>
+BUSSEG_SIMD_CLONES void add_binary_entropy(const T* x0, const T* x1, T eps, T* ent, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const T m = std::max(x0[i], x1[i]);
+    const T e = exp_of((x0[i] - m) + (x1[i] - m));
+    const T hi = T(1) / (T(1) + e), lo = e * hi;
+    ent[i] += hi * log_of(hi + eps) + lo * log_of(lo + eps);
+  }
 }
 
 // Per-pixel class probabilities of one image row, (K, W) with stride HW between classes:
@@ -78,21 +96,28 @@ void hardness_forward_kernel(const scalar_t* x, scalar_t* out, const PatchGrid& 
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t HW = g.H * g.W;
   const acc_t scale = acc_t(-1.0 / (std::log(double(g.K)) * g.ph * g.pw));
+  const bool binary = from_logits && g.K == 2;
+  // A thread per row of patches; ent sums each column's pixel entropies over the row's ph lines.
   at::parallel_for(0, g.B * g.Nh, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> p(g.K * g.W), scratch(2 * g.W), ent(g.W), acc(g.Nw);
+    std::vector<acc_t> p(binary ? 0 : g.K * g.W), scratch(binary ? 0 : 2 * g.W), ent(g.W);
     for (int64_t r = begin; r < end; ++r) {
       const int64_t b = r / g.Nh, i = r % g.Nh;
-      std::fill(acc.begin(), acc.end(), acc_t(0));
+      std::fill(ent.begin(), ent.end(), acc_t(0));
       for (int64_t y = i * g.ph; y < (i + 1) * g.ph; ++y) {
-        row_probabilities(x + b * g.K * HW + y * g.W, g.K, g.W, HW, from_logits, p.data(),
-                          scratch.data());
-        std::fill(ent.begin(), ent.end(), acc_t(0));
+        const scalar_t* xr = x + b * g.K * HW + y * g.W;
+        if (binary) {
+          add_binary_entropy(xr, xr + HW, acc_t(eps), ent.data(), g.W);
+          continue;
+        }
+        row_probabilities(xr, g.K, g.W, HW, from_logits, p.data(), scratch.data());
         for (int64_t k = 0; k < g.K; ++k)
           add_p_log_p(p.data() + k * g.W, acc_t(eps), ent.data(), g.W);
-        for (int64_t j = 0; j < g.Nw; ++j)
-          for (int64_t c = j * g.pw; c < (j + 1) * g.pw; ++c) acc[j] += ent[c];
       }
-      for (int64_t j = 0; j < g.Nw; ++j) out[r * g.Nw + j] = scalar_t(scale * acc[j]);
+      for (int64_t j = 0; j < g.Nw; ++j) {
+        acc_t acc = 0;
+        for (int64_t c = j * g.pw; c < (j + 1) * g.pw; ++c) acc += ent[c];
+        out[r * g.Nw + j] = scalar_t(scale * acc);
+      }
     }
   });
 }
@@ -139,27 +164,34 @@ void hardness_backward_kernel(const scalar_t* grad, const scalar_t* x, scalar_t*
   });
 }
 
-// Every tensor viewed as (B, R, H, W) contiguous; out = mask ? own image : image (b+1) mod B.
-// One parallel loop over the rows (tensor, b, r, y) of all tensors; a memcpy per patch segment.
+// Every tensor viewed as (B, R, H, W) contiguous rows of W elements; out = mask ? own image :
+// image (b+1) mod B. The threads split the output bytes evenly (a label row of int64 is twice an
+// image row of float), so each first-touches an equal share of the fresh outputs; a row is
+// copied in runs of neighbouring patches that come from the same image.
 void cutmix_kernel(const std::vector<at::Tensor>& src, std::vector<at::Tensor>& dst,
                    const bool* mask, const PatchGrid& g) {
-  std::vector<int64_t> first_row(src.size() + 1, 0);
-  for (size_t t = 0; t < src.size(); ++t) first_row[t + 1] = first_row[t] + src[t].numel() / g.W;
-  at::parallel_for(0, first_row.back(), 64, [&](int64_t begin, int64_t end) {
-    size_t t = 0;
-    for (int64_t row = begin; row < end; ++row) {
-      while (row >= first_row[t + 1]) ++t;
-      const int64_t local = row - first_row[t];
-      const int64_t per_image = src[t].numel() / (g.B * g.W);  // R * H rows
-      const int64_t b = local / per_image, y = local % g.H;
-      const int64_t next = (b + 1) % g.B;
-      const size_t es = src[t].element_size(), seg = g.pw * es;
-      const char* own = static_cast<const char*>(src[t].data_ptr()) + local * g.W * es;
-      const char* other = own + (next - b) * per_image * g.W * static_cast<int64_t>(es);
-      char* out = static_cast<char*>(dst[t].data_ptr()) + local * g.W * es;
-      const bool* m = mask + (b * g.Nh + y / g.ph) * g.Nw;
-      for (int64_t j = 0; j < g.Nw; ++j)
-        std::memcpy(out + j * seg, (m[j] ? own : other) + j * seg, seg);
+  std::vector<int64_t> first_byte(src.size() + 1, 0);
+  for (size_t t = 0; t < src.size(); ++t) first_byte[t + 1] = first_byte[t] + src[t].nbytes();
+  parallel_chunks(first_byte.back(), [&](int64_t begin, int64_t end) {
+    for (size_t t = 0; t < src.size(); ++t) {
+      const int64_t es = src[t].element_size(), row_bytes = g.W * es, seg = g.pw * es;
+      const int64_t rows_per_image = src[t].numel() / (g.B * g.W);  // R * H
+      // the rows of tensor t that start inside [begin, end)
+      const auto first_row = [&](int64_t byte) {
+        return std::clamp<int64_t>((byte - first_byte[t] + row_bytes - 1) / row_bytes, 0,
+                                   g.B * rows_per_image);
+      };
+      for (int64_t row = first_row(begin); row < first_row(end); ++row) {
+        const int64_t b = row / rows_per_image, y = row % g.H;
+        const char* own = static_cast<const char*>(src[t].const_data_ptr()) + row * row_bytes;
+        const char* other = own + (((b + 1) % g.B) - b) * rows_per_image * row_bytes;
+        char* out = static_cast<char*>(dst[t].data_ptr()) + row * row_bytes;
+        const bool* m = mask + (b * g.Nh + y / g.ph) * g.Nw;
+        for (int64_t j = 0, j1; j < g.Nw; j = j1) {
+          for (j1 = j + 1; j1 < g.Nw && m[j1] == m[j];) ++j1;
+          std::memcpy(out + j * seg, (m[j] ? own : other) + j * seg, (j1 - j) * seg);
+        }
+      }
     }
   });
 }
