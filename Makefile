@@ -61,10 +61,15 @@ test: build cuda-check cmake-check
 # One process per benchmark file. Each prints pytest-benchmark's table, then a Markdown table of
 # medians, ratios against the baselines of the same run, and peak memory; all of them are
 # collected in benchmarks/last_run.md.
+# Timings: glibc keeps freed memory instead of trimming it back to the OS (the same for every
+# implementation), so a round's time does not hinge on whether its outputs land on fresh pages,
+# which cost ~13 ms per 48 MiB on this VM and which glibc otherwise grants by chance.
+BENCH_MALLOC = glibc.malloc.trim_threshold=268435456:glibc.malloc.mmap_threshold=33554432
+
 bench: build
 	rm -f benchmarks/last_run.md
 	for f in benchmarks/bench_*.py; do \
-	  $(PY) -m pytest $$f -q -p no:warnings --benchmark-columns=min,median,mean,rounds || exit 1; \
+	  GLIBC_TUNABLES=$(BENCH_MALLOC) $(PY) -m pytest $$f -q -p no:warnings --benchmark-columns=min,median,mean,rounds || exit 1; \
 	done
 	@cat benchmarks/last_run.md
 

@@ -46,7 +46,8 @@ def peak_extra_mib(setup: str, stmt: str, threads: int = 2, warm: bool = False) 
     ``warm`` runs the statement once before measuring (for code that compiles on first call)."""
     code = _CHILD.format(threads=threads, setup=textwrap.dedent(setup), stmt=textwrap.dedent(stmt),
                          stmt_warm=textwrap.dedent(stmt) if warm else "")
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
+    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}  # make bench's timing knobs
+    env["MALLOC_MMAP_THRESHOLD_"] = "131072"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     if out.returncode != 0:
         raise RuntimeError(f"memory probe failed:\n{out.stderr[-3000:]}")
