@@ -44,6 +44,18 @@ inline T nan_max(T a, T b) {
   return (a != a || a >= b) ? a : b;
 }
 
+// The team's choice from per-thread (value, index) candidates (index -1: none). Chunks ascend
+// with the thread number, so strict < keeps the smallest index among equal values.
+template <typename T>
+int64_t team_argmin(const std::pair<T, int64_t>* candidates, int nt) {
+  T bv{};
+  int64_t bi = -1;
+  for (int t = 0; t < nt; ++t)
+    if (candidates[t].second >= 0 && (bi < 0 || candidates[t].first < bv))
+      bv = candidates[t].first, bi = candidates[t].second;
+  return bi;
+}
+
 // Greedy sampling of one image, features (C, HW) as stored (no copy), with a team of
 // `threads`. Each thread owns a contiguous chunk of pixels; per step it accumulates its part of
 // the row S(s, ·) channel by channel (contiguous, vectorised axpy over the chunk).
@@ -93,11 +105,7 @@ void greedy_image(const scalar_t* f, int64_t HW, int64_t C, int64_t first, int64
       auto& slot = best[m & 1];
       slot[tid] = {bv, bi};
 #pragma omp barrier
-      bv = kInf, bi = -1;
-      for (int t = 0; t < nt; ++t)  // chunks ascend with t, so strict < keeps the smallest index
-        if (slot[t].second >= 0 && (bi < 0 || slot[t].first < bv))
-          bv = slot[t].first, bi = slot[t].second;
-      s = bi;  // every thread reaches the same choice; M <= HW guarantees one exists
+      s = team_argmin(slot.data(), nt);  // the same for every thread; M <= HW: one exists
     }
   }
 }
@@ -237,11 +245,7 @@ bool greedy_image_screened(const float* f, int64_t HW, int64_t C, int64_t first,
       }
       best[tid] = {bv, bi};
 #pragma omp barrier
-      bv = kInf, bi = -1;
-      for (int t = 0; t < nt; ++t)  // chunks ascend with t, so strict < keeps the smallest index
-        if (best[t].second >= 0 && (bi < 0 || best[t].first < bv))
-          bv = best[t].first, bi = best[t].second;
-      s = bi;  // upper/best are next written after every thread has read them (two barriers)
+      s = team_argmin(best.data(), nt);  // upper/best: next written once all threads read them
     }
   }
   return screenable;
