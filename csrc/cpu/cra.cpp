@@ -306,24 +306,20 @@ at::Tensor cra_greedy_sampling_cpu(const at::Tensor& feat, const at::Tensor& fir
 //
 // Every element needs one exp (its probability) and, for the input layers of the pairs, one log
 // (log(p + eps)); log q is z - lse. In float these run through cpu/fast_math.h's polynomial
-// exp/log, vectorised by the AVX2 clone; double keeps std::exp / std::log.
+// exp/log, vectorised by the SIMD clones; double keeps std::exp / std::log (exp_of / log_of).
 
 // out[m] = exp(z[m] - shift)
-BUSSEG_SIMD_CLONES void exp_shifted(const float* z, float shift, float* out, int64_t n) {
+template <typename T>
+BUSSEG_SIMD_CLONES void exp_shifted(const T* z, T shift, T* out, int64_t n) {
 #pragma omp simd
-  for (int64_t i = 0; i < n; ++i) out[i] = exp_poly(z[i] - shift);
-}
-inline void exp_shifted(const double* z, double shift, double* out, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) out[i] = std::exp(z[i] - shift);
+  for (int64_t i = 0; i < n; ++i) out[i] = exp_of(z[i] - shift);
 }
 
 // out[m] = log(p[m] + eps)
-BUSSEG_SIMD_CLONES void log_plus(const float* p, float eps, float* out, int64_t n) {
+template <typename T>
+BUSSEG_SIMD_CLONES void log_plus(const T* p, T eps, T* out, int64_t n) {
 #pragma omp simd
-  for (int64_t i = 0; i < n; ++i) out[i] = log_poly(p[i] + eps);
-}
-inline void log_plus(const double* p, double eps, double* out, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) out[i] = std::log(p[i] + eps);
+  for (int64_t i = 0; i < n; ++i) out[i] = log_of(p[i] + eps);
 }
 
 // Σ_m KL term of q against p: q (log q - log(p + eps)), 0 * log 0 = 0 (NaN propagates).

@@ -1,12 +1,13 @@
 // Polynomial float exp and log (Cephes, about 1 ulp) written as branch-free scalar code, so loops
-// over them vectorise in the SIMD clones (glibc's vector exp/log need -ffast-math). Double
-// callers keep std::exp / std::log for gradcheck precision. The NaN and range selects become
-// vector blends only when comparisons may be assumed not to trap: the build passes
-// -fno-trapping-math (it changes no result, only floating-point exception flags). Both are
-// always inlined: in a unit that includes torch's headers GCC's inline-unit-growth limit is
+// over them vectorise in the SIMD clones (glibc's vector exp/log need -ffast-math). exp_of /
+// log_of pick them for float and keep std::exp / std::log for double (gradcheck precision). The NaN
+// and range selects become vector blends only when comparisons may be assumed not to trap: the
+// build passes -fno-trapping-math (it changes no result, only floating-point exception flags). Both
+// are always inlined: in a unit that includes torch's headers GCC's inline-unit-growth limit is
 // already spent, and a call left in the loop keeps it scalar.
 #pragma once
 #include <bit>
+#include <cmath>
 #include <cstdint>
 #include <limits>
 
@@ -57,6 +58,11 @@ namespace {
   out = x == std::numeric_limits<float>::infinity() ? x : out;
   return ((x < 0.0f) | (x != x)) ? std::numeric_limits<float>::quiet_NaN() : out;
 }
+
+[[gnu::always_inline]] inline float exp_of(float x) { return exp_poly(x); }
+inline double exp_of(double x) { return std::exp(x); }
+[[gnu::always_inline]] inline float log_of(float x) { return log_poly(x); }
+inline double log_of(double x) { return std::log(x); }
 
 }  // namespace
 }  // namespace busseg

@@ -25,12 +25,6 @@
 namespace busseg {
 namespace {
 
-// Float goes through the vectorised polynomials; double keeps std::exp / std::log (gradcheck).
-[[gnu::always_inline]] inline float exp_of(float x) { return exp_poly(x); }
-inline double exp_of(double x) { return std::exp(x); }
-[[gnu::always_inline]] inline float log_of(float x) { return log_poly(x); }
-inline double log_of(double x) { return std::log(x); }
-
 // x[i] = exp(x[i])
 template <typename T>
 BUSSEG_SIMD_CLONES void exp_inplace(T* x, int64_t n) {
