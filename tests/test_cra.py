@@ -541,6 +541,31 @@ def test_blocked_loss_any_block_rows(rows, grad):
         torch.testing.assert_close(g, 1.5 * r)
 
 
+@pytest.mark.parametrize("M", [64, 71, 130])
+@pytest.mark.parametrize("rows", [97, 4096])
+@pytest.mark.parametrize("grad", [(True, True), (False, True)])
+def test_cpu_float_products_on_large_shapes(M, rows, grad):
+    # The float products of the CPU backend (AVX-512 kernels where available) in every piece:
+    # more pixel rows than a panel (256) with a ragged tail, channel counts past a chunk (128)
+    # and a gradient item (96) and not multiples of the 6-wide tile, M past 64 proxies and not a
+    # multiple of 16, maps that are channel slices of a larger tensor, transposed proxies.
+    B, H, W, chans = 2, 23, 29, (3, 130, 200, 97)
+    feats = [torch.randn(B, c + 9, H, W)[:, 4:4 + c].requires_grad_(grad[0]) for c in chans]
+    proxies = [torch.randn(B, c, M).transpose(1, 2).requires_grad_(grad[1]) for c in chans]
+    inputs = [t for t in feats + proxies if t.requires_grad]
+    loss, _, _ = torch.ops.busseg.cra_align_blocked_forward(
+        [f.flatten(2) for f in feats], proxies, "batchmean", 1e-6, rows, not grad[0])
+    grads = torch.autograd.grad(loss, inputs)
+    exact = [t.detach().double().requires_grad_(t.requires_grad) for t in feats + proxies]
+    ref, ref_grads = loss_and_grads("reference", exact[:4], exact[4:], reduction="batchmean",
+                                    eps=1e-6)
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-4, atol=1e-5)
+    for g, r in zip(grads, ref_grads):
+        # logits of up to 200 unit-variance channels (std ~14) and float exp/log in the row
+        # kernels: errors up to ~2e-5 of the largest gradient, with BLAS products the same
+        torch.testing.assert_close(g.double(), r, rtol=1e-4, atol=5e-5 * r.abs().max().item())
+
+
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
 def test_torch_compile_fullgraph(backend):
     feats, proxies = make_loss_inputs((2, 5, 4, 6, (3, 4, 5)), dtype=torch.float32)

@@ -9,8 +9,8 @@
 // CPUs with F16C) stream a half copy instead and re-score exactly only the few pixels that the
 // half's error bound cannot rule out (greedy_image_screened).
 //
-// The alignment loss runs the blocked driver of cra_driver.h (BLAS logits per block of pixel
-// rows) with the fused row kernels below: per pixel row, log-sum-exp of every layer and the L-1
+// The alignment loss runs the blocked driver of cra_driver.h with, for float on AVX-512 CPUs, the
+// products of cpu/proxy_gemm.h (BLAS otherwise), and the fused row kernels below: per pixel row, log-sum-exp of every layer and the L-1
 // KL terms, and in backward the logit gradients, recomputing the probabilities from the logits
 // and the saved log-sum-exp. Only (L, B, HW) row statistics are kept between forward and backward.
 #include <ATen/ATen.h>
@@ -32,6 +32,7 @@
 #include "cpu/common.h"
 #include "cpu/fast_math.h"
 #include "cpu/half_rows.h"
+#include "cpu/proxy_gemm.h"
 #include "cra_checks.h"
 #include "cra_driver.h"
 
@@ -435,7 +436,116 @@ void align_rows_backward(const scalar_t* logits, const at::opmath_type<scalar_t>
   });
 }
 
-// AlignRowKernels for the CPU (cra_driver.h).
+// ---- alignment loss: the float products on AVX-512 (cpu/proxy_gemm.h) ------------------------
+//
+// The proxies are packed once per call as (C_l, M padded to 16) per image, and the proxy
+// gradients accumulate in the same layout. Work items are (layer, image, piece) with the pieces
+// of the larger layers first, handed out dynamically so the threads finish together.
+class ProxyGemmProducts final : public AlignProducts {
+ public:
+  // Both products read the map through a per-thread panel: up to kPanelRows pixels of each
+  // channel copied to contiguous rows. The copy streams the map (its channel rows lie a whole HW
+  // apart, a page each) so the micro-kernels read from cache; the panel's stride is padded off a
+  // multiple of 4 KiB so a chunk's channel rows do not share cache sets. Channels per chunk of
+  // the packed proxies (kept in L1) and per gradient item.
+  static constexpr int64_t kPanelRows = 128, kPanelStride = kPanelRows + 16;
+  static constexpr int64_t kChunkChannels = 128, kGradChannels = 96;
+
+  ProxyGemmProducts(at::TensorList feats, at::TensorList proxies)
+      : AlignProducts(feats, proxies),
+        B_(proxies[0].size(0)), M_(proxies[0].size(1)), ldp_(proxy_gemm::padded(M_)) {
+    int64_t max_c = 0;
+    for (const at::Tensor& p : proxies) {
+      const int64_t C = p.size(2);
+      max_c = std::max(max_c, C);
+      at::Tensor pt = at::zeros({B_, C, ldp_}, p.options());
+      pt.narrow(2, 0, M_).copy_(p.transpose(1, 2));
+      packed_.push_back(pt);
+    }
+    for (size_t l = 0; l < proxies.size(); ++l) order_.push_back(static_cast<int64_t>(l));
+    std::stable_sort(order_.begin(), order_.end(), [&](int64_t a, int64_t b) {
+      return proxies[a].size(2) > proxies[b].size(2);
+    });
+    panels_.resize(at::get_num_threads());
+    for (auto& panel : panels_) panel.resize(max_c * kPanelStride);
+  }
+
+  void logits(int64_t r0, int64_t n, at::Tensor& z) override {
+    float* z_data = z.data_ptr<float>();
+    for_items((n + kPanelRows - 1) / kPanelRows, [&](int64_t l, int64_t b, int64_t piece) {
+      const int64_t C = feats_[l].size(1), i0 = piece * kPanelRows;
+      const int64_t rows = std::min(kPanelRows, n - i0);
+      const float* panel = pack_panel(l, b, 0, C, r0 + i0, rows);
+      proxy_gemm::logits(panel, kPanelStride, rows, C, packed_[l].data_ptr<float>() + b * C * ldp_,
+                         ldp_, M_, z_data + ((l * B_ + b) * n + i0) * M_, M_, kChunkChannels);
+    });
+  }
+
+  void accumulate_proxy_grads(const at::Tensor& g, int64_t r0, int64_t n) override {
+    if (grads_.empty())  // (B, C_l, ldp) per layer, like the packed proxies
+      for (const at::Tensor& pt : packed_) grads_.push_back(at::zeros_like(pt));
+    const float* g_data = g.data_ptr<float>();
+    const int64_t max_c = feats_[order_[0]].size(1);
+    for_items((max_c + kGradChannels - 1) / kGradChannels, [&](int64_t l, int64_t b, int64_t piece) {
+      const int64_t C = feats_[l].size(1), c0 = piece * kGradChannels;
+      if (c0 >= C) return;
+      const int64_t channels = std::min(kGradChannels, C - c0);
+      for (int64_t i0 = 0; i0 < n; i0 += kPanelRows) {
+        const int64_t rows = std::min(kPanelRows, n - i0);
+        const float* panel = pack_panel(l, b, c0, channels, r0 + i0, rows);
+        proxy_gemm::accumulate_grads(panel, kPanelStride, rows, channels,
+                                     g_data + ((l * B_ + b) * n + i0) * M_, M_, M_,
+                                     grads_[l].data_ptr<float>() + (b * C + c0) * ldp_, ldp_);
+      }
+    });
+  }
+
+  std::vector<at::Tensor> proxy_grads() override {
+    std::vector<at::Tensor> out;
+    for (const at::Tensor& gt : grads_) out.push_back(gt.narrow(2, 0, M_).transpose(1, 2).contiguous());
+    return out;
+  }
+
+ private:
+  // This thread's panel holding pixels [row0, row0 + rows) of channels [c0, c0 + channels) of
+  // image b of layer l.
+  const float* pack_panel(int64_t l, int64_t b, int64_t c0, int64_t channels, int64_t row0,
+                          int64_t rows) {
+    const at::Tensor& f = feats_[l];
+    const float* x = f.data_ptr<float>() + b * f.stride(0) + c0 * f.stride(1) + row0;
+    float* panel = panels_[omp_get_thread_num()].data();
+    for (int64_t c = 0; c < channels; ++c)
+      std::memcpy(panel + c * kPanelStride, x + c * f.stride(1), rows * sizeof(float));
+    return panel;
+  }
+
+  // body(l, b, piece) for every layer, image and piece < pieces over the threads, the layers with
+  // more channels (longer items) first.
+  template <typename Body>
+  void for_items(int64_t pieces, const Body& body) {
+    const int64_t per_layer = B_ * pieces, items = static_cast<int64_t>(order_.size()) * per_layer;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(at::get_num_threads())
+    for (int64_t item = 0; item < items; ++item) {
+      const int64_t l = order_[item / per_layer], rest = item % per_layer;
+      body(l, rest / pieces, rest % pieces);
+    }
+  }
+
+  int64_t B_, M_, ldp_;
+  std::vector<at::Tensor> packed_;  // per layer (B, C_l, ldp) proxies, zero padded
+  std::vector<int64_t> order_;      // layers by decreasing channels
+  std::vector<std::vector<float>> panels_;  // per thread (C, kPanelStride) pixel panel
+};
+
+// The CPU's products: ProxyGemmProducts for float maps with contiguous pixel rows on AVX-512.
+std::unique_ptr<AlignProducts> products_cpu(at::TensorList feats, at::TensorList proxies) {
+  bool fast = proxy_gemm::supported() && feats[0].scalar_type() == at::kFloat;
+  for (const at::Tensor& f : feats) fast = fast && f.stride(2) == 1;
+  if (fast) return std::make_unique<ProxyGemmProducts>(feats, proxies);
+  return std::make_unique<AlignProducts>(feats, proxies);
+}
+
+// AlignKernels for the CPU (cra_driver.h).
 at::Tensor rows_forward_cpu(const at::Tensor& logits, double eps, at::Tensor& lse) {
   const int64_t L = logits.size(0), R = logits.size(1), M = logits.size(2);
   double total = 0;
@@ -457,12 +567,12 @@ void rows_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& logits, co
   });
 }
 
-constexpr AlignRowKernels kCpuRows{&rows_forward_cpu, &rows_backward_cpu};
+constexpr AlignKernels kCpuKernels{&rows_forward_cpu, &rows_backward_cpu, &products_cpu};
 
 std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> cra_align_blocked_forward_cpu(
     at::TensorList feats, at::TensorList proxies, c10::string_view reduction, double eps,
     int64_t block_rows, bool grad_proxies) {
-  return align_blocked_forward(kCpuRows, feats, proxies, std::string(reduction), eps, block_rows,
+  return align_blocked_forward(kCpuKernels, feats, proxies, std::string(reduction), eps, block_rows,
                                grad_proxies);
 }
 
@@ -470,7 +580,7 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> cra_align_blocked_b
     const at::Tensor& grad_loss, at::TensorList feats, at::TensorList proxies,
     const at::Tensor& lse, c10::string_view reduction, double eps, int64_t block_rows,
     bool need_grad_feats, bool need_grad_proxies) {
-  return align_blocked_backward(kCpuRows, grad_loss, feats, proxies, lse, std::string(reduction),
+  return align_blocked_backward(kCpuKernels, grad_loss, feats, proxies, lse, std::string(reduction),
                                 eps, block_rows, need_grad_feats, need_grad_proxies);
 }
 

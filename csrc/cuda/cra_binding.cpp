@@ -51,7 +51,8 @@ at::Tensor cra_greedy_sampling_cuda(const at::Tensor& feat, const at::Tensor& fi
   return idx;
 }
 
-// AlignRowKernels for CUDA (cra_driver.h): the fused row kernels on a contiguous block.
+// AlignKernels for CUDA (cra_driver.h): the fused row kernels on a contiguous block; the products
+// are cuBLAS's (at::bmm).
 AlignShape align_shape(const at::Tensor& logits) {
   TORCH_CHECK_VALUE(logits.size(0) <= kMaxAlignLayers, "the CUDA alignment loss handles at most ",
                     kMaxAlignLayers, " layers, got ", logits.size(0));
@@ -76,14 +77,14 @@ void rows_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& logits, c
                "cra_align_backward");
 }
 
-constexpr AlignRowKernels kCudaRows{&rows_forward_cuda, &rows_backward_cuda};
+constexpr AlignKernels kCudaKernels{&rows_forward_cuda, &rows_backward_cuda, nullptr};
 
 std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> cra_align_blocked_forward_cuda(
     at::TensorList feats, at::TensorList proxies, c10::string_view reduction, double eps,
     int64_t block_rows, bool grad_proxies) {
   TORCH_CHECK_VALUE(!feats.empty(), "feats must hold L >= 2 layers, got 0");
   const c10::cuda::CUDAGuard guard(feats[0].device());
-  return align_blocked_forward(kCudaRows, feats, proxies, std::string(reduction), eps, block_rows,
+  return align_blocked_forward(kCudaKernels, feats, proxies, std::string(reduction), eps, block_rows,
                                grad_proxies);
 }
 
@@ -93,7 +94,7 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> cra_align_blocked_b
     bool need_grad_proxies) {
   TORCH_CHECK_VALUE(!feats.empty(), "feats must hold L >= 2 layers, got 0");
   const c10::cuda::CUDAGuard guard(feats[0].device());
-  return align_blocked_backward(kCudaRows, grad_loss, feats, proxies, lse, std::string(reduction),
+  return align_blocked_backward(kCudaKernels, grad_loss, feats, proxies, lse, std::string(reduction),
                                 eps, block_rows, need_grad_feats, need_grad_proxies);
 }
 

@@ -1,0 +1,167 @@
+// AVX-512 micro-kernels for the two float matrix products of the CRA loss, whose narrow side is
+// the M proxies (64 upstream): the logits z = xᵀ pᵀ of a block of pixel rows, and the proxy
+// gradient gᵀ xᵀ accumulated over blocks. Both vectorise over the proxies (16 per zmm, up to four
+// zmm) and broadcast the other operand, with every accumulator in a register for the whole
+// reduction. MKL's sgemm takes a slower path on AMD CPUs (about a third of this on Zen 5), and
+// the products are most of the loss's time.
+//
+// Layouts: pt is the proxies packed as (C, ldp) with ldp = M rounded up to 16 and zero padding,
+// and gt the proxy-gradient accumulator in the same layout; x rows are pixels, contiguous.
+#pragma once
+#include <immintrin.h>
+
+#include <array>
+#include <cstdint>
+#include <utility>
+
+#define BUSSEG_AVX512 __attribute__((target("avx512f")))
+// Fully unrolled tile loops keep every accumulator in a register (GCC otherwise keeps the
+// accumulator array in memory and stores it on every step).
+#define BUSSEG_UNROLL _Pragma("GCC unroll 8")
+
+namespace busseg {
+namespace proxy_gemm {
+
+constexpr int kTile = 6;   // pixel rows (logits) or channels (gradient) per micro-tile
+constexpr int kVecs = 4;   // zmm of proxies per micro-tile: 64 proxies
+constexpr int kLanes = 16;
+
+inline bool supported() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  return __builtin_cpu_supports("avx512f");
+#else
+  return false;
+#endif
+}
+
+inline int64_t padded(int64_t M) { return (M + kLanes - 1) / kLanes * kLanes; }
+
+// Lanes of the last zmm of a chunk of `m` proxies (1 <= m <= 64) that hold proxies.
+inline __mmask16 tail_mask(int64_t m) {
+  const int64_t r = m % kLanes;
+  return r == 0 ? __mmask16(0xFFFF) : __mmask16((1u << r) - 1);
+}
+
+// z[r, 0:16 NV] (+)= Σ_{c < C} x[c ldx + r] pt[c ldp + 0:16 NV] for the R rows of one tile. With
+// `accumulate` z is added to (a later chunk of channels); `tail` masks z's last zmm.
+template <int R, int NV>
+BUSSEG_AVX512 void logits_tile(const float* x, int64_t ldx, int64_t C, const float* pt, int64_t ldp,
+                               float* z, int64_t ldz, __mmask16 tail, bool accumulate) {
+  __m512 acc[R][NV];
+  BUSSEG_UNROLL
+  for (int r = 0; r < R; ++r)
+    BUSSEG_UNROLL
+    for (int v = 0; v < NV; ++v) {
+      const __mmask16 k = v == NV - 1 ? tail : __mmask16(0xFFFF);
+      acc[r][v] = accumulate ? _mm512_maskz_loadu_ps(k, z + r * ldz + kLanes * v) : _mm512_setzero_ps();
+    }
+  for (int64_t c = 0; c < C; ++c) {
+    __m512 p[NV];
+    BUSSEG_UNROLL
+    for (int v = 0; v < NV; ++v) p[v] = _mm512_loadu_ps(pt + c * ldp + kLanes * v);
+    BUSSEG_UNROLL
+    for (int r = 0; r < R; ++r) {
+      const __m512 a = _mm512_set1_ps(x[c * ldx + r]);
+      BUSSEG_UNROLL
+      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(a, p[v], acc[r][v]);
+    }
+  }
+  BUSSEG_UNROLL
+  for (int r = 0; r < R; ++r) {
+    BUSSEG_UNROLL
+    for (int v = 0; v + 1 < NV; ++v) _mm512_storeu_ps(z + r * ldz + kLanes * v, acc[r][v]);
+    _mm512_mask_storeu_ps(z + r * ldz + kLanes * (NV - 1), tail, acc[r][NV - 1]);
+  }
+}
+
+// gt[r ldp + 0:16 NV] += Σ_{i < n} x[r ldx + i] g[i ldg + 0:16 NV] for the R channels of one tile
+// (`tail` masks g's last zmm, which may end the buffer).
+template <int R, int NV>
+BUSSEG_AVX512 void grad_tile(const float* x, int64_t ldx, int64_t n, const float* g, int64_t ldg,
+                             float* gt, int64_t ldp, __mmask16 tail) {
+  __m512 acc[R][NV];
+  BUSSEG_UNROLL
+  for (int r = 0; r < R; ++r)
+    BUSSEG_UNROLL
+    for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
+  for (int64_t i = 0; i < n; ++i) {
+    __m512 q[NV];
+    BUSSEG_UNROLL
+    for (int v = 0; v + 1 < NV; ++v) q[v] = _mm512_loadu_ps(g + i * ldg + kLanes * v);
+    q[NV - 1] = _mm512_maskz_loadu_ps(tail, g + i * ldg + kLanes * (NV - 1));
+    BUSSEG_UNROLL
+    for (int r = 0; r < R; ++r) {
+      const __m512 a = _mm512_set1_ps(x[r * ldx + i]);
+      BUSSEG_UNROLL
+      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(a, q[v], acc[r][v]);
+    }
+  }
+  BUSSEG_UNROLL
+  for (int r = 0; r < R; ++r)
+    BUSSEG_UNROLL
+    for (int v = 0; v < NV; ++v) {
+      float* out = gt + r * ldp + kLanes * v;
+      _mm512_storeu_ps(out, _mm512_add_ps(_mm512_loadu_ps(out), acc[r][v]));
+    }
+}
+
+// Tables of the instantiations, indexed [R - 1][NV - 1].
+using LogitsTile = void (*)(const float*, int64_t, int64_t, const float*, int64_t, float*, int64_t,
+                            __mmask16, bool);
+using GradTile = void (*)(const float*, int64_t, int64_t, const float*, int64_t, float*, int64_t,
+                          __mmask16);
+
+template <int R, int... V>
+constexpr std::array<LogitsTile, kVecs> logits_row(std::integer_sequence<int, V...>) {
+  return {&logits_tile<R, V + 1>...};
+}
+template <int R, int... V>
+constexpr std::array<GradTile, kVecs> grad_row(std::integer_sequence<int, V...>) {
+  return {&grad_tile<R, V + 1>...};
+}
+template <int... R>
+constexpr std::array<std::array<LogitsTile, kVecs>, kTile> logits_table(std::integer_sequence<int, R...>) {
+  return {logits_row<R + 1>(std::make_integer_sequence<int, kVecs>{})...};
+}
+template <int... R>
+constexpr std::array<std::array<GradTile, kVecs>, kTile> grad_table(std::integer_sequence<int, R...>) {
+  return {grad_row<R + 1>(std::make_integer_sequence<int, kVecs>{})...};
+}
+inline constexpr auto kLogitsTiles = logits_table(std::make_integer_sequence<int, kTile>{});
+inline constexpr auto kGradTiles = grad_table(std::make_integer_sequence<int, kTile>{});
+
+// z (n, M), row stride ldz, = xᵀ pt[:, :M] for x (C, ldx) holding n pixel rows: chunks of
+// `chunk_c` channels (so the chunk of pt stays in L1), tiles of kTile rows, 64 proxies at a time.
+inline void logits(const float* x, int64_t ldx, int64_t n, int64_t C, const float* pt, int64_t ldp,
+                   int64_t M, float* z, int64_t ldz, int64_t chunk_c) {
+  for (int64_t m0 = 0; m0 < M; m0 += kVecs * kLanes) {
+    const int64_t m = std::min<int64_t>(kVecs * kLanes, M - m0);
+    const int nv = static_cast<int>((m + kLanes - 1) / kLanes);
+    const __mmask16 tail = tail_mask(m);
+    for (int64_t c0 = 0; c0 < C; c0 += chunk_c) {
+      const int64_t cc = std::min(chunk_c, C - c0);
+      for (int64_t i0 = 0; i0 < n; i0 += kTile) {
+        const int r = static_cast<int>(std::min<int64_t>(kTile, n - i0));
+        kLogitsTiles[r - 1][nv - 1](x + c0 * ldx + i0, ldx, cc, pt + c0 * ldp + m0, ldp,
+                                    z + i0 * ldz + m0, ldz, tail, c0 > 0);
+      }
+    }
+  }
+}
+
+// gt[c, :M] += Σ_i x[c ldx + i] g[i ldg + m] for channels [0, C) of x and n pixel rows.
+inline void accumulate_grads(const float* x, int64_t ldx, int64_t n, int64_t C, const float* g,
+                             int64_t ldg, int64_t M, float* gt, int64_t ldp) {
+  for (int64_t c0 = 0; c0 < C; c0 += kTile) {
+    const int r = static_cast<int>(std::min<int64_t>(kTile, C - c0));
+    for (int64_t m0 = 0; m0 < M; m0 += kVecs * kLanes) {
+      const int64_t m = std::min<int64_t>(kVecs * kLanes, M - m0);
+      const int nv = static_cast<int>((m + kLanes - 1) / kLanes);
+      kGradTiles[r - 1][nv - 1](x + c0 * ldx, ldx, n, g + m0, ldg, gt + c0 * ldp + m0, ldp,
+                                tail_mask(m));
+    }
+  }
+}
+
+}  // namespace proxy_gemm
+}  // namespace busseg
