@@ -437,6 +437,7 @@ void align_rows_backward(const scalar_t* logits, const at::opmath_type<scalar_t>
 }
 
 // ---- alignment loss: the float products on AVX-512 (cpu/proxy_gemm.h) ------------------------
+#ifdef BUSSEG_HAVE_PROXY_GEMM
 //
 // The proxies are packed once per call as (C_l, M padded to 16) per image, and the proxy
 // gradients accumulate in the same layout. Work items are (layer, image, piece) with the pieces
@@ -536,12 +537,15 @@ class ProxyGemmProducts final : public AlignProducts {
   std::vector<int64_t> order_;      // layers by decreasing channels
   std::vector<std::vector<float>> panels_;  // per thread (C, kPanelStride) pixel panel
 };
+#endif
 
 // The CPU's products: ProxyGemmProducts for float maps with contiguous pixel rows on AVX-512.
 std::unique_ptr<AlignProducts> products_cpu(at::TensorList feats, at::TensorList proxies) {
+#ifdef BUSSEG_HAVE_PROXY_GEMM
   bool fast = proxy_gemm::supported() && feats[0].scalar_type() == at::kFloat;
   for (const at::Tensor& f : feats) fast = fast && f.stride(2) == 1;
   if (fast) return std::make_unique<ProxyGemmProducts>(feats, proxies);
+#endif
   return std::make_unique<AlignProducts>(feats, proxies);
 }
 
