@@ -5,7 +5,7 @@
 - Alignment loss over four layers of 256/512/1024/2048 channels on the 65×65 grid (layer 1
   resized from its 130×130 map, detached, as upstream), proxies gathered from each layer's own
   map at the mapped indices: ours (`cpu`) against the reference formulation (einsum + softmax +
-  KLDivLoss per adjacent pair), forward+backward.
+  KLDivLoss per adjacent pair), eager and under torch.compile, forward+backward.
 """
 import pytest
 import torch
@@ -73,7 +73,14 @@ def ours_loss(feats, proxies):
         return busseg_ops.cross_layer_alignment_loss(feats, proxies)
 
 
-LOSS = {"cpu": ours_loss, "reference": reference_loss}
+_compiled_reference = torch.compile(busseg_ops.reference.cra.cross_layer_alignment_loss)
+
+
+def compiled_reference_loss(feats, proxies):
+    return _compiled_reference(feats, proxies, "mean", 1e-10)
+
+
+LOSS = {"cpu": ours_loss, "reference": reference_loss, "compiled_reference": compiled_reference_loss}
 
 
 def loss_inputs():
