@@ -41,7 +41,7 @@ class AlignProducts {
 
   // proxy gradient l += g_lᵀ f_l[:, :, r0:r0+n]ᵀ for the gradient block g (L, B, n, M)
   virtual void accumulate_proxy_grads(const at::Tensor& g, int64_t r0, int64_t n) {
-    if (grads_.empty())  // sums over blocks in the accumulator type
+    if (grads_.empty())  // sums over blocks in the accumulator type, (B, M, C_l)
       for (const at::Tensor& p : proxies_)
         grads_.push_back(at::zeros(p.sizes(), p.options().dtype(at::toOpMathType(p.scalar_type()))));
     for (size_t l = 0; l < feats_.size(); ++l) {
@@ -62,7 +62,10 @@ class AlignProducts {
   }
 
  protected:
-  std::vector<at::Tensor> feats_, proxies_, grads_;
+  std::vector<at::Tensor> feats_, proxies_;
+
+ private:
+  std::vector<at::Tensor> grads_;
 };
 
 // What a device provides: fused row kernels on a contiguous block of R pixel rows, and

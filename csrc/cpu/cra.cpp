@@ -483,8 +483,8 @@ class ProxyGemmProducts final : public AlignProducts {
   }
 
   void accumulate_proxy_grads(const at::Tensor& g, int64_t r0, int64_t n) override {
-    if (grads_.empty())  // (B, C_l, ldp) per layer, like the packed proxies
-      for (const at::Tensor& pt : packed_) grads_.push_back(at::zeros_like(pt));
+    if (packed_grads_.empty())
+      for (const at::Tensor& pt : packed_) packed_grads_.push_back(at::zeros_like(pt));
     const float* g_data = g.data_ptr<float>();
     const int64_t max_c = feats_[order_[0]].size(1);
     for_items((max_c + kGradChannels - 1) / kGradChannels, [&](int64_t l, int64_t b, int64_t piece) {
@@ -496,14 +496,16 @@ class ProxyGemmProducts final : public AlignProducts {
         const float* panel = pack_panel(l, b, c0, channels, r0 + i0, rows);
         proxy_gemm::accumulate_grads(panel, kPanelStride, rows, channels,
                                      g_data + ((l * B_ + b) * n + i0) * M_, M_, M_,
-                                     grads_[l].data_ptr<float>() + (b * C + c0) * ldp_, ldp_);
+                                     packed_grads_[l].data_ptr<float>() + (b * C + c0) * ldp_,
+                                     ldp_);
       }
     });
   }
 
   std::vector<at::Tensor> proxy_grads() override {
     std::vector<at::Tensor> out;
-    for (const at::Tensor& gt : grads_) out.push_back(gt.narrow(2, 0, M_).transpose(1, 2).contiguous());
+    for (const at::Tensor& gt : packed_grads_)
+      out.push_back(gt.narrow(2, 0, M_).transpose(1, 2).contiguous());
     return out;
   }
 
@@ -533,7 +535,8 @@ class ProxyGemmProducts final : public AlignProducts {
   }
 
   int64_t B_, M_, ldp_;
-  std::vector<at::Tensor> packed_;  // per layer (B, C_l, ldp) proxies, zero padded
+  std::vector<at::Tensor> packed_;        // per layer (B, C_l, ldp) proxies, zero padded
+  std::vector<at::Tensor> packed_grads_;  // per layer (B, C_l, ldp) proxy-gradient sums
   std::vector<int64_t> order_;      // layers by decreasing channels
   std::vector<std::vector<float>> panels_;  // per thread (C, kPanelStride) pixel panel
 };

@@ -34,10 +34,16 @@ inline bool supported() { return __builtin_cpu_supports("avx512f"); }
 
 inline int64_t padded(int64_t M) { return (M + kLanes - 1) / kLanes * kLanes; }
 
-// Lanes of the last zmm of a chunk of `m` proxies (1 <= m <= 64) that hold proxies.
-inline __mmask16 tail_mask(int64_t m) {
-  const int64_t r = m % kLanes;
-  return r == 0 ? __mmask16(0xFFFF) : __mmask16((1u << r) - 1);
+// The proxies [m0, min(m0 + 64, M)) of one micro-tile: how many zmm they take, and the lanes of
+// the last one that hold proxies.
+struct ProxyChunk {
+  int vecs;
+  __mmask16 tail;
+};
+inline ProxyChunk proxy_chunk(int64_t M, int64_t m0) {
+  const int64_t m = std::min<int64_t>(kVecs * kLanes, M - m0), r = m % kLanes;
+  return {static_cast<int>((m + kLanes - 1) / kLanes),
+          r == 0 ? __mmask16(0xFFFF) : __mmask16((1u << r) - 1)};
 }
 
 // z[r, 0:16 NV] (+)= Σ_{c < C} x[c ldx + r] pt[c ldp + 0:16 NV] for the R rows of one tile. With
@@ -103,45 +109,41 @@ BUSSEG_AVX512 void grad_tile(const float* x, int64_t ldx, int64_t n, const float
     }
 }
 
-// Tables of the instantiations, indexed [R - 1][NV - 1].
+// Every instantiation of a tile kernel in one table, at (R - 1) kVecs + NV - 1.
 using LogitsTile = void (*)(const float*, int64_t, int64_t, const float*, int64_t, float*, int64_t,
                             __mmask16, bool);
 using GradTile = void (*)(const float*, int64_t, int64_t, const float*, int64_t, float*, int64_t,
                           __mmask16);
-
-template <int R, int... V>
-constexpr std::array<LogitsTile, kVecs> logits_row(std::integer_sequence<int, V...>) {
-  return {&logits_tile<R, V + 1>...};
+struct LogitsKernels {
+  template <int R, int NV>
+  static constexpr LogitsTile kernel = &logits_tile<R, NV>;
+};
+struct GradKernels {
+  template <int R, int NV>
+  static constexpr GradTile kernel = &grad_tile<R, NV>;
+};
+template <typename Kernels, int... I>
+constexpr auto tile_table(std::integer_sequence<int, I...>) {
+  return std::array{Kernels::template kernel<I / kVecs + 1, I % kVecs + 1>...};
 }
-template <int R, int... V>
-constexpr std::array<GradTile, kVecs> grad_row(std::integer_sequence<int, V...>) {
-  return {&grad_tile<R, V + 1>...};
-}
-template <int... R>
-constexpr std::array<std::array<LogitsTile, kVecs>, kTile> logits_table(std::integer_sequence<int, R...>) {
-  return {logits_row<R + 1>(std::make_integer_sequence<int, kVecs>{})...};
-}
-template <int... R>
-constexpr std::array<std::array<GradTile, kVecs>, kTile> grad_table(std::integer_sequence<int, R...>) {
-  return {grad_row<R + 1>(std::make_integer_sequence<int, kVecs>{})...};
-}
-inline constexpr auto kLogitsTiles = logits_table(std::make_integer_sequence<int, kTile>{});
-inline constexpr auto kGradTiles = grad_table(std::make_integer_sequence<int, kTile>{});
+inline constexpr auto kLogitsTiles =
+    tile_table<LogitsKernels>(std::make_integer_sequence<int, kTile * kVecs>{});
+inline constexpr auto kGradTiles =
+    tile_table<GradKernels>(std::make_integer_sequence<int, kTile * kVecs>{});
 
 // z (n, M), row stride ldz, = xᵀ pt[:, :M] for x (C, ldx) holding n pixel rows: chunks of
 // `chunk_c` channels (so the chunk of pt stays in L1), tiles of kTile rows, 64 proxies at a time.
 inline void logits(const float* x, int64_t ldx, int64_t n, int64_t C, const float* pt, int64_t ldp,
                    int64_t M, float* z, int64_t ldz, int64_t chunk_c) {
   for (int64_t m0 = 0; m0 < M; m0 += kVecs * kLanes) {
-    const int64_t m = std::min<int64_t>(kVecs * kLanes, M - m0);
-    const int nv = static_cast<int>((m + kLanes - 1) / kLanes);
-    const __mmask16 tail = tail_mask(m);
+    const ProxyChunk chunk = proxy_chunk(M, m0);
     for (int64_t c0 = 0; c0 < C; c0 += chunk_c) {
       const int64_t cc = std::min(chunk_c, C - c0);
       for (int64_t i0 = 0; i0 < n; i0 += kTile) {
         const int r = static_cast<int>(std::min<int64_t>(kTile, n - i0));
-        kLogitsTiles[r - 1][nv - 1](x + c0 * ldx + i0, ldx, cc, pt + c0 * ldp + m0, ldp,
-                                    z + i0 * ldz + m0, ldz, tail, c0 > 0);
+        kLogitsTiles[(r - 1) * kVecs + chunk.vecs - 1](x + c0 * ldx + i0, ldx, cc,
+                                                       pt + c0 * ldp + m0, ldp, z + i0 * ldz + m0,
+                                                       ldz, chunk.tail, c0 > 0);
       }
     }
   }
@@ -153,10 +155,9 @@ inline void accumulate_grads(const float* x, int64_t ldx, int64_t n, int64_t C, 
   for (int64_t c0 = 0; c0 < C; c0 += kTile) {
     const int r = static_cast<int>(std::min<int64_t>(kTile, C - c0));
     for (int64_t m0 = 0; m0 < M; m0 += kVecs * kLanes) {
-      const int64_t m = std::min<int64_t>(kVecs * kLanes, M - m0);
-      const int nv = static_cast<int>((m + kLanes - 1) / kLanes);
-      kGradTiles[r - 1][nv - 1](x + c0 * ldx, ldx, n, g + m0, ldg, gt + c0 * ldp + m0, ldp,
-                                tail_mask(m));
+      const ProxyChunk chunk = proxy_chunk(M, m0);
+      kGradTiles[(r - 1) * kVecs + chunk.vecs - 1](x + c0 * ldx, ldx, n, g + m0, ldg,
+                                                   gt + c0 * ldp + m0, ldp, chunk.tail);
     }
   }
 }
