@@ -8,7 +8,7 @@ CUDA_ARCH_FLAGS := -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,
 NATIVE_SOURCES  := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh') setup.py
 export MAX_JOBS ?= 2
 
-.PHONY: install build test cuda-check cmake-check bench demo clean
+.PHONY: install build lint test cuda-check cmake-check bench demo clean
 
 install: $(STAMP)
 
@@ -18,7 +18,8 @@ $(STAMP): Makefile setup.py pyproject.toml
 	  if python3 -c 'import torch' 2>/dev/null; then python3 -m venv --system-site-packages $(VENV); \
 	  else python3 -m venv $(VENV); fi; fi
 	$(PY) -c 'import torch' 2>/dev/null || $(PIP) install -q torch==2.13.0
-	$(PIP) install -q triton numpy pytest pytest-benchmark ninja pybind11 setuptools wheel pillow matplotlib tqdm
+	$(PIP) install -q triton numpy pytest pytest-benchmark ninja pybind11 setuptools wheel pillow matplotlib tqdm \
+	  scipy pyyaml hypothesis ruff==0.17.6 clang-format==23.1.5
 	$(PIP) install -q --no-build-isolation --no-deps -e .
 	touch busseg_ops/.built $(STAMP)  # the editable install just built the extension in place
 
@@ -55,7 +56,14 @@ cmake-check: $(STAMP)
 	  -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')" >/dev/null
 	cmake --build build/cmake
 
-test: build cuda-check cmake-check
+# Python: ruff (rules and line length in pyproject.toml); C++/CUDA: clang-format (.clang-format).
+CXX_SOURCES = $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh')
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(VENV)/bin/clang-format --dry-run -Werror $(CXX_SOURCES)
+
+test: lint build cuda-check cmake-check
 	$(PY) -m pytest tests -q
 
 # One process per benchmark file. Each prints pytest-benchmark's table, then a Markdown table of

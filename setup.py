@@ -1,6 +1,7 @@
 """Builds busseg_ops._C: the C++/OpenMP CPU kernels always, the CUDA kernels when torch has CUDA
 and a toolkit is found (or FORCE_CUDA=1). Build with --no-build-isolation: torch must come from
 the environment, never from an isolated build env."""
+
 import glob
 import os
 
@@ -21,21 +22,30 @@ def extension():
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     cxx = ["-O3", "-std=c++20", "-fopenmp", "-fno-trapping-math"]
     if not with_cuda():
-        return CppExtension("busseg_ops._C", sources, include_dirs=[os.path.join(HERE, "csrc")],
-                            extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
+        return CppExtension(
+            "busseg_ops._C",
+            sources,
+            include_dirs=[os.path.join(HERE, "csrc")],
+            extra_compile_args={"cxx": cxx},
+            extra_link_args=["-fopenmp"],
+        )
     sources += sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
     nvcc = ["-O3", "-std=c++17", "-lineinfo"]
-    return CUDAExtension("busseg_ops._C", sources, include_dirs=[os.path.join(HERE, "csrc")],
-                         define_macros=[("BUSSEG_WITH_CUDA", None)],
-                         extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=["-fopenmp"])
+    return CUDAExtension(
+        "busseg_ops._C",
+        sources,
+        include_dirs=[os.path.join(HERE, "csrc")],
+        define_macros=[("BUSSEG_WITH_CUDA", None)],
+        extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+        extra_link_args=["-fopenmp"],
+    )
 
 
 setup(
     name="busseg_ops",
     version="0.1.0",
     description="Accelerated operators for relation-aware semi-supervised breast-ultrasound segmentation",
-    packages=["busseg_ops", "busseg_ops.reference", "busseg_ops.triton",
-              "busseg_ops.models", "busseg_ops.train"],
+    packages=["busseg_ops", "busseg_ops.reference", "busseg_ops.triton", "busseg_ops.models", "busseg_ops.train"],
     # models/ and train/ live at the top of the repo but install under the busseg_ops namespace.
     package_dir={"busseg_ops": "busseg_ops", "busseg_ops.models": "models", "busseg_ops.train": "train"},
     ext_modules=[extension()],

@@ -1,12 +1,13 @@
 """ARP at the upstream setting (SPEC §1; issue 2): B=8, C=256, 65×65 features (stride 8 of a
 520 px crop), K=2 classes, 3×3 kernel. Ours (`cpu`) against (a) the unfold formulation of the
 RA-BUSSeg code and (b) torch.compile of it; forward and forward+backward; peak memory."""
+
 import pytest
 import torch
 import torch.nn.functional as F
+from peak_memory import peak_extra_mib
 
 import busseg_ops
-from peak_memory import peak_extra_mib
 
 B, C, K, H, W, KS = 8, 256, 2, 65, 65, 3
 
@@ -17,7 +18,7 @@ def unfold_arp(feat, value, kernel_size=KS, dilation=1):
     pad = dilation * (kernel_size // 2)
     fu = F.unfold(feat, kernel_size, dilation=dilation, padding=pad).view(b, c, -1, h * w)
     vu = F.unfold(value, kernel_size, dilation=dilation, padding=pad).view(b, value.shape[1], -1, h * w)
-    weights = (torch.einsum("bcp,bckp->bkp", feat.flatten(2), fu) * c ** -0.5).softmax(1)
+    weights = (torch.einsum("bcp,bckp->bkp", feat.flatten(2), fu) * c**-0.5).softmax(1)
     return torch.einsum("bkp,bvkp->bvp", weights, vu).view_as(value)
 
 
@@ -71,6 +72,5 @@ fn = bench_arp.IMPLS[{impl!r}]
 
 @pytest.mark.parametrize("impl", list(IMPLS))
 def test_arp_peak_memory(impl, record_memory):
-    mib = peak_extra_mib(_SETUP.format(impl=impl), "fn(feat, value).sum().backward()",
-                         warm=True)
+    mib = peak_extra_mib(_SETUP.format(impl=impl), "fn(feat, value).sum().backward()", warm=True)
     record_memory("arp fwd+bwd", impl, mib)

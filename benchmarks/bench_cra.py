@@ -7,12 +7,13 @@
   map at the mapped indices: ours (`cpu`) against the reference formulation (einsum + softmax +
   KLDivLoss per adjacent pair), eager and under torch.compile, forward+backward.
 """
+
 import pytest
 import torch
 import torch.nn.functional as F
+from peak_memory import peak_extra_mib
 
 import busseg_ops
-from peak_memory import peak_extra_mib
 
 B, C, H, W, M = 8, 256, 65, 65, 64
 CHANNELS = (256, 512, 1024, 2048)
@@ -23,7 +24,7 @@ def upstream_sampling(feat, first, num_proxies=M):
     over it with argmin (same selection rule as SPEC §2.1)."""
     b, c, h, w = feat.shape
     f = feat.flatten(2)
-    corr = torch.bmm(f.transpose(1, 2), f) * c ** -0.5  # (B, HW, HW)
+    corr = torch.bmm(f.transpose(1, 2), f) * c**-0.5  # (B, HW, HW)
     out = []
     for i in range(b):
         chosen = [int(first[i])]
@@ -87,8 +88,9 @@ def loss_inputs():
     """Layer maps (layer 1 at 130×130), the 65×65 grid feats (detached) and the proxies gathered
     from each map at the mapped greedy indices (leaves that require grad)."""
     g = torch.Generator().manual_seed(0)
-    maps = [torch.randn(B, c, 2 * H if l == 0 else H, 2 * W if l == 0 else W, generator=g)
-            for l, c in enumerate(CHANNELS)]
+    maps = [
+        torch.randn(B, c, 2 * H if l == 0 else H, 2 * W if l == 0 else W, generator=g) for l, c in enumerate(CHANNELS)
+    ]
     feats = [F.interpolate(maps[0], (H, W), mode="bilinear", align_corners=True)] + maps[1:]
     idx = busseg_ops.greedy_proxy_sampling(maps[-1], M, first=torch.zeros(B, dtype=torch.long))
     proxies = [busseg_ops.gather_proxies(maps[0], busseg_ops.map_proxy_indices(idx, (H, W), (2 * H, 2 * W)))]
@@ -111,7 +113,7 @@ def test_cra_loss_forward_backward(benchmark, impl):
     benchmark.pedantic(step, rounds=5, warmup_rounds=1)
 
 
-_SETUP = f"""
+_SETUP = """
 import sys; sys.path.insert(0, 'benchmarks')
 import torch, bench_cra
 """
@@ -126,5 +128,4 @@ def test_cra_sampling_peak_memory(impl, record_memory):
 @pytest.mark.parametrize("impl", list(LOSS))
 def test_cra_loss_peak_memory(impl, record_memory):
     setup = _SETUP + f"feats, proxies = bench_cra.loss_inputs()\nfn = bench_cra.LOSS[{impl!r}]\n"
-    record_memory("cra loss fwd+bwd", impl,
-                  peak_extra_mib(setup, "fn(feats, proxies).backward()", warm=True))
+    record_memory("cra loss fwd+bwd", impl, peak_extra_mib(setup, "fn(feats, proxies).backward()", warm=True))

@@ -6,13 +6,14 @@
 (2) Contrastive fwd+bwd at N = N⁻ = 8192, D = 256: `cpu` against the materialising reference
     (time and peak memory), negatives detached as the default caller does.
 (3) N = N⁻ = 65536, D = 256 on `cpu`: must simply run (time and peak memory recorded)."""
+
 import math
 
 import pytest
 import torch
+from peak_memory import peak_extra_mib
 
 import busseg_ops
-from peak_memory import peak_extra_mib
 
 B, K, C, S, NP = 8, 2, 3, 512, 16
 
@@ -31,14 +32,13 @@ def upstream_hardness_cutmix(logits, image, label, conf, k, generator):
         m = torch.ones(n * n, dtype=torch.bool)
         rest = order[k:][torch.randperm(n * n - k, generator=generator)]
         share = int(round((0.1 + 0.4 * float(torch.rand(1, generator=generator))) * n * n))
-        m[rest[:min(share, n * n - k)]] = False
+        m[rest[: min(share, n * n - k)]] = False
         masks.append(m.view(n, n))
         nb = (b + 1) % prob.shape[0]
         for out, t in zip(mixed, (image, label, conf)):
             own = [list(torch.chunk(r, n, -1)) for r in torch.chunk(t[b], n, -2)]
             other = [list(torch.chunk(r, n, -1)) for r in torch.chunk(t[nb], n, -2)]
-            rows = [torch.cat([own[i][j] if m[i * n + j] else other[i][j] for j in range(n)], -1)
-                    for i in range(n)]
+            rows = [torch.cat([own[i][j] if m[i * n + j] else other[i][j] for j in range(n)], -1) for i in range(n)]
             out.append(torch.cat(rows, -2))
     return [torch.stack(o) for o in mixed], torch.stack(masks)
 
@@ -51,8 +51,12 @@ def ours_hardness_cutmix(logits, image, label, conf, k, generator):
 
 def patch_inputs():
     g = torch.Generator().manual_seed(0)
-    return (torch.randn(B, K, S, S, generator=g), torch.randn(B, C, S, S, generator=g),
-            torch.randint(0, 2, (B, S, S), generator=g), torch.rand(B, S, S, generator=g))
+    return (
+        torch.randn(B, K, S, S, generator=g),
+        torch.randn(B, C, S, S, generator=g),
+        torch.randint(0, 2, (B, S, S), generator=g),
+        torch.rand(B, S, S, generator=g),
+    )
 
 
 PATCH_IMPLS = {"cpu": ours_hardness_cutmix, "upstream_chunk_loop": upstream_hardness_cutmix}
@@ -69,9 +73,13 @@ def test_hardness_cutmix(benchmark, impl):
 
 def contrastive_inputs(n, d, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(n, d, generator=g).requires_grad_(), torch.randint(0, 2, (n,), generator=g),
-            torch.randn(n, d, generator=g), torch.randint(0, 2, (n,), generator=g),
-            torch.randn(2, d, generator=g))
+    return (
+        torch.randn(n, d, generator=g).requires_grad_(),
+        torch.randint(0, 2, (n,), generator=g),
+        torch.randn(n, d, generator=g),
+        torch.randint(0, 2, (n,), generator=g),
+        torch.randn(2, d, generator=g),
+    )
 
 
 def contrastive_step(backend, a, ya, neg, yn, pos):
@@ -99,16 +107,17 @@ args = bench_phnet.contrastive_inputs({n}, 256)
 
 @pytest.mark.parametrize("impl", CONTRASTIVE_IMPLS)
 def test_contrastive_8k_peak_memory(impl, record_memory):
-    mib = peak_extra_mib(_SETUP.format(n=8192), f"bench_phnet.contrastive_step({impl!r}, *args)",
-                         warm=True)
+    mib = peak_extra_mib(_SETUP.format(n=8192), f"bench_phnet.contrastive_step({impl!r}, *args)", warm=True)
     record_memory("contrastive fwd+bwd N=N⁻=8192 D=256", impl, mib)
 
 
 def test_contrastive_64k_runs(record_memory, tmp_path):
     """One fwd+bwd in a fresh process (too slow to repeat on 2 cores): peak memory and wall time."""
     out = tmp_path / "seconds"
-    stmt = (f"import time; t0 = time.perf_counter(); bench_phnet.contrastive_step('cpu', *args); "
-            f"open({str(out)!r}, 'w').write(str(time.perf_counter() - t0))")
+    stmt = (
+        f"import time; t0 = time.perf_counter(); bench_phnet.contrastive_step('cpu', *args); "
+        f"open({str(out)!r}, 'w').write(str(time.perf_counter() - t0))"
+    )
     mib = peak_extra_mib(_SETUP.format(n=65536), stmt)
     group = "contrastive fwd+bwd N=N⁻=65536 D=256 (cpu only, 1 run)"
     record_memory(group, "cpu", mib)

@@ -4,6 +4,7 @@
 baseline of the same group (all from this one run) and peak memory is printed and appended to
 benchmarks/last_run.md (`make bench` clears it first and runs each file in a process of its own,
 so one benchmark's leftovers — compiled graphs, allocator state — cannot slow another's)."""
+
 import os
 import sys
 from collections import defaultdict
@@ -18,6 +19,7 @@ _memory: dict[str, dict[str, float]] = defaultdict(dict)
 def record_memory():
     def record(group: str, impl: str, mib: float) -> None:
         _memory[group][impl] = mib
+
     return record
 
 
@@ -33,18 +35,23 @@ def pytest_terminal_summary(terminalreporter):
         times[bench.group][impl] = bench.stats.median
     if not times and not _memory:
         return
-    lines = ["| group | implementation | median (ms) | speed-up vs baselines | peak extra MiB |",
-             "|---|---|---|---|---|"]
+    lines = [
+        "| group | implementation | median (ms) | speed-up vs baselines | peak extra MiB |",
+        "|---|---|---|---|---|",
+    ]
     for group in sorted(set(times) | set(_memory)):
         impls = list(dict.fromkeys(list(times.get(group, {})) + list(_memory.get(group, {}))))
         baselines = [i for i in impls if _is_baseline(i) and i in times.get(group, {})]
         for impl in impls:
             t = times.get(group, {}).get(impl)
-            ratios = ", ".join(f"{times[group][b] / t:.1f}× {b}" for b in baselines
-                               if t and b != impl and not _is_baseline(impl))
+            ratios = ", ".join(
+                f"{times[group][b] / t:.1f}× {b}" for b in baselines if t and b != impl and not _is_baseline(impl)
+            )
             mem = _memory.get(group, {}).get(impl)
-            lines.append(f"| {group} | {impl} | {'' if t is None else f'{t * 1e3:.2f}'} | {ratios} | "
-                         f"{'' if mem is None else f'{mem:.0f}'} |")
+            lines.append(
+                f"| {group} | {impl} | {'' if t is None else f'{t * 1e3:.2f}'} | {ratios} | "
+                f"{'' if mem is None else f'{mem:.0f}'} |"
+            )
     table = "\n".join(lines)
     terminalreporter.write_line("\n" + table)
     with open(os.path.join(os.path.dirname(__file__), "last_run.md"), "a") as f:

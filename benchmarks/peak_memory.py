@@ -8,6 +8,7 @@ kernel allows it, else subtracts the setup's own peak. Large blocks are mmap'ed 
 free (MALLOC_MMAP_THRESHOLD_), so what a warm-up call freed is not silently reused and the
 reading does not depend on the allocator's history.
 """
+
 from __future__ import annotations
 
 import os
@@ -44,8 +45,12 @@ def peak_extra_mib(setup: str, stmt: str, threads: int = 2, warm: bool = False) 
     """Run ``setup`` then ``stmt`` in a fresh process; MiB the statement adds at its peak.
 
     ``warm`` runs the statement once before measuring (for code that compiles on first call)."""
-    code = _CHILD.format(threads=threads, setup=textwrap.dedent(setup), stmt=textwrap.dedent(stmt),
-                         stmt_warm=textwrap.dedent(stmt) if warm else "")
+    code = _CHILD.format(
+        threads=threads,
+        setup=textwrap.dedent(setup),
+        stmt=textwrap.dedent(stmt),
+        stmt_warm=textwrap.dedent(stmt) if warm else "",
+    )
     env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}  # make bench's timing knobs
     env["MALLOC_MMAP_THRESHOLD_"] = "131072"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)

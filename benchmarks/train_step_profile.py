@@ -4,32 +4,47 @@
 
 Every public busseg_ops function is wrapped in a record_function range for the forward; the
 backward kernels of the custom ops appear as busseg::*backward events."""
+
 import functools
 import sys
 import time
 
 import torch
+from busseg_ops.train import TrainConfig, Trainer
 from torch.profiler import ProfilerActivity, profile, record_function
 
 import busseg_ops
-from busseg_ops.train import TrainConfig, Trainer
 
 
 def wrap_ops():
     for name in busseg_ops.__all__:
         fn = getattr(busseg_ops, name)
         if callable(fn) and not isinstance(fn, type) and name not in ("use_backend", "available_backends"):
+
             @functools.wraps(fn)
             def wrapped(*a, _fn=fn, _name=name, **k):
                 with record_function(f"busseg_ops.{_name}"):
                     return _fn(*a, **k)
+
             setattr(busseg_ops, name, wrapped)
 
 
 def main(method="rabusseg", size=64, base=8, steps=5):
     wrap_ops()
-    cfg = TrainConfig(method=method, synthetic_n=64, size=size, unet_base=base, proj_dim=32, rep_dim=16,
-                      num_proxies=16, warmup_epochs=0, epochs=1, out="runs/profile", quiet=True, gamma=0.5)
+    cfg = TrainConfig(
+        method=method,
+        synthetic_n=64,
+        size=size,
+        unet_base=base,
+        proj_dim=32,
+        rep_dim=16,
+        num_proxies=16,
+        warmup_epochs=0,
+        epochs=1,
+        out="runs/profile",
+        quiet=True,
+        gamma=0.5,
+    )
     tr = Trainer(cfg)
     lab, unl = next(iter(tr._batches(0)))
     ctx = {"epoch": 0, "progress": 0.5, "warmup": False}
@@ -42,12 +57,17 @@ def main(method="rabusseg", size=64, base=8, steps=5):
     wall = (time.perf_counter() - t0) / steps
     ev = prof.key_averages()
     total = sum(e.self_cpu_time_total for e in ev) / steps / 1e6
-    ours = {e.key: e.cpu_time_total / steps / 1e6 for e in ev
-            if e.key.startswith("busseg_ops.") or (e.key.startswith("busseg::") and "backward" in e.key)}
+    ours = {
+        e.key: e.cpu_time_total / steps / 1e6
+        for e in ev
+        if e.key.startswith("busseg_ops.") or (e.key.startswith("busseg::") and "backward" in e.key)
+    }
     share = sum(ours.values())
-    print(f"{method} {size}px U-Net base {base}, batch {cfg.batch_labeled}+{cfg.batch_unlabeled}, "
-          f"{torch.get_num_threads()} threads: {wall * 1000:.0f} ms/step (profiled), busseg_ops "
-          f"{share * 1000:.1f} ms = {100 * share / total:.1f}% of profiled CPU time")
+    print(
+        f"{method} {size}px U-Net base {base}, batch {cfg.batch_labeled}+{cfg.batch_unlabeled}, "
+        f"{torch.get_num_threads()} threads: {wall * 1000:.0f} ms/step (profiled), busseg_ops "
+        f"{share * 1000:.1f} ms = {100 * share / total:.1f}% of profiled CPU time"
+    )
     for k, v in sorted(ours.items(), key=lambda kv: -kv[1]):
         print(f"  {k:45s} {v * 1000:8.2f} ms/step")
 

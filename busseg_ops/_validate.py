@@ -1,5 +1,6 @@
 """Argument checks shared by the public ops: each error names the argument and what was expected
 (SPEC §7)."""
+
 from __future__ import annotations
 
 import torch
@@ -8,8 +9,9 @@ _CPU_DTYPES = (torch.float32, torch.float64)
 _CUDA_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def tensor(name: str, t, ndim: int | None = None, layout: str = "", floating: bool = True,
-           allow_empty: bool = False) -> None:
+def tensor(
+    name: str, t, ndim: int | None = None, layout: str = "", floating: bool = True, allow_empty: bool = False
+) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if ndim is not None and t.dim() != ndim:
@@ -23,14 +25,12 @@ def tensor(name: str, t, ndim: int | None = None, layout: str = "", floating: bo
         raise ValueError(f"{name} is empty (shape {tuple(t.shape)})")
 
 
-def same(names: str, a: torch.Tensor, b: torch.Tensor, *, dims: tuple[int, ...] = (),
-         dtype: bool = False) -> None:
+def same(names: str, a: torch.Tensor, b: torch.Tensor, *, dims: tuple[int, ...] = (), dtype: bool = False) -> None:
     """a and b share device, the sizes at ``dims`` and, if asked, dtype."""
     if a.device != b.device:
         raise ValueError(f"{names} must be on the same device, got {a.device} and {b.device}")
     if any(a.shape[d] != b.shape[d] for d in dims):
-        raise ValueError(f"{names} must share sizes at dims {dims}, got {tuple(a.shape)} and "
-                         f"{tuple(b.shape)}")
+        raise ValueError(f"{names} must share sizes at dims {dims}, got {tuple(a.shape)} and {tuple(b.shape)}")
     if dtype and a.dtype != b.dtype:
         raise TypeError(f"{names} must have the same dtype, got {a.dtype} and {b.dtype}")
 

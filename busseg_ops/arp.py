@@ -1,4 +1,5 @@
 """Adjacent relation propagation (ARP, RA-BUSSeg; SPEC §1): public op, fake kernels, autograd."""
+
 from __future__ import annotations
 
 import torch
@@ -9,9 +10,15 @@ from .backends import selected_backend
 _ops = torch.ops.busseg
 
 
-def adjacent_relation_propagation(feat: torch.Tensor, value: torch.Tensor, kernel_size: int = 3,
-                                  dilation: int = 1, scale: float | None = None,
-                                  padding: str = "zeros", return_weights: bool = False):
+def adjacent_relation_propagation(
+    feat: torch.Tensor,
+    value: torch.Tensor,
+    kernel_size: int = 3,
+    dilation: int = 1,
+    scale: float | None = None,
+    padding: str = "zeros",
+    return_weights: bool = False,
+):
     """Propagate ``value`` (B, K, H, W) over each pixel's k×k neighbourhood, weighted by the softmax
     of scaled feature affinities of ``feat`` (B, C, H, W).
 
@@ -30,8 +37,7 @@ def adjacent_relation_propagation(feat: torch.Tensor, value: torch.Tensor, kerne
 
     backend = selected_backend(feat.device)
     if backend == "reference":
-        out, weights = reference.adjacent_relation_propagation(feat, value, kernel_size, dilation,
-                                                               scale, valid)
+        out, weights = reference.adjacent_relation_propagation(feat, value, kernel_size, dilation, scale, valid)
     else:
         op = _ops.arp_forward_triton if backend == "triton" else _ops.arp_forward
         out, weights = op(feat, value, kernel_size, dilation, scale, valid)
@@ -40,12 +46,12 @@ def adjacent_relation_propagation(feat: torch.Tensor, value: torch.Tensor, kerne
 
 def _fake_forward(feat, value, kernel_size, dilation, scale, valid_padding):
     B, _, H, W = feat.shape
-    return (value.new_empty(B, value.shape[1], H, W),
-            feat.new_empty(B, kernel_size * kernel_size, H, W))
+    return (value.new_empty(B, value.shape[1], H, W), feat.new_empty(B, kernel_size * kernel_size, H, W))
 
 
-def _fake_backward(grad_out, feat, value, weights, kernel_size, dilation, scale, valid_padding,
-                   need_grad_feat, need_grad_value):
+def _fake_backward(
+    grad_out, feat, value, weights, kernel_size, dilation, scale, valid_padding, need_grad_feat, need_grad_value
+):
     grad_feat = feat.new_empty(feat.shape) if need_grad_feat else feat.new_empty(0)
     grad_value = value.new_empty(value.shape) if need_grad_value else value.new_empty(0)
     return grad_feat, grad_value
@@ -63,10 +69,8 @@ def register_autograd(forward_op: str, backward_op) -> None:
     def backward(ctx, grad_out, _grad_weights):
         feat, value, weights = ctx.saved_tensors
         need_feat, need_value = ctx.needs_input_grad[:2]
-        grad_feat, grad_value = backward_op(grad_out, feat, value, weights, *ctx.params,
-                                            need_feat, need_value)
-        return (grad_feat if need_feat else None, grad_value if need_value else None,
-                None, None, None, None)
+        grad_feat, grad_value = backward_op(grad_out, feat, value, weights, *ctx.params, need_feat, need_value)
+        return (grad_feat if need_feat else None, grad_value if need_value else None, None, None, None, None)
 
     torch.library.register_autograd(forward_op, backward, setup_context=setup_context)
 

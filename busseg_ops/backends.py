@@ -6,6 +6,7 @@ for its tensors' device. Force one with ``BUSSEG_BACKEND=<name>`` (read at call 
 ``with busseg_ops.use_backend("<name>"):`` (the innermost context wins over the variable).
 Asking for a backend that cannot run is an error, never a silent fallback.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -68,11 +69,12 @@ def selected_backend(device: torch.device, supported: tuple[str, ...] = BACKENDS
     if name not in BACKENDS:
         raise ValueError(f"unknown busseg backend {name!r}; choose one of {', '.join(BACKENDS)}")
     if name not in supported:
-        raise RuntimeError(f"busseg backend {name!r} is not implemented for this op "
-                           f"(it has {', '.join(supported)})")
+        raise RuntimeError(f"busseg backend {name!r} is not implemented for this op (it has {', '.join(supported)})")
     if name not in available:
-        raise RuntimeError(f"busseg backend {name!r} is not available for {device.type} tensors: "
-                           f"{_why_unavailable(name, device.type)}; available: {', '.join(available)}")
+        raise RuntimeError(
+            f"busseg backend {name!r} is not available for {device.type} tensors: "
+            f"{_why_unavailable(name, device.type)}; available: {', '.join(available)}"
+        )
     return name
 
 

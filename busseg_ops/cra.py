@@ -1,5 +1,6 @@
 """Cross-layer relation alignment (CRA, RA-BUSSeg; SPEC §2): proxy sampling, index mapping,
 proxy gathering and the alignment loss. Public ops, fake kernels, autograd."""
+
 from __future__ import annotations
 
 import math
@@ -35,15 +36,16 @@ def _first_proxies(feat, first, label, generator):
         _validate.same("feat and first", feat, first)
         # (a data-dependent check: under torch.compile the C++ op checks the range instead)
         if not torch.compiler.is_compiling() and bool(((first < 0) | (first >= H * W)).any()):
-            raise ValueError(f"first must hold pixel indices in [0, H*W = {H * W}), got "
-                             f"{first.tolist()}")
+            raise ValueError(f"first must hold pixel indices in [0, H*W = {H * W}), got {first.tolist()}")
         return first.long()
     if label is not None:
         if not isinstance(label, torch.Tensor):
             raise TypeError(f"label must be a torch.Tensor, got {type(label).__name__}")
         if tuple(label.shape) != (B, H, W):
-            raise ValueError(f"label must be (B, H, W) = {(B, H, W)} at the feature grid (downsample "
-                             f"it with nearest), got {tuple(label.shape)}")
+            raise ValueError(
+                f"label must be (B, H, W) = {(B, H, W)} at the feature grid (downsample "
+                f"it with nearest), got {tuple(label.shape)}"
+            )
         _validate.same("feat and label", feat, label)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
@@ -58,8 +60,14 @@ def _check_feat_and_count(feat, num_proxies):
         raise ValueError(f"num_proxies must be <= H*W = {hw} (distinct pixels), got {num_proxies}")
 
 
-def greedy_proxy_sampling(feat: torch.Tensor, num_proxies: int = 64, first=None, label=None,
-                          scale: float | None = None, generator: torch.Generator | None = None):
+def greedy_proxy_sampling(
+    feat: torch.Tensor,
+    num_proxies: int = 64,
+    first=None,
+    label=None,
+    scale: float | None = None,
+    generator: torch.Generator | None = None,
+):
     """Greedy "weak cross-correlation" proxies (SPEC §2.1): (B, M) int64 distinct pixel indices.
 
     The first proxy of image b is ``first[b]`` if given, else a uniform foreground pixel of
@@ -78,9 +86,16 @@ def greedy_proxy_sampling(feat: torch.Tensor, num_proxies: int = 64, first=None,
         return _ops.cra_greedy_sampling(feat.detach(), s0, num_proxies, scale)
 
 
-def sample_proxies(feat: torch.Tensor, num_proxies: int = 64, strategy: str = "greedy",
-                   first=None, label=None, scale: float | None = None,
-                   generator: torch.Generator | None = None, kmeans_iterations: int = 10):
+def sample_proxies(
+    feat: torch.Tensor,
+    num_proxies: int = 64,
+    strategy: str = "greedy",
+    first=None,
+    label=None,
+    scale: float | None = None,
+    generator: torch.Generator | None = None,
+    kmeans_iterations: int = 10,
+):
     """Proxy pixels by ``strategy`` (seed supplementary Table 4), all (B, M) int64 distinct:
     ``greedy`` (ours, :func:`greedy_proxy_sampling`), ``random`` (uniform without replacement),
     ``kmeans`` (pixels nearest to k-means centres, k-means++ seeding) or ``patch``
@@ -101,8 +116,11 @@ def sample_proxies(feat: torch.Tensor, num_proxies: int = 64, strategy: str = "g
 
 
 def _grid(name: str, hw) -> tuple[int, int]:
-    if (not isinstance(hw, (tuple, list)) or len(hw) != 2
-            or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in hw)):
+    if (
+        not isinstance(hw, (tuple, list))
+        or len(hw) != 2
+        or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in hw)
+    ):
         raise ValueError(f"{name} must be a pair of positive ints (H, W), got {hw!r}")
     return int(hw[0]), int(hw[1])
 
@@ -115,8 +133,10 @@ def map_proxy_indices(idx: torch.Tensor, src_hw, dst_hw) -> torch.Tensor:
     H2, W2 = _grid("dst_hw", dst_hw)
     f = math.ceil(W2 / W)
     if (H - 1) * f >= H2 or (W - 1) * f >= W2:
-        raise ValueError(f"dst_hw={(H2, W2)} is too small for src_hw={(H, W)}: with f = ceil(W2/W) "
-                         f"= {f} the last row/column would map outside it")
+        raise ValueError(
+            f"dst_hw={(H2, W2)} is too small for src_hw={(H, W)}: with f = ceil(W2/W) "
+            f"= {f} the last row/column would map outside it"
+        )
     return (idx // W) * f * W2 + (idx % W) * f
 
 
@@ -162,28 +182,32 @@ def _global_proxies(feats):
             f"global alignment (proxies=None, every pixel a proxy) needs about {_size(need)} for "
             f"the (L, B, HW, HW) = ({L}, {B}, {H * W}, {H * W}) logits and their gradient, "
             f"but only {_size(have)} is available on {feats[0].device}; sample proxies "
-            f"instead (greedy_proxy_sampling + gather_proxies)")
+            f"instead (greedy_proxy_sampling + gather_proxies)"
+        )
     return [f.flatten(2).transpose(1, 2) for f in feats]
 
 
 def _check_loss_inputs(feats, proxies):
     if not isinstance(feats, (list, tuple)) or len(feats) < 2:
-        raise ValueError(f"feats must be a list of L >= 2 feature maps, got "
-                         f"{type(feats).__name__} of length {len(feats) if hasattr(feats, '__len__') else '?'}")
+        raise ValueError(
+            f"feats must be a list of L >= 2 feature maps, got "
+            f"{type(feats).__name__} of length {len(feats) if hasattr(feats, '__len__') else '?'}"
+        )
     for l, f in enumerate(feats):
         _validate.tensor(f"feats[{l}]", f, 4, "(B, C_l, H, W)")
         _validate.same(f"feats[0] and feats[{l}]", feats[0], f, dims=(0, 2, 3), dtype=True)
     if proxies is None:
         return
     if not isinstance(proxies, (list, tuple)) or len(proxies) != len(feats):
-        raise ValueError(f"proxies must be a list of L = {len(feats)} tensors (B, M, C_l), one per "
-                         f"layer of feats")
+        raise ValueError(f"proxies must be a list of L = {len(feats)} tensors (B, M, C_l), one per layer of feats")
     for l, (f, p) in enumerate(zip(feats, proxies)):
         _validate.tensor(f"proxies[{l}]", p, 3, "(B, M, C_l)")
         _validate.same(f"feats[{l}] and proxies[{l}]", f, p, dtype=True)
         if p.shape[0] != f.shape[0] or p.shape[2] != f.shape[1] or p.shape[1] != proxies[0].shape[1]:
-            raise ValueError(f"proxies[{l}] must be (B, M, C_l) = ({f.shape[0]}, "
-                             f"{proxies[0].shape[1]}, {f.shape[1]}), got {tuple(p.shape)}")
+            raise ValueError(
+                f"proxies[{l}] must be (B, M, C_l) = ({f.shape[0]}, "
+                f"{proxies[0].shape[1]}, {f.shape[1]}), got {tuple(p.shape)}"
+            )
 
 
 def cross_layer_alignment_loss(feats, proxies=None, reduction: str = "mean", eps: float = 1e-10):
@@ -206,19 +230,21 @@ def cross_layer_alignment_loss(feats, proxies=None, reduction: str = "mean", eps
         return reference.cross_layer_alignment_loss(feats, proxies, reduction, float(eps))
     if backend == "triton":
         # Logits by BLAS: (B, HW, C) @ (B, C, M) per layer, stacked to (L, B, HW, M).
-        logits = torch.stack([torch.matmul(f.flatten(2).transpose(1, 2), p.transpose(1, 2))
-                              for f, p in zip(feats, proxies)])
+        logits = torch.stack(
+            [torch.matmul(f.flatten(2).transpose(1, 2), p.transpose(1, 2)) for f, p in zip(feats, proxies)]
+        )
         loss, _ = _ops.cra_align_forward_triton(logits, reduction, float(eps))
         return loss
     # cpu / cuda: blocks of pixel rows straight from the (B, C_l, HW) views of the maps. When
     # only the proxies need a gradient (upstream: detached maps), forward forms it from the logit
     # blocks it already has and backward just scales it (no recomputed logits).
-    rows = block_rows(len(feats), feats[0].shape[0], proxies[0].shape[1],
-                      feats[0].element_size(), feats[0].device)
-    grad_proxies = (torch.is_grad_enabled() and any(p.requires_grad for p in proxies)
-                    and not any(f.requires_grad for f in feats))
-    loss, _, _ = _ops.cra_align_blocked_forward([f.flatten(2) for f in feats], list(proxies),
-                                                reduction, float(eps), rows, grad_proxies)
+    rows = block_rows(len(feats), feats[0].shape[0], proxies[0].shape[1], feats[0].element_size(), feats[0].device)
+    grad_proxies = (
+        torch.is_grad_enabled() and any(p.requires_grad for p in proxies) and not any(f.requires_grad for f in feats)
+    )
+    loss, _, _ = _ops.cra_align_blocked_forward(
+        [f.flatten(2) for f in feats], list(proxies), reduction, float(eps), rows, grad_proxies
+    )
     return loss
 
 
@@ -249,14 +275,20 @@ def _fake_greedy(feat, first, num_proxies, scale):
 def _fake_blocked_forward(feats, proxies, reduction, eps, block_rows, grad_proxies):
     f = feats[0]
     acc = torch.float64 if f.dtype == torch.float64 else torch.float32
-    return (f.new_empty(()), f.new_empty((len(feats), f.shape[0], f.shape[2]), dtype=acc),
-            [p.new_empty(p.shape) for p in proxies] if grad_proxies else [])
+    return (
+        f.new_empty(()),
+        f.new_empty((len(feats), f.shape[0], f.shape[2]), dtype=acc),
+        [p.new_empty(p.shape) for p in proxies] if grad_proxies else [],
+    )
 
 
-def _fake_blocked_backward(grad_loss, feats, proxies, lse, reduction, eps, block_rows,
-                           need_grad_feats, need_grad_proxies):
-    return ([f.new_empty(f.shape) for f in feats] if need_grad_feats else [],
-            [p.new_empty(p.shape) for p in proxies] if need_grad_proxies else [])
+def _fake_blocked_backward(
+    grad_loss, feats, proxies, lse, reduction, eps, block_rows, need_grad_feats, need_grad_proxies
+):
+    return (
+        [f.new_empty(f.shape) for f in feats] if need_grad_feats else [],
+        [p.new_empty(p.shape) for p in proxies] if need_grad_proxies else [],
+    )
 
 
 def _blocked_setup_context(ctx, inputs, output):
@@ -271,12 +303,11 @@ def _blocked_backward(ctx, grad_loss, _grad_lse, _grad_grads):
     want_f, want_p = ctx.wants
     L = len(want_f)
     saved = ctx.saved_tensors
-    feats, proxies, lse, unit_grads = saved[:L], saved[L:2 * L], saved[2 * L], saved[2 * L + 1:]
+    feats, proxies, lse, unit_grads = saved[:L], saved[L : 2 * L], saved[2 * L], saved[2 * L + 1 :]
     need_f, need_p = any(want_f), any(want_p) and not unit_grads
     grad_f, grad_p = [None] * L, [None] * L
     if need_f or need_p:
-        gf, gp = _ops.cra_align_blocked_backward(grad_loss, feats, proxies, lse, *ctx.params,
-                                                 need_f, need_p)
+        gf, gp = _ops.cra_align_blocked_backward(grad_loss, feats, proxies, lse, *ctx.params, need_f, need_p)
         grad_f = [g if w else None for g, w in zip(gf, want_f)] if need_f else grad_f
         grad_p = [g if w else None for g, w in zip(gp, want_p)] if need_p else grad_p
     if unit_grads:  # formed in forward for grad_loss = 1
@@ -304,5 +335,6 @@ def register_autograd(forward_op: str, backward_op) -> None:
 torch.library.register_fake("busseg::cra_greedy_sampling")(_fake_greedy)
 torch.library.register_fake("busseg::cra_align_blocked_forward")(_fake_blocked_forward)
 torch.library.register_fake("busseg::cra_align_blocked_backward")(_fake_blocked_backward)
-torch.library.register_autograd("busseg::cra_align_blocked_forward", _blocked_backward,
-                                setup_context=_blocked_setup_context)
+torch.library.register_autograd(
+    "busseg::cra_align_blocked_forward", _blocked_backward, setup_context=_blocked_setup_context
+)

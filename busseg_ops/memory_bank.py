@@ -9,6 +9,7 @@ When a class's buffer is full, the oldest rows are overwritten first (some publi
 drop the newest instead). The state (rows, fill counts, write pointers) goes into checkpoints via
 state_dict / load_state_dict.
 """
+
 from __future__ import annotations
 
 import torch
@@ -18,8 +19,7 @@ from . import _validate
 
 
 class ClassMemoryBank:
-    def __init__(self, num_classes: int, dim: int, capacity: int, device=None,
-                 dtype: torch.dtype = torch.float32):
+    def __init__(self, num_classes: int, dim: int, capacity: int, device=None, dtype: torch.dtype = torch.float32):
         _validate.integer("num_classes", num_classes, minimum=1)
         _validate.integer("dim", dim, minimum=1)
         _validate.integer("capacity", capacity, minimum=1)
@@ -27,7 +27,7 @@ class ClassMemoryBank:
         device = torch.device("cpu" if device is None else device)
         self.features = torch.zeros(num_classes, capacity, dim, dtype=dtype, device=device)
         self.count = torch.zeros(num_classes, dtype=torch.int64, device=device)  # rows held
-        self.head = torch.zeros(num_classes, dtype=torch.int64, device=device)   # next write slot
+        self.head = torch.zeros(num_classes, dtype=torch.int64, device=device)  # next write slot
 
     @property
     def device(self) -> torch.device:
@@ -56,7 +56,7 @@ class ClassMemoryBank:
         n = rows.shape[0]
         if n == 0:
             return
-        rows = rows[-self.capacity:]  # of a push larger than the buffer, the newest rows survive
+        rows = rows[-self.capacity :]  # of a push larger than the buffer, the newest rows survive
         skipped = n - rows.shape[0]
         start = self.head[c] + skipped
         slots = (start + torch.arange(rows.shape[0], device=self.device)) % self.capacity
@@ -97,16 +97,16 @@ class ClassMemoryBank:
 
     # ---- checkpointing ---------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"features": self.features.clone(), "count": self.count.clone(),
-                "head": self.head.clone()}
+        return {"features": self.features.clone(), "count": self.count.clone(), "head": self.head.clone()}
 
     def load_state_dict(self, state: dict) -> None:
         for key, mine in (("features", self.features), ("count", self.count), ("head", self.head)):
             if key not in state:
                 raise KeyError(f"state_dict is missing {key!r}")
             if tuple(state[key].shape) != tuple(mine.shape):
-                raise ValueError(f"state_dict[{key!r}] has shape {tuple(state[key].shape)}, this bank "
-                                 f"needs {tuple(mine.shape)}")
+                raise ValueError(
+                    f"state_dict[{key!r}] has shape {tuple(state[key].shape)}, this bank needs {tuple(mine.shape)}"
+                )
             mine.copy_(state[key])
 
 
@@ -122,9 +122,9 @@ def _all_gather_rows(features: torch.Tensor, labels: torch.Tensor):
     sizes = [int(s) for s in sizes]
     biggest = max(sizes)
     padded_f = features.new_zeros(biggest, features.shape[1]).to(comm)
-    padded_f[:features.shape[0]] = features.to(comm)
+    padded_f[: features.shape[0]] = features.to(comm)
     padded_l = torch.full((biggest,), -1, dtype=torch.int64, device=comm)
-    padded_l[:labels.shape[0]] = labels.to(comm)
+    padded_l[: labels.shape[0]] = labels.to(comm)
     all_f = [torch.empty_like(padded_f) for _ in range(world)]
     all_l = [torch.empty_like(padded_l) for _ in range(world)]
     dist.all_gather(all_f, padded_f)

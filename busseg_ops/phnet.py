@@ -1,6 +1,7 @@
 """PH-Net ops (SPEC §3–§6): patch-entropy hardness, adaptive patch cutmix, the confidence- and
 entropy-filtered unsupervised losses, rigorous sampling of reliable hard pixels and the streaming
 memory contrastive loss. Public functions, fake kernels and autograd."""
+
 from __future__ import annotations
 
 import math
@@ -18,6 +19,7 @@ _ops = torch.ops.busseg
 
 # ---- §3 patch-entropy hardness ---------------------------------------------------------------
 
+
 def _pair(name: str, v) -> tuple[int, int]:
     if isinstance(v, int) and not isinstance(v, bool):
         v = (v, v)
@@ -31,8 +33,10 @@ def _pair(name: str, v) -> tuple[int, int]:
 def patch_size_of(shape_hw: Sequence[int], num_patches=None, patch_size=None) -> tuple[int, int]:
     """(h, w) of one patch of an H×W map cut into num_patches² patches or of patch_size pixels."""
     if (num_patches is None) == (patch_size is None):
-        raise ValueError("give exactly one of num_patches and patch_size, got "
-                         f"num_patches={num_patches!r}, patch_size={patch_size!r}")
+        raise ValueError(
+            "give exactly one of num_patches and patch_size, got "
+            f"num_patches={num_patches!r}, patch_size={patch_size!r}"
+        )
     H, W = shape_hw
     if num_patches is not None:
         nh, nw = _pair("num_patches", num_patches)
@@ -45,8 +49,9 @@ def patch_size_of(shape_hw: Sequence[int], num_patches=None, patch_size=None) ->
     return ph, pw
 
 
-def patch_entropy_hardness(x: torch.Tensor, num_patches=None, patch_size=None,
-                           from_logits: bool = False, eps: float = 1e-10) -> torch.Tensor:
+def patch_entropy_hardness(
+    x: torch.Tensor, num_patches=None, patch_size=None, from_logits: bool = False, eps: float = 1e-10
+) -> torch.Tensor:
     """PH-Net Eq. 4: the mean normalised pixel entropy of every patch, in [0, 1].
 
     ``x`` (B, K, H, W) class probabilities, or logits with ``from_logits=True`` (softmax fused).
@@ -59,8 +64,7 @@ def patch_entropy_hardness(x: torch.Tensor, num_patches=None, patch_size=None,
     backend = selected_backend(x.device)
     if backend == "reference":
         return reference.patch_entropy_hardness(x, ph, pw, from_logits, eps)
-    op = _ops.patch_entropy_hardness_forward_triton if backend == "triton" else \
-        _ops.patch_entropy_hardness_forward
+    op = _ops.patch_entropy_hardness_forward_triton if backend == "triton" else _ops.patch_entropy_hardness_forward
     return op(x, ph, pw, bool(from_logits), float(eps))
 
 
@@ -86,11 +90,11 @@ def register_hardness_autograd(forward_op: str, backward_op) -> None:
     torch.library.register_autograd(forward_op, backward, setup_context=setup_context)
 
 
-register_hardness_autograd("busseg::patch_entropy_hardness_forward",
-                           _ops.patch_entropy_hardness_backward)
+register_hardness_autograd("busseg::patch_entropy_hardness_forward", _ops.patch_entropy_hardness_backward)
 
 
 # ---- §4 adaptive patch cutmix ----------------------------------------------------------------
+
 
 def shield_count(beta: float, progress: float, n_patches: int) -> int:
     """PH-Net Eq. 5: k = floor(β · t/T · N²) hardest patches shielded; ``progress`` = t/T in
@@ -108,8 +112,9 @@ def _uniform(shape, generator, device):
     return torch.rand(shape, generator=generator, device=gen_device).to(device)
 
 
-def cutmix_patch_mask(hardness: torch.Tensor, shield_count: int, mix_range=(0.1, 0.5),
-                      generator: torch.Generator | None = None) -> torch.Tensor:
+def cutmix_patch_mask(
+    hardness: torch.Tensor, shield_count: int, mix_range=(0.1, 0.5), generator: torch.Generator | None = None
+) -> torch.Tensor:
     """The random part of §4 alone: (B, Nh, Nw) bool, True = kept. Per image, the ``shield_count``
     hardest patches are kept; n = round(U(mix_range)·N²) (capped at N² − k) of the others, chosen
     uniformly, are marked for replacement. Vectorised over the batch."""
@@ -128,9 +133,13 @@ def cutmix_patch_mask(hardness: torch.Tensor, shield_count: int, mix_range=(0.1,
     return (rank >= n[:, None]).view(B, Nh, Nw)
 
 
-def adaptive_patch_cutmix(tensors: Sequence[torch.Tensor], hardness: torch.Tensor, shield_count: int,
-                          mix_range: tuple[float, float] = (0.1, 0.5),
-                          generator: torch.Generator | None = None):
+def adaptive_patch_cutmix(
+    tensors: Sequence[torch.Tensor],
+    hardness: torch.Tensor,
+    shield_count: int,
+    mix_range: tuple[float, float] = (0.1, 0.5),
+    generator: torch.Generator | None = None,
+):
     """PH-Net Eq. 5–7 (SPEC §4). ``tensors``: (B, ..., H, W) tensors mixed with one mask (image,
     pseudo-label, confidence, …); ``hardness`` (B, Nh, Nw). Returns (mixed tensors, patch_mask)
     with patch_mask (B, Nh, Nw) bool, True = kept from the own image, False = taken from image
@@ -144,8 +153,9 @@ def adaptive_patch_cutmix(tensors: Sequence[torch.Tensor], hardness: torch.Tenso
         if t.dim() < 3:
             raise ValueError(f"tensors[{i}] must be (B, ..., H, W), got shape {tuple(t.shape)}")
         if t.shape[0] != B or t.shape[-2:] != tensors[0].shape[-2:]:
-            raise ValueError(f"tensors[{i}] {tuple(t.shape)} must share B={B} and H×W with "
-                             f"tensors[0] {tuple(tensors[0].shape)}")
+            raise ValueError(
+                f"tensors[{i}] {tuple(t.shape)} must share B={B} and H×W with tensors[0] {tuple(tensors[0].shape)}"
+            )
         if t.device != hardness.device:
             raise ValueError(f"tensors[{i}] and hardness must be on the same device")
     H, W = tensors[0].shape[-2:]
@@ -173,6 +183,7 @@ def _fake_cutmix(tensors, patch_mask):
 
 # ---- §5 filtered unsupervised losses ---------------------------------------------------------
 
+
 def _check_loss_inputs(logits, target, teacher_prob):
     _validate.tensor("logits", logits, 4, "(B, K, H, W)")
     _validate.tensor("teacher_prob", teacher_prob, 4, "(B, K, H, W)")
@@ -181,13 +192,18 @@ def _check_loss_inputs(logits, target, teacher_prob):
         raise TypeError(f"target must be int64, got {target.dtype}")
     _validate.same("logits and teacher_prob", logits, teacher_prob, dims=(0, 1, 2, 3))
     if target.shape != logits.shape[:1] + logits.shape[2:]:
-        raise ValueError(f"target must be (B, H, W) = {tuple(logits.shape[:1] + logits.shape[2:])}, "
-                         f"got {tuple(target.shape)}")
+        raise ValueError(
+            f"target must be (B, H, W) = {tuple(logits.shape[:1] + logits.shape[2:])}, got {tuple(target.shape)}"
+        )
 
 
-def confidence_masked_cross_entropy(logits: torch.Tensor, target: torch.Tensor,
-                                    teacher_prob: torch.Tensor, threshold: float = 0.9,
-                                    ignore_index: int = 255) -> torch.Tensor:
+def confidence_masked_cross_entropy(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    teacher_prob: torch.Tensor,
+    threshold: float = 0.9,
+    ignore_index: int = 255,
+) -> torch.Tensor:
     """PH-Net Eq. 8–9: per-pixel CE(logits, target), counted where the teacher's max probability
     is ≥ ``threshold``, averaged over all non-ignored pixels (UniMatch/PH-Net convention: filtered
     pixels count as zero). A plain PyTorch composition: CE and a mask fuse well already."""
@@ -198,9 +214,13 @@ def confidence_masked_cross_entropy(logits: torch.Tensor, target: torch.Tensor,
     return (ce * keep).sum() / valid
 
 
-def entropy_filtered_cross_entropy(logits: torch.Tensor, target: torch.Tensor,
-                                   teacher_prob: torch.Tensor, drop_percent: float = 20.0,
-                                   ignore_index: int = 255) -> torch.Tensor:
+def entropy_filtered_cross_entropy(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    teacher_prob: torch.Tensor,
+    drop_percent: float = 20.0,
+    ignore_index: int = 255,
+) -> torch.Tensor:
     """RA-BUSSeg's variant: drop the floor(p%) most uncertain non-ignored pixels (highest teacher
     entropy, batch-wide) and average CE over the rest. Plain PyTorch (one topk)."""
     _check_loss_inputs(logits, target, teacher_prob)
@@ -219,14 +239,16 @@ def entropy_filtered_cross_entropy(logits: torch.Tensor, target: torch.Tensor,
 
 # ---- §6 rigorous sampling --------------------------------------------------------------------
 
+
 class ReliableHardPixels(NamedTuple):
-    mask: torch.Tensor     # (B, h, w) bool: reliable and inside a top-k hard patch (Eq. 10–13)
-    labels: torch.Tensor   # (B, h, w) int64 pseudo-label at the feature grid
-    hard: torch.Tensor     # (B, h, w) bool: inside one of the k hardest patches
+    mask: torch.Tensor  # (B, h, w) bool: reliable and inside a top-k hard patch (Eq. 10–13)
+    labels: torch.Tensor  # (B, h, w) int64 pseudo-label at the feature grid
+    hard: torch.Tensor  # (B, h, w) bool: inside one of the k hardest patches
 
 
-def reliable_hard_pixels(pseudo_label: torch.Tensor, teacher_argmax: torch.Tensor,
-                         hardness: torch.Tensor, k: int, feat_hw: Sequence[int]) -> ReliableHardPixels:
+def reliable_hard_pixels(
+    pseudo_label: torch.Tensor, teacher_argmax: torch.Tensor, hardness: torch.Tensor, k: int, feat_hw: Sequence[int]
+) -> ReliableHardPixels:
     """Eq. 10–13 at the feature grid: a pixel is reliable when the (mixed) pseudo-label equals the
     teacher's argmax on the mixed image; anchors come only from the ``k`` hardest patches. Labels
     are resized with nearest. Z_c = features[mask & (labels == c)], Z_c⁻ = features[mask &
@@ -252,13 +274,13 @@ def reliable_hard_pixels(pseudo_label: torch.Tensor, teacher_argmax: torch.Tenso
 
 # ---- §6 streaming memory contrastive loss ----------------------------------------------------
 
+
 def _positives(positives, dim: int, like: torch.Tensor):
     """(K, D) tensor, or a sequence of K (D,) tensors / None (ClassMemoryBank.means()) →
     ((K, D) tensor, (K,) bool has_positive)."""
     if isinstance(positives, torch.Tensor):
         _validate.tensor("positives", positives, 2, "(K, D)")
-        return positives.detach(), torch.ones(positives.shape[0], dtype=torch.bool,
-                                              device=positives.device)
+        return positives.detach(), torch.ones(positives.shape[0], dtype=torch.bool, device=positives.device)
     if isinstance(positives, str) or not isinstance(positives, Sequence) or len(positives) == 0:
         raise TypeError("positives must be a (K, D) tensor or a non-empty list of (D,) tensors / None")
     rows, present = [], []
@@ -273,9 +295,14 @@ def _positives(positives, dim: int, like: torch.Tensor):
     return torch.stack(rows), torch.tensor(present, device=like.device)
 
 
-def memory_contrastive_loss(anchors: torch.Tensor, anchor_labels: torch.Tensor, negatives: torch.Tensor,
-                            negative_labels: torch.Tensor, positives, temperature: float = 0.5
-                            ) -> torch.Tensor:
+def memory_contrastive_loss(
+    anchors: torch.Tensor,
+    anchor_labels: torch.Tensor,
+    negatives: torch.Tensor,
+    negative_labels: torch.Tensor,
+    positives,
+    temperature: float = 0.5,
+) -> torch.Tensor:
     """PH-Net Eq. 15 (InfoNCE, SPEC §6) with cosine similarity, streamed over blocks of negatives:
     memory O(N + N⁻), never O(N·N⁻).
 
@@ -298,21 +325,24 @@ def memory_contrastive_loss(anchors: torch.Tensor, anchor_labels: torch.Tensor, 
     if negatives.shape[1] != D:
         raise ValueError(f"anchors and negatives must share D, got {D} and {negatives.shape[1]}")
     if anchor_labels.shape[0] != anchors.shape[0]:
-        raise ValueError(f"anchor_labels must be (N,) with N = {anchors.shape[0]}, got "
-                         f"{tuple(anchor_labels.shape)}")
+        raise ValueError(f"anchor_labels must be (N,) with N = {anchors.shape[0]}, got {tuple(anchor_labels.shape)}")
     if negative_labels.shape[0] != negatives.shape[0]:
-        raise ValueError(f"negative_labels must be (N-,) with N- = {negatives.shape[0]}, got "
-                         f"{tuple(negative_labels.shape)}")
+        raise ValueError(
+            f"negative_labels must be (N-,) with N- = {negatives.shape[0]}, got {tuple(negative_labels.shape)}"
+        )
     pos, has_positive = _positives(positives, D, anchors)
     if pos.shape[1] != D:
         raise ValueError(f"positives must be (K, D) with D = {D}, got {tuple(pos.shape)}")
-    for name, t in (("negatives", negatives), ("positives", pos), ("anchor_labels", anchor_labels),
-                    ("negative_labels", negative_labels)):
+    for name, t in (
+        ("negatives", negatives),
+        ("positives", pos),
+        ("anchor_labels", anchor_labels),
+        ("negative_labels", negative_labels),
+    ):
         if t.device != anchors.device:
             raise ValueError(f"anchors and {name} must be on the same device")
     if negatives.dtype != anchors.dtype:
-        raise TypeError(f"anchors and negatives must have the same dtype, got {anchors.dtype} and "
-                        f"{negatives.dtype}")
+        raise TypeError(f"anchors and negatives must have the same dtype, got {anchors.dtype} and {negatives.dtype}")
     pos = pos.to(anchors.dtype)
     if not (isinstance(temperature, (int, float)) and temperature > 0):
         raise ValueError(f"temperature must be a number > 0, got {temperature!r}")
@@ -320,23 +350,34 @@ def memory_contrastive_loss(anchors: torch.Tensor, anchor_labels: torch.Tensor, 
     args = (anchors, anchor_labels, negatives, negative_labels, pos, has_positive, float(temperature))
     if backend == "reference":
         return reference.memory_contrastive_loss(*args)
-    op = _ops.memory_contrastive_forward_triton if backend == "triton" else \
-        _ops.memory_contrastive_forward
+    op = _ops.memory_contrastive_forward_triton if backend == "triton" else _ops.memory_contrastive_forward
     return op(*args)[0]
 
 
 @torch.library.register_fake("busseg::memory_contrastive_forward")
-def _fake_contrastive(anchors, anchor_labels, negatives, negative_labels, positives, has_positive,
-                      temperature):
+def _fake_contrastive(anchors, anchor_labels, negatives, negative_labels, positives, has_positive, temperature):
     return anchors.new_empty(()), anchors.new_empty(anchors.shape[0])
 
 
 @torch.library.register_fake("busseg::memory_contrastive_backward")
-def _fake_contrastive_backward(grad_loss, anchors, anchor_labels, negatives, negative_labels,
-                               positives, has_positive, lse, temperature, need_grad_negatives):
-    return (torch.empty_like(anchors, memory_format=torch.contiguous_format),
-            torch.empty_like(negatives, memory_format=torch.contiguous_format)
-            if need_grad_negatives else anchors.new_empty(0))
+def _fake_contrastive_backward(
+    grad_loss,
+    anchors,
+    anchor_labels,
+    negatives,
+    negative_labels,
+    positives,
+    has_positive,
+    lse,
+    temperature,
+    need_grad_negatives,
+):
+    return (
+        torch.empty_like(anchors, memory_format=torch.contiguous_format),
+        torch.empty_like(negatives, memory_format=torch.contiguous_format)
+        if need_grad_negatives
+        else anchors.new_empty(0),
+    )
 
 
 def register_contrastive_autograd(forward_op: str, backward_op) -> None:

@@ -35,19 +35,23 @@ inline void check_contrastive_args(const at::Tensor& anchors, const at::Tensor& 
                                    double temperature) {
   TORCH_CHECK_VALUE(anchors.dim() == 2, "anchors must be (N, D), got ", anchors.sizes());
   TORCH_CHECK_VALUE(negatives.dim() == 2 && negatives.size(1) == anchors.size(1),
-                    "negatives must be (N-, D) with D = ", anchors.size(1), ", got ", negatives.sizes());
-  TORCH_CHECK_VALUE(positives.dim() == 2 && positives.size(1) == anchors.size(1) && positives.size(0) >= 1,
-                    "positives must be (K, D) with K >= 1 and D = ", anchors.size(1), ", got ",
-                    positives.sizes());
+                    "negatives must be (N-, D) with D = ", anchors.size(1), ", got ",
+                    negatives.sizes());
+  TORCH_CHECK_VALUE(
+      positives.dim() == 2 && positives.size(1) == anchors.size(1) && positives.size(0) >= 1,
+      "positives must be (K, D) with K >= 1 and D = ", anchors.size(1), ", got ",
+      positives.sizes());
   TORCH_CHECK_VALUE(anchor_labels.dim() == 1 && anchor_labels.size(0) == anchors.size(0),
-                    "anchor_labels must be (N,) with N = ", anchors.size(0), ", got ", anchor_labels.sizes());
+                    "anchor_labels must be (N,) with N = ", anchors.size(0), ", got ",
+                    anchor_labels.sizes());
   TORCH_CHECK_VALUE(negative_labels.dim() == 1 && negative_labels.size(0) == negatives.size(0),
                     "negative_labels must be (N-,) with N- = ", negatives.size(0), ", got ",
                     negative_labels.sizes());
   TORCH_CHECK_VALUE(has_positive.dim() == 1 && has_positive.size(0) == positives.size(0),
                     "has_positive must be (K,), got ", has_positive.sizes());
-  TORCH_CHECK_TYPE(anchor_labels.scalar_type() == at::kLong && negative_labels.scalar_type() == at::kLong,
-                   "anchor_labels and negative_labels must be int64");
+  TORCH_CHECK_TYPE(
+      anchor_labels.scalar_type() == at::kLong && negative_labels.scalar_type() == at::kLong,
+      "anchor_labels and negative_labels must be int64");
   TORCH_CHECK_TYPE(has_positive.scalar_type() == at::kBool, "has_positive must be bool");
   TORCH_CHECK_TYPE(anchors.scalar_type() == negatives.scalar_type() &&
                        anchors.scalar_type() == positives.scalar_type(),
@@ -80,7 +84,8 @@ inline Prepared prepare(const at::Tensor& anchors, const at::Tensor& anchor_labe
   const at::Tensor lab = p.ya.clamp(0, K - 1);
   const at::Tensor valid = inside.logical_and(has_positive.index_select(0, lab));
   p.pos = (p.a * ph.index_select(0, lab)).sum(1) / temperature;
-  const at::Tensor counts = at::zeros({K}, p.a.options()).index_add_(0, lab, valid.to(p.a.scalar_type()));
+  const at::Tensor counts =
+      at::zeros({K}, p.a.options()).index_add_(0, lab, valid.to(p.a.scalar_type()));
   const at::Tensor classes = (counts > 0).sum().clamp_min(1).to(p.a.scalar_type());
   p.weight = at::where(valid, 1.0 / (counts.index_select(0, lab).clamp_min(1) * classes),
                        at::zeros({}, p.a.options()));
@@ -91,7 +96,8 @@ inline Prepared prepare(const at::Tensor& anchors, const at::Tensor& anchor_labe
 template <typename F>
 inline void for_tiles(int64_t N, int64_t M, int64_t tile, const F& f) {
   for (int64_t i0 = 0; i0 < N; i0 += tile)
-    for (int64_t j0 = 0; j0 < M; j0 += tile) f(i0, std::min(tile, N - i0), j0, std::min(tile, M - j0));
+    for (int64_t j0 = 0; j0 < M; j0 += tile)
+      f(i0, std::min(tile, N - i0), j0, std::min(tile, M - j0));
 }
 
 // The valid anchors of one class and the negatives that count for them (label != c), gathered
@@ -119,7 +125,8 @@ inline void for_classes(const Prepared& p, int64_t K, const F& f) {
 }
 
 // Backward of x̂ = x / max(‖x‖, eps): (dx̂ − x̂ <x̂, dx̂>) / ‖x‖ where ‖x‖ > eps, dx̂ / eps otherwise.
-inline at::Tensor normalize_backward(const at::Tensor& x, const at::Tensor& xhat, const at::Tensor& dxhat) {
+inline at::Tensor normalize_backward(const at::Tensor& x, const at::Tensor& xhat,
+                                     const at::Tensor& dxhat) {
   const at::Tensor norm = x.norm(2, {1}, true);
   const at::Tensor proj = dxhat - xhat * (xhat * dxhat).sum(1, true);
   return at::where(norm > kNormEps, proj, dxhat) / norm.clamp_min(kNormEps);
@@ -132,24 +139,28 @@ inline std::tuple<at::Tensor, at::Tensor> contrastive_forward(
     const ContrastiveTiles& tiles, const at::Tensor& anchors, const at::Tensor& anchor_labels,
     const at::Tensor& negatives, const at::Tensor& negative_labels, const at::Tensor& positives,
     const at::Tensor& has_positive, double temperature) {
-  check_contrastive_args(anchors, anchor_labels, negatives, negative_labels, positives, has_positive,
-                         temperature);
+  check_contrastive_args(anchors, anchor_labels, negatives, negative_labels, positives,
+                         has_positive, temperature);
   using namespace contrastive;
   const Prepared p = prepare(anchors, anchor_labels, negatives, negative_labels, positives,
                              has_positive, temperature);
   at::Tensor m = p.pos.clone(), s = at::ones_like(p.pos);  // the positive term starts the sum
   for_classes(p, positives.size(0), [&](const ClassBlock& blk) {
     at::Tensor mc = m.index_select(0, blk.rows), sc = s.index_select(0, blk.rows);
-    for_tiles(blk.a.size(0), blk.n.size(0), tiles.tile, [&](int64_t i0, int64_t rows, int64_t j0, int64_t cols) {
-      const at::Tensor sim = at::mm(blk.a.narrow(0, i0, rows), blk.n.narrow(0, j0, cols).t());
-      at::Tensor mb = mc.narrow(0, i0, rows), sb = sc.narrow(0, i0, rows);
-      tiles.lse_update(sim, blk.ya.narrow(0, i0, rows), blk.yn.narrow(0, j0, cols), mb, sb, 1.0 / temperature);
-    });
+    for_tiles(blk.a.size(0), blk.n.size(0), tiles.tile,
+              [&](int64_t i0, int64_t rows, int64_t j0, int64_t cols) {
+                const at::Tensor sim =
+                    at::mm(blk.a.narrow(0, i0, rows), blk.n.narrow(0, j0, cols).t());
+                at::Tensor mb = mc.narrow(0, i0, rows), sb = sc.narrow(0, i0, rows);
+                tiles.lse_update(sim, blk.ya.narrow(0, i0, rows), blk.yn.narrow(0, j0, cols), mb,
+                                 sb, 1.0 / temperature);
+              });
     m.index_copy_(0, blk.rows, mc);
     s.index_copy_(0, blk.rows, sc);
   });
   const at::Tensor lse = m + s.log();
-  const at::Tensor loss = (p.weight * at::where(p.weight > 0, lse - p.pos, at::zeros({}, lse.options()))).sum();
+  const at::Tensor loss =
+      (p.weight * at::where(p.weight > 0, lse - p.pos, at::zeros({}, lse.options()))).sum();
   return {loss, lse};
 }
 
@@ -158,8 +169,8 @@ inline std::tuple<at::Tensor, at::Tensor> contrastive_backward(
     const at::Tensor& anchor_labels, const at::Tensor& negatives, const at::Tensor& negative_labels,
     const at::Tensor& positives, const at::Tensor& has_positive, const at::Tensor& lse,
     double temperature, bool need_grad_negatives) {
-  check_contrastive_args(anchors, anchor_labels, negatives, negative_labels, positives, has_positive,
-                         temperature);
+  check_contrastive_args(anchors, anchor_labels, negatives, negative_labels, positives,
+                         has_positive, temperature);
   TORCH_CHECK_VALUE(lse.dim() == 1 && lse.size(0) == anchors.size(0), "lse must be (N,)");
   using namespace contrastive;
   const Prepared p = prepare(anchors, anchor_labels, negatives, negative_labels, positives,
@@ -176,14 +187,15 @@ inline std::tuple<at::Tensor, at::Tensor> contrastive_backward(
     const at::Tensor lc = l.index_select(0, blk.rows), cc = coef.index_select(0, blk.rows);
     at::Tensor dac = at::zeros_like(blk.a);
     at::Tensor dnc = need_grad_negatives ? at::zeros_like(blk.n) : at::Tensor();
-    for_tiles(blk.a.size(0), blk.n.size(0), tiles.tile, [&](int64_t i0, int64_t rows, int64_t j0, int64_t cols) {
-      const at::Tensor ab = blk.a.narrow(0, i0, rows), nb = blk.n.narrow(0, j0, cols);
-      at::Tensor g = at::mm(ab, nb.t());
-      tiles.grad_tile(g, blk.ya.narrow(0, i0, rows), blk.yn.narrow(0, j0, cols), lc.narrow(0, i0, rows),
-                      cc.narrow(0, i0, rows), 1.0 / temperature);
-      dac.narrow(0, i0, rows).addmm_(g, nb);
-      if (need_grad_negatives) dnc.narrow(0, j0, cols).addmm_(g.t(), ab);
-    });
+    for_tiles(blk.a.size(0), blk.n.size(0), tiles.tile,
+              [&](int64_t i0, int64_t rows, int64_t j0, int64_t cols) {
+                const at::Tensor ab = blk.a.narrow(0, i0, rows), nb = blk.n.narrow(0, j0, cols);
+                at::Tensor g = at::mm(ab, nb.t());
+                tiles.grad_tile(g, blk.ya.narrow(0, i0, rows), blk.yn.narrow(0, j0, cols),
+                                lc.narrow(0, i0, rows), cc.narrow(0, i0, rows), 1.0 / temperature);
+                dac.narrow(0, i0, rows).addmm_(g, nb);
+                if (need_grad_negatives) dnc.narrow(0, j0, cols).addmm_(g.t(), ab);
+              });
     da.index_add_(0, blk.rows, dac);
     if (need_grad_negatives) dn.index_add_(0, blk.cols, dnc);
   });

@@ -1,25 +1,29 @@
-// Shape/dtype checks shared by the CPU and CUDA front-ends of CRA (SPEC §2). (The loss checks live in cra_driver.h.) The
-// Python API validates first with friendlier messages; these guard direct torch.ops.busseg calls.
+// Shape/dtype checks shared by the CPU and CUDA front-ends of CRA (SPEC §2). (The loss checks live
+// in cra_driver.h.) The Python API validates first with friendlier messages; these guard direct
+// torch.ops.busseg calls.
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
-
 namespace busseg {
 
-inline void check_greedy_args(const at::Tensor& feat, const at::Tensor& first, int64_t num_proxies) {
+inline void check_greedy_args(const at::Tensor& feat, const at::Tensor& first,
+                              int64_t num_proxies) {
   TORCH_CHECK_VALUE(feat.dim() == 4, "feat must be (B, C, H, W), got ", feat.sizes());
   TORCH_CHECK_VALUE(feat.numel() > 0, "feat is empty (shape ", feat.sizes(), ")");
   const int64_t hw = feat.size(2) * feat.size(3);
   TORCH_CHECK_VALUE(num_proxies >= 1 && num_proxies <= hw, "num_proxies must be in [1, H*W = ", hw,
                     "], got ", num_proxies);
-  TORCH_CHECK_VALUE(first.dim() == 1 && first.size(0) == feat.size(0),
-                    "first must be (B,) = (", feat.size(0), ",), got ", first.sizes());
-  TORCH_CHECK_TYPE(first.scalar_type() == at::kLong, "first must be int64, got ", first.scalar_type());
+  TORCH_CHECK_VALUE(first.dim() == 1 && first.size(0) == feat.size(0), "first must be (B,) = (",
+                    feat.size(0), ",), got ", first.sizes());
+  TORCH_CHECK_TYPE(first.scalar_type() == at::kLong, "first must be int64, got ",
+                   first.scalar_type());
   TORCH_CHECK_VALUE(first.device() == feat.device(), "feat and first must be on the same device");
-  const auto range = first.aminmax();  // one host sync: out-of-range indices would read out of bounds
-  TORCH_CHECK_VALUE(std::get<0>(range).item<int64_t>() >= 0 && std::get<1>(range).item<int64_t>() < hw,
-                    "first must hold pixel indices in [0, H*W = ", hw, ")");
+  const auto range =
+      first.aminmax();  // one host sync: out-of-range indices would read out of bounds
+  TORCH_CHECK_VALUE(
+      std::get<0>(range).item<int64_t>() >= 0 && std::get<1>(range).item<int64_t>() < hw,
+      "first must hold pixel indices in [0, H*W = ", hw, ")");
 }
 
 }  // namespace busseg

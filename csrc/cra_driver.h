@@ -43,10 +43,11 @@ class AlignProducts {
   virtual void accumulate_proxy_grads(const at::Tensor& g, int64_t r0, int64_t n) {
     if (grads_.empty())  // sums over blocks in the accumulator type, (B, M, C_l)
       for (const at::Tensor& p : proxies_)
-        grads_.push_back(at::zeros(p.sizes(), p.options().dtype(at::toOpMathType(p.scalar_type()))));
+        grads_.push_back(
+            at::zeros(p.sizes(), p.options().dtype(at::toOpMathType(p.scalar_type()))));
     for (size_t l = 0; l < feats_.size(); ++l) {
       const at::Tensor gl = g.select(0, static_cast<int64_t>(l)).transpose(1, 2);  // (B, M, n)
-      const at::Tensor fl = feats_[l].narrow(2, r0, n).transpose(1, 2);             // (B, n, C)
+      const at::Tensor fl = feats_[l].narrow(2, r0, n).transpose(1, 2);            // (B, n, C)
       if (grads_[l].scalar_type() == fl.scalar_type())
         grads_[l].baddbmm_(gl, fl);
       else  // half / bfloat16 inputs: products in their dtype, the sum over blocks in float
@@ -57,7 +58,8 @@ class AlignProducts {
   // the accumulated proxy gradients, (B, M, C_l) in the inputs' dtype
   virtual std::vector<at::Tensor> proxy_grads() {
     std::vector<at::Tensor> out;
-    for (size_t l = 0; l < grads_.size(); ++l) out.push_back(grads_[l].to(proxies_[l].scalar_type()));
+    for (size_t l = 0; l < grads_.size(); ++l)
+      out.push_back(grads_[l].to(proxies_[l].scalar_type()));
     return out;
   }
 
@@ -112,9 +114,9 @@ inline AlignShape4 check_align_blocked_args(at::TensorList feats, at::TensorList
     TORCH_CHECK_VALUE(f.dim() == 3 && f.size(0) == s.B && f.size(2) == s.HW && f.size(1) > 0,
                       "feats[", l, "] must be (B, C_l, HW) with B = ", s.B, ", HW = ", s.HW,
                       ", got ", f.sizes());
-    TORCH_CHECK_VALUE(p.dim() == 3 && p.size(0) == s.B && p.size(1) == s.M && p.size(2) == f.size(1),
-                      "proxies[", l, "] must be (B, M, C_l) = (", s.B, ", ", s.M, ", ", f.size(1),
-                      "), got ", p.sizes());
+    TORCH_CHECK_VALUE(
+        p.dim() == 3 && p.size(0) == s.B && p.size(1) == s.M && p.size(2) == f.size(1), "proxies[",
+        l, "] must be (B, M, C_l) = (", s.B, ", ", s.M, ", ", f.size(1), "), got ", p.sizes());
     TORCH_CHECK_TYPE(f.scalar_type() == f0.scalar_type() && p.scalar_type() == f0.scalar_type(),
                      "feats and proxies must share one dtype");
     TORCH_CHECK_VALUE(f.device() == f0.device() && p.device() == f0.device(),
@@ -199,8 +201,9 @@ inline std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> align_blocke
     int64_t block_rows, bool need_grad_feats, bool need_grad_proxies) {
   double norm = 0;
   const AlignShape4 s = check_align_blocked_args(feats, proxies, reduction, eps, block_rows, &norm);
-  TORCH_CHECK_VALUE(lse.dim() == 3 && lse.size(0) == s.L && lse.size(1) == s.B && lse.size(2) == s.HW,
-                    "lse must be (L, B, HW) = (", s.L, ", ", s.B, ", ", s.HW, "), got ", lse.sizes());
+  TORCH_CHECK_VALUE(
+      lse.dim() == 3 && lse.size(0) == s.L && lse.size(1) == s.B && lse.size(2) == s.HW,
+      "lse must be (L, B, HW) = (", s.L, ", ", s.B, ", ", s.HW, "), got ", lse.sizes());
   TORCH_CHECK_VALUE(grad_loss.numel() == 1, "grad_loss must be a scalar, got ", grad_loss.sizes());
   const at::Tensor& f0 = feats[0];
   const at::ScalarType acc_type = at::toOpMathType(f0.scalar_type());

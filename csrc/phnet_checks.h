@@ -14,11 +14,12 @@ struct PatchGrid {
 inline PatchGrid check_hardness_args(const at::Tensor& x, int64_t patch_h, int64_t patch_w) {
   TORCH_CHECK_VALUE(x.dim() == 4, "x must be (B, K, H, W), got ", x.sizes());
   TORCH_CHECK_VALUE(x.size(1) >= 2, "x needs K >= 2 classes, got ", x.size(1));
-  TORCH_CHECK_VALUE(patch_h >= 1 && patch_w >= 1 && x.size(2) % patch_h == 0 && x.size(3) % patch_w == 0,
-                    "patch size (", patch_h, ", ", patch_w, ") must divide the map size (", x.size(2),
-                    ", ", x.size(3), ")");
-  return {x.size(0), x.size(1), x.size(2), x.size(3), patch_h, patch_w,
-          x.size(2) / patch_h, x.size(3) / patch_w};
+  TORCH_CHECK_VALUE(
+      patch_h >= 1 && patch_w >= 1 && x.size(2) % patch_h == 0 && x.size(3) % patch_w == 0,
+      "patch size (", patch_h, ", ", patch_w, ") must divide the map size (", x.size(2), ", ",
+      x.size(3), ")");
+  return {x.size(0), x.size(1), x.size(2),           x.size(3),
+          patch_h,   patch_w,   x.size(2) / patch_h, x.size(3) / patch_w};
 }
 
 inline PatchGrid check_cutmix_args(at::TensorList tensors, const at::Tensor& patch_mask) {
@@ -31,7 +32,8 @@ inline PatchGrid check_cutmix_args(at::TensorList tensors, const at::Tensor& pat
     TORCH_CHECK_VALUE(t.dim() >= 3 && t.size(0) == B && t.size(-2) == H && t.size(-1) == W,
                       "every tensor must be (B, ..., H, W) with B = ", B, " and H×W = ", H, "×", W,
                       ", got ", t.sizes());
-    TORCH_CHECK_VALUE(t.device() == patch_mask.device(), "tensors and patch_mask must share a device");
+    TORCH_CHECK_VALUE(t.device() == patch_mask.device(),
+                      "tensors and patch_mask must share a device");
   }
   TORCH_CHECK_VALUE(Nh >= 1 && Nw >= 1 && H % Nh == 0 && W % Nw == 0, "the ", Nh, "×", Nw,
                     " patch grid must divide the map size (", H, ", ", W, ")");

@@ -1,5 +1,6 @@
 """ARP on a synthetic lesion: propagate noisy logits with feature affinities and save a picture
 of the result. Run with `make demo`."""
+
 import os
 import sys
 

@@ -5,6 +5,7 @@ Layout follows the UniMatch / CorrMatch / RA-BUSSeg code: ASPP on the deepest ma
 of stage 1 to 48 channels, ASPP output upsampled (bilinear, align_corners=True) to stage 1 and
 concatenated, then the classifier (two 3×3 Conv-BN-ReLU blocks of 256 channels + 1×1 conv to K).
 """
+
 from __future__ import annotations
 
 import torch
@@ -16,8 +17,11 @@ from .resnet import conv_bn_relu, resnet
 
 def upsample(x: torch.Tensor, size) -> torch.Tensor:
     """Bilinear resize with align_corners=True, the convention of all upstream code."""
-    return x if tuple(x.shape[-2:]) == tuple(size) else F.interpolate(x, size=tuple(size), mode="bilinear",
-                                                                      align_corners=True)
+    return (
+        x
+        if tuple(x.shape[-2:]) == tuple(size)
+        else F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=True)
+    )
 
 
 class ASPPPooling(nn.Module):
@@ -34,9 +38,11 @@ class ASPP(nn.Module):
 
     def __init__(self, cin: int, cout: int, rates=(12, 24, 36)):
         super().__init__()
-        self.branches = nn.ModuleList([conv_bn_relu(cin, cout, 1)]
-                                      + [conv_bn_relu(cin, cout, 3, dilation=r) for r in rates]
-                                      + [ASPPPooling(cin, cout)])
+        self.branches = nn.ModuleList(
+            [conv_bn_relu(cin, cout, 1)]
+            + [conv_bn_relu(cin, cout, 3, dilation=r) for r in rates]
+            + [ASPPPooling(cin, cout)]
+        )
         self.project = conv_bn_relu(cout * len(self.branches), cout, 1)
 
     def forward(self, x):
@@ -70,8 +76,7 @@ class SegmentationHeads(nn.Module):
         self.rep_head = Projector(decoder_channels, rep_dim) if rep_dim else None
         self.proj_head = conv_bn_relu(deep_channels, proj_dim, 3) if proj_dim else None
 
-    def outputs(self, logits, size, decoder_feature, feats, need_rep=False, need_proj=False,
-                need_feats=False) -> dict:
+    def outputs(self, logits, size, decoder_feature, feats, need_rep=False, need_proj=False, need_feats=False) -> dict:
         out = {"pred": upsample(logits, size)}
         if need_rep:
             if self.rep_head is None:
@@ -95,14 +100,26 @@ class DeepLabV3Plus(nn.Module):
     the decoder run again on Dropout2d(0.5) of stage 1 and stage 4).
     """
 
-    def __init__(self, num_classes: int = 2, backbone: str = "resnet50", in_channels: int = 3,
-                 pretrained: str | None = None, dilations=(12, 24, 36),
-                 replace_stride_with_dilation=(False, True, True), multi_grid=None,
-                 rep_dim: int = 256, proj_dim: int = 256):
+    def __init__(
+        self,
+        num_classes: int = 2,
+        backbone: str = "resnet50",
+        in_channels: int = 3,
+        pretrained: str | None = None,
+        dilations=(12, 24, 36),
+        replace_stride_with_dilation=(False, True, True),
+        multi_grid=None,
+        rep_dim: int = 256,
+        proj_dim: int = 256,
+    ):
         super().__init__()
-        self.backbone = resnet(backbone, in_channels=in_channels, pretrained=pretrained,
-                               replace_stride_with_dilation=replace_stride_with_dilation,
-                               multi_grid=multi_grid)
+        self.backbone = resnet(
+            backbone,
+            in_channels=in_channels,
+            pretrained=pretrained,
+            replace_stride_with_dilation=replace_stride_with_dilation,
+            multi_grid=multi_grid,
+        )
         low, high = self.backbone.channels[0], self.backbone.channels[-1]
         self.aspp = ASPP(high, high // 8, dilations)
         self.reduce = conv_bn_relu(low, 48, 1)
@@ -115,15 +132,17 @@ class DeepLabV3Plus(nn.Module):
         feature = torch.cat([self.reduce(c1), upsample(self.aspp(c4), c1.shape[-2:])], dim=1)
         return feature, self.classifier(self.fuse(feature))
 
-    def forward(self, x, need_rep: bool = False, need_proj: bool = False, need_feats: bool = False,
-                need_fp: bool = False) -> dict:
+    def forward(
+        self, x, need_rep: bool = False, need_proj: bool = False, need_feats: bool = False, need_fp: bool = False
+    ) -> dict:
         feats = self.backbone(x)
         c1, c4 = feats[0], feats[-1]
         if need_fp:
             drop = nn.functional.dropout2d
-            feature, logits = self.decode(torch.cat([c1, drop(c1, 0.5, self.training)]),
-                                          torch.cat([c4, drop(c4, 0.5, self.training)]))
-            feature, logits_fp = feature[: x.shape[0]], logits[x.shape[0]:]
+            feature, logits = self.decode(
+                torch.cat([c1, drop(c1, 0.5, self.training)]), torch.cat([c4, drop(c4, 0.5, self.training)])
+            )
+            feature, logits_fp = feature[: x.shape[0]], logits[x.shape[0] :]
             logits = logits[: x.shape[0]]
         else:
             feature, logits = self.decode(c1, c4)

@@ -16,6 +16,7 @@ Design choices (the paper leaves them open):
 Outputs: ``mask_logits`` (B, 1, H, W) at the input resolution (for BCE-with-logits / Dice),
 ``mask`` = its sigmoid, ``cls`` (B, num_classes) logits, and on request ``feats``.
 """
+
 from __future__ import annotations
 
 import torch
@@ -41,7 +42,9 @@ class ChannelGate(nn.Module):
 class SpatialGate(nn.Module):
     def __init__(self, hidden: int = 8):
         super().__init__()
-        self.body = nn.Sequential(conv_bn_relu(2, hidden), conv_bn_relu(hidden, hidden), nn.Conv2d(hidden, 1, 3, padding=1))
+        self.body = nn.Sequential(
+            conv_bn_relu(2, hidden), conv_bn_relu(hidden, hidden), nn.Conv2d(hidden, 1, 3, padding=1)
+        )
 
     def forward(self, x):
         desc = torch.cat([x.amax(dim=1, keepdim=True), x.mean(dim=1, keepdim=True)], dim=1)
@@ -76,9 +79,16 @@ class LesionAwareNet(nn.Module):
 class LANet(nn.Module):
     """Joint localisation + classification. ``backbone``: "resnet18/34/50/101" or "unet"."""
 
-    def __init__(self, num_classes: int = 2, backbone: str = "resnet50", in_channels: int = 3,
-                 pretrained: str | None = None, replace_stride_with_dilation=(False, False, False),
-                 reduction: int = 16, unet_base: int = 16):
+    def __init__(
+        self,
+        num_classes: int = 2,
+        backbone: str = "resnet50",
+        in_channels: int = 3,
+        pretrained: str | None = None,
+        replace_stride_with_dilation=(False, False, False),
+        reduction: int = 16,
+        unet_base: int = 16,
+    ):
         super().__init__()
         if backbone == "unet":
             if pretrained is not None:
@@ -86,8 +96,12 @@ class LANet(nn.Module):
             self.backbone = UNetEncoder(in_channels, unet_base)
             channels = self.backbone.channels
         else:
-            self.backbone = resnet(backbone, in_channels=in_channels, pretrained=pretrained,
-                                   replace_stride_with_dilation=replace_stride_with_dilation)
+            self.backbone = resnet(
+                backbone,
+                in_channels=in_channels,
+                pretrained=pretrained,
+                replace_stride_with_dilation=replace_stride_with_dilation,
+            )
             channels = self.backbone.channels
         self.lanet = LesionAwareNet(channels, reduction)
         self.fc = nn.Linear(channels[-1], num_classes)
@@ -100,8 +114,11 @@ class LANet(nn.Module):
         f = feats[-1]
         attended = f + f * torch.sigmoid(mask_logits)
         logits_full = upsample(mask_logits, x.shape[-2:])
-        out = {"mask_logits": logits_full, "mask": torch.sigmoid(logits_full),
-               "cls": self.fc(attended.mean(dim=(2, 3)))}
+        out = {
+            "mask_logits": logits_full,
+            "mask": torch.sigmoid(logits_full),
+            "cls": self.fc(attended.mean(dim=(2, 3))),
+        }
         if need_feats:
             out["feats"] = feats
         return out

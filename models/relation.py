@@ -1,6 +1,7 @@
 """RA-BUSSeg relation modules: thin nn.Module wrappers that do the upstream wiring (resizing,
 detaching, index mapping) around the ``busseg_ops`` ops (SPEC §1, §2). The ops are looked up on
 ``busseg_ops`` at call time, so a backend or a patched op is picked up without re-import."""
+
 from __future__ import annotations
 
 import torch
@@ -19,15 +20,15 @@ class AdjacentRelationPropagation(nn.Module):
     ``size`` (default: the grid of ``logits``, i.e. the decoder output). Gradient reaches ``feat``
     only. ``loss(...)`` adds upstream's CE with ``ignore_index``."""
 
-    def __init__(self, kernel_size: int = 3, dilation: int = 1, scale: float | None = None,
-                 padding: str = "zeros"):
+    def __init__(self, kernel_size: int = 3, dilation: int = 1, scale: float | None = None, padding: str = "zeros"):
         super().__init__()
         self.kernel_size, self.dilation, self.scale, self.padding = kernel_size, dilation, scale, padding
 
     def forward(self, feat: torch.Tensor, logits: torch.Tensor, size=None) -> torch.Tensor:
         value = upsample(logits.detach(), feat.shape[-2:])
-        out = busseg_ops.adjacent_relation_propagation(feat, value, self.kernel_size, self.dilation,
-                                                       self.scale, self.padding)
+        out = busseg_ops.adjacent_relation_propagation(
+            feat, value, self.kernel_size, self.dilation, self.scale, self.padding
+        )
         return upsample(out, logits.shape[-2:] if size is None else size)
 
     def loss(self, feat, logits, target, ignore_index: int = 255, reduction: str = "mean"):
@@ -53,8 +54,15 @@ class CrossLayerRelationAlignment(nn.Module):
       detached when ``detach_shallow`` (upstream); the deepest map keeps its gradient.
     """
 
-    def __init__(self, num_proxies: int = 64, scales: int = 4, strategy: str = "greedy",
-                 reduction: str = "mean", detach_shallow: bool = True, ignore_index: int = 255):
+    def __init__(
+        self,
+        num_proxies: int = 64,
+        scales: int = 4,
+        strategy: str = "greedy",
+        reduction: str = "mean",
+        detach_shallow: bool = True,
+        ignore_index: int = 255,
+    ):
         super().__init__()
         if scales not in (2, 3, 4):
             raise ValueError(f"scales: expected 2, 3 or 4 (deepest layers aligned), got {scales!r}")
@@ -66,19 +74,19 @@ class CrossLayerRelationAlignment(nn.Module):
         if label is not None:
             label = F.interpolate(label[:, None].float(), size=proj.shape[-2:], mode="nearest")[:, 0].long()
             label = label.masked_fill(label == self.ignore_index, 0)
-        return busseg_ops.sample_proxies(proj.detach(), self.num_proxies, strategy=self.strategy,
-                                         first=first, label=label, generator=generator)
+        return busseg_ops.sample_proxies(
+            proj.detach(), self.num_proxies, strategy=self.strategy, first=first, label=label, generator=generator
+        )
 
     def forward(self, feats, proj, label=None, first=None, generator=None) -> torch.Tensor:
         if len(feats) < self.scales:
             raise ValueError(f"feats: expected at least scales={self.scales} maps, got {len(feats)}")
-        feats = list(feats)[-self.scales:]
+        feats = list(feats)[-self.scales :]
         idx = self.sample(proj, label, first, generator)
         src_hw, deep_hw = tuple(proj.shape[-2:]), tuple(feats[-1].shape[-2:])
         proxies, aligned = [], []
         for i, f in enumerate(feats):
-            proxies.append(busseg_ops.gather_proxies(f, busseg_ops.map_proxy_indices(idx, src_hw,
-                                                                                     tuple(f.shape[-2:]))))
+            proxies.append(busseg_ops.gather_proxies(f, busseg_ops.map_proxy_indices(idx, src_hw, tuple(f.shape[-2:]))))
             if i < len(feats) - 1:
                 f = upsample(f.detach() if self.detach_shallow else f, deep_hw)
             aligned.append(f)

@@ -10,6 +10,7 @@ torchvision name outside the stem matches too.
 returns the four stage maps ``[c1, c2, c3, c4]`` (stride 4, 8, 8, 8 by default). ``multi_grid``
 multiplies the dilation of each layer4 block (DeepLabv3's (1, 2, 4)).
 """
+
 from __future__ import annotations
 
 import os
@@ -25,9 +26,11 @@ def conv3x3(cin: int, cout: int, stride: int = 1, dilation: int = 1) -> nn.Conv2
 
 def conv_bn_relu(cin: int, cout: int, kernel_size: int = 3, dilation: int = 1) -> nn.Sequential:
     """Conv (no bias, 'same' padding) → BN → ReLU, the unit every head here is built from."""
-    return nn.Sequential(nn.Conv2d(cin, cout, kernel_size, padding=dilation * (kernel_size // 2),
-                                   dilation=dilation, bias=False),
-                         nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, kernel_size, padding=dilation * (kernel_size // 2), dilation=dilation, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True),
+    )
 
 
 class BasicBlock(nn.Module):
@@ -75,6 +78,7 @@ class Bottleneck(nn.Module):
 class LoadReport:
     """What ``load_pretrained`` did: keys loaded, missing from the file, unexpected in the file
     (after renaming), present with the wrong shape (skipped), and ignored (ImageNet ``fc``)."""
+
     path: str | None = None
     loaded: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
@@ -85,11 +89,20 @@ class LoadReport:
     def __str__(self) -> str:
         if self.path is None:
             return "no pretrained file given: random initialisation"
-        return (f"{self.path}: loaded {len(self.loaded)}, missing {len(self.missing)}, unexpected "
-                f"{len(self.unexpected)}, shape-mismatched {len(self.mismatched)}, ignored "
-                f"{len(self.ignored)}" + "".join(f"\n  {k}: {v[:8]}" for k, v in
-                                                   (("missing", self.missing), ("unexpected", self.unexpected),
-                                                    ("mismatched", self.mismatched)) if v))
+        return (
+            f"{self.path}: loaded {len(self.loaded)}, missing {len(self.missing)}, unexpected "
+            f"{len(self.unexpected)}, shape-mismatched {len(self.mismatched)}, ignored "
+            f"{len(self.ignored)}"
+            + "".join(
+                f"\n  {k}: {v[:8]}"
+                for k, v in (
+                    ("missing", self.missing),
+                    ("unexpected", self.unexpected),
+                    ("mismatched", self.mismatched),
+                )
+                if v
+            )
+        )
 
 
 _PREFIXES = ("module.", "backbone.", "encoder.", "model.")
@@ -102,22 +115,36 @@ def _rename(key: str) -> str:
         changed = False
         for p in _PREFIXES:
             if key.startswith(p):
-                key, changed = key[len(p):], True
+                key, changed = key[len(p) :], True
     return key
 
 
 class ResNet(nn.Module):
-    def __init__(self, block, layers, in_channels: int = 3,
-                 replace_stride_with_dilation=(False, True, True), multi_grid=None,
-                 pretrained: str | None = None):
+    def __init__(
+        self,
+        block,
+        layers,
+        in_channels: int = 3,
+        replace_stride_with_dilation=(False, True, True),
+        multi_grid=None,
+        pretrained: str | None = None,
+    ):
         super().__init__()
         if len(replace_stride_with_dilation) != 3:
-            raise ValueError("replace_stride_with_dilation: expected 3 booleans (layer2..layer4), "
-                             f"got {replace_stride_with_dilation!r}")
+            raise ValueError(
+                "replace_stride_with_dilation: expected 3 booleans (layer2..layer4), "
+                f"got {replace_stride_with_dilation!r}"
+            )
         self.inplanes, self.dilation = 128, 1
-        self.conv1 = nn.Sequential(conv3x3(in_channels, 64, 2), nn.BatchNorm2d(64), nn.ReLU(inplace=True),
-                                   conv3x3(64, 64), nn.BatchNorm2d(64), nn.ReLU(inplace=True),
-                                   conv3x3(64, 128))
+        self.conv1 = nn.Sequential(
+            conv3x3(in_channels, 64, 2),
+            nn.BatchNorm2d(64),
+            nn.ReLU(inplace=True),
+            conv3x3(64, 64),
+            nn.BatchNorm2d(64),
+            nn.ReLU(inplace=True),
+            conv3x3(64, 128),
+        )
         self.bn1 = nn.BatchNorm2d(128)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, 2, 1)
@@ -126,7 +153,7 @@ class ResNet(nn.Module):
         self.layer2 = self._make_layer(block, 128, layers[1], 2, d[0])
         self.layer3 = self._make_layer(block, 256, layers[2], 2, d[1])
         self.layer4 = self._make_layer(block, 512, layers[3], 2, d[2], multi_grid)
-        self.channels = [64 * block.expansion * 2 ** i for i in range(4)]
+        self.channels = [64 * block.expansion * 2**i for i in range(4)]
         self.strides = [4]
         for dil in d:
             self.strides.append(self.strides[-1] * (1 if dil else 2))
@@ -148,8 +175,10 @@ class ResNet(nn.Module):
             raise ValueError(f"multi_grid: expected {blocks} factors (one per layer4 block), got {grid!r}")
         downsample = None
         if stride != 1 or self.inplanes != planes * block.expansion:
-            downsample = nn.Sequential(nn.Conv2d(self.inplanes, planes * block.expansion, 1, stride, bias=False),
-                                       nn.BatchNorm2d(planes * block.expansion))
+            downsample = nn.Sequential(
+                nn.Conv2d(self.inplanes, planes * block.expansion, 1, stride, bias=False),
+                nn.BatchNorm2d(planes * block.expansion),
+            )
         # torchvision: the first block keeps the previous dilation; with a multi-grid every block
         # gets dilation × its grid factor (DeepLabv3: 4 × (1, 2, 4) at output stride 8).
         first = self.dilation * grid[0] if multi_grid else previous_dilation
@@ -176,8 +205,10 @@ class ResNet(nn.Module):
         if path is None:
             return LoadReport()
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"load_pretrained: no file at {path!r} (no downloads; pass a local "
-                                    "state dict or None for random initialisation)")
+            raise FileNotFoundError(
+                f"load_pretrained: no file at {path!r} (no downloads; pass a local "
+                "state dict or None for random initialisation)"
+            )
         state = torch.load(path, map_location="cpu", weights_only=True)
         for k in ("state_dict", "model"):
             if isinstance(state, dict) and isinstance(state.get(k), dict):
@@ -201,8 +232,12 @@ class ResNet(nn.Module):
         return report
 
 
-_SPECS = {"resnet18": (BasicBlock, [2, 2, 2, 2]), "resnet34": (BasicBlock, [3, 4, 6, 3]),
-          "resnet50": (Bottleneck, [3, 4, 6, 3]), "resnet101": (Bottleneck, [3, 4, 23, 3])}
+_SPECS = {
+    "resnet18": (BasicBlock, [2, 2, 2, 2]),
+    "resnet34": (BasicBlock, [3, 4, 6, 3]),
+    "resnet50": (Bottleneck, [3, 4, 6, 3]),
+    "resnet101": (Bottleneck, [3, 4, 23, 3]),
+}
 
 
 def resnet(name: str = "resnet50", **kwargs) -> ResNet:
@@ -214,6 +249,13 @@ def resnet(name: str = "resnet50", **kwargs) -> ResNet:
     return ResNet(block, layers, **kwargs)
 
 
-def resnet18(**kw): return resnet("resnet18", **kw)
-def resnet50(**kw): return resnet("resnet50", **kw)
-def resnet101(**kw): return resnet("resnet101", **kw)
+def resnet18(**kw):
+    return resnet("resnet18", **kw)
+
+
+def resnet50(**kw):
+    return resnet("resnet50", **kw)
+
+
+def resnet101(**kw):
+    return resnet("resnet101", **kw)

@@ -17,9 +17,10 @@ Design choices (the paper gives the stages, not the layers):
   weights w_i = exp(−s_i) > 0 always, total = Σ_i w_i·L_i + s_i (the +s_i term keeps the weights
   from collapsing to zero).
 """
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
@@ -32,8 +33,9 @@ class SegClassNet(nn.Module):
     """Segmentation network + GAP/FC classifier on the deepest stage map.
     ``forward(x, **flags)`` → the segmentation dict plus ``cls`` (B, num_labels)."""
 
-    def __init__(self, num_classes: int = 2, num_labels: int = 2, arch: str = "deeplab",
-                 in_channels: int = 3, **kwargs):
+    def __init__(
+        self, num_classes: int = 2, num_labels: int = 2, arch: str = "deeplab", in_channels: int = 3, **kwargs
+    ):
         super().__init__()
         if arch == "deeplab":
             self.seg = DeepLabV3Plus(num_classes, in_channels=in_channels, **kwargs)
@@ -67,9 +69,16 @@ class SemiSegCAW(nn.Module):
     ``pred``, ``cls`` of the main network, ``aux`` (the guide used) and, when the auxiliary net is
     trained jointly, ``aux_pred`` / ``aux_cls``."""
 
-    def __init__(self, num_classes: int = 2, num_labels: int = 2, arch: str = "deeplab",
-                 in_channels: int = 3, aux: ClassElevateSeg | None = None, freeze_aux: bool = True,
-                 **kwargs):
+    def __init__(
+        self,
+        num_classes: int = 2,
+        num_labels: int = 2,
+        arch: str = "deeplab",
+        in_channels: int = 3,
+        aux: ClassElevateSeg | None = None,
+        freeze_aux: bool = True,
+        **kwargs,
+    ):
         super().__init__()
         self.aux = aux if aux is not None else ClassElevateSeg(num_classes, num_labels, arch, in_channels, **kwargs)
         self.main = SegClassNet(num_classes, num_labels, arch, in_channels + 1, **kwargs)
@@ -107,7 +116,8 @@ class WeightGenerationModule(nn.Module):
     def forward(self, losses: Sequence[torch.Tensor]):
         if len(losses) != self.log_vars.numel():
             raise ValueError(f"losses: expected {self.log_vars.numel()} task losses, got {len(losses)}")
-        stacked = torch.stack([torch.as_tensor(l, dtype=self.log_vars.dtype, device=self.log_vars.device).reshape(())
-                               for l in losses])
+        stacked = torch.stack(
+            [torch.as_tensor(l, dtype=self.log_vars.dtype, device=self.log_vars.device).reshape(()) for l in losses]
+        )
         weights = torch.exp(-self.log_vars)
         return (weights * stacked + self.log_vars).sum(), weights.detach()

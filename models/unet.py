@@ -7,6 +7,7 @@ map (so any input size works, no cropping), concat, double conv; a 1×1 classifi
 resolution. ``feats`` are the four strided encoder maps (shallow → deep), ``proj`` is the
 relation head on the deepest one, ``rep`` the projector on the last decoder feature.
 """
+
 from __future__ import annotations
 
 import torch
@@ -37,7 +38,7 @@ class UNetEncoder(nn.Module):
 
     def __init__(self, in_channels: int = 3, base: int = 16):
         super().__init__()
-        ch = [base * 2 ** i for i in range(5)]
+        ch = [base * 2**i for i in range(5)]
         self.channels, self.strides = ch[1:], [2, 4, 8, 16]
         self.inc = double_conv(in_channels, ch[0])
         self.down = nn.ModuleList([double_conv(ch[i], ch[i + 1]) for i in range(4)])
@@ -53,10 +54,11 @@ class UNet(nn.Module):
     """``forward(x, need_rep=False, need_proj=False, need_feats=False)`` → dict like
     :class:`DeepLabV3Plus` (``pred`` at the input resolution)."""
 
-    def __init__(self, num_classes: int = 2, in_channels: int = 3, base: int = 16,
-                 rep_dim: int = 256, proj_dim: int = 256):
+    def __init__(
+        self, num_classes: int = 2, in_channels: int = 3, base: int = 16, rep_dim: int = 256, proj_dim: int = 256
+    ):
         super().__init__()
-        ch = [base * 2 ** i for i in range(5)]
+        ch = [base * 2**i for i in range(5)]
         self.encoder = UNetEncoder(in_channels, base)
         self.up = nn.ModuleList([UpBlock(ch[i + 1], ch[i], ch[i]) for i in reversed(range(4))])
         self.classifier = nn.Conv2d(ch[0], num_classes, 1)
@@ -67,5 +69,4 @@ class UNet(nn.Module):
         y = skips[-1]
         for up, skip in zip(self.up, reversed(skips[:-1])):
             y = up(y, skip)
-        return self.heads.outputs(self.classifier(y), x.shape[-2:], y, skips[1:], need_rep, need_proj,
-                                  need_feats)
+        return self.heads.outputs(self.classifier(y), x.shape[-2:], y, skips[1:], need_rep, need_proj, need_feats)

@@ -2,6 +2,7 @@
 variable must be set before triton is first imported. torch.compile gets a cache of its own
 per session: the shared one does not key on custom ops' fake kernels, so graphs cached by
 another checkout (or an older build) could be replayed against this one."""
+
 import os
 import shutil
 import tempfile
@@ -31,8 +32,12 @@ def devices() -> list[str]:
 
 
 def tolerance(dtype: torch.dtype) -> dict:
-    return {torch.float64: dict(rtol=1e-9, atol=1e-10), torch.float32: dict(rtol=1e-4, atol=1e-5),
-            torch.float16: dict(rtol=2e-2, atol=2e-2), torch.bfloat16: dict(rtol=5e-2, atol=5e-2)}[dtype]
+    return {
+        torch.float64: dict(rtol=1e-9, atol=1e-10),
+        torch.float32: dict(rtol=1e-4, atol=1e-5),
+        torch.float16: dict(rtol=2e-2, atol=2e-2),
+        torch.bfloat16: dict(rtol=5e-2, atol=5e-2),
+    }[dtype]
 
 
 @pytest.fixture(autouse=True)

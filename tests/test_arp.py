@@ -1,16 +1,17 @@
 """Adjacent relation propagation (SPEC §1): every backend against the reference."""
+
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import backends, devices, tolerance
 
 import busseg_ops
 from busseg_ops import adjacent_relation_propagation as arp
-from conftest import backends, devices, tolerance
 
 SHAPES = [  # B, C, K, H, W
     (2, 8, 2, 9, 9),
-    (1, 5, 2, 7, 12),   # B=1, C not a multiple of 4, H != W
-    (3, 3, 3, 6, 5),    # odd W, K=3
+    (1, 5, 2, 7, 12),  # B=1, C not a multiple of 4, H != W
+    (3, 3, 3, 6, 5),  # odd W, K=3
     (2, 17, 1, 11, 4),
 ]
 
@@ -35,7 +36,7 @@ def test_reference_matches_unfold_formulation(kernel_size, dilation):
     feat, value = torch.randn(2, 6, 9, 8, dtype=torch.float64), torch.randn(2, 2, 9, 8, dtype=torch.float64)
     with busseg_ops.use_backend("reference"):
         out, w = arp(feat, value, kernel_size, dilation, return_weights=True)
-    ref_out, ref_w = unfold_arp(feat, value, kernel_size, dilation, 6 ** -0.5)
+    ref_out, ref_w = unfold_arp(feat, value, kernel_size, dilation, 6**-0.5)
     torch.testing.assert_close(out, ref_out)
     torch.testing.assert_close(w, ref_w)
 
@@ -134,14 +135,17 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.busseg.arp_forward, (feat, value, 5, 1, 0.4, True))
     _, w = torch.ops.busseg.arp_forward(*fwd_args)
     grad = torch.randn(2, 2, 6, 7, dtype=torch.float64)
-    torch.library.opcheck(torch.ops.busseg.arp_backward,
-                          (grad, feat.detach(), value.detach(), w, 3, 2, 0.4, False, True, True))
-    torch.library.opcheck(torch.ops.busseg.arp_backward,
-                          (grad, feat.detach(), value.detach(), w, 3, 2, 0.4, False, True, False))
+    torch.library.opcheck(
+        torch.ops.busseg.arp_backward, (grad, feat.detach(), value.detach(), w, 3, 2, 0.4, False, True, True)
+    )
+    torch.library.opcheck(
+        torch.ops.busseg.arp_backward, (grad, feat.detach(), value.detach(), w, 3, 2, 0.4, False, True, False)
+    )
     if "triton" in busseg_ops.available_backends("cpu"):
         # Fake-tensor tracing of a triton_op needs a GPU; the interpreter runs the kernel instead.
-        torch.library.opcheck(torch.ops.busseg.arp_forward_triton, fwd_args,
-                              test_utils=("test_schema", "test_autograd_registration"))
+        torch.library.opcheck(
+            torch.ops.busseg.arp_forward_triton, fwd_args, test_utils=("test_schema", "test_autograd_registration")
+        )
 
 
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
@@ -173,20 +177,23 @@ def test_environment_variable_selects_backend(monkeypatch):
         busseg_ops.use_backend("fastest").__enter__()
 
 
-@pytest.mark.parametrize("call,error,match", [
-    (lambda f, v: arp(f[0], v), ValueError, "feat must have 4 dims"),
-    (lambda f, v: arp(f, v[:, :, :3]), ValueError, "feat and value must share sizes"),
-    (lambda f, v: arp(f, v[:1]), ValueError, "feat and value must share sizes"),
-    (lambda f, v: arp(f.long(), v), TypeError, "feat must be one of float32, float64"),
-    (lambda f, v: arp(f, v.double()), TypeError, "feat and value must have the same dtype"),
-    (lambda f, v: arp(f, v, kernel_size=4), ValueError, "kernel_size must be odd"),
-    (lambda f, v: arp(f, v, kernel_size=0), ValueError, "kernel_size must be >= 1"),
-    (lambda f, v: arp(f, v, kernel_size=3.0), TypeError, "kernel_size must be an int"),
-    (lambda f, v: arp(f, v, dilation=0), ValueError, "dilation must be >= 1"),
-    (lambda f, v: arp(f, v, padding="reflect"), ValueError, "padding must be one of"),
-    (lambda f, v: arp(f[:, :0], v), ValueError, "feat is empty"),
-    (lambda f, v: arp(f.numpy(), v), TypeError, "feat must be a torch.Tensor"),
-])
+@pytest.mark.parametrize(
+    "call,error,match",
+    [
+        (lambda f, v: arp(f[0], v), ValueError, "feat must have 4 dims"),
+        (lambda f, v: arp(f, v[:, :, :3]), ValueError, "feat and value must share sizes"),
+        (lambda f, v: arp(f, v[:1]), ValueError, "feat and value must share sizes"),
+        (lambda f, v: arp(f.long(), v), TypeError, "feat must be one of float32, float64"),
+        (lambda f, v: arp(f, v.double()), TypeError, "feat and value must have the same dtype"),
+        (lambda f, v: arp(f, v, kernel_size=4), ValueError, "kernel_size must be odd"),
+        (lambda f, v: arp(f, v, kernel_size=0), ValueError, "kernel_size must be >= 1"),
+        (lambda f, v: arp(f, v, kernel_size=3.0), TypeError, "kernel_size must be an int"),
+        (lambda f, v: arp(f, v, dilation=0), ValueError, "dilation must be >= 1"),
+        (lambda f, v: arp(f, v, padding="reflect"), ValueError, "padding must be one of"),
+        (lambda f, v: arp(f[:, :0], v), ValueError, "feat is empty"),
+        (lambda f, v: arp(f.numpy(), v), TypeError, "feat must be a torch.Tensor"),
+    ],
+)
 def test_bad_inputs(call, error, match):
     with pytest.raises(error, match=match):
         call(torch.randn(2, 4, 5, 5), torch.randn(2, 2, 5, 5))

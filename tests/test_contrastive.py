@@ -1,5 +1,6 @@
 """Streaming memory contrastive loss (SPEC §6): every backend against the materialising reference,
 gradients, skipped classes, compile/opcheck, and the O(N + N⁻) memory bound."""
+
 import subprocess
 import sys
 import textwrap
@@ -7,10 +8,10 @@ import textwrap
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import backends, devices, tolerance
 
 import busseg_ops
 from busseg_ops import memory_contrastive_loss as mcl
-from conftest import backends, devices, tolerance
 
 
 def make(N, M, D, K=2, device="cpu", dtype=torch.float32, neg_grad=False):
@@ -136,12 +137,16 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.busseg.memory_contrastive_forward, args)
     _, lse = torch.ops.busseg.memory_contrastive_forward(*args)
     for need in (True, False):
-        torch.library.opcheck(torch.ops.busseg.memory_contrastive_backward,
-                              (torch.tensor(1.0, dtype=torch.float64), a.detach(), ya, n.detach(), yn, p,
-                               has, lse, 0.5, need))
+        torch.library.opcheck(
+            torch.ops.busseg.memory_contrastive_backward,
+            (torch.tensor(1.0, dtype=torch.float64), a.detach(), ya, n.detach(), yn, p, has, lse, 0.5, need),
+        )
     if "triton" in busseg_ops.available_backends("cpu"):
-        torch.library.opcheck(torch.ops.busseg.memory_contrastive_forward_triton, args,
-                              test_utils=("test_schema", "test_autograd_registration"))
+        torch.library.opcheck(
+            torch.ops.busseg.memory_contrastive_forward_triton,
+            args,
+            test_utils=("test_schema", "test_autograd_registration"),
+        )
 
 
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
@@ -168,18 +173,25 @@ def test_nan_propagates(backend):
         assert mcl(a, ya, n, yn, p).isnan()
 
 
-@pytest.mark.parametrize("call,error,match", [
-    (lambda a, ya, n, yn, p: mcl(a[0], ya, n, yn, p), ValueError, "anchors must have 2 dims"),
-    (lambda a, ya, n, yn, p: mcl(a, ya[:2], n, yn, p), ValueError, "anchor_labels must be"),
-    (lambda a, ya, n, yn, p: mcl(a, ya, n[:, :2], yn, p), ValueError, "anchors and negatives must share D"),
-    (lambda a, ya, n, yn, p: mcl(a, ya, n, yn[:1], p), ValueError, "negative_labels must be"),
-    (lambda a, ya, n, yn, p: mcl(a, ya.int(), n, yn, p), TypeError, "anchor_labels must be int64"),
-    (lambda a, ya, n, yn, p: mcl(a, ya, n.double(), yn, p), TypeError, "anchors and negatives must have the same dtype"),
-    (lambda a, ya, n, yn, p: mcl(a, ya, n, yn, p[:, :2]), ValueError, "positives must be"),
-    (lambda a, ya, n, yn, p: mcl(a, ya, n, yn, p, temperature=0), ValueError, "temperature"),
-    (lambda a, ya, n, yn, p: mcl(a.long(), ya, n, yn, p), TypeError, "anchors must be one of"),
-    (lambda a, ya, n, yn, p: mcl(a, ya, n, yn, "p"), TypeError, "positives must be"),
-])
+@pytest.mark.parametrize(
+    "call,error,match",
+    [
+        (lambda a, ya, n, yn, p: mcl(a[0], ya, n, yn, p), ValueError, "anchors must have 2 dims"),
+        (lambda a, ya, n, yn, p: mcl(a, ya[:2], n, yn, p), ValueError, "anchor_labels must be"),
+        (lambda a, ya, n, yn, p: mcl(a, ya, n[:, :2], yn, p), ValueError, "anchors and negatives must share D"),
+        (lambda a, ya, n, yn, p: mcl(a, ya, n, yn[:1], p), ValueError, "negative_labels must be"),
+        (lambda a, ya, n, yn, p: mcl(a, ya.int(), n, yn, p), TypeError, "anchor_labels must be int64"),
+        (
+            lambda a, ya, n, yn, p: mcl(a, ya, n.double(), yn, p),
+            TypeError,
+            "anchors and negatives must have the same dtype",
+        ),
+        (lambda a, ya, n, yn, p: mcl(a, ya, n, yn, p[:, :2]), ValueError, "positives must be"),
+        (lambda a, ya, n, yn, p: mcl(a, ya, n, yn, p, temperature=0), ValueError, "temperature"),
+        (lambda a, ya, n, yn, p: mcl(a.long(), ya, n, yn, p), TypeError, "anchors must be one of"),
+        (lambda a, ya, n, yn, p: mcl(a, ya, n, yn, "p"), TypeError, "positives must be"),
+    ],
+)
 def test_bad_inputs(call, error, match):
     with pytest.raises(error, match=match):
         call(*make(4, 5, 3))
@@ -223,8 +235,9 @@ print(hwm() - (base if before <= base + 1 else before), float(loss), float(a.gra
 def test_memory_stays_linear_at_32k_by_32k():
     """N = N⁻ = 32768, D = 64 forward+backward on `cpu` under 256 MiB extra peak (the
     materialised matrix alone would be 4 GiB), in a fresh process."""
-    out = subprocess.run([sys.executable, "-c", textwrap.dedent(_MEMORY_CHILD)], capture_output=True,
-                         text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(_MEMORY_CHILD)], capture_output=True, text=True, timeout=300
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     peak, loss, grad = map(float, out.stdout.split())
     assert 0 < loss < 100 and grad > 0

@@ -1,15 +1,25 @@
 """Cross-layer relation alignment (SPEC §2): proxy sampling, index mapping, the alignment loss;
 every backend against the reference, the reference against literal oracles."""
+
 import os
 import sys
 
 import pytest
 import torch
+from conftest import backends, devices, tolerance
 
 import busseg_ops
-from busseg_ops import (cross_layer_alignment_loss as cra_loss, gather_proxies,
-                        greedy_proxy_sampling as greedy, map_proxy_indices, sample_proxies)
-from conftest import backends, devices, tolerance
+from busseg_ops import (
+    cross_layer_alignment_loss as cra_loss,
+)
+from busseg_ops import (
+    gather_proxies,
+    map_proxy_indices,
+    sample_proxies,
+)
+from busseg_ops import (
+    greedy_proxy_sampling as greedy,
+)
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
 
@@ -44,9 +54,9 @@ def brute_force_greedy(feat, first, num_proxies, scale):
 GREEDY_CASES = [  # B, C, H, W, M
     (1, 3, 5, 7, 1),
     (2, 8, 9, 9, 20),
-    (3, 5, 7, 4, 28),   # M = HW: a permutation
+    (3, 5, 7, 4, 28),  # M = HW: a permutation
     (4, 16, 6, 11, 17),
-    (2, 1, 3, 3, 9),    # C = 1
+    (2, 1, 3, 3, 9),  # C = 1
 ]
 
 
@@ -58,13 +68,12 @@ def test_greedy_reference_matches_brute_force(case, relu):
     feat = feat.relu() if relu else feat
     first = torch.randint(0, H * W, (B,))
     idx = run_greedy("reference", feat, M, first=first)
-    torch.testing.assert_close(idx, brute_force_greedy(feat, first, M, C ** -0.5), rtol=0, atol=0)
+    torch.testing.assert_close(idx, brute_force_greedy(feat, first, M, C**-0.5), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("case", GREEDY_CASES)
-@pytest.mark.parametrize("dtype,relu", [(torch.float64, False), (torch.float64, True),
-                                        (torch.float32, False)])
+@pytest.mark.parametrize("dtype,relu", [(torch.float64, False), (torch.float64, True), (torch.float32, False)])
 def test_greedy_backends_match_reference(device, case, dtype, relu):
     B, C, H, W, M = case
     feat = torch.randn(B, C, H, W, dtype=dtype, device=device)
@@ -119,8 +128,7 @@ def test_greedy_first_from_label_and_generator(backend):
     label[1, 0, 0] = 1
     label[3] = 1  # image 2 stays background: uniform first pixel
     with busseg_ops.use_backend(backend):
-        draws = [greedy(feat, 5, label=label, generator=torch.Generator().manual_seed(s))
-                 for s in range(12)]
+        draws = [greedy(feat, 5, label=label, generator=torch.Generator().manual_seed(s)) for s in range(12)]
         again = greedy(feat, 5, label=label, generator=torch.Generator().manual_seed(3))
     assert torch.equal(again, draws[3])
     firsts = torch.stack([d[:, 0] for d in draws])  # (draws, B)
@@ -138,8 +146,7 @@ def test_greedy_layouts_and_nan(backend):
     feat = torch.randn(2, 6, 7, 9)
     first = torch.tensor([5, 40])
     expected = run_greedy(backend, feat, 12, first=first)
-    assert torch.equal(run_greedy(backend, feat.to(memory_format=torch.channels_last), 12,
-                                  first=first), expected)
+    assert torch.equal(run_greedy(backend, feat.to(memory_format=torch.channels_last), 12, first=first), expected)
     wide = torch.randn(2, 12, 7, 18)
     wide[:, ::2, :, ::2] = feat
     assert torch.equal(run_greedy(backend, wide[:, ::2, :, ::2], 12, first=first), expected)
@@ -157,8 +164,9 @@ def near_copies(B, C, H, W, spread, groups=4):
     return (base[:, :, pick] + spread * torch.randn(B, C, H * W)).reshape(B, C, H, W)
 
 
-@pytest.mark.parametrize("case", [(2, 16, 9, 11, 40, 1e-5), (1, 37, 13, 10, 130, 1e-4),
-                                  (3, 64, 5, 7, 35, 1e-3), (1, 5, 7, 9, 20, 1e-4)])
+@pytest.mark.parametrize(
+    "case", [(2, 16, 9, 11, 40, 1e-5), (1, 37, 13, 10, 130, 1e-4), (3, 64, 5, 7, 35, 1e-3), (1, 5, 7, 9, 20, 1e-4)]
+)
 def test_float_sampling_resolves_differences_below_half_precision(case):
     # The cpu backend screens float images through a half copy and re-scores the pixels it
     # cannot rule out exactly: its choice must be the exact (double) arg-min.
@@ -188,6 +196,7 @@ def test_float_sampling_beyond_the_half_normal_range(magnitude):
 
 def test_greedy_memory_at_128x128():
     from peak_memory import peak_extra_mib
+
     setup = """
 import torch, busseg_ops
 feat = torch.randn(1, 256, 128, 128)
@@ -234,13 +243,13 @@ def test_cuda_greedy_splits_match_reference(monkeypatch, B, H, W, C, M):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
 def test_cuda_greedy_splits_dtypes(monkeypatch, dtype):
     shape = (2, 7, 65, 65)
-    feat = (torch.randn(shape, device="cuda", dtype=dtype) if dtype == torch.float64
-            else exact_features(shape, dtype))
+    feat = torch.randn(shape, device="cuda", dtype=dtype) if dtype == torch.float64 else exact_features(shape, dtype)
     first = torch.tensor([0, 4224], device="cuda")
     expected = run_greedy("reference", feat, 64, first=first, scale=0.5)
     for blocks in SPLITS:
-        assert torch.equal(run_greedy_split(monkeypatch, blocks, feat, 64, first=first, scale=0.5),
-                           expected), f"{blocks} blocks per image"
+        assert torch.equal(run_greedy_split(monkeypatch, blocks, feat, 64, first=first, scale=0.5), expected), (
+            f"{blocks} blocks per image"
+        )
 
 
 @needs_cuda
@@ -252,8 +261,10 @@ def test_cuda_greedy_splits_agree_bitwise(monkeypatch):
     assert all(torch.equal(r, runs[0]) for r in runs[1:])
     many = exact_features((200, 7, 65, 65))  # a batch larger than the SM count
     first = torch.randint(0, 65 * 65, (200,), device="cuda")
-    assert torch.equal(run_greedy_split(monkeypatch, 0, many, 5, first=first, scale=0.5),
-                       run_greedy("reference", many, 5, first=first, scale=0.5))
+    assert torch.equal(
+        run_greedy_split(monkeypatch, 0, many, 5, first=first, scale=0.5),
+        run_greedy("reference", many, 5, first=first, scale=0.5),
+    )
 
 
 @needs_cuda
@@ -267,8 +278,7 @@ def test_cuda_greedy_split_ties(monkeypatch, blocks):
     got = run_greedy_split(monkeypatch, blocks, feat.cuda(), 25, first=first.cuda(), scale=1.0)
     assert torch.equal(got.cpu(), brute_force_greedy(feat, first, 25, 1.0))
     big = torch.ones(2, 3, 65, 65, device="cuda")
-    idx = run_greedy_split(monkeypatch, min(blocks, 13), big, 300,
-                           first=torch.tensor([4000, 0], device="cuda"))
+    idx = run_greedy_split(monkeypatch, min(blocks, 13), big, 300, first=torch.tensor([4000, 0], device="cuda"))
     assert idx[0].tolist() == [4000] + list(range(299)) and idx[1].tolist() == list(range(300))
 
 
@@ -296,27 +306,31 @@ def test_cuda_greedy_split_errors(monkeypatch):
     # 16383 blocks cannot all be resident: the cooperative launch refuses, no hang
     with pytest.raises(RuntimeError, match="cra_greedy_sampling failed"):
         run_greedy_split(monkeypatch, 127 * 129, feat, 5, first=first)
-    assert torch.equal(run_greedy_split(monkeypatch, 0, feat, 5, first=first),
-                       run_greedy("reference", feat, 5, first=first))
+    assert torch.equal(
+        run_greedy_split(monkeypatch, 0, feat, 5, first=first), run_greedy("reference", feat, 5, first=first)
+    )
 
 
-@pytest.mark.parametrize("call,error,match", [
-    (lambda f: greedy(f, 36), ValueError, r"num_proxies must be <= H\*W = 35"),
-    (lambda f: greedy(f, 0), ValueError, "num_proxies must be >= 1"),
-    (lambda f: greedy(f, 2.0), TypeError, "num_proxies must be an int"),
-    (lambda f: greedy(f[0]), ValueError, "feat must have 4 dims"),
-    (lambda f: greedy(f[:, :, :0], 1), ValueError, "feat is empty"),
-    (lambda f: greedy(f.long(), 3), TypeError, "feat must be one of float32, float64"),
-    (lambda f: greedy(f, 3, label=torch.ones(2, 5, 6)), ValueError, r"label must be \(B, H, W\)"),
-    (lambda f: greedy(f, 3, label=torch.ones(1, 5, 7)), ValueError, r"label must be \(B, H, W\)"),
-    (lambda f: greedy(f, 3, first=torch.tensor([0, 35])), ValueError, "first must hold pixel indices"),
-    (lambda f: greedy(f, 3, first=torch.tensor([0])), ValueError, r"first must be \(B,\)"),
-    (lambda f: greedy(f, 3, first=torch.tensor([0.0, 1.0])), TypeError, "first must be an integer"),
-    (lambda f: greedy(f, 3, generator=0), TypeError, "generator must be a torch.Generator"),
-    (lambda f: sample_proxies(f, 3, "grid"), ValueError, "strategy must be one of"),
-    (lambda f: sample_proxies(f, 36, "random"), ValueError, r"num_proxies must be <= H\*W"),
-    (lambda f: sample_proxies(f, 11, "patch"), ValueError, "num_proxies=11 cannot be laid out"),
-])
+@pytest.mark.parametrize(
+    "call,error,match",
+    [
+        (lambda f: greedy(f, 36), ValueError, r"num_proxies must be <= H\*W = 35"),
+        (lambda f: greedy(f, 0), ValueError, "num_proxies must be >= 1"),
+        (lambda f: greedy(f, 2.0), TypeError, "num_proxies must be an int"),
+        (lambda f: greedy(f[0]), ValueError, "feat must have 4 dims"),
+        (lambda f: greedy(f[:, :, :0], 1), ValueError, "feat is empty"),
+        (lambda f: greedy(f.long(), 3), TypeError, "feat must be one of float32, float64"),
+        (lambda f: greedy(f, 3, label=torch.ones(2, 5, 6)), ValueError, r"label must be \(B, H, W\)"),
+        (lambda f: greedy(f, 3, label=torch.ones(1, 5, 7)), ValueError, r"label must be \(B, H, W\)"),
+        (lambda f: greedy(f, 3, first=torch.tensor([0, 35])), ValueError, "first must hold pixel indices"),
+        (lambda f: greedy(f, 3, first=torch.tensor([0])), ValueError, r"first must be \(B,\)"),
+        (lambda f: greedy(f, 3, first=torch.tensor([0.0, 1.0])), TypeError, "first must be an integer"),
+        (lambda f: greedy(f, 3, generator=0), TypeError, "generator must be a torch.Generator"),
+        (lambda f: sample_proxies(f, 3, "grid"), ValueError, "strategy must be one of"),
+        (lambda f: sample_proxies(f, 36, "random"), ValueError, r"num_proxies must be <= H\*W"),
+        (lambda f: sample_proxies(f, 11, "patch"), ValueError, "num_proxies=11 cannot be laid out"),
+    ],
+)
 def test_sampling_bad_inputs(call, error, match):
     with pytest.raises(error, match=match):
         call(torch.randn(2, 4, 5, 7))
@@ -348,7 +362,7 @@ def test_patch_strategy_takes_the_pixel_nearest_each_patch_mean():
     for b in range(2):
         for m, j in enumerate(idx[b].tolist()):
             y0, x0 = 4 * (m // 3), 4 * (m % 3)
-            patch = feat[b, :, y0:y0 + 4, x0:x0 + 4].reshape(3, 16)
+            patch = feat[b, :, y0 : y0 + 4, x0 : x0 + 4].reshape(3, 16)
             k = (patch - patch.mean(1, keepdim=True)).norm(dim=0).argmin().item()
             assert j == (y0 + k // 4) * 12 + x0 + k % 4
 
@@ -357,8 +371,7 @@ def test_kmeans_strategy_finds_one_proxy_per_cluster():
     centres = torch.randn(4, 6) * 10
     assign = torch.randperm(40) % 4
     feat = (centres[assign] + 0.01 * torch.randn(40, 6)).T.reshape(1, 6, 5, 8)
-    idx = sample_proxies(feat, 4, "kmeans", generator=torch.Generator().manual_seed(1),
-                         kmeans_iterations=20)
+    idx = sample_proxies(feat, 4, "kmeans", generator=torch.Generator().manual_seed(1), kmeans_iterations=20)
     assert sorted(assign[idx[0]].tolist()) == [0, 1, 2, 3]  # k-means++ seeds separate them
 
 
@@ -391,18 +404,16 @@ def test_gather_proxies_keeps_gradients():
 
 LOSS_CASES = [  # B, H, W, M, channels per layer (shallow -> deep)
     (2, 5, 6, 7, (3, 4)),
-    (1, 7, 3, 1, (2, 5, 3)),          # M = 1: every distribution is a point mass
-    (3, 4, 4, 16, (4, 8, 6, 5)),      # upstream L = 4
-    (2, 3, 5, 33, (1, 2, 9)),         # M not a power of two, C = 1
+    (1, 7, 3, 1, (2, 5, 3)),  # M = 1: every distribution is a point mass
+    (3, 4, 4, 16, (4, 8, 6, 5)),  # upstream L = 4
+    (2, 3, 5, 33, (1, 2, 9)),  # M not a power of two, C = 1
 ]
 
 
 def make_loss_inputs(case, dtype=torch.float64, device="cpu", grad=(True, True), scale=1.0):
     B, H, W, M, chans = case
-    feats = [(scale * torch.randn(B, c, H, W, dtype=dtype, device=device)).requires_grad_(grad[0])
-             for c in chans]
-    proxies = [(scale * torch.randn(B, M, c, dtype=dtype, device=device)).requires_grad_(grad[1])
-               for c in chans]
+    feats = [(scale * torch.randn(B, c, H, W, dtype=dtype, device=device)).requires_grad_(grad[0]) for c in chans]
+    proxies = [(scale * torch.randn(B, M, c, dtype=dtype, device=device)).requires_grad_(grad[1]) for c in chans]
     return feats, proxies
 
 
@@ -475,7 +486,8 @@ def test_loss_gradcheck_float64(backend, reduction):
     n = len(feats)
     with busseg_ops.use_backend(backend):
         assert torch.autograd.gradcheck(
-            lambda *t: cra_loss(list(t[:n]), list(t[n:]), reduction, 1e-3), (*feats, *proxies))
+            lambda *t: cra_loss(list(t[:n]), list(t[n:]), reduction, 1e-3), (*feats, *proxies)
+        )
 
 
 def test_loss_gradcheck_triton():
@@ -483,8 +495,7 @@ def test_loss_gradcheck_triton():
         pytest.skip("triton is not available here")
     feats, proxies = make_loss_inputs((1, 2, 3, 4, (2, 3)))
     with busseg_ops.use_backend("triton"):
-        assert torch.autograd.gradcheck(lambda *t: cra_loss(list(t[:2]), list(t[2:]), "sum", 1e-3),
-                                        (*feats, *proxies))
+        assert torch.autograd.gradcheck(lambda *t: cra_loss(list(t[:2]), list(t[2:]), "sum", 1e-3), (*feats, *proxies))
 
 
 @pytest.mark.parametrize("backend", backends("cpu") + ["reference"])
@@ -495,32 +506,42 @@ def test_global_alignment(backend, monkeypatch):
         loss = cra_loss(feats)
         torch.testing.assert_close(loss, cra_loss(feats, every_pixel))
         monkeypatch.setattr(busseg_ops.cra, "_available_bytes", lambda device: 10_000)
-        with pytest.raises(RuntimeError, match=r"global alignment .* needs about 0.0 MiB for the "
-                                               r"\(L, B, HW, HW\) = \(3, 2, 12, 12\) logits"):
+        with pytest.raises(
+            RuntimeError,
+            match=r"global alignment .* needs about 0.0 MiB for the "
+            r"\(L, B, HW, HW\) = \(3, 2, 12, 12\) logits",
+        ):
             cra_loss(feats)
 
 
 def test_loss_opcheck():
     feats, proxies = make_loss_inputs((2, 3, 4, 5, (2, 3, 4)))
     flat = [f.flatten(2) for f in feats]
-    for reduction, rows, grad_proxies in (("mean", 5, False), ("batchmean", 12, True),
-                                          ("sum", 64, True)):
-        torch.library.opcheck(torch.ops.busseg.cra_align_blocked_forward,
-                              (flat, proxies, reduction, 1e-10, rows, grad_proxies))
+    for reduction, rows, grad_proxies in (("mean", 5, False), ("batchmean", 12, True), ("sum", 64, True)):
+        torch.library.opcheck(
+            torch.ops.busseg.cra_align_blocked_forward, (flat, proxies, reduction, 1e-10, rows, grad_proxies)
+        )
     _, lse, _ = torch.ops.busseg.cra_align_blocked_forward(flat, proxies, "mean", 1e-10, 5, False)
     detached = ([f.detach() for f in flat], [p.detach() for p in proxies])
     for need in ((True, True), (False, True), (True, False)):
-        torch.library.opcheck(torch.ops.busseg.cra_align_blocked_backward,
-                              (torch.tensor(1.5, dtype=torch.float64), *detached, lse, "sum", 1e-4,
-                               5, *need))
+        torch.library.opcheck(
+            torch.ops.busseg.cra_align_blocked_backward,
+            (torch.tensor(1.5, dtype=torch.float64), *detached, lse, "sum", 1e-4, 5, *need),
+        )
     feat = torch.randn(2, 3, 4, 5, dtype=torch.float64)
     torch.library.opcheck(torch.ops.busseg.cra_greedy_sampling, (feat, torch.tensor([0, 7]), 6, 0.5))
     if "triton" in busseg_ops.available_backends("cpu"):
-        logits = torch.stack([torch.einsum("bchw,bmc->bhwm", f, p).flatten(1, 2)
-                              for f, p in zip(feats, proxies)]).detach().requires_grad_()
+        logits = (
+            torch.stack([torch.einsum("bchw,bmc->bhwm", f, p).flatten(1, 2) for f, p in zip(feats, proxies)])
+            .detach()
+            .requires_grad_()
+        )
         # Fake-tensor tracing of a triton_op needs a GPU; the interpreter runs the kernel instead.
-        torch.library.opcheck(torch.ops.busseg.cra_align_forward_triton, (logits, "mean", 1e-10),
-                              test_utils=("test_schema", "test_autograd_registration"))
+        torch.library.opcheck(
+            torch.ops.busseg.cra_align_forward_triton,
+            (logits, "mean", 1e-10),
+            test_utils=("test_schema", "test_autograd_registration"),
+        )
 
 
 @pytest.mark.parametrize("rows", [1, 5, 12, 1000])
@@ -531,8 +552,7 @@ def test_blocked_loss_any_block_rows(rows, grad):
     feats, proxies = make_loss_inputs((2, 3, 4, 5, (2, 3, 4)), grad=grad)
     flat = [f.flatten(2) for f in feats]
     inputs = [t for t in feats + proxies if t.requires_grad]
-    loss, _, unit = torch.ops.busseg.cra_align_blocked_forward(flat, proxies, "sum", 1e-4, rows,
-                                                               not grad[0])
+    loss, _, unit = torch.ops.busseg.cra_align_blocked_forward(flat, proxies, "sum", 1e-4, rows, not grad[0])
     assert len(unit) == (0 if grad[0] else len(proxies))
     grads = torch.autograd.grad(loss * 1.5, inputs)
     ref, ref_grads = loss_and_grads("reference", feats, proxies, reduction="sum", eps=1e-4)
@@ -550,15 +570,15 @@ def test_cpu_float_products_on_large_shapes(M, rows, grad):
     # and a gradient item (96) and not multiples of the 6-wide tile, M past 64 proxies and not a
     # multiple of 16, maps that are channel slices of a larger tensor, transposed proxies.
     B, H, W, chans = 2, 23, 29, (3, 130, 200, 97)
-    feats = [torch.randn(B, c + 9, H, W)[:, 4:4 + c].requires_grad_(grad[0]) for c in chans]
+    feats = [torch.randn(B, c + 9, H, W)[:, 4 : 4 + c].requires_grad_(grad[0]) for c in chans]
     proxies = [torch.randn(B, c, M).transpose(1, 2).requires_grad_(grad[1]) for c in chans]
     inputs = [t for t in feats + proxies if t.requires_grad]
     loss, _, _ = torch.ops.busseg.cra_align_blocked_forward(
-        [f.flatten(2) for f in feats], proxies, "batchmean", 1e-6, rows, not grad[0])
+        [f.flatten(2) for f in feats], proxies, "batchmean", 1e-6, rows, not grad[0]
+    )
     grads = torch.autograd.grad(loss, inputs)
     exact = [t.detach().double().requires_grad_(t.requires_grad) for t in feats + proxies]
-    ref, ref_grads = loss_and_grads("reference", exact[:4], exact[4:], reduction="batchmean",
-                                    eps=1e-6)
+    ref, ref_grads = loss_and_grads("reference", exact[:4], exact[4:], reduction="batchmean", eps=1e-6)
     torch.testing.assert_close(loss.double(), ref, rtol=1e-4, atol=1e-5)
     for g, r in zip(grads, ref_grads):
         # logits of up to 200 unit-variance channels (std ~14) and float exp/log in the row
@@ -593,20 +613,31 @@ def test_loss_nan_propagates(backend):
         assert cra_loss(feats, proxies).isnan()
 
 
-@pytest.mark.parametrize("call,error,match", [
-    (lambda f, p: cra_loss(f[:1], p[:1]), ValueError, "feats must be a list of L >= 2"),
-    (lambda f, p: cra_loss(f[0], p), ValueError, "feats must be a list of L >= 2"),
-    (lambda f, p: cra_loss([f[0], f[1][:, :, :2]], p), ValueError, r"feats\[0\] and feats\[1\] must share"),
-    (lambda f, p: cra_loss([f[0], f[1].double()], p), TypeError, r"feats\[0\] and feats\[1\] must have the same dtype"),
-    (lambda f, p: cra_loss(f, p[:1]), ValueError, "proxies must be a list of L = 2"),
-    (lambda f, p: cra_loss(f, [p[0], p[1][:, :, :2]]), ValueError, r"proxies\[1\] must be \(B, M, C_l\) = \(2, 5, 4\)"),
-    (lambda f, p: cra_loss(f, [p[0], p[1][:, :3]]), ValueError, r"proxies\[1\] must be \(B, M, C_l\)"),
-    (lambda f, p: cra_loss(f, [p[0], p[1][0]]), ValueError, r"proxies\[1\] must have 3 dims"),
-    (lambda f, p: cra_loss(f, p, reduction="none"), ValueError, "reduction must be one of"),
-    (lambda f, p: cra_loss(f, p, eps=-1.0), ValueError, "eps must be a float >= 0"),
-    (lambda f, p: cra_loss([f[0][:, :, :0], f[1][:, :, :0]], p), ValueError, r"feats\[0\] is empty"),
-    (lambda f, p: cra_loss([f[0].long(), f[1]], p), TypeError, r"feats\[0\] must be one of"),
-])
+@pytest.mark.parametrize(
+    "call,error,match",
+    [
+        (lambda f, p: cra_loss(f[:1], p[:1]), ValueError, "feats must be a list of L >= 2"),
+        (lambda f, p: cra_loss(f[0], p), ValueError, "feats must be a list of L >= 2"),
+        (lambda f, p: cra_loss([f[0], f[1][:, :, :2]], p), ValueError, r"feats\[0\] and feats\[1\] must share"),
+        (
+            lambda f, p: cra_loss([f[0], f[1].double()], p),
+            TypeError,
+            r"feats\[0\] and feats\[1\] must have the same dtype",
+        ),
+        (lambda f, p: cra_loss(f, p[:1]), ValueError, "proxies must be a list of L = 2"),
+        (
+            lambda f, p: cra_loss(f, [p[0], p[1][:, :, :2]]),
+            ValueError,
+            r"proxies\[1\] must be \(B, M, C_l\) = \(2, 5, 4\)",
+        ),
+        (lambda f, p: cra_loss(f, [p[0], p[1][:, :3]]), ValueError, r"proxies\[1\] must be \(B, M, C_l\)"),
+        (lambda f, p: cra_loss(f, [p[0], p[1][0]]), ValueError, r"proxies\[1\] must have 3 dims"),
+        (lambda f, p: cra_loss(f, p, reduction="none"), ValueError, "reduction must be one of"),
+        (lambda f, p: cra_loss(f, p, eps=-1.0), ValueError, "eps must be a float >= 0"),
+        (lambda f, p: cra_loss([f[0][:, :, :0], f[1][:, :, :0]], p), ValueError, r"feats\[0\] is empty"),
+        (lambda f, p: cra_loss([f[0].long(), f[1]], p), TypeError, r"feats\[0\] must be one of"),
+    ],
+)
 def test_loss_bad_inputs(call, error, match):
     feats = [torch.randn(2, 3, 4, 5), torch.randn(2, 4, 4, 5)]
     proxies = [torch.randn(2, 5, 3), torch.randn(2, 5, 4)]
@@ -636,7 +667,8 @@ def test_cpu_fast_exp_log_accuracy():
     proxies = [z.reshape(1, 64, 1), z.flip(0).reshape(1, 64, 1) * 0.5]
     loss, _, _ = torch.ops.busseg.cra_align_blocked_forward(feats, proxies, "sum", 1e-10, 1, False)
     ref, _, _ = torch.ops.busseg.cra_align_blocked_forward(
-        [t.double() for t in feats], [t.double() for t in proxies], "sum", 1e-10, 1, False)
+        [t.double() for t in feats], [t.double() for t in proxies], "sum", 1e-10, 1, False
+    )
     torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=0)
 
 

@@ -1,5 +1,6 @@
 """ClassMemoryBank (SPEC §6): FIFO order, wrap-around, empty class, checkpoint round trip and a
 2-process torch.distributed (gloo) gather."""
+
 import os
 import socket
 
@@ -71,6 +72,7 @@ def _free_port():
 def _worker(rank, world, port, out_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     import torch.distributed as dist
+
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=__import__("datetime").timedelta(seconds=60))
     try:
         bank = ClassMemoryBank(2, 3, capacity=6)

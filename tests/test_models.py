@@ -2,6 +2,7 @@
 
 Small models throughout (ResNet-18 widths, U-Net base 8, 64-ish px inputs whose sides are not
 multiples of 32); only the parameter-count test builds a ResNet-50."""
+
 import math
 
 import pytest
@@ -26,7 +27,9 @@ def grad_check(model, loss):
     """Every trainable parameter gets a finite, non-zero gradient."""
     model.zero_grad(set_to_none=True)
     loss.backward()
-    missing = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)]
+    missing = [
+        n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)
+    ]
     assert not missing, f"no gradient reaches: {missing}"
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
@@ -35,14 +38,20 @@ def random_loss(out):
     """A loss that touches every element of every output with a random weight."""
     total = 0
     for v in out.values():
-        for t in ([v] if torch.is_tensor(v) else v):
+        for t in [v] if torch.is_tensor(v) else v:
             total = total + (t * torch.randn_like(t)).sum()
     return total
 
 
 # ---------------------------------------------------------------------------------------- ResNet
-@pytest.mark.parametrize("dilate,strides", [((False, True, True), [4, 8, 8, 8]), ((False, False, False), [4, 8, 16, 32]),
-                                            ((False, False, True), [4, 8, 16, 16])])
+@pytest.mark.parametrize(
+    "dilate,strides",
+    [
+        ((False, True, True), [4, 8, 8, 8]),
+        ((False, False, False), [4, 8, 16, 32]),
+        ((False, False, True), [4, 8, 16, 16]),
+    ],
+)
 def test_resnet18_stage_maps(dilate, strides):
     net = M.resnet18(replace_stride_with_dilation=dilate)
     feats = net(torch.randn(2, 3, H, W))
@@ -55,7 +64,7 @@ def test_resnet18_stage_maps(dilate, strides):
 
 def test_resnet_dilation_and_multi_grid():
     plain = M.resnet18()
-    assert [b.conv2.dilation[0] for b in plain.layer3] == [1, 2]      # torchvision semantics
+    assert [b.conv2.dilation[0] for b in plain.layer3] == [1, 2]  # torchvision semantics
     assert [b.conv2.dilation[0] for b in plain.layer4] == [2, 4]
     grid = M.resnet50(multi_grid=(1, 2, 4))
     assert [b.conv2.dilation[0] for b in grid.layer4] == [4, 8, 16]  # DeepLabv3 multi-grid at OS 8
@@ -68,9 +77,9 @@ def test_resnet_dilation_and_multi_grid():
 
 def test_load_pretrained_with_torchvision_names(tmp_path):
     src = M.resnet18()
-    state = {f"module.{k}": v.clone() for k, v in src.state_dict().items()}   # DataParallel names
-    state["conv1.weight"] = torch.randn(64, 3, 7, 7)                           # plain torchvision stem
-    state["bn1.weight"] = torch.ones(64)                                       # plain stem's bn1: 64 ch
+    state = {f"module.{k}": v.clone() for k, v in src.state_dict().items()}  # DataParallel names
+    state["conv1.weight"] = torch.randn(64, 3, 7, 7)  # plain torchvision stem
+    state["bn1.weight"] = torch.ones(64)  # plain stem's bn1: 64 ch
     del state["module.bn1.weight"]
     state["fc.weight"], state["fc.bias"] = torch.randn(1000, 512), torch.randn(1000)
     path = tmp_path / "r18.pth"
@@ -107,12 +116,16 @@ def test_deeplab_outputs_only_what_is_asked():
     assert list(net(x)) == ["pred"] and net(x)["pred"].shape == (2, 2, H, W)
     out = net(x, need_rep=True, need_proj=True, need_feats=True, need_fp=True)
     s4, s8 = (math.ceil(H / 4), math.ceil(W / 4)), (math.ceil(H / 8), math.ceil(W / 8))
-    assert shapes(out) == {"pred": (2, 2, H, W), "rep": (2, 32, *s4), "proj": (2, 32, *s8),
-                           "feats": [(2, 64, *s4), (2, 128, *s8), (2, 256, *s8), (2, 512, *s8)],
-                           "pred_fp": (2, 2, H, W)}
+    assert shapes(out) == {
+        "pred": (2, 2, H, W),
+        "rep": (2, 32, *s4),
+        "proj": (2, 32, *s8),
+        "feats": [(2, 64, *s4), (2, 128, *s8), (2, 256, *s8), (2, 512, *s8)],
+        "pred_fp": (2, 2, H, W),
+    }
     torch.testing.assert_close(out["rep"].norm(dim=1), torch.ones(2, *s4))
     assert (out["proj"] >= 0).all()
-    torch.testing.assert_close(out["pred"], net(x)["pred"])             # eval: fp branch = plain
+    torch.testing.assert_close(out["pred"], net(x)["pred"])  # eval: fp branch = plain
     with pytest.raises(ValueError, match="rep_dim"):
         M.DeepLabV3Plus(2, "resnet18", rep_dim=0)(x, need_rep=True)
 
@@ -128,19 +141,28 @@ def test_unet_outputs_and_gradients():
     x = torch.randn(2, 1, H, W)
     out = net(x, need_rep=True, need_proj=True, need_feats=True)
     sizes = [(math.ceil(H / s), math.ceil(W / s)) for s in (2, 4, 8, 16)]
-    assert shapes(out) == {"pred": (2, 2, H, W), "rep": (2, 16, H, W), "proj": (2, 16, *sizes[-1]),
-                           "feats": [(2, 8 * 2 ** i, *sz) for i, sz in enumerate(sizes, 1)]}
+    assert shapes(out) == {
+        "pred": (2, 2, H, W),
+        "rep": (2, 16, H, W),
+        "proj": (2, 16, *sizes[-1]),
+        "feats": [(2, 8 * 2**i, *sz) for i, sz in enumerate(sizes, 1)],
+    }
     grad_check(net, random_loss(out))
 
 
 def test_resnet50_deeplab_parameter_count():
     net = M.DeepLabV3Plus(2, "resnet50")
-    count = lambda m: sum(p.numel() for p in m.parameters())
+
+    def count(m):
+        return sum(p.numel() for p in m.parameters())
+
     total, backbone, heads = count(net), count(net.backbone), count(net.heads)
-    print(f"\nResNet-50 DeepLabv3+ (deep stem, K=2): backbone {backbone / 1e6:.2f} M, segmentation net "
-          f"{(total - heads) / 1e6:.2f} M (published ≈40.5 M), + rep/proj heads {heads / 1e6:.2f} M = "
-          f"{total / 1e6:.2f} M")
-    assert 23.4e6 < backbone < 23.9e6          # torchvision R50 trunk 23.5 M + deep stem
+    print(
+        f"\nResNet-50 DeepLabv3+ (deep stem, K=2): backbone {backbone / 1e6:.2f} M, segmentation net "
+        f"{(total - heads) / 1e6:.2f} M (published ≈40.5 M), + rep/proj heads {heads / 1e6:.2f} M = "
+        f"{total / 1e6:.2f} M"
+    )
+    assert 23.4e6 < backbone < 23.9e6  # torchvision R50 trunk 23.5 M + deep stem
     assert 40.0e6 < total - heads < 41.0e6
     rep, proj = 304 * 256 * 9 + 256 * 256 + 4 * 256, 2048 * 256 * 9 + 2 * 256
     assert heads == rep + proj
@@ -159,7 +181,7 @@ def test_arp_module_matches_the_op_by_hand():
     loss = arp.loss(feat, logits, target)
     torch.testing.assert_close(loss, F.cross_entropy(ref, target, ignore_index=255))
     loss.backward()
-    assert feat.grad.abs().sum() > 0 and logits.grad is None          # logits are detached
+    assert feat.grad.abs().sum() > 0 and logits.grad is None  # logits are detached
 
 
 # Stand-ins for the CRA ops (SPEC §2), plain PyTorch, used until the real ops land in main.
@@ -167,7 +189,7 @@ def _greedy(feat, num_proxies=64, first=None, label=None, scale=None, generator=
     assert strategy == "greedy"
     B, C, Hf, Wf = feat.shape
     f = feat.detach().flatten(2).transpose(1, 2).double()
-    scale = C ** -0.5 if scale is None else scale
+    scale = C**-0.5 if scale is None else scale
     rows = []
     for b in range(B):
         if first is not None:
@@ -177,7 +199,11 @@ def _greedy(feat, num_proxies=64, first=None, label=None, scale=None, generator=
             if len(pool) == 0:
                 pool = torch.arange(Hf * Wf)
             s = int(pool[torch.randint(len(pool), (1,), generator=generator)])
-        chosen, c, run = [s], torch.zeros(Hf * Wf, dtype=torch.double), torch.full((Hf * Wf,), -math.inf, dtype=torch.double)
+        chosen, c, run = (
+            [s],
+            torch.zeros(Hf * Wf, dtype=torch.double),
+            torch.full((Hf * Wf,), -math.inf, dtype=torch.double),
+        )
         for _ in range(1, num_proxies):
             c = c + scale * f[b] @ f[b, chosen[-1]]
             run = torch.maximum(run, c)
@@ -203,15 +229,22 @@ def _loss(feats, proxies, reduction="mean", eps=1e-10):
     saturated (exactly 0) probabilities give no NaN gradient."""
     assert reduction == "mean"
     logits = [torch.einsum("bcp,bmc->bpm", f.flatten(2), p) for f, p in zip(feats, proxies)]
-    kl = [(torch.softmax(t, -1) * (torch.log_softmax(t, -1) - torch.log(torch.softmax(s, -1) + eps))).mean()
-          for s, t in zip(logits[:-1], logits[1:])]
+    kl = [
+        (torch.softmax(t, -1) * (torch.log_softmax(t, -1) - torch.log(torch.softmax(s, -1) + eps))).mean()
+        for s, t in zip(logits[:-1], logits[1:])
+    ]
     return sum(kl) / len(kl)
 
 
 @pytest.fixture
 def cra_standins(monkeypatch):
-    for name, fn in (("sample_proxies", _greedy), ("greedy_proxy_sampling", _greedy), ("map_proxy_indices", _map),
-                     ("gather_proxies", _gather), ("cross_layer_alignment_loss", _loss)):
+    for name, fn in (
+        ("sample_proxies", _greedy),
+        ("greedy_proxy_sampling", _greedy),
+        ("map_proxy_indices", _map),
+        ("gather_proxies", _gather),
+        ("cross_layer_alignment_loss", _loss),
+    ):
         monkeypatch.setattr(busseg_ops, name, fn, raising=False)
 
 
@@ -219,12 +252,15 @@ def cra_by_hand(feats, proj, label, num_proxies, scales, seed):
     """SPEC §2 wiring written out, calling the (real or stand-in) ops directly."""
     lab = F.interpolate(label[:, None].float(), size=proj.shape[-2:], mode="nearest")[:, 0].long()
     lab[lab == 255] = 0
-    idx = busseg_ops.greedy_proxy_sampling(proj.detach(), num_proxies, label=lab,
-                                           generator=torch.Generator().manual_seed(seed))
+    idx = busseg_ops.greedy_proxy_sampling(
+        proj.detach(), num_proxies, label=lab, generator=torch.Generator().manual_seed(seed)
+    )
     feats = feats[-scales:]
     deep = feats[-1].shape[-2:]
-    proxies = [busseg_ops.gather_proxies(f, busseg_ops.map_proxy_indices(idx, tuple(proj.shape[-2:]), tuple(f.shape[-2:])))
-               for f in feats]
+    proxies = [
+        busseg_ops.gather_proxies(f, busseg_ops.map_proxy_indices(idx, tuple(proj.shape[-2:]), tuple(f.shape[-2:])))
+        for f in feats
+    ]
     aligned = [up(f.detach(), deep) for f in feats[:-1]] + [feats[-1]]
     return busseg_ops.cross_layer_alignment_loss(aligned, proxies), idx, lab
 
@@ -234,19 +270,19 @@ def check_cra_module(scales):
     x = torch.randn(2, 3, H, W)
     label = torch.zeros(2, H, W, dtype=torch.long)
     label[0, 20:50, 10:40] = 1
-    label[1, :, :5] = 255                      # ignore pixels never seed the first proxy
+    label[1, :, :5] = 255  # ignore pixels never seed the first proxy
     out = net(x, need_proj=True, need_feats=True)
     cra = M.CrossLayerRelationAlignment(num_proxies=12, scales=scales)
     loss = cra(out["feats"], out["proj"], label, generator=torch.Generator().manual_seed(7))
     ref, idx, lab = cra_by_hand(out["feats"], out["proj"], label, 12, scales, 7)
     torch.testing.assert_close(loss, ref)
     assert loss > 0
-    assert lab[0].flatten()[idx[0, 0]] == 1                             # first proxy on the lesion
+    assert lab[0].flatten()[idx[0, 0]] == 1  # first proxy on the lesion
     assert idx.shape == (2, 12) and all(len(set(r.tolist())) == 12 for r in idx)
     net.zero_grad()
     loss.backward()
-    stages = ["layer1", "layer2", "layer3", "layer4"][4 - scales:]
-    for name in stages:                                                 # via the proxies
+    stages = ["layer1", "layer2", "layer3", "layer4"][4 - scales :]
+    for name in stages:  # via the proxies
         assert getattr(net.backbone, name)[0].conv1.weight.grad.abs().sum() > 0, name
 
 
@@ -255,8 +291,10 @@ def test_cra_module_matches_ops_by_hand_standins(cra_standins, scales):
     check_cra_module(scales)
 
 
-@pytest.mark.skipif(not hasattr(busseg_ops, "cross_layer_alignment_loss"),
-                    reason="CRA ops (busseg_ops.greedy_proxy_sampling, ...) not in this build yet (issue 3)")
+@pytest.mark.skipif(
+    not hasattr(busseg_ops, "cross_layer_alignment_loss"),
+    reason="CRA ops (busseg_ops.greedy_proxy_sampling, ...) not in this build yet (issue 3)",
+)
 def test_cra_module_matches_real_ops_by_hand():
     check_cra_module(4)
 
@@ -323,7 +361,7 @@ def test_semiseg_caw_guidance_and_gradients():
     torch.testing.assert_close(out["aux"], 1 - torch.softmax(net.aux(x)["pred"], 1)[:, :1])
     loss = random_loss(out)
     loss.backward()
-    assert all(p.grad is None for p in net.aux.parameters())          # frozen stage-1 network
+    assert all(p.grad is None for p in net.aux.parameters())  # frozen stage-1 network
     grad_check(net.main, random_loss(net(x)))
 
     joint = M.SemiSegCAW(2, 3, arch="deeplab", backbone="resnet18", rep_dim=0, proj_dim=0, freeze_aux=False)

@@ -1,19 +1,21 @@
 """PH-Net patch ops (SPEC §3–§5, rigorous sampling of §6): every backend against the reference."""
+
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import backends, devices, tolerance
 
 import busseg_ops
-from busseg_ops import adaptive_patch_cutmix, patch_entropy_hardness as hardness
-from conftest import backends, devices, tolerance
+from busseg_ops import adaptive_patch_cutmix
+from busseg_ops import patch_entropy_hardness as hardness
 
 SHAPES = [  # B, K, H, W, patch (h, w)
     (2, 2, 8, 8, (4, 4)),
-    (1, 3, 9, 15, (3, 5)),   # B=1, odd sizes, K=3
+    (1, 3, 9, 15, (3, 5)),  # B=1, odd sizes, K=3
     (3, 2, 12, 10, (6, 2)),
-    (2, 5, 7, 7, (7, 7)),    # one patch per image
+    (2, 5, 7, 7, (7, 7)),  # one patch per image
 ]
 
 
@@ -58,8 +60,7 @@ def test_num_patches_equals_patch_size_and_layouts():
     expected = hardness(x, patch_size=(3, 4))
     torch.testing.assert_close(hardness(x, num_patches=4), expected)
     torch.testing.assert_close(hardness(x.to(memory_format=torch.channels_last), num_patches=4), expected)
-    torch.testing.assert_close(hardness(x.transpose(2, 3).contiguous().transpose(2, 3), num_patches=4),
-                               expected)
+    torch.testing.assert_close(hardness(x.transpose(2, 3).contiguous().transpose(2, 3), num_patches=4), expected)
 
 
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
@@ -68,21 +69,23 @@ def test_hardness_gradcheck_float64(backend, from_logits):
     x = torch.randn(2, 3, 4, 6, dtype=torch.float64)
     x = (x if from_logits else x.softmax(1)).requires_grad_()
     with busseg_ops.use_backend(backend):
-        assert torch.autograd.gradcheck(
-            lambda t: hardness(t, patch_size=(2, 3), from_logits=from_logits), (x,))
+        assert torch.autograd.gradcheck(lambda t: hardness(t, patch_size=(2, 3), from_logits=from_logits), (x,))
 
 
-@pytest.mark.parametrize("call,error,match", [
-    (lambda x: hardness(x, patch_size=(3, 4)), ValueError, r"patch_size 3×4 does not divide the map size 8×8"),
-    (lambda x: hardness(x, num_patches=3), ValueError, r"num_patches 3×3 does not divide the map size 8×8"),
-    (lambda x: hardness(x), ValueError, "exactly one of num_patches and patch_size"),
-    (lambda x: hardness(x, num_patches=2, patch_size=4), ValueError, "exactly one"),
-    (lambda x: hardness(x[:, :1], num_patches=2), ValueError, "K >= 2"),
-    (lambda x: hardness(x[0], num_patches=2), ValueError, "x must have 4 dims"),
-    (lambda x: hardness(x.long(), num_patches=2), TypeError, "x must be one of float32"),
-    (lambda x: hardness(x, num_patches=0), ValueError, "num_patches must be >= 1"),
-    (lambda x: hardness(x[:, :, :0], num_patches=2), ValueError, "x is empty"),
-])
+@pytest.mark.parametrize(
+    "call,error,match",
+    [
+        (lambda x: hardness(x, patch_size=(3, 4)), ValueError, r"patch_size 3×4 does not divide the map size 8×8"),
+        (lambda x: hardness(x, num_patches=3), ValueError, r"num_patches 3×3 does not divide the map size 8×8"),
+        (lambda x: hardness(x), ValueError, "exactly one of num_patches and patch_size"),
+        (lambda x: hardness(x, num_patches=2, patch_size=4), ValueError, "exactly one"),
+        (lambda x: hardness(x[:, :1], num_patches=2), ValueError, "K >= 2"),
+        (lambda x: hardness(x[0], num_patches=2), ValueError, "x must have 4 dims"),
+        (lambda x: hardness(x.long(), num_patches=2), TypeError, "x must be one of float32"),
+        (lambda x: hardness(x, num_patches=0), ValueError, "num_patches must be >= 1"),
+        (lambda x: hardness(x[:, :, :0], num_patches=2), ValueError, "x is empty"),
+    ],
+)
 def test_hardness_bad_inputs(call, error, match):
     with pytest.raises(error, match=match):
         call(torch.rand(2, 2, 8, 8))
@@ -133,6 +136,7 @@ def test_hardness_two_class_non_finite_logits_match_reference(value):
 
 
 # ---- cutmix ----------------------------------------------------------------------------------
+
 
 def cutmix_inputs(B, H, W, device="cpu"):
     image = torch.randn(B, 3, H, W, device=device)
@@ -210,17 +214,20 @@ def test_cutmix_channels_last_and_strided_inputs():
     assert torch.equal(ml, torch.where(keep, label, label.roll(-1, 0)))
 
 
-@pytest.mark.parametrize("call,error,match", [
-    (lambda t, h: adaptive_patch_cutmix(t, h, 17), ValueError, r"shield_count must be <= N² = 16"),
-    (lambda t, h: adaptive_patch_cutmix(t, h[:, :3], 1), ValueError, "grid 3×4 does not divide"),
-    (lambda t, h: adaptive_patch_cutmix([t[0], t[1][:1]], h, 1), ValueError, r"tensors\[1\]"),
-    (lambda t, h: adaptive_patch_cutmix(t[0], h, 1), TypeError, "tensors must be a non-empty list"),
-    (lambda t, h: adaptive_patch_cutmix([], h, 1), TypeError, "tensors must be a non-empty list"),
-    (lambda t, h: adaptive_patch_cutmix(t, h, 1, (0.6, 0.2)), ValueError, "mix_range"),
-    (lambda t, h: adaptive_patch_cutmix(t, h[0], 1), ValueError, "hardness must have 3 dims"),
-    (lambda t, h: adaptive_patch_cutmix([t[0][:, :, :0]], h, 1), ValueError, r"tensors\[0\] is empty"),
-    (lambda t, h: busseg_ops.shield_count(0.3, 1.5, 16), ValueError, "progress"),
-])
+@pytest.mark.parametrize(
+    "call,error,match",
+    [
+        (lambda t, h: adaptive_patch_cutmix(t, h, 17), ValueError, r"shield_count must be <= N² = 16"),
+        (lambda t, h: adaptive_patch_cutmix(t, h[:, :3], 1), ValueError, "grid 3×4 does not divide"),
+        (lambda t, h: adaptive_patch_cutmix([t[0], t[1][:1]], h, 1), ValueError, r"tensors\[1\]"),
+        (lambda t, h: adaptive_patch_cutmix(t[0], h, 1), TypeError, "tensors must be a non-empty list"),
+        (lambda t, h: adaptive_patch_cutmix([], h, 1), TypeError, "tensors must be a non-empty list"),
+        (lambda t, h: adaptive_patch_cutmix(t, h, 1, (0.6, 0.2)), ValueError, "mix_range"),
+        (lambda t, h: adaptive_patch_cutmix(t, h[0], 1), ValueError, "hardness must have 3 dims"),
+        (lambda t, h: adaptive_patch_cutmix([t[0][:, :, :0]], h, 1), ValueError, r"tensors\[0\] is empty"),
+        (lambda t, h: busseg_ops.shield_count(0.3, 1.5, 16), ValueError, "progress"),
+    ],
+)
 def test_cutmix_bad_inputs(call, error, match):
     with pytest.raises(error, match=match):
         call(cutmix_inputs(2, 8, 8), torch.rand(2, 4, 4))
@@ -246,8 +253,12 @@ def test_cutmix_cpu_splits_bytes_across_threads(threads):
     """The CPU kernel splits the output bytes of all tensors between threads: element sizes from
     1 to 8 bytes, a channel dimension and runs of patches must come out exactly as the reference."""
     B, H, W = 3, 12, 20
-    tensors = [torch.randint(0, 255, (B, H, W), dtype=torch.uint8), torch.randn(B, 2, H, W, dtype=torch.float64),
-               torch.randint(-9, 9, (B, 1, 3, H, W), dtype=torch.int16), torch.randn(B, H, W)]
+    tensors = [
+        torch.randint(0, 255, (B, H, W), dtype=torch.uint8),
+        torch.randn(B, 2, H, W, dtype=torch.float64),
+        torch.randint(-9, 9, (B, 1, 3, H, W), dtype=torch.int16),
+        torch.randn(B, H, W),
+    ]
     mask = torch.rand(B, 4, 5) > 0.4
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -267,18 +278,20 @@ def test_cutmix_cpu_empty_maps():
 
 # ---- hardness opcheck / compile --------------------------------------------------------------
 
+
 def test_hardness_opcheck():
     x = torch.randn(2, 3, 6, 8, dtype=torch.float64, requires_grad=True)
     probs = x.detach().softmax(1).requires_grad_()
     for t, logits in ((probs, False), (x, True)):
         torch.library.opcheck(torch.ops.busseg.patch_entropy_hardness_forward, (t, 3, 2, logits, 1e-10))
     grad = torch.randn(2, 2, 4, dtype=torch.float64)
-    torch.library.opcheck(torch.ops.busseg.patch_entropy_hardness_backward,
-                          (grad, x.detach(), 3, 2, True, 1e-10))
+    torch.library.opcheck(torch.ops.busseg.patch_entropy_hardness_backward, (grad, x.detach(), 3, 2, True, 1e-10))
     if "triton" in busseg_ops.available_backends("cpu"):
-        torch.library.opcheck(torch.ops.busseg.patch_entropy_hardness_forward_triton,
-                              (x.float(), 3, 2, True, 1e-10),
-                              test_utils=("test_schema", "test_autograd_registration"))
+        torch.library.opcheck(
+            torch.ops.busseg.patch_entropy_hardness_forward_triton,
+            (x.float(), 3, 2, True, 1e-10),
+            test_utils=("test_schema", "test_autograd_registration"),
+        )
 
 
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
@@ -287,8 +300,7 @@ def test_hardness_torch_compile_fullgraph(backend):
     with busseg_ops.use_backend(backend):
         expected = hardness(x, num_patches=4, from_logits=True).square().sum()
         (g_expected,) = torch.autograd.grad(expected, x)
-        fn = torch.compile(lambda t: hardness(t, num_patches=4, from_logits=True).square().sum(),
-                           fullgraph=True)
+        fn = torch.compile(lambda t: hardness(t, num_patches=4, from_logits=True).square().sum(), fullgraph=True)
         loss = fn(x)
         (g,) = torch.autograd.grad(loss, x)
     torch.testing.assert_close(loss, expected)
@@ -297,6 +309,7 @@ def test_hardness_torch_compile_fullgraph(backend):
 
 # ---- §5 losses and rigorous sampling ---------------------------------------------------------
 
+
 def test_confidence_masked_cross_entropy_eq8_9():
     logits = torch.randn(2, 2, 5, 6, requires_grad=True)
     target = torch.randint(0, 2, (2, 5, 6))
@@ -304,8 +317,10 @@ def test_confidence_masked_cross_entropy_eq8_9():
     teacher = torch.randn(2, 2, 5, 6).mul(3).softmax(1)
     loss = busseg_ops.confidence_masked_cross_entropy(logits, target, teacher, threshold=0.9)
     keep = (teacher.max(1).values >= 0.9) & (target != 255)
-    manual = sum(F.cross_entropy(logits[b:b + 1, :, i, j], target[b:b + 1, i, j])
-                 for b, i, j in keep.nonzero().tolist()) / (target != 255).sum()
+    manual = (
+        sum(F.cross_entropy(logits[b : b + 1, :, i, j], target[b : b + 1, i, j]) for b, i, j in keep.nonzero().tolist())
+        / (target != 255).sum()
+    )
     torch.testing.assert_close(loss, manual)
     loss.backward()
     assert logits.grad[~keep[:, None].expand_as(logits)].abs().max() == 0

@@ -1,9 +1,8 @@
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
 from busseg_ops.train import augment, data, synthetic
+from PIL import Image
 
 
 def test_synthetic_is_deterministic_and_hypoechoic():
@@ -29,10 +28,12 @@ def busi(tmp_path):
         (root / c).mkdir(parents=True)
     g = np.random.RandomState(0)
     img = g.randint(0, 255, (20, 30), dtype=np.uint8)
-    _png(root / "benign" / "benign (1).png", img)                                  # 8-bit grayscale
+    _png(root / "benign" / "benign (1).png", img)  # 8-bit grayscale
     _png(root / "malignant" / "malignant (1).png", np.repeat(img[..., None], 3, 2))  # RGB-encoded
-    m0 = np.zeros((20, 30), np.uint8); m0[2:5, 2:5] = 255
-    m1 = np.zeros((20, 30), np.uint8); m1[10:12, 20:25] = 255
+    m0 = np.zeros((20, 30), np.uint8)
+    m0[2:5, 2:5] = 255
+    m1 = np.zeros((20, 30), np.uint8)
+    m1[10:12, 20:25] = 255
     _png(root / "benign" / "benign (1)_mask.png", m0)
     _png(root / "benign" / "benign (1)_mask_1.png", m1)
     _png(root / "malignant" / "malignant (1)_mask.png", np.repeat(m1[..., None], 3, 2))

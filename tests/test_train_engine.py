@@ -1,5 +1,6 @@
 """Training loop: bit-for-bit resume, signal checkpoint, CLI round trip, 2-process gloo DDP, and
 the BUSI integration run."""
+
 import os
 import subprocess
 import sys
@@ -7,7 +8,6 @@ import textwrap
 
 import pytest
 import torch
-
 from busseg_ops.train import Trainer, checkpoint, cli, data, engine, metrics
 from train_helpers import tiny
 
@@ -66,9 +66,29 @@ def test_checkpoint_is_atomic_and_complete(tmp_path):
 
 
 def test_cli_train_eval_predict_compare(tmp_path, capsys):
-    common = ["--synthetic-n", "24", "--size", "64", "--epochs", "1", "--max-steps", "1", "--unet-base", "4",
-              "--batch-labeled", "2", "--batch-unlabeled", "2", "--proj-dim", "16", "--rep-dim", "16",
-              "--num-proxies", "8", "--quiet"]
+    common = [
+        "--synthetic-n",
+        "24",
+        "--size",
+        "64",
+        "--epochs",
+        "1",
+        "--max-steps",
+        "1",
+        "--unet-base",
+        "4",
+        "--batch-labeled",
+        "2",
+        "--batch-unlabeled",
+        "2",
+        "--proj-dim",
+        "16",
+        "--rep-dim",
+        "16",
+        "--num-proxies",
+        "8",
+        "--quiet",
+    ]
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     assert cli.main(["train", "--method", "suponly", "--out", a, *common]) == 0
     assert cli.main(["train", "--method", "rabusseg", "--no-cra", "--out", b, *common]) == 0
@@ -77,9 +97,12 @@ def test_cli_train_eval_predict_compare(tmp_path, capsys):
     img_dir = tmp_path / "imgs"
     img_dir.mkdir()
     from busseg_ops.train import synthetic, visualize
+
     visualize.save_png(synthetic.make_image(1, 80)[0], str(img_dir / "x.png"))
-    assert cli.main(["predict", str(img_dir), "--checkpoint", os.path.join(b, "best.pt"),
-                     "--out", str(tmp_path / "pred")]) == 0
+    assert (
+        cli.main(["predict", str(img_dir), "--checkpoint", os.path.join(b, "best.pt"), "--out", str(tmp_path / "pred")])
+        == 0
+    )
     assert os.path.isfile(tmp_path / "pred" / "x_mask.png")
     assert cli.main(["compare", a, b]) == 0
     assert "Wilcoxon" in capsys.readouterr().out
@@ -87,12 +110,13 @@ def test_cli_train_eval_predict_compare(tmp_path, capsys):
 
 def test_ddp_two_processes_gloo(tmp_path):
     script = tmp_path / "ddp.py"
-    script.write_text(textwrap.dedent(f"""
+    script.write_text(
+        textwrap.dedent(f"""
         import torch, torch.distributed as dist
         from busseg_ops.train import Trainer, TrainConfig
         cfg = TrainConfig(method="phnet", synthetic_n=24, size=64, epochs=1, max_steps=2, batch_labeled=2,
                           batch_unlabeled=2, warmup_epochs=0, unet_base=4, proj_dim=16, rep_dim=16,
-                          gamma=0.0, out={str(tmp_path / 'run')!r}, quiet=True)
+                          gamma=0.0, out={str(tmp_path / "run")!r}, quiet=True)
         tr = Trainer(cfg)
         assert tr.world == 2
         # SyncBatchNorm on CUDA (torch has no CPU kernel for it); plain BN + buffer broadcast on CPU
@@ -105,11 +129,17 @@ def test_ddp_two_processes_gloo(tmp_path):
         assert len(tr.method.bank) > 0
         print("rank", dist.get_rank(), "ok", len(tr.method.bank))
         dist.destroy_process_group()
-    """))
+    """)
+    )
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                        "--master_port", "29533", str(script)], capture_output=True, text=True,
-                       timeout=300, env=env, cwd=REPO)
+    r = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533", str(script)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=REPO,
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert r.stdout.count("ok") == 2
     assert os.path.isfile(tmp_path / "run" / "last.pt")
@@ -117,9 +147,26 @@ def test_ddp_two_processes_gloo(tmp_path):
 
 @pytest.mark.skipif(not os.path.isdir(BUSI), reason=f"BUSI data not found at {BUSI}")
 def test_busi_integration_rabusseg_beats_chance(tmp_path):
-    cfg = engine.TrainConfig(method="rabusseg", data="busi", root=BUSI, limit=48, size=128, partition="1/2",
-                             epochs=60, warmup_epochs=2, lr=0.01, ema=0.9, dice_weight=1.0, unet_base=16, proj_dim=32, rep_dim=16,
-                             num_proxies=32, out=str(tmp_path / "busi"), quiet=True, overlays=2)
+    cfg = engine.TrainConfig(
+        method="rabusseg",
+        data="busi",
+        root=BUSI,
+        limit=48,
+        size=128,
+        partition="1/2",
+        epochs=60,
+        warmup_epochs=2,
+        lr=0.01,
+        ema=0.9,
+        dice_weight=1.0,
+        unet_base=16,
+        proj_dim=32,
+        rep_dim=16,
+        num_proxies=32,
+        out=str(tmp_path / "busi"),
+        quiet=True,
+        overlays=2,
+    )
     res = engine.run(cfg)
     # Chance: the all-lesion prediction on a fixed set of 32 test-list images not in the subset.
     sp = data.make_splits("busi", BUSI, "1/2", 0, limit=48)

@@ -1,10 +1,10 @@
 """Each method's training step: finite loss, decreasing on a tiny fixed problem, and every switch
 changes the computation."""
+
 import copy
 
 import pytest
 import torch
-
 from busseg_ops.train import data, engine, methods
 from train_helpers import tiny
 
@@ -12,8 +12,11 @@ from train_helpers import tiny
 def _batch(n, seed, size=64, labeled=True):
     ds = data.SegDataset(data.synthetic_items(n, seed), size, train=False, labeled=labeled)
     s = [ds[i] for i in range(n)]
-    return {"image": torch.stack([x["image"] for x in s]), "mask": torch.stack([x["mask"] for x in s]),
-            "cls": torch.tensor([x["cls"] for x in s])}
+    return {
+        "image": torch.stack([x["image"] for x in s]),
+        "mask": torch.stack([x["mask"] for x in s]),
+        "cls": torch.tensor([x["cls"] for x in s]),
+    }
 
 
 def oracle_teacher(x, **flags):
@@ -33,8 +36,13 @@ def _loss(cfg, ctx=None, seed=0):
     student, teacher, method = _setup(cfg)
     student.train()
     torch.manual_seed(seed)
-    loss, logs = method(student, teacher, _batch(2, 1), _batch(2, 2, labeled=False),
-                        ctx or {"epoch": 1, "progress": 0.5, "warmup": False})
+    loss, logs = method(
+        student,
+        teacher,
+        _batch(2, 1),
+        _batch(2, 2, labeled=False),
+        ctx or {"epoch": 1, "progress": 0.5, "warmup": False},
+    )
     return loss, logs
 
 
@@ -61,14 +69,23 @@ def test_step_finite_and_decreasing(tmp_path, name, kw):
     assert losses[-1] < losses[1], losses
 
 
-@pytest.mark.parametrize("name,switch,kw", [
-    ("rabusseg", {"arp": False}, {}), ("rabusseg", {"cra": False}, {}),
-    ("rabusseg", {"cra_strategy": "random"}, {}), ("rabusseg", {"cra_scales": 2}, {}),
-    ("rabusseg", {"drop_percent": 0.0}, {}), ("suponly", {"dice_weight": 1.0}, {}),
-    ("phnet", {"apa": False}, {}), ("phnet", {"hpc": False}, {"mb": False, "gamma": 0.0}), ("phnet", {"gamma": 0.99}, {}),
-    ("lanet", {"tau": 1.0}, {"tau": 0.0}), ("lanet", {"alpha": 0.5}, {"tau": 0.0}),
-    ("semiseg_caw", {"stage1_epochs": 5}, {}),
-])
+@pytest.mark.parametrize(
+    "name,switch,kw",
+    [
+        ("rabusseg", {"arp": False}, {}),
+        ("rabusseg", {"cra": False}, {}),
+        ("rabusseg", {"cra_strategy": "random"}, {}),
+        ("rabusseg", {"cra_scales": 2}, {}),
+        ("rabusseg", {"drop_percent": 0.0}, {}),
+        ("suponly", {"dice_weight": 1.0}, {}),
+        ("phnet", {"apa": False}, {}),
+        ("phnet", {"hpc": False}, {"mb": False, "gamma": 0.0}),
+        ("phnet", {"gamma": 0.99}, {}),
+        ("lanet", {"tau": 1.0}, {"tau": 0.0}),
+        ("lanet", {"alpha": 0.5}, {"tau": 0.0}),
+        ("semiseg_caw", {"stage1_epochs": 5}, {}),
+    ],
+)
 def test_every_switch_changes_the_loss(tmp_path, name, switch, kw):
     base, _ = _loss(tiny(tmp_path, method=name, **kw))
     other, _ = _loss(tiny(tmp_path, method=name, **{**kw, **switch}))
@@ -83,10 +100,16 @@ def test_phnet_memory_bank_changes_contrastive_loss(tmp_path):
         out = []
         for seed in (0, 1):
             torch.manual_seed(seed)
-            _, logs = method(student, teacher, _batch(2, 1), _batch(2, 2 + seed, labeled=False),
-                             {"epoch": 1, "progress": 1.0, "warmup": False})
+            _, logs = method(
+                student,
+                teacher,
+                _batch(2, 1),
+                _batch(2, 2 + seed, labeled=False),
+                {"epoch": 1, "progress": 1.0, "warmup": False},
+            )
             out.append(logs["loss_c"])
         return out[1], method
+
     with_bank, m = second_loss(True)
     without, _ = second_loss(False)
     assert all(mean is not None for mean in m.bank.means())
@@ -111,12 +134,18 @@ def test_semiseg_caw_wgm_learns_the_weights(tmp_path):
         for _ in range(3):
             torch.manual_seed(0)
             student.train()
-            loss, logs = method(student, teacher, _batch(2, 1), _batch(2, 2, labeled=False),
-                                {"epoch": 1, "progress": 0.5, "warmup": False})
+            loss, logs = method(
+                student,
+                teacher,
+                _batch(2, 1),
+                _batch(2, 2, labeled=False),
+                {"epoch": 1, "progress": 0.5, "warmup": False},
+            )
             opt.zero_grad()
             loss.backward()
             opt.step()
         return loss.detach(), method
+
     on, m = after_steps(True)
     off, _ = after_steps(False)
     assert m.wgm.log_vars.abs().sum() > 0 and not torch.isclose(on, off)

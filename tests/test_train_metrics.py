@@ -1,7 +1,6 @@
 import math
 
 import torch
-
 from busseg_ops.train import metrics
 
 

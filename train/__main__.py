@@ -1,4 +1,5 @@
 """`python -m busseg_ops.train ...` (the same as the `busseg` command; works under torchrun)."""
+
 import sys
 
 from .cli import main

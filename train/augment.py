@@ -3,6 +3,7 @@ pad (image 0, mask 255 = ignore) and random crop, horizontal flip — as in U2PL
 Strong (per batch, in the training step): box cutmix between images of the unlabelled batch
 (RA-BUSSeg, UniMatch style); PH-Net's adaptive patch cutmix is the busseg_ops op.
 """
+
 from __future__ import annotations
 
 import math
@@ -21,8 +22,14 @@ def resize(image: torch.Tensor, mask: torch.Tensor, size: int | tuple[int, int])
     return image, mask
 
 
-def weak(image: torch.Tensor, mask: torch.Tensor, size: int, g: torch.Generator,
-         scale: tuple[float, float] = (0.5, 2.0), flip: float = 0.5):
+def weak(
+    image: torch.Tensor,
+    mask: torch.Tensor,
+    size: int,
+    g: torch.Generator,
+    scale: tuple[float, float] = (0.5, 2.0),
+    flip: float = 0.5,
+):
     """Random scale, pad with ignore, random size×size crop, random horizontal flip."""
     s = scale[0] + (scale[1] - scale[0]) * torch.rand((), generator=g).item()
     side = max(8, int(round(size * s)))
@@ -34,14 +41,21 @@ def weak(image: torch.Tensor, mask: torch.Tensor, size: int, g: torch.Generator,
     h, w = mask.shape
     y = int(torch.randint(0, h - size + 1, (), generator=g))
     x = int(torch.randint(0, w - size + 1, (), generator=g))
-    image, mask = image[:, y:y + size, x:x + size], mask[y:y + size, x:x + size]
+    image, mask = image[:, y : y + size, x : x + size], mask[y : y + size, x : x + size]
     if torch.rand((), generator=g).item() < flip:
         image, mask = image.flip(-1), mask.flip(-1)
     return image.contiguous(), mask.contiguous()
 
 
-def cutmix_box(batch: int, h: int, w: int, p: float = 0.5, area: tuple[float, float] = (0.02, 0.4),
-               ratio: tuple[float, float] = (0.3, 1 / 0.3), generator=None) -> torch.Tensor:
+def cutmix_box(
+    batch: int,
+    h: int,
+    w: int,
+    p: float = 0.5,
+    area: tuple[float, float] = (0.02, 0.4),
+    ratio: tuple[float, float] = (0.3, 1 / 0.3),
+    generator=None,
+) -> torch.Tensor:
     """(B, H, W) bool, True where the pixel comes from the *other* image; with probability 1 − p
     an image gets no box. Uses the global torch RNG unless a generator is given."""
     out = torch.zeros(batch, h, w, dtype=torch.bool)
@@ -56,7 +70,7 @@ def cutmix_box(batch: int, h: int, w: int, p: float = 0.5, area: tuple[float, fl
         bw = min(w, max(1, int(round(math.sqrt(a * ar)))))
         y = int(r[b, 3].item() * (h - bh + 1))
         x = int(torch.randint(0, w - bw + 1, (), generator=generator))
-        out[b, y:y + bh, x:x + bw] = True
+        out[b, y : y + bh, x : x + bw] = True
     return out
 
 

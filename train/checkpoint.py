@@ -1,6 +1,7 @@
 """Checkpoints: atomic writes (temp file in the same folder + fsync + rename, so a crash never
 leaves a half-written file), RNG states for bit-for-bit resume, and a SIGINT/SIGTERM guard that
 lets the loop finish its step and save before exiting."""
+
 from __future__ import annotations
 
 import os

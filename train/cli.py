@@ -10,6 +10,7 @@ Every TrainConfig field is an option (`--cra-strategy random`, `--no-arp`, ...);
 config file gives defaults that the command line overrides. Multi-process: `torchrun
 --nproc_per_node 2 -m busseg_ops.train train ...`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -66,8 +67,10 @@ def cmd_train(args) -> int:
     if res.get("stopped"):
         return 130
     if "dice" in res:
-        print(f"{cfg.method}: test Dice {res['dice'][0]:.4f} ± {res['dice'][1]:.4f}, IoU {res['iou'][0]:.4f}, "
-              f"HD95 {res['hd95'][0]:.2f} px  ({res['wall_s']:.0f} s) → {cfg.out}")
+        print(
+            f"{cfg.method}: test Dice {res['dice'][0]:.4f} ± {res['dice'][1]:.4f}, IoU {res['iou'][0]:.4f}, "
+            f"HD95 {res['hd95'][0]:.2f} px  ({res['wall_s']:.0f} s) → {cfg.out}"
+        )
     return 0
 
 
@@ -84,11 +87,18 @@ def cmd_eval(args) -> int:
     for k in ("data", "root", "split_dir", "mask_dir", "size", "limit"):
         if getattr(args, k) is not None:
             setattr(cfg, k, getattr(args, k))
-    splits = data.make_splits(cfg.data, cfg.root, cfg.partition, cfg.seed, cfg.split_dir,
-                              cfg.synthetic_n, cfg.limit, cfg.mask_dir)
+    splits = data.make_splits(
+        cfg.data, cfg.root, cfg.partition, cfg.seed, cfg.split_dir, cfg.synthetic_n, cfg.limit, cfg.mask_dir
+    )
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "eval")
-    res = engine.evaluate(model, getattr(splits, args.split), cfg.size, torch.device("cpu"),
-                          overlay_dir=os.path.join(out, "overlays"), overlays=cfg.overlays)
+    res = engine.evaluate(
+        model,
+        getattr(splits, args.split),
+        cfg.size,
+        torch.device("cpu"),
+        overlay_dir=os.path.join(out, "overlays"),
+        overlays=cfg.overlays,
+    )
     engine.write_results(res, out, method=cfg.method)
     for k, (m, s) in res["summary"].items():
         print(f"{k:12s} {m:.4f} ± {s:.4f}")

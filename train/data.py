@@ -5,6 +5,7 @@ An `Item` names one image and its mask files; `SegDataset` reads it (cached) and
 Images are read as 8-bit grayscale whatever their encoding (L, RGB-encoded grayscale, RGBA, 16-bit);
 masks are binarised (> 0) and several mask files are merged by union.
 """
+
 from __future__ import annotations
 
 import os
@@ -27,11 +28,11 @@ class DataError(RuntimeError):
 
 @dataclass(frozen=True)
 class Item:
-    name: str                      # the name used in split lists (BUSI: "benign (3).png")
-    image: str = ""                # image path ("" for synthetic items)
-    masks: tuple[str, ...] = ()    # mask paths, merged by union; () = no mask (unlabelled)
-    cls: int = -1                  # class index (CLASSES), -1 unknown
-    seed: int | None = None        # synthetic items: generator seed
+    name: str  # the name used in split lists (BUSI: "benign (3).png")
+    image: str = ""  # image path ("" for synthetic items)
+    masks: tuple[str, ...] = ()  # mask paths, merged by union; () = no mask (unlabelled)
+    cls: int = -1  # class index (CLASSES), -1 unknown
+    seed: int | None = None  # synthetic items: generator seed
     extra: dict = field(default_factory=dict, compare=False, hash=False)
 
 
@@ -64,14 +65,16 @@ def load_item(item: Item, synthetic_size: int = 128) -> tuple[np.ndarray, np.nda
     for p in item.masks:
         m = read_gray(p)
         if m.shape != img.shape:
-            raise DataError(f"mask {p} is {m.shape[1]}x{m.shape[0]} but image {item.image} is "
-                            f"{img.shape[1]}x{img.shape[0]}")
+            raise DataError(
+                f"mask {p} is {m.shape[1]}x{m.shape[0]} but image {item.image} is {img.shape[1]}x{img.shape[0]}"
+            )
         mask |= (m > 0).astype(np.uint8)
     return img, mask
 
 
 # ----------------------------------------------------------------------------------------------
 # Layouts
+
 
 def busi_items(root: str, include_normal: bool = False) -> list[Item]:
     """BUSI: `<class>/<class> (N).png` with `_mask.png` and optional `_mask_1.png`, ... (union)."""
@@ -89,8 +92,10 @@ def busi_items(root: str, include_normal: bool = False) -> list[Item]:
             stem, ext = os.path.splitext(f)
             if "_mask" in stem or ext.lower() not in IMAGE_EXTS:
                 continue
-            masks = sorted((m for m in files if re.fullmatch(re.escape(stem) + r"_mask(_\d+)?" + re.escape(ext), m)),
-                           key=lambda m: (len(m), m))
+            masks = sorted(
+                (m for m in files if re.fullmatch(re.escape(stem) + r"_mask(_\d+)?" + re.escape(ext), m)),
+                key=lambda m: (len(m), m),
+            )
             if not masks:
                 raise DataError(f"BUSI image {os.path.join(d, f)} has no mask file {stem}_mask{ext}")
             items.append(Item(f, os.path.join(d, f), tuple(os.path.join(d, m) for m in masks), cidx))
@@ -146,6 +151,7 @@ def _natural(name: str):
 # ----------------------------------------------------------------------------------------------
 # Splits and partitions
 
+
 def read_list(path: str) -> list[str]:
     if not os.path.isfile(path):
         raise DataError(f"split list missing: {path}")
@@ -168,11 +174,12 @@ def split_811(items: list[Item], seed: int = 0) -> tuple[list[Item], list[Item],
     n = len(order)
     n_test = max(1, round(n / 10))
     n_val = max(1, round(n / 10))
-    return order[: n - n_val - n_test], order[n - n_val - n_test: n - n_test], order[n - n_test:]
+    return order[: n - n_val - n_test], order[n - n_val - n_test : n - n_test], order[n - n_test :]
 
 
-def partition(train: list[Item], fraction: float, seed: int = 0,
-              labeled_pool: list[Item] | None = None) -> tuple[list[Item], list[Item]]:
+def partition(
+    train: list[Item], fraction: float, seed: int = 0, labeled_pool: list[Item] | None = None
+) -> tuple[list[Item], list[Item]]:
     """(labelled, unlabelled) with round(fraction·len(train)) labelled images drawn with `seed`
     from `labeled_pool` (default: the whole training set); the rest of the training set is
     unlabelled. BUSI's 1/4 and 1/8 take the subset from the authors' 1/2 labelled list."""
@@ -201,9 +208,16 @@ class Splits:
     test: list[Item]
 
 
-def make_splits(data: str, root: str | None = None, partition_: str | float = "1/4", seed: int = 0,
-                split_dir: str | None = None, synthetic_n: int = 200, limit: int | None = None,
-                mask_dir: str | None = None) -> Splits:
+def make_splits(
+    data: str,
+    root: str | None = None,
+    partition_: str | float = "1/4",
+    seed: int = 0,
+    split_dir: str | None = None,
+    synthetic_n: int = 200,
+    limit: int | None = None,
+    mask_dir: str | None = None,
+) -> Splits:
     """Items for a run. With split lists (`split_dir` with test.txt and 1_2/{labeled,unlabeled}.txt,
     BUSI's `splits/` by default) they are used; otherwise the 8:1:1 split. `limit` keeps a seeded
     subset of that many images first (quick runs, integration tests)."""
@@ -246,6 +260,7 @@ def _need(root, data):
 # ----------------------------------------------------------------------------------------------
 # torch Dataset
 
+
 class SegDataset(torch.utils.data.Dataset):
     """Returns dict(image (1, S, S) float in [0, 1], mask (S, S) int64 with 255 = ignore, cls, index).
     labeled=False hides the mask (unlabelled stream): 0 everywhere except padding.
@@ -254,8 +269,15 @@ class SegDataset(torch.utils.data.Dataset):
     sample depends on nothing else: identical across worker counts, ranks and resumes.
     """
 
-    def __init__(self, items: list[Item], size: int, train: bool = False, seed: int = 0,
-                 synthetic_size: int | None = None, labeled: bool = True):
+    def __init__(
+        self,
+        items: list[Item],
+        size: int,
+        train: bool = False,
+        seed: int = 0,
+        synthetic_size: int | None = None,
+        labeled: bool = True,
+    ):
         self.items, self.size, self.train, self.seed = items, size, train, seed
         self.labeled = labeled
         self.synthetic_size = synthetic_size or size

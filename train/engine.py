@@ -8,6 +8,7 @@ Determinism: samples depend only on (seed, epoch, index) (see data.SegDataset); 
 whose state is checkpointed. Output folder `out`: metrics.csv, last.pt, best.pt, test_metrics.json,
 test_per_image.csv, overlays/, curves.png.
 """
+
 from __future__ import annotations
 
 import copy
@@ -21,7 +22,6 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from .. import models
 from . import checkpoint, data, methods, metrics, visualize
@@ -30,17 +30,17 @@ from . import checkpoint, data, methods, metrics, visualize
 @dataclass
 class TrainConfig:
     method: str = "suponly"
-    data: str = "synthetic"          # synthetic | busi | udiat | folder
+    data: str = "synthetic"  # synthetic | busi | udiat | folder
     root: str | None = None
     split_dir: str | None = None
     mask_dir: str | None = None
     partition: str = "1/4"
-    limit: int | None = None         # seeded subset of the dataset (quick runs)
+    limit: int | None = None  # seeded subset of the dataset (quick runs)
     synthetic_n: int = 200
     size: int = 128
     epochs: int = 10
-    warmup_epochs: int = 1           # supervised-only epochs first (PH-Net: 10 of 200)
-    max_steps: int | None = None     # cap on steps per epoch (tests, smoke runs)
+    warmup_epochs: int = 1  # supervised-only epochs first (PH-Net: 10 of 200)
+    max_steps: int | None = None  # cap on steps per epoch (tests, smoke runs)
     batch_labeled: int = 4
     batch_unlabeled: int = 4
     lr: float = 0.003
@@ -48,13 +48,13 @@ class TrainConfig:
     weight_decay: float = 1e-4
     poly_power: float = 0.9
     ema: float = 0.999
-    dice_weight: float = 0.0         # L_s = CE + dice_weight·soft Dice (0: CE only, as the papers)
+    dice_weight: float = 0.0  # L_s = CE + dice_weight·soft Dice (0: CE only, as the papers)
     seed: int = 0
-    model: str = "unet"              # unet | deeplab (DeepLabv3+); lanet/semiseg_caw use their own
-    backbone: str = "resnet18"       # deeplab / lanet backbone (resnet18/34/50/101, lanet: or unet)
-    unet_base: int = 16              # U-Net width (the SSL4MIS U-Net uses 16)
-    proj_dim: int = 64               # RA-BUSSeg relation projection channels
-    rep_dim: int = 64                # PH-Net projector channels
+    model: str = "unet"  # unet | deeplab (DeepLabv3+); lanet/semiseg_caw use their own
+    backbone: str = "resnet18"  # deeplab / lanet backbone (resnet18/34/50/101, lanet: or unet)
+    unet_base: int = 16  # U-Net width (the SSL4MIS U-Net uses 16)
+    proj_dim: int = 64  # RA-BUSSeg relation projection channels
+    rep_dim: int = 64  # PH-Net projector channels
     num_workers: int = 0
     out: str = "runs/train"
     device: str = "cpu"
@@ -67,33 +67,33 @@ class TrainConfig:
     arp: bool = True
     cra: bool = True
     arp_kernel: int = 3
-    cra_strategy: str = "greedy"     # greedy | random | kmeans | patch | global
+    cra_strategy: str = "greedy"  # greedy | random | kmeans | patch | global
     cra_scales: int = 4
     num_proxies: int = 64
     drop_percent: float = 20.0
     cutmix_p: float = 1.0
     # phnet
-    apa: bool = True                 # adaptive patch cutmix (off: plain box cutmix)
-    shield: bool = True              # dynamic shielding of the hardest patches within APA
-    hpc: bool = True                 # hard-patch contrastive loss
-    mb: bool = True                  # memory-bank positives (off: batch class means)
-    num_patches: int = 4             # N×N patch grid
+    apa: bool = True  # adaptive patch cutmix (off: plain box cutmix)
+    shield: bool = True  # dynamic shielding of the hardest patches within APA
+    hpc: bool = True  # hard-patch contrastive loss
+    mb: bool = True  # memory-bank positives (off: batch class means)
+    num_patches: int = 4  # N×N patch grid
     beta: float = 0.3
     gamma: float = 0.9
     lambda_c: float = 1.0
     temperature: float = 0.5
     bank_size: int = 4096
-    max_anchors: int = 1024          # anchors per step (random subset of the reliable hard pixels)
+    max_anchors: int = 1024  # anchors per step (random subset of the reliable hard pixels)
     # lanet, semiseg_caw
-    stage1_epochs: int = 1           # LA-Net stage 1 / ClassElevateSeg pre-training epochs
-    wgm: bool = True                 # semiseg_caw: learned loss weights (off: all 1)
+    stage1_epochs: int = 1  # LA-Net stage 1 / ClassElevateSeg pre-training epochs
+    wgm: bool = True  # semiseg_caw: learned loss weights (off: all 1)
     tau: float = 0.8
     alpha: float = 0.1
     lam: float = 0.5
     extra: dict = field(default_factory=dict)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
+    def from_dict(cls, d: dict) -> TrainConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
@@ -111,8 +111,7 @@ def build_model(cfg: TrainConfig) -> torch.nn.Module:
     if cfg.model == "unet":
         return models.UNet(2, in_channels=1, base=cfg.unet_base, rep_dim=cfg.rep_dim, proj_dim=cfg.proj_dim)
     if cfg.model == "deeplab":
-        return models.DeepLabV3Plus(2, backbone=cfg.backbone, in_channels=1, rep_dim=cfg.rep_dim,
-                                    proj_dim=cfg.proj_dim)
+        return models.DeepLabV3Plus(2, backbone=cfg.backbone, in_channels=1, rep_dim=cfg.rep_dim, proj_dim=cfg.proj_dim)
     raise ValueError(f"model must be unet or deeplab, got {cfg.model!r}")
 
 
@@ -135,11 +134,13 @@ class Trainer:
         if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1 and not dist.is_initialized():
             dist.init_process_group("nccl" if cfg.device.startswith("cuda") else "gloo")
         self.rank, self.world = _dist()
-        self.device = torch.device(cfg.device if not cfg.device.startswith("cuda")
-                                   else f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
+        self.device = torch.device(
+            cfg.device if not cfg.device.startswith("cuda") else f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        )
         torch.manual_seed(cfg.seed)
-        self.splits = data.make_splits(cfg.data, cfg.root, cfg.partition, cfg.seed, cfg.split_dir,
-                                       cfg.synthetic_n, cfg.limit, cfg.mask_dir)
+        self.splits = data.make_splits(
+            cfg.data, cfg.root, cfg.partition, cfg.seed, cfg.split_dir, cfg.synthetic_n, cfg.limit, cfg.mask_dir
+        )
         self.method = methods.build(cfg)
         student = build_model(cfg).to(self.device)
         self.teacher = copy.deepcopy(student).eval()
@@ -151,29 +152,37 @@ class Trainer:
             # Heads a step does not use (e.g. the projector for suponly) get no gradient.
             student = torch.nn.parallel.DistributedDataParallel(student, find_unused_parameters=True)
         self.student = student
-        self.opt = torch.optim.SGD(list(self.student.parameters()) + self.method.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                                   weight_decay=cfg.weight_decay)
+        self.opt = torch.optim.SGD(
+            list(self.student.parameters()) + self.method.parameters(),
+            lr=cfg.lr,
+            momentum=cfg.momentum,
+            weight_decay=cfg.weight_decay,
+        )
         self.lab_ds = data.SegDataset(self.splits.labeled, cfg.size, train=True, seed=cfg.seed)
-        self.unl_ds = data.SegDataset(self.splits.unlabeled, cfg.size, train=True, seed=cfg.seed + 1,
-                                      labeled=False)
+        self.unl_ds = data.SegDataset(self.splits.unlabeled, cfg.size, train=True, seed=cfg.seed + 1, labeled=False)
         self.steps_per_epoch = self._steps_per_epoch()
         total = max(1, cfg.epochs * self.steps_per_epoch)
-        self.sched = torch.optim.lr_scheduler.LambdaLR(
-            self.opt, lambda it: max(0.0, 1 - it / total) ** cfg.poly_power)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda it: max(0.0, 1 - it / total) ** cfg.poly_power)
         self.epoch, self.step_in_epoch, self.global_step, self.best = 0, 0, 0, -1.0
         self.tb = None
 
     # ------------------------------------------------------------------ data streams
     def _loader(self, ds, batch, epoch, cycle):
-        sampler = torch.utils.data.DistributedSampler(ds, num_replicas=self.world, rank=self.rank,
-                                                      shuffle=True, seed=self.cfg.seed)
+        sampler = torch.utils.data.DistributedSampler(
+            ds, num_replicas=self.world, rank=self.rank, shuffle=True, seed=self.cfg.seed
+        )
         sampler.set_epoch(epoch * 1000 + cycle)
         ds.set_epoch(epoch * 1000 + cycle)
         per_rank = math.ceil(len(ds) / self.world)
         return torch.utils.data.DataLoader(
-            ds, batch_size=batch, sampler=sampler, num_workers=self.cfg.num_workers,
-            drop_last=per_rank >= batch, generator=torch.Generator().manual_seed(self.cfg.seed + epoch),
-            persistent_workers=False)
+            ds,
+            batch_size=batch,
+            sampler=sampler,
+            num_workers=self.cfg.num_workers,
+            drop_last=per_rank >= batch,
+            generator=torch.Generator().manual_seed(self.cfg.seed + epoch),
+            persistent_workers=False,
+        )
 
     def _steps_per_epoch(self) -> int:
         """One pass over the larger of the two streams (normally the unlabelled set; the labelled set
@@ -222,7 +231,9 @@ class Trainer:
                 tb.copy_(sb)
 
     def train_step(self, lab, unl, ctx) -> dict:
-        to = lambda b: None if b is None else {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in b.items()}  # noqa: E731
+        def to(b):
+            return None if b is None else {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in b.items()}
+
         self.student.train()
         loss, logs = self.method(self.student, self.teacher, to(lab), to(unl), ctx)
         if not torch.isfinite(loss):
@@ -257,8 +268,12 @@ class Trainer:
 
     def _run_epoch(self, guard) -> bool:
         cfg = self.cfg
-        ctx = {"epoch": self.epoch, "warmup": self.epoch < cfg.warmup_epochs,
-               "progress": self.epoch / max(1, cfg.epochs), "epochs": cfg.epochs}
+        ctx = {
+            "epoch": self.epoch,
+            "warmup": self.epoch < cfg.warmup_epochs,
+            "progress": self.epoch / max(1, cfg.epochs),
+            "epochs": cfg.epochs,
+        }
         sums, n = {}, 0
         batches = self._batches(self.epoch)
         resume_rng = getattr(self, "_resume_rng", None)
@@ -308,8 +323,14 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation and outputs
     @torch.no_grad()
     def evaluate(self, items, model=None, overlay_dir=None) -> dict:
-        return evaluate(model or self.teacher, items, self.cfg.size, self.device,
-                        overlay_dir=overlay_dir, overlays=self.cfg.overlays)
+        return evaluate(
+            model or self.teacher,
+            items,
+            self.cfg.size,
+            self.device,
+            overlay_dir=overlay_dir,
+            overlays=self.cfg.overlays,
+        )
 
     def finish(self) -> dict:
         cfg = self.cfg
@@ -333,11 +354,19 @@ class Trainer:
 
     def state_dict(self) -> dict:
         s = self.student.module if hasattr(self.student, "module") else self.student
-        return {"config": dataclasses.asdict(self.cfg), "student": s.state_dict(),
-                "teacher": self.teacher.state_dict(), "optimizer": self.opt.state_dict(),
-                "scheduler": self.sched.state_dict(), "method": self.method.state_dict(),
-                "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
-                "global_step": self.global_step, "best": self.best, "rng": checkpoint.rng_state()}
+        return {
+            "config": dataclasses.asdict(self.cfg),
+            "student": s.state_dict(),
+            "teacher": self.teacher.state_dict(),
+            "optimizer": self.opt.state_dict(),
+            "scheduler": self.sched.state_dict(),
+            "method": self.method.state_dict(),
+            "epoch": self.epoch,
+            "step_in_epoch": self.step_in_epoch,
+            "global_step": self.global_step,
+            "best": self.best,
+            "rng": checkpoint.rng_state(),
+        }
 
     def load_state_dict(self, st: dict) -> None:
         s = self.student.module if hasattr(self.student, "module") else self.student
@@ -441,8 +470,11 @@ def write_results(res: dict, out: str, method: str = "") -> None:
         w = csv.DictWriter(f, ["name", *metrics.SEG_KEYS])
         w.writeheader()
         w.writerows(res["per_image"])
-    summary = {"method": method, "n": len(res["per_image"]),
-               **{k: {"mean": m, "std": s} for k, (m, s) in res["summary"].items()}}
+    summary = {
+        "method": method,
+        "n": len(res["per_image"]),
+        **{k: {"mean": m, "std": s} for k, (m, s) in res["summary"].items()},
+    }
     if "classification" in res:
         summary["classification"] = res["classification"]
     with open(os.path.join(out, "test_metrics.json"), "w") as f:

@@ -14,6 +14,7 @@ teacher and evaluates it). A method maps one labelled and one unlabelled batch t
   semiseg_caw ClassElevateSeg pre-training, then joint training with WGM-weighted losses.
 During the first `warmup_epochs` every method trains on the labelled batch only.
 """
+
 from __future__ import annotations
 
 import torch
@@ -81,6 +82,7 @@ class SupOnly(Method):
 
 # ----------------------------------------------------------------------------------------------
 
+
 class RABUSSeg(Method):
     name = "rabusseg"
     uses_unlabeled = True
@@ -88,8 +90,10 @@ class RABUSSeg(Method):
     def __init__(self, cfg):
         super().__init__(cfg)
         if cfg.cra and not hasattr(busseg_ops, "greedy_proxy_sampling"):
-            raise RuntimeError("rabusseg with CRA needs busseg_ops.greedy_proxy_sampling and the other "
-                               "CRA ops (issue 3), which this build lacks; pass --no-cra for ARP only")
+            raise RuntimeError(
+                "rabusseg with CRA needs busseg_ops.greedy_proxy_sampling and the other "
+                "CRA ops (issue 3), which this build lacks; pass --no-cra for ARP only"
+            )
         self.arp = models.AdjacentRelationPropagation(kernel_size=cfg.arp_kernel)
         self.cra = models.CrossLayerRelationAlignment(cfg.num_proxies, cfg.cra_scales, cfg.cra_strategy)
 
@@ -130,6 +134,7 @@ class RABUSSeg(Method):
 
 
 # ----------------------------------------------------------------------------------------------
+
 
 class PHNet(Method):
     """PH-Net (CVPR 2024). APA: the teacher's patch-entropy hardness shields the k = ⌊β·t/T·N²⌋
@@ -178,7 +183,7 @@ class PHNet(Method):
     def contrastive(self, rep, plm, tprob):
         c = self.cfg
         hard_m = busseg_ops.patch_entropy_hardness(tprob, num_patches=c.num_patches)
-        k = max(1, busseg_ops.shield_count(c.beta, 1.0, c.num_patches ** 2))  # anchors: the hardest patches
+        k = max(1, busseg_ops.shield_count(c.beta, 1.0, c.num_patches**2))  # anchors: the hardest patches
         sel = busseg_ops.reliable_hard_pixels(plm, tprob.argmax(1), hard_m, k, rep.shape[-2:])
         keep = sel.mask & (sel.labels != IGNORE)
         anchors = rep.permute(0, 2, 3, 1)[keep]
@@ -191,8 +196,7 @@ class PHNet(Method):
             self.bank.push(anchors.detach(), labels)  # after use: this batch is not its own positive
         else:
             positives = [anchors[labels == j].detach().mean(0) if (labels == j).any() else None for j in range(2)]
-        return busseg_ops.memory_contrastive_loss(anchors, labels, anchors.detach(), labels, positives,
-                                                  c.temperature)
+        return busseg_ops.memory_contrastive_loss(anchors, labels, anchors.detach(), labels, positives, c.temperature)
 
     def state_dict(self) -> dict:
         return {"bank": self.bank.state_dict()}
@@ -238,8 +242,7 @@ class LANet(Method):
             pseudo[unl["mask"] == IGNORE] = IGNORE
         loss_wo = bce(logits[nl:], pseudo)
         loss = c.lam * loss_cls + (1 - c.lam) * (loss_w + c.alpha * loss_wo)
-        return loss, {"loss_cls": loss_cls.detach(), "loss_sloc_w": loss_w.detach(),
-                      "loss_sloc_wo": loss_wo.detach()}
+        return loss, {"loss_cls": loss_cls.detach(), "loss_sloc_w": loss_w.detach(), "loss_sloc_wo": loss_wo.detach()}
 
 
 class SemiSegCAW(Method):
@@ -269,7 +272,11 @@ class SemiSegCAW(Method):
         net.aux.train(stage1 and net.training)  # frozen in stage 2: no BN statistics updates
         xl, yl = lab["image"], lab["mask"]
         x = xl if unl is None else torch.cat([xl, unl["image"]])
-        cls_t = torch.as_tensor(lab["cls"]) if unl is None else torch.cat([torch.as_tensor(lab["cls"]), torch.as_tensor(unl["cls"])])
+        cls_t = (
+            torch.as_tensor(lab["cls"])
+            if unl is None
+            else torch.cat([torch.as_tensor(lab["cls"]), torch.as_tensor(unl["cls"])])
+        )
         cls_t = cls_t.to(x.device)
         known = cls_t >= 0
         nl = len(xl)
@@ -290,8 +297,14 @@ class SemiSegCAW(Method):
             loss, w = self.wgm(losses)
         else:
             loss, w = sum(losses), torch.ones(3)
-        return loss, {"loss_seg": loss_seg.detach(), "loss_cls": loss_cls.detach(), "loss_u": loss_u.detach(),
-                      "w_seg": w[0], "w_cls": w[1], "w_u": w[2]}
+        return loss, {
+            "loss_seg": loss_seg.detach(),
+            "loss_cls": loss_cls.detach(),
+            "loss_u": loss_u.detach(),
+            "w_seg": w[0],
+            "w_cls": w[1],
+            "w_u": w[2],
+        }
 
     def state_dict(self) -> dict:
         return {"wgm": self.wgm.state_dict()}

@@ -6,6 +6,7 @@ Conventions for empty masks: both empty → Dice = IoU = 1 and HD95 = 0; exactly
 Dice = IoU = 0 and HD95 = the image diagonal (the largest possible distance). Precision with no
 predicted positives is 1 when there are no true positives to find, else 0.
 """
+
 from __future__ import annotations
 
 import math
@@ -68,6 +69,7 @@ def summarize(rows: list[dict[str, float]], keys=SEG_KEYS) -> dict[str, tuple[fl
 # ----------------------------------------------------------------------------------------------
 # Classification
 
+
 def auc_binary(y: torch.Tensor, score: torch.Tensor) -> float:
     """Area under the ROC curve = Mann–Whitney U / (n⁺·n⁻), ties counted half."""
     pos, neg = score[y == 1], score[y == 0]
@@ -97,12 +99,18 @@ def cls_metrics(y: torch.Tensor, prob: torch.Tensor) -> dict[str, float]:
         f1.append(2 * p * r / (p + r) if p + r else 0.0)
         auc.append(auc_binary((y == c).long(), prob[:, c]))
     mean = lambda v: sum(v) / len(v)  # noqa: E731
-    return {"accuracy": float((pred == y).double().mean()), "precision": mean(prec),
-            "recall": mean(rec), "f1": mean(f1), "auc": mean(auc)}
+    return {
+        "accuracy": float((pred == y).double().mean()),
+        "precision": mean(prec),
+        "recall": mean(rec),
+        "f1": mean(f1),
+        "auc": mean(auc),
+    }
 
 
 # ----------------------------------------------------------------------------------------------
 # Wilcoxon signed-rank test
+
 
 def _ranks(v: torch.Tensor) -> torch.Tensor:
     """Ranks 1..n with ties given their average rank."""
@@ -114,7 +122,7 @@ def _ranks(v: torch.Tensor) -> torch.Tensor:
         j = i
         while j + 1 < n and sv[j + 1] == sv[i]:
             j += 1
-        ranks[order[i:j + 1]] = (i + j) / 2 + 1
+        ranks[order[i : j + 1]] = (i + j) / 2 + 1
         i = j + 1
     return ranks
 
@@ -142,7 +150,7 @@ def wilcoxon(x, y=None, alternative: str = "two-sided") -> tuple[float, float]:
         for k in range(1, n + 1):
             for s in range(total, k - 1, -1):
                 counts[s] += counts[s - k]
-        denom = 2.0 ** n
+        denom = 2.0**n
         cdf = lambda s: sum(counts[: int(s) + 1]) / denom  # P(W⁺ ≤ s)  # noqa: E731
         if alternative == "two-sided":
             stat = min(w_plus, w_minus)

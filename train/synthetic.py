@@ -4,6 +4,7 @@ Each image is a function of its seed only: layered tissue texture, one hypoechoi
 size and irregular outline (malignant ones are more irregular), posterior acoustic shadowing below
 it, depth attenuation, low lesion contrast, and multiplicative Rayleigh speckle.
 """
+
 from __future__ import annotations
 
 import numpy as np

@@ -1,5 +1,6 @@
 """Figures: overlays as in the papers (red ground truth, green prediction, yellow overlap) and the
 training-curve plot from the CSV log."""
+
 from __future__ import annotations
 
 import csv

@@ -1,5 +1,6 @@
 """ARP (SPEC §1) in plain PyTorch, one shifted copy of the features per tap (never the unfolded
 (B, C*k*k, HW) stack)."""
+
 import torch
 import torch.nn.functional as F
 
@@ -15,12 +16,12 @@ def adjacent_relation_propagation(feat, value, kernel_size, dilation, scale, val
     for t in range(kernel_size * kernel_size):  # row-major taps: dy outer, dx inner
         y0 = (t // kernel_size) * dilation
         x0 = (t % kernel_size) * dilation
-        affinities.append(scale * (feat * feat_p[:, :, y0:y0 + H, x0:x0 + W]).sum(1))
-        inside.append(inside_p[:, 0, y0:y0 + H, x0:x0 + W])
-        values.append(value_p[:, :, y0:y0 + H, x0:x0 + W])
+        affinities.append(scale * (feat * feat_p[:, :, y0 : y0 + H, x0 : x0 + W]).sum(1))
+        inside.append(inside_p[:, 0, y0 : y0 + H, x0 : x0 + W])
+        values.append(value_p[:, :, y0 : y0 + H, x0 : x0 + W])
     affinity = torch.stack(affinities, 1)  # (B, taps, H, W)
     if valid_padding:
         affinity = affinity.masked_fill(~torch.stack(inside, 1), float("-inf"))
     weights = affinity.softmax(1)
-    out = sum(weights[:, t:t + 1] * v for t, v in enumerate(values))
+    out = sum(weights[:, t : t + 1] * v for t, v in enumerate(values))
     return out, weights

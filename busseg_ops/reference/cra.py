@@ -4,6 +4,7 @@ Greedy sampling keeps the two running arrays of §2.1 for the whole batch and co
 similarity row per step (never the (B, HW, HW) map). The loss is written the upstream way:
 softmax per layer, then ``KLDivLoss(log(P_l + eps), P_{l+1})`` per adjacent pair.
 """
+
 import torch
 
 
@@ -36,7 +37,7 @@ def greedy_proxy_sampling(feat, first, num_proxies, scale):
     f = feat.reshape(B, C, H * W).to(acc)
     batch = torch.arange(B, device=feat.device)
     cumulative = torch.zeros(B, H * W, dtype=acc, device=feat.device)  # c_t(j)
-    score = torch.full_like(cumulative, float("-inf"))                  # max over t of c_t(j)
+    score = torch.full_like(cumulative, float("-inf"))  # max over t of c_t(j)
     chosen = torch.zeros(B, H * W, dtype=torch.bool, device=feat.device)
     idx = torch.empty(B, num_proxies, dtype=torch.long, device=feat.device)
     s = first.to(device=feat.device, dtype=torch.long)
@@ -119,9 +120,11 @@ def patch_grid(num_proxies, H, W):
         if best is None or err < best[0]:
             best = (err, rows, cols)
     if best is None:
-        raise ValueError(f"num_proxies={num_proxies} cannot be laid out as a grid of patches on a "
-                         f"{H}x{W} map (strategy='patch' needs rows*cols = num_proxies, rows <= H, "
-                         f"cols <= W)")
+        raise ValueError(
+            f"num_proxies={num_proxies} cannot be laid out as a grid of patches on a "
+            f"{H}x{W} map (strategy='patch' needs rows*cols = num_proxies, rows <= H, "
+            f"cols <= W)"
+        )
     return best[1], best[2]
 
 

@@ -1,6 +1,7 @@
 """PH-Net ops (SPEC §3–§6) in plain PyTorch: the executable form of the spec and the test oracle.
 The contrastive loss here materialises the (N, N⁻) similarity matrix (fine for tests, not for
 training sizes)."""
+
 import math
 
 import torch
@@ -27,8 +28,7 @@ def patch_cutmix(tensors, patch_mask):
     return out
 
 
-def memory_contrastive_loss(anchors, anchor_labels, negatives, negative_labels, positives,
-                            has_positive, temperature):
+def memory_contrastive_loss(anchors, anchor_labels, negatives, negative_labels, positives, has_positive, temperature):
     """SPEC §6 with the whole (N, N⁻) logit matrix; autograd by PyTorch. Anchors whose label is
     outside [0, K) are ignored; a class counts when it has anchors and a positive."""
     K = positives.shape[0]

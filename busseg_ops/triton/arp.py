@@ -2,6 +2,7 @@
 neighbour features by arithmetic offsets (channels-last rows), keeps the k*k affinities of its
 pixels in registers for the softmax, and sums the neighbours' values. Backward: per-pixel
 affinity gradients, then gathers for the feature and value gradients (no atomics)."""
+
 import torch
 import triton
 import triton.language as tl
@@ -25,10 +26,25 @@ def _pixel_block(H, W, BLOCK_P: tl.constexpr):
 
 
 @triton.jit
-def _arp_forward_kernel(feat, value, out, weights, H, W, C, K, scale,
-                        KS: tl.constexpr, DIL: tl.constexpr, VALID: tl.constexpr,
-                        TAPS_PAD: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
-                        BLOCK_K: tl.constexpr, ACC: tl.constexpr):
+def _arp_forward_kernel(
+    feat,
+    value,
+    out,
+    weights,
+    H,
+    W,
+    C,
+    K,
+    scale,
+    KS: tl.constexpr,
+    DIL: tl.constexpr,
+    VALID: tl.constexpr,
+    TAPS_PAD: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    ACC: tl.constexpr,
+):
     b = tl.program_id(1)
     HW = H * W
     p, in_image, y, x = _pixel_block(H, W, BLOCK_P)
@@ -41,10 +57,12 @@ def _arp_forward_kernel(feat, value, out, weights, H, W, C, K, scale,
         dot = tl.zeros([BLOCK_P], ACC)
         for c0 in range(0, C, BLOCK_C):
             cs = c0 + tl.arange(0, BLOCK_C)
-            fp = tl.load(feat + (b * HW + p)[:, None] * C + cs[None, :],
-                         mask=in_image[:, None] & (cs[None, :] < C), other=0.0)
-            fq = tl.load(feat + (b * HW + q)[:, None] * C + cs[None, :],
-                         mask=inside[:, None] & (cs[None, :] < C), other=0.0)
+            fp = tl.load(
+                feat + (b * HW + p)[:, None] * C + cs[None, :], mask=in_image[:, None] & (cs[None, :] < C), other=0.0
+            )
+            fq = tl.load(
+                feat + (b * HW + q)[:, None] * C + cs[None, :], mask=inside[:, None] & (cs[None, :] < C), other=0.0
+            )
             dot += tl.sum(fp.to(ACC) * fq.to(ACC), axis=1)
         a = dot * scale  # zeros padding: an outside neighbour has affinity 0
         if VALID:
@@ -53,49 +71,75 @@ def _arp_forward_kernel(feat, value, out, weights, H, W, C, K, scale,
     amax = tl.where(in_image, tl.max(affinity, axis=1), 0.0)  # rows past the image: all -inf
     e = tl.exp(affinity - amax[:, None])
     w = e / tl.sum(e, axis=1)[:, None]
-    tl.store(weights + (b * KS * KS + taps[None, :]) * HW + p[:, None], w,
-             mask=in_image[:, None] & (taps[None, :] < KS * KS))
+    tl.store(
+        weights + (b * KS * KS + taps[None, :]) * HW + p[:, None], w, mask=in_image[:, None] & (taps[None, :] < KS * KS)
+    )
     acc = tl.zeros([BLOCK_P, BLOCK_K], ACC)
     for t in tl.static_range(KS * KS):
         q, inside = _neighbour(y, x, t, 1, H, W, KS, DIL)
         inside = inside & in_image
         w_t = tl.sum(tl.where(taps[None, :] == t, w, 0.0), axis=1)
-        v = tl.load(value + (b * HW + q)[:, None] * K + ks[None, :],
-                    mask=inside[:, None] & (ks[None, :] < K), other=0.0)
+        v = tl.load(
+            value + (b * HW + q)[:, None] * K + ks[None, :], mask=inside[:, None] & (ks[None, :] < K), other=0.0
+        )
         acc += w_t[:, None] * v.to(ACC)
-    tl.store(out + (b * K + ks[None, :]) * HW + p[:, None], acc,
-             mask=in_image[:, None] & (ks[None, :] < K))
+    tl.store(out + (b * K + ks[None, :]) * HW + p[:, None], acc, mask=in_image[:, None] & (ks[None, :] < K))
 
 
 @triton.jit
-def _arp_affinity_grad_kernel(grad_out, value, weights, da, H, W, K, scale,
-                              KS: tl.constexpr, DIL: tl.constexpr, TAPS_PAD: tl.constexpr,
-                              BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr):
+def _arp_affinity_grad_kernel(
+    grad_out,
+    value,
+    weights,
+    da,
+    H,
+    W,
+    K,
+    scale,
+    KS: tl.constexpr,
+    DIL: tl.constexpr,
+    TAPS_PAD: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    ACC: tl.constexpr,
+):
     b = tl.program_id(1)
     HW = H * W
     p, in_image, y, x = _pixel_block(H, W, BLOCK_P)
     taps = tl.arange(0, TAPS_PAD)
     ks = tl.arange(0, BLOCK_K)
     tap_mask = in_image[:, None] & (taps[None, :] < KS * KS)
-    w = tl.load(weights + (b * KS * KS + taps[None, :]) * HW + p[:, None], mask=tap_mask,
-                other=0.0).to(ACC)
-    g = tl.load(grad_out + (b * K + ks[None, :]) * HW + p[:, None],
-                mask=in_image[:, None] & (ks[None, :] < K), other=0.0).to(ACC)
+    w = tl.load(weights + (b * KS * KS + taps[None, :]) * HW + p[:, None], mask=tap_mask, other=0.0).to(ACC)
+    g = tl.load(
+        grad_out + (b * K + ks[None, :]) * HW + p[:, None], mask=in_image[:, None] & (ks[None, :] < K), other=0.0
+    ).to(ACC)
     dw = tl.zeros([BLOCK_P, TAPS_PAD], ACC)
     for t in tl.static_range(KS * KS):
         q, inside = _neighbour(y, x, t, 1, H, W, KS, DIL)
-        v = tl.load(value + (b * HW + q)[:, None] * K + ks[None, :],
-                    mask=(inside & in_image)[:, None] & (ks[None, :] < K), other=0.0)
+        v = tl.load(
+            value + (b * HW + q)[:, None] * K + ks[None, :],
+            mask=(inside & in_image)[:, None] & (ks[None, :] < K),
+            other=0.0,
+        )
         dw = tl.where(taps[None, :] == t, tl.sum(g * v.to(ACC), axis=1)[:, None], dw)
     wdw = tl.sum(w * dw, axis=1)
-    tl.store(da + (b * HW + p)[:, None] * (KS * KS) + taps[None, :],
-             scale * w * (dw - wdw[:, None]), mask=tap_mask)
+    tl.store(da + (b * HW + p)[:, None] * (KS * KS) + taps[None, :], scale * w * (dw - wdw[:, None]), mask=tap_mask)
 
 
 @triton.jit
-def _arp_feat_grad_kernel(feat, da, grad_feat, H, W, C,
-                          KS: tl.constexpr, DIL: tl.constexpr, BLOCK_P: tl.constexpr,
-                          BLOCK_C: tl.constexpr, ACC: tl.constexpr):
+def _arp_feat_grad_kernel(
+    feat,
+    da,
+    grad_feat,
+    H,
+    W,
+    C,
+    KS: tl.constexpr,
+    DIL: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    ACC: tl.constexpr,
+):
     b = tl.program_id(2)
     HW = H * W
     p, in_image, y, x = _pixel_block(H, W, BLOCK_P)
@@ -107,17 +151,27 @@ def _arp_feat_grad_kernel(feat, da, grad_feat, H, W, C,
             inside = inside & in_image
             owner = p if sign == 0 else q
             d = tl.load(da + (b * HW + owner) * (KS * KS) + t, mask=inside, other=0.0)
-            f = tl.load(feat + (b * HW + q)[:, None] * C + cs[None, :],
-                        mask=inside[:, None] & (cs[None, :] < C), other=0.0)
+            f = tl.load(
+                feat + (b * HW + q)[:, None] * C + cs[None, :], mask=inside[:, None] & (cs[None, :] < C), other=0.0
+            )
             acc += d[:, None] * f.to(ACC)
-    tl.store(grad_feat + (b * HW + p)[:, None] * C + cs[None, :], acc,
-             mask=in_image[:, None] & (cs[None, :] < C))
+    tl.store(grad_feat + (b * HW + p)[:, None] * C + cs[None, :], acc, mask=in_image[:, None] & (cs[None, :] < C))
 
 
 @triton.jit
-def _arp_value_grad_kernel(grad_out, weights, grad_value, H, W, K,
-                           KS: tl.constexpr, DIL: tl.constexpr, BLOCK_P: tl.constexpr,
-                           BLOCK_K: tl.constexpr, ACC: tl.constexpr):
+def _arp_value_grad_kernel(
+    grad_out,
+    weights,
+    grad_value,
+    H,
+    W,
+    K,
+    KS: tl.constexpr,
+    DIL: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    ACC: tl.constexpr,
+):
     b = tl.program_id(1)
     HW = H * W
     p, in_image, y, x = _pixel_block(H, W, BLOCK_P)
@@ -127,11 +181,11 @@ def _arp_value_grad_kernel(grad_out, weights, grad_value, H, W, K,
         src, inside = _neighbour(y, x, t, -1, H, W, KS, DIL)  # the pixel whose tap t lands on p
         inside = inside & in_image
         w = tl.load(weights + (b * KS * KS + t) * HW + src, mask=inside, other=0.0)
-        g = tl.load(grad_out + (b * K + ks[None, :]) * HW + src[:, None],
-                    mask=inside[:, None] & (ks[None, :] < K), other=0.0)
+        g = tl.load(
+            grad_out + (b * K + ks[None, :]) * HW + src[:, None], mask=inside[:, None] & (ks[None, :] < K), other=0.0
+        )
         acc += w.to(ACC)[:, None] * g.to(ACC)
-    tl.store(grad_value + (b * K + ks[None, :]) * HW + p[:, None], acc,
-             mask=in_image[:, None] & (ks[None, :] < K))
+    tl.store(grad_value + (b * K + ks[None, :]) * HW + p[:, None], acc, mask=in_image[:, None] & (ks[None, :] < K))
 
 
 _BLOCK_P = 32
@@ -146,27 +200,49 @@ def _channels_last(t: torch.Tensor) -> torch.Tensor:
 
 
 @triton_op("busseg::arp_forward_triton", mutates_args=())
-def arp_forward_triton(feat: torch.Tensor, value: torch.Tensor, kernel_size: int, dilation: int,
-                       scale: float, valid_padding: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def arp_forward_triton(
+    feat: torch.Tensor, value: torch.Tensor, kernel_size: int, dilation: int, scale: float, valid_padding: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
     B, C, H, W = feat.shape
     K = value.shape[1]
     out = value.new_empty(B, K, H, W)
     weights = feat.new_empty(B, kernel_size * kernel_size, H, W)
     grid = (triton.cdiv(H * W, _BLOCK_P), B)
     wrap_triton(_arp_forward_kernel)[grid](
-        _channels_last(feat), _channels_last(value), out, weights, H, W, C, K, scale,
-        KS=kernel_size, DIL=dilation, VALID=valid_padding,
-        TAPS_PAD=triton.next_power_of_2(kernel_size * kernel_size), BLOCK_P=_BLOCK_P,
-        BLOCK_C=min(64, triton.next_power_of_2(C)), BLOCK_K=triton.next_power_of_2(K),
-        ACC=_acc(feat))
+        _channels_last(feat),
+        _channels_last(value),
+        out,
+        weights,
+        H,
+        W,
+        C,
+        K,
+        scale,
+        KS=kernel_size,
+        DIL=dilation,
+        VALID=valid_padding,
+        TAPS_PAD=triton.next_power_of_2(kernel_size * kernel_size),
+        BLOCK_P=_BLOCK_P,
+        BLOCK_C=min(64, triton.next_power_of_2(C)),
+        BLOCK_K=triton.next_power_of_2(K),
+        ACC=_acc(feat),
+    )
     return out, weights
 
 
 @triton_op("busseg::arp_backward_triton", mutates_args=())
-def arp_backward_triton(grad_out: torch.Tensor, feat: torch.Tensor, value: torch.Tensor,
-                        weights: torch.Tensor, kernel_size: int, dilation: int, scale: float,
-                        valid_padding: bool, need_grad_feat: bool,
-                        need_grad_value: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def arp_backward_triton(
+    grad_out: torch.Tensor,
+    feat: torch.Tensor,
+    value: torch.Tensor,
+    weights: torch.Tensor,
+    kernel_size: int,
+    dilation: int,
+    scale: float,
+    valid_padding: bool,
+    need_grad_feat: bool,
+    need_grad_value: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
     B, C, H, W = feat.shape
     K = value.shape[1]
     grad_out = grad_out.contiguous()
@@ -179,20 +255,42 @@ def arp_backward_triton(grad_out: torch.Tensor, feat: torch.Tensor, value: torch
         acc_dtype = torch.float64 if feat.dtype == torch.float64 else torch.float32
         da = torch.empty(B, H, W, kernel_size * kernel_size, dtype=acc_dtype, device=feat.device)
         wrap_triton(_arp_affinity_grad_kernel)[(pixel_blocks, B)](
-            grad_out, _channels_last(value), weights, da, H, W, K, scale, KS=kernel_size,
-            DIL=dilation, TAPS_PAD=triton.next_power_of_2(kernel_size * kernel_size),
-            BLOCK_P=_BLOCK_P, BLOCK_K=block_k, ACC=_acc(feat))
+            grad_out,
+            _channels_last(value),
+            weights,
+            da,
+            H,
+            W,
+            K,
+            scale,
+            KS=kernel_size,
+            DIL=dilation,
+            TAPS_PAD=triton.next_power_of_2(kernel_size * kernel_size),
+            BLOCK_P=_BLOCK_P,
+            BLOCK_K=block_k,
+            ACC=_acc(feat),
+        )
         block_c = min(64, triton.next_power_of_2(C))
         grad_feat = feat.new_empty(B, H, W, C)
         wrap_triton(_arp_feat_grad_kernel)[(pixel_blocks, triton.cdiv(C, block_c), B)](
-            f, da, grad_feat, H, W, C, KS=kernel_size, DIL=dilation, BLOCK_P=_BLOCK_P,
-            BLOCK_C=block_c, ACC=_acc(feat))
+            f, da, grad_feat, H, W, C, KS=kernel_size, DIL=dilation, BLOCK_P=_BLOCK_P, BLOCK_C=block_c, ACC=_acc(feat)
+        )
         grad_feat = grad_feat.permute(0, 3, 1, 2)
     if need_grad_value:
         grad_value = value.new_empty(B, K, H, W)
         wrap_triton(_arp_value_grad_kernel)[(pixel_blocks, B)](
-            grad_out, weights, grad_value, H, W, K, KS=kernel_size, DIL=dilation,
-            BLOCK_P=_BLOCK_P, BLOCK_K=block_k, ACC=_acc(feat))
+            grad_out,
+            weights,
+            grad_value,
+            H,
+            W,
+            K,
+            KS=kernel_size,
+            DIL=dilation,
+            BLOCK_P=_BLOCK_P,
+            BLOCK_K=block_k,
+            ACC=_acc(feat),
+        )
     return grad_feat, grad_value
 
 

@@ -4,6 +4,7 @@ unrolled (L is a compile-time constant). Forward: log-sum-exp per layer and the 
 adjacent pairs; backward: a sliding window over layers l-1, l, l+1 writes each logit gradient
 once. Greedy sampling has no Triton version (sequential, and each step reads the feature row of
 a pixel chosen at run time: an indirect load)."""
+
 import torch
 import triton
 import triton.language as tl
@@ -23,8 +24,7 @@ def _row_lse(z):
 @triton.jit
 def _load_layer(logits, l, r, ms, R, M, ACC: tl.constexpr):
     mask = (r < R)[:, None] & (ms < M)[None, :]
-    return tl.load(logits + (l * R + r)[:, None] * M + ms[None, :], mask=mask,
-                   other=float("-inf")).to(ACC)
+    return tl.load(logits + (l * R + r)[:, None] * M + ms[None, :], mask=mask, other=float("-inf")).to(ACC)
 
 
 @triton.jit
@@ -33,8 +33,9 @@ def _kl_term(q, log_q, log_p_eps):
 
 
 @triton.jit
-def _align_forward_kernel(logits, lse, row_loss, R, M, eps, L: tl.constexpr,
-                          BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, ACC: tl.constexpr):
+def _align_forward_kernel(
+    logits, lse, row_loss, R, M, eps, L: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, ACC: tl.constexpr
+):
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     ms = tl.arange(0, BLOCK_M)
     z_prev = _load_layer(logits, 0, r, ms, R, M, ACC)
@@ -55,8 +56,20 @@ def _align_forward_kernel(logits, lse, row_loss, R, M, eps, L: tl.constexpr,
 
 
 @triton.jit
-def _align_backward_kernel(grad_loss, logits, lse, grad, R, M, eps, norm, L: tl.constexpr,
-                           BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, ACC: tl.constexpr):
+def _align_backward_kernel(
+    grad_loss,
+    logits,
+    lse,
+    grad,
+    R,
+    M,
+    eps,
+    norm,
+    L: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    ACC: tl.constexpr,
+):
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     ms = tl.arange(0, BLOCK_M)
     mask = (r < R)[:, None] & (ms < M)[None, :]
@@ -64,7 +77,7 @@ def _align_backward_kernel(grad_loss, logits, lse, grad, R, M, eps, norm, L: tl.
     z_cur = _load_layer(logits, 0, r, ms, R, M, ACC)
     lse_cur = tl.load(lse + r, mask=r < R, other=0.0).to(ACC)
     p_prev = tl.zeros([BLOCK_R, BLOCK_M], ACC)  # P_{l-1}
-    qu_prev = tl.zeros([BLOCK_R], ACC)          # <q, u> of pair l-1
+    qu_prev = tl.zeros([BLOCK_R], ACC)  # <q, u> of pair l-1
     for l in tl.static_range(L):
         log_x = z_cur - lse_cur[:, None]
         x = tl.exp(log_x)  # P_l
@@ -99,8 +112,7 @@ def _acc(t: torch.Tensor):
 
 
 @triton_op("busseg::cra_align_forward_triton", mutates_args=())
-def cra_align_forward_triton(logits: torch.Tensor, reduction: str,
-                             eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def cra_align_forward_triton(logits: torch.Tensor, reduction: str, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     L, B, HW, M = logits.shape
     z = logits.contiguous()
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
@@ -108,21 +120,33 @@ def cra_align_forward_triton(logits: torch.Tensor, reduction: str,
     row_loss = torch.empty(B * HW, dtype=acc, device=logits.device)
     block_r, block_m = _blocks(M)
     wrap_triton(_align_forward_kernel)[(triton.cdiv(B * HW, block_r),)](
-        z, lse, row_loss, B * HW, M, eps, L=L, BLOCK_R=block_r, BLOCK_M=block_m, ACC=_acc(logits))
+        z, lse, row_loss, B * HW, M, eps, L=L, BLOCK_R=block_r, BLOCK_M=block_m, ACC=_acc(logits)
+    )
     return (row_loss.sum() * align_norm(logits.shape, reduction)).to(logits.dtype), lse
 
 
 @triton_op("busseg::cra_align_backward_triton", mutates_args=())
-def cra_align_backward_triton(grad_loss: torch.Tensor, logits: torch.Tensor, lse: torch.Tensor,
-                              reduction: str, eps: float) -> torch.Tensor:
+def cra_align_backward_triton(
+    grad_loss: torch.Tensor, logits: torch.Tensor, lse: torch.Tensor, reduction: str, eps: float
+) -> torch.Tensor:
     L, B, HW, M = logits.shape
     z = logits.contiguous()
     grad = torch.empty_like(z)
     block_r, block_m = _blocks(M)
     wrap_triton(_align_backward_kernel)[(triton.cdiv(B * HW, block_r),)](
-        grad_loss.reshape(1).to(logits.dtype), z, lse.contiguous(), grad, B * HW, M, eps,
-        align_norm(logits.shape, reduction), L=L, BLOCK_R=block_r, BLOCK_M=block_m,
-        ACC=_acc(logits))
+        grad_loss.reshape(1).to(logits.dtype),
+        z,
+        lse.contiguous(),
+        grad,
+        B * HW,
+        M,
+        eps,
+        align_norm(logits.shape, reduction),
+        L=L,
+        BLOCK_R=block_r,
+        BLOCK_M=block_m,
+        ACC=_acc(logits),
+    )
     return grad
 
 

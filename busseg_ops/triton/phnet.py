@@ -6,6 +6,7 @@ negatives through tl.dot with an online log-sum-exp (forward keeps only the per-
 backward recomputes the tiles, once per anchor block for the anchor gradient and once per
 negative block for the negative gradient (no atomics). The cosine normalisation, the positive
 term and the class weights are O((N + N⁻)·D) torch ops around the kernels."""
+
 import math
 
 import torch
@@ -15,8 +16,8 @@ from torch.library import triton_op, wrap_triton
 
 from ..phnet import register_contrastive_autograd, register_hardness_autograd
 
-
 # ---- hardness --------------------------------------------------------------------------------
+
 
 @triton.jit
 def _pixel_probs_stats(x_ptr, K, HW, mask, FROM_LOGITS: tl.constexpr, BLOCK: tl.constexpr):
@@ -43,8 +44,9 @@ def _prob(x_ptr, k, HW, mask, m, s, FROM_LOGITS: tl.constexpr):
 
 
 @triton.jit
-def _hardness_forward_kernel(x, out, K, H, W, PH, PW, NH, NW, scale, eps,
-                             FROM_LOGITS: tl.constexpr, BLOCK: tl.constexpr):
+def _hardness_forward_kernel(
+    x, out, K, H, W, PH, PW, NH, NW, scale, eps, FROM_LOGITS: tl.constexpr, BLOCK: tl.constexpr
+):
     pid = tl.program_id(0)  # (b, i, j) patch
     b = pid // (NH * NW)
     i = (pid // NW) % NH
@@ -64,8 +66,9 @@ def _hardness_forward_kernel(x, out, K, H, W, PH, PW, NH, NW, scale, eps,
 
 
 @triton.jit
-def _hardness_backward_kernel(grad, x, dx, K, H, W, PH, PW, NH, NW, scale, eps,
-                              FROM_LOGITS: tl.constexpr, BLOCK: tl.constexpr):
+def _hardness_backward_kernel(
+    grad, x, dx, K, H, W, PH, PW, NH, NW, scale, eps, FROM_LOGITS: tl.constexpr, BLOCK: tl.constexpr
+):
     b = tl.program_id(1)
     HW = H * W
     pix = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -88,43 +91,68 @@ def _hardness_backward_kernel(grad, x, dx, K, H, W, PH, PW, NH, NW, scale, eps,
 
 
 @triton_op("busseg::patch_entropy_hardness_forward_triton", mutates_args=())
-def patch_entropy_hardness_forward_triton(x: torch.Tensor, patch_h: int, patch_w: int,
-                                          from_logits: bool, eps: float) -> torch.Tensor:
+def patch_entropy_hardness_forward_triton(
+    x: torch.Tensor, patch_h: int, patch_w: int, from_logits: bool, eps: float
+) -> torch.Tensor:
     B, K, H, W = x.shape
     nh, nw = H // patch_h, W // patch_w
     out = torch.empty(B, nh, nw, dtype=torch.float32, device=x.device)
     wrap_triton(_hardness_forward_kernel)[(B * nh * nw,)](
-        x.contiguous(), out, K, H, W, patch_h, patch_w, nh, nw,
-        -1.0 / (math.log(K) * patch_h * patch_w), eps, FROM_LOGITS=from_logits,
-        BLOCK=min(1024, triton.next_power_of_2(patch_h * patch_w)))
+        x.contiguous(),
+        out,
+        K,
+        H,
+        W,
+        patch_h,
+        patch_w,
+        nh,
+        nw,
+        -1.0 / (math.log(K) * patch_h * patch_w),
+        eps,
+        FROM_LOGITS=from_logits,
+        BLOCK=min(1024, triton.next_power_of_2(patch_h * patch_w)),
+    )
     return out.to(x.dtype)
 
 
 @triton_op("busseg::patch_entropy_hardness_backward_triton", mutates_args=())
-def patch_entropy_hardness_backward_triton(grad: torch.Tensor, x: torch.Tensor, patch_h: int,
-                                           patch_w: int, from_logits: bool, eps: float) -> torch.Tensor:
+def patch_entropy_hardness_backward_triton(
+    grad: torch.Tensor, x: torch.Tensor, patch_h: int, patch_w: int, from_logits: bool, eps: float
+) -> torch.Tensor:
     B, K, H, W = x.shape
     dx = torch.empty(B, K, H, W, dtype=torch.float32, device=x.device)
     block = 256
     wrap_triton(_hardness_backward_kernel)[(triton.cdiv(H * W, block), B)](
-        grad.contiguous(), x.contiguous(), dx, K, H, W, patch_h, patch_w, H // patch_h, W // patch_w,
-        -1.0 / (math.log(K) * patch_h * patch_w), eps, FROM_LOGITS=from_logits, BLOCK=block)
+        grad.contiguous(),
+        x.contiguous(),
+        dx,
+        K,
+        H,
+        W,
+        patch_h,
+        patch_w,
+        H // patch_h,
+        W // patch_w,
+        -1.0 / (math.log(K) * patch_h * patch_w),
+        eps,
+        FROM_LOGITS=from_logits,
+        BLOCK=block,
+    )
     return dx.to(x.dtype)
 
 
-register_hardness_autograd("busseg::patch_entropy_hardness_forward_triton",
-                           patch_entropy_hardness_backward_triton)
+register_hardness_autograd("busseg::patch_entropy_hardness_forward_triton", patch_entropy_hardness_backward_triton)
 
 
 # ---- memory contrastive loss -----------------------------------------------------------------
+
 
 @triton.jit
 def _sim_tile(a_tile, n, yn, j0, M, D, ya, inv_tau, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """(BLOCK_N, BLOCK_M) logits <â_i, n̂_j>/τ of one negative block, and which count."""
     cols = j0 + tl.arange(0, BLOCK_M)
     ds = tl.arange(0, BLOCK_D)
-    n_tile = tl.load(n + cols[:, None] * D + ds[None, :], mask=(cols[:, None] < M) & (ds[None, :] < D),
-                     other=0.0)
+    n_tile = tl.load(n + cols[:, None] * D + ds[None, :], mask=(cols[:, None] < M) & (ds[None, :] < D), other=0.0)
     s = tl.dot(a_tile, tl.trans(n_tile), input_precision="ieee") * inv_tau
     labels = tl.load(yn + cols, mask=cols < M, other=0)
     counted = (cols[None, :] < M) & (labels[None, :] != ya[:, None])
@@ -132,12 +160,12 @@ def _sim_tile(a_tile, n, yn, j0, M, D, ya, inv_tau, BLOCK_M: tl.constexpr, BLOCK
 
 
 @triton.jit
-def _contrastive_forward_kernel(a, n, ya_ptr, yn, pos, lse, N, M, D, inv_tau,
-                                BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+def _contrastive_forward_kernel(
+    a, n, ya_ptr, yn, pos, lse, N, M, D, inv_tau, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr
+):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     ds = tl.arange(0, BLOCK_D)
-    a_tile = tl.load(a + rows[:, None] * D + ds[None, :], mask=(rows[:, None] < N) & (ds[None, :] < D),
-                     other=0.0)
+    a_tile = tl.load(a + rows[:, None] * D + ds[None, :], mask=(rows[:, None] < N) & (ds[None, :] < D), other=0.0)
     ya = tl.load(ya_ptr + rows, mask=rows < N, other=0)
     m = tl.load(pos + rows, mask=rows < N, other=0.0)  # the positive term starts the sum
     s = tl.full([BLOCK_N], 1.0, m.dtype)
@@ -154,8 +182,7 @@ def _contrastive_forward_kernel(a, n, ya_ptr, yn, pos, lse, N, M, D, inv_tau,
 def _anchor_block(a, ya_ptr, lse, coef, rows, N, D, BLOCK_D: tl.constexpr):
     """A block of normalised anchors (rows, BLOCK_D) with their labels, LSE and gradient coefficients."""
     ds = tl.arange(0, BLOCK_D)
-    a_tile = tl.load(a + rows[:, None] * D + ds[None, :], mask=(rows[:, None] < N) & (ds[None, :] < D),
-                     other=0.0)
+    a_tile = tl.load(a + rows[:, None] * D + ds[None, :], mask=(rows[:, None] < N) & (ds[None, :] < D), other=0.0)
     ya = tl.load(ya_ptr + rows, mask=rows < N, other=0)
     l = tl.load(lse + rows, mask=rows < N, other=0.0)
     c = tl.load(coef + rows, mask=rows < N, other=0.0)
@@ -163,9 +190,22 @@ def _anchor_block(a, ya_ptr, lse, coef, rows, N, D, BLOCK_D: tl.constexpr):
 
 
 @triton.jit
-def _contrastive_anchor_grad_kernel(a, n, ya_ptr, yn, lse, coef, da, N, M, D, inv_tau,
-                                    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
-                                    BLOCK_D: tl.constexpr):
+def _contrastive_anchor_grad_kernel(
+    a,
+    n,
+    ya_ptr,
+    yn,
+    lse,
+    coef,
+    da,
+    N,
+    M,
+    D,
+    inv_tau,
+    BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     ds = tl.arange(0, BLOCK_D)
     tile_mask = (rows[:, None] < N) & (ds[None, :] < D)
@@ -180,13 +220,25 @@ def _contrastive_anchor_grad_kernel(a, n, ya_ptr, yn, lse, coef, da, N, M, D, in
 
 
 @triton.jit
-def _contrastive_negative_grad_kernel(a, n, ya_ptr, yn, lse, coef, dn, N, M, D, inv_tau,
-                                      BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
-                                      BLOCK_D: tl.constexpr):
+def _contrastive_negative_grad_kernel(
+    a,
+    n,
+    ya_ptr,
+    yn,
+    lse,
+    coef,
+    dn,
+    N,
+    M,
+    D,
+    inv_tau,
+    BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     cols = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     ds = tl.arange(0, BLOCK_D)
-    n_tile = tl.load(n + cols[:, None] * D + ds[None, :], mask=(cols[:, None] < M) & (ds[None, :] < D),
-                     other=0.0)
+    n_tile = tl.load(n + cols[:, None] * D + ds[None, :], mask=(cols[:, None] < M) & (ds[None, :] < D), other=0.0)
     labels = tl.load(yn + cols, mask=cols < M, other=0)
     acc = tl.zeros([BLOCK_M, BLOCK_D], n_tile.dtype)
     for i0 in range(0, N, BLOCK_N):
@@ -230,31 +282,50 @@ def _blocks(D):
 
 
 @triton_op("busseg::memory_contrastive_forward_triton", mutates_args=())
-def memory_contrastive_forward_triton(anchors: torch.Tensor, anchor_labels: torch.Tensor,
-                                      negatives: torch.Tensor, negative_labels: torch.Tensor,
-                                      positives: torch.Tensor, has_positive: torch.Tensor,
-                                      temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    a, n, _, _, pos, weight = _prepare(anchors, anchor_labels, negatives, positives, has_positive,
-                                       temperature)
+def memory_contrastive_forward_triton(
+    anchors: torch.Tensor,
+    anchor_labels: torch.Tensor,
+    negatives: torch.Tensor,
+    negative_labels: torch.Tensor,
+    positives: torch.Tensor,
+    has_positive: torch.Tensor,
+    temperature: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    a, n, _, _, pos, weight = _prepare(anchors, anchor_labels, negatives, positives, has_positive, temperature)
     N, D = a.shape
     lse = torch.empty_like(pos)
     if N > 0:
         wrap_triton(_contrastive_forward_kernel)[(triton.cdiv(N, _BLOCK_N),)](
-            a, n, anchor_labels.contiguous(), negative_labels.contiguous(), pos.contiguous(), lse,
-            N, n.shape[0], D, 1.0 / temperature, **_blocks(D))
+            a,
+            n,
+            anchor_labels.contiguous(),
+            negative_labels.contiguous(),
+            pos.contiguous(),
+            lse,
+            N,
+            n.shape[0],
+            D,
+            1.0 / temperature,
+            **_blocks(D),
+        )
     loss = (weight * torch.where(weight > 0, lse - pos, 0.0)).sum()
     return loss, lse
 
 
 @triton_op("busseg::memory_contrastive_backward_triton", mutates_args=())
-def memory_contrastive_backward_triton(grad_loss: torch.Tensor, anchors: torch.Tensor,
-                                       anchor_labels: torch.Tensor, negatives: torch.Tensor,
-                                       negative_labels: torch.Tensor, positives: torch.Tensor,
-                                       has_positive: torch.Tensor, lse: torch.Tensor,
-                                       temperature: float, need_grad_negatives: bool
-                                       ) -> tuple[torch.Tensor, torch.Tensor]:
-    a, n, p, lab, pos, weight = _prepare(anchors, anchor_labels, negatives, positives, has_positive,
-                                         temperature)
+def memory_contrastive_backward_triton(
+    grad_loss: torch.Tensor,
+    anchors: torch.Tensor,
+    anchor_labels: torch.Tensor,
+    negatives: torch.Tensor,
+    negative_labels: torch.Tensor,
+    positives: torch.Tensor,
+    has_positive: torch.Tensor,
+    lse: torch.Tensor,
+    temperature: float,
+    need_grad_negatives: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    a, n, p, lab, pos, weight = _prepare(anchors, anchor_labels, negatives, positives, has_positive, temperature)
     N, D = a.shape
     M = n.shape[0]
     coef = (grad_loss.to(a.dtype) * weight / temperature).contiguous()
@@ -264,16 +335,17 @@ def memory_contrastive_backward_triton(grad_loss: torch.Tensor, anchors: torch.T
     args = (a, n, ya, yn, lse.contiguous(), coef)
     if N > 0 and M > 0:
         wrap_triton(_contrastive_anchor_grad_kernel)[(triton.cdiv(N, _BLOCK_N),)](
-            *args, da, N, M, D, 1.0 / temperature, **_blocks(D))
+            *args, da, N, M, D, 1.0 / temperature, **_blocks(D)
+        )
     grad_negatives = anchors.new_empty(0)
     if need_grad_negatives:
         dn = torch.zeros_like(n)
         if N > 0 and M > 0:
             wrap_triton(_contrastive_negative_grad_kernel)[(triton.cdiv(M, _BLOCK_M),)](
-                *args, dn, N, M, D, 1.0 / temperature, **_blocks(D))
+                *args, dn, N, M, D, 1.0 / temperature, **_blocks(D)
+            )
         grad_negatives = _normalize_backward(negatives, n, dn)
     return _normalize_backward(anchors, a, da), grad_negatives
 
 
-register_contrastive_autograd("busseg::memory_contrastive_forward_triton",
-                              memory_contrastive_backward_triton)
+register_contrastive_autograd("busseg::memory_contrastive_forward_triton", memory_contrastive_backward_triton)

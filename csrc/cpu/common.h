@@ -10,7 +10,8 @@
 // Inner loops get AVX-512 and AVX2+FMA clones chosen at load time, so one binary runs everywhere
 // (the AVX-512 clone halves the time of the exp/log-bound hardness loop on Zen 4/5).
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define BUSSEG_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#define BUSSEG_SIMD_CLONES \
+  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define BUSSEG_SIMD_CLONES
 #endif

@@ -10,9 +10,10 @@
 // half's error bound cannot rule out (greedy_image_screened).
 //
 // The alignment loss runs the blocked driver of cra_driver.h with, for float on AVX-512 CPUs, the
-// products of cpu/proxy_gemm.h (BLAS otherwise), and the fused row kernels below: per pixel row, log-sum-exp of every layer and the L-1
-// KL terms, and in backward the logit gradients, recomputing the probabilities from the logits
-// and the saved log-sum-exp. Only (L, B, HW) row statistics are kept between forward and backward.
+// products of cpu/proxy_gemm.h (BLAS otherwise), and the fused row kernels below: per pixel row,
+// log-sum-exp of every layer and the L-1 KL terms, and in backward the logit gradients, recomputing
+// the probabilities from the logits and the saved log-sum-exp. Only (L, B, HW) row statistics are
+// kept between forward and backward.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -454,7 +455,9 @@ class ProxyGemmProducts final : public AlignProducts {
 
   ProxyGemmProducts(at::TensorList feats, at::TensorList proxies)
       : AlignProducts(feats, proxies),
-        B_(proxies[0].size(0)), M_(proxies[0].size(1)), ldp_(proxy_gemm::padded(M_)) {
+        B_(proxies[0].size(0)),
+        M_(proxies[0].size(1)),
+        ldp_(proxy_gemm::padded(M_)) {
     int64_t max_c = 0;
     for (const at::Tensor& p : proxies) {
       const int64_t C = p.size(2);
@@ -464,9 +467,8 @@ class ProxyGemmProducts final : public AlignProducts {
       packed_.push_back(pt);
     }
     for (size_t l = 0; l < proxies.size(); ++l) order_.push_back(static_cast<int64_t>(l));
-    std::stable_sort(order_.begin(), order_.end(), [&](int64_t a, int64_t b) {
-      return proxies[a].size(2) > proxies[b].size(2);
-    });
+    std::stable_sort(order_.begin(), order_.end(),
+                     [&](int64_t a, int64_t b) { return proxies[a].size(2) > proxies[b].size(2); });
     panels_.resize(at::get_num_threads());
     for (auto& panel : panels_) panel.resize(max_c * kPanelStride);
   }
@@ -487,19 +489,19 @@ class ProxyGemmProducts final : public AlignProducts {
       for (const at::Tensor& pt : packed_) packed_grads_.push_back(at::zeros_like(pt));
     const float* g_data = g.data_ptr<float>();
     const int64_t max_c = feats_[order_[0]].size(1);
-    for_items((max_c + kGradChannels - 1) / kGradChannels, [&](int64_t l, int64_t b, int64_t piece) {
-      const int64_t C = feats_[l].size(1), c0 = piece * kGradChannels;
-      if (c0 >= C) return;
-      const int64_t channels = std::min(kGradChannels, C - c0);
-      for (int64_t i0 = 0; i0 < n; i0 += kPanelRows) {
-        const int64_t rows = std::min(kPanelRows, n - i0);
-        const float* panel = pack_panel(l, b, c0, channels, r0 + i0, rows);
-        proxy_gemm::accumulate_grads(panel, kPanelStride, rows, channels,
-                                     g_data + ((l * B_ + b) * n + i0) * M_, M_, M_,
-                                     packed_grads_[l].data_ptr<float>() + (b * C + c0) * ldp_,
-                                     ldp_);
-      }
-    });
+    for_items((max_c + kGradChannels - 1) / kGradChannels,
+              [&](int64_t l, int64_t b, int64_t piece) {
+                const int64_t C = feats_[l].size(1), c0 = piece * kGradChannels;
+                if (c0 >= C) return;
+                const int64_t channels = std::min(kGradChannels, C - c0);
+                for (int64_t i0 = 0; i0 < n; i0 += kPanelRows) {
+                  const int64_t rows = std::min(kPanelRows, n - i0);
+                  const float* panel = pack_panel(l, b, c0, channels, r0 + i0, rows);
+                  proxy_gemm::accumulate_grads(
+                      panel, kPanelStride, rows, channels, g_data + ((l * B_ + b) * n + i0) * M_,
+                      M_, M_, packed_grads_[l].data_ptr<float>() + (b * C + c0) * ldp_, ldp_);
+                }
+              });
   }
 
   std::vector<at::Tensor> proxy_grads() override {
@@ -535,9 +537,9 @@ class ProxyGemmProducts final : public AlignProducts {
   }
 
   int64_t B_, M_, ldp_;
-  std::vector<at::Tensor> packed_;        // per layer (B, C_l, ldp) proxies, zero padded
-  std::vector<at::Tensor> packed_grads_;  // per layer (B, C_l, ldp) proxy-gradient sums
-  std::vector<int64_t> order_;      // layers by decreasing channels
+  std::vector<at::Tensor> packed_;          // per layer (B, C_l, ldp) proxies, zero padded
+  std::vector<at::Tensor> packed_grads_;    // per layer (B, C_l, ldp) proxy-gradient sums
+  std::vector<int64_t> order_;              // layers by decreasing channels
   std::vector<std::vector<float>> panels_;  // per thread (C, kPanelStride) pixel panel
 };
 #endif

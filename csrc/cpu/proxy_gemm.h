@@ -26,8 +26,8 @@
 namespace busseg {
 namespace proxy_gemm {
 
-constexpr int kTile = 6;   // pixel rows (logits) or channels (gradient) per micro-tile
-constexpr int kVecs = 4;   // zmm of proxies per micro-tile: 64 proxies
+constexpr int kTile = 6;  // pixel rows (logits) or channels (gradient) per micro-tile
+constexpr int kVecs = 4;  // zmm of proxies per micro-tile: 64 proxies
 constexpr int kLanes = 16;
 
 inline bool supported() { return __builtin_cpu_supports("avx512f"); }
@@ -53,12 +53,12 @@ BUSSEG_AVX512 void logits_tile(const float* x, int64_t ldx, int64_t C, const flo
                                float* z, int64_t ldz, __mmask16 tail, bool accumulate) {
   __m512 acc[R][NV];
   BUSSEG_UNROLL
-  for (int r = 0; r < R; ++r)
-    BUSSEG_UNROLL
-    for (int v = 0; v < NV; ++v) {
-      const __mmask16 k = v == NV - 1 ? tail : __mmask16(0xFFFF);
-      acc[r][v] = accumulate ? _mm512_maskz_loadu_ps(k, z + r * ldz + kLanes * v) : _mm512_setzero_ps();
-    }
+  for (int r = 0; r < R; ++r) BUSSEG_UNROLL
+  for (int v = 0; v < NV; ++v) {
+    const __mmask16 k = v == NV - 1 ? tail : __mmask16(0xFFFF);
+    acc[r][v] =
+        accumulate ? _mm512_maskz_loadu_ps(k, z + r * ldz + kLanes * v) : _mm512_setzero_ps();
+  }
   for (int64_t c = 0; c < C; ++c) {
     __m512 p[NV];
     BUSSEG_UNROLL
@@ -85,9 +85,8 @@ BUSSEG_AVX512 void grad_tile(const float* x, int64_t ldx, int64_t n, const float
                              float* gt, int64_t ldp, __mmask16 tail) {
   __m512 acc[R][NV];
   BUSSEG_UNROLL
-  for (int r = 0; r < R; ++r)
-    BUSSEG_UNROLL
-    for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
+  for (int r = 0; r < R; ++r) BUSSEG_UNROLL
+  for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
   for (int64_t i = 0; i < n; ++i) {
     __m512 q[NV];
     BUSSEG_UNROLL
@@ -101,12 +100,11 @@ BUSSEG_AVX512 void grad_tile(const float* x, int64_t ldx, int64_t n, const float
     }
   }
   BUSSEG_UNROLL
-  for (int r = 0; r < R; ++r)
-    BUSSEG_UNROLL
-    for (int v = 0; v < NV; ++v) {
-      float* out = gt + r * ldp + kLanes * v;
-      _mm512_storeu_ps(out, _mm512_add_ps(_mm512_loadu_ps(out), acc[r][v]));
-    }
+  for (int r = 0; r < R; ++r) BUSSEG_UNROLL
+  for (int v = 0; v < NV; ++v) {
+    float* out = gt + r * ldp + kLanes * v;
+    _mm512_storeu_ps(out, _mm512_add_ps(_mm512_loadu_ps(out), acc[r][v]));
+  }
 }
 
 // Every instantiation of a tile kernel in one table, at (R - 1) kVecs + NV - 1.

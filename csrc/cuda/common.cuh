@@ -63,7 +63,8 @@ template <typename A>
 __device__ __forceinline__ bool argmin_better(A v, long long i, A best_v, long long best_i) {
   return i >= 0 && (best_i < 0 || v < best_v || (v == best_v && i < best_i));
 }
-template <typename A> __device__ __forceinline__ void warp_argmin(A& v, long long& i) {
+template <typename A>
+__device__ __forceinline__ void warp_argmin(A& v, long long& i) {
   for (int o = 16; o > 0; o >>= 1) {
     const A ov = __shfl_xor_sync(0xffffffffu, v, o);
     const long long oi = __shfl_xor_sync(0xffffffffu, i, o);
@@ -72,7 +73,8 @@ template <typename A> __device__ __forceinline__ void warp_argmin(A& v, long lon
 }
 // Block-wide arg-min; every thread of a 1-D block (blockDim.x a multiple of 32) must call it.
 // The result is valid in thread 0. Ends with a barrier, so it can be called again at once.
-template <typename A> __device__ __forceinline__ void block_argmin(A& v, long long& i) {
+template <typename A>
+__device__ __forceinline__ void block_argmin(A& v, long long& i) {
   __shared__ A warp_v[32];
   __shared__ long long warp_i[32];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;

@@ -12,9 +12,9 @@
 // cra_greedy_blocks_per_image holds the choice of P.
 //
 // The loss kernels (the row kernels of the blocked driver, csrc/cra_driver.h, run on one block
-// of pixel rows at a time) give each pixel row one warp (lanes over the M proxies): log-sum-exp of every
-// layer, the L-1 KL terms; backward recomputes the probabilities from the logits and the saved
-// log-sum-exp and writes every logit gradient once.
+// of pixel rows at a time) give each pixel row one warp (lanes over the M proxies): log-sum-exp of
+// every layer, the L-1 KL terms; backward recomputes the probabilities from the logits and the
+// saved log-sum-exp and writes every logit gradient once.
 #include <cooperative_groups.h>
 
 #include <algorithm>
@@ -30,19 +30,24 @@ namespace {
 constexpr int kGreedyThreads = 512;
 constexpr int kRowWarps = 8;
 
-template <typename A> __device__ __forceinline__ A nan_max(A a, A b) {
+template <typename A>
+__device__ __forceinline__ A nan_max(A a, A b) {
   return (a != a || a >= b) ? a : b;
 }
-template <typename A> __device__ __forceinline__ A positive_inf() { return A(INFINITY); }
+template <typename A>
+__device__ __forceinline__ A positive_inf() {
+  return A(INFINITY);
+}
 
 // Greedy sampling with P blocks per image (grid B*P); block p owns pixels [p*HW/P, (p+1)*HW/P).
 // kCooperative (P >= 2) needs a cooperative launch: all blocks resident, grid barriers.
 template <typename T, bool kCooperative>
 __global__ void __launch_bounds__(kGreedyThreads)
-greedy_kernel(long long HW, long long C, long long M, long long P, const T* __restrict__ feat,
-              const long long* __restrict__ first, double scale, acc_t<T>* __restrict__ cumulative,
-              acc_t<T>* __restrict__ score, unsigned char* __restrict__ chosen, long long* slot_i,
-              acc_t<T>* slot_v, long long* __restrict__ out) {
+    greedy_kernel(long long HW, long long C, long long M, long long P, const T* __restrict__ feat,
+                  const long long* __restrict__ first, double scale,
+                  acc_t<T>* __restrict__ cumulative, acc_t<T>* __restrict__ score,
+                  unsigned char* __restrict__ chosen, long long* slot_i, acc_t<T>* slot_v,
+                  long long* __restrict__ out) {
   using A = acc_t<T>;
   extern __shared__ unsigned char smem[];
   A* row = reinterpret_cast<A*>(smem);  // feature row of the proxy just chosen
@@ -125,7 +130,8 @@ __device__ __forceinline__ acc_t<T> warp_log_sum_exp(const T* z, long long M, in
 }
 
 // Term of KL(q || p) at one proxy, 0 * log 0 = 0 as in KLDivLoss (NaN still propagates).
-template <typename A> __device__ __forceinline__ A kl_term(A q, A log_q, A log_p_eps) {
+template <typename A>
+__device__ __forceinline__ A kl_term(A q, A log_q, A log_p_eps) {
   return (q > 0 || q != q) ? q * (log_q - log_p_eps) : A(0);
 }
 
@@ -147,7 +153,8 @@ __global__ void align_forward_kernel(AlignShape s, const T* __restrict__ logits,
     const T* zq = logits + ((l + 1) * s.R + r) * s.M;
     for (long long m = lane; m < s.M; m += 32) {
       const A log_q = load(zq + m) - row_lse[l + 1];
-      total += kl_term(exp(log_q), log_q, log(exp(load(zp + m) - row_lse[l]) + static_cast<A>(eps)));
+      total +=
+          kl_term(exp(log_q), log_q, log(exp(load(zp + m) - row_lse[l]) + static_cast<A>(eps)));
     }
   }
   total = warp_sum(total);
@@ -158,8 +165,9 @@ __global__ void align_forward_kernel(AlignShape s, const T* __restrict__ logits,
 // d/dz_{l+1} = q (u - <q, u>),  d/dz_l = p (h - <p, h>).
 template <typename T>
 __global__ void align_backward_kernel(AlignShape s, const T* __restrict__ grad_loss,
-                                      const T* __restrict__ logits, const acc_t<T>* __restrict__ lse,
-                                      double eps, double norm, T* __restrict__ grad) {
+                                      const T* __restrict__ logits,
+                                      const acc_t<T>* __restrict__ lse, double eps, double norm,
+                                      T* __restrict__ grad) {
   using A = acc_t<T>;
   const int lane = threadIdx.x & 31;
   const long long r = static_cast<long long>(blockIdx.x) * kRowWarps + (threadIdx.x >> 5);
@@ -250,18 +258,20 @@ cudaError_t cra_greedy_blocks_per_image(DType dtype, long long B, long long HW, 
     int per_sm = 0;
     cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, greedy_kernel<T, true>, kGreedyThreads,
                                                   greedy_smem<T, true>(C));
-    *blocks_per_image = std::max(1LL, std::min(per_sm * static_cast<long long>(sms) / B,
-                                               HW / kMinGreedyChunk));
+    *blocks_per_image =
+        std::max(1LL, std::min(per_sm * static_cast<long long>(sms) / B, HW / kMinGreedyChunk));
   });
 }
 
-size_t cra_greedy_workspace_bytes(DType dtype, long long B, long long HW, long long blocks_per_image) {
+size_t cra_greedy_workspace_bytes(DType dtype, long long B, long long HW,
+                                  long long blocks_per_image) {
   return greedy_layout(dtype, B, HW, blocks_per_image).bytes;
 }
 
 cudaError_t cra_greedy_sampling(DType dtype, long long B, long long HW, long long C, long long M,
-                                long long blocks_per_image, const void* feat, const long long* first,
-                                double scale, void* workspace, long long* out, cudaStream_t stream) {
+                                long long blocks_per_image, const void* feat,
+                                const long long* first, double scale, void* workspace,
+                                long long* out, cudaStream_t stream) {
   if (B == 0 || M == 0) return cudaSuccess;
   long long P = blocks_per_image;
   if (P < 1 || B * P > INT_MAX) return cudaErrorInvalidConfiguration;  // grid.x is 32-bit
@@ -283,8 +293,8 @@ cudaError_t cra_greedy_sampling(DType dtype, long long B, long long HW, long lon
       return;
     }
     // Pointers to the kernel's parameters in order, each variable of the parameter's exact type.
-    void* args[] = {&HW, &C, &M, &P, &f, &first, &scale, &cumulative, &score, &chosen,
-                    &slot_i, &slot_v, &out};
+    void* args[] = {&HW,         &C,     &M,      &P,      &f,      &first, &scale,
+                    &cumulative, &score, &chosen, &slot_i, &slot_v, &out};
     cudaLaunchCooperativeKernel(greedy_kernel<T, true>, dim3(grid), dim3(kGreedyThreads), args,
                                 greedy_smem<T, true>(C), stream);
   });

@@ -18,11 +18,13 @@ constexpr int kMaxAlignLayers = 16;
 cudaError_t cra_greedy_blocks_per_image(DType dtype, long long B, long long HW, long long C,
                                         long long* blocks_per_image);
 
-size_t cra_greedy_workspace_bytes(DType dtype, long long B, long long HW, long long blocks_per_image);
+size_t cra_greedy_workspace_bytes(DType dtype, long long B, long long HW,
+                                  long long blocks_per_image);
 
 cudaError_t cra_greedy_sampling(DType dtype, long long B, long long HW, long long C, long long M,
-                                long long blocks_per_image, const void* feat, const long long* first,
-                                double scale, void* workspace, long long* out, cudaStream_t stream);
+                                long long blocks_per_image, const void* feat,
+                                const long long* first, double scale, void* workspace,
+                                long long* out, cudaStream_t stream);
 
 struct AlignShape {
   int L;

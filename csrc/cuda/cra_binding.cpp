@@ -26,7 +26,8 @@ int64_t greedy_blocks_per_image(DType dtype, int64_t B, int64_t HW, int64_t C) {
                     env, "'");
   if (forced > 0) return forced;
   long long blocks = 1;
-  check_launch(cra_greedy_blocks_per_image(dtype, B, HW, C, &blocks), "cra_greedy_blocks_per_image");
+  check_launch(cra_greedy_blocks_per_image(dtype, B, HW, C, &blocks),
+               "cra_greedy_blocks_per_image");
   return blocks;
 }
 
@@ -68,8 +69,8 @@ at::Tensor rows_forward_cuda(const at::Tensor& logits, double eps, at::Tensor& l
   return row_loss.sum();
 }
 
-void rows_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& lse,
-                        double eps, double norm, at::Tensor& grad) {
+void rows_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& logits,
+                        const at::Tensor& lse, double eps, double norm, at::Tensor& grad) {
   const AlignShape s = align_shape(logits);
   check_launch(cra_align_backward(dtype_of(logits), s, grad_loss.data_ptr(), logits.data_ptr(),
                                   lse.data_ptr(), eps, norm, grad.data_ptr(),
@@ -84,18 +85,19 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> cra_align_blocked_fo
     int64_t block_rows, bool grad_proxies) {
   TORCH_CHECK_VALUE(!feats.empty(), "feats must hold L >= 2 layers, got 0");
   const c10::cuda::CUDAGuard guard(feats[0].device());
-  return align_blocked_forward(kCudaKernels, feats, proxies, std::string(reduction), eps, block_rows,
-                               grad_proxies);
+  return align_blocked_forward(kCudaKernels, feats, proxies, std::string(reduction), eps,
+                               block_rows, grad_proxies);
 }
 
 std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> cra_align_blocked_backward_cuda(
-    const at::Tensor& grad_loss, at::TensorList feats, at::TensorList proxies, const at::Tensor& lse,
-    c10::string_view reduction, double eps, int64_t block_rows, bool need_grad_feats,
-    bool need_grad_proxies) {
+    const at::Tensor& grad_loss, at::TensorList feats, at::TensorList proxies,
+    const at::Tensor& lse, c10::string_view reduction, double eps, int64_t block_rows,
+    bool need_grad_feats, bool need_grad_proxies) {
   TORCH_CHECK_VALUE(!feats.empty(), "feats must hold L >= 2 layers, got 0");
   const c10::cuda::CUDAGuard guard(feats[0].device());
-  return align_blocked_backward(kCudaKernels, grad_loss, feats, proxies, lse, std::string(reduction),
-                                eps, block_rows, need_grad_feats, need_grad_proxies);
+  return align_blocked_backward(kCudaKernels, grad_loss, feats, proxies, lse,
+                                std::string(reduction), eps, block_rows, need_grad_feats,
+                                need_grad_proxies);
 }
 
 }  // namespace

@@ -109,10 +109,18 @@ __global__ void patch_cutmix_kernel(CutmixBatch batch, const bool* __restrict__ 
     const bool keep = mask[(b * Nh + y / s.ph) * Nw + x / s.pw];
     const long long from = keep ? e : e + (((b + 1) % s.B) - b) * per_image;
     switch (ten.elem_size) {
-      case 1: copy_element<uint8_t>(ten, e, from); break;
-      case 2: copy_element<uint16_t>(ten, e, from); break;
-      case 4: copy_element<uint32_t>(ten, e, from); break;
-      default: copy_element<uint64_t>(ten, e, from); break;
+      case 1:
+        copy_element<uint8_t>(ten, e, from);
+        break;
+      case 2:
+        copy_element<uint16_t>(ten, e, from);
+        break;
+      case 4:
+        copy_element<uint32_t>(ten, e, from);
+        break;
+      default:
+        copy_element<uint64_t>(ten, e, from);
+        break;
     }
   }
 }
@@ -120,8 +128,9 @@ __global__ void patch_cutmix_kernel(CutmixBatch batch, const bool* __restrict__ 
 // One warp per row: the row's masked max, then its sum of exponentials.
 template <typename A>
 __global__ void lse_update_kernel(const A* __restrict__ sim, long long rows, long long cols,
-                                  const long long* __restrict__ ya, const long long* __restrict__ yn,
-                                  A* __restrict__ m, A* __restrict__ s, A inv_tau) {
+                                  const long long* __restrict__ ya,
+                                  const long long* __restrict__ yn, A* __restrict__ m,
+                                  A* __restrict__ s, A inv_tau) {
   const long long row = static_cast<long long>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   if (row >= rows) return;  // the whole warp leaves together
@@ -155,7 +164,9 @@ __global__ void grad_tile_kernel(A* __restrict__ sim, long long rows, long long 
   }
 }
 
-int grid_for(long long n) { return static_cast<int>(std::min<long long>((n + kThreads - 1) / kThreads, 65535LL * 8)); }
+int grid_for(long long n) {
+  return static_cast<int>(std::min<long long>((n + kThreads - 1) / kThreads, 65535LL * 8));
+}
 
 }  // namespace
 

@@ -23,8 +23,8 @@ at::Tensor hardness_forward_cuda(const at::Tensor& x, int64_t patch_h, int64_t p
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor xc = x.contiguous();
   at::Tensor out = at::empty({g.B, g.Nh, g.Nw}, x.options());
-  check_launch(hardness_forward(dtype_of(x), patch_shape(g), xc.data_ptr(), out.data_ptr(), from_logits,
-                                eps, c10::cuda::getCurrentCUDAStream()),
+  check_launch(hardness_forward(dtype_of(x), patch_shape(g), xc.data_ptr(), out.data_ptr(),
+                                from_logits, eps, c10::cuda::getCurrentCUDAStream()),
                "patch_entropy_hardness_forward");
   return out;
 }
@@ -36,9 +36,10 @@ at::Tensor hardness_backward_cuda(const at::Tensor& grad, const at::Tensor& x, i
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor xc = x.contiguous(), gc = grad.contiguous().to(x.scalar_type());
   at::Tensor dx = at::empty({g.B, g.K, g.H, g.W}, x.options());
-  check_launch(hardness_backward(dtype_of(x), patch_shape(g), gc.data_ptr(), xc.data_ptr(),
-                                 dx.data_ptr(), from_logits, eps, c10::cuda::getCurrentCUDAStream()),
-               "patch_entropy_hardness_backward");
+  check_launch(
+      hardness_backward(dtype_of(x), patch_shape(g), gc.data_ptr(), xc.data_ptr(), dx.data_ptr(),
+                        from_logits, eps, c10::cuda::getCurrentCUDAStream()),
+      "patch_entropy_hardness_backward");
   return dx;
 }
 
@@ -67,44 +68,48 @@ std::vector<at::Tensor> patch_cutmix_cuda(at::TensorList tensors, const at::Tens
 // int64 label tensors as the launchers' 64-bit `long long` (int64_t is `long` on Linux).
 const long long* labels(const at::Tensor& t) { return static_cast<const long long*>(t.data_ptr()); }
 
-void lse_update_cuda(const at::Tensor& sim, const at::Tensor& ya, const at::Tensor& yn, at::Tensor& m,
-                     at::Tensor& s, double inv_tau) {
+void lse_update_cuda(const at::Tensor& sim, const at::Tensor& ya, const at::Tensor& yn,
+                     at::Tensor& m, at::Tensor& s, double inv_tau) {
   check_launch(contrastive_lse_update(dtype_of(sim), sim.data_ptr(), sim.size(0), sim.size(1),
-                                      labels(ya), labels(yn), m.data_ptr(),
-                                      s.data_ptr(), inv_tau, c10::cuda::getCurrentCUDAStream()),
+                                      labels(ya), labels(yn), m.data_ptr(), s.data_ptr(), inv_tau,
+                                      c10::cuda::getCurrentCUDAStream()),
                "memory_contrastive lse tile");
 }
 
-void grad_tile_cuda(at::Tensor& sim, const at::Tensor& ya, const at::Tensor& yn, const at::Tensor& lse,
-                    const at::Tensor& coef, double inv_tau) {
+void grad_tile_cuda(at::Tensor& sim, const at::Tensor& ya, const at::Tensor& yn,
+                    const at::Tensor& lse, const at::Tensor& coef, double inv_tau) {
   check_launch(contrastive_grad_tile(dtype_of(sim), sim.data_ptr(), sim.size(0), sim.size(1),
-                                     labels(ya), labels(yn), lse.data_ptr(),
-                                     coef.data_ptr(), inv_tau, c10::cuda::getCurrentCUDAStream()),
+                                     labels(ya), labels(yn), lse.data_ptr(), coef.data_ptr(),
+                                     inv_tau, c10::cuda::getCurrentCUDAStream()),
                "memory_contrastive gradient tile");
 }
 
 constexpr ContrastiveTiles kCudaTiles{&lse_update_cuda, &grad_tile_cuda, 8192};
 
-at::Tensor wide(const at::Tensor& t) { return t.scalar_type() == at::kDouble ? t : t.to(at::kFloat); }
+at::Tensor wide(const at::Tensor& t) {
+  return t.scalar_type() == at::kDouble ? t : t.to(at::kFloat);
+}
 
 std::tuple<at::Tensor, at::Tensor> contrastive_forward_cuda(
     const at::Tensor& anchors, const at::Tensor& anchor_labels, const at::Tensor& negatives,
     const at::Tensor& negative_labels, const at::Tensor& positives, const at::Tensor& has_positive,
     double temperature) {
   const c10::cuda::CUDAGuard guard(anchors.device());
-  auto [loss, lse] = contrastive_forward(kCudaTiles, wide(anchors), anchor_labels, wide(negatives),
-                                         negative_labels, wide(positives), has_positive, temperature);
+  auto [loss, lse] =
+      contrastive_forward(kCudaTiles, wide(anchors), anchor_labels, wide(negatives),
+                          negative_labels, wide(positives), has_positive, temperature);
   return {loss.to(anchors.scalar_type()), lse.to(anchors.scalar_type())};
 }
 
 std::tuple<at::Tensor, at::Tensor> contrastive_backward_cuda(
     const at::Tensor& grad_loss, const at::Tensor& anchors, const at::Tensor& anchor_labels,
     const at::Tensor& negatives, const at::Tensor& negative_labels, const at::Tensor& positives,
-    const at::Tensor& has_positive, const at::Tensor& lse, double temperature, bool need_grad_negatives) {
+    const at::Tensor& has_positive, const at::Tensor& lse, double temperature,
+    bool need_grad_negatives) {
   const c10::cuda::CUDAGuard guard(anchors.device());
   auto [ga, gn] = contrastive_backward(kCudaTiles, wide(grad_loss), wide(anchors), anchor_labels,
-                                       wide(negatives), negative_labels, wide(positives), has_positive,
-                                       wide(lse), temperature, need_grad_negatives);
+                                       wide(negatives), negative_labels, wide(positives),
+                                       has_positive, wide(lse), temperature, need_grad_negatives);
   return {ga.to(anchors.scalar_type()), gn.to(negatives.scalar_type())};
 }
 
