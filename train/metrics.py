@@ -1,39 +1,55 @@
 """Evaluation metrics: per-image segmentation metrics (Dice, IoU, HD95 in pixels, precision,
 recall, specificity, accuracy), classification metrics (accuracy, precision, recall, F1, AUC) and
-the Wilcoxon signed-rank test (scipy is not a dependency).
+the Wilcoxon signed-rank test (scipy.stats.wilcoxon).
 
-Conventions for empty masks: both empty → Dice = IoU = 1 and HD95 = 0; exactly one empty →
-Dice = IoU = 0 and HD95 = the image diagonal (the largest possible distance). Precision with no
-predicted positives is 1 when there are no true positives to find, else 0.
+HD95 follows medpy's `hd95` with its default connectivity: the surface of a mask is the mask minus
+its erosion by the cross-shaped (4-neighbour) structuring element, with the outside of the image
+counted as background (so a mask touching the border has its border pixels on the surface); each
+surface pixel of one mask gets its Euclidean distance to the nearest surface pixel of the other
+(scipy's exact distance transform); HD95 is numpy's 95th percentile (linear interpolation) of both
+directed distance sets pooled. Distances are in pixels of the arrays given.
+
+Empty masks (medpy raises an error there): both empty → Dice = IoU = 1 and HD95 = 0; exactly one
+empty → Dice = IoU = 0 and HD95 = the image diagonal √(H² + W²) (no distance inside the image is
+larger). Precision with no predicted positives is 1 when there are no true positives to find, else
+0. Pixels of the ground truth equal to 255 are ignored by every metric (HD95 included).
 """
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
+import scipy.ndimage as ndi
+import scipy.stats
 import torch
-import torch.nn.functional as F
 
 SEG_KEYS = ("dice", "iou", "hd95", "precision", "recall", "specificity", "accuracy")
+CROSS = ndi.generate_binary_structure(2, 1)  # medpy's default connectivity=1
 
 
-def _boundary(m: torch.Tensor) -> torch.Tensor:
-    """Coordinates (N, 2) of the pixels of m on its 4-neighbour boundary (image border counts)."""
-    x = m[None, None].float()
-    eroded = -F.max_pool2d(-F.pad(x, (1, 1, 1, 1), value=0.0), 3, stride=1)
-    return torch.nonzero(m & (eroded[0, 0] < 0.5)).float()
+def _numpy_bool(m) -> np.ndarray:
+    return (m.detach().cpu().numpy() if torch.is_tensor(m) else np.asarray(m)).astype(bool)
 
 
-def hd95(pred: torch.Tensor, gt: torch.Tensor) -> float:
-    """95th percentile of the symmetric boundary distances (medpy's hd95 convention)."""
-    if not pred.any() and not gt.any():
+def surface(mask: np.ndarray) -> np.ndarray:
+    """The mask's surface: mask XOR its erosion by the cross (outside the image is background)."""
+    return mask ^ ndi.binary_erosion(mask, structure=CROSS, iterations=1, border_value=0)
+
+
+def surface_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Distance from each surface pixel of `a` to the nearest surface pixel of `b` (both non-empty)."""
+    return ndi.distance_transform_edt(~surface(b))[surface(a)]
+
+
+def hd95(pred, gt) -> float:
+    """95th percentile of the pooled directed surface distances (medpy's hd95; module docstring)."""
+    p, g = _numpy_bool(pred), _numpy_bool(gt)
+    if not p.any() and not g.any():
         return 0.0
-    if not pred.any() or not gt.any():
-        return math.hypot(*gt.shape)
-    a, b = _boundary(pred), _boundary(gt)
-    d = torch.cdist(a, b)
-    dists = torch.cat([d.min(dim=1).values, d.min(dim=0).values])
-    return float(torch.quantile(dists, 0.95))
+    if not p.any() or not g.any():
+        return math.hypot(*g.shape)
+    return float(np.percentile(np.hstack((surface_distances(p, g), surface_distances(g, p))), 95))
 
 
 def seg_metrics(pred: torch.Tensor, gt: torch.Tensor) -> dict[str, float]:
@@ -61,8 +77,8 @@ def summarize(rows: list[dict[str, float]], keys=SEG_KEYS) -> dict[str, tuple[fl
     """{key: (mean, std)} over images (population std)."""
     out = {}
     for k in keys:
-        v = torch.tensor([r[k] for r in rows], dtype=torch.float64)
-        out[k] = (float(v.mean()), float(v.std(unbiased=False))) if len(v) else (float("nan"), float("nan"))
+        v = np.array([r[k] for r in rows], dtype=np.float64)
+        out[k] = (float(v.mean()), float(v.std())) if len(v) else (float("nan"), float("nan"))
     return out
 
 
@@ -71,13 +87,13 @@ def summarize(rows: list[dict[str, float]], keys=SEG_KEYS) -> dict[str, tuple[fl
 
 
 def auc_binary(y: torch.Tensor, score: torch.Tensor) -> float:
-    """Area under the ROC curve = Mann–Whitney U / (n⁺·n⁻), ties counted half."""
+    """Area under the ROC curve = Mann–Whitney U / (n⁺·n⁻): the share of (positive, negative) pairs
+    ordered correctly, ties counted half — the value of sklearn's roc_auc_score."""
+    y, score = np.asarray(y), np.asarray(score, dtype=np.float64)
     pos, neg = score[y == 1], score[y == 0]
     if len(pos) == 0 or len(neg) == 0:
         return float("nan")
-    ranks = _ranks(torch.cat([pos, neg]).double())
-    u = ranks[: len(pos)].sum() - len(pos) * (len(pos) + 1) / 2
-    return float(u / (len(pos) * len(neg)))
+    return float(scipy.stats.mannwhitneyu(pos, neg).statistic / (len(pos) * len(neg)))
 
 
 def cls_metrics(y: torch.Tensor, prob: torch.Tensor) -> dict[str, float]:
@@ -112,57 +128,15 @@ def cls_metrics(y: torch.Tensor, prob: torch.Tensor) -> dict[str, float]:
 # Wilcoxon signed-rank test
 
 
-def _ranks(v: torch.Tensor) -> torch.Tensor:
-    """Ranks 1..n with ties given their average rank."""
-    order = torch.argsort(v, stable=True)
-    sv = v[order]
-    ranks = torch.empty_like(v, dtype=torch.float64)
-    i, n = 0, len(v)
-    while i < n:
-        j = i
-        while j + 1 < n and sv[j + 1] == sv[i]:
-            j += 1
-        ranks[order[i : j + 1]] = (i + j) / 2 + 1
-        i = j + 1
-    return ranks
-
-
 def wilcoxon(x, y=None, alternative: str = "two-sided") -> tuple[float, float]:
-    """Wilcoxon signed-rank test of x − y (or of x alone). Zero differences are dropped (Wilcoxon's
-    method). Exact null distribution when n ≤ 50 and no ties, else the normal approximation with
-    the tie correction (no continuity correction) — scipy.stats.wilcoxon's defaults.
-    Returns (statistic, p). The statistic is min(W⁺, W⁻) for two-sided, W⁺ otherwise."""
-    d = torch.as_tensor(x, dtype=torch.float64)
+    """scipy.stats.wilcoxon of x − y (or of x alone) with its defaults: zero differences dropped
+    (Wilcoxon's method), the exact distribution for small samples without ties or zeros, else the
+    normal approximation with the tie correction. Returns (statistic, p); all differences zero
+    gives (0, 1), as scipy does, without its division warning."""
+    d = np.asarray(x, dtype=np.float64)
     if y is not None:
-        d = d - torch.as_tensor(y, dtype=torch.float64)
-    d = d[d != 0]
-    n = len(d)
-    if n == 0:
+        d = d - np.asarray(y, dtype=np.float64)
+    if not np.any(d != 0):
         return 0.0, 1.0
-    r = _ranks(d.abs())
-    w_plus = float(r[d > 0].sum())
-    w_minus = float(r[d < 0].sum())
-    ties = len(torch.unique(d.abs())) < n
-    if n <= 50 and not ties:
-        # counts[s] = number of sign assignments with W⁺ = s.
-        total = n * (n + 1) // 2
-        counts = [1] + [0] * total
-        for k in range(1, n + 1):
-            for s in range(total, k - 1, -1):
-                counts[s] += counts[s - k]
-        denom = 2.0**n
-        cdf = lambda s: sum(counts[: int(s) + 1]) / denom  # P(W⁺ ≤ s)  # noqa: E731
-        if alternative == "two-sided":
-            stat = min(w_plus, w_minus)
-            return stat, min(1.0, 2 * cdf(stat))
-        if alternative == "greater":
-            return w_plus, 1 - cdf(w_plus - 1)
-        return w_plus, cdf(w_plus)
-    mean = n * (n + 1) / 4
-    _, counts = torch.unique(d.abs(), return_counts=True)
-    var = n * (n + 1) * (2 * n + 1) / 24 - float((counts.double() ** 3 - counts.double()).sum()) / 48
-    z = (w_plus - mean) / math.sqrt(var) if var > 0 else 0.0
-    sf = lambda t: 0.5 * math.erfc(t / math.sqrt(2))  # noqa: E731
-    if alternative == "two-sided":
-        return min(w_plus, w_minus), min(1.0, 2 * sf(abs(z)))
-    return w_plus, sf(z) if alternative == "greater" else sf(-z)
+    res = scipy.stats.wilcoxon(d, alternative=alternative)
+    return float(res.statistic), float(res.pvalue)
