@@ -2,9 +2,12 @@
 
   busseg train --method rabusseg --data busi --root DIR --partition 1/4 --epochs N [--config c.yaml]
   busseg train ... --resume runs/x/last.pt
-  busseg eval --checkpoint runs/x/best.pt [--data busi --root DIR] [--out DIR]
-  busseg predict IMAGE_OR_DIR --checkpoint runs/x/best.pt [--out DIR]
+  busseg eval --checkpoint runs/x/best.pt [--data busi --root DIR] [--out DIR] [--window N]
+  busseg predict IMAGE_OR_DIR --checkpoint runs/x/best.pt [--out DIR] [--window N]
   busseg compare runs/a runs/b          # Wilcoxon signed-rank p on per-image test Dice
+  busseg compare 'runs/sup_s*' --vs 'runs/ra_s*'   # seeds: mean ± std, Wilcoxon on seed means
+
+Evaluation and prediction take each image at its original size (evaluate.py).
 
 Every TrainConfig field is an option (`--cra-strategy random`, `--no-arp`, ...); a YAML or JSON
 config file gives defaults that the command line overrides. Multi-process: `torchrun
@@ -14,7 +17,6 @@ config file gives defaults that the command line overrides. Multi-process: `torc
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import json
 import os
@@ -23,7 +25,9 @@ import typing
 
 import torch
 
-from . import checkpoint, data, engine, metrics, visualize
+from . import checkpoint, data, engine, visualize
+from .errors import UserError
+from .evaluate import compare_groups, evaluate, expand_runs, format_comparison, predict_masks, write_results
 
 
 def _config_file(path: str) -> dict:
@@ -75,6 +79,8 @@ def cmd_train(args) -> int:
 
 
 def _model_from_checkpoint(path: str):
+    if not os.path.isfile(path):
+        raise UserError(f"--checkpoint: no file at {path}")
     st = checkpoint.load(path)
     cfg = engine.TrainConfig.from_dict(st["config"])
     model = engine.build_model(cfg)
@@ -84,22 +90,32 @@ def _model_from_checkpoint(path: str):
 
 def cmd_eval(args) -> int:
     model, cfg = _model_from_checkpoint(args.checkpoint)
-    for k in ("data", "root", "split_dir", "mask_dir", "size", "limit"):
+    for k in ("data", "root", "split_dir", "mask_dir", "limit", "val_from_train"):
         if getattr(args, k) is not None:
             setattr(cfg, k, getattr(args, k))
     splits = data.make_splits(
-        cfg.data, cfg.root, cfg.partition, cfg.seed, cfg.split_dir, cfg.synthetic_n, cfg.limit, cfg.mask_dir
+        cfg.data,
+        cfg.root,
+        cfg.partition,
+        cfg.seed,
+        cfg.split_dir,
+        cfg.synthetic_n,
+        cfg.limit,
+        cfg.mask_dir,
+        val_count=cfg.val_from_train,
     )
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "eval")
-    res = engine.evaluate(
+    res = evaluate(
         model,
         getattr(splits, args.split),
-        cfg.size,
-        torch.device("cpu"),
+        window=args.window,
+        synthetic_size=cfg.size,
         overlay_dir=os.path.join(out, "overlays"),
         overlays=cfg.overlays,
+        progress=True,
     )
-    engine.write_results(res, out, method=cfg.method)
+    write_results(res, out, method=cfg.method)
+    print(f"{len(res['per_image'])} {args.split} images, each at its original size")
     for k, (m, s) in res["summary"].items():
         print(f"{k:12s} {m:.4f} ± {s:.4f}")
     for k, v in res.get("classification", {}).items():
@@ -109,20 +125,18 @@ def cmd_eval(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    model, cfg = _model_from_checkpoint(args.checkpoint)
-    size = args.size or cfg.size
+    model, _ = _model_from_checkpoint(args.checkpoint)
     if os.path.isdir(args.input):
         items = data.folder_items(args.input)
-    else:
+    elif os.path.isfile(args.input):
         items = [data.Item(os.path.basename(args.input), args.input)]
+    else:
+        raise UserError(f"predict: no image or folder at {args.input}")
     out = args.out or "predictions"
     for it in items:
         img = data.read_gray(it.image)
         x = torch.from_numpy(img.copy()).float().div(255)[None, None]
-        x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
-        mask = engine.predict_masks(model, x)[0].float()
-        mask = torch.nn.functional.interpolate(mask[None, None], size=img.shape, mode="nearest")[0, 0]
-        m = mask.numpy().astype("uint8")
+        m = predict_masks(model, x, window=args.window)[0].numpy().astype("uint8")  # at the image's own size
         stem = os.path.splitext(it.name)[0]
         visualize.save_png(m * 255, os.path.join(out, f"{stem}_mask.png"))
         visualize.save_png(visualize.overlay(img, m), os.path.join(out, f"{stem}_overlay.png"))
@@ -130,24 +144,14 @@ def cmd_predict(args) -> int:
     return 0
 
 
-def _per_image_dice(run: str) -> dict[str, float]:
-    path = run if run.endswith(".csv") else os.path.join(run, "test_per_image.csv")
-    if not os.path.isfile(path):
-        raise SystemExit(f"compare: {path} not found (run `busseg train` or `busseg eval` first)")
-    with open(path) as f:
-        return {r["name"]: float(r["dice"]) for r in csv.DictReader(f)}
-
-
 def cmd_compare(args) -> int:
-    a, b = _per_image_dice(args.run_a), _per_image_dice(args.run_b)
-    names = sorted(set(a) & set(b))
-    if not names:
-        raise SystemExit("compare: the two runs share no test images")
-    xa, xb = [a[n] for n in names], [b[n] for n in names]
-    stat, p = metrics.wilcoxon(xa, xb)
-    ma, mb = sum(xa) / len(xa), sum(xb) / len(xb)
-    print(f"{len(names)} common test images; Dice A {ma:.4f}  B {mb:.4f}  (A − B {ma - mb:+.4f})")
-    print(f"Wilcoxon signed-rank: statistic {stat:.1f}, p = {p:.4g}")
+    if args.vs is None:
+        if len(args.runs) != 2:
+            raise UserError("compare: give two runs (A B), or groups: A1 A2 ... --vs B1 B2 ...")
+        runs_a, runs_b = expand_runs(args.runs[:1], "compare"), expand_runs(args.runs[1:], "compare")
+    else:
+        runs_a, runs_b = expand_runs(args.runs, "compare"), expand_runs(args.vs, "compare --vs")
+    print(format_comparison(compare_groups(runs_a, runs_b)))
     return 0
 
 
@@ -163,25 +167,42 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--checkpoint", required=True)
     e.add_argument("--split", default="test", choices=["test", "val", "labeled", "unlabeled"])
     e.add_argument("--out")
-    for k, typ in (("data", str), ("root", str), ("split-dir", str), ("mask-dir", str), ("size", int), ("limit", int)):
+    window_help = "sliding window: tiles of N×N pixels (half-window overlap) for larger images; 0: whole image"
+    e.add_argument("--window", type=int, default=0, metavar="N", help=window_help)
+    for k, typ in (
+        ("data", str),
+        ("root", str),
+        ("split-dir", str),
+        ("mask-dir", str),
+        ("limit", int),
+        ("val-from-train", int),
+    ):
         e.add_argument("--" + k, type=typ)
     e.set_defaults(func=cmd_eval)
-    r = sub.add_parser("predict", help="segment an image or a folder of images")
+    r = sub.add_parser("predict", help="segment an image or a folder of images (each at its own size)")
     r.add_argument("input")
     r.add_argument("--checkpoint", required=True)
     r.add_argument("--out")
-    r.add_argument("--size", type=int)
+    r.add_argument("--window", type=int, default=0, metavar="N", help=window_help)
     r.set_defaults(func=cmd_predict)
-    c = sub.add_parser("compare", help="Wilcoxon signed-rank test on two runs' per-image Dice")
-    c.add_argument("run_a")
-    c.add_argument("run_b")
+    c = sub.add_parser(
+        "compare",
+        help="runs or groups of runs (seeds) on their common test images: metrics mean ± std over runs, "
+        "Wilcoxon signed-rank test on per-image Dice",
+    )
+    c.add_argument("runs", nargs="+", metavar="RUN", help="run folders, test_per_image.csv files or globs (group A)")
+    c.add_argument("--vs", nargs="+", metavar="RUN", help="group B; without it exactly two runs A B are compared")
     c.set_defaults(func=cmd_compare)
     return p
 
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except UserError as err:
+        print(f"busseg: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from . import augment, synthetic
+from .errors import UserError
 
 CLASSES = {"benign": 0, "malignant": 1, "normal": 2}
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -217,10 +218,14 @@ def make_splits(
     synthetic_n: int = 200,
     limit: int | None = None,
     mask_dir: str | None = None,
+    val_count: int = 0,
 ) -> Splits:
     """Items for a run. With split lists (`split_dir` with test.txt and 1_2/{labeled,unlabeled}.txt,
     BUSI's `splits/` by default) they are used; otherwise the 8:1:1 split. `limit` keeps a seeded
-    subset of that many images first (quick runs, integration tests)."""
+    subset of that many images first (quick runs, integration tests). With split lists the
+    validation set is the test list (as the authors select models), unless `val_count` > 0: then
+    that many training images, drawn with `seed` from those left unlabelled by the partition, are
+    the validation set and leave the unlabelled pool (the labelled set stays the protocol's)."""
     if data == "synthetic":
         items = synthetic_items(synthetic_n, seed)
     elif data == "busi":
@@ -245,6 +250,12 @@ def make_splits(
         val = test
         if abs(frac - 0.5) > 1e-9:
             lab, unl = partition(train, frac, seed, labeled_pool=lab)
+        if val_count:
+            if val_count >= len(unl):
+                raise UserError(f"--val-from-train {val_count}: only {len(unl)} unlabelled training images left")
+            carved = {it.name for it in random.Random(seed).sample(unl, val_count)}
+            val = [it for it in unl if it.name in carved]
+            unl = [it for it in unl if it.name not in carved]
         return Splits(lab, unl, val, test)
     train, val, test = split_811(items, seed)
     lab, unl = partition(train, frac, seed)

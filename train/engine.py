@@ -1,7 +1,8 @@
 """The training loop: data streams, student + EMA teacher, SGD with poly decay, per-epoch
-evaluation of the teacher, CSV log (TensorBoard when installed), atomic checkpoints each epoch and
-on SIGINT/SIGTERM, bit-for-bit resume on CPU, and DDP under torchrun (gloo on CPU, SyncBatchNorm,
-DistributedSampler).
+evaluation of the teacher (each image at its original size, see evaluate.py), pseudo-label
+diagnostics on a fixed set of unlabelled images when asked, CSV log (TensorBoard when
+installed), atomic checkpoints each epoch and on SIGINT/SIGTERM, bit-for-bit resume on CPU, and
+DDP under torchrun (gloo on CPU, SyncBatchNorm, DistributedSampler).
 
 Determinism: samples depend only on (seed, epoch, index) (see data.SegDataset); sampler order on
 (seed, epoch, cycle); the methods' own draws (cutmix boxes, proxies) use the global torch RNG,
@@ -14,9 +15,9 @@ from __future__ import annotations
 import copy
 import csv
 import dataclasses
-import json
 import math
 import os
+import random
 import time
 from dataclasses import dataclass, field
 
@@ -24,7 +25,8 @@ import torch
 import torch.distributed as dist
 
 from .. import models
-from . import checkpoint, data, methods, metrics, visualize
+from . import checkpoint, data, methods, visualize
+from .evaluate import evaluate, pseudo_label_quality, write_results
 
 
 @dataclass
@@ -36,6 +38,8 @@ class TrainConfig:
     mask_dir: str | None = None
     partition: str = "1/4"
     limit: int | None = None  # seeded subset of the dataset (quick runs)
+    val_from_train: int = 0  # with split lists: validation images carved from the unlabelled pool (0: the test list)
+    pseudo_label_check: int = 0  # unlabelled images whose hidden masks grade the teacher each epoch (0: off)
     synthetic_n: int = 200
     size: int = 128
     epochs: int = 10
@@ -115,13 +119,6 @@ def build_model(cfg: TrainConfig) -> torch.nn.Module:
     raise ValueError(f"model must be unet or deeplab, got {cfg.model!r}")
 
 
-def foreground(out: dict) -> torch.Tensor:
-    """Binary lesion mask (B, H, W) from a network's output dict (softmax or sigmoid head)."""
-    if "pred" in out:
-        return out["pred"].argmax(1)
-    return (out["mask_logits"][:, 0] > 0).long()
-
-
 def _dist() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
@@ -139,7 +136,15 @@ class Trainer:
         )
         torch.manual_seed(cfg.seed)
         self.splits = data.make_splits(
-            cfg.data, cfg.root, cfg.partition, cfg.seed, cfg.split_dir, cfg.synthetic_n, cfg.limit, cfg.mask_dir
+            cfg.data,
+            cfg.root,
+            cfg.partition,
+            cfg.seed,
+            cfg.split_dir,
+            cfg.synthetic_n,
+            cfg.limit,
+            cfg.mask_dir,
+            val_count=cfg.val_from_train,
         )
         self.method = methods.build(cfg)
         student = build_model(cfg).to(self.device)
@@ -304,6 +309,7 @@ class Trainer:
         row = {"epoch": self.epoch, "step": self.global_step, "lr": self.sched.get_last_lr()[0]}
         row.update({k: v / max(1, n) for k, v in sums.items()})
         if self.rank == 0:
+            row.update(self._pseudo_label_check(ctx))
             val = self.evaluate(self.splits.val) if self.splits.val else None
             if val is not None:
                 row["val_dice"] = val["summary"]["dice"][0]
@@ -322,14 +328,35 @@ class Trainer:
 
     # ------------------------------------------------------------------ evaluation and outputs
     @torch.no_grad()
-    def evaluate(self, items, model=None, overlay_dir=None) -> dict:
+    def evaluate(self, items, model=None, overlay_dir=None, progress=False) -> dict:
         return evaluate(
             model or self.teacher,
             items,
-            self.cfg.size,
-            self.device,
+            device=self.device,
+            synthetic_size=self.cfg.size,
             overlay_dir=overlay_dir,
             overlays=self.cfg.overlays,
+            progress=progress and not self.cfg.quiet,
+        )
+
+    def _pseudo_label_check(self, ctx) -> dict:
+        """Diagnosis only: the teacher's pseudo-labels on a fixed seeded set of unlabelled images,
+        graded with their hidden masks (never used for training), and the method's filter."""
+        n = self.cfg.pseudo_label_check
+        if not n or not self.splits.unlabeled:
+            return {}
+        if not hasattr(self, "_check_items"):
+            pool = [it for it in self.splits.unlabeled if it.masks or it.seed is not None]
+            self._check_items = random.Random(self.cfg.seed).sample(pool, min(n, len(pool)))
+        if not self._check_items:
+            return {}
+        done = {**ctx, "epoch": self.epoch, "progress": self.epoch / max(1, self.cfg.epochs)}
+        return pseudo_label_quality(
+            self.teacher,
+            self._check_items,
+            lambda prob, cls: self.method.pseudo_label_keep(prob, cls, done),
+            device=self.device,
+            synthetic_size=self.cfg.size,
         )
 
     def finish(self) -> dict:
@@ -341,7 +368,9 @@ class Trainer:
             if os.path.isfile(best):
                 model = build_model(cfg).to(self.device)
                 model.load_state_dict(checkpoint.load(best)["teacher"])
-            res = self.evaluate(self.splits.test, model=model, overlay_dir=os.path.join(cfg.out, "overlays"))
+            res = self.evaluate(
+                self.splits.test, model=model, overlay_dir=os.path.join(cfg.out, "overlays"), progress=True
+            )
             write_results(res, cfg.out, method=cfg.method)
             if os.path.isfile(os.path.join(cfg.out, "metrics.csv")):
                 visualize.plot_curves(os.path.join(cfg.out, "metrics.csv"), os.path.join(cfg.out, "curves.png"))
@@ -424,61 +453,6 @@ class Trainer:
         except ImportError:
             return None
         return tqdm(total=total, desc=f"epoch {self.epoch + 1}/{self.cfg.epochs}", leave=False)
-
-
-@torch.no_grad()
-def predict_masks(model, images: torch.Tensor) -> torch.Tensor:
-    """(B, 1, S, S) images → (B, S, S) binary masks."""
-    return foreground(model.eval()(images))
-
-
-@torch.no_grad()
-def evaluate(model, items, size, device, overlay_dir=None, overlays=8, batch=8) -> dict:
-    """Per-image metrics of `model` on `items` at size×size (masks resized with nearest)."""
-    ds = data.SegDataset(items, size, train=False)
-    rows, probs, classes = [], [], []
-    for start in range(0, len(ds), batch):
-        samples = [ds[i] for i in range(start, min(len(ds), start + batch))]
-        x = torch.stack([s["image"] for s in samples]).to(device)
-        out = model.eval()(x)
-        pred = foreground(out).cpu()
-        if "cls" in out:
-            probs.append(torch.softmax(out["cls"], 1).cpu())
-            classes += [s["cls"] for s in samples]
-        for j, s in enumerate(samples):
-            r = metrics.seg_metrics(pred[j], s["mask"])
-            r["name"] = items[s["index"]].name
-            rows.append(r)
-            if overlay_dir and s["index"] < overlays:
-                img = (s["image"][0].numpy() * 255).astype("uint8")
-                stem = os.path.splitext(os.path.basename(r["name"]))[0]
-                picture = visualize.overlay(img, pred[j].numpy(), s["mask"].numpy())
-                visualize.save_png(visualize.enlarge(picture), os.path.join(overlay_dir, f"{stem}.png"))
-    res = {"per_image": rows, "summary": metrics.summarize(rows)}
-    if probs:
-        y = torch.tensor(classes)
-        known = y >= 0
-        p = torch.cat(probs)
-        if known.any() and (y[known] < p.shape[1]).all():
-            res["classification"] = metrics.cls_metrics(y[known], p[known])
-    return res
-
-
-def write_results(res: dict, out: str, method: str = "") -> None:
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "test_per_image.csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, ["name", *metrics.SEG_KEYS])
-        w.writeheader()
-        w.writerows(res["per_image"])
-    summary = {
-        "method": method,
-        "n": len(res["per_image"]),
-        **{k: {"mean": m, "std": s} for k, (m, s) in res["summary"].items()},
-    }
-    if "classification" in res:
-        summary["classification"] = res["classification"]
-    with open(os.path.join(out, "test_metrics.json"), "w") as f:
-        json.dump(summary, f, indent=2)
 
 
 def run(cfg: TrainConfig, resume: str | None = None) -> dict:

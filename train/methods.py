@@ -69,6 +69,13 @@ class Method:
         """Trainable parameters the method owns (optimised with the network's)."""
         return []
 
+    def pseudo_label_keep(self, prob: torch.Tensor, cls: torch.Tensor | None, ctx: dict) -> torch.Tensor | None:
+        """(B, H, W) bool: the pixels of the teacher's pseudo-labels (class probabilities prob
+        (B, 2, H, W), class probabilities cls (B, K) or None) that this method's unsupervised loss
+        counts; None for a method without pseudo-labels. Used only by the engine's pseudo-label
+        check (diagnosis); it must follow the filter of the training step."""
+        return None
+
     def state_dict(self) -> dict:
         return {}
 
@@ -132,6 +139,15 @@ class RABUSSeg(Method):
             logs["loss_cra"] = loss_cra.detach()
         return loss, logs
 
+    def pseudo_label_keep(self, prob, cls, ctx):
+        # The step drops the drop_percent % most uncertain pixels batch-wide; here per image.
+        entropy = -(prob * torch.log(prob + 1e-10)).sum(1).flatten(1)
+        keep = torch.ones_like(entropy, dtype=torch.bool)
+        drop = int(self.cfg.drop_percent / 100.0 * entropy.shape[1])
+        if drop > 0:
+            keep.scatter_(1, entropy.topk(drop, dim=1).indices, False)
+        return keep.view(prob.shape[0], *prob.shape[2:])
+
 
 # ----------------------------------------------------------------------------------------------
 
@@ -179,6 +195,9 @@ class PHNet(Method):
             loss = loss + c.lambda_c * loss_c
             logs["loss_c"] = loss_c.detach()
         return loss, logs
+
+    def pseudo_label_keep(self, prob, cls, ctx):
+        return prob.amax(1) >= self.cfg.gamma  # as confidence_masked_cross_entropy
 
     def contrastive(self, rep, plm, tprob):
         c = self.cfg
@@ -244,6 +263,12 @@ class LANet(Method):
         loss = c.lam * loss_cls + (1 - c.lam) * (loss_w + c.alpha * loss_wo)
         return loss, {"loss_cls": loss_cls.detach(), "loss_sloc_w": loss_w.detach(), "loss_sloc_wo": loss_wo.detach()}
 
+    def pseudo_label_keep(self, prob, cls, ctx):
+        if cls is None:
+            return None
+        confident = cls.amax(1) > self.cfg.tau  # whole images, by their class confidence
+        return confident[:, None, None].expand(prob.shape[0], *prob.shape[2:])
+
 
 class SemiSegCAW(Method):
     """SemiSeg-CAW (2025) on models.SemiSegCAW. Stage 1 (`stage1_epochs`): pre-train the
@@ -305,6 +330,9 @@ class SemiSegCAW(Method):
             "w_cls": w[1],
             "w_u": w[2],
         }
+
+    def pseudo_label_keep(self, prob, cls, ctx):
+        return prob.amax(1) >= self.cfg.gamma  # as confidence_masked_cross_entropy
 
     def state_dict(self) -> dict:
         return {"wgm": self.wgm.state_dict()}

@@ -39,7 +39,8 @@ def save_png(array: np.ndarray, path: str) -> None:
 
 
 def plot_curves(csv_path: str, out_path: str) -> str:
-    """Loss and validation Dice against epoch, from the engine's metrics.csv."""
+    """Loss and validation Dice against epoch, from the engine's metrics.csv; a third panel with
+    the pseudo-label check (pl_* columns) when the run logged it."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -48,7 +49,9 @@ def plot_curves(csv_path: str, out_path: str) -> str:
     with open(csv_path) as f:
         rows = list(csv.DictReader(f))
     epochs = [int(r["epoch"]) for r in rows]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    checked = bool(rows) and "pl_dice" in rows[0]
+    fig, axes = plt.subplots(1, 3 if checked else 2, figsize=(15 if checked else 10, 4))
+    ax1, ax2 = axes[:2]
     for key in rows[0] if rows else []:
         if key.startswith("loss"):  # a term may start late (loss_u after warm-up): skip blanks
             pts = [(e, float(r[key])) for e, r in zip(epochs, rows) if r.get(key, "") != ""]
@@ -62,6 +65,16 @@ def plot_curves(csv_path: str, out_path: str) -> str:
     ax2.set_ylabel("Dice")
     ax2.set_ylim(0, 1)
     ax2.legend(fontsize=8)
+    if checked:
+        labels = {"pl_dice": "Dice", "pl_acc": "accuracy", "pl_kept": "kept share", "pl_kept_acc": "accuracy, kept"}
+        for key, label in labels.items():
+            pts = [(e, float(r[key])) for e, r in zip(epochs, rows) if r.get(key, "") not in ("", "nan")]
+            if pts:
+                axes[2].plot([p[0] for p in pts], [p[1] for p in pts], marker=".", label=label)
+        axes[2].set_xlabel("epoch")
+        axes[2].set_title("teacher pseudo-labels on the check set", fontsize=9)
+        axes[2].set_ylim(0, 1)
+        axes[2].legend(fontsize=8)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     fig.savefig(out_path, dpi=100)
