@@ -8,7 +8,7 @@ CUDA_ARCH_FLAGS := -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,
 NATIVE_SOURCES  := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh') setup.py
 export MAX_JOBS ?= 2
 
-.PHONY: install build lint test cuda-check cmake-check bench demo clean
+.PHONY: install build lint test cuda-check cmake-check bench demo reproduce clean
 
 install: $(STAMP)
 
@@ -86,6 +86,16 @@ bench: build
 demo: build
 	$(PY) examples/arp_demo.py
 	$(PY) examples/train_demo.py
+
+# The BUSI 1/4 reproduction, not part of `make test`: suponly, rabusseg, rabusseg without ARP and
+# without CRA, phnet, two seeds each, at this machine's scale (benchmarks/reproduce.py). Resumable:
+# run it again to continue, finished runs are skipped. Writes benchmarks/REPRODUCTION.md and its
+# curves. REPRO_SCALE=smoke checks the pipeline in minutes (report under runs/reproduce/smoke/);
+# REPRO_ARGS passes options (--threads 1 on a busy machine, --measure for a timing estimate).
+REPRO_SCALE ?= full
+REPRO_ARGS  ?=
+reproduce: build
+	$(PY) benchmarks/reproduce.py --scale $(REPRO_SCALE) $(REPRO_ARGS)
 
 clean:
 	rm -rf build busseg_ops/*.so busseg_ops/.built *.egg-info

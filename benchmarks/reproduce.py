@@ -1,0 +1,487 @@
+"""`make reproduce`: the BUSI 1/4 reproduction at this machine's scale, and its report.
+
+    .venv/bin/python benchmarks/reproduce.py [--scale full|smoke] [--root DIR] [--out DIR] [--measure]
+
+Trains every row of RUNS (name, TrainConfig fields, seeds) on BUSI with the authors' split lists
+(1/4 protocol: round(518/4) = 130 labelled images drawn with the seed from the 259 of
+1_2/labeled.txt, the other training images unlabelled), selects each run's checkpoint on a
+validation split carved from the training images (VAL images drawn with the seed from the
+unlabelled pool, which they leave), and tests it on the 129 images of test.txt, each at its
+original size. Each run lives in OUT/<scale>/<name>/seed<k>: a finished run (test_metrics.json) is
+skipped, an interrupted one continues from its last.pt (Ctrl-C saves one), so the target can be
+spread over sessions. Then it writes the report: benchmarks/REPRODUCTION.md and
+benchmarks/reproduction_curves.png for the full scale, OUT/smoke/REPRODUCTION.md for the smoke
+scale (a pipeline check in a few minutes, never results). --measure times a few steps of every
+row and the evaluations, and estimates the whole target's wall time instead of training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+from busseg_ops.train import TrainConfig, Trainer, checkpoint
+from busseg_ops.train.evaluate import compare_groups
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SEEDS = (0, 1)
+
+# The run list: one row per method variant (name, TrainConfig fields, seeds). Recipe flags that
+# apply to every method (criterion, schedules) belong in COMMON, per-method ones in their row.
+RUNS = [
+    ("suponly", {"method": "suponly"}, SEEDS),
+    ("rabusseg", {"method": "rabusseg"}, SEEDS),
+    ("rabusseg_no_arp", {"method": "rabusseg", "arp": False}, SEEDS),
+    ("rabusseg_no_cra", {"method": "rabusseg", "cra": False}, SEEDS),
+    ("phnet", {"method": "phnet"}, SEEDS),
+]
+BASELINE = "suponly"
+
+# Shared by every run at every scale: data protocol, network, diagnostics.
+COMMON = dict(
+    data="busi",
+    partition="1/4",
+    val_from_train=40,  # validation: 40 of the 388 unlabelled training images (seeded), out of the pool
+    pseudo_label_check=24,  # teacher pseudo-labels graded on 24 fixed unlabelled images per epoch
+    model="unet",
+    unet_base=16,  # the SSL4MIS U-Net of PH-Net's U-Net row
+    proj_dim=32,
+    rep_dim=32,
+    num_proxies=32,
+    batch_labeled=4,
+    batch_unlabeled=4,
+    overlays=4,
+)
+
+# Scale: what this machine affords (see REPRODUCTION.md for the timing it was chosen from).
+SCALES = {
+    "full": dict(
+        size=128,
+        epochs=12,
+        max_steps=50,  # steps per epoch (a full pass over the unlabelled pool would be 87)
+        warmup_epochs=4,  # supervised-only epochs first (upstream: 10 of 200); chosen on validation, see NOTE
+        lr=0.01,
+        ema=0.99,
+        dice_weight=1.0,
+    ),
+    "smoke": dict(
+        size=64,
+        epochs=2,
+        max_steps=2,
+        warmup_epochs=1,
+        lr=0.01,
+        ema=0.9,
+        dice_weight=1.0,
+        unet_base=4,
+        proj_dim=16,
+        rep_dim=16,
+        num_proxies=8,
+        val_from_train=8,
+        pseudo_label_check=4,
+        overlays=1,
+    ),
+}
+
+# How the scale and the settings were chosen; copied into the report.
+NOTE = """\
+How the full scale and its settings were chosen (2026-11-30, before the recipes of issue 11: OHEM, the
+drop-percent schedule, the EMA ramp after the supervised-only epochs and the aspect-kept random scale
+belong in COMMON once they exist). Timing: `make reproduce REPRO_ARGS="--measure --threads 1"` while six
+engineers loaded the 2-core machine (load average 9–13). CPU seconds per training step with one torch
+thread: suponly 0.30, rabusseg 0.73, rabusseg without ARP 0.70, without CRA 0.70, phnet 2.04 (its U-Net
+projector runs a 256-channel 3×3 convolution at full resolution); one pass over 40 validation images
+5.3–5.9 s, over 32 check images 4.5 s, over the 129 test images 17–18 s, each image at its original
+size. Under that load wall time was 2–5× CPU time with one thread, and two torch threads were far worse
+(a small forward 60× slower: the threads spin against other jobs). Full-scale runs of seed 0: suponly
+315 s CPU (1692 s wall at load 11, 674 s at load 8), rabusseg 461 s CPU (872 s wall at load 9). The
+estimate of `--measure` at this scale for the ten runs: 94 min CPU with one thread (166 min wall at
+load 10), so about 95 min wall on the idle machine with `--threads 1`, less with two threads: inside
+the 150 minutes with a third to spare.
+
+Settings, chosen on the validation split only (seed 0, best validation Dice of the teacher): lr 0.01
+over 0.03 for suponly (0.454 vs 0.398); 4 supervised-only epochs over 2 for rabusseg (0.420 vs 0.385:
+with 2, the EMA teacher still predicted no lesion when the unsupervised loss started, and its
+pseudo-labels drifted, pixel accuracy 0.903 → 0.864); EMA 0.99 as the RA-BUSSeg config; CE + soft Dice
+(`dice_weight=1`) because CE alone stays on the all-background solution for hundreds of steps from
+scratch. In those pilots rabusseg stayed below suponly on the validation split (0.420 vs 0.454).
+"""
+
+# The papers' full-scale BUSI numbers (Dice / IoU in %), from the texts in ../shared/seeds/.
+PAPERS = {
+    "suponly": "73.69 ± 1.02 (PH-Net Tab. 1, 1/4, DeepLabv3+ ResNet-50)",
+    "rabusseg": "77.95 / IoU 69.30 (RA-BUSSeg suppl. Tab. 1, 1/4, λ₁ = λ₂ = 1)",
+    "rabusseg_no_arp": "1/4 not in our texts; 1/2: 78.08 ± 2.04, 1/8: 74.15 ± 1.99 (RA-BUSSeg suppl. Tab. 2, CRA only)",
+    "rabusseg_no_cra": "1/4 not in our texts; 1/2: 77.51 ± 1.89, 1/8: 73.58 ± 1.26 (RA-BUSSeg suppl. Tab. 2, ARP only)",
+    "phnet": "76.26 ± 0.55 U-Net, 76.84 ± 0.52 ResNet-50 (PH-Net Tab. 1, 1/4)",
+}
+
+
+@dataclasses.dataclass
+class Run:
+    name: str
+    seed: int
+    cfg: TrainConfig
+
+    @property
+    def out(self) -> str:
+        return self.cfg.out
+
+    def finished(self) -> bool:
+        return os.path.isfile(os.path.join(self.out, "test_metrics.json"))
+
+
+def plan(scale: str, root: str, out: str, runs=RUNS, common=None) -> list[Run]:
+    """Every (row, seed) of the run table as a TrainConfig at `scale`."""
+    fields = {**COMMON, **SCALES[scale], **(common or {})}
+    if fields.get("data") == "busi":
+        fields["root"] = root
+    return [
+        Run(
+            name,
+            seed,
+            TrainConfig(**{**fields, **flags, "seed": seed, "out": os.path.join(out, scale, name, f"seed{seed}")}),
+        )
+        for name, flags, seeds in runs
+        for seed in seeds
+    ]
+
+
+def _comparable(cfg: dict) -> dict:
+    return {k: v for k, v in cfg.items() if k not in ("out", "quiet", "num_workers", "device")}
+
+
+def _add_wall(run: Run, seconds: float) -> None:
+    path = os.path.join(run.out, "timing.json")
+    t = json.load(open(path)) if os.path.isfile(path) else {"wall_s": 0.0, "sessions": 0}
+    t["wall_s"] += seconds
+    t["sessions"] += 1
+    with open(path, "w") as f:
+        json.dump(t, f)
+
+
+def wall_time(run: Run) -> float:
+    path = os.path.join(run.out, "timing.json")
+    return json.load(open(path))["wall_s"] if os.path.isfile(path) else float("nan")
+
+
+def train_all(runs: list[Run], quiet: bool = False) -> bool:
+    """Trains every unfinished run (resuming from last.pt); False when stopped by a signal."""
+    todo = [r for r in runs if not r.finished()]
+    print(f"{len(runs) - len(todo)} of {len(runs)} runs already finished; {len(todo)} to train", flush=True)
+    t_start, done = time.time(), 0
+    for i, run in enumerate(todo):
+        last = os.path.join(run.out, "last.pt")
+        run.cfg.quiet = quiet
+        tr = Trainer(run.cfg)
+        state = ""
+        if os.path.isfile(last):
+            stored = checkpoint.load(last)
+            if _comparable(stored["config"]) != _comparable(dataclasses.asdict(run.cfg)):
+                raise SystemExit(f"{last} was trained with other settings; delete {run.out} to start it afresh")
+            tr.load_state_dict(stored)
+            state = f", resumed at epoch {tr.epoch}/{run.cfg.epochs}"
+        eta = ""
+        if done:
+            eta = f", about {(time.time() - t_start) / done * (len(todo) - i) / 60:.0f} min left"
+        print(f"[{i + 1}/{len(todo)}] {run.name} seed {run.seed} → {run.out}{state}{eta}", flush=True)
+        t0 = time.time()
+        res = tr.fit()
+        _add_wall(run, time.time() - t0)
+        if res.get("stopped"):
+            print(f"stopped; run `make reproduce` again to continue from {last}", flush=True)
+            return False
+        done += 1
+        print(f"    test Dice {res['dice'][0]:.4f}, {time.time() - t0:.0f} s", flush=True)
+    return True
+
+
+# ---------------------------------------------------------------------------------------------- report
+
+
+def _groups(runs: list[Run]) -> dict[str, list[Run]]:
+    out: dict[str, list[Run]] = {}
+    for r in runs:
+        out.setdefault(r.name, []).append(r)
+    return out
+
+
+def _log(run: Run) -> list[dict]:
+    path = os.path.join(run.out, "metrics.csv")
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def _series(runs: list[Run], key: str):
+    """(epochs, mean over runs) of a metrics.csv column; None where no run logged it."""
+    logs = [_log(r) for r in runs]
+    n = min(len(lg) for lg in logs)
+    epochs, values = [], []
+    for e in range(n):
+        v = [float(lg[e][key]) for lg in logs if lg[e].get(key, "") not in ("", "nan")]
+        if v:
+            epochs.append(int(logs[0][e]["epoch"]))
+            values.append(float(np.mean(v)))
+    return (epochs, values) if values else None
+
+
+def plot_curves(groups: dict[str, list[Run]], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [
+        ("val_dice", "validation Dice (teacher)"),
+        ("loss", "training loss"),
+        ("pl_dice", "pseudo-label Dice (check set)"),
+        ("pl_kept_acc", "accuracy on kept pixels (solid) / kept share (dashed)"),
+    ]
+    fig, axes = plt.subplots(1, 4, figsize=(18, 4))
+    for ax, (key, title) in zip(axes, panels):
+        for i, (name, runs) in enumerate(groups.items()):
+            colour = f"C{i}"
+            s = _series(runs, key)
+            if s:
+                ax.plot(*s, color=colour, label=name)
+            if key == "pl_kept_acc" and (k := _series(runs, "pl_kept")):
+                ax.plot(*k, color=colour, linestyle="--")
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("epoch")
+        if key != "loss":
+            ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("mean over seeds", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def _pseudo_label_story(runs: list[Run]) -> str:
+    """One sentence on the pseudo-labels over time (mean over seeds), for a method that lost."""
+    dice, kept, acc, kept_acc = (_series(runs, k) for k in ("pl_dice", "pl_kept", "pl_acc", "pl_kept_acc"))
+    if not dice:
+        return ""
+    peak = int(np.argmax(dice[1]))
+    text = (
+        f" Its teacher's pseudo-label Dice on the check set peaked at {dice[1][peak]:.3f} (epoch "
+        f"{dice[0][peak]}) and ended at {dice[1][-1]:.3f}"
+    )
+    if kept and kept_acc and acc:
+        text += (
+            f"; at the end its filter kept {100 * kept[1][-1]:.0f} % of the pixels at accuracy "
+            f"{kept_acc[1][-1]:.3f} (all pixels: {acc[1][-1]:.3f})"
+        )
+    return text + "."
+
+
+def _pct(v: tuple[float, float]) -> str:
+    return f"{100 * v[0]:.2f} ± {100 * v[1]:.2f}"
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO
+        ).stdout.strip()
+    except OSError:
+        return "unknown"
+
+
+def write_report(runs: list[Run], scale: str, path: str, command: str, papers=PAPERS, baseline=BASELINE) -> str:
+    """REPRODUCTION.md at `path` (curves PNG beside it) from the finished runs."""
+    groups = _groups(runs)
+    base = groups.get(baseline)
+    curves = os.path.join(os.path.dirname(os.path.abspath(path)), "reproduction_curves.png")
+    plot_curves(groups, curves)
+    cfg = runs[0].cfg
+    scale_fields = {k: v for k, v in dataclasses.asdict(cfg).items() if k in {**COMMON, **SCALES[scale]} or k == "root"}
+    load = os.getloadavg() if hasattr(os, "getloadavg") else ("?", "?", "?")
+    total_wall = sum(wall_time(r) for r in runs)
+    lines = [
+        "# BUSI reproduction at this machine's scale",
+        "",
+        f"Written {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC by `{command}` (commit "
+        f"{_git_commit()}, {platform.node()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads; load average at writing {load[0]:.1f}). Training wall time, all "
+        f"runs: {total_wall / 60:.1f} min.",
+        "",
+        "Protocol: the RA-BUSSeg authors' BUSI lists (`splits/test.txt`, `1_2/labeled.txt`, `1_2/unlabeled.txt`,"
+        " 647 abnormal images). 1/4 partition: round(518 / 4) = 130 labelled images drawn with the run's seed "
+        "from the 259 of the 1/2 labelled list; the other training images unlabelled. Validation: "
+        f"{cfg.val_from_train} images drawn with the seed from the unlabelled training images and removed from "
+        "the pool (never the test images); each run's best.pt is its best validation Dice. Test: the 129 images "
+        "of test.txt, each at its original size (the prepared BUSI copy: longer side ≤ 320 px), HD95 in those "
+        "pixels (medpy's convention). Seeds change the labelled subset, the validation split and the "
+        "initialisation; suponly and the other methods share them, so the comparisons are paired.",
+        "",
+        f"Scale ({scale}): " + ", ".join(f"`{k}={v}`" for k, v in scale_fields.items()) + ".",
+        "",
+        NOTE,
+        "| method | flags | seeds | Dice % | IoU % | HD95 px | ΔDice vs suponly | Wilcoxon p | paper (full scale) "
+        "| wall min |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    verdicts = []
+    for name, group in groups.items():
+        flags = next(f for n, f, _ in RUNS if n == name) if any(n == name for n, _, _ in RUNS) else {}
+        res = compare_groups([r.out for r in base or group], [r.out for r in group])
+        m = res["b"]["metrics"]
+        if base is not None and name != baseline:
+            diff, p = f"{100 * res['dice_diff']:+.2f}", f"{res['wilcoxon']['p']:.3g}"
+            beats = res["dice_diff"] > 0 and res["wilcoxon"]["p"] < 0.05
+            verdicts.append(
+                f"- {name} {'beats' if beats else 'does not beat'} suponly at this scale: ΔDice "
+                f"{100 * res['dice_diff']:+.2f} points, Wilcoxon p = {res['wilcoxon']['p']:.3g} "
+                f"({res['n_images']} test images, Dice averaged over {len(group)} seeds)."
+                + ("" if beats else _pseudo_label_story(group))
+            )
+        else:
+            diff, p = "—", "—"
+        flag_text = ", ".join(f"`{k}={v}`" for k, v in flags.items()) or "—"
+        lines.append(
+            f"| {name} | {flag_text} | {len(group)} | {_pct(m['dice'])} | {_pct(m['iou'])} | "
+            f"{m['hd95'][0]:.1f} ± {m['hd95'][1]:.1f} | {diff} | {p} | {papers.get(name, '—')} | "
+            f"{sum(wall_time(r) for r in group) / 60:.1f} |"
+        )
+    lines += [
+        "",
+        "Mean ± std over seeds of each run's mean over the test images (std with n − 1). Wilcoxon: "
+        "scipy.stats.wilcoxon of the per-image Dice, each method averaged over its seeds, against suponly's. "
+        "The papers train DeepLabv3+ ResNet-50 (ImageNet-pretrained) for 200 epochs on 512² crops (RA-BUSSeg) "
+        "or 500² images (PH-Net); their std is over folds. They report no HD95 on BUSI.",
+        "",
+        "## Findings",
+        "",
+        *verdicts,
+        "",
+        "Pseudo-label quality at the last epoch (teacher on the fixed check set of unlabelled images, graded "
+        "with their hidden masks; diagnosis only):",
+        "",
+        "| method | pseudo-label Dice | pixel accuracy | kept share | accuracy on kept pixels |",
+        "|---|---|---|---|---|",
+    ]
+    for name, group in groups.items():
+        last = [_log(r)[-1] for r in group]
+
+        def mean(key, rows=last):
+            v = [float(r[key]) for r in rows if r.get(key, "") not in ("", "nan")]
+            return f"{np.mean(v):.3f}" if v else "—"
+
+        lines.append(f"| {name} | {mean('pl_dice')} | {mean('pl_acc')} | {mean('pl_kept')} | {mean('pl_kept_acc')} |")
+    lines += [
+        "",
+        f"![curves]({os.path.basename(curves)})",
+        "",
+        "Curves (mean over seeds): validation Dice, training loss, the teacher's pseudo-label Dice on the "
+        "check set, and for methods that filter their pseudo-labels the accuracy on the kept pixels "
+        "(solid) and the kept share (dashed).",
+        "",
+        "Per run (test Dice at original resolution, wall time):",
+        "",
+    ]
+    for r in runs:
+        d = json.load(open(os.path.join(r.out, "test_metrics.json")))["dice"]
+        lines.append(f"- {r.name} seed {r.seed}: Dice {100 * d['mean']:.2f}, {wall_time(r) / 60:.1f} min (`{r.out}`)")
+    lines.append("")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        f.write("\n".join(lines))
+    return path
+
+
+# ---------------------------------------------------------------------------------------------- timing
+
+
+def _timed(fn) -> tuple[float, float]:
+    """(wall, CPU) seconds of fn(); the CPU time of this process does not grow with other load."""
+    w, c = time.perf_counter(), time.process_time()
+    fn()
+    return time.perf_counter() - w, time.process_time() - c
+
+
+def _measure_row(cfg: TrainConfig, steps: int) -> dict[str, np.ndarray]:
+    """(wall, CPU) seconds of one training step, one validation pass, one pseudo-label check and
+    the test evaluation of a run with `cfg`, and the whole run's estimate."""
+    tr = Trainer(cfg)
+    lab, unl = next(tr._batches(0))
+    ctx = {"epoch": cfg.warmup_epochs, "progress": 0.5, "warmup": False, "epochs": cfg.epochs}
+    tr.train_step(lab, unl, ctx)  # first-call overheads
+    t = {"step": np.array(_timed(lambda: [tr.train_step(lab, unl, ctx) for _ in range(steps)])) / steps}
+    t["val"] = np.array(_timed(lambda: tr.evaluate(tr.splits.val)))
+    t["check"] = np.array(_timed(lambda: tr._pseudo_label_check(ctx)))
+    t["test"] = np.array(_timed(lambda: tr.evaluate(tr.splits.test)))
+    warm = cfg.warmup_epochs * tr.steps_per_epoch * t["step"] * (0.5 if tr.method.uses_unlabeled else 1)
+    t["run"] = (cfg.epochs - cfg.warmup_epochs) * tr.steps_per_epoch * t["step"] + warm
+    t["run"] += cfg.epochs * (t["val"] + t["check"]) + t["test"]
+    t["steps_per_epoch"] = tr.steps_per_epoch
+    return t
+
+
+def measure(runs: list[Run], steps: int = 4) -> None:
+    """Wall and CPU seconds per training step of every row, per validation pass, pseudo-label
+    check and test evaluation, and the whole target's estimate from each."""
+    threads = torch.get_num_threads()
+    print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs, torch threads {threads}")
+    seen, total = {}, np.zeros(2)
+    for run in runs:
+        if run.name not in seen:
+            cfg = dataclasses.replace(run.cfg, out=os.path.join(run.out, "_measure"), quiet=True)
+            t = seen[run.name] = _measure_row(cfg, steps)
+            print(
+                f"{run.name:16s} wall (CPU) s: step {t['step'][0]:.2f} ({t['step'][1]:.2f}) × "
+                f"{t['steps_per_epoch']}/epoch × {cfg.epochs} epochs; val {t['val'][0]:.1f} ({t['val'][1]:.1f}), "
+                f"pseudo-label check {t['check'][0]:.1f} ({t['check'][1]:.1f}), test {t['test'][0]:.1f} "
+                f"({t['test'][1]:.1f}) → {t['run'][0] / 60:.1f} ({t['run'][1] / 60:.1f}) min per run",
+                flush=True,
+            )
+        total += seen[run.name]["run"]
+    print(
+        f"estimated total for {len(runs)} runs: {total[0] / 60:.0f} min wall at this load; CPU time "
+        f"{total[1] / 60:.0f} min (warm-up steps counted at half a step): about the wall time on an idle "
+        "machine with one thread; more threads cut it, at best in proportion."
+    )
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--scale", default="full", choices=sorted(SCALES))
+    p.add_argument("--root", default=os.path.join(REPO, "..", "shared", "data", "BUSI"))
+    p.add_argument("--out", default=os.path.join(REPO, "runs", "reproduce"))
+    p.add_argument("--measure", action="store_true", help="time every row instead of training")
+    p.add_argument("--quiet", action="store_true", help="no per-epoch lines or progress bars")
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's; 1 is faster on a busy machine)")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if not os.path.isfile(os.path.join(args.root, "splits", "test.txt")):
+        print(f"reproduce: no BUSI with split lists at {args.root} (--root)", file=sys.stderr)
+        return 2
+    runs = plan(args.scale, os.path.abspath(args.root), args.out)
+    if args.measure:
+        measure(runs)
+        return 0
+    if not train_all(runs, quiet=args.quiet):
+        return 130
+    report = (
+        os.path.join(REPO, "benchmarks", "REPRODUCTION.md")
+        if args.scale == "full"
+        else os.path.join(args.out, args.scale, "REPRODUCTION.md")
+    )
+    command = "make reproduce" + ("" if args.scale == "full" else f" REPRO_SCALE={args.scale}")
+    print(f"report: {write_report(runs, args.scale, report, command)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

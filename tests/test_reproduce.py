@@ -1,0 +1,44 @@
+"""`make reproduce`'s machinery on tiny synthetic runs: a finished run is skipped, an unfinished one
+continues from last.pt, a changed setting is refused, and the report holds the table."""
+
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+import reproduce  # noqa: E402
+
+TINY = dict(data="synthetic", synthetic_n=40, size=32, max_steps=1, pseudo_label_check=3, quiet=True)
+ROWS = [("suponly", {"method": "suponly"}, (0, 1)), ("rabusseg_no_cra", {"method": "rabusseg", "cra": False}, (0, 1))]
+
+
+def test_reproduce_skips_resumes_and_reports(tmp_path, capsys):
+    runs = reproduce.plan("smoke", None, str(tmp_path), runs=ROWS, common=TINY)
+    assert [(r.name, r.seed) for r in runs] == [
+        ("suponly", 0),
+        ("suponly", 1),
+        ("rabusseg_no_cra", 0),
+        ("rabusseg_no_cra", 1),
+    ]
+    assert reproduce.train_all(runs, quiet=True)
+    assert all(r.finished() for r in runs)
+    first = os.path.getmtime(os.path.join(runs[0].out, "last.pt"))
+    os.unlink(os.path.join(runs[3].out, "test_metrics.json"))  # as if stopped before its test
+    assert reproduce.train_all(runs, quiet=True)
+    assert "3 of 4 runs already finished; 1 to train" in capsys.readouterr().out
+    assert runs[3].finished() and os.path.getmtime(os.path.join(runs[0].out, "last.pt")) == first
+    changed = reproduce.plan("smoke", None, str(tmp_path), runs=ROWS, common={**TINY, "lr": 0.5})
+    os.unlink(os.path.join(changed[0].out, "test_metrics.json"))
+    with pytest.raises(SystemExit, match="other settings"):
+        reproduce.train_all(changed, quiet=True)
+    os.unlink(os.path.join(runs[0].out, "last.pt"))  # a fresh start instead
+    assert reproduce.train_all(runs, quiet=True)
+
+    path = reproduce.write_report(runs, "smoke", str(tmp_path / "REPRODUCTION.md"), "test")
+    text = open(path).read()
+    assert os.path.isfile(tmp_path / "reproduction_curves.png")
+    table = [ln for ln in text.splitlines() if ln.startswith("| suponly") or ln.startswith("| rabusseg_no_cra")]
+    assert len(table) == 4  # results and pseudo-label rows
+    assert "Wilcoxon p" in text and "beat suponly at this scale" in text and "`cra=False`" in text
+    assert "wall time" in text and "UTC" in text
