@@ -13,7 +13,7 @@ export MAX_JOBS ?= 2
 install: $(STAMP)
 
 # A CUDA machine already has torch: the venv then sees the system packages and keeps it.
-$(STAMP): Makefile setup.py pyproject.toml
+$(STAMP): Makefile setup.py pyproject.toml build_backend/busseg_build_backend.py
 	@if [ ! -x $(PY) ]; then \
 	  if python3 -c 'import torch' 2>/dev/null; then python3 -m venv --system-site-packages $(VENV); \
 	  else python3 -m venv $(VENV); fi; fi
