@@ -45,7 +45,14 @@ setup(
     name="busseg_ops",
     version="0.1.0",
     description="Accelerated operators for relation-aware semi-supervised breast-ultrasound segmentation",
-    packages=["busseg_ops", "busseg_ops.reference", "busseg_ops.triton", "busseg_ops.models", "busseg_ops.train"],
+    packages=[
+        "busseg_ops",
+        "busseg_ops.reference",
+        "busseg_ops.triton",
+        "busseg_ops.models",
+        "busseg_ops.train",
+        "busseg_ops.compat",
+    ],
     # models/ and train/ live at the top of the repo but install under the busseg_ops namespace.
     package_dir={"busseg_ops": "busseg_ops", "busseg_ops.models": "models", "busseg_ops.train": "train"},
     ext_modules=[extension()],
