@@ -19,7 +19,8 @@ def with_cuda() -> bool:
 
 
 def extension():
-    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+    # csrc/<op>/: schema.cpp and cpu.cpp always, cuda.cu and cuda_binding.cpp in CUDA builds
+    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/*/schema.cpp") + glob.glob("csrc/*/cpu.cpp"))
     cxx = ["-O3", "-std=c++20", "-fopenmp", "-fno-trapping-math"]
     if not with_cuda():
         return CppExtension(
@@ -29,7 +30,7 @@ def extension():
             extra_compile_args={"cxx": cxx},
             extra_link_args=["-fopenmp"],
         )
-    sources += sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
+    sources += sorted(glob.glob("csrc/*/cuda.cu") + glob.glob("csrc/*/cuda_binding.cpp"))
     nvcc = ["-O3", "-std=c++17", "-lineinfo"]
     return CUDAExtension(
         "busseg_ops._C",
@@ -45,7 +46,14 @@ setup(
     name="busseg_ops",
     version="0.1.0",
     description="Accelerated operators for relation-aware semi-supervised breast-ultrasound segmentation",
-    packages=["busseg_ops", "busseg_ops.reference", "busseg_ops.triton", "busseg_ops.models", "busseg_ops.train"],
+    packages=[
+        "busseg_ops",
+        "busseg_ops.ops",
+        "busseg_ops.reference",
+        "busseg_ops.triton",
+        "busseg_ops.models",
+        "busseg_ops.train",
+    ],
     # models/ and train/ live at the top of the repo but install under the busseg_ops namespace.
     package_dir={"busseg_ops": "busseg_ops", "busseg_ops.models": "models", "busseg_ops.train": "train"},
     ext_modules=[extension()],

@@ -1,4 +1,4 @@
-// Adjacent relation propagation (SPEC §1), C++/OpenMP CPU kernels.
+// busseg::adjacent_relation_propagation (RA-BUSSeg ARP; docs/ops.md), C++/OpenMP CPU kernels.
 //
 // Works on the tensors' own NCHW layout, one image row at a time: for a tap, the affinities of
 // a whole row are a sum over channels of products of two contiguous rows (the row and its
@@ -9,6 +9,8 @@
 // query plus p as key), a gather with no write races and no atomics. Per-tap buffers (raw
 // affinities, weights, their gradients) are (B, taps, H, W); nothing of size (B, C*k*k, HW)
 // is formed.
+#include "common/cpu.h"
+
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <omp.h>
@@ -19,8 +21,7 @@
 #include <limits>
 #include <vector>
 
-#include "arp_checks.h"
-#include "cpu/common.h"
+#include "adjacent_relation_propagation/checks.h"
 
 namespace busseg {
 namespace {
@@ -183,15 +184,17 @@ ArpGeometry geometry(const at::Tensor& feat, const at::Tensor& value, int64_t ke
           feat.size(3), (kernel_size - 1) / 2, dilation,      kernel_size * kernel_size};
 }
 
-std::tuple<at::Tensor, at::Tensor> arp_forward_cpu(const at::Tensor& feat, const at::Tensor& value,
-                                                   int64_t kernel_size, int64_t dilation,
-                                                   double scale, bool valid_padding) {
-  check_arp_args(feat, value, kernel_size, dilation);
+std::tuple<at::Tensor, at::Tensor> adjacent_relation_propagation_cpu(const at::Tensor& feat,
+                                                                     const at::Tensor& value,
+                                                                     int64_t kernel_size,
+                                                                     int64_t dilation, double scale,
+                                                                     bool valid_padding) {
+  check_adjacent_relation_propagation_args(feat, value, kernel_size, dilation);
   const ArpGeometry g = geometry(feat, value, kernel_size, dilation);
   const at::Tensor f = feat.contiguous(), v = value.contiguous();
   at::Tensor out = at::empty({g.B, g.K, g.H, g.W}, feat.options());
   at::Tensor weights = at::empty({g.B, g.taps, g.H, g.W}, feat.options());
-  AT_DISPATCH_FLOATING_TYPES(feat.scalar_type(), "arp_forward_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES(feat.scalar_type(), "adjacent_relation_propagation_cpu", [&] {
     arp_forward_kernel<scalar_t>(g, f.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
                                  out.data_ptr<scalar_t>(), weights.data_ptr<scalar_t>(), scale,
                                  valid_padding);
@@ -199,24 +202,21 @@ std::tuple<at::Tensor, at::Tensor> arp_forward_cpu(const at::Tensor& feat, const
   return {out, weights};
 }
 
-std::tuple<at::Tensor, at::Tensor> arp_backward_cpu(const at::Tensor& grad_out,
-                                                    const at::Tensor& feat, const at::Tensor& value,
-                                                    const at::Tensor& weights, int64_t kernel_size,
-                                                    int64_t dilation, double scale,
-                                                    bool valid_padding, bool need_grad_feat,
-                                                    bool need_grad_value) {
+std::tuple<at::Tensor, at::Tensor> adjacent_relation_propagation_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& feat, const at::Tensor& value,
+    const at::Tensor& weights, int64_t kernel_size, int64_t dilation, double scale,
+    bool valid_padding, bool need_grad_feat, bool need_grad_value) {
   (void)valid_padding;  // encoded in `weights` (zero for excluded taps)
-  check_arp_args(feat, value, kernel_size, dilation);
+  check_adjacent_relation_propagation_backward_args(grad_out, feat, value, weights, kernel_size,
+                                                    dilation);
   const ArpGeometry g = geometry(feat, value, kernel_size, dilation);
-  TORCH_CHECK_VALUE(weights.sizes() == at::IntArrayRef({g.B, g.taps, g.H, g.W}),
-                    "weights must be (B, k*k, H, W), got ", weights.sizes());
   const at::Tensor f = feat.contiguous(), v = value.contiguous();
   const at::Tensor go = grad_out.contiguous(), w = weights.contiguous();
   at::Tensor grad_feat = need_grad_feat ? at::empty({g.B, g.C, g.H, g.W}, feat.options())
                                         : at::empty({0}, feat.options());
   at::Tensor grad_value = need_grad_value ? at::empty({g.B, g.K, g.H, g.W}, value.options())
                                           : at::empty({0}, value.options());
-  AT_DISPATCH_FLOATING_TYPES(feat.scalar_type(), "arp_backward_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES(feat.scalar_type(), "adjacent_relation_propagation_backward_cpu", [&] {
     arp_backward_kernel<scalar_t>(
         g, go.data_ptr<scalar_t>(), f.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
         w.data_ptr<scalar_t>(), need_grad_feat ? grad_feat.data_ptr<scalar_t>() : nullptr,
@@ -228,8 +228,8 @@ std::tuple<at::Tensor, at::Tensor> arp_backward_cpu(const at::Tensor& grad_out,
 }  // namespace
 
 TORCH_LIBRARY_IMPL(busseg, CPU, m) {
-  m.impl("arp_forward", &arp_forward_cpu);
-  m.impl("arp_backward", &arp_backward_cpu);
+  m.impl("adjacent_relation_propagation", &adjacent_relation_propagation_cpu);
+  m.impl("adjacent_relation_propagation_backward", &adjacent_relation_propagation_backward_cpu);
 }
 
 }  // namespace busseg

@@ -1,11 +1,11 @@
-// Adjacent relation propagation (SPEC §1), CUDA kernels. One warp per pixel: lanes split the
+// busseg::adjacent_relation_propagation, CUDA kernels. One warp per pixel: lanes split the
 // channels of each affinity dot product, then the taps for the softmax and the value sum. The
 // backward is a per-pixel pass for the affinity gradients followed by a gather (each pixel
 // collects what it receives as query and as key): no atomics.
 #include <cmath>
 
-#include "cuda/arp.h"
-#include "cuda/common.cuh"
+#include "adjacent_relation_propagation/cuda.h"
+#include "common/cuda.cuh"
 
 namespace busseg::cuda {
 namespace {
@@ -153,8 +153,9 @@ const dim3 kBlock(32, kWarpsPerBlock);
 
 }  // namespace
 
-cudaError_t arp_forward(DType dtype, const ArpShape& s, const void* feat, const void* value,
-                        void* out, void* weights, double scale, cudaStream_t stream) {
+cudaError_t adjacent_relation_propagation(DType dtype, const ArpShape& s, const void* feat,
+                                          const void* value, void* out, void* weights, double scale,
+                                          cudaStream_t stream) {
   if (s.B * s.H * s.W == 0) return cudaSuccess;
   return dispatch(dtype, [&](auto tag) {
     using T = decltype(tag);
@@ -165,9 +166,12 @@ cudaError_t arp_forward(DType dtype, const ArpShape& s, const void* feat, const 
   });
 }
 
-cudaError_t arp_backward(DType dtype, const ArpShape& s, const void* grad_out, const void* feat,
-                         const void* value, const void* weights, void* grad_feat, void* grad_value,
-                         void* da_scratch, double scale, cudaStream_t stream) {
+cudaError_t adjacent_relation_propagation_backward(DType dtype, const ArpShape& s,
+                                                   const void* grad_out, const void* feat,
+                                                   const void* value, const void* weights,
+                                                   void* grad_feat, void* grad_value,
+                                                   void* da_scratch, double scale,
+                                                   cudaStream_t stream) {
   if (s.B * s.H * s.W == 0) return cudaSuccess;
   return dispatch(dtype, [&](auto tag) {
     using T = decltype(tag);

@@ -1,8 +1,9 @@
-// Memory contrastive loss (SPEC §6), the device-independent driver shared by the CPU and CUDA
-// front-ends. Similarities are formed one (anchor block × negative block) tile at a time with
-// at::mm (BLAS / cuBLAS); a device-specific tile kernel folds each tile into a per-anchor online
-// log-sum-exp (forward) or turns it into the gradient tile in place (backward). Memory is
-// O((N + N⁻)·D + tile), never O(N·N⁻). Forward keeps only the per-anchor LSE. Anchors are
+// busseg::memory_contrastive_loss (PH-Net Eq. 15; docs/ops.md): the device-independent driver
+// shared by the CPU and CUDA entry points, which check the arguments first
+// (memory_contrastive_loss/checks.h). Similarities are formed one (anchor block × negative block)
+// tile at a time with at::mm (BLAS / cuBLAS); a device-specific tile kernel folds each tile into a
+// per-anchor online log-sum-exp (forward) or turns it into the gradient tile in place (backward).
+// Memory is O((N + N⁻)·D + tile), never O(N·N⁻). Forward keeps only the per-anchor LSE. Anchors are
 // grouped by class so that only the negatives of other classes are multiplied (no masked work).
 //
 // Notation: â = anchors/‖anchors‖, n̂, p̂ likewise; pos_i = <â_i, p̂_{y_i}>/τ;
@@ -28,36 +29,6 @@ struct ContrastiveTiles {
                     const at::Tensor& lse, const at::Tensor& coef, double inv_tau);
   int64_t tile;  // rows and columns of a tile
 };
-
-inline void check_contrastive_args(const at::Tensor& anchors, const at::Tensor& anchor_labels,
-                                   const at::Tensor& negatives, const at::Tensor& negative_labels,
-                                   const at::Tensor& positives, const at::Tensor& has_positive,
-                                   double temperature) {
-  TORCH_CHECK_VALUE(anchors.dim() == 2, "anchors must be (N, D), got ", anchors.sizes());
-  TORCH_CHECK_VALUE(negatives.dim() == 2 && negatives.size(1) == anchors.size(1),
-                    "negatives must be (N-, D) with D = ", anchors.size(1), ", got ",
-                    negatives.sizes());
-  TORCH_CHECK_VALUE(
-      positives.dim() == 2 && positives.size(1) == anchors.size(1) && positives.size(0) >= 1,
-      "positives must be (K, D) with K >= 1 and D = ", anchors.size(1), ", got ",
-      positives.sizes());
-  TORCH_CHECK_VALUE(anchor_labels.dim() == 1 && anchor_labels.size(0) == anchors.size(0),
-                    "anchor_labels must be (N,) with N = ", anchors.size(0), ", got ",
-                    anchor_labels.sizes());
-  TORCH_CHECK_VALUE(negative_labels.dim() == 1 && negative_labels.size(0) == negatives.size(0),
-                    "negative_labels must be (N-,) with N- = ", negatives.size(0), ", got ",
-                    negative_labels.sizes());
-  TORCH_CHECK_VALUE(has_positive.dim() == 1 && has_positive.size(0) == positives.size(0),
-                    "has_positive must be (K,), got ", has_positive.sizes());
-  TORCH_CHECK_TYPE(
-      anchor_labels.scalar_type() == at::kLong && negative_labels.scalar_type() == at::kLong,
-      "anchor_labels and negative_labels must be int64");
-  TORCH_CHECK_TYPE(has_positive.scalar_type() == at::kBool, "has_positive must be bool");
-  TORCH_CHECK_TYPE(anchors.scalar_type() == negatives.scalar_type() &&
-                       anchors.scalar_type() == positives.scalar_type(),
-                   "anchors, negatives and positives must share a dtype");
-  TORCH_CHECK_VALUE(temperature > 0, "temperature must be > 0, got ", temperature);
-}
 
 namespace contrastive {
 
@@ -139,8 +110,6 @@ inline std::tuple<at::Tensor, at::Tensor> contrastive_forward(
     const ContrastiveTiles& tiles, const at::Tensor& anchors, const at::Tensor& anchor_labels,
     const at::Tensor& negatives, const at::Tensor& negative_labels, const at::Tensor& positives,
     const at::Tensor& has_positive, double temperature) {
-  check_contrastive_args(anchors, anchor_labels, negatives, negative_labels, positives,
-                         has_positive, temperature);
   using namespace contrastive;
   const Prepared p = prepare(anchors, anchor_labels, negatives, negative_labels, positives,
                              has_positive, temperature);
@@ -169,9 +138,6 @@ inline std::tuple<at::Tensor, at::Tensor> contrastive_backward(
     const at::Tensor& anchor_labels, const at::Tensor& negatives, const at::Tensor& negative_labels,
     const at::Tensor& positives, const at::Tensor& has_positive, const at::Tensor& lse,
     double temperature, bool need_grad_negatives) {
-  check_contrastive_args(anchors, anchor_labels, negatives, negative_labels, positives,
-                         has_positive, temperature);
-  TORCH_CHECK_VALUE(lse.dim() == 1 && lse.size(0) == anchors.size(0), "lse must be (N,)");
   using namespace contrastive;
   const Prepared p = prepare(anchors, anchor_labels, negatives, negative_labels, positives,
                              has_positive, temperature);

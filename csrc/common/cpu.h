@@ -1,5 +1,5 @@
-// Helpers shared by the CPU kernels: vectorised loops over contiguous runs and the OpenMP split
-// of a range into one contiguous chunk per thread.
+// Helpers shared by the CPU kernels: a NaN-propagating max, vectorised loops over contiguous runs
+// and the OpenMP split of a range into one contiguous chunk per thread.
 #pragma once
 #include <ATen/Parallel.h>
 #include <omp.h>
@@ -18,6 +18,12 @@
 
 namespace busseg {
 namespace {
+
+// max that propagates NaN from either side, like torch.maximum.
+template <typename T>
+inline T nan_max(T a, T b) {
+  return (a != a || a >= b) ? a : b;
+}
 
 // acc[i] += a[i] * b[i]
 template <typename T>

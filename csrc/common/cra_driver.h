@@ -1,12 +1,13 @@
-// Cross-layer relation alignment loss (SPEC §2.2), the device-independent driver shared by the
-// CPU and CUDA front-ends. Pixel rows are processed in blocks: per block the logits of every
-// layer, f_l[:, :, block]ᵀ p_lᵀ, are formed into one preallocated (L, B, rows, M) buffer (by
-// at::bmm, i.e. BLAS / cuBLAS, unless the device brings its own products), and a device-specific
-// fused row kernel does everything after them (log-softmax of every layer, the L-1 KL terms; in
-// backward the logit gradients). Backward recomputes the block's logits and folds the gradient
-// block straight into the proxy gradients (and the feature gradients when asked). No
-// (L, B, HW, M) tensor ever exists: memory is the block buffers plus the (L, B, HW) log-sum-exp
-// that forward saves.
+// busseg::cross_layer_alignment_loss (RA-BUSSeg CRA; docs/ops.md): the device-independent driver
+// shared by the CPU and CUDA entry points, which check the arguments first
+// (cross_layer_alignment_loss/checks.h). Pixel rows are processed in blocks: per block the logits
+// of every layer, f_l[:, :, block]ᵀ p_lᵀ, are formed into one preallocated (L, B, rows, M) buffer
+// (by at::bmm, i.e. BLAS / cuBLAS, unless the device brings its own products), and a
+// device-specific fused row kernel does everything after them (log-softmax of every layer, the L-1
+// KL terms; in backward the logit gradients). Backward recomputes the block's logits and folds the
+// gradient block straight into the proxy gradients (and the feature gradients when asked). No (L,
+// B, HW, M) tensor ever exists: memory is the block buffers plus the (L, B, HW) log-sum-exp that
+// forward saves.
 //
 // Layouts: feats[l] (B, C_l, HW) (the usual NCHW map flattened: a view, no copy; any strides),
 // proxies[l] (B, M, C_l), lse (L, B, HW) in the accumulator type (double for f64, else float).
@@ -92,46 +93,19 @@ struct AlignShape4 {
   int64_t L, B, HW, M;
 };
 
-// Checks the lists and returns their shape; `norm` gets the factor on the summed KL terms:
-// 1 / ((L - 1) * d), d = B*HW*M ("mean"), B ("batchmean") or 1 ("sum").
-inline AlignShape4 check_align_blocked_args(at::TensorList feats, at::TensorList proxies,
-                                            const std::string& reduction, double eps,
-                                            int64_t block_rows, double* norm) {
-  TORCH_CHECK_VALUE(feats.size() >= 2, "feats must hold L >= 2 layers, got ", feats.size());
-  TORCH_CHECK_VALUE(proxies.size() == feats.size(), "proxies must hold L = ", feats.size(),
-                    " tensors, got ", proxies.size());
-  TORCH_CHECK_VALUE(eps >= 0, "eps must be >= 0, got ", eps);
-  TORCH_CHECK_VALUE(block_rows >= 1, "block_rows must be >= 1, got ", block_rows);
-  const at::Tensor& f0 = feats[0];
-  const at::Tensor& p0 = proxies[0];
-  TORCH_CHECK_VALUE(f0.dim() == 3, "feats[0] must be (B, C_l, HW), got ", f0.sizes());
-  TORCH_CHECK_VALUE(p0.dim() == 3, "proxies[0] must be (B, M, C_l), got ", p0.sizes());
-  const AlignShape4 s{static_cast<int64_t>(feats.size()), f0.size(0), f0.size(2), p0.size(1)};
-  TORCH_CHECK_VALUE(s.B * s.HW * s.M > 0, "the loss inputs are empty (B = ", s.B, ", HW = ", s.HW,
-                    ", M = ", s.M, ")");
-  for (size_t l = 0; l < feats.size(); ++l) {
-    const at::Tensor &f = feats[l], &p = proxies[l];
-    TORCH_CHECK_VALUE(f.dim() == 3 && f.size(0) == s.B && f.size(2) == s.HW && f.size(1) > 0,
-                      "feats[", l, "] must be (B, C_l, HW) with B = ", s.B, ", HW = ", s.HW,
-                      ", got ", f.sizes());
-    TORCH_CHECK_VALUE(
-        p.dim() == 3 && p.size(0) == s.B && p.size(1) == s.M && p.size(2) == f.size(1), "proxies[",
-        l, "] must be (B, M, C_l) = (", s.B, ", ", s.M, ", ", f.size(1), "), got ", p.sizes());
-    TORCH_CHECK_TYPE(f.scalar_type() == f0.scalar_type() && p.scalar_type() == f0.scalar_type(),
-                     "feats and proxies must share one dtype");
-    TORCH_CHECK_VALUE(f.device() == f0.device() && p.device() == f0.device(),
-                      "feats and proxies must be on one device");
-  }
+// The shape of checked inputs (cross_layer_alignment_loss/checks.h); `norm` gets the factor on
+// the summed KL terms: 1 / ((L - 1) * d), d = B*HW*M ("mean"), B ("batchmean") or 1 ("sum").
+inline AlignShape4 align_shape(at::TensorList feats, at::TensorList proxies,
+                               const std::string& reduction, double* norm) {
+  const AlignShape4 s{static_cast<int64_t>(feats.size()), feats[0].size(0), feats[0].size(2),
+                      proxies[0].size(1)};
   const double pairs = static_cast<double>(s.L - 1);
   if (reduction == "mean")
     *norm = 1.0 / (pairs * static_cast<double>(s.B * s.HW * s.M));
   else if (reduction == "batchmean")
     *norm = 1.0 / (pairs * static_cast<double>(s.B));
-  else {
-    TORCH_CHECK_VALUE(reduction == "sum", "reduction must be 'mean', 'batchmean' or 'sum', got '",
-                      reduction, "'");
+  else
     *norm = 1.0 / pairs;
-  }
   return s;
 }
 
@@ -144,6 +118,7 @@ inline at::Tensor head(const at::Tensor& buf, at::IntArrayRef dims) {
 
 // Rows per block: at most block_rows, balanced over the blocks.
 inline int64_t rows_per_block(int64_t HW, int64_t block_rows) {
+  block_rows = std::min(block_rows, HW);  // (block_rows may be anything up to 2^63 - 1)
   const int64_t blocks = (HW + block_rows - 1) / block_rows;
   return (HW + blocks - 1) / blocks;
 }
@@ -159,7 +134,7 @@ inline std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> align_blocked
     const AlignKernels& k, at::TensorList feats, at::TensorList proxies,
     const std::string& reduction, double eps, int64_t block_rows, bool grad_proxies) {
   double norm = 0;
-  const AlignShape4 s = check_align_blocked_args(feats, proxies, reduction, eps, block_rows, &norm);
+  const AlignShape4 s = align_shape(feats, proxies, reduction, &norm);
   const at::Tensor& f0 = feats[0];
   const at::ScalarType dtype = f0.scalar_type(), acc_type = at::toOpMathType(dtype);
   const auto acc = f0.options().dtype(acc_type);
@@ -200,11 +175,7 @@ inline std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> align_blocke
     at::TensorList proxies, const at::Tensor& lse, const std::string& reduction, double eps,
     int64_t block_rows, bool need_grad_feats, bool need_grad_proxies) {
   double norm = 0;
-  const AlignShape4 s = check_align_blocked_args(feats, proxies, reduction, eps, block_rows, &norm);
-  TORCH_CHECK_VALUE(
-      lse.dim() == 3 && lse.size(0) == s.L && lse.size(1) == s.B && lse.size(2) == s.HW,
-      "lse must be (L, B, HW) = (", s.L, ", ", s.B, ", ", s.HW, "), got ", lse.sizes());
-  TORCH_CHECK_VALUE(grad_loss.numel() == 1, "grad_loss must be a scalar, got ", grad_loss.sizes());
+  const AlignShape4 s = align_shape(feats, proxies, reduction, &norm);
   const at::Tensor& f0 = feats[0];
   const at::ScalarType acc_type = at::toOpMathType(f0.scalar_type());
   std::vector<at::Tensor> grad_feats, grad_proxies;

@@ -5,7 +5,9 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
-#include "cuda/dtype.h"
+#include <cmath>
+
+#include "common/cuda_types.h"
 
 namespace busseg::cuda {
 
@@ -45,6 +47,16 @@ __device__ __forceinline__ void store<__half>(__half* p, float v) {
 template <>
 __device__ __forceinline__ void store<__nv_bfloat16>(__nv_bfloat16* p, float v) {
   *p = __float2bfloat16(v);
+}
+
+// max that propagates NaN from either side, like torch.maximum.
+template <typename A>
+__device__ __forceinline__ A nan_max(A a, A b) {
+  return (a != a || a >= b) ? a : b;
+}
+template <typename A>
+__device__ __forceinline__ A positive_inf() {
+  return A(INFINITY);
 }
 
 template <typename A>

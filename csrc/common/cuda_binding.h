@@ -4,7 +4,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
-#include "cuda/dtype.h"
+#include "common/cuda_types.h"
+#include "common/patch_grid.h"
 
 namespace busseg::cuda {
 
@@ -29,6 +30,11 @@ inline at::ScalarType accumulator_type(const at::Tensor& t) {
 
 inline void check_launch(cudaError_t err, const char* what) {
   TORCH_CHECK(err == cudaSuccess, what, " failed: ", cudaGetErrorString(err));
+}
+
+// The launchers' patch shape of a checked grid (its patch sizes are at most 2^30).
+inline PatchShape patch_shape(const PatchGrid& g) {
+  return {g.B, g.K, g.H, g.W, static_cast<int>(g.ph), static_cast<int>(g.pw)};
 }
 
 }  // namespace busseg::cuda

@@ -1,16 +1,17 @@
-// Shape/dtype checks shared by the CPU and CUDA front-ends of CRA (SPEC §2). (The loss checks live
-// in cra_driver.h.) The Python API validates first with friendlier messages; these guard direct
-// torch.ops.busseg calls.
+// Argument checks of busseg::greedy_proxy_sampling, shared by the CPU and CUDA entry points.
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include "common/checks.h"
+
 namespace busseg {
 
-inline void check_greedy_args(const at::Tensor& feat, const at::Tensor& first,
-                              int64_t num_proxies) {
-  TORCH_CHECK_VALUE(feat.dim() == 4, "feat must be (B, C, H, W), got ", feat.sizes());
+inline void check_greedy_proxy_sampling_args(const at::Tensor& feat, const at::Tensor& first,
+                                             int64_t num_proxies) {
+  check_dims(feat, "feat", 4, "(B, C, H, W)");
   TORCH_CHECK_VALUE(feat.numel() > 0, "feat is empty (shape ", feat.sizes(), ")");
+  check_floating(feat, "feat");
   const int64_t hw = feat.size(2) * feat.size(3);
   TORCH_CHECK_VALUE(num_proxies >= 1 && num_proxies <= hw, "num_proxies must be in [1, H*W = ", hw,
                     "], got ", num_proxies);

@@ -1,4 +1,4 @@
-// Cross-layer relation alignment (SPEC §2), CUDA kernels.
+// busseg::greedy_proxy_sampling (RA-BUSSeg; docs/ops.md), CUDA kernels.
 //
 // Greedy sampling runs all M steps in one launch (farthest-point-sampling style). Each image is
 // split into P contiguous pixel chunks, one block each; per step a block stages the chosen pixel's
@@ -9,35 +9,20 @@
 // would leave most SMs idle): a cooperative launch; blocks post their candidates to global slots,
 // one grid barrier, and every block reduces its image's slots in the same way, so all agree on
 // the next proxy. Both use the same per-pixel arithmetic, hence the same proxies.
-// cra_greedy_blocks_per_image holds the choice of P.
-//
-// The loss kernels (the row kernels of the blocked driver, csrc/cra_driver.h, run on one block
-// of pixel rows at a time) give each pixel row one warp (lanes over the M proxies): log-sum-exp of
-// every layer, the L-1 KL terms; backward recomputes the probabilities from the logits and the
-// saved log-sum-exp and writes every logit gradient once.
+// greedy_proxy_sampling_blocks_per_image holds the choice of P.
 #include <cooperative_groups.h>
 
 #include <algorithm>
 #include <climits>
 #include <cmath>
 
-#include "cuda/common.cuh"
-#include "cuda/cra.h"
+#include "common/cuda.cuh"
+#include "greedy_proxy_sampling/cuda.h"
 
 namespace busseg::cuda {
 namespace {
 
 constexpr int kGreedyThreads = 512;
-constexpr int kRowWarps = 8;
-
-template <typename A>
-__device__ __forceinline__ A nan_max(A a, A b) {
-  return (a != a || a >= b) ? a : b;
-}
-template <typename A>
-__device__ __forceinline__ A positive_inf() {
-  return A(INFINITY);
-}
 
 // Greedy sampling with P blocks per image (grid B*P); block p owns pixels [p*HW/P, (p+1)*HW/P).
 // kCooperative (P >= 2) needs a cooperative launch: all blocks resident, grid barriers.
@@ -117,97 +102,6 @@ __global__ void __launch_bounds__(kGreedyThreads)
   }
 }
 
-template <typename T>
-__device__ __forceinline__ acc_t<T> warp_log_sum_exp(const T* z, long long M, int lane) {
-  using A = acc_t<T>;
-  A zmax = -positive_inf<A>();
-  for (long long m = lane; m < M; m += 32) zmax = nan_max(zmax, load(z + m));
-  for (int o = 16; o > 0; o >>= 1) zmax = nan_max(zmax, __shfl_xor_sync(0xffffffffu, zmax, o));
-  if (isinf(zmax)) return zmax;  // all -inf, or +inf present: no finite shift
-  A sum = 0;
-  for (long long m = lane; m < M; m += 32) sum += exp(load(z + m) - zmax);
-  return zmax + log(warp_sum(sum));
-}
-
-// Term of KL(q || p) at one proxy, 0 * log 0 = 0 as in KLDivLoss (NaN still propagates).
-template <typename A>
-__device__ __forceinline__ A kl_term(A q, A log_q, A log_p_eps) {
-  return (q > 0 || q != q) ? q * (log_q - log_p_eps) : A(0);
-}
-
-template <typename T>
-__global__ void align_forward_kernel(AlignShape s, const T* __restrict__ logits, double eps,
-                                     acc_t<T>* __restrict__ lse, acc_t<T>* __restrict__ row_loss) {
-  using A = acc_t<T>;
-  const int lane = threadIdx.x & 31;
-  const long long r = static_cast<long long>(blockIdx.x) * kRowWarps + (threadIdx.x >> 5);
-  if (r >= s.R) return;  // the whole warp leaves together
-  A row_lse[kMaxAlignLayers];
-  for (int l = 0; l < s.L; ++l) {
-    row_lse[l] = warp_log_sum_exp(logits + (l * s.R + r) * s.M, s.M, lane);
-    if (lane == 0) lse[l * s.R + r] = row_lse[l];
-  }
-  A total = 0;
-  for (int l = 0; l + 1 < s.L; ++l) {
-    const T* zp = logits + (l * s.R + r) * s.M;
-    const T* zq = logits + ((l + 1) * s.R + r) * s.M;
-    for (long long m = lane; m < s.M; m += 32) {
-      const A log_q = load(zq + m) - row_lse[l + 1];
-      total +=
-          kl_term(exp(log_q), log_q, log(exp(load(zp + m) - row_lse[l]) + static_cast<A>(eps)));
-    }
-  }
-  total = warp_sum(total);
-  if (lane == 0) row_loss[r] = total;
-}
-
-// Pair (input P_l = p, target P_{l+1} = q): u = log q - log(p + eps), h = -q / (p + eps).
-// d/dz_{l+1} = q (u - <q, u>),  d/dz_l = p (h - <p, h>).
-template <typename T>
-__global__ void align_backward_kernel(AlignShape s, const T* __restrict__ grad_loss,
-                                      const T* __restrict__ logits,
-                                      const acc_t<T>* __restrict__ lse, double eps, double norm,
-                                      T* __restrict__ grad) {
-  using A = acc_t<T>;
-  const int lane = threadIdx.x & 31;
-  const long long r = static_cast<long long>(blockIdx.x) * kRowWarps + (threadIdx.x >> 5);
-  if (r >= s.R) return;
-  const A e = static_cast<A>(eps);
-  A row_lse[kMaxAlignLayers], qu[kMaxAlignLayers], ph[kMaxAlignLayers];
-  for (int l = 0; l < s.L; ++l) row_lse[l] = lse[l * s.R + r];
-  for (int l = 0; l + 1 < s.L; ++l) {
-    const T* zp = logits + (l * s.R + r) * s.M;
-    const T* zq = logits + ((l + 1) * s.R + r) * s.M;
-    A sum_qu = 0, sum_ph = 0;
-    for (long long m = lane; m < s.M; m += 32) {
-      const A p = exp(load(zp + m) - row_lse[l]);
-      const A log_q = load(zq + m) - row_lse[l + 1], q = exp(log_q);
-      sum_qu += kl_term(q, log_q, log(p + e));
-      sum_ph -= p * q / (p + e);
-    }
-    qu[l] = warp_sum(sum_qu);
-    ph[l] = warp_sum(sum_ph);
-  }
-  const A coef = load(grad_loss) * static_cast<A>(norm);
-  for (int l = 0; l < s.L; ++l) {
-    const T* z = logits + (l * s.R + r) * s.M;
-    for (long long m = lane; m < s.M; m += 32) {
-      const A log_x = load(z + m) - row_lse[l], x = exp(log_x);
-      A g = 0;
-      if (l > 0) {  // layer l is the target of pair l-1
-        const A p = exp(load(logits + ((l - 1) * s.R + r) * s.M + m) - row_lse[l - 1]);
-        const A u = (x > 0 || x != x) ? log_x - log(p + e) : A(0);
-        g += x * (u - qu[l - 1]);
-      }
-      if (l + 1 < s.L) {  // layer l is the input of pair l
-        const A q = exp(load(logits + ((l + 1) * s.R + r) * s.M + m) - row_lse[l + 1]);
-        g += x * (-q / (x + e) - ph[l]);
-      }
-      store(grad + (l * s.R + r) * s.M + m, coef * g);
-    }
-  }
-}
-
 // Workspace of greedy sampling, largest alignment first: candidate slots (index, then value) for
 // two step parities, then per pixel the cumulative similarity, its running max, the chosen flag.
 struct GreedyLayout {
@@ -245,8 +139,8 @@ constexpr long long kMinGreedyChunk = 4 * kGreedyThreads / 32;
 // as many blocks per image as the GPU holds at once (a cooperative launch fails unless every block
 // is resident: the occupancy calculator's blocks per SM times the SM count), but no chunk under
 // kMinGreedyChunk pixels.
-cudaError_t cra_greedy_blocks_per_image(DType dtype, long long B, long long HW, long long C,
-                                        long long* blocks_per_image) {
+cudaError_t greedy_proxy_sampling_blocks_per_image(DType dtype, long long B, long long HW,
+                                                   long long C, long long* blocks_per_image) {
   *blocks_per_image = 1;
   int device = 0, cooperative = 0, sms = 0;
   cudaGetDevice(&device);
@@ -263,15 +157,15 @@ cudaError_t cra_greedy_blocks_per_image(DType dtype, long long B, long long HW, 
   });
 }
 
-size_t cra_greedy_workspace_bytes(DType dtype, long long B, long long HW,
-                                  long long blocks_per_image) {
+size_t greedy_proxy_sampling_workspace_bytes(DType dtype, long long B, long long HW,
+                                             long long blocks_per_image) {
   return greedy_layout(dtype, B, HW, blocks_per_image).bytes;
 }
 
-cudaError_t cra_greedy_sampling(DType dtype, long long B, long long HW, long long C, long long M,
-                                long long blocks_per_image, const void* feat,
-                                const long long* first, double scale, void* workspace,
-                                long long* out, cudaStream_t stream) {
+cudaError_t greedy_proxy_sampling(DType dtype, long long B, long long HW, long long C, long long M,
+                                  long long blocks_per_image, const void* feat,
+                                  const long long* first, double scale, void* workspace,
+                                  long long* out, cudaStream_t stream) {
   if (B == 0 || M == 0) return cudaSuccess;
   long long P = blocks_per_image;
   if (P < 1 || B * P > INT_MAX) return cudaErrorInvalidConfiguration;  // grid.x is 32-bit
@@ -297,29 +191,6 @@ cudaError_t cra_greedy_sampling(DType dtype, long long B, long long HW, long lon
                     &cumulative, &score, &chosen, &slot_i, &slot_v, &out};
     cudaLaunchCooperativeKernel(greedy_kernel<T, true>, dim3(grid), dim3(kGreedyThreads), args,
                                 greedy_smem<T, true>(C), stream);
-  });
-}
-
-cudaError_t cra_align_forward(DType dtype, const AlignShape& s, const void* logits, double eps,
-                              void* lse, void* row_loss, cudaStream_t stream) {
-  if (s.R == 0) return cudaSuccess;
-  return dispatch(dtype, [&](auto tag) {
-    using T = decltype(tag);
-    align_forward_kernel<T><<<ceil_div(s.R, kRowWarps), 32 * kRowWarps, 0, stream>>>(
-        s, static_cast<const T*>(logits), eps, static_cast<acc_t<T>*>(lse),
-        static_cast<acc_t<T>*>(row_loss));
-  });
-}
-
-cudaError_t cra_align_backward(DType dtype, const AlignShape& s, const void* grad_loss,
-                               const void* logits, const void* lse, double eps, double norm,
-                               void* grad_logits, cudaStream_t stream) {
-  if (s.R == 0) return cudaSuccess;
-  return dispatch(dtype, [&](auto tag) {
-    using T = decltype(tag);
-    align_backward_kernel<T><<<ceil_div(s.R, kRowWarps), 32 * kRowWarps, 0, stream>>>(
-        s, static_cast<const T*>(grad_loss), static_cast<const T*>(logits),
-        static_cast<const acc_t<T>*>(lse), eps, norm, static_cast<T*>(grad_logits));
   });
 }
 

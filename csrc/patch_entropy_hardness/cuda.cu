@@ -1,13 +1,9 @@
-// PH-Net ops (SPEC §3, §4, §6), CUDA kernels. Hardness: a block per patch reduces its pixels'
-// entropies (softmax fused for logits); backward a thread per pixel. Cutmix: one launch gathers
-// every element of up to kCutmixBatch tensors (any dtype, copied by element size). Contrastive:
-// the row-wise tile kernels of the shared tiled driver (the tiles themselves come from cuBLAS).
-#include <algorithm>
+// busseg::patch_entropy_hardness (PH-Net Eq. 4; docs/ops.md), CUDA kernels: a block per patch
+// reduces its pixels' entropies (softmax fused for logits); backward a thread per pixel.
 #include <cmath>
-#include <cstdint>
 
-#include "cuda/common.cuh"
-#include "cuda/phnet.h"
+#include "common/cuda.cuh"
+#include "patch_entropy_hardness/cuda.h"
 
 namespace busseg::cuda {
 namespace {
@@ -89,89 +85,10 @@ __global__ void hardness_backward_kernel(PatchShape s, const T* __restrict__ gra
     store(dx + b * s.K * HW + k * HW + pix, d);
   }
 }
-
-template <typename U>
-__device__ __forceinline__ void copy_element(const CutmixTensor& t, long long to, long long from) {
-  static_cast<U*>(t.dst)[to] = static_cast<const U*>(t.src)[from];
-}
-
-__global__ void patch_cutmix_kernel(CutmixBatch batch, const bool* __restrict__ mask, PatchShape s,
-                                    long long total) {
-  const long long HW = s.H * s.W, Nh = s.H / s.ph, Nw = s.W / s.pw;
-  for (long long g = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x; g < total;
-       g += static_cast<long long>(gridDim.x) * blockDim.x) {
-    int t = 0;
-    long long e = g;
-    while (e >= batch.t[t].numel) e -= batch.t[t++].numel;
-    const CutmixTensor& ten = batch.t[t];
-    const long long per_image = ten.numel / s.B;
-    const long long b = e / per_image, pix = e % HW, y = pix / s.W, x = pix % s.W;
-    const bool keep = mask[(b * Nh + y / s.ph) * Nw + x / s.pw];
-    const long long from = keep ? e : e + (((b + 1) % s.B) - b) * per_image;
-    switch (ten.elem_size) {
-      case 1:
-        copy_element<uint8_t>(ten, e, from);
-        break;
-      case 2:
-        copy_element<uint16_t>(ten, e, from);
-        break;
-      case 4:
-        copy_element<uint32_t>(ten, e, from);
-        break;
-      default:
-        copy_element<uint64_t>(ten, e, from);
-        break;
-    }
-  }
-}
-
-// One warp per row: the row's masked max, then its sum of exponentials.
-template <typename A>
-__global__ void lse_update_kernel(const A* __restrict__ sim, long long rows, long long cols,
-                                  const long long* __restrict__ ya,
-                                  const long long* __restrict__ yn, A* __restrict__ m,
-                                  A* __restrict__ s, A inv_tau) {
-  const long long row = static_cast<long long>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
-  const int lane = threadIdx.x % 32;
-  if (row >= rows) return;  // the whole warp leaves together
-  const A* r = sim + row * cols;
-  const long long c = ya[row];
-  A mx = A(-INFINITY);
-  for (long long j = lane; j < cols; j += 32)
-    if (yn[j] != c) mx = max(mx, r[j] * inv_tau);
-  mx = warp_max(mx);
-  const A m_new = max(m[row], mx);
-  A sum = 0;
-  for (long long j = lane; j < cols; j += 32)
-    if (yn[j] != c) sum += exp(r[j] * inv_tau - m_new);
-  sum = warp_sum(sum);
-  if (lane == 0) {
-    s[row] = s[row] * exp(m[row] - m_new) + sum;
-    m[row] = m_new;
-  }
-}
-
-template <typename A>
-__global__ void grad_tile_kernel(A* __restrict__ sim, long long rows, long long cols,
-                                 const long long* __restrict__ ya, const long long* __restrict__ yn,
-                                 const A* __restrict__ lse, const A* __restrict__ coef, A inv_tau) {
-  const long long total = rows * cols;
-  for (long long g = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x; g < total;
-       g += static_cast<long long>(gridDim.x) * blockDim.x) {
-    const long long i = g / cols, j = g % cols;
-    const A ci = coef[i];
-    sim[g] = (ci != A(0) && yn[j] != ya[i]) ? ci * exp(sim[g] * inv_tau - lse[i]) : A(0);
-  }
-}
-
-int grid_for(long long n) {
-  return static_cast<int>(std::min<long long>((n + kThreads - 1) / kThreads, 65535LL * 8));
-}
-
 }  // namespace
 
-cudaError_t hardness_forward(DType dtype, const PatchShape& s, const void* x, void* out,
-                             bool from_logits, double eps, cudaStream_t stream) {
+cudaError_t patch_entropy_hardness(DType dtype, const PatchShape& s, const void* x, void* out,
+                                   bool from_logits, double eps, cudaStream_t stream) {
   const long long patches = s.B * (s.H / s.ph) * (s.W / s.pw);
   const double scale = -1.0 / (std::log(static_cast<double>(s.K)) * s.ph * s.pw);
   if (patches == 0) return cudaSuccess;
@@ -182,8 +99,9 @@ cudaError_t hardness_forward(DType dtype, const PatchShape& s, const void* x, vo
   });
 }
 
-cudaError_t hardness_backward(DType dtype, const PatchShape& s, const void* grad, const void* x,
-                              void* dx, bool from_logits, double eps, cudaStream_t stream) {
+cudaError_t patch_entropy_hardness_backward(DType dtype, const PatchShape& s, const void* grad,
+                                            const void* x, void* dx, bool from_logits, double eps,
+                                            cudaStream_t stream) {
   const long long pixels = s.B * s.H * s.W;
   const double scale = -1.0 / (std::log(static_cast<double>(s.K)) * s.ph * s.pw);
   if (pixels == 0) return cudaSuccess;
@@ -194,51 +112,4 @@ cudaError_t hardness_backward(DType dtype, const PatchShape& s, const void* grad
         eps, scale);
   });
 }
-
-cudaError_t patch_cutmix(const CutmixBatch& batch, const bool* mask, const PatchShape& s,
-                         cudaStream_t stream) {
-  long long total = 0;
-  for (int t = 0; t < batch.count; ++t) total += batch.t[t].numel;
-  if (total == 0) return cudaSuccess;
-  patch_cutmix_kernel<<<grid_for(total), kThreads, 0, stream>>>(batch, mask, s, total);
-  return cudaGetLastError();
-}
-
-cudaError_t contrastive_lse_update(DType dtype, const void* sim, long long rows, long long cols,
-                                   const long long* ya, const long long* yn, void* m, void* s,
-                                   double inv_tau, cudaStream_t stream) {
-  if (rows == 0 || cols == 0) return cudaSuccess;
-  const int warps = kThreads / 32;
-  const unsigned blocks = static_cast<unsigned>((rows + warps - 1) / warps);
-  if (dtype == DType::f64)
-    lse_update_kernel<double><<<blocks, kThreads, 0, stream>>>(
-        static_cast<const double*>(sim), rows, cols, ya, yn, static_cast<double*>(m),
-        static_cast<double*>(s), inv_tau);
-  else if (dtype == DType::f32)
-    lse_update_kernel<float><<<blocks, kThreads, 0, stream>>>(
-        static_cast<const float*>(sim), rows, cols, ya, yn, static_cast<float*>(m),
-        static_cast<float*>(s), static_cast<float>(inv_tau));
-  else
-    return cudaErrorInvalidValue;  // the binding computes half/bfloat16 tiles in float32
-  return cudaGetLastError();
-}
-
-cudaError_t contrastive_grad_tile(DType dtype, void* sim, long long rows, long long cols,
-                                  const long long* ya, const long long* yn, const void* lse,
-                                  const void* coef, double inv_tau, cudaStream_t stream) {
-  if (rows == 0 || cols == 0) return cudaSuccess;
-  const int blocks = grid_for(rows * cols);
-  if (dtype == DType::f64)
-    grad_tile_kernel<double><<<blocks, kThreads, 0, stream>>>(
-        static_cast<double*>(sim), rows, cols, ya, yn, static_cast<const double*>(lse),
-        static_cast<const double*>(coef), inv_tau);
-  else if (dtype == DType::f32)
-    grad_tile_kernel<float><<<blocks, kThreads, 0, stream>>>(
-        static_cast<float*>(sim), rows, cols, ya, yn, static_cast<const float*>(lse),
-        static_cast<const float*>(coef), static_cast<float>(inv_tau));
-  else
-    return cudaErrorInvalidValue;
-  return cudaGetLastError();
-}
-
 }  // namespace busseg::cuda
