@@ -1,5 +1,5 @@
-"""Peak extra resident memory of a piece of code, measured in a fresh Python process from
-/proc/self/status VmHWM (tracemalloc does not see torch's allocations).
+"""Test and benchmark helpers. Peak extra resident memory of a piece of code, measured in a fresh
+Python process from /proc/self/status VmHWM (tracemalloc does not see torch's allocations).
 
     peak_extra_mib(setup, stmt) -> MiB that `stmt` adds to the high-water mark after `setup`.
 

@@ -1,4 +1,5 @@
-"""Per-class FIFO memory bank of PH-Net (Eq. 14, SPEC §6): a ring buffer per class on the device.
+"""ClassMemoryBank: the per-class FIFO memory bank of PH-Net (Eq. 14), a ring buffer per class on
+the device.
 
     bank = ClassMemoryBank(num_classes, dim, capacity, device)
     bank.push(features, labels)   # detached; all-gathered across ranks under torch.distributed
@@ -15,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from . import _validate
+from .. import _validate
 
 
 class ClassMemoryBank:
@@ -100,13 +101,33 @@ class ClassMemoryBank:
         return {"features": self.features.clone(), "count": self.count.clone(), "head": self.head.clone()}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restores rows, fill counts and write pointers; checks them all before changing
+        anything: shapes, floating features, integer counts in [0, capacity] and pointers in
+        [0, capacity), the pointer of a class below capacity at its count."""
         for key, mine in (("features", self.features), ("count", self.count), ("head", self.head)):
             if key not in state:
                 raise KeyError(f"state_dict is missing {key!r}")
+            if not isinstance(state[key], torch.Tensor):
+                raise TypeError(f"state_dict[{key!r}] must be a tensor, got {type(state[key]).__name__}")
             if tuple(state[key].shape) != tuple(mine.shape):
                 raise ValueError(
                     f"state_dict[{key!r}] has shape {tuple(state[key].shape)}, this bank needs {tuple(mine.shape)}"
                 )
+        if not state["features"].is_floating_point():
+            raise TypeError(f"state_dict['features'] must be floating, got {state['features'].dtype}")
+        for key, stop in (("count", self.capacity + 1), ("head", self.capacity)):
+            if state[key].is_floating_point() or state[key].is_complex() or state[key].dtype == torch.bool:
+                raise TypeError(f"state_dict[{key!r}] must be an integer tensor, got {state[key].dtype}")
+            if bool(((state[key] < 0) | (state[key] >= stop)).any()):
+                raise ValueError(f"state_dict[{key!r}] must hold values in [0, {stop}), got {state[key].tolist()}")
+        # a class that has not filled up yet writes right after its rows
+        partial = state["count"] < self.capacity
+        if bool((partial & (state["head"] != state["count"])).any()):
+            raise ValueError(
+                f"state_dict['head'] must equal state_dict['count'] for classes below capacity, got "
+                f"head {state['head'].tolist()} and count {state['count'].tolist()}"
+            )
+        for key, mine in (("features", self.features), ("count", self.count), ("head", self.head)):
             mine.copy_(state[key])
 
 

@@ -1,12 +1,13 @@
-"""ARP (SPEC §1) in plain PyTorch, one shifted copy of the features per tap (never the unfolded
-(B, C*k*k, HW) stack)."""
+"""adjacent_relation_propagation (RA-BUSSeg ARP; docs/ops.md) in plain PyTorch, one shifted copy
+of the features per tap (never the unfolded (B, C*k*k, HW) stack)."""
 
 import torch
 import torch.nn.functional as F
 
 
 def adjacent_relation_propagation(feat, value, kernel_size, dilation, scale, valid_padding):
-    """Returns ``out`` (B, K, H, W) and ``weights`` (B, k*k, H, W); autograd by PyTorch."""
+    """Returns ``out`` (B, K, H, W) and ``weights`` (B, k*k, H, W), as the native op
+    ``busseg::adjacent_relation_propagation``; autograd by PyTorch."""
     B, _, H, W = feat.shape
     pad = dilation * (kernel_size // 2)
     feat_p = F.pad(feat, (pad, pad, pad, pad))

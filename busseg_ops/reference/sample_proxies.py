@@ -1,54 +1,8 @@
-"""Cross-layer relation alignment (SPEC §2) in plain PyTorch: the executable form of the spec.
-
-Greedy sampling keeps the two running arrays of §2.1 for the whole batch and computes one
-similarity row per step (never the (B, HW, HW) map). The loss is written the upstream way:
-softmax per layer, then ``KLDivLoss(log(P_l + eps), P_{l+1})`` per adjacent pair.
-"""
+"""sample_proxies' other strategies (RA-BUSSeg supplementary, Table 4) in plain PyTorch: uniform
+without replacement, k-means and patch means. Each returns (B, M) distinct int64 pixel indices,
+whatever the feature values (NaN and inf included)."""
 
 import torch
-
-
-def first_proxy_index(label, batch, hw, generator, device):
-    """First proxy per image: a uniform foreground pixel of ``label`` (B, H, W) where it has one,
-    else a uniform pixel. One uniform draw per image from ``generator``. (B,) int64."""
-    gen_device = generator.device if generator is not None else device
-    u = torch.rand(batch, generator=generator, device=gen_device, dtype=torch.float64).to(device)
-    uniform = (u * hw).long().clamp_(max=hw - 1)
-    if label is None:
-        return uniform
-    fg = label.reshape(batch, hw) > 0
-    count = fg.sum(1)
-    k = (u * count).long().clamp_(max=(count - 1).clamp(min=0))
-    kth_fg = (fg.cumsum(1) > k[:, None]).long().argmax(1)  # first pixel with k+1 foreground up to it
-    return torch.where(count > 0, kth_fg, uniform)
-
-
-def _next_proxy(score, chosen):
-    """Smallest score among unchosen pixels (NaN counts as +inf), ties to the smallest index."""
-    key = torch.where(score.isnan(), float("inf"), score)
-    best = torch.where(chosen, float("inf"), key).amin(1, keepdim=True)
-    return (~chosen & (key == best)).long().argmax(1)  # argmax of a 0/1 row: its first 1
-
-
-def greedy_proxy_sampling(feat, first, num_proxies, scale):
-    """(B, M) int64 proxies per SPEC §2.1, starting from ``first`` (B,)."""
-    B, C, H, W = feat.shape
-    acc = torch.float64 if feat.dtype == torch.float64 else torch.float32
-    f = feat.reshape(B, C, H * W).to(acc)
-    batch = torch.arange(B, device=feat.device)
-    cumulative = torch.zeros(B, H * W, dtype=acc, device=feat.device)  # c_t(j)
-    score = torch.full_like(cumulative, float("-inf"))  # max over t of c_t(j)
-    chosen = torch.zeros(B, H * W, dtype=torch.bool, device=feat.device)
-    idx = torch.empty(B, num_proxies, dtype=torch.long, device=feat.device)
-    s = first.to(device=feat.device, dtype=torch.long)
-    for m in range(num_proxies):
-        idx[:, m] = s
-        chosen[batch, s] = True
-        if m + 1 < num_proxies:
-            cumulative += scale * torch.einsum("bc,bcj->bj", f[batch, :, s], f)  # row S(s_m, ·)
-            score = torch.maximum(score, cumulative)
-            s = _next_proxy(score, chosen)
-    return idx
 
 
 def random_proxies(batch, hw, num_proxies, generator, device):
@@ -60,12 +14,14 @@ def random_proxies(batch, hw, num_proxies, generator, device):
 
 def _nearest_distinct(feat_flat, centres, allowed=None):
     """For each centre (B, M, C) the nearest pixel of feat_flat (B, C, HW) not taken by an earlier
-    centre (and inside ``allowed`` (B, M, HW) when given). (B, M) int64."""
+    centre (and inside ``allowed`` (B, M, HW) when given). (B, M) int64, distinct: a non-finite
+    distance (NaN or inf features) ranks after every finite one but before a pixel that is taken
+    or not allowed, so a centre never falls back on a taken pixel."""
     B, M, _ = centres.shape
     dist = torch.cdist(centres, feat_flat.transpose(1, 2))  # (B, M, HW)
+    dist = torch.where(dist.isfinite(), dist, torch.finfo(dist.dtype).max)
     if allowed is not None:
         dist = dist.masked_fill(~allowed, float("inf"))
-    dist = torch.where(dist.isnan(), float("inf"), dist)
     taken = torch.zeros(B, feat_flat.shape[2], dtype=torch.bool, device=feat_flat.device)
     batch = torch.arange(B, device=feat_flat.device)
     out = []
@@ -140,12 +96,3 @@ def patch_proxies(feat, num_proxies):
     f = feat.reshape(B, C, H * W)
     mean = torch.einsum("bcj,mj->bmc", f, member.to(f.dtype)) / member.sum(1)[None, :, None]
     return _nearest_distinct(f, mean, member[None].expand(B, -1, -1))
-
-
-def cross_layer_alignment_loss(feats, proxies, reduction, eps):
-    """SPEC §2.2 the upstream way: P_l = softmax of pixel-to-proxy logits, then
-    KLDivLoss(log(P_l + eps), P_{l+1}) averaged over the L-1 adjacent pairs."""
-    kl = torch.nn.KLDivLoss(reduction=reduction)
-    probs = [torch.einsum("bchw,bmc->bhwm", f, p).softmax(-1) for f, p in zip(feats, proxies)]
-    pairs = [kl(torch.log(probs[l] + eps), probs[l + 1]) for l in range(len(probs) - 1)]
-    return sum(pairs) / len(pairs)

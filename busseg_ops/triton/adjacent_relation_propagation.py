@@ -1,6 +1,7 @@
-"""ARP (SPEC §1) in Triton. A program owns a block of pixels of one image: it gathers each tap's
-neighbour features by arithmetic offsets (channels-last rows), keeps the k*k affinities of its
-pixels in registers for the softmax, and sums the neighbours' values. Backward: per-pixel
+"""busseg_triton::adjacent_relation_propagation (RA-BUSSeg ARP; docs/ops.md) in Triton. A program
+owns a block of pixels of one image: it gathers each tap's neighbour features by arithmetic
+offsets (channels-last rows), keeps the k*k affinities of its pixels in registers for the
+softmax, and sums the neighbours' values. Backward: per-pixel
 affinity gradients, then gathers for the feature and value gradients (no atomics)."""
 
 import torch
@@ -8,7 +9,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from ..arp import register_autograd
+from .. import _validate
 
 
 @triton.jit
@@ -199,10 +200,44 @@ def _channels_last(t: torch.Tensor) -> torch.Tensor:
     return t.permute(0, 2, 3, 1).contiguous()
 
 
-@triton_op("busseg::arp_forward_triton", mutates_args=())
-def arp_forward_triton(
+def _check(op, feat, value, kernel_size, dilation, grad_out=None, weights=None):
+    """The checks of csrc/adjacent_relation_propagation/checks.h, before any launch."""
+    torch._check_value(feat.dim() == 4 and value.dim() == 4, lambda: f"{op}: feat and value must be 4-D")
+    B, _, H, W = feat.shape
+    torch._check_value(
+        value.shape[0] == B and value.shape[2:] == feat.shape[2:],
+        lambda: f"{op}: feat {tuple(feat.shape)} and value {tuple(value.shape)} must share batch and spatial sizes",
+    )
+    torch._check_value(
+        1 <= kernel_size <= 32767 and kernel_size % 2 == 1,
+        lambda: f"{op}: kernel_size must be odd and in [1, 32767], got {kernel_size}",
+    )
+    torch._check_value(
+        1 <= dilation <= _validate.MAX_EXTENT // max(1, kernel_size // 2),
+        lambda: f"{op}: dilation * (kernel_size // 2) must be in [1, 2**30], got dilation {dilation}",
+    )
+    torch._check_type(
+        feat.is_floating_point() and value.dtype == feat.dtype, lambda: f"{op}: feat and value must share a float dtype"
+    )
+    if grad_out is None:
+        _validate.one_device(op, feat=feat, value=value)
+        return
+    torch._check_value(grad_out.shape == (B, value.shape[1], H, W), lambda: f"{op}: grad_out must be (B, K, H, W)")
+    torch._check_value(
+        weights.shape == (B, kernel_size * kernel_size, H, W), lambda: f"{op}: weights must be (B, k*k, H, W)"
+    )
+    torch._check_type(
+        grad_out.dtype == feat.dtype and weights.dtype == feat.dtype,
+        lambda: f"{op}: grad_out and weights must have feat's dtype",
+    )
+    _validate.one_device(op, feat=feat, value=value, grad_out=grad_out, weights=weights)
+
+
+@triton_op("busseg_triton::adjacent_relation_propagation", mutates_args=())
+def adjacent_relation_propagation(
     feat: torch.Tensor, value: torch.Tensor, kernel_size: int, dilation: int, scale: float, valid_padding: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    _check("adjacent_relation_propagation", feat, value, kernel_size, dilation)
     B, C, H, W = feat.shape
     K = value.shape[1]
     out = value.new_empty(B, K, H, W)
@@ -230,8 +265,8 @@ def arp_forward_triton(
     return out, weights
 
 
-@triton_op("busseg::arp_backward_triton", mutates_args=())
-def arp_backward_triton(
+@triton_op("busseg_triton::adjacent_relation_propagation_backward", mutates_args=())
+def adjacent_relation_propagation_backward(
     grad_out: torch.Tensor,
     feat: torch.Tensor,
     value: torch.Tensor,
@@ -243,6 +278,7 @@ def arp_backward_triton(
     need_grad_feat: bool,
     need_grad_value: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    _check("adjacent_relation_propagation_backward", feat, value, kernel_size, dilation, grad_out, weights)
     B, C, H, W = feat.shape
     K = value.shape[1]
     grad_out = grad_out.contiguous()
@@ -292,6 +328,3 @@ def arp_backward_triton(
             ACC=_acc(feat),
         )
     return grad_feat, grad_value
-
-
-register_autograd("busseg::arp_forward_triton", arp_backward_triton)

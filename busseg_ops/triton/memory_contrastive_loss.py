@@ -1,150 +1,16 @@
-"""PH-Net ops (SPEC §3, §6) in Triton.
-
-Hardness: a program per patch sums its pixels' normalised entropies (softmax fused for logits);
-backward is a per-pixel program. Contrastive: a program per block of anchors streams blocks of
-negatives through tl.dot with an online log-sum-exp (forward keeps only the per-anchor LSE); the
-backward recomputes the tiles, once per anchor block for the anchor gradient and once per
-negative block for the negative gradient (no atomics). The cosine normalisation, the positive
-term and the class weights are O((N + N⁻)·D) torch ops around the kernels."""
-
-import math
+"""busseg_triton::memory_contrastive_loss (PH-Net Eq. 15; docs/ops.md) in Triton: a program per
+block of anchors streams blocks of negatives through tl.dot with an online log-sum-exp (forward
+keeps only the per-anchor LSE); the backward recomputes the tiles, once per anchor block for the
+anchor gradient and once per negative block for the negative gradient (no atomics). The cosine
+normalisation, the positive term and the class weights are O((N + N⁻)·D) torch ops around the
+kernels."""
 
 import torch
 import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from ..phnet import register_contrastive_autograd, register_hardness_autograd
-
-# ---- hardness --------------------------------------------------------------------------------
-
-
-@triton.jit
-def _pixel_probs_stats(x_ptr, K, HW, mask, FROM_LOGITS: tl.constexpr, BLOCK: tl.constexpr):
-    """Row max and exp-sum over classes (softmax) of a block of pixels; (0, 1) for probabilities."""
-    m = tl.full([BLOCK], float("-inf"), tl.float32)
-    s = tl.zeros([BLOCK], tl.float32)
-    if FROM_LOGITS:
-        for k in range(K):
-            m = tl.maximum(m, tl.load(x_ptr + k * HW, mask=mask, other=0.0).to(tl.float32))
-        for k in range(K):
-            s += tl.exp(tl.load(x_ptr + k * HW, mask=mask, other=0.0).to(tl.float32) - m)
-    else:
-        m = tl.zeros([BLOCK], tl.float32)
-        s = tl.full([BLOCK], 1.0, tl.float32)
-    return m, s
-
-
-@triton.jit
-def _prob(x_ptr, k, HW, mask, m, s, FROM_LOGITS: tl.constexpr):
-    v = tl.load(x_ptr + k * HW, mask=mask, other=0.0).to(tl.float32)
-    if FROM_LOGITS:
-        v = tl.exp(v - m) / s
-    return v
-
-
-@triton.jit
-def _hardness_forward_kernel(
-    x, out, K, H, W, PH, PW, NH, NW, scale, eps, FROM_LOGITS: tl.constexpr, BLOCK: tl.constexpr
-):
-    pid = tl.program_id(0)  # (b, i, j) patch
-    b = pid // (NH * NW)
-    i = (pid // NW) % NH
-    j = pid % NW
-    HW = H * W
-    acc = tl.zeros([BLOCK], tl.float32)
-    for start in range(0, PH * PW, BLOCK):
-        idx = start + tl.arange(0, BLOCK)
-        mask = idx < PH * PW
-        pix = (i * PH + idx // PW) * W + j * PW + idx % PW
-        base = x + b * K * HW + pix
-        m, s = _pixel_probs_stats(base, K, HW, mask, FROM_LOGITS, BLOCK)
-        for k in range(K):
-            p = _prob(base, k, HW, mask, m, s, FROM_LOGITS)
-            acc += tl.where(mask, p * tl.log(p + eps), 0.0)
-    tl.store(out + pid, tl.sum(acc, 0) * scale)
-
-
-@triton.jit
-def _hardness_backward_kernel(
-    grad, x, dx, K, H, W, PH, PW, NH, NW, scale, eps, FROM_LOGITS: tl.constexpr, BLOCK: tl.constexpr
-):
-    b = tl.program_id(1)
-    HW = H * W
-    pix = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = pix < HW
-    y, xx = pix // W, pix % W
-    c = scale * tl.load(grad + (b * NH + y // PH) * NW + xx // PW, mask=mask, other=0.0).to(tl.float32)
-    base = x + b * K * HW + pix
-    m, s = _pixel_probs_stats(base, K, HW, mask, FROM_LOGITS, BLOCK)
-    dot = tl.zeros([BLOCK], tl.float32)
-    if FROM_LOGITS:
-        for k in range(K):
-            p = _prob(base, k, HW, mask, m, s, FROM_LOGITS)
-            dot += p * c * (tl.log(p + eps) + p / (p + eps))
-    for k in range(K):
-        p = _prob(base, k, HW, mask, m, s, FROM_LOGITS)
-        dp = c * (tl.log(p + eps) + p / (p + eps))
-        if FROM_LOGITS:
-            dp = p * (dp - dot)
-        tl.store(dx + b * K * HW + k * HW + pix, dp, mask=mask)
-
-
-@triton_op("busseg::patch_entropy_hardness_forward_triton", mutates_args=())
-def patch_entropy_hardness_forward_triton(
-    x: torch.Tensor, patch_h: int, patch_w: int, from_logits: bool, eps: float
-) -> torch.Tensor:
-    B, K, H, W = x.shape
-    nh, nw = H // patch_h, W // patch_w
-    out = torch.empty(B, nh, nw, dtype=torch.float32, device=x.device)
-    wrap_triton(_hardness_forward_kernel)[(B * nh * nw,)](
-        x.contiguous(),
-        out,
-        K,
-        H,
-        W,
-        patch_h,
-        patch_w,
-        nh,
-        nw,
-        -1.0 / (math.log(K) * patch_h * patch_w),
-        eps,
-        FROM_LOGITS=from_logits,
-        BLOCK=min(1024, triton.next_power_of_2(patch_h * patch_w)),
-    )
-    return out.to(x.dtype)
-
-
-@triton_op("busseg::patch_entropy_hardness_backward_triton", mutates_args=())
-def patch_entropy_hardness_backward_triton(
-    grad: torch.Tensor, x: torch.Tensor, patch_h: int, patch_w: int, from_logits: bool, eps: float
-) -> torch.Tensor:
-    B, K, H, W = x.shape
-    dx = torch.empty(B, K, H, W, dtype=torch.float32, device=x.device)
-    block = 256
-    wrap_triton(_hardness_backward_kernel)[(triton.cdiv(H * W, block), B)](
-        grad.contiguous(),
-        x.contiguous(),
-        dx,
-        K,
-        H,
-        W,
-        patch_h,
-        patch_w,
-        H // patch_h,
-        W // patch_w,
-        -1.0 / (math.log(K) * patch_h * patch_w),
-        eps,
-        FROM_LOGITS=from_logits,
-        BLOCK=block,
-    )
-    return dx.to(x.dtype)
-
-
-register_hardness_autograd("busseg::patch_entropy_hardness_forward_triton", patch_entropy_hardness_backward_triton)
-
-
-# ---- memory contrastive loss -----------------------------------------------------------------
+from .. import _validate
 
 
 @triton.jit
@@ -257,7 +123,7 @@ _NORM_EPS = 1e-12  # as torch.nn.functional.normalize
 
 def _prepare(anchors, anchor_labels, negatives, positives, has_positive, temperature):
     """Normalised anchors/negatives, the positive logits pos_i and the anchor weights w_i
-    (the same quantities as csrc/contrastive_driver.h)."""
+    (the same quantities as csrc/common/contrastive_driver.h)."""
     K = positives.shape[0]
     a = (anchors / anchors.norm(dim=1, keepdim=True).clamp_min(_NORM_EPS)).contiguous()
     n = (negatives / negatives.norm(dim=1, keepdim=True).clamp_min(_NORM_EPS)).contiguous()
@@ -281,8 +147,46 @@ def _blocks(D):
     return dict(BLOCK_N=_BLOCK_N, BLOCK_M=_BLOCK_M, BLOCK_D=max(16, triton.next_power_of_2(D)))
 
 
-@triton_op("busseg::memory_contrastive_forward_triton", mutates_args=())
-def memory_contrastive_forward_triton(
+def _check(op, anchors, anchor_labels, negatives, negative_labels, positives, has_positive, temperature):
+    """The checks of csrc/memory_contrastive_loss/checks.h, before any launch."""
+    torch._check_value(
+        anchors.dim() == 2 and negatives.dim() == 2 and positives.dim() == 2,
+        lambda: f"{op}: anchors (N, D), negatives (N-, D) and positives (K, D) must be 2-D",
+    )
+    D = anchors.shape[1]
+    torch._check_value(
+        negatives.shape[1] == D and positives.shape[1] == D and positives.shape[0] >= 1,
+        lambda: f"{op}: anchors, negatives and positives must share D, with K >= 1 positives",
+    )
+    torch._check_value(
+        tuple(anchor_labels.shape) == (anchors.shape[0],) and tuple(negative_labels.shape) == (negatives.shape[0],),
+        lambda: f"{op}: anchor_labels must be (N,) and negative_labels (N-,)",
+    )
+    torch._check_value(tuple(has_positive.shape) == (positives.shape[0],), lambda: f"{op}: has_positive must be (K,)")
+    torch._check_type(
+        anchor_labels.dtype == torch.int64
+        and negative_labels.dtype == torch.int64
+        and has_positive.dtype == torch.bool,
+        lambda: f"{op}: labels must be int64 and has_positive bool",
+    )
+    torch._check_type(
+        anchors.is_floating_point() and negatives.dtype == anchors.dtype and positives.dtype == anchors.dtype,
+        lambda: f"{op}: anchors, negatives and positives must share a float dtype",
+    )
+    torch._check_value(temperature > 0, lambda: f"{op}: temperature must be > 0, got {temperature}")
+    _validate.one_device(
+        op,
+        anchors=anchors,
+        anchor_labels=anchor_labels,
+        negatives=negatives,
+        negative_labels=negative_labels,
+        positives=positives,
+        has_positive=has_positive,
+    )
+
+
+@triton_op("busseg_triton::memory_contrastive_loss", mutates_args=())
+def memory_contrastive_loss(
     anchors: torch.Tensor,
     anchor_labels: torch.Tensor,
     negatives: torch.Tensor,
@@ -291,6 +195,8 @@ def memory_contrastive_forward_triton(
     has_positive: torch.Tensor,
     temperature: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    args = (anchors, anchor_labels, negatives, negative_labels, positives, has_positive, temperature)
+    _check("memory_contrastive_loss", *args)
     a, n, _, _, pos, weight = _prepare(anchors, anchor_labels, negatives, positives, has_positive, temperature)
     N, D = a.shape
     lse = torch.empty_like(pos)
@@ -312,8 +218,8 @@ def memory_contrastive_forward_triton(
     return loss, lse
 
 
-@triton_op("busseg::memory_contrastive_backward_triton", mutates_args=())
-def memory_contrastive_backward_triton(
+@triton_op("busseg_triton::memory_contrastive_loss_backward", mutates_args=())
+def memory_contrastive_loss_backward(
     grad_loss: torch.Tensor,
     anchors: torch.Tensor,
     anchor_labels: torch.Tensor,
@@ -325,6 +231,14 @@ def memory_contrastive_backward_triton(
     temperature: float,
     need_grad_negatives: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    op = "memory_contrastive_loss_backward"
+    _check(op, anchors, anchor_labels, negatives, negative_labels, positives, has_positive, temperature)
+    torch._check_value(tuple(lse.shape) == (anchors.shape[0],), lambda: f"{op}: lse must be (N,)")
+    torch._check_value(grad_loss.numel() == 1, lambda: f"{op}: grad_loss must be a scalar")
+    torch._check_type(
+        lse.is_floating_point() and grad_loss.is_floating_point(), lambda: f"{op}: lse and grad_loss must be floating"
+    )
+    _validate.one_device(op, anchors=anchors, lse=lse, grad_loss=grad_loss)
     a, n, p, lab, pos, weight = _prepare(anchors, anchor_labels, negatives, positives, has_positive, temperature)
     N, D = a.shape
     M = n.shape[0]
@@ -346,6 +260,3 @@ def memory_contrastive_backward_triton(
             )
         grad_negatives = _normalize_backward(negatives, n, dn)
     return _normalize_backward(anchors, a, da), grad_negatives
-
-
-register_contrastive_autograd("busseg::memory_contrastive_forward_triton", memory_contrastive_backward_triton)
