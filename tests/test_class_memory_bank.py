@@ -1,4 +1,4 @@
-"""ClassMemoryBank (SPEC §6): FIFO order, wrap-around, empty class, checkpoint round trip and a
+"""ClassMemoryBank (PH-Net Eq. 14): FIFO order, wrap-around, empty class, checkpoint round trip and a
 2-process torch.distributed (gloo) gather."""
 
 import os
@@ -61,6 +61,35 @@ def test_state_dict_round_trip():
     torch.testing.assert_close(other.entries(1), bank.entries(1))  # the write pointer came along
     with pytest.raises(ValueError, match="state_dict\\['features'\\] has shape"):
         ClassMemoryBank(2, 4, capacity=5).load_state_dict(state)
+
+
+@pytest.mark.parametrize(
+    "key,value,error,match",
+    [
+        ("count", torch.tensor([4, 0]), ValueError, r"state_dict\['count'\] must hold values in \[0, 4\)"),
+        ("count", torch.tensor([-1, 0]), ValueError, r"state_dict\['count'\] must hold values"),
+        ("count", torch.tensor([1.0, 0.0]), TypeError, r"state_dict\['count'\] must be an integer tensor"),
+        ("head", torch.tensor([3, 0]), ValueError, r"state_dict\['head'\] must hold values in \[0, 3\)"),
+        ("head", torch.tensor([True, False]), TypeError, r"state_dict\['head'\] must be an integer tensor"),
+        ("head", torch.tensor([0, 1]), ValueError, r"state_dict\['head'\] must equal state_dict\['count'\]"),
+        ("features", torch.zeros(2, 3, 4, dtype=torch.int64), TypeError, "must be floating"),
+        ("features", [[0.0]], TypeError, r"state_dict\['features'\] must be a tensor"),
+    ],
+)
+def test_load_state_dict_rejects_inconsistent_state(key, value, error, match):
+    bank = ClassMemoryBank(2, 4, capacity=3)
+    bank.push(torch.randn(2, 4), torch.tensor([0, 0]))  # class 0: 2 rows, head 2; class 1 empty
+    state = bank.state_dict()
+    before = {k: v.clone() for k, v in state.items()}
+    state[key] = value
+    other = ClassMemoryBank(2, 4, capacity=3)
+    other.push(torch.randn(1, 4), torch.tensor([1]))
+    kept = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(error, match=match):
+        other.load_state_dict(state)
+    for k, v in other.state_dict().items():  # nothing was half loaded
+        assert torch.equal(v, kept[k]), k
+    bank.load_state_dict(before)
 
 
 def _free_port():

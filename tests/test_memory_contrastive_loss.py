@@ -1,5 +1,5 @@
-"""Streaming memory contrastive loss (SPEC §6): every backend against the materialising reference,
-gradients, skipped classes, compile/opcheck, and the O(N + N⁻) memory bound."""
+"""memory_contrastive_loss (PH-Net Eq. 15): the op contract, the reference against the loss
+written per anchor, skipped classes, gradients, and the O(N + N⁻) memory bound."""
 
 import subprocess
 import sys
@@ -8,10 +8,15 @@ import textwrap
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import backends, devices, tolerance
+from conftest import backends
+from hypothesis import strategies as st
+from op_contract import OpContract, RawSample, bad
 
 import busseg_ops
 from busseg_ops import memory_contrastive_loss as mcl
+from busseg_ops.ops.memory_contrastive_loss import OP
+
+_ops = torch.ops.busseg
 
 
 def make(N, M, D, K=2, device="cpu", dtype=torch.float32, neg_grad=False):
@@ -41,29 +46,127 @@ def naive(anchors, ya, negatives, yn, positives, tau):
     return total / classes
 
 
+def _raw(**changes):
+    a, ya, n, yn, p = make(4, 5, 3)
+    args = dict(a=a, ya=ya, n=n, yn=yn, p=p, has=torch.ones(2, dtype=torch.bool), temperature=0.5)
+    args.update(changes)
+    return lambda: _ops.memory_contrastive_loss(
+        args["a"], args["ya"], args["n"], args["yn"], args["p"], args["has"], args["temperature"]
+    )
+
+
+def _raw_backward(**changes):
+    a, ya, n, yn, p = make(4, 5, 3)
+    has = torch.ones(2, dtype=torch.bool)
+    args = dict(grad_loss=torch.tensor(1.0), lse=torch.randn(4))
+    args.update(changes)
+    return lambda: _ops.memory_contrastive_loss_backward(
+        args["grad_loss"], a.detach(), ya, n, yn, p, has, args["lse"], 0.5, True
+    )
+
+
+class TestMemoryContrastiveLoss(OpContract):
+    op = OP
+    cases = [
+        (N, M, D, K, neg_grad)
+        for N, M, D, K in [(5, 7, 3, 2), (37, 70, 16, 2), (64, 33, 20, 3), (1, 1, 8, 2)]
+        for neg_grad in (False, True)
+    ] + [(9, 12, 5, 3, True, torch.float64)]
+
+    def make_inputs(self, case, device):
+        N, M, D, K, neg_grad, *dtype = case
+        a, ya, n, yn, p = make(N, M, D, K, device, (dtype or [torch.float32])[0], neg_grad)
+        return a, ya, n, yn, p, 0.5
+
+    def call(self, a, ya, n, yn, p, temperature):
+        return mcl(a, ya, n, yn, p, temperature)
+
+    def grad_tolerance(self, dtype, expected):
+        return dict(rtol=1e-4, atol=1e-6) if dtype == torch.float32 else super().grad_tolerance(dtype, expected)
+
+    def property_case(self):
+        return st.tuples(
+            st.integers(0, 40), st.integers(0, 40), st.integers(1, 24), st.integers(1, 4), st.booleans()
+        ).map(lambda c: c + (torch.float64,))
+
+    def gradcheck_inputs(self, case, backend):
+        a, ya, n, yn, p = make(6, 8, 4, K=3, dtype=torch.float64, neg_grad=True)
+        ya[0] = 7  # an ignored anchor label
+        return (lambda x, y: mcl(x, ya, y, yn, p, 0.5)), (a, n)
+
+    def compile_inputs(self):
+        a, ya, n, yn, p = make(20, 30, 8, neg_grad=True)
+        return (lambda x, y: mcl(x, ya, y, yn, p, 0.4)), (a, n)
+
+    def nan_inputs(self):
+        a, ya, n, yn, p = make(4, 5, 3)
+        ya[:] = 0
+        yn[:] = 1
+        a.data[0, 0] = float("nan")
+        return a, ya, n, yn, p, 0.5
+
+    def check_nan(self, out, inputs):
+        assert out.isnan()
+
+    def layout_inputs(self):
+        a, ya, n, yn, p = make(10, 12, 6, K=3)
+        return a.detach(), ya, n, yn, p, 0.5
+
+    def bad_input_args(self):
+        return make(4, 5, 3)
+
+    bad_inputs = [
+        bad(lambda a, ya, n, yn, p: mcl(a[0], ya, n, yn, p), ValueError, "anchors must have 2 dims"),
+        bad(lambda a, ya, n, yn, p: mcl(a, ya[:2], n, yn, p), ValueError, "anchor_labels must be"),
+        bad(lambda a, ya, n, yn, p: mcl(a, ya, n[:, :2], yn, p), ValueError, "anchors and negatives must share D"),
+        bad(lambda a, ya, n, yn, p: mcl(a, ya, n, yn[:1], p), ValueError, "negative_labels must be"),
+        bad(lambda a, ya, n, yn, p: mcl(a, ya.int(), n, yn, p), TypeError, "anchor_labels must be int64"),
+        bad(
+            lambda a, ya, n, yn, p: mcl(a, ya, n.double(), yn, p),
+            TypeError,
+            "anchors and negatives must have the same dtype",
+        ),
+        bad(lambda a, ya, n, yn, p: mcl(a, ya, n, yn, p[:, :2]), ValueError, "positives must be"),
+        bad(lambda a, ya, n, yn, p: mcl(a, ya, n, yn, p, temperature=0), ValueError, "temperature"),
+        bad(lambda a, ya, n, yn, p: mcl(a.long(), ya, n, yn, p), TypeError, "anchors must be one of"),
+        bad(lambda a, ya, n, yn, p: mcl(a, ya, n, yn, "p"), TypeError, "positives must be"),
+    ]
+
+    raw_bad_inputs = [
+        bad(_raw(temperature=0.0), ValueError, "temperature must be > 0"),
+        bad(_raw(temperature=float("nan")), ValueError, "temperature must be > 0"),
+        bad(_raw(ya=torch.zeros(3, dtype=torch.int64)), ValueError, r"anchor_labels must be \(N,\)"),
+        bad(_raw(ya=torch.zeros(4)), TypeError, "anchor_labels and negative_labels must be int64"),
+        bad(_raw(has=torch.ones(3, dtype=torch.bool)), ValueError, r"has_positive must be \(K,\)"),
+        bad(_raw(has=torch.ones(2)), TypeError, "has_positive must be bool"),
+        bad(_raw(p=torch.randn(2, 4)), ValueError, "positives must be"),
+        bad(_raw(n=torch.randn(5, 4)), ValueError, "negatives must be"),
+        bad(_raw(a=torch.ones(4, 3, dtype=torch.int32)), TypeError, "anchors must be float32"),
+        bad(_raw(p=torch.randn(2, 3, device="meta")), ValueError, "device"),
+        bad(_raw_backward(lse=torch.randn(3)), ValueError, r"lse must be \(N,\)"),
+        bad(_raw_backward(grad_loss=torch.ones(2)), ValueError, "grad_loss must be a scalar"),
+        bad(_raw_backward(lse=torch.randn(4, device="meta")), ValueError, "device"),
+    ]
+
+    def raw_samples(self):
+        a, ya, n, yn, p = make(9, 11, 5, K=3, dtype=torch.float64, neg_grad=True)
+        has = torch.tensor([True, False, True])
+        args = (a, ya, n, yn, p, has, 0.5)
+        _, lse = _ops.memory_contrastive_loss(*args)
+        g = torch.tensor(1.0, dtype=torch.float64)
+        backward = (a.detach(), ya, n.detach(), yn, p, has, lse, 0.5)
+        return [
+            RawSample(OP.name, args),
+            RawSample(f"{OP.name}_backward", (g, *backward, True), free={(0, "rank")}),
+            RawSample(f"{OP.name}_backward", (g, *backward, False), free={(0, "rank")}),
+        ]
+
+
 def test_reference_matches_per_anchor_formula():
     a, ya, n, yn, p = make(7, 9, 5, K=3, dtype=torch.float64)
     with busseg_ops.use_backend("reference"):
         loss = mcl(a, ya, n, yn, p, 0.3)
     torch.testing.assert_close(loss, naive(a, ya, n, yn, p, 0.3))
-
-
-@pytest.mark.parametrize("device", devices())
-@pytest.mark.parametrize("N,M,D,K", [(5, 7, 3, 2), (37, 70, 16, 2), (64, 33, 20, 3), (1, 1, 8, 2)])
-@pytest.mark.parametrize("neg_grad", [False, True])
-def test_backends_match_reference(device, N, M, D, K, neg_grad):
-    a, ya, n, yn, p = make(N, M, D, K, device, neg_grad=neg_grad)
-    inputs = (a, n) if neg_grad else (a,)
-    with busseg_ops.use_backend("reference"):
-        ref = mcl(a, ya, n, yn, p, 0.5)
-    ref_g = torch.autograd.grad(ref, inputs)
-    for backend in backends(device):
-        with busseg_ops.use_backend(backend):
-            loss = mcl(a, ya, n, yn, p, 0.5)
-        grads = torch.autograd.grad(loss, inputs)
-        torch.testing.assert_close(loss, ref, **tolerance(torch.float32), msg=backend)
-        for g, r in zip(grads, ref_g):
-            torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6, msg=f"{backend} grad")
 
 
 def test_cpu_tiles_cover_more_than_one_block():
@@ -128,79 +231,6 @@ def test_negatives_without_other_classes_reduce_to_the_positive_term():
     ya[:] = 0
     yn[:] = 0  # no negative of another class: every ℓ = log(e^pos / e^pos) = 0
     torch.testing.assert_close(mcl(a, ya, n, yn, p), torch.tensor(0.0))
-
-
-def test_opcheck():
-    a, ya, n, yn, p = make(9, 11, 5, K=3, dtype=torch.float64, neg_grad=True)
-    has = torch.tensor([True, False, True])
-    args = (a, ya, n, yn, p, has, 0.5)
-    torch.library.opcheck(torch.ops.busseg.memory_contrastive_forward, args)
-    _, lse = torch.ops.busseg.memory_contrastive_forward(*args)
-    for need in (True, False):
-        torch.library.opcheck(
-            torch.ops.busseg.memory_contrastive_backward,
-            (torch.tensor(1.0, dtype=torch.float64), a.detach(), ya, n.detach(), yn, p, has, lse, 0.5, need),
-        )
-    if "triton" in busseg_ops.available_backends("cpu"):
-        torch.library.opcheck(
-            torch.ops.busseg.memory_contrastive_forward_triton,
-            args,
-            test_utils=("test_schema", "test_autograd_registration"),
-        )
-
-
-@pytest.mark.parametrize("backend", ["cpu", "reference"])
-def test_torch_compile_fullgraph(backend):
-    a, ya, n, yn, p = make(20, 30, 8, neg_grad=True)
-    with busseg_ops.use_backend(backend):
-        expected = mcl(a, ya, n, yn, p, 0.4)
-        g_expected = torch.autograd.grad(expected, (a, n))
-        fn = torch.compile(lambda x, y: mcl(x, ya, y, yn, p, 0.4), fullgraph=True)
-        loss = fn(a, n)
-        grads = torch.autograd.grad(loss, (a, n))
-    torch.testing.assert_close(loss, expected)
-    for g, e in zip(grads, g_expected):
-        torch.testing.assert_close(g, e)
-
-
-@pytest.mark.parametrize("backend", backends("cpu") + ["reference"])
-def test_nan_propagates(backend):
-    a, ya, n, yn, p = make(4, 5, 3)
-    ya[:] = 0
-    yn[:] = 1
-    a.data[0, 0] = float("nan")
-    with busseg_ops.use_backend(backend):
-        assert mcl(a, ya, n, yn, p).isnan()
-
-
-@pytest.mark.parametrize(
-    "call,error,match",
-    [
-        (lambda a, ya, n, yn, p: mcl(a[0], ya, n, yn, p), ValueError, "anchors must have 2 dims"),
-        (lambda a, ya, n, yn, p: mcl(a, ya[:2], n, yn, p), ValueError, "anchor_labels must be"),
-        (lambda a, ya, n, yn, p: mcl(a, ya, n[:, :2], yn, p), ValueError, "anchors and negatives must share D"),
-        (lambda a, ya, n, yn, p: mcl(a, ya, n, yn[:1], p), ValueError, "negative_labels must be"),
-        (lambda a, ya, n, yn, p: mcl(a, ya.int(), n, yn, p), TypeError, "anchor_labels must be int64"),
-        (
-            lambda a, ya, n, yn, p: mcl(a, ya, n.double(), yn, p),
-            TypeError,
-            "anchors and negatives must have the same dtype",
-        ),
-        (lambda a, ya, n, yn, p: mcl(a, ya, n, yn, p[:, :2]), ValueError, "positives must be"),
-        (lambda a, ya, n, yn, p: mcl(a, ya, n, yn, p, temperature=0), ValueError, "temperature"),
-        (lambda a, ya, n, yn, p: mcl(a.long(), ya, n, yn, p), TypeError, "anchors must be one of"),
-        (lambda a, ya, n, yn, p: mcl(a, ya, n, yn, "p"), TypeError, "positives must be"),
-    ],
-)
-def test_bad_inputs(call, error, match):
-    with pytest.raises(error, match=match):
-        call(*make(4, 5, 3))
-
-
-def test_direct_op_call_is_checked_in_cpp():
-    a, ya, n, yn, p = make(4, 5, 3)
-    with pytest.raises(ValueError, match="temperature must be > 0"):
-        torch.ops.busseg.memory_contrastive_forward(a, ya, n, yn, p, torch.ones(2, dtype=torch.bool), 0.0)
 
 
 _MEMORY_CHILD = """
