@@ -32,7 +32,8 @@ def with_cuda() -> bool:
 
 
 def extension():
-    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+    # csrc/<op>/: schema.cpp and cpu.cpp always, cuda.cu and cuda_binding.cpp in CUDA builds
+    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/*/schema.cpp") + glob.glob("csrc/*/cpu.cpp"))
     cxx = ["-O3", "-std=c++20", "-fopenmp", "-fno-trapping-math"]
     if not with_cuda():
         return CppExtension(
@@ -42,7 +43,7 @@ def extension():
             extra_compile_args={"cxx": cxx},
             extra_link_args=["-fopenmp"],
         )
-    sources += sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
+    sources += sorted(glob.glob("csrc/*/cuda.cu") + glob.glob("csrc/*/cuda_binding.cpp"))
     nvcc = ["-O3", "-std=c++17", "-lineinfo"]
     return CUDAExtension(
         "busseg_ops._C",

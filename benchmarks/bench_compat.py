@@ -1,5 +1,5 @@
 """busseg_ops.compat against the papers' own formulations (issue 15), at the upstream settings;
-the baselines are upstream_formulations.py (the references of tests/test_compat.py).
+the baselines are busseg_ops/compat/upstream.py (the references of tests/test_compat.py).
 
 RA-BUSSeg: B=8, deep features 65×65 (513² crops, output stride 8), four layers of 256 (layer 1,
 129×129) / 512 / 1024 / 2048 channels, 256-channel projection, M=64 landmarks.
@@ -21,10 +21,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-import upstream_formulations as upstream
 from peak_memory import peak_extra_mib
 
-from busseg_ops.compat import phnet, rabusseg
+from busseg_ops.compat import phnet, rabusseg, upstream
 
 B, H, W, M = 8, 65, 65, 64
 CHANNELS = (256, 512, 1024, 2048)

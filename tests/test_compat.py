@@ -1,22 +1,17 @@
 """busseg_ops.compat (issue 15): each drop-in function against our restatement of the upstream
-code (benchmarks/upstream_formulations.py, the same functions bench_compat.py times): outputs and
+code (busseg_ops/compat/upstream.py, the same functions bench_compat.py times): outputs and
 gradients in float64 on several shapes (odd ones too), the same random picks for the same seeds
 (and the RNGs left in the same state), and signatures equal to upstream's, written down here."""
 
 import inspect
-import os
 import random
-import sys
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from busseg_ops.compat import phnet, rabusseg
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
-import upstream_formulations as upstream  # noqa: E402
+from busseg_ops.compat import phnet, rabusseg, upstream
 
 F64 = dict(rtol=1e-9, atol=1e-12)
 
