@@ -48,6 +48,7 @@ setup(
     packages=["busseg_ops", "busseg_ops.reference", "busseg_ops.triton", "busseg_ops.models", "busseg_ops.train"],
     # models/ and train/ live at the top of the repo but install under the busseg_ops namespace.
     package_dir={"busseg_ops": "busseg_ops", "busseg_ops.models": "models", "busseg_ops.train": "train"},
+    package_data={"busseg_ops.train": ["configs/*.yaml"]},  # the --preset files
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     python_requires=">=3.10",
