@@ -219,10 +219,6 @@ def test_drop_percent_follows_upstreams_schedule_at_three_epochs(tmp_path, monke
     assert seen == [20.0, 19.0, 5.0]
 
 
-class _NoStop:
-    requested = False
-
-
 def test_ema_ramp_starts_after_the_supervised_only_epochs(tmp_path):
     cfg = tiny(tmp_path, method="suponly", warmup_epochs=1, epochs=2, max_steps=2, ema=0.99)
     tr = Trainer(cfg)
@@ -230,9 +226,11 @@ def test_ema_ramp_starts_after_the_supervised_only_epochs(tmp_path):
     def params(m):
         return [p.detach().clone() for p in m.parameters()]
 
-    tr._run_epoch(_NoStop())  # the supervised-only epoch: the teacher is the student
-    assert all(torch.equal(a, b) for a, b in zip(params(tr.teacher), params(tr.student)))
-    ctx = {"epoch": 1, "warmup": False, "progress": 0.5, "epochs": 2}
+    batches = tr._batches(0)
+    for _ in range(tr.steps_per_epoch):  # the supervised-only epoch: the teacher is the student
+        tr.train_step(*next(batches), {"epoch": 0, "warmup": True, "progress": 0.0, "epochs": 2})
+        assert all(torch.equal(a, b) for a, b in zip(params(tr.teacher), params(tr.student)))
+    tr.epoch, ctx = 1, {"epoch": 1, "warmup": False, "progress": 0.5, "epochs": 2}
     batches = tr._batches(1)
     tr.train_step(*next(batches), ctx)  # first semi-supervised step: t = 0, decay 0
     assert all(torch.equal(a, b) for a, b in zip(params(tr.teacher), params(tr.student)))
