@@ -93,6 +93,7 @@ setup(
     description="Accelerated operators for relation-aware semi-supervised breast-ultrasound segmentation",
     packages=packages(),
     package_dir=PACKAGE_DIRS,
+    package_data={"busseg_ops.train": ["configs/*.yaml"]},  # the --preset files
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExtensionKeepingObjects},
     python_requires=">=3.10",
