@@ -1,6 +1,6 @@
 """RA-BUSSeg relation modules: thin nn.Module wrappers that do the upstream wiring (resizing,
-detaching, index mapping) around the ``busseg_ops`` ops (RA-BUSSeg ARP and CRA; the math in docs/ops.md). The ops are looked up on
-``busseg_ops`` at call time, so a backend or a patched op is picked up without re-import."""
+detaching, index mapping) around the ``busseg_ops`` ops (ARP and CRA; their math is in docs/ops.md).
+The ops are looked up on ``busseg_ops`` at call time, so a backend or a patched op is picked up without re-import."""
 
 from __future__ import annotations
 
