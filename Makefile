@@ -13,7 +13,7 @@ export MAX_JOBS ?= 2
 install: $(STAMP)
 
 # A CUDA machine already has torch: the venv then sees the system packages and keeps it.
-$(STAMP): Makefile setup.py pyproject.toml
+$(STAMP): Makefile setup.py pyproject.toml build_backend/busseg_build_backend.py
 	@if [ ! -x $(PY) ]; then \
 	  if python3 -c 'import torch' 2>/dev/null; then python3 -m venv --system-site-packages $(VENV); \
 	  else python3 -m venv $(VENV); fi; fi
@@ -35,16 +35,16 @@ busseg_ops/.built: $(NATIVE_SOURCES)
 cuda-check: $(STAMP)
 	@if [ -z "$(NVCC)" ]; then echo "cuda-check: nvcc not found, skipped"; exit 0; fi; \
 	mkdir -p build/cuda-check; \
-	for f in csrc/cuda/*.cu; do \
+	for f in csrc/*/cuda.cu; do \
 	  echo "nvcc $$f"; \
 	  $(NVCC) -std=c++17 -O3 $(CUDA_ARCH_FLAGS) -Werror all-warnings -Xcompiler -Wall,-Wextra,-Werror \
-	    -Icsrc -c $$f -o build/cuda-check/$$(basename $$f .cu).o || exit 1; \
+	    -Icsrc -c $$f -o build/cuda-check/$$(basename $$(dirname $$f)).o || exit 1; \
 	done; \
 	cuda_inc=$$(echo '#include <cuda_runtime.h>' | $(NVCC) -x cu -M - | tr ' \\' '\n\n' | grep '/cuda_runtime.h$$' | head -1 | xargs dirname); \
 	torch_inc=$$($(PY) -c "from torch.utils.cpp_extension import include_paths; print(' '.join('-isystem' + p for p in include_paths()))"); \
 	mkdir -p build/cuda-check/stub/c10/cuda/impl; \
 	echo '#define C10_CUDA_BUILD_SHARED_LIBS' > build/cuda-check/stub/c10/cuda/impl/cuda_cmake_macros.h; \
-	for f in csrc/cuda/*.cpp; do \
+	for f in csrc/*/cuda_binding.cpp; do \
 	  echo "g++ -fsyntax-only $$f"; \
 	  $(CXX) -std=c++20 -fsyntax-only -Wall -Wextra -Werror -DBUSSEG_WITH_CUDA $$torch_inc \
 	    -isystem build/cuda-check/stub -isystem $$cuda_inc -Icsrc $$f || exit 1; \
@@ -91,9 +91,10 @@ demo: build
 # without CRA, phnet, two seeds each, at this machine's scale (benchmarks/reproduce.py). Resumable:
 # run it again to continue, finished runs are skipped. Writes benchmarks/REPRODUCTION.md and its
 # curves. REPRO_SCALE=smoke checks the pipeline in minutes (report under runs/reproduce/smoke/);
-# REPRO_ARGS passes options (--threads 1 on a busy machine, --measure for a timing estimate).
+# REPRO_ARGS passes options (default --jobs 2: two runs at once, one thread each; --measure for a
+# timing estimate).
 REPRO_SCALE ?= full
-REPRO_ARGS  ?=
+REPRO_ARGS  ?= --jobs 2
 reproduce: build
 	$(PY) benchmarks/reproduce.py --scale $(REPRO_SCALE) $(REPRO_ARGS)
 

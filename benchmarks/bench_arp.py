@@ -1,13 +1,13 @@
-"""ARP at the upstream setting (SPEC §1; issue 2): B=8, C=256, 65×65 features (stride 8 of a
+"""ARP (RA-BUSSeg) at the upstream setting: B=8, C=256, 65×65 features (stride 8 of a
 520 px crop), K=2 classes, 3×3 kernel. Ours (`cpu`) against (a) the unfold formulation of the
 RA-BUSSeg code and (b) torch.compile of it; forward and forward+backward; peak memory."""
 
 import pytest
 import torch
 import torch.nn.functional as F
-from peak_memory import peak_extra_mib
 
 import busseg_ops
+from busseg_ops.testing import peak_extra_mib
 
 B, C, K, H, W, KS = 8, 256, 2, 65, 65, 3
 

@@ -1,4 +1,4 @@
-"""CRA at the upstream setting (SPEC §2; issue 3): B=8, 65×65 deep features, M=64 proxies.
+"""CRA (RA-BUSSeg) at the upstream setting: B=8, 65×65 deep features, M=64 proxies.
 
 - Greedy sampling (C=256 projected deep features): ours (`cpu`) against the upstream formulation
   (materialised (B, HW, HW) correlation map, then a per-image, per-step Python loop with argmin).
@@ -11,9 +11,10 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from peak_memory import peak_extra_mib
 
 import busseg_ops
+from busseg_ops.reference.cross_layer_alignment_loss import cross_layer_alignment_loss as spec_loss
+from busseg_ops.testing import peak_extra_mib
 
 B, C, H, W, M = 8, 256, 65, 65, 64
 CHANNELS = (256, 512, 1024, 2048)
@@ -21,7 +22,7 @@ CHANNELS = (256, 512, 1024, 2048)
 
 def upstream_sampling(feat, first, num_proxies=M):
     """RA-BUSSeg's formulation: the whole correlation map, then per image and per step a pass
-    over it with argmin (same selection rule as SPEC §2.1)."""
+    over it with argmin (the same selection rule as greedy_proxy_sampling)."""
     b, c, h, w = feat.shape
     f = feat.flatten(2)
     corr = torch.bmm(f.transpose(1, 2), f) * c**-0.5  # (B, HW, HW)
@@ -74,7 +75,7 @@ def ours_loss(feats, proxies):
         return busseg_ops.cross_layer_alignment_loss(feats, proxies)
 
 
-_compiled_reference = torch.compile(busseg_ops.reference.cra.cross_layer_alignment_loss)
+_compiled_reference = torch.compile(spec_loss)
 
 
 def compiled_reference_loss(feats, proxies):

@@ -1,4 +1,4 @@
-"""PH-Net ops at the issue-4 settings.
+"""PH-Net ops at the training settings of the paper.
 
 (1) Hardness + cutmix: B=8, 2×512×512 logits, 3×512×512 images (+ pseudo-labels and
     confidences), N=16 patches per side. Ours (`cpu`) against the PH-Net public-code formulation
@@ -11,9 +11,9 @@ import math
 
 import pytest
 import torch
-from peak_memory import peak_extra_mib
 
 import busseg_ops
+from busseg_ops.testing import peak_extra_mib
 
 B, K, C, S, NP = 8, 2, 3, 512, 16
 

@@ -18,10 +18,12 @@ row and the evaluations, and estimates the whole target's wall time instead of t
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import csv
 import dataclasses
 import datetime
 import json
+import multiprocessing
 import os
 import platform
 import subprocess
@@ -46,6 +48,8 @@ RUNS = [
     ("phnet", {"method": "phnet"}, SEEDS),
 ]
 BASELINE = "suponly"
+# Relative cost of a run (CPU time per step, measured; see NOTE): the order in which --jobs > 1 starts them.
+COST = {"suponly": 0.30, "rabusseg": 0.73, "rabusseg_no_arp": 0.70, "rabusseg_no_cra": 0.70, "phnet": 2.04}
 
 # Shared by every run at every scale: data protocol, network, diagnostics.
 COMMON = dict(
@@ -66,22 +70,22 @@ COMMON = dict(
 # Scale: what this machine affords (see REPRODUCTION.md for the timing it was chosen from).
 SCALES = {
     "full": dict(
-        size=128,
+        crop=128,
         epochs=12,
         max_steps=50,  # steps per epoch (a full pass over the unlabelled pool would be 87)
         warmup_epochs=4,  # supervised-only epochs first (upstream: 10 of 200); chosen on validation, see NOTE
         lr=0.01,
         ema=0.99,
-        dice_weight=1.0,
+        criterion="ce+dice",
     ),
     "smoke": dict(
-        size=64,
+        crop=64,
         epochs=2,
         max_steps=2,
         warmup_epochs=1,
         lr=0.01,
         ema=0.9,
-        dice_weight=1.0,
+        criterion="ce+dice",
         unet_base=4,
         proj_dim=16,
         rep_dim=16,
@@ -94,26 +98,28 @@ SCALES = {
 
 # How the scale and the settings were chosen; copied into the report.
 NOTE = """\
-How the full scale and its settings were chosen (2026-11-30, before the recipes of issue 11: OHEM, the
-drop-percent schedule, the EMA ramp after the supervised-only epochs and the aspect-kept random scale
-belong in COMMON once they exist). Timing: `make reproduce REPRO_ARGS="--measure --threads 1"` while six
-engineers loaded the 2-core machine (load average 9–13). CPU seconds per training step with one torch
-thread: suponly 0.30, rabusseg 0.73, rabusseg without ARP 0.70, without CRA 0.70, phnet 2.04 (its U-Net
-projector runs a 256-channel 3×3 convolution at full resolution); one pass over 40 validation images
-5.3–5.9 s, over 32 check images 4.5 s, over the 129 test images 17–18 s, each image at its original
-size. Under that load wall time was 2–5× CPU time with one thread, and two torch threads were far worse
-(a small forward 60× slower: the threads spin against other jobs). Full-scale runs of seed 0: suponly
-315 s CPU (1692 s wall at load 11, 674 s at load 8), rabusseg 461 s CPU (872 s wall at load 9). The
-estimate of `--measure` at this scale for the ten runs: 94 min CPU with one thread (166 min wall at
-load 10), so about 95 min wall on the idle machine with `--threads 1`, less with two threads: inside
-the 150 minutes with a third to spare.
+How the full scale and its settings were chosen (2026-11-30). Timing: `make reproduce REPRO_ARGS="--measure
+--threads 1"` while six engineers loaded the 2-core machine (load average 9–13). CPU seconds per training
+step with one torch thread: suponly 0.30, rabusseg 0.73, rabusseg without ARP 0.70, without CRA 0.70,
+phnet 2.04 (its U-Net projector runs a 256-channel 3×3 convolution at full resolution); one pass over 40
+validation images 5.3–5.9 s, over 32 check images 4.5 s, over the 129 test images 17–18 s, each image at
+its original size. Under that load wall time was 2–5× CPU time with one thread, and two torch threads
+were far worse (a small forward 60× slower: the threads spin against other jobs). The estimate of
+`--measure` at this scale for the ten runs: 94 min CPU with one thread, so about 50 min wall on the idle
+machine with `--jobs 2` (one single-threaded process per core): inside the 150 minutes with room for
+other load.
 
-Settings, chosen on the validation split only (seed 0, best validation Dice of the teacher): lr 0.01
-over 0.03 for suponly (0.454 vs 0.398); 4 supervised-only epochs over 2 for rabusseg (0.420 vs 0.385:
-with 2, the EMA teacher still predicted no lesion when the unsupervised loss started, and its
-pseudo-labels drifted, pixel accuracy 0.903 → 0.864); EMA 0.99 as the RA-BUSSeg config; CE + soft Dice
-(`dice_weight=1`) because CE alone stays on the all-background solution for hundreds of steps from
-scratch. In those pilots rabusseg stayed below suponly on the validation split (0.420 vs 0.454).
+Settings, chosen on the validation split only (seed 0, best validation Dice of the teacher), in pilots
+run before the upstream recipes landed: lr 0.01 over 0.03 for suponly (0.454 vs 0.398); 4 supervised-only
+epochs over 2 for rabusseg (0.420 vs 0.385: with 2, the EMA teacher still predicted no lesion when the
+unsupervised loss started, and its pseudo-labels drifted, pixel accuracy 0.903 → 0.864); EMA 0.99 as the
+RA-BUSSeg config; CE + soft Dice (`criterion=ce+dice`) because CE alone stays on the all-background
+solution for hundreds of steps from scratch. In those pilots rabusseg stayed below suponly on the
+validation split (0.420 vs 0.454). The upstream recipes apply where they exist at this scale: the
+random scale of the original image (0.5–2.0, aspect kept, crop padded with ignore), U2PL's drop-percent
+schedule (keep 80 % of the unlabelled pixels at first, annealed to all), the EMA ramp starting after
+the supervised-only epochs, weight decay 5e-4. Upstream's OHEM is not used: with min_kept 100000 it
+keeps every pixel of a 4 × 128² batch (65 536), i.e. it is plain CE here, which the pilots rejected.
 """
 
 # The papers' full-scale BUSI numbers (Dice / IoU in %), from the texts in ../shared/seeds/.
@@ -169,40 +175,83 @@ def _add_wall(run: Run, seconds: float) -> None:
         json.dump(t, f)
 
 
+def _elapsed_path(runs: list[Run]) -> str:
+    return os.path.join(os.path.dirname(os.path.dirname(runs[0].out)), "elapsed.json")
+
+
+def _elapsed(runs: list[Run]) -> float:
+    path = _elapsed_path(runs)
+    return json.load(open(path))["elapsed_s"] if os.path.isfile(path) else float("nan")
+
+
+def _add_elapsed(runs: list[Run], seconds: float) -> None:
+    total = _elapsed(runs)
+    with open(_elapsed_path(runs), "w") as f:
+        json.dump({"elapsed_s": seconds + (0.0 if total != total else total)}, f)
+
+
 def wall_time(run: Run) -> float:
     path = os.path.join(run.out, "timing.json")
     return json.load(open(path))["wall_s"] if os.path.isfile(path) else float("nan")
 
 
-def train_all(runs: list[Run], quiet: bool = False) -> bool:
-    """Trains every unfinished run (resuming from last.pt); False when stopped by a signal."""
+def train_one(run: Run, quiet: bool = False, threads: int | None = None) -> dict:
+    """Trains one run to the end (continuing from its last.pt); the test summary, or {"stopped": True}."""
+    if threads:
+        torch.set_num_threads(threads)
+    last = os.path.join(run.out, "last.pt")
+    run.cfg.quiet = quiet
+    tr = Trainer(run.cfg)
+    if os.path.isfile(last):
+        stored = checkpoint.load(last)
+        if _comparable(stored["config"]) != _comparable(dataclasses.asdict(run.cfg)):
+            raise SystemExit(f"{last} was trained with other settings; delete {run.out} to start it afresh")
+        tr.load_state_dict(stored)
+        print(f"    {run.name} seed {run.seed}: resumed at epoch {tr.epoch}/{run.cfg.epochs}", flush=True)
+    t0 = time.time()
+    res = tr.fit()
+    _add_wall(run, time.time() - t0)
+    return res
+
+
+def train_all(runs: list[Run], quiet: bool = False, jobs: int = 1) -> bool:
+    """Trains every unfinished run (resuming from last.pt), `jobs` at a time in separate processes
+    of one torch thread each (the most expensive rows first); False when stopped by a signal."""
     todo = [r for r in runs if not r.finished()]
     print(f"{len(runs) - len(todo)} of {len(runs)} runs already finished; {len(todo)} to train", flush=True)
-    t_start, done = time.time(), 0
-    for i, run in enumerate(todo):
-        last = os.path.join(run.out, "last.pt")
-        run.cfg.quiet = quiet
-        tr = Trainer(run.cfg)
-        state = ""
-        if os.path.isfile(last):
-            stored = checkpoint.load(last)
-            if _comparable(stored["config"]) != _comparable(dataclasses.asdict(run.cfg)):
-                raise SystemExit(f"{last} was trained with other settings; delete {run.out} to start it afresh")
-            tr.load_state_dict(stored)
-            state = f", resumed at epoch {tr.epoch}/{run.cfg.epochs}"
-        eta = ""
-        if done:
-            eta = f", about {(time.time() - t_start) / done * (len(todo) - i) / 60:.0f} min left"
-        print(f"[{i + 1}/{len(todo)}] {run.name} seed {run.seed} → {run.out}{state}{eta}", flush=True)
-        t0 = time.time()
-        res = tr.fit()
-        _add_wall(run, time.time() - t0)
+    if not todo:
+        return True
+    order = sorted(todo, key=lambda r: -COST.get(r.name, 1.0))
+    t_start, stopped = time.time(), False
+
+    def report(i, run, res):
+        nonlocal stopped
         if res.get("stopped"):
-            print(f"stopped; run `make reproduce` again to continue from {last}", flush=True)
-            return False
-        done += 1
-        print(f"    test Dice {res['dice'][0]:.4f}, {time.time() - t0:.0f} s", flush=True)
-    return True
+            stopped = True
+            print(f"stopped; run `make reproduce` again to continue from {run.out}/last.pt", flush=True)
+            return
+        left = (time.time() - t_start) / (i + 1) * (len(order) - i - 1) / 60
+        print(
+            f"[{i + 1}/{len(order)}] {run.name} seed {run.seed}: test Dice {res['dice'][0]:.4f}, "
+            f"{wall_time(run) / 60:.1f} min (about {left:.0f} min left) → {run.out}",
+            flush=True,
+        )
+
+    if jobs <= 1:
+        for i, run in enumerate(order):
+            print(f"training {run.name} seed {run.seed} → {run.out}", flush=True)
+            report(i, run, train_one(run, quiet))
+            if stopped:
+                return False
+        return True
+    # Quiet workers: their progress bars would interleave; each finished run is reported here.
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context) as pool:
+        futures = {pool.submit(train_one, run, True, 1): run for run in order}
+        print(f"training {len(order)} runs in {jobs} processes of one thread each", flush=True)
+        for i, fut in enumerate(concurrent.futures.as_completed(futures)):
+            report(i, futures[fut], fut.result())
+    return not stopped
 
 
 # ---------------------------------------------------------------------------------------------- report
@@ -313,8 +362,9 @@ def write_report(runs: list[Run], scale: str, path: str, command: str, papers=PA
         "",
         f"Written {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC by `{command}` (commit "
         f"{_git_commit()}, {platform.node()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads; load average at writing {load[0]:.1f}). Training wall time, all "
-        f"runs: {total_wall / 60:.1f} min.",
+        f"{torch.get_num_threads()} threads; load average at writing {load[0]:.1f}). Training wall time summed "
+        f"over the runs: {total_wall / 60:.1f} min; elapsed time of the `make reproduce` invocations that "
+        f"trained them: {_elapsed(runs) / 60:.1f} min.",
         "",
         "Protocol: the RA-BUSSeg authors' BUSI lists (`splits/test.txt`, `1_2/labeled.txt`, `1_2/unlabeled.txt`,"
         " 647 abnormal images). 1/4 partition: round(518 / 4) = 130 labelled images drawn with the run's seed "
@@ -461,6 +511,7 @@ def main(argv=None) -> int:
     p.add_argument("--measure", action="store_true", help="time every row instead of training")
     p.add_argument("--quiet", action="store_true", help="no per-epoch lines or progress bars")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's; 1 is faster on a busy machine)")
+    p.add_argument("--jobs", type=int, default=1, help="runs trained at once, one process of one thread each")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -471,7 +522,10 @@ def main(argv=None) -> int:
     if args.measure:
         measure(runs)
         return 0
-    if not train_all(runs, quiet=args.quiet):
+    t0 = time.time()
+    finished = train_all(runs, quiet=args.quiet, jobs=args.jobs)
+    _add_elapsed(runs, time.time() - t0)
+    if not finished:
         return 130
     report = (
         os.path.join(REPO, "benchmarks", "REPRODUCTION.md")

@@ -34,7 +34,8 @@ def main(method="rabusseg", size=64, base=8, steps=5):
     cfg = TrainConfig(
         method=method,
         synthetic_n=64,
-        size=size,
+        synthetic_size=size,
+        crop=size,
         unet_base=base,
         proj_dim=32,
         rep_dim=16,
@@ -47,7 +48,7 @@ def main(method="rabusseg", size=64, base=8, steps=5):
     )
     tr = Trainer(cfg)
     lab, unl = next(iter(tr._batches(0)))
-    ctx = {"epoch": 0, "progress": 0.5, "warmup": False}
+    ctx = {"epoch": 0, "progress": 0.5, "warmup": False, "epochs": 1}
     for _ in range(2):
         tr.train_step(lab, unl, ctx)
     t0 = time.perf_counter()

@@ -1,5 +1,6 @@
 """busseg_ops: accelerated operators for relation-aware semi-supervised breast-ultrasound
-lesion segmentation (RA-BUSSeg, PH-Net, LA-Net, SemiSeg-CAW). See SPEC and README."""
+lesion segmentation (RA-BUSSeg, PH-Net, LA-Net, SemiSeg-CAW). The math of every op is in
+docs/ops.md; each op lives under its own name in ops/, reference/, triton/ and csrc/."""
 
 import torch  # noqa: F401  (loads libtorch/libc10, which _C links against: `import busseg_ops` alone works)
 
@@ -13,31 +14,27 @@ except ImportError as err:  # pragma: no cover - exercised only on an unbuilt ch
         f"Original error: {err}"
     ) from err
 
-from .arp import adjacent_relation_propagation
-from .backends import _HAS_TRITON, BACKENDS, available_backends, use_backend
-from .cra import cross_layer_alignment_loss, gather_proxies, greedy_proxy_sampling, map_proxy_indices, sample_proxies
-from .memory_bank import ClassMemoryBank
-from .phnet import (
-    ReliableHardPixels,
-    adaptive_patch_cutmix,
-    confidence_masked_cross_entropy,
-    cutmix_patch_mask,
-    entropy_filtered_cross_entropy,
-    memory_contrastive_loss,
-    patch_entropy_hardness,
-    reliable_hard_pixels,
-    shield_count,
-)
-
-if _HAS_TRITON:
-    from . import triton as _triton_ops  # noqa: F401  (registers the busseg::*_triton ops)
+from .backends import BACKENDS, available_backends, use_backend
+from .ops.adaptive_patch_cutmix import adaptive_patch_cutmix, cutmix_patch_mask, shield_count
+from .ops.adjacent_relation_propagation import adjacent_relation_propagation
+from .ops.class_memory_bank import ClassMemoryBank
+from .ops.confidence_masked_cross_entropy import confidence_masked_cross_entropy
+from .ops.cross_layer_alignment_loss import cross_layer_alignment_loss
+from .ops.entropy_filtered_cross_entropy import entropy_filtered_cross_entropy
+from .ops.gather_proxies import gather_proxies
+from .ops.greedy_proxy_sampling import greedy_proxy_sampling
+from .ops.map_proxy_indices import map_proxy_indices
+from .ops.memory_contrastive_loss import memory_contrastive_loss
+from .ops.patch_entropy_hardness import patch_entropy_hardness
+from .ops.reliable_hard_pixels import ReliableHardPixels, reliable_hard_pixels
+from .ops.sample_proxies import sample_proxies
 
 __all__ = [
     "BACKENDS",
     "available_backends",
     "use_backend",
     "adjacent_relation_propagation",
-    # PH-Net (issue 4)
+    # PH-Net
     "patch_entropy_hardness",
     "adaptive_patch_cutmix",
     "cutmix_patch_mask",
@@ -48,7 +45,7 @@ __all__ = [
     "ReliableHardPixels",
     "ClassMemoryBank",
     "memory_contrastive_loss",
-    # CRA (issue 3)
+    # RA-BUSSeg CRA
     "greedy_proxy_sampling",
     "sample_proxies",
     "map_proxy_indices",

@@ -1,9 +1,13 @@
 """Argument checks shared by the public ops: each error names the argument and what was expected
-(SPEC §7)."""
+(docs/ops.md, "Errors"). Sizes that would overflow the kernels' index arithmetic are rejected
+here too, with the same limits as the C++ entry points (csrc/common/checks.h)."""
 
 from __future__ import annotations
 
 import torch
+
+#: Sizes and reaches bounded by 2^30 keep index arithmetic in 32 bits where kernels use int.
+MAX_EXTENT = 2**30
 
 _CPU_DTYPES = (torch.float32, torch.float64)
 _CUDA_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -35,11 +39,14 @@ def same(names: str, a: torch.Tensor, b: torch.Tensor, *, dims: tuple[int, ...] 
         raise TypeError(f"{names} must have the same dtype, got {a.dtype} and {b.dtype}")
 
 
-def integer(name: str, v, minimum: int | None = None, odd: bool = False) -> int:
+def integer(name: str, v, minimum: int | None = None, odd: bool = False, maximum: int = 2**63 - 1) -> int:
+    """An int in [minimum, maximum] (by default within int64, what the C++ ops take)."""
     if isinstance(v, bool) or not isinstance(v, int):
         raise TypeError(f"{name} must be an int, got {type(v).__name__}")
     if minimum is not None and v < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {v}")
+    if v > maximum:
+        raise ValueError(f"{name} must be <= {maximum}, got {v}")
     if odd and v % 2 == 0:
         raise ValueError(f"{name} must be odd, got {v}")
     return v
@@ -49,3 +56,29 @@ def choice(name: str, v, options: tuple[str, ...]) -> str:
     if v not in options:
         raise ValueError(f"{name} must be one of {options}, got {v!r}")
     return v
+
+
+def integer_tensor(name: str, t) -> None:
+    if t.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
+        raise TypeError(f"{name} must be an integer tensor, got {t.dtype}")
+
+
+def in_range(name: str, t: torch.Tensor, stop: int, what: str) -> None:
+    """Every entry of ``t`` in [0, stop). A data-dependent check (one host sync): under
+    torch.compile the C++ op checks instead, where it has one."""
+    if not torch.compiler.is_compiling() and t.numel() and bool(((t < 0) | (t >= stop)).any()):
+        raise ValueError(f"{name} must hold {what} in [0, {stop})")
+
+
+def one_device(op: str, **tensors: torch.Tensor) -> None:
+    """The raw-op rule of the fake kernels and Triton launchers (as csrc/common/checks.h): all
+    tensor arguments on one device, so that no device's kernel gets another device's pointer."""
+    names = list(tensors)
+    first = tensors[names[0]]
+    for name in names[1:]:
+        torch._check_value(
+            tensors[name].device == first.device,
+            lambda name=name: (
+                f"{op}: {name} must be on the device of {names[0]} ({first.device}), got {tensors[name].device}"
+            ),
+        )

@@ -17,8 +17,11 @@ def main() -> None:
     common = dict(
         data="synthetic",
         synthetic_n=200,
-        size=64,
+        synthetic_size=64,
+        crop=64,
         partition="1/4",
+        batch_labeled=4,
+        batch_unlabeled=4,
         epochs=epochs,
         warmup_epochs=1,
         lr=0.02,
@@ -31,7 +34,7 @@ def main() -> None:
         # A short from-scratch run: with the papers' EMA 0.999 the teacher would average weights from
         # the whole (short) trajectory, and CE alone sits on the all-background solution for many steps.
         ema=0.9,
-        dice_weight=1.0,
+        criterion="ce+dice",
     )
     t0 = time.time()
     results = {}

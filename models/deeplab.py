@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .inputs import input_adapter
 from .resnet import conv_bn_relu, resnet
 
 
@@ -98,6 +99,10 @@ class DeepLabV3Plus(nn.Module):
     ``pred`` (B, K, H, W) logits at the input resolution, and on request ``rep``, ``proj``,
     ``feats`` (see :class:`SegmentationHeads`) and ``pred_fp`` (UniMatch feature perturbation:
     the decoder run again on Dropout2d(0.5) of stage 1 and stage 4).
+
+    ``gray_input=True``: the network is fed (B, 1, H, W) grayscale in [0, 1] whatever
+    ``in_channels`` is; with 3 it replicates and ImageNet-normalises it first (models/inputs.py).
+    ``stem`` and ``zero_init_residual`` go to the ResNet (:class:`~.resnet.ResNet`).
     """
 
     def __init__(
@@ -111,14 +116,20 @@ class DeepLabV3Plus(nn.Module):
         multi_grid=None,
         rep_dim: int = 256,
         proj_dim: int = 256,
+        gray_input: bool = False,
+        stem: str = "deep",
+        zero_init_residual: bool = False,
     ):
         super().__init__()
+        self.input = input_adapter(in_channels, gray_input)
         self.backbone = resnet(
             backbone,
             in_channels=in_channels,
             pretrained=pretrained,
             replace_stride_with_dilation=replace_stride_with_dilation,
             multi_grid=multi_grid,
+            stem=stem,
+            zero_init_residual=zero_init_residual,
         )
         low, high = self.backbone.channels[0], self.backbone.channels[-1]
         self.aspp = ASPP(high, high // 8, dilations)
@@ -135,7 +146,7 @@ class DeepLabV3Plus(nn.Module):
     def forward(
         self, x, need_rep: bool = False, need_proj: bool = False, need_feats: bool = False, need_fp: bool = False
     ) -> dict:
-        feats = self.backbone(x)
+        feats = self.backbone(self.input(x))
         c1, c4 = feats[0], feats[-1]
         if need_fp:
             drop = nn.functional.dropout2d

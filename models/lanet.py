@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 
 from .deeplab import upsample
+from .inputs import input_adapter
 from .resnet import conv_bn_relu, resnet
 from .unet import UNetEncoder
 
@@ -77,7 +78,8 @@ class LesionAwareNet(nn.Module):
 
 
 class LANet(nn.Module):
-    """Joint localisation + classification. ``backbone``: "resnet18/34/50/101" or "unet"."""
+    """Joint localisation + classification. ``backbone``: "resnet18/34/50/101" or "unet";
+    ``gray_input``, ``stem``, ``multi_grid`` and ``zero_init_residual`` as in :class:`DeepLabV3Plus`."""
 
     def __init__(
         self,
@@ -88,8 +90,13 @@ class LANet(nn.Module):
         replace_stride_with_dilation=(False, False, False),
         reduction: int = 16,
         unet_base: int = 16,
+        gray_input: bool = False,
+        stem: str = "deep",
+        multi_grid=None,
+        zero_init_residual: bool = False,
     ):
         super().__init__()
+        self.input = input_adapter(in_channels, gray_input)
         if backbone == "unet":
             if pretrained is not None:
                 raise ValueError("pretrained: the U-Net backbone has no ImageNet weights")
@@ -101,13 +108,16 @@ class LANet(nn.Module):
                 in_channels=in_channels,
                 pretrained=pretrained,
                 replace_stride_with_dilation=replace_stride_with_dilation,
+                multi_grid=multi_grid,
+                stem=stem,
+                zero_init_residual=zero_init_residual,
             )
             channels = self.backbone.channels
         self.lanet = LesionAwareNet(channels, reduction)
         self.fc = nn.Linear(channels[-1], num_classes)
 
     def forward(self, x, need_feats: bool = False) -> dict:
-        feats = self.backbone(x)
+        feats = self.backbone(self.input(x))
         if isinstance(self.backbone, UNetEncoder):
             feats = feats[1:]  # the four strided maps
         mask_logits = self.lanet(feats)

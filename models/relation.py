@@ -1,6 +1,6 @@
 """RA-BUSSeg relation modules: thin nn.Module wrappers that do the upstream wiring (resizing,
-detaching, index mapping) around the ``busseg_ops`` ops (SPEC §1, §2). The ops are looked up on
-``busseg_ops`` at call time, so a backend or a patched op is picked up without re-import."""
+detaching, index mapping) around the ``busseg_ops`` ops (ARP and CRA; their math is in docs/ops.md).
+The ops are looked up on ``busseg_ops`` at call time, so a backend or a patched op is picked up without re-import."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from .deeplab import upsample
 
 
 class AdjacentRelationPropagation(nn.Module):
-    """ARP (SPEC §1). ``forward(feat, logits, size=None)``: the logits are detached and resized
+    """ARP (docs/ops.md). ``forward(feat, logits, size=None)``: the logits are detached and resized
     (bilinear, align_corners=True) to the grid of ``feat`` (the relation projection ``proj``),
     propagated by :func:`busseg_ops.adjacent_relation_propagation`, and the result is resized to
     ``size`` (default: the grid of ``logits``, i.e. the decoder output). Gradient reaches ``feat``
@@ -40,7 +40,7 @@ class AdjacentRelationPropagation(nn.Module):
 
 
 class CrossLayerRelationAlignment(nn.Module):
-    """CRA (SPEC §2). ``forward(feats, proj, label=None, first=None, generator=None)`` → loss.
+    """CRA (docs/ops.md). ``forward(feats, proj, label=None, first=None, generator=None)`` → loss.
 
     - ``feats``: the four stage maps, shallow → deep; the deepest ``scales`` (2, 3 or 4; seed
       supplementary Table 4) take part.

@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 
 from .deeplab import DeepLabV3Plus
+from .inputs import input_adapter
 from .unet import UNet
 
 
@@ -67,7 +68,9 @@ class ClassElevateSeg(SegClassNet):
 class SemiSegCAW(nn.Module):
     """Main network guided by ClassElevateSeg (concatenated guide channel). ``forward(x)`` →
     ``pred``, ``cls`` of the main network, ``aux`` (the guide used) and, when the auxiliary net is
-    trained jointly, ``aux_pred`` / ``aux_cls``."""
+    trained jointly, ``aux_pred`` / ``aux_cls``. ``forward_aux(x)``: the auxiliary network alone
+    (its stage-1 training). ``gray_input`` as in :class:`DeepLabV3Plus`, applied once, before
+    both networks."""
 
     def __init__(
         self,
@@ -77,9 +80,11 @@ class SemiSegCAW(nn.Module):
         in_channels: int = 3,
         aux: ClassElevateSeg | None = None,
         freeze_aux: bool = True,
+        gray_input: bool = False,
         **kwargs,
     ):
         super().__init__()
+        self.input = input_adapter(in_channels, gray_input)
         self.aux = aux if aux is not None else ClassElevateSeg(num_classes, num_labels, arch, in_channels, **kwargs)
         self.main = SegClassNet(num_classes, num_labels, arch, in_channels + 1, **kwargs)
         self.freeze_aux = freeze_aux
@@ -92,7 +97,11 @@ class SemiSegCAW(nn.Module):
             self.aux.eval()
         return self
 
+    def forward_aux(self, x, **flags) -> dict:
+        return self.aux(self.input(x), **flags)
+
     def forward(self, x, **flags) -> dict:
+        x = self.input(x)
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_aux):
             aux = self.aux(x)
         out = self.main(torch.cat([x, aux["aux"]], dim=1), **flags)

@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .deeplab import SegmentationHeads, upsample
+from .inputs import input_adapter
 from .resnet import conv_bn_relu
 
 
@@ -52,12 +53,19 @@ class UNetEncoder(nn.Module):
 
 class UNet(nn.Module):
     """``forward(x, need_rep=False, need_proj=False, need_feats=False)`` → dict like
-    :class:`DeepLabV3Plus` (``pred`` at the input resolution)."""
+    :class:`DeepLabV3Plus` (``pred`` at the input resolution; ``gray_input`` as there)."""
 
     def __init__(
-        self, num_classes: int = 2, in_channels: int = 3, base: int = 16, rep_dim: int = 256, proj_dim: int = 256
+        self,
+        num_classes: int = 2,
+        in_channels: int = 3,
+        base: int = 16,
+        rep_dim: int = 256,
+        proj_dim: int = 256,
+        gray_input: bool = False,
     ):
         super().__init__()
+        self.input = input_adapter(in_channels, gray_input)
         ch = [base * 2**i for i in range(5)]
         self.encoder = UNetEncoder(in_channels, base)
         self.up = nn.ModuleList([UpBlock(ch[i + 1], ch[i], ch[i]) for i in reversed(range(4))])
@@ -65,7 +73,7 @@ class UNet(nn.Module):
         self.heads = SegmentationHeads(ch[0], ch[4], rep_dim, proj_dim)
 
     def forward(self, x, need_rep: bool = False, need_proj: bool = False, need_feats: bool = False) -> dict:
-        skips = self.encoder(x)
+        skips = self.encoder(self.input(x))
         y = skips[-1]
         for up, skip in zip(self.up, reversed(skips[:-1])):
             y = up(y, skip)

@@ -9,7 +9,7 @@ import pytest
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
 import reproduce  # noqa: E402
 
-TINY = dict(data="synthetic", synthetic_n=40, size=32, max_steps=1, pseudo_label_check=3, quiet=True)
+TINY = dict(data="synthetic", synthetic_n=40, synthetic_size=32, crop=32, max_steps=1, pseudo_label_check=3, quiet=True)
 ROWS = [("suponly", {"method": "suponly"}, (0, 1)), ("rabusseg_no_cra", {"method": "rabusseg", "cra": False}, (0, 1))]
 
 

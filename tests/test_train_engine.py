@@ -70,7 +70,9 @@ def test_cli_train_eval_predict_compare(tmp_path, capsys):
     common = [
         "--synthetic-n",
         "24",
-        "--size",
+        "--synthetic-size",
+        "64",
+        "--crop",
         "64",
         "--epochs",
         "1",
@@ -115,8 +117,8 @@ def test_ddp_two_processes_gloo(tmp_path):
         textwrap.dedent(f"""
         import torch, torch.distributed as dist
         from busseg_ops.train import Trainer, TrainConfig
-        cfg = TrainConfig(method="phnet", synthetic_n=24, size=64, epochs=1, max_steps=2, batch_labeled=2,
-                          batch_unlabeled=2, warmup_epochs=0, unet_base=4, proj_dim=16, rep_dim=16,
+        cfg = TrainConfig(method="phnet", synthetic_n=24, synthetic_size=64, crop=64, epochs=1, max_steps=2,
+                          batch_labeled=2, batch_unlabeled=2, warmup_epochs=0, unet_base=4, proj_dim=16, rep_dim=16,
                           gamma=0.0, out={str(tmp_path / "run")!r}, quiet=True)
         tr = Trainer(cfg)
         assert tr.world == 2
@@ -153,13 +155,16 @@ def test_busi_integration_rabusseg_beats_chance(tmp_path):
         data="busi",
         root=BUSI,
         limit=48,
-        size=128,
+        crop=128,
         partition="1/2",
         epochs=60,
         warmup_epochs=2,
         lr=0.01,
+        weight_decay=1e-4,
+        batch_labeled=4,
+        batch_unlabeled=4,
         ema=0.9,
-        dice_weight=1.0,
+        criterion="ce+dice",
         unet_base=16,
         proj_dim=32,
         rep_dim=16,

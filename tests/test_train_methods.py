@@ -41,7 +41,7 @@ def _loss(cfg, ctx=None, seed=0):
         teacher,
         _batch(2, 1),
         _batch(2, 2, labeled=False),
-        ctx or {"epoch": 1, "progress": 0.5, "warmup": False},
+        ctx or {"epoch": 1, "progress": 0.5, "warmup": False, "epochs": 2},
     )
     return loss, logs
 
@@ -59,7 +59,7 @@ def test_step_finite_and_decreasing(tmp_path, name, kw):
     for _ in range(8):
         torch.manual_seed(0)  # the same cutmix / proxies each step: a fixed problem
         student.train()
-        loss, logs = method(student, teacher, lab, unl, {"epoch": 1, "progress": 0.5, "warmup": False})
+        loss, logs = method(student, teacher, lab, unl, {"epoch": 1, "progress": 0.5, "warmup": False, "epochs": 2})
         assert torch.isfinite(loss) and all(torch.isfinite(v) for v in logs.values())
         opt.zero_grad()
         loss.backward()
@@ -76,8 +76,9 @@ def test_step_finite_and_decreasing(tmp_path, name, kw):
         ("rabusseg", {"cra": False}, {}),
         ("rabusseg", {"cra_strategy": "random"}, {}),
         ("rabusseg", {"cra_scales": 2}, {}),
-        ("rabusseg", {"drop_percent": 0.0}, {}),
-        ("suponly", {"dice_weight": 1.0}, {}),
+        ("rabusseg", {"drop_percent": 100.0}, {}),
+        ("suponly", {"criterion": "ce+dice"}, {}),
+        ("suponly", {"criterion": "ohem", "ohem_min_kept": 1000}, {"criterion": "ce"}),
         ("phnet", {"apa": False}, {}),
         ("phnet", {"hpc": False}, {"mb": False, "gamma": 0.0}),
         ("phnet", {"gamma": 0.99}, {}),
@@ -105,7 +106,7 @@ def test_phnet_memory_bank_changes_contrastive_loss(tmp_path):
                 teacher,
                 _batch(2, 1),
                 _batch(2, 2 + seed, labeled=False),
-                {"epoch": 1, "progress": 1.0, "warmup": False},
+                {"epoch": 1, "progress": 1.0, "warmup": False, "epochs": 2},
             )
             out.append(logs["loss_c"])
         return out[1], method
@@ -119,9 +120,13 @@ def test_phnet_memory_bank_changes_contrastive_loss(tmp_path):
 def test_warmup_and_stage1_are_supervised_only(tmp_path):
     _, logs = _loss(tiny(tmp_path, method="rabusseg"), {"epoch": 0, "progress": 0, "warmup": True})
     assert "loss_u" not in logs and "loss_arp" in logs
-    _, logs = _loss(tiny(tmp_path, method="lanet", stage1_epochs=1), {"epoch": 0, "progress": 0, "warmup": False})
+    _, logs = _loss(
+        tiny(tmp_path, method="lanet", stage1_epochs=1), {"epoch": 0, "progress": 0, "warmup": False, "epochs": 2}
+    )
     assert set(logs) == {"loss_floc"}
-    _, logs = _loss(tiny(tmp_path, method="semiseg_caw", stage1_epochs=1), {"epoch": 0, "progress": 0, "warmup": False})
+    _, logs = _loss(
+        tiny(tmp_path, method="semiseg_caw", stage1_epochs=1), {"epoch": 0, "progress": 0, "warmup": False, "epochs": 2}
+    )
     assert set(logs) == {"loss_aux_seg", "loss_aux_cls"}
 
 
@@ -139,7 +144,7 @@ def test_semiseg_caw_wgm_learns_the_weights(tmp_path):
                 teacher,
                 _batch(2, 1),
                 _batch(2, 2, labeled=False),
-                {"epoch": 1, "progress": 0.5, "warmup": False},
+                {"epoch": 1, "progress": 0.5, "warmup": False, "epochs": 2},
             )
             opt.zero_grad()
             loss.backward()

@@ -6,7 +6,8 @@ from busseg_ops.train import TrainConfig
 def tiny(tmp_path, **kw) -> TrainConfig:
     base = dict(
         synthetic_n=24,
-        size=64,
+        crop=64,
+        synthetic_size=64,
         epochs=2,
         max_steps=2,
         batch_labeled=2,

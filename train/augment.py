@@ -1,7 +1,9 @@
-"""Augmentation. Weak (per sample, in the dataset): resize to the base size, random scale 0.5–2.0,
-pad (image 0, mask 255 = ignore) and random crop, horizontal flip — as in U2PL/PH-Net/RA-BUSSeg.
-Strong (per batch, in the training step): box cutmix between images of the unlabelled batch
-(RA-BUSSeg, UniMatch style); PH-Net's adaptive patch cutmix is the busseg_ops op.
+"""Augmentation. Weak (per sample, in the dataset), as the U2PL / RA-BUSSeg / PH-Net data code:
+scale the original image by a random factor (aspect kept; half the time below 1, half above),
+random horizontal flip, then a random crop, padding first (centred; image 0, mask 255 = ignore)
+when the scaled image is smaller than the crop. Strong (per batch, in the training step): box
+cutmix between images of the unlabelled batch (RA-BUSSeg, UniMatch style); PH-Net's adaptive
+patch cutmix is the busseg_ops op.
 """
 
 from __future__ import annotations
@@ -25,26 +27,30 @@ def resize(image: torch.Tensor, mask: torch.Tensor, size: int | tuple[int, int])
 def weak(
     image: torch.Tensor,
     mask: torch.Tensor,
-    size: int,
+    crop: int,
     g: torch.Generator,
     scale: tuple[float, float] = (0.5, 2.0),
-    flip: float = 0.5,
+    flip: bool = True,
 ):
-    """Random scale, pad with ignore, random size×size crop, random horizontal flip."""
-    s = scale[0] + (scale[1] - scale[0]) * torch.rand((), generator=g).item()
-    side = max(8, int(round(size * s)))
-    image, mask = resize(image, mask, side)
-    if side < size:
-        p = size - side
-        image = F.pad(image, (0, p, 0, p), value=0.0)
-        mask = F.pad(mask, (0, p, 0, p), value=IGNORE)
+    """image (1, H, W), mask (H, W) → a crop×crop sample. The factor is drawn as upstream's
+    RandResize: with probability ½ uniform in [scale[0], 1], else uniform in [1, scale[1]]; the
+    scaled size is int(H·s) × int(W·s). All draws come from `g`."""
+    below, u, f = torch.rand(3, generator=g).tolist()
+    s = scale[0] + (1 - scale[0]) * u if below < 0.5 else 1 + (scale[1] - 1) * u
     h, w = mask.shape
-    y = int(torch.randint(0, h - size + 1, (), generator=g))
-    x = int(torch.randint(0, w - size + 1, (), generator=g))
-    image, mask = image[:, y : y + size, x : x + size], mask[y : y + size, x : x + size]
-    if torch.rand((), generator=g).item() < flip:
+    image, mask = resize(image, mask, (max(1, int(h * s)), max(1, int(w * s))))
+    if flip and f < 0.5:
         image, mask = image.flip(-1), mask.flip(-1)
-    return image.contiguous(), mask.contiguous()
+    h, w = mask.shape
+    ph, pw = max(crop - h, 0), max(crop - w, 0)
+    if ph or pw:
+        border = (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2)
+        image = F.pad(image, border, value=0.0)
+        mask = F.pad(mask, border, value=IGNORE)
+    h, w = mask.shape
+    y = int(torch.randint(0, h - crop + 1, (), generator=g))
+    x = int(torch.randint(0, w - crop + 1, (), generator=g))
+    return image[:, y : y + crop, x : x + crop].contiguous(), mask[y : y + crop, x : x + crop].contiguous()
 
 
 def cutmix_box(

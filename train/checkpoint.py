@@ -1,25 +1,66 @@
-"""Checkpoints: atomic writes (temp file in the same folder + fsync + rename, so a crash never
-leaves a half-written file), RNG states for bit-for-bit resume, and a SIGINT/SIGTERM guard that
-lets the loop finish its step and save before exiting."""
+"""Checkpoints that are safe to load and say when they are damaged.
+
+A checkpoint holds only tensors and plain data (dicts, lists, strings, numbers; RNG states as
+tensors and lists), so `torch.load(path)` with `weights_only=True` reads it and nothing in it can
+run code; `load` never unpickles anything else. A SHA-256 digest of the content (every key, value,
+tensor dtype, shape and byte) is stored beside it and checked on load, so a corrupted file is
+refused with an error that names it. Writes are atomic (temp file in the same folder + fsync +
+rename: a crash never leaves a half-written file). `StopGuard` lets the loop finish its step and
+save on SIGINT/SIGTERM. `export` writes the teacher's weights alone, a plain state dict.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import signal
 import tempfile
+import warnings
 
 import numpy as np
 import torch
 
+from .errors import UserError
 
-def save(state: dict, path: str) -> None:
+FORMAT = "busseg-checkpoint/1"
+
+
+def _digest(obj, h) -> None:
+    """Feed a canonical form of plain data and tensors to the hash `h` (insertion order kept:
+    torch.load restores dicts in the order they were saved)."""
+    if torch.is_tensor(obj):
+        t = obj.detach().cpu().contiguous().reshape(-1)
+        h.update(f"T{t.dtype}{tuple(obj.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    elif isinstance(obj, dict):
+        h.update(f"D{len(obj)}".encode())
+        for k, v in obj.items():
+            _digest(k, h)
+            _digest(v, h)
+    elif isinstance(obj, (list, tuple)):
+        h.update(f"L{len(obj)}".encode())
+        for v in obj:
+            _digest(v, h)
+    elif obj is None or isinstance(obj, (bool, int, float, str)):
+        h.update(f"{type(obj).__name__}:{obj!r};".encode())
+    else:
+        raise TypeError(f"checkpoint: {type(obj).__name__} is not a tensor or plain data")
+
+
+def digest(state: dict) -> str:
+    h = hashlib.sha256()
+    _digest(state, h)
+    return h.hexdigest()
+
+
+def _write_atomic(obj, path: str) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
+            torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -29,22 +70,79 @@ def save(state: dict, path: str) -> None:
         raise
 
 
-def load(path: str) -> dict:
+def save(state: dict, path: str) -> None:
+    """Write `state` (tensors and plain data only: anything else is a TypeError) with its digest."""
+    payload = {"format": FORMAT, **state}
+    payload["sha256"] = digest(payload)
+    _write_atomic(payload, path)
+
+
+def read_plain(path: str, what: str = "checkpoint"):
+    """torch.load with weights_only=True; every failure is a one-line UserError naming the file."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    return torch.load(path, map_location="cpu", weights_only=False)
+        raise UserError(f"{what} {path}: no such file")
+    try:
+        with warnings.catch_warnings():  # torch warns about foreign pickles before refusing them: we say why
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if "Weights only load failed" in str(err):
+            raise UserError(
+                f"{what} {path}: refused: it holds objects other than tensors and plain data, "
+                "which could run code when unpickled"
+            ) from None
+        raise UserError(f"{what} {path}: unreadable, the file is damaged or not a PyTorch file ({first})") from None
+
+
+def load(path: str) -> dict:
+    """A checkpoint written by `save`, its digest verified: at least "config" (TrainConfig fields
+    as a plain dict) and "teacher" / "student" (state dicts)."""
+    obj = read_plain(path)
+    if not isinstance(obj, dict) or obj.get("format") != FORMAT or "sha256" not in obj:
+        raise UserError(
+            f"checkpoint {path}: not a busseg training checkpoint (no {FORMAT} header; an exported model, "
+            "another program's file, or one written before checkpoints were checksummed)"
+        )
+    stored = obj.pop("sha256")
+    try:
+        actual = digest(obj)
+    except TypeError:
+        actual = None
+    if actual != stored:
+        raise UserError(f"checkpoint {path}: checksum mismatch, the file is corrupted; use another checkpoint")
+    obj.pop("format")
+    return obj
+
+
+def export(src: str, dst: str, which: str = "teacher") -> dict:
+    """Write the `which` ("teacher", evaluated by busseg, or "student") weights of checkpoint `src`
+    to `dst` as a plain state dict (`torch.load(dst)` → `model.load_state_dict(...)`). Returns the
+    checkpoint's config."""
+    st = load(src)
+    _write_atomic(st[which], dst)
+    return st["config"]
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG as tensors and lists (weights_only-loadable)."""
+    version, words, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": [version, list(words), gauss],
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, words, gauss = state["python"]
+    random.setstate((version, tuple(words), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

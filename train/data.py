@@ -2,8 +2,9 @@
 split lists, the 1/2–1/4–1/8 partition protocols and the 8:1:1 split.
 
 An `Item` names one image and its mask files; `SegDataset` reads it (cached) and returns tensors.
-Images are read as 8-bit grayscale whatever their encoding (L, RGB-encoded grayscale, RGBA, 16-bit);
-masks are binarised (> 0) and several mask files are merged by union.
+Images are read as 8-bit grayscale whatever their encoding (L, RGB-encoded grayscale, RGBA; 16-bit
+scaled by 1/257, the full 16-bit range onto 0–255); masks are binarised (> 0) and several mask
+files are merged by union. `check_items` opens every file of a run once before training starts.
 """
 
 from __future__ import annotations
@@ -17,13 +18,14 @@ import numpy as np
 import torch
 
 from . import augment, synthetic
+from .config import partition_fraction
 from .errors import UserError
 
 CLASSES = {"benign": 0, "malignant": 1, "normal": 2}
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 
-class DataError(RuntimeError):
+class DataError(UserError):
     """A missing or unreadable data file; the message names it."""
 
 
@@ -46,12 +48,13 @@ def read_gray(path: str) -> np.ndarray:
     try:
         with Image.open(path) as im:
             im.load()
-            if im.mode in ("I;16", "I;16B", "I"):
+            if im.mode.startswith("I"):  # 16-bit (I;16, I;16B, or I from 16-bit PNG/TIFF): 65535 → 255
                 a = np.asarray(im, dtype=np.float64)
-                return (255 * a / max(a.max(), 1)).astype(np.uint8)
+                return np.clip(np.rint(a / 257), 0, 255).astype(np.uint8)
             return np.asarray(im.convert("L"), dtype=np.uint8)
     except Exception as err:  # PIL raises several types for corrupt files
-        raise DataError(f"cannot read image file {path}: {err}") from err
+        reason = "not an image Pillow can decode" if "cannot identify" in str(err) else " ".join(str(err).split())
+        raise DataError(f"cannot read image file {path}: {reason}") from err
 
 
 def load_item(item: Item, synthetic_size: int = 128) -> tuple[np.ndarray, np.ndarray | None]:
@@ -77,8 +80,27 @@ def load_item(item: Item, synthetic_size: int = 128) -> tuple[np.ndarray, np.nda
 # Layouts
 
 
+def upstream_items(root: str) -> list[Item]:
+    """The RA-BUSSeg/U2PL layout: `image/NAME` with `label/NAME`, all classes in one folder; the
+    class comes from the name (`benign (3).png`, `000009_Benign.png`)."""
+    items = folder_items(os.path.join(root, "image"), os.path.join(root, "label"))
+    out = []
+    for it in items:
+        low = it.name.lower()
+        cls = next((c for n, c in CLASSES.items() if n in low), -1)
+        out.append(Item(it.name, it.image, it.masks, cls))
+    return out
+
+
+def _is_upstream_layout(root: str) -> bool:
+    return os.path.isdir(os.path.join(root, "image")) and os.path.isdir(os.path.join(root, "label"))
+
+
 def busi_items(root: str, include_normal: bool = False) -> list[Item]:
-    """BUSI: `<class>/<class> (N).png` with `_mask.png` and optional `_mask_1.png`, ... (union)."""
+    """BUSI: `<class>/<class> (N).png` with `_mask.png` and optional `_mask_1.png`, ... (union), or
+    upstream's `image/` + `label/` (see upstream_items)."""
+    if not os.path.isdir(os.path.join(root, "benign")) and _is_upstream_layout(root):
+        return upstream_items(root)
     items = []
     for cname, cidx in CLASSES.items():
         if cname == "normal" and not include_normal:
@@ -106,7 +128,9 @@ def busi_items(root: str, include_normal: bool = False) -> list[Item]:
 
 
 def udiat_items(root: str) -> list[Item]:
-    """UDIAT Dataset B: `original/NAME.png` with `GT/NAME.png`."""
+    """UDIAT Dataset B: `original/NAME.png` with `GT/NAME.png`, or upstream's `image/` + `label/`."""
+    if not os.path.isdir(os.path.join(root, "original")) and _is_upstream_layout(root):
+        return upstream_items(root)
     return folder_items(os.path.join(root, "original"), os.path.join(root, "GT"))
 
 
@@ -187,18 +211,9 @@ def partition(
     pool = list(labeled_pool if labeled_pool is not None else train)
     k = max(1, round(fraction * len(train)))
     if k > len(pool):
-        raise ValueError(f"partition {fraction}: needs {k} labelled images, the pool has {len(pool)}")
+        raise UserError(f"--partition: {k} labelled images needed, the labelled pool has {len(pool)}")
     chosen = set(it.name for it in random.Random(seed).sample(pool, k))
     return [it for it in train if it.name in chosen], [it for it in train if it.name not in chosen]
-
-
-def parse_fraction(text: str | float) -> float:
-    if isinstance(text, (int, float)):
-        return float(text)
-    if "/" in text:
-        a, b = text.split("/")
-        return float(a) / float(b)
-    return float(text)
 
 
 @dataclass
@@ -221,11 +236,12 @@ def make_splits(
     val_count: int = 0,
 ) -> Splits:
     """Items for a run. With split lists (`split_dir` with test.txt and 1_2/{labeled,unlabeled}.txt,
-    BUSI's `splits/` by default) they are used; otherwise the 8:1:1 split. `limit` keeps a seeded
-    subset of that many images first (quick runs, integration tests). With split lists the
-    validation set is the test list (as the authors select models), unless `val_count` > 0: then
-    that many training images, drawn with `seed` from those left unlabelled by the partition, are
-    the validation set and leave the unlabelled pool (the labelled set stays the protocol's)."""
+    BUSI's `splits/` by default) they are used (1/1: both lists labelled); otherwise the 8:1:1
+    split. `limit` keeps a seeded subset of that many images first (quick runs, integration tests).
+    With split lists the validation set is the test list (as the authors select models), unless
+    `val_count` > 0: then that many training images, drawn with `seed` from those left unlabelled
+    by the partition, are the validation set and leave the unlabelled pool (the labelled set stays
+    the protocol's)."""
     if data == "synthetic":
         items = synthetic_items(synthetic_n, seed)
     elif data == "busi":
@@ -236,8 +252,8 @@ def make_splits(
     elif data == "folder":
         items = folder_items(_need(root, data), mask_dir or os.path.join(root, "masks"))
     else:
-        raise ValueError(f"data must be synthetic, busi, udiat or folder, got {data!r}")
-    frac = parse_fraction(partition_)
+        raise UserError(f"--data {data!r}: expected synthetic, busi, udiat or folder")
+    frac = partition_fraction(partition_)
     if limit is not None and limit < len(items):
         items = random.Random(seed).sample(items, limit)
         split_dir = None  # the authors' lists do not apply to a subset
@@ -248,7 +264,9 @@ def make_splits(
         train = lab + unl
         # No validation list is published: model selection uses the test list, as the authors do.
         val = test
-        if abs(frac - 0.5) > 1e-9:
+        if frac == 1:
+            lab, unl = train, []
+        elif abs(frac - 0.5) > 1e-9:
             lab, unl = partition(train, frac, seed, labeled_pool=lab)
         if val_count:
             if val_count >= len(unl):
@@ -264,8 +282,37 @@ def make_splits(
 
 def _need(root, data):
     if not root:
-        raise ValueError(f"--root is required for data {data!r}")
+        raise UserError(f"--root is required for --data {data}")
+    if not os.path.isdir(root):
+        raise UserError(f"--root {root}: no such folder")
     return root
+
+
+def check_items(splits: Splits, progress: bool = True) -> None:
+    """Open and decode every file of every split once (images, masks, their sizes), with a progress
+    bar, before any training step; all problems are reported together."""
+    items = {it.name: it for part in (splits.labeled, splits.unlabeled, splits.val, splits.test) for it in part}
+    real = [it for it in items.values() if it.seed is None]
+    if not real:
+        return
+    bar = None
+    if progress:
+        try:
+            from tqdm import tqdm
+
+            bar = tqdm(real, desc="checking data files", unit="img", leave=False, disable=None)
+        except ImportError:
+            pass
+    problems = []
+    for it in bar if bar is not None else real:
+        try:
+            load_item(it)
+        except DataError as err:
+            problems.append(str(err))
+    if len(problems) == 1:
+        raise DataError(problems[0])
+    if problems:
+        raise DataError(f"{len(problems)} of {len(real)} data files cannot be used:\n  " + "\n  ".join(problems))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -276,8 +323,10 @@ class SegDataset(torch.utils.data.Dataset):
     """Returns dict(image (1, S, S) float in [0, 1], mask (S, S) int64 with 255 = ignore, cls, index).
     labeled=False hides the mask (unlabelled stream): 0 everywhere except padding.
 
-    train=True applies the weak augmentation with a generator seeded by (seed, epoch, index), so a
-    sample depends on nothing else: identical across worker counts, ranks and resumes.
+    train=True: `size` is the crop side; the original image is randomly scaled within `scale`
+    (aspect kept), flipped and cropped (augment.weak) with a generator seeded by (seed, epoch,
+    index), so a sample depends on nothing else: identical across worker counts, ranks and resumes.
+    train=False: the image resized to size×size.
     """
 
     def __init__(
@@ -288,9 +337,11 @@ class SegDataset(torch.utils.data.Dataset):
         seed: int = 0,
         synthetic_size: int | None = None,
         labeled: bool = True,
+        scale: tuple[float, float] = (0.5, 2.0),
+        flip: bool = True,
     ):
         self.items, self.size, self.train, self.seed = items, size, train, seed
-        self.labeled = labeled
+        self.labeled, self.scale, self.flip = labeled, scale, flip
         self.synthetic_size = synthetic_size or size
         self.epoch = 0
         self._cache: dict[int, tuple[np.ndarray, np.ndarray | None]] = {}
@@ -315,7 +366,7 @@ class SegDataset(torch.utils.data.Dataset):
             target = torch.zeros(img.shape, dtype=torch.long)
         if self.train:
             g = torch.Generator().manual_seed(hash((self.seed, self.epoch, i)) % (2**62))
-            image, target = augment.weak(image, target, self.size, g)
+            image, target = augment.weak(image, target, self.size, g, self.scale, self.flip)
         else:
             image, target = augment.resize(image, target, self.size)
         return {"image": image, "mask": target, "cls": self.items[i].cls, "index": i}

@@ -1,8 +1,9 @@
-"""The training loop: data streams, student + EMA teacher, SGD with poly decay, per-epoch
-evaluation of the teacher (each image at its original size, see evaluate.py), pseudo-label
-diagnostics on a fixed set of unlabelled images when asked, CSV log (TensorBoard when
-installed), atomic checkpoints each epoch and on SIGINT/SIGTERM, bit-for-bit resume on CPU, and
-DDP under torchrun (gloo on CPU, SyncBatchNorm, DistributedSampler).
+"""The training loop: checks before the first step (every data file, the output folder, flag
+combinations), data streams, student + EMA teacher (the ramp starts after the supervised-only
+epochs), SGD/Adam/AdamW with poly/cosine decay, per-epoch evaluation of the teacher (each image at its
+original size, see evaluate.py), pseudo-label diagnostics on a fixed set of unlabelled images when
+asked, CSV log (TensorBoard when installed), checksummed atomic checkpoints each epoch and on SIGINT/SIGTERM,
+bit-for-bit resume on CPU, and DDP under torchrun (gloo on CPU, SyncBatchNorm, DistributedSampler).
 
 Determinism: samples depend only on (seed, epoch, index) (see data.SegDataset); sampler order on
 (seed, epoch, cycle); the methods' own draws (cutmix boxes, proxies) use the global torch RNG,
@@ -18,105 +19,84 @@ import dataclasses
 import math
 import os
 import random
+import tempfile
 import time
-from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
 from .. import models
 from . import checkpoint, data, methods, visualize
+from .config import TrainConfig
+from .errors import UserError
 from .evaluate import evaluate, pseudo_label_quality, write_results
 
 
-@dataclass
-class TrainConfig:
-    method: str = "suponly"
-    data: str = "synthetic"  # synthetic | busi | udiat | folder
-    root: str | None = None
-    split_dir: str | None = None
-    mask_dir: str | None = None
-    partition: str = "1/4"
-    limit: int | None = None  # seeded subset of the dataset (quick runs)
-    val_from_train: int = 0  # with split lists: validation images carved from the unlabelled pool (0: the test list)
-    pseudo_label_check: int = 0  # unlabelled images whose hidden masks grade the teacher each epoch (0: off)
-    synthetic_n: int = 200
-    size: int = 128
-    epochs: int = 10
-    warmup_epochs: int = 1  # supervised-only epochs first (PH-Net: 10 of 200)
-    max_steps: int | None = None  # cap on steps per epoch (tests, smoke runs)
-    batch_labeled: int = 4
-    batch_unlabeled: int = 4
-    lr: float = 0.003
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    poly_power: float = 0.9
-    ema: float = 0.999
-    dice_weight: float = 0.0  # L_s = CE + dice_weight·soft Dice (0: CE only, as the papers)
-    seed: int = 0
-    model: str = "unet"  # unet | deeplab (DeepLabv3+); lanet/semiseg_caw use their own
-    backbone: str = "resnet18"  # deeplab / lanet backbone (resnet18/34/50/101, lanet: or unet)
-    unet_base: int = 16  # U-Net width (the SSL4MIS U-Net uses 16)
-    proj_dim: int = 64  # RA-BUSSeg relation projection channels
-    rep_dim: int = 64  # PH-Net projector channels
-    num_workers: int = 0
-    out: str = "runs/train"
-    device: str = "cpu"
-    overlays: int = 8
-    quiet: bool = False
-    # rabusseg
-    lambda_u: float = 1.0
-    lambda_arp: float = 1.0
-    lambda_cra: float = 1.0
-    arp: bool = True
-    cra: bool = True
-    arp_kernel: int = 3
-    cra_strategy: str = "greedy"  # greedy | random | kmeans | patch | global
-    cra_scales: int = 4
-    num_proxies: int = 64
-    drop_percent: float = 20.0
-    cutmix_p: float = 1.0
-    # phnet
-    apa: bool = True  # adaptive patch cutmix (off: plain box cutmix)
-    shield: bool = True  # dynamic shielding of the hardest patches within APA
-    hpc: bool = True  # hard-patch contrastive loss
-    mb: bool = True  # memory-bank positives (off: batch class means)
-    num_patches: int = 4  # N×N patch grid
-    beta: float = 0.3
-    gamma: float = 0.9
-    lambda_c: float = 1.0
-    temperature: float = 0.5
-    bank_size: int = 4096
-    max_anchors: int = 1024  # anchors per step (random subset of the reliable hard pixels)
-    # lanet, semiseg_caw
-    stage1_epochs: int = 1  # LA-Net stage 1 / ClassElevateSeg pre-training epochs
-    wgm: bool = True  # semiseg_caw: learned loss weights (off: all 1)
-    tau: float = 0.8
-    alpha: float = 0.1
-    lam: float = 0.5
-    extra: dict = field(default_factory=dict)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> TrainConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown config keys: {unknown}")
-        return cls(**d)
-
-
 def build_model(cfg: TrainConfig) -> torch.nn.Module:
-    """The network from busseg_ops.models for the method (grayscale input, 2 classes)."""
+    """The network for the method, 2 classes, randomly initialised (Trainer loads --pretrained).
+    It takes (B, 1, H, W) grayscale in [0, 1] whatever `in_channels` is: with 3 it replicates the
+    gray channel and normalises with the ImageNet mean/std inside its forward (models/inputs.py),
+    so evaluation, prediction and an exported model need no extra step."""
+    io = dict(in_channels=cfg.in_channels, gray_input=True)
+    res = dict(stem=cfg.stem, multi_grid=cfg.multi_grid or None, zero_init_residual=cfg.zero_init_residual)
     if cfg.method == "lanet":
-        return models.LANet(2, backbone=cfg.backbone, in_channels=1, unet_base=cfg.unet_base)
+        kw = res if cfg.backbone != "unet" else {}
+        return models.LANet(2, backbone=cfg.backbone, unet_base=cfg.unet_base, **io, **kw)
     if cfg.method == "semiseg_caw":
-        kw = dict(base=cfg.unet_base) if cfg.model == "unet" else dict(backbone=cfg.backbone)
-        return models.SemiSegCAW(2, 2, arch=cfg.model, in_channels=1, freeze_aux=False, rep_dim=0, proj_dim=0, **kw)
+        kw = dict(base=cfg.unet_base) if cfg.model == "unet" else dict(backbone=cfg.backbone, **res)
+        return models.SemiSegCAW(2, 2, arch=cfg.model, freeze_aux=False, rep_dim=0, proj_dim=0, **io, **kw)
     if cfg.model == "unet":
-        return models.UNet(2, in_channels=1, base=cfg.unet_base, rep_dim=cfg.rep_dim, proj_dim=cfg.proj_dim)
-    if cfg.model == "deeplab":
-        return models.DeepLabV3Plus(2, backbone=cfg.backbone, in_channels=1, rep_dim=cfg.rep_dim, proj_dim=cfg.proj_dim)
-    raise ValueError(f"model must be unet or deeplab, got {cfg.model!r}")
+        return models.UNet(2, base=cfg.unet_base, rep_dim=cfg.rep_dim, proj_dim=cfg.proj_dim, **io)
+    return models.DeepLabV3Plus(2, backbone=cfg.backbone, rep_dim=cfg.rep_dim, proj_dim=cfg.proj_dim, **io, **res)
+
+
+def resnets(model: torch.nn.Module) -> list:
+    """The ResNet backbones of a network built by build_model (SemiSeg-CAW has two)."""
+    return [m for m in model.modules() if isinstance(m, models.ResNet)]
+
+
+def load_pretrained(model: torch.nn.Module, path: str) -> list:
+    """Load a local ImageNet state dict into every ResNet backbone of `model` (the stem kernel
+    adapted to its input channels); a missing or unfit file is a UserError naming --pretrained."""
+    reports = []
+    for net in resnets(model):
+        try:
+            reports.append(net.load_pretrained(path))
+        except FileNotFoundError:
+            raise UserError(f"--pretrained {path}: no such file (nothing is downloaded)") from None
+        except ValueError as err:  # its message starts with the path
+            raise UserError(f"--pretrained {err}") from None
+    return reports
+
+
+def relation_grid(model: torch.nn.Module, cfg: TrainConfig) -> tuple[int, int]:
+    """(h, w) of the relation projection for a crop: the deepest feature map (ceil at every stride)."""
+    stride = model.encoder.strides[-1] if isinstance(model, models.UNet) else model.backbone.strides[-1]
+    side = -(-cfg.crop // stride)
+    return side, side
+
+
+def check_output_folder(out: str) -> None:
+    """The output folder exists (or is created) and takes a file, before any training step."""
+    try:
+        os.makedirs(out, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as err:
+        raise UserError(f"--out {out}: cannot write there ({err.strerror or err})") from None
+
+
+def check_combinations(cfg: TrainConfig, model: torch.nn.Module) -> None:
+    """Flags that are valid alone but not together for this network and crop."""
+    if cfg.method == "rabusseg" and cfg.cra:
+        h, w = relation_grid(model, cfg)
+        if cfg.num_proxies > h * w:
+            raise UserError(
+                f"--num-proxies {cfg.num_proxies}: the {h}×{w} relation grid of a {cfg.crop}-px crop has only "
+                f"{h * w} positions; use --num-proxies {h * w} or less, or a larger --crop"
+            )
+    if cfg.method == "phnet" and cfg.crop % cfg.num_patches:
+        raise UserError(f"--num-patches {cfg.num_patches}: the patches must tile the {cfg.crop}-px crop exactly")
 
 
 def _dist() -> tuple[int, int]:
@@ -126,7 +106,13 @@ def _dist() -> tuple[int, int]:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig):
+    """`pretrained=False` skips loading --pretrained (a resumed run overwrites those weights anyway,
+    and the file need not exist any more)."""
+
+    def __init__(self, cfg: TrainConfig, pretrained: bool = True):
+        cfg.validate()
+        if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+            raise UserError(f"--device {cfg.device}: this machine has no CUDA device (use --device cpu)")
         self.cfg = cfg
         if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1 and not dist.is_initialized():
             dist.init_process_group("nccl" if cfg.device.startswith("cuda") else "gloo")
@@ -146,8 +132,17 @@ class Trainer:
             cfg.mask_dir,
             val_count=cfg.val_from_train,
         )
+        if self.rank == 0:
+            check_output_folder(cfg.out)
+        data.check_items(self.splits, progress=not cfg.quiet and self.rank == 0)
         self.method = methods.build(cfg)
-        student = build_model(cfg).to(self.device)
+        student = build_model(cfg)
+        check_combinations(cfg, student)
+        if cfg.pretrained and pretrained:
+            for report in load_pretrained(student, cfg.pretrained):
+                if self.rank == 0 and not cfg.quiet:
+                    print(f"pretrained {report}", flush=True)
+        student = student.to(self.device)
         self.teacher = copy.deepcopy(student).eval()
         for p in self.teacher.parameters():
             p.requires_grad_(False)
@@ -157,17 +152,23 @@ class Trainer:
             # Heads a step does not use (e.g. the projector for suponly) get no gradient.
             student = torch.nn.parallel.DistributedDataParallel(student, find_unused_parameters=True)
         self.student = student
-        self.opt = torch.optim.SGD(
-            list(self.student.parameters()) + self.method.parameters(),
-            lr=cfg.lr,
-            momentum=cfg.momentum,
-            weight_decay=cfg.weight_decay,
-        )
-        self.lab_ds = data.SegDataset(self.splits.labeled, cfg.size, train=True, seed=cfg.seed)
-        self.unl_ds = data.SegDataset(self.splits.unlabeled, cfg.size, train=True, seed=cfg.seed + 1, labeled=False)
+        params = list(self.student.parameters()) + self.method.parameters()
+        if cfg.optimizer == "sgd":
+            self.opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        else:
+            kind = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
+            self.opt = kind(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        aug = dict(train=True, synthetic_size=cfg.synthetic_size, scale=(cfg.scale_min, cfg.scale_max), flip=cfg.flip)
+        self.lab_ds = data.SegDataset(self.splits.labeled, cfg.crop, seed=cfg.seed, **aug)
+        self.unl_ds = data.SegDataset(self.splits.unlabeled, cfg.crop, seed=cfg.seed + 1, labeled=False, **aug)
         self.steps_per_epoch = self._steps_per_epoch()
         total = max(1, cfg.epochs * self.steps_per_epoch)
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda it: max(0.0, 1 - it / total) ** cfg.poly_power)
+        decay = {
+            "poly": lambda it: max(0.0, 1 - it / total) ** cfg.poly_power,
+            "cosine": lambda it: 0.5 * (1 + math.cos(math.pi * min(it, total) / total)),
+            "constant": lambda it: 1.0,
+        }[cfg.lr_schedule]
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, decay)
         self.epoch, self.step_in_epoch, self.global_step, self.best = 0, 0, 0, -1.0
         self.tb = None
 
@@ -224,8 +225,14 @@ class Trainer:
     # ------------------------------------------------------------------ training
     @torch.no_grad()
     def _ema_update(self):
-        # Ramp (1 − 1/(t+1)) so that the teacher tracks the student early on (mean teacher).
-        a = min(self.cfg.ema, 1 - 1 / (self.global_step + 1))
+        """Upstream's mean teacher: during the supervised-only epochs the teacher is the student
+        (U2PL evaluates the student there and copies it into the teacher when they end); from the
+        first semi-supervised step t = 0 the decay ramps as min(ema, 1 − 1/(t+1))."""
+        if self.epoch < self.cfg.warmup_epochs:
+            a = 0.0
+        else:
+            t = self.global_step - 1 - self.cfg.warmup_epochs * self.steps_per_epoch
+            a = min(self.cfg.ema, 1 - 1 / (t + 1))
         s = self.student.module if hasattr(self.student, "module") else self.student
         for tp, sp in zip(self.teacher.parameters(), s.parameters()):
             tp.mul_(a).add_(sp.detach(), alpha=1 - a)
@@ -333,7 +340,7 @@ class Trainer:
             model or self.teacher,
             items,
             device=self.device,
-            synthetic_size=self.cfg.size,
+            synthetic_size=self.cfg.synthetic_size,
             overlay_dir=overlay_dir,
             overlays=self.cfg.overlays,
             progress=progress and not self.cfg.quiet,
@@ -350,13 +357,12 @@ class Trainer:
             self._check_items = random.Random(self.cfg.seed).sample(pool, min(n, len(pool)))
         if not self._check_items:
             return {}
-        done = {**ctx, "epoch": self.epoch, "progress": self.epoch / max(1, self.cfg.epochs)}
-        return pseudo_label_quality(
+        return pseudo_label_quality(  # the filter as the epoch just trained applied it
             self.teacher,
             self._check_items,
-            lambda prob, cls: self.method.pseudo_label_keep(prob, cls, done),
+            lambda prob, cls: self.method.pseudo_label_keep(prob, cls, ctx),
             device=self.device,
-            synthetic_size=self.cfg.size,
+            synthetic_size=self.cfg.synthetic_size,
         )
 
     def finish(self) -> dict:
@@ -411,8 +417,16 @@ class Trainer:
         else:
             checkpoint.set_rng_state(st["rng"])
 
-    def resume(self, path: str) -> None:
-        self.load_state_dict(checkpoint.load(path))
+    def resume(self, source) -> None:
+        """Continue from a checkpoint (a path, or what checkpoint.load returned)."""
+        st = checkpoint.load(source) if isinstance(source, str) else source
+        try:
+            self.load_state_dict(st)
+        except (RuntimeError, KeyError, ValueError) as err:
+            raise UserError(
+                f"--resume: the checkpoint does not fit the network and optimizer of this config "
+                f"({' '.join(str(err).split())[:200]})"
+            ) from None
 
     def _save(self, name: str) -> None:
         if self.rank == 0:
@@ -455,9 +469,10 @@ class Trainer:
         return tqdm(total=total, desc=f"epoch {self.epoch + 1}/{self.cfg.epochs}", leave=False)
 
 
-def run(cfg: TrainConfig, resume: str | None = None) -> dict:
+def run(cfg: TrainConfig, resume=None) -> dict:
+    """Train (continuing from `resume`: a checkpoint path or a loaded checkpoint) and evaluate."""
     t0 = time.time()
-    tr = Trainer(cfg)
+    tr = Trainer(cfg, pretrained=resume is None)
     if resume:
         tr.resume(resume)
     res = tr.fit()

@@ -1,12 +1,12 @@
 """Whole-image evaluation, as upstream (U²PL / RA-BUSSeg validate with batch 1 on the whole image):
 each image goes through the network at its own size — zero-padded at the bottom and right to a
 multiple of the network's stride, cropped back — and every metric is computed at that resolution
-(HD95 in the image's own pixels). The training grid (`--size`) is a training choice only. An
+(HD95 in the image's own pixels). The training crop (`--crop`) is a training choice only. An
 optional sliding window (`window`) tiles large images with half-window overlap and averages the
 class probabilities.
 
-Images are read and scaled as data.SegDataset's evaluation path (8-bit grayscale / 255, one
-channel), without its resize. Also here: the teacher's pseudo-label quality on unlabelled images
+Images are read as data.load_item reads them (8-bit grayscale, 16-bit scaled by 1/257) and
+divided by 255, one channel, at their own size. Also here: the teacher's pseudo-label quality on unlabelled images
 (diagnosis only), per-run result files and the comparison of groups of runs (seeds).
 """
 

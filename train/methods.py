@@ -3,16 +3,19 @@ teacher and evaluates it). A method maps one labelled and one unlabelled batch t
 
   suponly    L = L_s on the labelled batch.
   rabusseg   L = L_s + λ_u·L_u + λ₁·L_ARP + λ₂·L_CRA (RA-BUSSeg; λ's = 1, seed supp. Table 1).
-             L_u: CE on box-cutmixed unlabelled images against the teacher's mixed pseudo-labels,
-             dropping the most uncertain `drop_percent` of pixels by entropy. ARP and CRA switch off
-             for the ablations; the CRA proxy strategy and number of scales are options.
+             L_u: CE on box-cutmixed unlabelled images against the teacher's mixed pseudo-labels;
+             as U2PL's drop_percent p, the most uncertain (100 − p)·(1 − epoch/epochs) % of the
+             pixels (teacher entropy) are dropped and the mean is weighted by all/kept pixels.
+             ARP and CRA switch off for the ablations; the CRA proxy strategy and number of
+             scales are options.
   phnet      PH-Net: adaptive patch cutmix with dynamic shielding (APA), confidence-filtered L_u,
              hard-patch contrastive loss (HPC) with the class memory bank (MB); all switchable.
   lanet      LA-Net's two-stage sequential training: stage 1 segmentation on location labels;
              stage 2 L = λ·L_cls + (1−λ)·(L_sloc-w + α·L_sloc-wo) with pseudo location labels
              binarize(P_pixel > 0.5) kept only for images whose class confidence exceeds τ.
   semiseg_caw ClassElevateSeg pre-training, then joint training with WGM-weighted losses.
-During the first `warmup_epochs` every method trains on the labelled batch only.
+During the first `warmup_epochs` every method trains on the labelled batch only. L_s is
+`--criterion`: CE, OHEM CE (U2PL/RA-BUSSeg's CriterionOhem) or CE + soft Dice.
 """
 
 from __future__ import annotations
@@ -35,6 +38,34 @@ def ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits, target, ignore_index=IGNORE)
 
 
+def ohem_keep(logits: torch.Tensor, target: torch.Tensor, thresh: float, min_kept: int) -> torch.Tensor:
+    """The pixels OHEM trains on (B, H, W) bool, as upstream's OhemCrossEntropy2dTensor: a valid
+    pixel is kept when the softmax probability of its true class is ≤ the threshold, which is
+    `thresh`, raised to the min_kept-th smallest such probability when that is larger (so at least
+    min_kept pixels stay). Fewer valid pixels than min_kept, or min_kept ≤ 0: every valid pixel."""
+    valid = target != IGNORE
+    n_valid = int(valid.sum())
+    if min_kept <= 0 or min_kept > n_valid or n_valid == 0:
+        return valid
+    with torch.no_grad():
+        prob = torch.softmax(logits.detach(), 1).gather(1, target.masked_fill(~valid, 0)[:, None])[:, 0]
+        prob = prob.masked_fill(~valid, 1.0)
+        kth = prob.flatten().kthvalue(min_kept).values
+        threshold = max(float(thresh), float(kth))
+        return valid & (prob <= threshold)
+
+
+def ohem_ce(logits: torch.Tensor, target: torch.Tensor, thresh: float = 0.7, min_kept: int = 100000) -> torch.Tensor:
+    """Cross-entropy averaged over the pixels :func:`ohem_keep` keeps."""
+    return ce(logits, target.masked_fill(~ohem_keep(logits, target, thresh, min_kept), IGNORE))
+
+
+def unreliable_percent(drop_percent: float, epoch: int, epochs: int) -> float:
+    """U2PL's schedule: with drop_percent p, the share of most uncertain unlabelled pixels dropped at
+    `epoch` (0-based) is (100 − p)·(1 − epoch/epochs) %, from 100 − p down towards 0."""
+    return (100.0 - drop_percent) * (1.0 - epoch / epochs)
+
+
 def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """1 − soft Dice of the lesion class over the batch (ignore 255): the SSL4MIS companion of CE
     that gets a from-scratch network off the all-background solution quickly."""
@@ -54,10 +85,13 @@ class Method:
         self.cfg = cfg
 
     def sup(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """L_s: CE (the papers), plus `dice_weight` × soft Dice when asked (off by default)."""
+        """L_s by `criterion`: ce, ohem (upstream's default) or ce+dice."""
+        c = self.cfg
+        if c.criterion == "ohem":
+            return ohem_ce(logits, target, c.ohem_thresh, c.ohem_min_kept)
         loss = ce(logits, target)
-        if self.cfg.dice_weight:
-            loss = loss + self.cfg.dice_weight * soft_dice_loss(logits, target)
+        if c.criterion == "ce+dice":
+            loss = loss + soft_dice_loss(logits, target)
         return loss
 
     def __call__(self, student, teacher, lab: dict, unl: dict | None, ctx: dict):
@@ -126,7 +160,11 @@ class RABUSSeg(Method):
         loss = loss_s
         logs["loss_s"] = loss_s.detach()
         if prob_u is not None:
-            loss_u = busseg_ops.entropy_filtered_cross_entropy(pred[nl:], pl_u, prob_u, c.drop_percent)
+            drop = unreliable_percent(c.drop_percent, ctx["epoch"], ctx["epochs"])
+            loss_u = busseg_ops.entropy_filtered_cross_entropy(pred[nl:], pl_u, prob_u, drop)
+            valid = int((pl_u != IGNORE).sum())
+            kept = valid - int(drop / 100.0 * valid)  # the op drops floor(drop % of the valid pixels)
+            loss_u = loss_u * (pl_u.numel() / max(kept, 1))  # U2PL: mean × all pixels / kept pixels
             loss = loss + c.lambda_u * loss_u
             logs["loss_u"] = loss_u.detach()
         if c.arp:  # L_ARP = CE(upsample(ARP(proj, logits↓ detached)), GT / pseudo-label)
@@ -140,10 +178,11 @@ class RABUSSeg(Method):
         return loss, logs
 
     def pseudo_label_keep(self, prob, cls, ctx):
-        # The step drops the drop_percent % most uncertain pixels batch-wide; here per image.
+        # The step drops the scheduled share of most uncertain pixels batch-wide; here per image.
         entropy = -(prob * torch.log(prob + 1e-10)).sum(1).flatten(1)
         keep = torch.ones_like(entropy, dtype=torch.bool)
-        drop = int(self.cfg.drop_percent / 100.0 * entropy.shape[1])
+        share = unreliable_percent(self.cfg.drop_percent, ctx["epoch"], ctx["epochs"])
+        drop = int(share / 100.0 * entropy.shape[1])
         if drop > 0:
             keep.scatter_(1, entropy.topk(drop, dim=1).indices, False)
         return keep.view(prob.shape[0], *prob.shape[2:])
@@ -244,16 +283,24 @@ class LANet(Method):
     def __call__(self, student, teacher, lab, unl, ctx):
         c = self.cfg
         xl, yl = lab["image"], lab["mask"]
-        if unl is None or ctx["epoch"] < c.stage1_epochs:  # stage 1: L_floc on location labels
+        if ctx["epoch"] < c.stage1_epochs:  # stage 1: L_floc on location labels
             loss = bce(student(xl)["mask_logits"], yl)
             return loss, {"loss_floc": loss.detach()}
-        xu, nl = unl["image"], len(xl)
-        out = student(torch.cat([xl, xu]))
+        nl = len(xl)
+        out = student(xl if unl is None else torch.cat([xl, unl["image"]]))
         logits = out["mask_logits"]
-        cls_t = torch.cat([torch.as_tensor(lab["cls"]), torch.as_tensor(unl["cls"])]).to(logits.device)
+        cls_t = (
+            torch.as_tensor(lab["cls"])
+            if unl is None
+            else torch.cat([torch.as_tensor(lab["cls"]), torch.as_tensor(unl["cls"])])
+        )
+        cls_t = cls_t.to(logits.device)
         known = cls_t >= 0
         loss_cls = F.cross_entropy(out["cls"][known], cls_t[known]) if known.any() else logits.sum() * 0
         loss_w = bce(logits[:nl], yl)
+        if unl is None:  # every image has a location label (e.g. --partition 1/1): no L_sloc-wo
+            loss = c.lam * loss_cls + (1 - c.lam) * loss_w
+            return loss, {"loss_cls": loss_cls.detach(), "loss_sloc_w": loss_w.detach()}
         with torch.no_grad():  # pseudo location labels binarize(P_pixel > 0.5), only where P_cls > τ
             pseudo = (logits[nl:, 0] > 0).long()
             confident = torch.softmax(out["cls"][nl:], 1).max(1).values > c.tau
@@ -306,7 +353,7 @@ class SemiSegCAW(Method):
         known = cls_t >= 0
         nl = len(xl)
         if stage1:
-            out = net.aux(x)
+            out = net.forward_aux(x)
             loss_seg = self.sup(out["pred"][:nl], yl)
             loss_cls = F.cross_entropy(out["cls"][known], cls_t[known]) if known.any() else loss_seg * 0
             return loss_seg + loss_cls, {"loss_aux_seg": loss_seg.detach(), "loss_aux_cls": loss_cls.detach()}
@@ -345,6 +392,4 @@ METHODS = {m.name: m for m in (SupOnly, RABUSSeg, PHNet, LANet, SemiSegCAW)}
 
 
 def build(cfg) -> Method:
-    if cfg.method not in METHODS:
-        raise ValueError(f"method must be one of {sorted(METHODS)}, got {cfg.method!r}")
-    return METHODS[cfg.method](cfg)
+    return METHODS[cfg.method](cfg)  # cfg.method is checked by TrainConfig.validate

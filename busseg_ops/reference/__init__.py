@@ -1,15 +1,3 @@
-"""Plain-PyTorch implementations of every op: the executable form of SPEC.md, the oracle for the
-tests and the fallback backend on any device."""
-
-from .arp import adjacent_relation_propagation
-from .cra import cross_layer_alignment_loss, greedy_proxy_sampling
-from .phnet import memory_contrastive_loss, patch_cutmix, patch_entropy_hardness
-
-__all__ = [
-    "adjacent_relation_propagation",
-    "cross_layer_alignment_loss",
-    "greedy_proxy_sampling",
-    "patch_entropy_hardness",
-    "patch_cutmix",
-    "memory_contrastive_loss",
-]
+"""Plain-PyTorch implementations of every op, one module per op (``reference/<op>.py``): the
+executable form of docs/ops.md, the oracle for the tests and the ``reference`` backend on any
+device. Each takes the arguments of the native op ``busseg::<op>`` and returns what it returns."""

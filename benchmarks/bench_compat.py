@@ -1,0 +1,194 @@
+"""busseg_ops.compat against the papers' own formulations (issue 15), at the upstream settings;
+the baselines are busseg_ops/compat/upstream.py (the references of tests/test_compat.py).
+
+RA-BUSSeg: B=8, deep features 65×65 (513² crops, output stride 8), four layers of 256 (layer 1,
+129×129) / 512 / 1024 / 2048 channels, 256-channel projection, M=64 landmarks.
+- `Corr` forward+backward (the decoder's relation module): upstream forms the (B, HW, HW) map and
+  the unfolded features; ours is ARP plus a CorrelationMap handle.
+- `compute_rank_loss_landmark` forward+backward, from the decoder's outputs: upstream gets the
+  formed map (its cost is in the Corr group) and loops over images and steps; ours gets the handle.
+PH-Net: 512² inputs, N=16 patches per side.
+- patch pipeline: `devide_into_patchs` + `compute_hard_ratio` + `generate_patch_data` (defaults) on
+  B=8 images (3 channels), pseudo-labels, confidences and 2-class probabilities.
+- `patch_contrast` forward+backward: 8 labelled + 8 unlabelled images (U2PL's loaders give both
+  the same batch size), 256-channel representations at 128×128 (the decoder's 1/4 grid, as
+  feat_size), one lesion per image, temperature 0.5.
+Time (median of a few rounds) and peak extra memory (a fresh process each), one run.
+"""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from peak_memory import peak_extra_mib
+
+from busseg_ops.compat import phnet, rabusseg, upstream
+
+B, H, W, M = 8, 65, 65, 64
+CHANNELS = (256, 512, 1024, 2048)
+PROJ = 256
+CROP = 513
+PB, PS, PN = 8, 512, 16  # PH-Net: images, input size, patches per side
+FEAT, D = 128, 256
+
+
+def lesions(b, size, seed):
+    """(b, size, size) int64: one ellipse of 1 per image."""
+    g = torch.Generator().manual_seed(seed)
+    y, x = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    out = torch.zeros(b, size, size, dtype=torch.long)
+    for i in range(b):
+        cy, cx, ry, rx = (
+            torch.rand(4, generator=g) * torch.tensor([0.4, 0.4, 0.15, 0.15]) + torch.tensor([0.3, 0.3, 0.1, 0.1])
+        ).tolist()
+        out[i][((y / size - cy) / ry) ** 2 + ((x / size - cx) / rx) ** 2 <= 1] = 1
+    return out
+
+
+# ---- RA-BUSSeg ---------------------------------------------------------------------------------
+
+
+def corr_inputs():
+    g = torch.Generator().manual_seed(0)
+    feat = torch.randn(B, PROJ, H, W, generator=g).relu().requires_grad_()
+    logits = torch.randn(B, 2, 2 * H - 1, 2 * W - 1, generator=g)
+    weight = torch.randn(B, 2, H, W, generator=g)
+    return feat, logits, weight
+
+
+def corr_step(corr, feat, logits, weight):
+    (corr(feat, logits)["out"] * weight).sum().backward()
+    feat.grad = None
+
+
+CORR = {"compat": rabusseg.Corr(nclass=2), "upstream": upstream.corr_forward}
+
+
+@pytest.mark.parametrize("impl", list(CORR))
+def test_corr(benchmark, impl):
+    benchmark.group = "rabusseg Corr fwd+bwd (B=8, 256 ch, 65²)"
+    args = corr_inputs()
+    benchmark.pedantic(corr_step, (CORR[impl], *args), rounds=3, warmup_rounds=1)
+
+
+def rank_inputs(impl):
+    """The decoder's outputs: the four encoder maps (leaves that require grad), the corr_map
+    (upstream: formed; compat: the handle) and the labels at the crop size."""
+    g = torch.Generator().manual_seed(1)
+    maps = [
+        torch.randn(B, c, 2 * H - 1 if l == 0 else H, 2 * W - 1 if l == 0 else W, generator=g).relu().requires_grad_()
+        for l, c in enumerate(CHANNELS)
+    ]
+    proj = torch.randn(B, PROJ, H, W, generator=g).relu()
+    corr = rabusseg.CorrelationMap(proj, rabusseg.upstream_scale(PROJ))
+    return maps, corr if impl == "compat" else corr.materialize(), lesions(B, CROP, 2)
+
+
+def rank_step(loss_fn, maps, corr_map, label):
+    torch.manual_seed(0)  # the same first landmarks for both
+    loss_fn(*maps, corr_map, label).backward()
+    for m in maps:
+        m.grad = None
+
+
+RANK = {"compat": rabusseg.compute_rank_loss_landmark, "upstream": upstream.compute_rank_loss_landmark}
+
+
+@pytest.mark.parametrize("impl", list(RANK))
+def test_rank_loss(benchmark, impl):
+    benchmark.group = "rabusseg compute_rank_loss_landmark fwd+bwd (B=8, 65², L=4, M=64)"
+    args = rank_inputs(impl)
+    if impl == "compat":  # same value as upstream's on these inputs
+        maps, corr, label = args
+        torch.manual_seed(0)
+        ours = rabusseg.compute_rank_loss_landmark(*maps, corr, label)
+        torch.manual_seed(0)
+        theirs = upstream.compute_rank_loss_landmark(*maps, corr.materialize(), label)
+        assert math.isclose(float(ours), float(theirs), rel_tol=1e-4)
+    benchmark.pedantic(rank_step, (RANK[impl], *args), rounds=3, warmup_rounds=1)
+
+
+# ---- PH-Net ------------------------------------------------------------------------------------
+
+
+def pipeline_inputs():
+    g = torch.Generator().manual_seed(3)
+    image = torch.randn(PB, 3, PS, PS, generator=g)
+    prob = torch.randn(PB, 2, PS, PS, generator=g).softmax(1)
+    confidence, label = prob.max(1)
+    return image, label, confidence, prob
+
+
+def pipeline(module, image, label, confidence, prob):
+    image_p, label_p, confidence_p, prob_p = module.devide_into_patchs(image, label, confidence, prob, PN)
+    hard = module.compute_hard_ratio(prob_p)
+    return module.generate_patch_data(image_p, label_p, confidence_p, hard.cpu())
+
+
+PIPELINE = {"compat": phnet, "upstream": upstream}
+
+
+@pytest.mark.parametrize("impl", list(PIPELINE))
+def test_patch_pipeline(benchmark, impl):
+    benchmark.group = "phnet devide+hard_ratio+generate_patch_data (B=8, 512², N=16)"
+    args = pipeline_inputs()
+    benchmark.pedantic(pipeline, (PIPELINE[impl], *args), rounds=3, warmup_rounds=1)
+
+
+def contrast_inputs():
+    g = torch.Generator().manual_seed(4)
+    prob_l = torch.randn(PB, 2, FEAT, FEAT, generator=g).softmax(1)
+    prob_u = torch.randn(PB, 2, FEAT, FEAT, generator=g).softmax(1)
+    rep = F.normalize(torch.randn(2 * PB, D, FEAT, FEAT, generator=g), dim=1).requires_grad_()
+    rep_teacher = F.normalize(torch.randn(2 * PB, D, FEAT, FEAT, generator=g), dim=1)
+    onehot = [F.one_hot(lesions(PB, FEAT, s), 2).permute(0, 3, 1, 2).float() for s in (5, 6)]
+    return prob_l, prob_u, rep, rep_teacher, *onehot
+
+
+def contrast_step(fn, *args):
+    fn(*args, PN, (FEAT, FEAT), 0.5).backward()
+    args[2].grad = None
+
+
+CONTRAST = {"compat": phnet.patch_contrast, "upstream": upstream.patch_contrast}
+
+
+@pytest.mark.parametrize("impl", list(CONTRAST))
+def test_patch_contrast(benchmark, impl):
+    benchmark.group = "phnet patch_contrast fwd+bwd (8+8 images, 256 ch, 128², N=16)"
+    args = contrast_inputs()
+    benchmark.pedantic(contrast_step, (CONTRAST[impl], *args), rounds=3, warmup_rounds=1)
+
+
+# ---- peak memory -------------------------------------------------------------------------------
+
+_SETUP = """
+import sys; sys.path.insert(0, 'benchmarks')
+import torch, bench_compat as bc
+"""
+MEMORY = {
+    "rabusseg Corr fwd+bwd (B=8, 256 ch, 65²)": (
+        "args = bc.corr_inputs(); fn = bc.CORR[{impl!r}]",
+        "bc.corr_step(fn, *args)",
+    ),
+    "rabusseg compute_rank_loss_landmark fwd+bwd (B=8, 65², L=4, M=64)": (
+        "args = bc.rank_inputs({impl!r}); fn = bc.RANK[{impl!r}]",
+        "bc.rank_step(fn, *args)",
+    ),
+    "phnet devide+hard_ratio+generate_patch_data (B=8, 512², N=16)": (
+        "args = bc.pipeline_inputs(); fn = bc.PIPELINE[{impl!r}]",
+        "out = bc.pipeline(fn, *args)",
+    ),
+    "phnet patch_contrast fwd+bwd (8+8 images, 256 ch, 128², N=16)": (
+        "args = bc.contrast_inputs(); fn = bc.CONTRAST[{impl!r}]",
+        "bc.contrast_step(fn, *args)",
+    ),
+}
+
+
+@pytest.mark.parametrize("impl", ["compat", "upstream"])
+@pytest.mark.parametrize("group", list(MEMORY))
+def test_peak_memory(group, impl, record_memory):
+    setup, stmt = MEMORY[group]
+    record_memory(group, impl, peak_extra_mib(_SETUP + setup.format(impl=impl), stmt, warm=True))

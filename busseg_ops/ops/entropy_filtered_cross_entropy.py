@@ -1,0 +1,34 @@
+"""entropy_filtered_cross_entropy: RA-BUSSeg's unsupervised loss, which drops the most uncertain
+pixels by the teacher's entropy (the U2PL-style filter of its training)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .confidence_masked_cross_entropy import check_pixel_loss_inputs
+
+
+def entropy_filtered_cross_entropy(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    teacher_prob: torch.Tensor,
+    drop_percent: float = 20.0,
+    ignore_index: int = 255,
+) -> torch.Tensor:
+    """Drop the floor(p%) most uncertain non-ignored pixels (highest teacher entropy, batch-wide)
+    and average CE over the rest. Plain PyTorch (one topk)."""
+    check_pixel_loss_inputs(logits, target, teacher_prob)
+    if not 0.0 <= drop_percent < 100.0:
+        raise ValueError(f"drop_percent must be in [0, 100), got {drop_percent}")
+    p = teacher_prob.detach()
+    entropy = -(p * torch.log(p + 1e-10)).sum(1).flatten()
+    valid = (target != ignore_index).flatten()
+    drop = int(math.floor(drop_percent / 100.0 * int(valid.sum())))
+    keep = valid.clone()
+    if drop > 0:
+        keep[entropy.masked_fill(~valid, float("-inf")).topk(drop).indices] = False
+    ce = F.cross_entropy(logits, target, ignore_index=ignore_index, reduction="none").flatten()
+    return (ce * keep).sum() / keep.sum().clamp_min(1)

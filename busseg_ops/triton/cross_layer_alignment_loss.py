@@ -1,0 +1,255 @@
+"""busseg_triton::cross_layer_alignment_loss (RA-BUSSeg CRA; docs/ops.md) in Triton, with the
+contract of the native op: blocks of pixel rows, the logits of a block by BLAS (torch.bmm), the
+fused row kernels below, only the per-row log-sum-exp (L, B, HW) kept for backward, which
+recomputes each block's logits (as csrc/common/cra_driver.h).
+
+A program owns a block of pixel rows with whole proxy rows (M padded to a power of two) in
+registers; the layers are unrolled (L is a compile-time constant). Forward: log-sum-exp per layer
+and the KL terms of the adjacent pairs; backward: a sliding window over layers l-1, l, l+1 writes
+each logit gradient once."""
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+from .. import _validate
+
+
+@triton.jit
+def _row_lse(z):
+    zmax = tl.max(z, axis=1)
+    infinite = (zmax == float("inf")) | (zmax == float("-inf"))  # no finite shift exists
+    shift = tl.where(infinite, 0.0, zmax)
+    return tl.where(infinite, zmax, shift + tl.log(tl.sum(tl.exp(z - shift[:, None]), axis=1)))
+
+
+@triton.jit
+def _load_layer(logits, l, r, ms, R, M, ACC: tl.constexpr):
+    mask = (r < R)[:, None] & (ms < M)[None, :]
+    return tl.load(logits + (l * R + r)[:, None] * M + ms[None, :], mask=mask, other=float("-inf")).to(ACC)
+
+
+@triton.jit
+def _kl_term(q, log_q, log_p_eps):
+    return tl.where((q > 0) | (q != q), q * (log_q - log_p_eps), 0.0)
+
+
+@triton.jit
+def _align_forward_kernel(
+    logits, lse, row_loss, R, M, eps, L: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, ACC: tl.constexpr
+):
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    ms = tl.arange(0, BLOCK_M)
+    z_prev = _load_layer(logits, 0, r, ms, R, M, ACC)
+    lse_prev = _row_lse(z_prev)
+    tl.store(lse + r, lse_prev, mask=r < R)
+    total = tl.zeros([BLOCK_R], ACC)
+    for l in tl.static_range(1, L):
+        z = _load_layer(logits, l, r, ms, R, M, ACC)
+        lse_l = _row_lse(z)
+        tl.store(lse + l * R + r, lse_l, mask=r < R)
+        log_q = z - lse_l[:, None]
+        p = tl.exp(z_prev - lse_prev[:, None])
+        term = _kl_term(tl.exp(log_q), log_q, tl.log(p + eps))
+        total += tl.sum(tl.where((ms < M)[None, :], term, 0.0), axis=1)
+        z_prev = z
+        lse_prev = lse_l
+    tl.store(row_loss + r, total, mask=r < R)
+
+
+@triton.jit
+def _align_backward_kernel(
+    grad_loss,
+    logits,
+    lse,
+    grad,
+    R,
+    M,
+    eps,
+    norm,
+    L: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    ACC: tl.constexpr,
+):
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    ms = tl.arange(0, BLOCK_M)
+    mask = (r < R)[:, None] & (ms < M)[None, :]
+    coef = tl.load(grad_loss).to(ACC) * norm
+    z_cur = _load_layer(logits, 0, r, ms, R, M, ACC)
+    lse_cur = tl.load(lse + r, mask=r < R, other=0.0).to(ACC)
+    p_prev = tl.zeros([BLOCK_R, BLOCK_M], ACC)  # P_{l-1}
+    qu_prev = tl.zeros([BLOCK_R], ACC)  # <q, u> of pair l-1
+    for l in tl.static_range(L):
+        log_x = z_cur - lse_cur[:, None]
+        x = tl.exp(log_x)  # P_l
+        g = tl.zeros([BLOCK_R, BLOCK_M], ACC)
+        if l > 0:  # layer l is the target of pair l-1: x (u - <x, u>), u = log x - log(p + eps)
+            u = tl.where((x > 0) | (x != x), log_x - tl.log(p_prev + eps), 0.0)
+            g += x * (u - qu_prev[:, None])
+        z_next = z_cur
+        lse_next = lse_cur
+        if l + 1 < L:  # layer l is the input of pair l: x (h - <x, h>), h = -q / (x + eps)
+            z_next = _load_layer(logits, l + 1, r, ms, R, M, ACC)
+            lse_next = tl.load(lse + (l + 1) * R + r, mask=r < R, other=0.0).to(ACC)
+            log_q = z_next - lse_next[:, None]
+            q = tl.exp(log_q)
+            h = -q / (x + eps)
+            ph = tl.sum(tl.where(mask, x * h, 0.0), axis=1)
+            g += x * (h - ph[:, None])
+            qu_prev = tl.sum(tl.where(mask, _kl_term(q, log_q, tl.log(x + eps)), 0.0), axis=1)
+        tl.store(grad + (l * R + r)[:, None] * M + ms[None, :], coef * g, mask=mask)
+        p_prev = x
+        z_cur = z_next
+        lse_cur = lse_next
+
+
+def _blocks(M: int) -> tuple[int, int]:
+    block_m = triton.next_power_of_2(M)
+    return max(1, min(16, 4096 // block_m)), block_m
+
+
+def _acc(t: torch.Tensor):
+    return tl.float64 if t.dtype == torch.float64 else tl.float32
+
+
+def align_norm(shape, reduction: str) -> float:
+    """Factor on the summed KL terms of logits (L, B, HW, M): 1 / ((L-1) * d), d = B*HW*M
+    ("mean"), B ("batchmean") or 1 ("sum"), as csrc/common/cra_driver.h."""
+    L, B, HW, M = shape
+    return 1.0 / ((L - 1) * {"mean": B * HW * M, "batchmean": B, "sum": 1}[reduction])
+
+
+def _rows_per_block(HW: int, block_rows: int) -> int:
+    """At most block_rows, balanced over the blocks (as the C++ driver)."""
+    blocks = -(-HW // min(block_rows, HW))
+    return -(-HW // blocks)
+
+
+def _check(op, feats, proxies, reduction, eps, block_rows):
+    """The checks of csrc/cross_layer_alignment_loss/checks.h, before any launch."""
+    torch._check_value(len(feats) >= 2 and len(proxies) == len(feats), lambda: f"{op}: need L >= 2 feats and proxies")
+    torch._check_value(eps >= 0 and block_rows >= 1, lambda: f"{op}: eps must be >= 0 and block_rows >= 1")
+    torch._check_value(reduction in ("mean", "batchmean", "sum"), lambda: f"{op}: unknown reduction {reduction!r}")
+    f0, p0 = feats[0], proxies[0]
+    torch._check_value(f0.dim() == 3 and p0.dim() == 3, lambda: f"{op}: feats[l] (B, C_l, HW), proxies[l] (B, M, C_l)")
+    B, HW, M = f0.shape[0], f0.shape[2], p0.shape[1]
+    torch._check_value(B * HW * M > 0, lambda: f"{op}: the loss inputs are empty")
+    torch._check_type(f0.is_floating_point(), lambda: f"{op}: feats must be floating")
+    for l, (f, p) in enumerate(zip(feats, proxies)):
+        torch._check_value(
+            f.dim() == 3 and p.dim() == 3 and f.shape[0] == B and f.shape[2] == HW and f.shape[1] > 0,
+            lambda l=l: f"{op}: feats[{l}] must be (B, C_l, HW) with B = {B}, HW = {HW}",
+        )
+        torch._check_value(tuple(p.shape) == (B, M, f.shape[1]), lambda l=l: f"{op}: proxies[{l}] must be (B, M, C_l)")
+        torch._check_type(f.dtype == f0.dtype and p.dtype == f0.dtype, lambda: f"{op}: one dtype for all inputs")
+    named = {f"feats[{l}]": f for l, f in enumerate(feats)} | {f"proxies[{l}]": p for l, p in enumerate(proxies)}
+    _validate.one_device(op, **named)
+
+
+def _block_logits(feats, proxies, r0, n):
+    """(L, B, n, M) logits of pixel rows [r0, r0 + n), contiguous."""
+    return torch.stack(
+        [torch.bmm(f[:, :, r0 : r0 + n].transpose(1, 2), p.transpose(1, 2)) for f, p in zip(feats, proxies)]
+    )
+
+
+def _rows_backward(grad_loss, z, lse_block, eps, norm):
+    """Logit gradients (L, B, n, M) of a block for the scalar grad_loss."""
+    L, B, n, M = z.shape
+    grad = torch.empty_like(z)
+    block_r, block_m = _blocks(M)
+    wrap_triton(_align_backward_kernel)[(triton.cdiv(B * n, block_r),)](
+        grad_loss.reshape(1).to(z.dtype),
+        z,
+        lse_block,
+        grad,
+        B * n,
+        M,
+        eps,
+        norm,
+        L=L,
+        BLOCK_R=block_r,
+        BLOCK_M=block_m,
+        ACC=_acc(z),
+    )
+    return grad
+
+
+@triton_op("busseg_triton::cross_layer_alignment_loss", mutates_args=())
+def cross_layer_alignment_loss(
+    feats: list[torch.Tensor],
+    proxies: list[torch.Tensor],
+    reduction: str,
+    eps: float,
+    block_rows: int,
+    grad_proxies: bool,
+) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    _check("cross_layer_alignment_loss", feats, proxies, reduction, eps, block_rows)
+    L, (B, _, HW), M = len(feats), feats[0].shape, proxies[0].shape[1]
+    dtype, device = feats[0].dtype, feats[0].device
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    norm = align_norm((L, B, HW, M), reduction)
+    lse = torch.empty(L, B, HW, dtype=acc, device=device)
+    total = torch.zeros((), dtype=acc, device=device)
+    unit_grads = [torch.zeros(p.shape, dtype=acc, device=device) for p in proxies] if grad_proxies else []
+    one = torch.ones((), dtype=dtype, device=device)
+    rows = _rows_per_block(HW, block_rows)
+    block_r, block_m = _blocks(M)
+    for r0 in range(0, HW, rows):
+        n = min(rows, HW - r0)
+        z = _block_logits(feats, proxies, r0, n)
+        lse_block = torch.empty(L, B * n, dtype=acc, device=device)
+        row_loss = torch.empty(B * n, dtype=acc, device=device)
+        wrap_triton(_align_forward_kernel)[(triton.cdiv(B * n, block_r),)](
+            z, lse_block, row_loss, B * n, M, eps, L=L, BLOCK_R=block_r, BLOCK_M=block_m, ACC=_acc(z)
+        )
+        lse[:, :, r0 : r0 + n] = lse_block.view(L, B, n)
+        total += row_loss.sum()
+        if grad_proxies:  # proxy gradients for grad_loss = 1 from the block at hand
+            g = _rows_backward(one, z, lse_block, eps, norm)
+            for u, gl, f in zip(unit_grads, g, feats):
+                u += torch.bmm(gl.transpose(1, 2), f[:, :, r0 : r0 + n].transpose(1, 2)).to(acc)
+    return (total * norm).to(dtype), lse, [u.to(dtype) for u in unit_grads]
+
+
+@triton_op("busseg_triton::cross_layer_alignment_loss_backward", mutates_args=())
+def cross_layer_alignment_loss_backward(
+    grad_loss: torch.Tensor,
+    feats: list[torch.Tensor],
+    proxies: list[torch.Tensor],
+    lse: torch.Tensor,
+    reduction: str,
+    eps: float,
+    block_rows: int,
+    need_grad_feats: bool,
+    need_grad_proxies: bool,
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    op = "cross_layer_alignment_loss_backward"
+    _check(op, feats, proxies, reduction, eps, block_rows)
+    L, (B, _, HW), M = len(feats), feats[0].shape, proxies[0].shape[1]
+    torch._check_value(tuple(lse.shape) == (L, B, HW), lambda: f"{op}: lse must be (L, B, HW) = {(L, B, HW)}")
+    torch._check_value(grad_loss.numel() == 1, lambda: f"{op}: grad_loss must be a scalar")
+    torch._check_type(
+        lse.is_floating_point() and grad_loss.is_floating_point(), lambda: f"{op}: lse and grad_loss must be floating"
+    )
+    _validate.one_device(op, **{"feats[0]": feats[0], "lse": lse, "grad_loss": grad_loss})
+    grad_feats = [torch.empty_like(f) for f in feats] if need_grad_feats else []
+    acc = lse.dtype
+    sums = [torch.zeros(p.shape, dtype=acc, device=p.device) for p in proxies] if need_grad_proxies else []
+    if not (need_grad_feats or need_grad_proxies):
+        return grad_feats, []
+    norm = align_norm((L, B, HW, M), reduction)
+    rows = _rows_per_block(HW, block_rows)
+    for r0 in range(0, HW, rows):
+        n = min(rows, HW - r0)
+        z = _block_logits(feats, proxies, r0, n)
+        g = _rows_backward(grad_loss, z, lse[:, :, r0 : r0 + n].reshape(L, B * n).contiguous(), eps, norm)
+        for l in range(L):
+            block = feats[l][:, :, r0 : r0 + n]
+            if need_grad_proxies:
+                sums[l] += torch.bmm(g[l].transpose(1, 2), block.transpose(1, 2)).to(acc)
+            if need_grad_feats:  # f_l[:, :, block] gradient = (g_l p_l)ᵀ
+                grad_feats[l][:, :, r0 : r0 + n] = torch.bmm(proxies[l].transpose(1, 2), g[l].transpose(1, 2))
+    return grad_feats, [s.to(p.dtype) for s, p in zip(sums, proxies)]

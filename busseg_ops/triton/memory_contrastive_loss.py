@@ -1,0 +1,262 @@
+"""busseg_triton::memory_contrastive_loss (PH-Net Eq. 15; docs/ops.md) in Triton: a program per
+block of anchors streams blocks of negatives through tl.dot with an online log-sum-exp (forward
+keeps only the per-anchor LSE); the backward recomputes the tiles, once per anchor block for the
+anchor gradient and once per negative block for the negative gradient (no atomics). The cosine
+normalisation, the positive term and the class weights are O((N + N⁻)·D) torch ops around the
+kernels."""
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+from .. import _validate
+
+
+@triton.jit
+def _sim_tile(a_tile, n, yn, j0, M, D, ya, inv_tau, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """(BLOCK_N, BLOCK_M) logits <â_i, n̂_j>/τ of one negative block, and which count."""
+    cols = j0 + tl.arange(0, BLOCK_M)
+    ds = tl.arange(0, BLOCK_D)
+    n_tile = tl.load(n + cols[:, None] * D + ds[None, :], mask=(cols[:, None] < M) & (ds[None, :] < D), other=0.0)
+    s = tl.dot(a_tile, tl.trans(n_tile), input_precision="ieee") * inv_tau
+    labels = tl.load(yn + cols, mask=cols < M, other=0)
+    counted = (cols[None, :] < M) & (labels[None, :] != ya[:, None])
+    return s, counted, n_tile
+
+
+@triton.jit
+def _contrastive_forward_kernel(
+    a, n, ya_ptr, yn, pos, lse, N, M, D, inv_tau, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr
+):
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    ds = tl.arange(0, BLOCK_D)
+    a_tile = tl.load(a + rows[:, None] * D + ds[None, :], mask=(rows[:, None] < N) & (ds[None, :] < D), other=0.0)
+    ya = tl.load(ya_ptr + rows, mask=rows < N, other=0)
+    m = tl.load(pos + rows, mask=rows < N, other=0.0)  # the positive term starts the sum
+    s = tl.full([BLOCK_N], 1.0, m.dtype)
+    for j0 in range(0, M, BLOCK_M):
+        logits, counted, _ = _sim_tile(a_tile, n, yn, j0, M, D, ya, inv_tau, BLOCK_M, BLOCK_D)
+        logits = tl.where(counted, logits, float("-inf"))
+        m_new = tl.maximum(m, tl.max(logits, 1))
+        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(logits - m_new[:, None]), 1)
+        m = m_new
+    tl.store(lse + rows, m + tl.log(s), mask=rows < N)
+
+
+@triton.jit
+def _anchor_block(a, ya_ptr, lse, coef, rows, N, D, BLOCK_D: tl.constexpr):
+    """A block of normalised anchors (rows, BLOCK_D) with their labels, LSE and gradient coefficients."""
+    ds = tl.arange(0, BLOCK_D)
+    a_tile = tl.load(a + rows[:, None] * D + ds[None, :], mask=(rows[:, None] < N) & (ds[None, :] < D), other=0.0)
+    ya = tl.load(ya_ptr + rows, mask=rows < N, other=0)
+    l = tl.load(lse + rows, mask=rows < N, other=0.0)
+    c = tl.load(coef + rows, mask=rows < N, other=0.0)
+    return a_tile, ya, l, c
+
+
+@triton.jit
+def _contrastive_anchor_grad_kernel(
+    a,
+    n,
+    ya_ptr,
+    yn,
+    lse,
+    coef,
+    da,
+    N,
+    M,
+    D,
+    inv_tau,
+    BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    ds = tl.arange(0, BLOCK_D)
+    tile_mask = (rows[:, None] < N) & (ds[None, :] < D)
+    a_tile, ya, l, c = _anchor_block(a, ya_ptr, lse, coef, rows, N, D, BLOCK_D)
+    acc = tl.zeros([BLOCK_N, BLOCK_D], a_tile.dtype)
+    for j0 in range(0, M, BLOCK_M):
+        logits, counted, n_tile = _sim_tile(a_tile, n, yn, j0, M, D, ya, inv_tau, BLOCK_M, BLOCK_D)
+        g = tl.where(counted & (c[:, None] != 0), c[:, None] * tl.exp(logits - l[:, None]), 0.0)
+        acc += tl.dot(g.to(n_tile.dtype), n_tile, input_precision="ieee")
+    prev = tl.load(da + rows[:, None] * D + ds[None, :], mask=tile_mask, other=0.0)
+    tl.store(da + rows[:, None] * D + ds[None, :], prev + acc, mask=tile_mask)
+
+
+@triton.jit
+def _contrastive_negative_grad_kernel(
+    a,
+    n,
+    ya_ptr,
+    yn,
+    lse,
+    coef,
+    dn,
+    N,
+    M,
+    D,
+    inv_tau,
+    BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    cols = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    ds = tl.arange(0, BLOCK_D)
+    n_tile = tl.load(n + cols[:, None] * D + ds[None, :], mask=(cols[:, None] < M) & (ds[None, :] < D), other=0.0)
+    labels = tl.load(yn + cols, mask=cols < M, other=0)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], n_tile.dtype)
+    for i0 in range(0, N, BLOCK_N):
+        rows = i0 + tl.arange(0, BLOCK_N)
+        a_tile, ya, l, c = _anchor_block(a, ya_ptr, lse, coef, rows, N, D, BLOCK_D)
+        logits = tl.dot(a_tile, tl.trans(n_tile), input_precision="ieee") * inv_tau
+        counted = (rows[:, None] < N) & (cols[None, :] < M) & (labels[None, :] != ya[:, None])
+        g = tl.where(counted & (c[:, None] != 0), c[:, None] * tl.exp(logits - l[:, None]), 0.0)
+        acc += tl.dot(tl.trans(g.to(a_tile.dtype)), a_tile, input_precision="ieee")
+    tl.store(dn + cols[:, None] * D + ds[None, :], acc, mask=(cols[:, None] < M) & (ds[None, :] < D))
+
+
+_BLOCK_N = _BLOCK_M = 32
+_NORM_EPS = 1e-12  # as torch.nn.functional.normalize
+
+
+def _prepare(anchors, anchor_labels, negatives, positives, has_positive, temperature):
+    """Normalised anchors/negatives, the positive logits pos_i and the anchor weights w_i
+    (the same quantities as csrc/common/contrastive_driver.h)."""
+    K = positives.shape[0]
+    a = (anchors / anchors.norm(dim=1, keepdim=True).clamp_min(_NORM_EPS)).contiguous()
+    n = (negatives / negatives.norm(dim=1, keepdim=True).clamp_min(_NORM_EPS)).contiguous()
+    p = positives / positives.norm(dim=1, keepdim=True).clamp_min(_NORM_EPS)
+    lab = anchor_labels.clamp(0, K - 1)
+    valid = (anchor_labels >= 0) & (anchor_labels < K) & has_positive[lab]
+    pos = (a * p[lab]).sum(1) / temperature
+    counts = torch.zeros(K, dtype=a.dtype, device=a.device).index_add_(0, lab, valid.to(a.dtype))
+    classes = (counts > 0).sum().clamp_min(1).to(a.dtype)
+    weight = torch.where(valid, 1.0 / (counts[lab].clamp_min(1) * classes), 0.0)
+    return a, n, p, lab, pos, weight
+
+
+def _normalize_backward(x, xhat, dxhat):
+    norm = x.norm(dim=1, keepdim=True)
+    proj = dxhat - xhat * (xhat * dxhat).sum(1, keepdim=True)
+    return torch.where(norm > _NORM_EPS, proj, dxhat) / norm.clamp_min(_NORM_EPS)
+
+
+def _blocks(D):
+    return dict(BLOCK_N=_BLOCK_N, BLOCK_M=_BLOCK_M, BLOCK_D=max(16, triton.next_power_of_2(D)))
+
+
+def _check(op, anchors, anchor_labels, negatives, negative_labels, positives, has_positive, temperature):
+    """The checks of csrc/memory_contrastive_loss/checks.h, before any launch."""
+    torch._check_value(
+        anchors.dim() == 2 and negatives.dim() == 2 and positives.dim() == 2,
+        lambda: f"{op}: anchors (N, D), negatives (N-, D) and positives (K, D) must be 2-D",
+    )
+    D = anchors.shape[1]
+    torch._check_value(
+        negatives.shape[1] == D and positives.shape[1] == D and positives.shape[0] >= 1,
+        lambda: f"{op}: anchors, negatives and positives must share D, with K >= 1 positives",
+    )
+    torch._check_value(
+        tuple(anchor_labels.shape) == (anchors.shape[0],) and tuple(negative_labels.shape) == (negatives.shape[0],),
+        lambda: f"{op}: anchor_labels must be (N,) and negative_labels (N-,)",
+    )
+    torch._check_value(tuple(has_positive.shape) == (positives.shape[0],), lambda: f"{op}: has_positive must be (K,)")
+    torch._check_type(
+        anchor_labels.dtype == torch.int64
+        and negative_labels.dtype == torch.int64
+        and has_positive.dtype == torch.bool,
+        lambda: f"{op}: labels must be int64 and has_positive bool",
+    )
+    torch._check_type(
+        anchors.is_floating_point() and negatives.dtype == anchors.dtype and positives.dtype == anchors.dtype,
+        lambda: f"{op}: anchors, negatives and positives must share a float dtype",
+    )
+    torch._check_value(temperature > 0, lambda: f"{op}: temperature must be > 0, got {temperature}")
+    _validate.one_device(
+        op,
+        anchors=anchors,
+        anchor_labels=anchor_labels,
+        negatives=negatives,
+        negative_labels=negative_labels,
+        positives=positives,
+        has_positive=has_positive,
+    )
+
+
+@triton_op("busseg_triton::memory_contrastive_loss", mutates_args=())
+def memory_contrastive_loss(
+    anchors: torch.Tensor,
+    anchor_labels: torch.Tensor,
+    negatives: torch.Tensor,
+    negative_labels: torch.Tensor,
+    positives: torch.Tensor,
+    has_positive: torch.Tensor,
+    temperature: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    args = (anchors, anchor_labels, negatives, negative_labels, positives, has_positive, temperature)
+    _check("memory_contrastive_loss", *args)
+    a, n, _, _, pos, weight = _prepare(anchors, anchor_labels, negatives, positives, has_positive, temperature)
+    N, D = a.shape
+    lse = torch.empty_like(pos)
+    if N > 0:
+        wrap_triton(_contrastive_forward_kernel)[(triton.cdiv(N, _BLOCK_N),)](
+            a,
+            n,
+            anchor_labels.contiguous(),
+            negative_labels.contiguous(),
+            pos.contiguous(),
+            lse,
+            N,
+            n.shape[0],
+            D,
+            1.0 / temperature,
+            **_blocks(D),
+        )
+    loss = (weight * torch.where(weight > 0, lse - pos, 0.0)).sum()
+    return loss, lse
+
+
+@triton_op("busseg_triton::memory_contrastive_loss_backward", mutates_args=())
+def memory_contrastive_loss_backward(
+    grad_loss: torch.Tensor,
+    anchors: torch.Tensor,
+    anchor_labels: torch.Tensor,
+    negatives: torch.Tensor,
+    negative_labels: torch.Tensor,
+    positives: torch.Tensor,
+    has_positive: torch.Tensor,
+    lse: torch.Tensor,
+    temperature: float,
+    need_grad_negatives: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    op = "memory_contrastive_loss_backward"
+    _check(op, anchors, anchor_labels, negatives, negative_labels, positives, has_positive, temperature)
+    torch._check_value(tuple(lse.shape) == (anchors.shape[0],), lambda: f"{op}: lse must be (N,)")
+    torch._check_value(grad_loss.numel() == 1, lambda: f"{op}: grad_loss must be a scalar")
+    torch._check_type(
+        lse.is_floating_point() and grad_loss.is_floating_point(), lambda: f"{op}: lse and grad_loss must be floating"
+    )
+    _validate.one_device(op, anchors=anchors, lse=lse, grad_loss=grad_loss)
+    a, n, p, lab, pos, weight = _prepare(anchors, anchor_labels, negatives, positives, has_positive, temperature)
+    N, D = a.shape
+    M = n.shape[0]
+    coef = (grad_loss.to(a.dtype) * weight / temperature).contiguous()
+    pi_pos = torch.where(weight > 0, (pos - lse).exp(), 1.0)
+    da = ((coef * (pi_pos - 1))[:, None] * p[lab]).contiguous()
+    ya, yn = anchor_labels.contiguous(), negative_labels.contiguous()
+    args = (a, n, ya, yn, lse.contiguous(), coef)
+    if N > 0 and M > 0:
+        wrap_triton(_contrastive_anchor_grad_kernel)[(triton.cdiv(N, _BLOCK_N),)](
+            *args, da, N, M, D, 1.0 / temperature, **_blocks(D)
+        )
+    grad_negatives = anchors.new_empty(0)
+    if need_grad_negatives:
+        dn = torch.zeros_like(n)
+        if N > 0 and M > 0:
+            wrap_triton(_contrastive_negative_grad_kernel)[(triton.cdiv(M, _BLOCK_M),)](
+                *args, dn, N, M, D, 1.0 / temperature, **_blocks(D)
+            )
+        grad_negatives = _normalize_backward(negatives, n, dn)
+    return _normalize_backward(anchors, a, da), grad_negatives

@@ -1,0 +1,64 @@
+// Helpers shared by the CPU kernels: a NaN-propagating max, vectorised loops over contiguous runs
+// and the OpenMP split of a range into one contiguous chunk per thread.
+#pragma once
+#include <ATen/Parallel.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <cstdint>
+
+// Inner loops get AVX-512 and AVX2+FMA clones chosen at load time, so one binary runs everywhere
+// (the AVX-512 clone halves the time of the exp/log-bound hardness loop on Zen 4/5).
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define BUSSEG_SIMD_CLONES \
+  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define BUSSEG_SIMD_CLONES
+#endif
+
+namespace busseg {
+namespace {
+
+// max that propagates NaN from either side, like torch.maximum.
+template <typename T>
+inline T nan_max(T a, T b) {
+  return (a != a || a >= b) ? a : b;
+}
+
+// acc[i] += a[i] * b[i]
+template <typename T>
+BUSSEG_SIMD_CLONES void multiply_add(T* acc, const T* a, const T* b, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) acc[i] += a[i] * b[i];
+}
+
+// y[i] += alpha * x[i], x possibly stored narrower than the accumulator y
+template <typename acc_t, typename scalar_t>
+BUSSEG_SIMD_CLONES void axpy(acc_t alpha, const scalar_t* x, acc_t* y, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) y[i] += alpha * acc_t(x[i]);
+}
+
+// y[i] += a0 * x0[i] + a1 * x1[i] + a2 * x2[i] + a3 * x3[i]: four axpys in one pass over y
+template <typename acc_t, typename scalar_t>
+BUSSEG_SIMD_CLONES void axpy4(const acc_t* a, const scalar_t* x0, const scalar_t* x1,
+                              const scalar_t* x2, const scalar_t* x3, acc_t* y, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i)
+    y[i] += a[0] * acc_t(x0[i]) + a[1] * acc_t(x1[i]) + a[2] * acc_t(x2[i]) + a[3] * acc_t(x3[i]);
+}
+
+// OpenMP over [0, n) in one contiguous chunk per thread (honouring torch.set_num_threads), so
+// each thread allocates its scratch once: body(begin, end).
+template <typename F>
+inline void parallel_chunks(int64_t n, const F& body) {
+#pragma omp parallel num_threads(at::get_num_threads())
+  {
+    const int64_t threads = omp_get_num_threads(), chunk = (n + threads - 1) / threads;
+    const int64_t begin = omp_get_thread_num() * chunk, end = std::min(n, begin + chunk);
+    if (begin < end) body(begin, end);
+  }
+}
+
+}  // namespace
+}  // namespace busseg

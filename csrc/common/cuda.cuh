@@ -1,0 +1,127 @@
+// Device helpers shared by the CUDA kernels: float32 accumulation for every storage type, warp
+// reductions, and the dtype switch the launchers use.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cmath>
+
+#include "common/cuda_types.h"
+
+namespace busseg::cuda {
+
+// Accumulation type: float for half/bfloat16/float, double for double.
+template <typename T>
+struct Acc {
+  using type = float;
+};
+template <>
+struct Acc<double> {
+  using type = double;
+};
+template <typename T>
+using acc_t = typename Acc<T>::type;
+
+template <typename T>
+__device__ __forceinline__ acc_t<T> load(const T* p) {
+  return static_cast<acc_t<T>>(*p);
+}
+template <>
+__device__ __forceinline__ float load<__half>(const __half* p) {
+  return __half2float(*p);
+}
+template <>
+__device__ __forceinline__ float load<__nv_bfloat16>(const __nv_bfloat16* p) {
+  return __bfloat162float(*p);
+}
+
+template <typename T>
+__device__ __forceinline__ void store(T* p, acc_t<T> v) {
+  *p = static_cast<T>(v);
+}
+template <>
+__device__ __forceinline__ void store<__half>(__half* p, float v) {
+  *p = __float2half(v);
+}
+template <>
+__device__ __forceinline__ void store<__nv_bfloat16>(__nv_bfloat16* p, float v) {
+  *p = __float2bfloat16(v);
+}
+
+// max that propagates NaN from either side, like torch.maximum.
+template <typename A>
+__device__ __forceinline__ A nan_max(A a, A b) {
+  return (a != a || a >= b) ? a : b;
+}
+template <typename A>
+__device__ __forceinline__ A positive_inf() {
+  return A(INFINITY);
+}
+
+template <typename A>
+__device__ __forceinline__ A warp_sum(A v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+template <typename A>
+__device__ __forceinline__ A warp_max(A v) {
+  for (int o = 16; o > 0; o >>= 1) v = max(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+// Arg-min over (value, index) pairs, ties to the smaller index; index < 0 means "no candidate".
+template <typename A>
+__device__ __forceinline__ bool argmin_better(A v, long long i, A best_v, long long best_i) {
+  return i >= 0 && (best_i < 0 || v < best_v || (v == best_v && i < best_i));
+}
+template <typename A>
+__device__ __forceinline__ void warp_argmin(A& v, long long& i) {
+  for (int o = 16; o > 0; o >>= 1) {
+    const A ov = __shfl_xor_sync(0xffffffffu, v, o);
+    const long long oi = __shfl_xor_sync(0xffffffffu, i, o);
+    if (argmin_better(ov, oi, v, i)) v = ov, i = oi;
+  }
+}
+// Block-wide arg-min; every thread of a 1-D block (blockDim.x a multiple of 32) must call it.
+// The result is valid in thread 0. Ends with a barrier, so it can be called again at once.
+template <typename A>
+__device__ __forceinline__ void block_argmin(A& v, long long& i) {
+  __shared__ A warp_v[32];
+  __shared__ long long warp_i[32];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  warp_argmin(v, i);
+  if (lane == 0) warp_v[warp] = v, warp_i[warp] = i;
+  __syncthreads();
+  if (warp == 0) {
+    const bool has = lane < static_cast<int>(blockDim.x >> 5);
+    v = has ? warp_v[lane] : A(0);
+    i = has ? warp_i[lane] : -1;
+    warp_argmin(v, i);
+  }
+  __syncthreads();
+}
+
+// Calls f(T{}) with T the storage type of `dtype`.
+template <typename F>
+cudaError_t dispatch(DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::f16:
+      f(__half{});
+      break;
+    case DType::bf16:
+      f(__nv_bfloat16{});
+      break;
+    case DType::f32:
+      f(float{});
+      break;
+    case DType::f64:
+      f(double{});
+      break;
+  }
+  return cudaGetLastError();
+}
+
+inline int ceil_div(long long a, long long b) { return static_cast<int>((a + b - 1) / b); }
+
+}  // namespace busseg::cuda

@@ -1,0 +1,260 @@
+"""adjacent_relation_propagation (RA-BUSSeg ARP): the op contract, and the reference against the
+upstream unfold formulation."""
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import tolerance
+from hypothesis import strategies as st
+from op_contract import OpContract, RawSample, bad
+
+import busseg_ops
+from busseg_ops import adjacent_relation_propagation as arp
+from busseg_ops.ops.adjacent_relation_propagation import OP
+
+SHAPES = [  # B, C, K, H, W
+    (2, 8, 2, 9, 9),
+    (1, 5, 2, 7, 12),  # B=1, C not a multiple of 4, H != W
+    (3, 3, 3, 6, 5),  # odd W, K=3
+    (2, 17, 1, 11, 4),
+]
+KERNELS = [(1, 1), (3, 1), (3, 3), (5, 2), (7, 1)]  # kernel_size, dilation
+
+_ops = torch.ops.busseg
+
+
+def run(backend, feat, value, **kw):
+    with busseg_ops.use_backend(backend):
+        return arp(feat, value, return_weights=True, **kw)
+
+
+def unfold_arp(feat, value, kernel_size, dilation, scale):
+    """The RA-BUSSeg formulation (zeros padding): an independent oracle for the reference."""
+    B, C, H, W = feat.shape
+    pad = dilation * (kernel_size // 2)
+    fu = F.unfold(feat, kernel_size, dilation=dilation, padding=pad).view(B, C, -1, H * W)
+    vu = F.unfold(value, kernel_size, dilation=dilation, padding=pad).view(B, value.shape[1], -1, H * W)
+    w = (torch.einsum("bcp,bckp->bkp", feat.flatten(2), fu) * scale).softmax(1)
+    return torch.einsum("bkp,bvkp->bvp", w, vu).view_as(value), w.view(B, -1, H, W)
+
+
+def _arp_args(B=2, C=5, K=2, H=6, W=7, kernel_size=3, dilation=2):
+    feat = torch.randn(B, C, H, W, dtype=torch.float64)
+    value = torch.randn(B, K, H, W, dtype=torch.float64)
+    _, w = _ops.adjacent_relation_propagation(feat, value, kernel_size, dilation, 0.4, False)
+    grad = torch.randn(B, K, H, W, dtype=torch.float64)
+    return feat, value, w, grad
+
+
+def _raw_backward(**changes):
+    feat, value, w, grad = _arp_args()
+    args = dict(grad_out=grad, feat=feat, value=value, weights=w)
+    args.update(changes)
+    return lambda: _ops.adjacent_relation_propagation_backward(
+        args["grad_out"], args["feat"], args["value"], args["weights"], 3, 2, 0.4, False, True, True
+    )
+
+
+def _raw_forward(feat_shape=(1, 2, 3, 3), value_shape=(1, 2, 3, 3), kernel_size=3, dilation=1, to=None):
+    to = to or {}
+    feat = torch.randn(feat_shape).to(**to.get("feat", {}))
+    value = torch.randn(value_shape).to(**to.get("value", {}))
+    return lambda: _ops.adjacent_relation_propagation(feat, value, kernel_size, dilation, 1.0, False)
+
+
+class TestAdjacentRelationPropagation(OpContract):
+    op = OP
+    # every shape x kernel x padding x value gradient in float32, and one case in float64
+    cases = [
+        (shape, kd, padding, value_grad, torch.float32)
+        for shape, kd, padding, value_grad in itertools.product(SHAPES, KERNELS, ["zeros", "valid"], [True, False])
+    ] + [(SHAPES[2], (3, 2), "valid", True, torch.float64)]
+    gradcheck_cases = ["zeros", "valid"]
+    layout_exact = ("channels_last",)
+
+    def make_inputs(self, case, device):
+        (B, C, K, H, W), (kernel_size, dilation), padding, value_grad, dtype, *magnitude = case
+        feat = (torch.randn(B, C, H, W, device=device, dtype=dtype) * (magnitude or [1])[0]).requires_grad_()
+        value = torch.randn(B, K, H, W, device=device, dtype=dtype, requires_grad=value_grad)
+        return feat, value, kernel_size, dilation, padding
+
+    def call(self, feat, value, kernel_size, dilation, padding):
+        return arp(feat, value, kernel_size, dilation, padding=padding, return_weights=True)
+
+    def grad_outputs(self, out):
+        return [out[0]]  # the weights are not differentiable
+
+    def runs_case(self, backend, device, case):
+        # the interpreter is slow: a spread of cases, not the whole grid
+        shape, (kernel_size, _), padding = case[:3]
+        return (
+            backend != "triton"
+            or device != "cpu"
+            or (SHAPES.index(shape) + kernel_size + (padding == "valid")) % 3 == 0
+        )
+
+    def property_case(self):
+        return st.fixed_dictionaries(
+            {
+                "B": st.integers(1, 3),
+                "C": st.integers(1, 9),
+                "K": st.integers(1, 3),
+                "H": st.integers(1, 10),
+                "W": st.integers(1, 10),
+                "kernel_size": st.sampled_from([1, 3, 5, 7]),
+                "dilation": st.integers(1, 4),
+                "padding": st.sampled_from(["zeros", "valid"]),
+                "magnitude": st.sampled_from([1e-3, 1.0, 30.0]),
+                "dtype": st.sampled_from([torch.float32, torch.float64]),
+            }
+        ).map(
+            lambda c: (
+                (c["B"], c["C"], c["K"], c["H"], c["W"]),
+                (c["kernel_size"], c["dilation"]),
+                c["padding"],
+                True,
+                c["dtype"],
+                c["magnitude"],
+            )
+        )
+
+    def gradcheck_inputs(self, padding, backend):
+        feat = torch.randn(2, 3, 5, 4, dtype=torch.float64, requires_grad=True)
+        value = torch.randn(2, 2, 5, 4, dtype=torch.float64, requires_grad=True)
+        return (lambda f, v: arp(f, v, 3, 2, padding=padding)), (feat, value)
+
+    def compile_inputs(self):
+        feat = torch.randn(2, 6, 9, 7, requires_grad=True)
+        value = torch.randn(2, 2, 9, 7, requires_grad=True)
+        return (lambda f, v: arp(f, v, 3, 2).square().sum()), (feat, value)
+
+    def nan_inputs(self):
+        feat, value = torch.randn(1, 3, 5, 5), torch.randn(1, 2, 5, 5)
+        feat[0, 0, 2, 2] = float("nan")
+        return feat, value, 3, 1, "zeros"
+
+    def check_nan(self, out, inputs):
+        out = out[0]
+        assert out[0, :, 2, 2].isnan().all() and not out[0, :, 0, 0].isnan().any()
+
+    def layout_inputs(self):
+        return torch.randn(2, 6, 7, 9), torch.randn(2, 2, 7, 9), 3, 1, "zeros"
+
+    def bad_input_args(self):
+        return torch.randn(2, 4, 5, 5), torch.randn(2, 2, 5, 5)
+
+    bad_inputs = [
+        bad(lambda f, v: arp(f[0], v), ValueError, "feat must have 4 dims"),
+        bad(lambda f, v: arp(f, v[:, :, :3]), ValueError, "feat and value must share sizes"),
+        bad(lambda f, v: arp(f, v[:1]), ValueError, "feat and value must share sizes at dims"),
+        bad(lambda f, v: arp(f.long(), v), TypeError, "feat must be one of float32, float64"),
+        bad(lambda f, v: arp(f, v.double()), TypeError, "feat and value must have the same dtype"),
+        bad(lambda f, v: arp(f, v, kernel_size=4), ValueError, "kernel_size must be odd"),
+        bad(lambda f, v: arp(f, v, kernel_size=0), ValueError, "kernel_size must be >= 1"),
+        bad(lambda f, v: arp(f, v, kernel_size=3.0), TypeError, "kernel_size must be an int"),
+        bad(lambda f, v: arp(f, v, dilation=0), ValueError, "dilation must be >= 1"),
+        bad(lambda f, v: arp(f, v, padding="reflect"), ValueError, "padding must be one of"),
+        bad(lambda f, v: arp(f[:, :0], v), ValueError, "feat is empty"),
+        bad(lambda f, v: arp(f.numpy(), v), TypeError, "feat must be a torch.Tensor"),
+        # sizes whose index arithmetic would overflow: rejected, never a wrong result
+        bad(lambda f, v: arp(f, v, kernel_size=2**63 - 1), ValueError, "kernel_size must be <= 32767"),
+        bad(lambda f, v: arp(f, v, kernel_size=2**64 + 1), ValueError, "kernel_size must be <= 32767"),
+        bad(lambda f, v: arp(f, v, dilation=2**62 + 1), ValueError, r"dilation \* \(kernel_size // 2\)"),
+        bad(lambda f, v: arp(f, v, kernel_size=3, dilation=2**30 + 1), ValueError, r"dilation \* \(kernel_size"),
+    ]
+
+    raw_bad_inputs = [
+        bad(_raw_forward(kernel_size=2), ValueError, "kernel_size must be odd"),
+        bad(_raw_forward(kernel_size=2**63 - 1), ValueError, "kernel_size must be odd and in"),
+        bad(_raw_forward(dilation=2**62 + 1), ValueError, r"dilation \* \(kernel_size // 2\) must be <= 2\^30"),
+        bad(_raw_forward(dilation=0), ValueError, "dilation must be >= 1"),
+        bad(_raw_forward(value_shape=(2, 2, 3, 3)), ValueError, "must share batch and spatial sizes"),
+        bad(_raw_forward(feat_shape=(1, 2, 3)), ValueError, "feat must have 4 dims"),
+        bad(_raw_forward(to={"feat": {"dtype": torch.int32}}), TypeError, "feat must be float32 or float64"),
+        bad(_raw_forward(to={"value": {"device": "meta"}}), ValueError, "value must be on the device of feat"),
+        bad(_raw_forward(to={"feat": {"device": "meta"}}), ValueError, "value must be on the device of feat"),
+        # a grad_out of the wrong shape once read out of bounds (garbage at 256², SIGSEGV at 1024²)
+        bad(_raw_backward(grad_out=torch.randn(2, 2, 3, 3, dtype=torch.float64)), ValueError, r"grad_out must be"),
+        bad(_raw_backward(grad_out=torch.randn(2, 3, 6, 7, dtype=torch.float64)), ValueError, r"grad_out must be"),
+        bad(_raw_backward(weights=torch.randn(2, 9, 6, 6, dtype=torch.float64)), ValueError, r"weights must be"),
+        bad(_raw_backward(grad_out=torch.randn(2, 2, 6, 7)), TypeError, "grad_out must have feat's dtype"),
+        bad(_raw_backward(weights=torch.randn(2, 9, 6, 7, dtype=torch.float64, device="meta")), ValueError, "device"),
+    ]
+
+    def raw_samples(self):
+        feat, value, w, grad = _arp_args()
+        f, v = feat.clone().requires_grad_(), value.clone().requires_grad_()
+        return [
+            RawSample(OP.name, (f, v, 3, 2, 0.4, False), free={(0, "dim", 1), (1, "dim", 1)}),
+            RawSample(OP.name, (f, v, 5, 1, 0.4, True), free={(0, "dim", 1), (1, "dim", 1)}),
+            RawSample(
+                f"{OP.name}_backward", (grad, feat, value, w, 3, 2, 0.4, False, True, True), free={(1, "dim", 1)}
+            ),
+            RawSample(
+                f"{OP.name}_backward", (grad, feat, value, w, 3, 2, 0.4, False, True, False), free={(1, "dim", 1)}
+            ),
+        ]
+
+    def triton_opcheck_samples(self):
+        feat, value, _, _ = _arp_args()
+        return [RawSample(OP.name, (feat.requires_grad_(), value.requires_grad_(), 3, 2, 0.4, False))]
+
+
+@pytest.mark.parametrize("kernel_size,dilation", [(1, 1), (3, 1), (3, 2), (5, 3), (7, 1)])
+def test_reference_matches_unfold_formulation(kernel_size, dilation):
+    feat, value = torch.randn(2, 6, 9, 8, dtype=torch.float64), torch.randn(2, 2, 9, 8, dtype=torch.float64)
+    with busseg_ops.use_backend("reference"):
+        out, w = arp(feat, value, kernel_size, dilation, return_weights=True)
+    ref_out, ref_w = unfold_arp(feat, value, kernel_size, dilation, 6**-0.5)
+    torch.testing.assert_close(out, ref_out)
+    torch.testing.assert_close(w, ref_w)
+
+
+def test_only_feat_gradient_when_value_is_detached():
+    feat = torch.randn(1, 4, 6, 6, dtype=torch.float64, requires_grad=True)
+    value = torch.randn(1, 2, 6, 6, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda f: arp(f, value, 5), (feat,))
+
+
+def test_weights_are_a_distribution_and_zero_outside_for_valid():
+    feat, value = torch.randn(1, 4, 5, 5), torch.randn(1, 2, 5, 5)
+    _, w = arp(feat, value, 3, padding="valid", return_weights=True)
+    torch.testing.assert_close(w.sum(1), torch.ones(1, 5, 5))
+    assert torch.all(w[0, :3, 0, :] == 0)  # the top row has no neighbours above
+    _, wz = arp(feat, value, 3, padding="zeros", return_weights=True)
+    assert torch.all(wz[0, :3, 0, :] > 0)  # zeros padding: outside taps still share the softmax
+
+
+def test_identical_features_average_the_neighbourhood():
+    feat = torch.zeros(1, 3, 6, 6)
+    value = torch.randn(1, 2, 6, 6)
+    out = arp(feat, value, 3, padding="valid")
+    torch.testing.assert_close(out, F.avg_pool2d(value, 3, 1, 1, count_include_pad=False))
+
+
+def test_reach_beyond_the_map_is_exact():
+    """A reach beyond the map is legal (every non-centre tap outside) and matches the reference."""
+    feat, value = torch.randn(1, 3, 4, 5, dtype=torch.float64), torch.randn(1, 2, 4, 5, dtype=torch.float64)
+    for padding in ("zeros", "valid"):
+        expected = run("reference", feat, value, kernel_size=3, dilation=9, padding=padding)
+        got = run("cpu", feat, value, kernel_size=3, dilation=9, padding=padding)
+        for g, e in zip(got, expected):
+            torch.testing.assert_close(g, e)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_half_precision(dtype):
+    feat = torch.randn(2, 16, 9, 11, device="cuda", requires_grad=True)
+    value = torch.randn(2, 2, 9, 11, device="cuda")
+    with busseg_ops.use_backend("reference"):
+        ref = arp(feat, value)
+        (g_ref,) = torch.autograd.grad(ref.sum(), feat)
+    with busseg_ops.use_backend("cuda"):
+        f16 = feat.detach().to(dtype).requires_grad_()
+        out = arp(f16, value.to(dtype))
+        (g,) = torch.autograd.grad(out.float().sum(), f16)
+    torch.testing.assert_close(out.float(), ref, **tolerance(dtype))
+    torch.testing.assert_close(g.float(), g_ref, **tolerance(dtype))

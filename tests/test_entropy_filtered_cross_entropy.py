@@ -1,0 +1,23 @@
+"""entropy_filtered_cross_entropy (RA-BUSSeg's unsupervised loss): the most uncertain pixels
+dropped, against the sorted entropies."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import busseg_ops
+
+
+def test_entropy_filtered_cross_entropy_drops_most_uncertain():
+    logits = torch.randn(2, 2, 4, 5)
+    target = torch.randint(0, 2, (2, 4, 5))
+    teacher = torch.randn(2, 2, 4, 5).mul(2).softmax(1)
+    loss = busseg_ops.entropy_filtered_cross_entropy(logits, target, teacher, drop_percent=25)
+    entropy = -(teacher * torch.log(teacher + 1e-10)).sum(1).flatten()
+    kept = entropy.argsort()[:30]  # 40 pixels, the 10 most uncertain dropped
+    ce = F.cross_entropy(logits, target, reduction="none").flatten()
+    torch.testing.assert_close(loss, ce[kept].mean())
+    with pytest.raises(ValueError, match="drop_percent"):
+        busseg_ops.entropy_filtered_cross_entropy(logits, target, teacher, drop_percent=100)
+    with pytest.raises(ValueError, match="target must be"):
+        busseg_ops.entropy_filtered_cross_entropy(logits, target[:, :3], teacher)

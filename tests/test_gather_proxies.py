@@ -1,0 +1,19 @@
+"""gather_proxies: the gathered features, their gradient, and bad indices."""
+
+import pytest
+import torch
+
+from busseg_ops import gather_proxies
+
+
+def test_gather_proxies_keeps_gradients():
+    feat = torch.randn(2, 3, 4, 5, dtype=torch.float64, requires_grad=True)
+    idx = torch.tensor([[0, 19, 7], [3, 3, 12]])
+    p = gather_proxies(feat, idx)
+    assert p.shape == (2, 3, 3)
+    assert torch.equal(p[1, 2], feat[1, :, 2, 2]) and torch.equal(p[0, 1], feat[0, :, 3, 4])
+    assert torch.autograd.gradcheck(lambda f: gather_proxies(f, idx), (feat,))
+    with pytest.raises(ValueError, match="idx must hold pixel indices"):
+        gather_proxies(feat, idx + 10)
+    with pytest.raises(TypeError, match="idx must be int64"):
+        gather_proxies(feat, idx.int())

@@ -1,0 +1,377 @@
+"""greedy_proxy_sampling (RA-BUSSeg CRA proxies): the op contract, the reference against the
+literal definition, ties, the first proxy, the CPU's half-precision screening and the CUDA
+kernel's block splits."""
+
+import pytest
+import torch
+from conftest import backends
+from hypothesis import strategies as st
+from op_contract import OpContract, RawSample, bad
+
+import busseg_ops
+from busseg_ops import greedy_proxy_sampling as greedy
+from busseg_ops.ops.greedy_proxy_sampling import OP
+from busseg_ops.testing import peak_extra_mib
+
+
+def sampling_backends(device="cpu"):
+    return backends(device, exclude=("triton",))  # greedy sampling has no Triton version
+
+
+def run_greedy(backend, feat, num_proxies, **kw):
+    with busseg_ops.use_backend(backend):
+        return greedy(feat, num_proxies, **kw)
+
+
+def brute_force_greedy(feat, first, num_proxies, scale):
+    """The definition literally: the whole (HW, HW) map, score(j) = max over t of c_t(j) recomputed
+    from scratch every step, ties to the smallest index (NaN-free inputs)."""
+    B, C, H, W = feat.shape
+    out = []
+    for b in range(B):
+        f = feat[b].reshape(C, H * W).double()
+        S = scale * f.T @ f
+        chosen = [int(first[b])]
+        while len(chosen) < num_proxies:
+            c = torch.cumsum(S[chosen], 0)  # c_t for t = 1..m
+            score = c.max(0).values
+            score[chosen] = float("inf")
+            chosen.append(int((score == score.min()).nonzero()[0]))
+        out.append(chosen)
+    return torch.tensor(out)
+
+
+GREEDY_CASES = [  # B, C, H, W, M
+    (1, 3, 5, 7, 1),
+    (2, 8, 9, 9, 20),
+    (3, 5, 7, 4, 28),  # M = HW: a permutation
+    (4, 16, 6, 11, 17),
+    (2, 1, 3, 3, 9),  # C = 1
+]
+
+
+def _raw(feat=None, first=None, num_proxies=3):
+    feat = torch.randn(1, 2, 3, 3) if feat is None else feat
+    first = torch.tensor([0]) if first is None else first
+    return lambda: torch.ops.busseg.greedy_proxy_sampling(feat, first, num_proxies, 1.0)
+
+
+class TestGreedyProxySampling(OpContract):
+    op = OP
+    exact = True
+    gradcheck_backends = ()
+    compile_backends = ("cpu", "reference")
+    cases = [
+        (case, dtype, relu)
+        for case in GREEDY_CASES
+        for dtype, relu in [(torch.float64, False), (torch.float64, True), (torch.float32, False)]
+    ]
+
+    def make_inputs(self, case, device):
+        (B, C, H, W, M), dtype, relu = case
+        feat = torch.randn(B, C, H, W, dtype=dtype, device=device)
+        feat = feat.relu() if relu else feat
+        first = torch.randint(0, H * W, (B,), device=device)
+        return feat, M, first
+
+    def call(self, feat, num_proxies, first):
+        return greedy(feat, num_proxies, first=first, scale=0.7)
+
+    def check_reference(self, case, inputs, expected):
+        (B, _, _, _, M), _, _ = case
+        assert expected.dtype == torch.int64 and expected.shape == (B, M)
+        assert all(len(set(row.tolist())) == M for row in expected)
+
+    def variants(self, backend):
+        # images in parallel (1 thread), and pixels of one image in parallel (2 threads)
+        return [(f" with {threads} threads", _threads(threads)) for threads in (1, 2)]
+
+    def property_case(self):
+        # float64 features: the cpu backend's double sums agree with the reference's choice
+        return st.tuples(
+            st.integers(1, 3), st.integers(1, 9), st.integers(1, 9), st.integers(1, 9), st.floats(0.05, 1.0)
+        ).map(lambda c: ((c[0], c[1], c[2], c[3], max(1, int(c[4] * c[2] * c[3]))), torch.float64, False))
+
+    def compile_inputs(self):
+        first = torch.tensor([3, 11])
+        return (lambda f: greedy(f, 8, first=first)), (torch.randn(2, 5, 4, 6),)
+
+    def nan_inputs(self):
+        feat = torch.randn(2, 6, 7, 9)
+        feat[0, 2, 3, 4] = float("nan")  # pixel 31: NaN similarities count as +inf, never a hang
+        return feat, 63, torch.tensor([5, 40])
+
+    def check_nan(self, out, inputs):
+        assert torch.equal(out, self.reference(*inputs))
+        assert sorted(out[0].tolist()) == list(range(63)) and out[0, -1] == 31  # NaN pixel last
+
+    def layout_inputs(self):
+        return torch.randn(2, 6, 7, 9), 12, torch.tensor([5, 40])
+
+    def bad_input_args(self):
+        return (torch.randn(2, 4, 5, 7),)
+
+    bad_inputs = [
+        bad(lambda f: greedy(f, 36), ValueError, r"num_proxies must be <= H\*W = 35"),
+        bad(lambda f: greedy(f, 0), ValueError, "num_proxies must be >= 1"),
+        bad(lambda f: greedy(f, 2.0), TypeError, "num_proxies must be an int"),
+        bad(lambda f: greedy(f[0]), ValueError, "feat must have 4 dims"),
+        bad(lambda f: greedy(f[:, :, :0], 1), ValueError, "feat is empty"),
+        bad(lambda f: greedy(f.long(), 3), TypeError, "feat must be one of float32, float64"),
+        bad(lambda f: greedy(f, 3, label=torch.ones(2, 5, 6)), ValueError, r"label must be \(B, H, W\)"),
+        bad(lambda f: greedy(f, 3, label=torch.ones(1, 5, 7)), ValueError, r"label must be \(B, H, W\) ="),
+        bad(lambda f: greedy(f, 3, first=torch.tensor([0, 35])), ValueError, "first must hold pixel indices"),
+        bad(lambda f: greedy(f, 3, first=torch.tensor([0])), ValueError, r"first must be \(B,\)"),
+        bad(lambda f: greedy(f, 3, first=torch.tensor([0.0, 1.0])), TypeError, "first must be an integer"),
+        bad(lambda f: greedy(f, 3, generator=0), TypeError, "generator must be a torch.Generator"),
+        bad(lambda f: greedy(f, 2**64), ValueError, "num_proxies must be <= "),
+    ]
+
+    raw_bad_inputs = [
+        bad(_raw(num_proxies=10), ValueError, r"num_proxies must be in \[1, H\*W = 9\]"),
+        bad(_raw(first=torch.tensor([9])), ValueError, "first must hold pixel indices"),
+        bad(_raw(first=torch.tensor([0], dtype=torch.int32)), TypeError, "first must be int64"),
+        bad(_raw(feat=torch.ones(1, 2, 3, 3, dtype=torch.int64)), TypeError, "feat must be float32 or float64"),
+        bad(_raw(first=torch.tensor([0], device="meta")), ValueError, "first must be on the device of feat"),
+        bad(_raw(num_proxies=2**63 - 1), ValueError, "num_proxies must be in"),
+    ]
+
+    def raw_samples(self):
+        feat = torch.randn(2, 3, 4, 5, dtype=torch.float64)
+        return [
+            RawSample(OP.name, (feat, torch.tensor([0, 7]), 6, 0.5), free={(0, "dim", 1), (0, "dim", 2), (0, "dim", 3)})
+        ]
+
+
+class _threads:
+    """Runs the block with ``n`` torch threads, then back to 2."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def __enter__(self):
+        torch.set_num_threads(self.n)
+
+    def __exit__(self, *exc):
+        torch.set_num_threads(2)
+
+
+@pytest.mark.parametrize("case", GREEDY_CASES)
+@pytest.mark.parametrize("relu", [False, True])
+def test_greedy_reference_matches_brute_force(case, relu):
+    B, C, H, W, M = case
+    feat = torch.randn(B, C, H, W, dtype=torch.float64)
+    feat = feat.relu() if relu else feat
+    first = torch.randint(0, H * W, (B,))
+    idx = run_greedy("reference", feat, M, first=first)
+    torch.testing.assert_close(idx, brute_force_greedy(feat, first, M, C**-0.5), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", sampling_backends() + ["reference"])
+def test_greedy_ties_go_to_the_smallest_index(backend):
+    # identical features: every unchosen pixel ties at every step
+    feat = torch.ones(2, 3, 4, 5)
+    idx = run_greedy(backend, feat, 7, first=torch.tensor([6, 0]))
+    assert idx.tolist() == [[6, 0, 1, 2, 3, 4, 5], [0, 1, 2, 3, 4, 5, 6]]
+    # small integer features, scale 1: exact sums with many ties; negative entries included
+    feat = torch.randint(-2, 3, (3, 2, 5, 5)).double()
+    first = torch.tensor([0, 12, 24])
+    got = run_greedy(backend, feat, 25, first=first, scale=1.0)
+    assert torch.equal(got, brute_force_greedy(feat, first, 25, 1.0))
+
+
+def test_running_max_is_not_the_last_cumulative_sum():
+    # After proxies 0 and 1, pixel 3 has the smallest last cumulative similarity c_2 but pixel 4
+    # the smallest running max max(c_1, c_2): the greedy rule picks 4.
+    f = torch.tensor([[1.0, 0.0], [-3.0, -1.0], [-2.0, -1.0], [3.0, 0.0], [1.0, 2.0]])
+    feat = f.T.reshape(1, 2, 1, 5).double()
+    first = torch.tensor([0])
+    S = f @ f.T
+    assert (S[0] + S[1])[2:].argmin() + 2 == 3
+    for backend in sampling_backends() + ["reference"]:
+        idx = run_greedy(backend, feat, 4, first=first, scale=1.0)
+        assert idx[0, :3].tolist() == [0, 1, 4], backend
+        assert torch.equal(idx, brute_force_greedy(feat, first, 4, 1.0))
+
+
+@pytest.mark.parametrize("backend", sampling_backends() + ["reference"])
+def test_greedy_first_from_label_and_generator(backend):
+    B, H, W = 4, 6, 7
+    feat = torch.randn(B, 5, H, W)
+    label = torch.zeros(B, H, W, dtype=torch.long)
+    label[0, 2:4, 3:6] = 1
+    label[1, 0, 0] = 1
+    label[3] = 1  # image 2 stays background: uniform first pixel
+    with busseg_ops.use_backend(backend):
+        draws = [greedy(feat, 5, label=label, generator=torch.Generator().manual_seed(s)) for s in range(12)]
+        again = greedy(feat, 5, label=label, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(again, draws[3])
+    firsts = torch.stack([d[:, 0] for d in draws])  # (draws, B)
+    fg = label.flatten(1)
+    for b in (0, 1, 3):
+        assert bool(fg[b, firsts[:, b]].all()), "first proxy must be a foreground pixel"
+    assert firsts[:, 1].unique().tolist() == [0]  # the single foreground pixel
+    assert len(firsts[:, 0].unique()) > 1 and len(firsts[:, 2].unique()) > 1  # random draws
+    no_label = [greedy(feat, 3, generator=torch.Generator().manual_seed(s))[:, 0] for s in (0, 0, 1)]
+    assert torch.equal(no_label[0], no_label[1])
+
+
+def near_copies(B, C, H, W, spread, groups=4):
+    """Float features whose pixels are near-copies of a few vectors: differences (spread) at or
+    below half precision (2^-11 relative) but far above float's."""
+    base = torch.randn(B, C, groups).relu() + 0.1
+    pick = torch.randint(0, groups, (H * W,))
+    return (base[:, :, pick] + spread * torch.randn(B, C, H * W)).reshape(B, C, H, W)
+
+
+@pytest.mark.parametrize(
+    "case", [(2, 16, 9, 11, 40, 1e-5), (1, 37, 13, 10, 130, 1e-4), (3, 64, 5, 7, 35, 1e-3), (1, 5, 7, 9, 20, 1e-4)]
+)
+def test_float_sampling_resolves_differences_below_half_precision(case):
+    # The cpu backend screens float images through a half copy and re-scores the pixels it
+    # cannot rule out exactly: its choice must be the exact (double) arg-min.
+    B, C, H, W, M, spread = case
+    feat = near_copies(B, C, H, W, spread)
+    first = torch.randint(0, H * W, (B,))
+    expected = run_greedy("reference", feat.double(), M, first=first)
+    rounded = run_greedy("reference", feat.half().double(), M, first=first)
+    assert not torch.equal(rounded, expected), "the half copy alone must not suffice here"
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        try:
+            got = run_greedy("cpu", feat, M, first=first)
+        finally:
+            torch.set_num_threads(2)
+        assert torch.equal(got, expected), f"{threads} threads"
+
+
+@pytest.mark.parametrize("magnitude", [1e-6, 1e5])
+def test_float_sampling_beyond_the_half_normal_range(magnitude):
+    # 1e-6: subnormal in half (absolute rounding); 1e5: beyond half, the plain float loop runs.
+    feat = torch.randn(2, 24, 9, 8) * magnitude
+    first = torch.tensor([3, 70])
+    expected = run_greedy("reference", feat.double(), 30, first=first)
+    assert torch.equal(run_greedy("cpu", feat, 30, first=first), expected)
+
+
+def test_greedy_memory_at_128x128():
+    setup = """
+import torch, busseg_ops
+feat = torch.randn(1, 256, 128, 128)
+first = torch.tensor([0])
+"""
+    mib = peak_extra_mib(setup, "busseg_ops.greedy_proxy_sampling(feat, 64, first=first)")
+    assert mib < 64, f"greedy sampling at 128x128 added {mib:.0f} MiB (the HW x HW map is 1024)"
+
+
+# The CUDA greedy kernel runs an image on one block or on several cooperating blocks (grid
+# barrier per step); BUSSEG_GREEDY_BLOCKS_PER_IMAGE forces the split (0: the launcher's choice).
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+SPLITS = [1, 2, 13, 0]
+
+
+def run_greedy_split(monkeypatch, blocks, feat, num_proxies, **kw):
+    monkeypatch.setenv("BUSSEG_GREEDY_BLOCKS_PER_IMAGE", str(blocks))
+    return run_greedy("cuda", feat, num_proxies, **kw)
+
+
+def exact_features(shape, dtype=torch.float32):
+    """Entries in {-1, 0, 1}: with scale 1/2 every similarity sum is exact in float32 (|c| < 2^22)
+    whatever the summation order, so all backends must agree exactly; many exact ties."""
+    return torch.randint(-1, 2, shape, device="cuda").to(dtype)
+
+
+@needs_cuda
+@pytest.mark.parametrize("B", [1, 2, 3])
+@pytest.mark.parametrize("H,W", [(127, 129), (65, 65)])
+@pytest.mark.parametrize("C", [1, 7, 256])
+@pytest.mark.parametrize("M", [1, 5, 64, "HW"])
+def test_cuda_greedy_splits_match_reference(monkeypatch, B, H, W, C, M):
+    M = H * W if M == "HW" else M
+    feat = exact_features((B, C, H, W))
+    first = torch.randint(0, H * W, (B,), device="cuda")
+    expected = run_greedy("reference", feat, M, first=first, scale=0.5)
+    # 1 or 2 blocks per image take minutes for all 16383 steps at 127x129: finer splits only
+    for blocks in SPLITS[2:] if M == 127 * 129 else SPLITS:
+        got = run_greedy_split(monkeypatch, blocks, feat, M, first=first, scale=0.5)
+        assert torch.equal(got, expected), f"{blocks} blocks per image"
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+def test_cuda_greedy_splits_dtypes(monkeypatch, dtype):
+    shape = (2, 7, 65, 65)
+    feat = torch.randn(shape, device="cuda", dtype=dtype) if dtype == torch.float64 else exact_features(shape, dtype)
+    first = torch.tensor([0, 4224], device="cuda")
+    expected = run_greedy("reference", feat, 64, first=first, scale=0.5)
+    for blocks in SPLITS:
+        assert torch.equal(run_greedy_split(monkeypatch, blocks, feat, 64, first=first, scale=0.5), expected), (
+            f"{blocks} blocks per image"
+        )
+
+
+@needs_cuda
+def test_cuda_greedy_splits_agree_bitwise(monkeypatch):
+    # float32 sums round, but every split does the same arithmetic per pixel: same proxies
+    feat = torch.randn(2, 256, 127, 129, device="cuda")
+    first = torch.tensor([3, 16000], device="cuda")
+    runs = [run_greedy_split(monkeypatch, blocks, feat, 64, first=first) for blocks in SPLITS]
+    assert all(torch.equal(r, runs[0]) for r in runs[1:])
+    many = exact_features((200, 7, 65, 65))  # a batch larger than the SM count
+    first = torch.randint(0, 65 * 65, (200,), device="cuda")
+    assert torch.equal(
+        run_greedy_split(monkeypatch, 0, many, 5, first=first, scale=0.5),
+        run_greedy("reference", many, 5, first=first, scale=0.5),
+    )
+
+
+@needs_cuda
+@pytest.mark.parametrize("blocks", SPLITS + [25])  # 25: one pixel per block
+def test_cuda_greedy_split_ties(monkeypatch, blocks):
+    feat = torch.ones(2, 3, 5, 5, device="cuda")  # every unchosen pixel ties at every step
+    idx = run_greedy_split(monkeypatch, blocks, feat, 7, first=torch.tensor([6, 0], device="cuda"))
+    assert idx.tolist() == [[6, 0, 1, 2, 3, 4, 5], [0, 1, 2, 3, 4, 5, 6]]
+    feat = torch.randint(-2, 3, (3, 2, 5, 5)).double()  # small integers, scale 1: exact sums
+    first = torch.tensor([0, 12, 24])
+    got = run_greedy_split(monkeypatch, blocks, feat.cuda(), 25, first=first.cuda(), scale=1.0)
+    assert torch.equal(got.cpu(), brute_force_greedy(feat, first, 25, 1.0))
+    big = torch.ones(2, 3, 65, 65, device="cuda")
+    idx = run_greedy_split(monkeypatch, min(blocks, 13), big, 300, first=torch.tensor([4000, 0], device="cuda"))
+    assert idx[0].tolist() == [4000] + list(range(299)) and idx[1].tolist() == list(range(300))
+
+
+@needs_cuda
+@pytest.mark.parametrize("blocks", SPLITS)
+def test_cuda_greedy_split_nan(monkeypatch, blocks):
+    HW = 65 * 65
+    feat = torch.randn(2, 7, 65, 65, device="cuda", dtype=torch.float64)
+    feat[0, 3, 10, 20] = feat[0, 0, 64, 1] = float("nan")  # pixels 670 and 4161
+    feat[1, 5, 0, 9] = float("nan")  # image 1 starts at NaN pixel 9: every score NaN (+inf)
+    first = torch.tensor([2000, 9], device="cuda")
+    got = run_greedy_split(monkeypatch, blocks, feat, HW, first=first)
+    assert torch.equal(got, run_greedy("reference", feat, HW, first=first))
+    assert sorted(got[0, -2:].tolist()) == [670, 4161]  # NaN pixels last
+    assert got[1].tolist() == [9] + [j for j in range(HW) if j != 9]
+
+
+@needs_cuda
+def test_cuda_greedy_split_errors(monkeypatch):
+    feat = torch.randn(1, 7, 127, 129, device="cuda")
+    first = torch.tensor([0], device="cuda")
+    for value in ("two", "-1", str(127 * 129 + 1)):
+        with pytest.raises(ValueError, match="BUSSEG_GREEDY_BLOCKS_PER_IMAGE"):
+            run_greedy_split(monkeypatch, value, feat, 5, first=first)
+    # 16383 blocks cannot all be resident: the cooperative launch refuses, no hang
+    with pytest.raises(RuntimeError, match="greedy_proxy_sampling failed"):
+        run_greedy_split(monkeypatch, 127 * 129, feat, 5, first=first)
+    assert torch.equal(
+        run_greedy_split(monkeypatch, 0, feat, 5, first=first), run_greedy("reference", feat, 5, first=first)
+    )
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_half_precision(dtype):
+    feat = torch.randn(2, 16, 9, 11, device="cuda").to(dtype)
+    first = torch.tensor([0, 50], device="cuda")
+    assert all(len(set(row.tolist())) == 20 for row in run_greedy("cuda", feat, 20, first=first))

@@ -1,0 +1,24 @@
+"""reliable_hard_pixels (PH-Net Eq. 10-13) at the feature grid."""
+
+import pytest
+import torch
+
+import busseg_ops
+
+
+def test_reliable_hard_pixels_eq10_13():
+    B, H, W = 2, 16, 16
+    pseudo = torch.randint(0, 2, (B, H, W))
+    argmax = torch.where(torch.rand(B, H, W) < 0.7, pseudo, 1 - pseudo)
+    hard = torch.rand(B, 4, 4)
+    out = busseg_ops.reliable_hard_pixels(pseudo, argmax, hard, 3, (8, 8))
+    assert isinstance(out, busseg_ops.ReliableHardPixels)
+    assert out.mask.shape == (B, 8, 8) and out.labels.dtype == torch.int64
+    lab = pseudo[:, ::2, ::2]
+    torch.testing.assert_close(out.labels, lab)
+    top = torch.zeros(B, 16, dtype=torch.bool).scatter_(1, hard.flatten(1).topk(3, 1).indices, True)
+    top = top.view(B, 4, 4).repeat_interleave(2, 1).repeat_interleave(2, 2)
+    assert torch.equal(out.hard, top)
+    assert torch.equal(out.mask, top & (lab == argmax[:, ::2, ::2]))
+    with pytest.raises(ValueError, match="k must be <= the number of patches 16"):
+        busseg_ops.reliable_hard_pixels(pseudo, argmax, hard, 17, (8, 8))

@@ -1,0 +1,62 @@
+"""sample_proxies (RA-BUSSeg supplementary Table 4): every strategy's contract (distinct int64
+indices, reproducible with a generator, whatever the feature values), and the patch and k-means
+strategies against their definitions."""
+
+import pytest
+import torch
+
+from busseg_ops import sample_proxies
+
+
+@pytest.mark.parametrize("strategy", ["random", "kmeans", "patch", "greedy"])
+def test_sampling_strategies_share_the_contract(strategy):
+    feat = torch.randn(3, 4, 8, 10)
+    gen = lambda: torch.Generator().manual_seed(7)  # noqa: E731
+    idx = sample_proxies(feat, 16, strategy, generator=gen())
+    assert idx.dtype == torch.int64 and idx.shape == (3, 16)
+    assert all(len(set(row.tolist())) == 16 for row in idx) and 0 <= idx.min() and idx.max() < 80
+    assert torch.equal(idx, sample_proxies(feat, 16, strategy, generator=gen()))
+
+
+def test_patch_strategy_takes_the_pixel_nearest_each_patch_mean():
+    feat = torch.randn(2, 3, 8, 12)
+    idx = sample_proxies(feat, 6, "patch")  # 2 x 3 grid of 4 x 4 patches
+    for b in range(2):
+        for m, j in enumerate(idx[b].tolist()):
+            y0, x0 = 4 * (m // 3), 4 * (m % 3)
+            patch = feat[b, :, y0 : y0 + 4, x0 : x0 + 4].reshape(3, 16)
+            k = (patch - patch.mean(1, keepdim=True)).norm(dim=0).argmin().item()
+            assert j == (y0 + k // 4) * 12 + x0 + k % 4
+
+
+def test_kmeans_strategy_finds_one_proxy_per_cluster():
+    centres = torch.randn(4, 6) * 10
+    assign = torch.randperm(40) % 4
+    feat = (centres[assign] + 0.01 * torch.randn(40, 6)).T.reshape(1, 6, 5, 8)
+    idx = sample_proxies(feat, 4, "kmeans", generator=torch.Generator().manual_seed(1), kmeans_iterations=20)
+    assert sorted(assign[idx[0]].tolist()) == [0, 1, 2, 3]  # k-means++ seeds separate them
+
+
+@pytest.mark.parametrize("strategy", ["random", "kmeans", "patch", "greedy"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), 1e30])
+def test_non_finite_features_still_give_distinct_proxies(strategy, value):
+    feat = torch.randn(2, 3, 4, 6)
+    feat[0] = value  # every distance of image 0 non-finite (or overflowing)
+    feat[1, :, 1:3] = value
+    idx = sample_proxies(feat, 12, strategy, generator=torch.Generator().manual_seed(3))
+    assert idx.shape == (2, 12) and all(len(set(row.tolist())) == 12 for row in idx)
+    assert 0 <= idx.min() and idx.max() < 24
+
+
+@pytest.mark.parametrize(
+    "call,error,match",
+    [
+        (lambda f: sample_proxies(f, 3, "grid"), ValueError, "strategy must be one of"),
+        (lambda f: sample_proxies(f, 36, "random"), ValueError, r"num_proxies must be <= H\*W"),
+        (lambda f: sample_proxies(f, 11, "patch"), ValueError, "num_proxies=11 cannot be laid out"),
+        (lambda f: sample_proxies(f, 3, "kmeans", kmeans_iterations=-1), ValueError, "kmeans_iterations must be >= 0"),
+    ],
+)
+def test_sampling_bad_inputs(call, error, match):
+    with pytest.raises(error, match=match):
+        call(torch.randn(2, 4, 5, 7))

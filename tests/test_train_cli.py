@@ -1,0 +1,226 @@
+"""The `busseg` command explains itself and refuses bad input with one line; checkpoints are safe,
+checksummed, resumable from the stored config and exportable as plain state dicts."""
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+import zipfile
+
+import pytest
+import torch
+from busseg_ops.train import Trainer, checkpoint, cli, config, engine
+from busseg_ops.train.errors import UserError
+from PIL import Image
+from train_helpers import tiny
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_train_help_names_every_method_and_every_default(capsys):
+    with pytest.raises(SystemExit) as done:
+        cli.main(["train", "--help"])
+    assert done.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for name, sentence in config.METHODS.items():
+        assert f"{name} {' '.join(sentence.split())}" in text, name
+    for name in ("--drop-percent", "--criterion {ce,ohem,ce+dice}", "--pretrained", "--preset NAME", "--resume"):
+        assert name in text
+    import dataclasses
+
+    assert text.count("(default: ") >= len(dataclasses.fields(config.TrainConfig))
+    for title in config.GROUPS.values():
+        assert f"{title}:" in text
+
+
+class _StopAfter:
+    def __init__(self, n):
+        self.n = n
+
+    @property
+    def requested(self):
+        self.n -= 1
+        return self.n < 0
+
+
+class _Evil:
+    """Unpickling this would create a file: the side effect that must not happen."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A rabusseg run stopped in the middle of its second epoch (last.pt), and its best.pt."""
+    tmp = tmp_path_factory.mktemp("ckpt")
+    cfg = tiny(tmp, method="rabusseg", warmup_epochs=1, epochs=2, max_steps=2)
+    tr = Trainer(cfg)
+    tr._run_epoch(_StopAfter(99))
+    assert tr._run_epoch(_StopAfter(0)) is True  # stopped after 1 of 2 steps
+    return cfg
+
+
+@pytest.fixture
+def bad_inputs(tmp_path, run):
+    """Files for the bad-input list: a crafted pickle, a byte-flipped checkpoint, a BUSI folder with
+    a broken image, a torchvision state dict for the deep stem, a file where the output folder goes."""
+    evil = tmp_path / "evil.pt"
+    marker = tmp_path / "pwned"
+    with open(evil, "wb") as f:
+        pickle.dump({"config": {}, "teacher": _Evil(str(marker))}, f)
+    flipped = tmp_path / "flipped.pt"
+    blob = bytearray(open(os.path.join(run.out, "last.pt"), "rb").read())
+    with zipfile.ZipFile(os.path.join(run.out, "last.pt")) as z:  # a byte inside the largest tensor
+        info = max((i for i in z.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    head = info.header_offset
+    start = (
+        head
+        + 30
+        + int.from_bytes(blob[head + 26 : head + 28], "little")
+        + int.from_bytes(blob[head + 28 : head + 30], "little")
+    )
+    blob[start + info.file_size // 2] ^= 0x10
+    flipped.write_bytes(bytes(blob))
+    busi = tmp_path / "BUSI"
+    for c in ("benign", "malignant"):
+        (busi / c).mkdir(parents=True)
+        for i in range(1, 6):
+            Image.new("L", (40, 30), 90).save(busi / c / f"{c} ({i}).png")
+            Image.new("L", (40, 30), 255).save(busi / c / f"{c} ({i})_mask.png")
+    (busi / "malignant" / "malignant (4).png").write_bytes(b"not an image")
+    torchvision = tmp_path / "r18_torchvision.pth"
+    src = engine.models.resnet18(stem="plain").state_dict()
+    torch.save(src, torchvision)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    return dict(evil=evil, marker=marker, flipped=flipped, busi=busi, torchvision=torchvision, blocker=blocker)
+
+
+def _cases(b, run):
+    small = ["--synthetic-n", "24", "--synthetic-size", "64", "--quiet"]
+    return {
+        # bad paths and files
+        "missing root": (["train", "--data", "busi", "--root", str(b["busi"]) + "_nowhere"], "--root"),
+        "bad image, suponly": (
+            ["train", "--data", "busi", "--root", str(b["busi"]), "--quiet", "--out", str(b["busi"].parent / "o")],
+            "malignant (4).png",
+        ),
+        "crafted checkpoint": (["train", "--resume", str(b["evil"])], "evil.pt: refused"),
+        "flipped checkpoint": (["train", "--resume", str(b["flipped"])], "flipped.pt: checksum mismatch"),
+        "eval crafted checkpoint": (["eval", "--checkpoint", str(b["evil"])], "evil.pt: refused"),
+        "missing pretrained": (["train", "--model", "deeplab", "--pretrained", "nowhere.pth", *small], "--pretrained"),
+        "pretrained shapes": (
+            ["train", "--model", "deeplab", "--pretrained", str(b["torchvision"]), *small],
+            "r18_torchvision.pth: shape mismatch",
+        ),
+        "unwritable out": (["train", "--out", str(b["blocker"] / "run"), *small], "--out"),
+        "missing config": (["train", "--config", "nowhere.yaml"], "--config nowhere.yaml"),
+        # bad values
+        "partition 1/3": (["train", "--partition", "1/3"], "--partition 1/3"),
+        "epochs 0": (["train", "--epochs", "0"], "--epochs 0"),
+        "epochs abc": (["train", "--epochs", "abc"], "--epochs"),
+        "drop percent": (["train", "--drop-percent", "0"], "--drop-percent"),
+        "method": (["train", "--method", "unet"], "--method"),
+        "no cuda": (["train", "--device", "cuda", *small], "--device cuda") if not torch.cuda.is_available() else None,
+        # incompatible flags: the default 64 proxies on the 4×4 relation grid of a 64-px crop
+        "num proxies": (["train", "--method", "rabusseg", "--crop", "64", *small], "--num-proxies 64"),
+        "patches": (["train", "--method", "phnet", "--num-patches", "3", *small], "--num-patches 3"),
+    }
+
+
+DRIVER = """
+import contextlib, io, json, sys
+from busseg_ops.train import cli
+out = {}
+for name, argv in json.load(sys.stdin).items():
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            code = cli.main(argv)
+        except SystemExit as e:
+            code = e.code
+    out[name] = [code, err.getvalue()]
+print(json.dumps(out))
+"""
+
+
+def test_bad_inputs_give_one_line_and_exit_2_subprocess(bad_inputs, run):
+    cases = {k: v for k, v in _cases(bad_inputs, run).items() if v is not None}
+    r = subprocess.run(
+        [sys.executable, "-c", DRIVER],
+        input=json.dumps({k: argv for k, (argv, _) in cases.items()}),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=str(bad_inputs["busi"].parent),
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    for name, (_, needle) in cases.items():
+        code, err = got[name]
+        assert code == 2, (name, code, err)
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, (name, err)
+        assert needle in err, (name, needle, err)
+    assert not bad_inputs["marker"].exists(), "unpickling the crafted checkpoint ran its code"
+    # The console script itself: one line, status 2, and the crafted file still inert.
+    busseg = os.path.join(os.path.dirname(sys.executable), "busseg")
+    r = subprocess.run([busseg, "train", "--resume", str(bad_inputs["evil"])], capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "evil.pt: refused" in r.stderr, r.stderr
+    assert not bad_inputs["marker"].exists()
+
+
+def test_debug_shows_the_traceback(capsys):
+    assert cli.main(["train", "--partition", "1/3"]) == 2
+    assert (
+        capsys.readouterr().err
+        == "busseg: error: --partition 1/3: expected 1/N with N a power of two (1/1, 1/2, 1/4, 1/8, ...)\n"
+    )
+    for argv in (["--debug", "train", "--partition", "1/3"], ["train", "--partition", "1/3", "--debug"]):
+        with pytest.raises(UserError, match="--partition 1/3"):
+            cli.main(argv)
+
+
+def test_checkpoints_are_plain_data_and_checksummed(run, bad_inputs):
+    path = os.path.join(run.out, "last.pt")
+    plain = torch.load(path, weights_only=True)  # torch's own safe loader reads it
+    assert plain["format"] == checkpoint.FORMAT and len(plain["sha256"]) == 64
+    st = checkpoint.load(path)
+    assert st["config"]["method"] == "rabusseg" and set(st["teacher"]) == set(st["student"])
+    assert torch.is_tensor(st["rng"]["torch"]) and isinstance(st["rng"]["python"], list)
+    with pytest.raises(UserError, match=r"evil\.pt: refused"):
+        checkpoint.load(str(bad_inputs["evil"]))
+    assert not bad_inputs["marker"].exists()
+    with pytest.raises(UserError, match=r"flipped\.pt: checksum mismatch"):
+        checkpoint.load(str(bad_inputs["flipped"]))
+
+
+def test_bare_resume_continues_the_stored_run_and_export_loads_in_plain_torch(run, tmp_path, capsys):
+    assert cli.main(["train", "--resume", os.path.join(run.out, "last.pt")]) == 0  # nothing else given
+    out = capsys.readouterr().out
+    expected = f"resuming {run.out}/last.pt: rabusseg on synthetic, 1 of 2 epochs done and 1 step(s), output {run.out}"
+    assert expected in out
+    st = checkpoint.load(os.path.join(run.out, "last.pt"))
+    assert (st["epoch"], st["step_in_epoch"], st["global_step"]) == (2, 0, 4)
+    assert st["config"] == checkpoint.load(os.path.join(run.out, "best.pt"))["config"]
+    # Flags given with --resume override the stored config and are printed.
+    assert cli.main(["train", "--resume", os.path.join(run.out, "last.pt"), "--epochs", "3", "--max-steps", "1"]) == 0
+    assert "overriding --epochs 2 → 3, --max-steps 2 → 1" in capsys.readouterr().out
+    assert checkpoint.load(os.path.join(run.out, "last.pt"))["epoch"] == 3
+    # Export: the teacher as a plain state dict plus the config to build the network.
+    model_pt = tmp_path / "model.pt"
+    assert cli.main(["export", os.path.join(run.out, "best.pt"), str(model_pt)]) == 0
+    weights = torch.load(model_pt, weights_only=True)
+    cfg = config.TrainConfig.from_dict(json.load(open(tmp_path / "model.json")))
+    model = engine.build_model(cfg)
+    model.load_state_dict(weights)  # strict
+    teacher = engine.build_model(cfg)
+    teacher.load_state_dict(checkpoint.load(os.path.join(run.out, "best.pt"))["teacher"])
+    x = torch.rand(1, 1, 48, 40)  # plain grayscale in [0, 1]
+    torch.testing.assert_close(model.eval()(x)["pred"], teacher.eval()(x)["pred"], rtol=0, atol=0)
+    with pytest.raises(UserError, match="not a busseg training checkpoint"):
+        checkpoint.load(str(model_pt))  # an export is not a training checkpoint

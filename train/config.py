@@ -1,0 +1,585 @@
+"""Training configuration: `TrainConfig` (every field is a `busseg train` flag, with its help text,
+group and choices), its checks, config files in our flat layout or in the nested layout of the
+upstream RA-BUSSeg / U2PL code, and the shipped presets (train/configs/*.yaml).
+
+Defaults: the methods' hyperparameters follow the public RA-BUSSeg/U2PL training code where it and
+a paper's text disagree (weight decay 5e-4, EMA 0.99, OHEM 0.7/100000, drop_percent 80, scale
+0.5–2.0); the run's scale (10 epochs, 128-px crops, a narrow U-Net, synthetic data) is ours, sized
+for a CPU. The presets carry each paper's full protocol. README "Training" has the table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import typing
+from dataclasses import dataclass, field
+
+from .errors import UserError
+
+PRESET_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+
+METHODS = {
+    "suponly": "supervised only: cross-entropy (or --criterion) on the labelled images; the baseline.",
+    "rabusseg": "RA-BUSSeg (ICCV 2025): mean teacher with cutmixed pseudo-labels, adjacent relation "
+    "propagation (ARP) and cross-layer relation alignment (CRA) with greedy proxy sampling.",
+    "phnet": "PH-Net (CVPR 2024): adaptive patch cutmix that shields the hardest patches, and a "
+    "hard-patch contrastive loss against a class memory bank.",
+    "lanet": "LA-Net (MedIA 2023): lesion-aware attention network, two-stage training of "
+    "localisation then joint classification with pseudo location labels (needs class labels).",
+    "semiseg_caw": "SemiSeg-CAW (2025): a pre-trained ClassElevateSeg guide map and learned "
+    "per-loss weights (WGM) for segmentation, classification and pseudo-label losses.",
+}
+GROUPS = {
+    "run": "method and run",
+    "data": "data",
+    "augment": "augmentation (per sample, as upstream: scale the original, flip, crop)",
+    "model": "model",
+    "optim": "optimisation and losses",
+    "rabusseg": "rabusseg",
+    "phnet": "phnet",
+    "lanet": "lanet and semiseg_caw",
+}
+
+
+def _f(default, group: str, help: str, choices=None):
+    return field(default=default, metadata={"group": group, "help": help, "choices": choices})
+
+
+@dataclass
+class TrainConfig:
+    # run
+    method: str = _f("suponly", "run", "training method (listed above)", tuple(METHODS))
+    out: str = _f("runs/train", "run", "output folder (checked writable before the first step)")
+    seed: int = _f(0, "run", "seed of the split, the partition, the augmentation and the methods' draws")
+    device: str = _f("cpu", "run", "cpu, cuda or cuda:N")
+    num_workers: int = _f(0, "run", "data-loader worker processes")
+    overlays: int = _f(8, "run", "test overlays (pictures) written at the end")
+    quiet: bool = _f(False, "run", "no progress bars or per-epoch lines")
+    # data
+    data: str = _f("synthetic", "data", "dataset layout", ("synthetic", "busi", "udiat", "folder"))
+    root: str | None = _f(
+        None,
+        "data",
+        "dataset folder: busi <class>/<class> (N).png + _mask*.png (or upstream's image/ + label/), udiat "
+        "original/ + GT/ (or image/ + label/), folder: the images",
+    )
+    split_dir: str | None = _f(
+        None, "data", "split lists test.txt, 1_2/labeled.txt, 1_2/unlabeled.txt (busi: <root>/splits by default)"
+    )
+    mask_dir: str | None = _f(None, "data", "masks of --data folder (none: <root>/masks)")
+    partition: str = _f("1/4", "data", "labelled share of the training set: 1/1, 1/2, 1/4, 1/8, ... (1/2^k)")
+    limit: int | None = _f(None, "data", "keep a seeded subset of this many images (quick runs)")
+    val_from_train: int = _f(
+        0,
+        "data",
+        "with split lists: validate on this many seeded images carved from the unlabelled training pool "
+        "(0: the test list, as the authors select models)",
+    )
+    pseudo_label_check: int = _f(
+        0,
+        "run",
+        "diagnosis: grade the teacher's pseudo-labels on this many fixed unlabelled images after each epoch "
+        "with their hidden masks (never used for training; 0: off)",
+    )
+    synthetic_n: int = _f(200, "data", "synthetic images")
+    synthetic_size: int = _f(128, "data", "side of the synthetic images")
+    # augmentation
+    crop: int = _f(128, "augment", "side of the random training crop (upstream 512; padding is ignored, 255)")
+    scale_min: float = _f(0.5, "augment", "smallest random scale of the original image (aspect kept)")
+    scale_max: float = _f(2.0, "augment", "largest random scale")
+    flip: bool = _f(True, "augment", "random horizontal flip")
+    # model
+    model: str = _f("unet", "model", "network (lanet and semiseg_caw build their own around it)", ("unet", "deeplab"))
+    backbone: str = _f(
+        "resnet18",
+        "model",
+        "ResNet of deeplab and lanet (lanet also: unet)",
+        ("resnet18", "resnet34", "resnet50", "resnet101", "unet"),
+    )
+    in_channels: int = _f(
+        1, "model", "network input channels: 1 gray, or 3 (gray replicated, ImageNet mean/std, as upstream)", (1, 3)
+    )
+    pretrained: str | None = _f(
+        None, "model", "local ImageNet ResNet state dict (torchvision, timm or U2PL names); nothing is downloaded"
+    )
+    stem: str = _f(
+        "deep",
+        "model",
+        "ResNet stem: deep (U2PL/RA-BUSSeg/PH-Net), plain (torchvision, timm resnetNN), timm-d (timm resnetNNd)",
+        ("deep", "plain", "timm-d"),
+    )
+    multi_grid: bool = _f(True, "model", "ResNet layer4 multi-grid dilations 4-8-16 (upstream multi_grid)")
+    zero_init_residual: bool = _f(True, "model", "ResNet: the last BN of each residual branch starts at 0 (upstream)")
+    unet_base: int = _f(16, "model", "U-Net width (SSL4MIS U-Net: 16)")
+    proj_dim: int = _f(64, "model", "RA-BUSSeg relation projection channels (upstream 256)")
+    rep_dim: int = _f(64, "model", "PH-Net projector channels (paper 256)")
+    # optimisation
+    epochs: int = _f(10, "optim", "training epochs (an epoch: one pass over the larger of the two streams)")
+    warmup_epochs: int = _f(1, "optim", "supervised-only epochs first (upstream sup_only_epoch; papers: 10 of 200)")
+    max_steps: int | None = _f(None, "optim", "cap on steps per epoch (smoke runs)")
+    batch_labeled: int = _f(2, "optim", "labelled images per step (RA-BUSSeg code 2; PH-Net text 4)")
+    batch_unlabeled: int = _f(2, "optim", "unlabelled images per step")
+    optimizer: str = _f("sgd", "optim", "optimizer (LA-Net: adam; SemiSeg-CAW: adamw)", ("sgd", "adam", "adamw"))
+    lr: float = _f(0.003, "optim", "initial learning rate")
+    momentum: float = _f(0.9, "optim", "SGD momentum")
+    weight_decay: float = _f(5e-4, "optim", "weight decay (RA-BUSSeg code 5e-4; PH-Net text 1e-4)")
+    lr_schedule: str = _f("poly", "optim", "learning-rate decay per step", ("poly", "cosine", "constant"))
+    poly_power: float = _f(0.9, "optim", "poly decay: lr·(1 − step/steps)^power")
+    ema: float = _f(0.99, "optim", "teacher EMA decay (RA-BUSSeg code 0.99; PH-Net text 0.999)")
+    criterion: str = _f(
+        "ohem",
+        "optim",
+        "supervised loss: ce, ohem (U2PL/RA-BUSSeg CriterionOhem) or ce+dice (CE + soft Dice, for short runs); "
+        "lanet's sigmoid head always uses binary CE",
+        ("ce", "ohem", "ce+dice"),
+    )
+    ohem_thresh: float = _f(0.7, "optim", "OHEM: pixels whose true-class probability is at most this are kept")
+    ohem_min_kept: int = _f(100000, "optim", "OHEM: at least this many pixels are kept (0: plain CE, as upstream)")
+    # rabusseg
+    lambda_u: float = _f(1.0, "rabusseg", "weight of the unlabelled loss L_u (rabusseg, phnet)")
+    lambda_arp: float = _f(1.0, "rabusseg", "weight of L_ARP")
+    lambda_cra: float = _f(1.0, "rabusseg", "weight of L_CRA")
+    arp: bool = _f(True, "rabusseg", "adjacent relation propagation loss")
+    cra: bool = _f(True, "rabusseg", "cross-layer relation alignment loss")
+    arp_kernel: int = _f(3, "rabusseg", "ARP neighbourhood side")
+    cra_strategy: str = _f(
+        "greedy", "rabusseg", "CRA proxy sampling", ("greedy", "random", "kmeans", "patch", "global")
+    )
+    cra_scales: int = _f(4, "rabusseg", "deepest feature maps aligned by CRA", (2, 3, 4))
+    num_proxies: int = _f(64, "rabusseg", "CRA proxies per image (at most the relation grid's pixels)")
+    drop_percent: float = _f(
+        80.0,
+        "rabusseg",
+        "upstream drop_percent: keep this %% of the unlabelled pixels at the start (drop the most uncertain "
+        "100 − p %%), annealed linearly to keeping all",
+    )
+    cutmix_p: float = _f(1.0, "rabusseg", "probability of a cutmix box per unlabelled image (phnet --no-apa too)")
+    # phnet
+    apa: bool = _f(True, "phnet", "adaptive patch cutmix (off: plain box cutmix)")
+    shield: bool = _f(True, "phnet", "shield the hardest patches within APA")
+    hpc: bool = _f(True, "phnet", "hard-patch contrastive loss")
+    mb: bool = _f(True, "phnet", "memory-bank positives (off: the batch's class means)")
+    num_patches: int = _f(4, "phnet", "N×N patch grid (paper: 25-px patches, N = 20 at 500 px)")
+    beta: float = _f(0.3, "phnet", "largest share of shielded patches")
+    gamma: float = _f(0.9, "phnet", "confidence threshold of the pseudo-labels (phnet, semiseg_caw)")
+    lambda_c: float = _f(1.0, "phnet", "weight of the contrastive loss")
+    temperature: float = _f(0.5, "phnet", "contrastive temperature")
+    bank_size: int = _f(4096, "phnet", "memory-bank entries per class")
+    max_anchors: int = _f(1024, "phnet", "contrastive anchors per step")
+    # lanet, semiseg_caw
+    stage1_epochs: int = _f(1, "lanet", "LA-Net stage 1 / ClassElevateSeg pre-training epochs")
+    tau: float = _f(0.8, "lanet", "lanet: class confidence needed for pseudo location labels")
+    alpha: float = _f(0.1, "lanet", "lanet: weight of the pseudo-labelled localisation loss")
+    lam: float = _f(0.5, "lanet", "lanet: classification share of the stage-2 loss")
+    wgm: bool = _f(True, "lanet", "semiseg_caw: learned loss weights (off: all 1)")
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "config") -> TrainConfig:
+        """A config from plain values (a config file, a checkpoint); unknown keys and values of the
+        wrong type are errors that name the key. Values are checked (:meth:`validate`)."""
+        names = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - set(names))
+        if unknown:
+            renamed = {"size": "crop", "dice_weight": "criterion"}
+            hints = [f"{k} (now {renamed[k]})" if k in renamed else k for k in unknown]
+            raise UserError(f"{source}: unknown config keys: {', '.join(hints)}")
+        hints = typing.get_type_hints(cls)
+        values = {k: _coerce(k, v, hints[k], source) for k, v in d.items()}
+        cfg = cls(**values)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        """Range and combination checks; the error names the flag."""
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                raise UserError(
+                    f"{flag(f.name)} {getattr(self, f.name)!r}: expected one of {', '.join(map(str, choices))}"
+                )
+        self.partition = normalise_partition(self.partition)
+        at_least = {
+            "epochs": 1,
+            "warmup_epochs": 0,
+            "batch_labeled": 1,
+            "batch_unlabeled": 1,
+            "crop": 16,
+            "synthetic_size": 16,
+            "synthetic_n": 4,
+            "num_workers": 0,
+            "overlays": 0,
+            "unet_base": 1,
+            "proj_dim": 1,
+            "rep_dim": 1,
+            "ohem_min_kept": 0,
+            "arp_kernel": 1,
+            "num_proxies": 1,
+            "num_patches": 1,
+            "bank_size": 1,
+            "max_anchors": 1,
+            "stage1_epochs": 0,
+            "val_from_train": 0,
+            "pseudo_label_check": 0,
+        }
+        for name, low in at_least.items():
+            if getattr(self, name) < low:
+                raise UserError(f"{flag(name)} {getattr(self, name)}: must be at least {low}")
+        for name in ("max_steps", "limit"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise UserError(f"{flag(name)} {getattr(self, name)}: must be at least 1")
+        within = {
+            "momentum": (0, 1, False),
+            "ema": (0, 1, False),
+            "cutmix_p": (0, 1, True),
+            "beta": (0, 1, True),
+            "gamma": (0, 1, True),
+            "tau": (0, 1, True),
+            "alpha": (0, 1, True),
+            "lam": (0, 1, True),
+            "drop_percent": (0, 100, True),
+        }
+        for name, (low, high, closed) in within.items():
+            v = getattr(self, name)
+            if not (low <= v <= high if closed else low <= v < high) or (name == "drop_percent" and v == 0):
+                span = f"({low}, {high}]" if name == "drop_percent" else f"[{low}, {high}{']' if closed else ')'}"
+                raise UserError(f"{flag(name)} {v}: must be in {span}")
+        for name in ("lr", "poly_power", "temperature", "ohem_thresh", "scale_min"):
+            if not getattr(self, name) > 0:
+                raise UserError(f"{flag(name)} {getattr(self, name)}: must be positive")
+        for name in ("weight_decay", "lambda_u", "lambda_arp", "lambda_cra", "lambda_c"):
+            if getattr(self, name) < 0:
+                raise UserError(f"{flag(name)} {getattr(self, name)}: must not be negative")
+        if self.ohem_thresh > 1:
+            raise UserError(f"--ohem-thresh {self.ohem_thresh}: must be in (0, 1]")
+        if not self.scale_min <= 1 <= self.scale_max:
+            raise UserError(
+                f"--scale-min {self.scale_min} / --scale-max {self.scale_max}: need scale-min ≤ 1 ≤ scale-max "
+                "(upstream draws below or above 1 with equal chance)"
+            )
+        if self.arp_kernel % 2 == 0:
+            raise UserError(f"--arp-kernel {self.arp_kernel}: must be odd")
+        if self.data != "synthetic" and not self.root:
+            raise UserError(f"--root is required for --data {self.data}")
+        if self.backbone == "unet" and self.method != "lanet":
+            raise UserError("--backbone unet: only lanet takes the U-Net encoder as a backbone; use --model unet")
+        if self.pretrained is not None and not self._has_resnet():
+            raise UserError(
+                "--pretrained: this network has no ResNet backbone (--model deeplab, or lanet with --backbone resnetNN)"
+            )
+        if self.device != "cpu" and not (self.device == "cuda" or self.device.startswith("cuda:")):
+            raise UserError(f"--device {self.device!r}: expected cpu, cuda or cuda:N")
+
+    def _has_resnet(self) -> bool:
+        if self.method == "lanet":
+            return self.backbone != "unet"
+        return self.model == "deeplab"
+
+
+def flag(name: str) -> str:
+    """The command-line flag of a TrainConfig field."""
+    return "--" + name.replace("_", "-")
+
+
+def _coerce(name, value, hint, source):
+    """A config-file value as the field's type (an int where a float is expected is fine)."""
+    if value is None and type(None) in typing.get_args(hint):
+        return None
+    base = next((a for a in typing.get_args(hint) if a is not type(None)), hint) if typing.get_args(hint) else hint
+    if base is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if base is str and name == "partition" and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    if isinstance(value, base) and not (base is int and isinstance(value, bool)):
+        return value
+    raise UserError(f"{source}: {name}: expected {base.__name__}, got {value!r}")
+
+
+def normalise_partition(text) -> str:
+    """ "1/N" with N a power of two (the papers' 1/2, 1/4, 1/8 protocols, 1/1 = all labelled); a
+    decimal such as 0.25 is accepted for the same shares."""
+    value = None
+    try:
+        if isinstance(text, str) and "/" in text:
+            a, b = text.split("/")
+            value = float(a) / float(b)
+        else:
+            value = float(text)
+    except (ValueError, ZeroDivisionError):
+        pass
+    n = round(1 / value) if value and value > 0 else 0
+    if not value or n < 1 or abs(value * n - 1) > 1e-9 or n & (n - 1):
+        raise UserError(f"--partition {text}: expected 1/N with N a power of two (1/1, 1/2, 1/4, 1/8, ...)")
+    return f"1/{n}"
+
+
+def partition_fraction(text: str) -> float:
+    return 1.0 / int(normalise_partition(text).split("/")[1])
+
+
+# ----------------------------------------------------------------------------------------------
+# Files and presets
+
+
+def presets() -> list[str]:
+    """Names of the shipped presets (train/configs/NAME.yaml)."""
+    return sorted(f[:-5] for f in os.listdir(PRESET_DIR) if f.endswith(".yaml"))
+
+
+def preset_path(name: str) -> str:
+    path = os.path.join(PRESET_DIR, name + ".yaml")
+    if not os.path.isfile(path):
+        raise UserError(f"--preset {name}: no such preset (available: {', '.join(presets())})")
+    return path
+
+
+def load_file(path: str, what: str = "--config") -> dict:
+    """Flat TrainConfig values from a YAML or JSON file in our flat layout or upstream's nested one
+    (`dataset`, `trainer`, `net`, `criterion`, `saver`). Types are checked by TrainConfig.from_dict."""
+    if not os.path.isfile(path):
+        raise UserError(f"{what} {path}: no such file")
+    with open(path) as f:
+        text = f.read()
+    if not path.endswith(".json"):
+        try:
+            import yaml
+        except ImportError:
+            raise UserError(f"{path}: reading YAML needs PyYAML (pip install pyyaml), or use a JSON config") from None
+    try:
+        doc = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
+    except Exception as err:  # yaml.YAMLError / json.JSONDecodeError: say where
+        raise UserError(f"{path}: not valid {'JSON' if path.endswith('.json') else 'YAML'}: {_one_line(err)}") from None
+    if doc is None:
+        return {}
+    if not isinstance(doc, dict):
+        raise UserError(f"{path}: expected a mapping of keys to values at the top level")
+    # Upstream sections are mappings (a flat `criterion: ohem` is our key of the same name).
+    nested = {k: doc.pop(k) for k in UPSTREAM_SECTIONS if isinstance(doc.get(k), dict)}
+    values = from_upstream(nested, path) if nested else {}
+    values.update(doc)  # flat keys next to the nested sections override them
+    hints = typing.get_type_hints(TrainConfig)
+    unknown = sorted(set(values) - set(hints))
+    if unknown:
+        raise UserError(f"{path}: unknown config keys: {', '.join(unknown)}")
+    return {k: _coerce(k, v, hints[k], path) for k, v in values.items()}
+
+
+def _one_line(err: Exception) -> str:
+    return " ".join(str(err).split())
+
+
+# ----------------------------------------------------------------------------------------------
+# The upstream nested layout (RA-BUSSeg experiments/*/config.yaml, U2PL's experiments)
+
+UPSTREAM_SECTIONS = ("dataset", "trainer", "net", "criterion", "saver")
+_IMAGENET_MEAN_255 = [123.675, 116.28, 103.53]
+_IMAGENET_STD_255 = [58.395, 57.12, 57.375]
+
+
+def _fixed(expected, why: str):
+    """A key that is accepted only with the value this code always uses."""
+
+    def handle(v, path):
+        if v != expected:
+            raise UserError(f"{path}: {v!r} is not supported here ({why}; only {expected!r})")
+        return {}
+
+    return handle
+
+
+def _to(name: str, convert=None):
+    def handle(v, path):
+        return {name: convert(v) if convert else v}
+
+    return handle
+
+
+def _ignored(why: str):
+    def handle(v, path):  # accepted as the upstream files have it; `why` says why it changes nothing
+        return {}
+
+    return handle
+
+
+def _dataset_type(v, path):
+    kinds = {"bus_semi": "rabusseg", "bus": "suponly"}
+    if v not in kinds:
+        raise UserError(f"{path}: {v!r} is not supported here (bus_semi or bus)")
+    return {"method": kinds[v]}
+
+
+def _train_list(v, path):
+    """data/BUSI/1_2/labeled.txt → the BUSI layout, split lists in data/BUSI, partition 1/2 (upstream
+    picks the dataset the same way: by BUSI or UDIAT in the list's path)."""
+    folder, name = os.path.split(str(v))
+    parts, part = os.path.split(folder)
+    data = "busi" if "BUSI" in str(v) else "udiat" if "UDIAT" in str(v) else None
+    if name != "labeled.txt" or "_" not in part or data is None:
+        raise UserError(f"{path}: {v!r}: expected <lists>/<BUSI|UDIAT...>/1_N/labeled.txt as upstream")
+    return {"data": data, "split_dir": parts, "partition": part.replace("_", "/")}
+
+
+def _crop_size(v, path):
+    if not (isinstance(v, list) and len(v) == 2 and v[0] == v[1] and isinstance(v[0], int)):
+        raise UserError(f"{path}: {v!r}: only square crops [S, S] are supported here")
+    return {"crop": v[0]}
+
+
+def _scale(v, path):
+    if not (isinstance(v, list) and len(v) == 2):
+        raise UserError(f"{path}: {v!r}: expected [min, max]")
+    return {"scale_min": v[0], "scale_max": v[1]}
+
+
+def _batch(v, path):
+    return {"batch_labeled": v, "batch_unlabeled": v}  # upstream: one batch size for both loaders
+
+
+def _normalisation(expected):
+    def handle(v, path):
+        if not (isinstance(v, list) and len(v) == 3 and all(math.isclose(a, b) for a, b in zip(v, expected))):
+            raise UserError(f"{path}: {v!r}: only the ImageNet values {expected} are supported here")
+        return {"in_channels": 3}  # RGB input normalised with ImageNet statistics
+
+    return handle
+
+
+def _optimizer(v, path):
+    kinds = {"SGD": "sgd", "Adam": "adam", "AdamW": "adamw"}
+    if v not in kinds:
+        raise UserError(f"{path}: {v!r} is not supported here (SGD, Adam, AdamW)")
+    return {"optimizer": kinds[v]}
+
+
+def _schedule(v, path):
+    if v not in ("poly", "cosine"):
+        raise UserError(f"{path}: {v!r} is not supported here (poly, cosine)")
+    return {"lr_schedule": v}
+
+
+def _apply_aug(v, path):
+    """U2PL: with probability 0.5 the unlabelled batch gets the named strong augmentation."""
+    if v is False:
+        return {"cutmix_p": 0.0}
+    if v == "cutmix":
+        return {"cutmix_p": 0.5}
+    raise UserError(f"{path}: {v!r} is not supported here (False or cutmix)")
+
+
+def _criterion(v, path):
+    kinds = {"ohem": "ohem", "CELoss": "ce", "ce": "ce"}
+    if v not in kinds:
+        raise UserError(f"{path}: {v!r} is not supported here (ohem or CELoss)")
+    return {"criterion": kinds[v]}
+
+
+def _encoder(v, path):
+    name = str(v).rsplit(".", 1)[-1]
+    if name not in ("resnet18", "resnet34", "resnet50", "resnet101"):
+        raise UserError(f"{path}: {v!r} is not supported here (a resnet18/34/50/101 encoder)")
+    return {"backbone": name}
+
+
+def _decoder(v, path):
+    if not str(v).endswith("dec_deeplabv3_plus"):
+        raise UserError(f"{path}: {v!r} is not supported here (dec_deeplabv3_plus)")
+    return {"model": "deeplab"}
+
+
+def _pretrain(v, path):
+    if v:
+        raise UserError(
+            f"{path}: {v!r}: upstream checkpoints are pickles and are not loaded; start from --pretrained "
+            "(an ImageNet backbone) or --resume a busseg checkpoint"
+        )
+    return {}
+
+
+UPSTREAM_KEYS = {
+    "dataset.type": _dataset_type,
+    "dataset.train.data_root": _to("root"),
+    "dataset.train.data_list": _train_list,
+    "dataset.train.flip": _to("flip"),
+    "dataset.train.GaussianBlur": _fixed(False, "no Gaussian blur augmentation"),
+    "dataset.train.rand_resize": _scale,
+    "dataset.train.crop.type": _fixed("rand", "random crops"),
+    "dataset.train.crop.size": _crop_size,
+    "dataset.train.batch_size": _batch,
+    "dataset.batch_size": _batch,  # U2PL's configs keep it here
+    "dataset.val.data_root": _ignored("must be the training data_root (checked)"),
+    "dataset.val.data_list": _ignored("must be test.txt beside the training lists (checked)"),
+    "dataset.val.batch_size": _ignored("evaluation runs image by image"),
+    "dataset.n_total": _ignored("counted from the split lists"),
+    "dataset.n_sup": _ignored("counted from the split lists"),
+    "dataset.noise_std": _ignored("not read by the upstream training code either"),
+    "dataset.workers": _to("num_workers"),
+    "dataset.mean": _normalisation(_IMAGENET_MEAN_255),
+    "dataset.std": _normalisation(_IMAGENET_STD_255),
+    "dataset.ignore_label": _fixed(255, "ignored pixels are 255"),
+    "trainer.epochs": _to("epochs"),
+    "trainer.eval_on": _fixed(True, "the teacher is evaluated every epoch"),
+    "trainer.sup_only_epoch": _to("warmup_epochs"),
+    "trainer.optimizer.type": _optimizer,
+    "trainer.optimizer.kwargs.lr": _to("lr"),
+    "trainer.optimizer.kwargs.momentum": _to("momentum"),
+    "trainer.optimizer.kwargs.weight_decay": _to("weight_decay"),
+    "trainer.lr_scheduler.mode": _schedule,
+    "trainer.lr_scheduler.kwargs.power": _to("poly_power"),
+    "trainer.unsupervised.TTA": _fixed(False, "no test-time augmentation"),
+    "trainer.unsupervised.drop_percent": _to("drop_percent"),
+    "trainer.unsupervised.apply_aug": _apply_aug,
+    "trainer.unsupervised.loss_weight": _to("lambda_u"),
+    "saver.snapshot_dir": _to("out"),
+    "saver.log_dir": _ignored("metrics.csv and tb/ go to the output folder"),
+    "saver.pretrain": _pretrain,
+    "saver.auto_resume": _fixed(False, "resume with --resume"),
+    "criterion.type": _criterion,
+    "criterion.kwargs.use_weight": _fixed(False, "no class weights"),
+    "criterion.kwargs.thresh": _to("ohem_thresh"),
+    "criterion.kwargs.min_kept": _to("ohem_min_kept"),
+    "net.num_classes": _fixed(2, "lesion and background"),
+    "net.sync_bn": _ignored("SyncBatchNorm is used under multi-GPU DDP"),
+    "net.ema_decay": _to("ema"),
+    "net.encoder.type": _encoder,
+    "net.encoder.kwargs.multi_grid": _to("multi_grid"),
+    "net.encoder.kwargs.zero_init_residual": _to("zero_init_residual"),
+    "net.encoder.kwargs.fpn": _fixed(True, "the four stage maps are always returned"),
+    "net.encoder.kwargs.replace_stride_with_dilation": _fixed([False, True, True], "output stride 8"),
+    "net.decoder.type": _decoder,
+    "net.decoder.kwargs.inner_planes": _fixed(256, "the DeepLabv3+ decoder has 256 channels"),
+    "net.decoder.kwargs.dilations": _fixed([12, 24, 36], "ASPP rates 12/24/36"),
+}
+
+
+def _leaves(doc: dict, prefix: str = ""):
+    for k, v in doc.items():
+        path = f"{prefix}{k}"
+        if isinstance(v, dict) and path not in UPSTREAM_KEYS:
+            yield from _leaves(v, path + ".")
+        else:
+            yield path, v
+
+
+def from_upstream(doc: dict, source: str) -> dict:
+    """Flat values from the nested upstream layout; every key that has no meaning here is an error
+    that names it. See UPSTREAM_KEYS for the mapping (README: "Upstream configs")."""
+    values, seen = {}, {}
+    for path, v in _leaves(doc):
+        handler = UPSTREAM_KEYS.get(path)
+        if handler is None:
+            raise UserError(f"{source}: {path} has no counterpart here")
+        values.update(handler(v, f"{source}: {path}"))
+        seen[path] = v
+    val_root, train_root = seen.get("dataset.val.data_root"), seen.get("dataset.train.data_root")
+    if val_root is not None and val_root != train_root:
+        raise UserError(f"{source}: dataset.val.data_root: must equal dataset.train.data_root")
+    val_list = seen.get("dataset.val.data_list")
+    if val_list is not None:
+        expected = os.path.join(values.get("split_dir", ""), "test.txt")
+        if os.path.normpath(str(val_list)) != os.path.normpath(expected):
+            raise UserError(
+                f"{source}: dataset.val.data_list: expected {expected} (the test list beside the training lists)"
+            )
+    return values
