@@ -117,7 +117,8 @@ def patch_entropy_hardness(x: torch.Tensor, patch_h: int, patch_w: int, from_log
         -1.0 / (math.log(K) * patch_h * patch_w),
         eps,
         FROM_LOGITS=from_logits,
-        BLOCK=min(1024, triton.next_power_of_2(patch_h * patch_w)),
+        # a lane per thread at least; at most 512 pixels at a time (blocks of 1024 spilled on sm_90)
+        BLOCK=min(512, max(128, triton.next_power_of_2(patch_h * patch_w))),
     )
     return out.to(x.dtype)
 
