@@ -350,3 +350,31 @@ def adjacent_relation_propagation_backward(
             ACC=_acc(feat),
         )
     return grad_feat, grad_value
+
+
+# ---- launch space: what the GPU compile check (tools/gpu_compile_check.py) compiles ------------
+
+#: Problem axes that decide what the launchers above launch. First value: the base problem; second:
+#: the smallest blocks. Channels give blocks of 64 (base), 4, 8, 16 and 32; classes blocks of 4
+#: (base), 4 with K = 1 (Triton specialises a 1), 8, and 16 (three blocks); dilation 1 is specialised.
+LAUNCH_AXES = {
+    "dtype": (torch.float32, torch.float64, torch.float16, torch.bfloat16),
+    "channels": (256, 3, 7, 13, 31),
+    "classes": (2, 1, 7, 37),
+    "kernel_size": (3, 1, 5, 7),
+    "dilation": (1, 2),
+    "padding": ("zeros", "valid"),
+}
+#: The largest blocks (the most registers), compiled in every dtype like the base.
+LAUNCH_CORNERS = ({"channels": 256, "classes": 37, "kernel_size": 7, "dilation": 2},)
+#: Each kernel size is a compile of its own; the values above are the ones checked.
+UNBOUNDED_AXES = ("kernel_size",)
+
+
+def launch_stand_in(dtype, channels, classes, kernel_size, dilation, padding):
+    """Forward and backward launches of one problem, on stand-in inputs."""
+    feat = torch.zeros(1, channels, 5, 7, dtype=dtype)
+    value = torch.zeros(1, classes, 5, 7, dtype=dtype)
+    valid = padding == "valid"
+    out, weights = adjacent_relation_propagation(feat, value, kernel_size, dilation, 1.0, valid)
+    adjacent_relation_propagation_backward(out, feat, value, weights, kernel_size, dilation, 1.0, valid, True, True)

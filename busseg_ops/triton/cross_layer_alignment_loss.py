@@ -357,3 +357,30 @@ def cross_layer_alignment_loss_backward(
             if need_grad_feats:  # f_l[:, :, block] gradient = (g_l p_l)ᵀ
                 grad_feats[l][:, :, r0 : r0 + n] = torch.bmm(proxies[l].transpose(1, 2), g[l].transpose(1, 2))
     return grad_feats, [s.to(p.dtype) for s, p in zip(sums, proxies)]
+
+
+# ---- launch space: what the GPU compile check (tools/gpu_compile_check.py) compiles ------------
+
+#: Problem axes that decide what the launchers above launch. First value: the base problem (the
+#: upstream M = 64, L = 4); second: the smallest blocks. Proxies give tiles of 64 (base), 16, 32,
+#: 128, 256, 512 and 1024 proxies, and wide rows.
+LAUNCH_AXES = {
+    "dtype": (torch.float32, torch.float64, torch.float16, torch.bfloat16),
+    "proxies": (64, 1, 20, 100, 200, 300, 1000, 1500),
+    "layers": (4, 2, 6),
+}
+#: The largest tiles with the most layers, and wide rows, compiled in every dtype like the base.
+LAUNCH_CORNERS = ({"proxies": 1000, "layers": 6}, {"proxies": 5000})
+#: The narrow kernels unroll the layers: each count is a compile of its own; the values above are
+#: the ones checked.
+UNBOUNDED_AXES = ("layers",)
+
+
+def launch_stand_in(dtype, proxies, layers):
+    """Forward (with the proxy gradients it forms) and backward launches of one problem, on
+    stand-in inputs: 37 pixel rows in one block."""
+    feats = [torch.zeros(1, 3, 37, dtype=dtype) for _ in range(layers)]
+    proxy_rows = [torch.zeros(1, proxies, 3, dtype=dtype) for _ in range(layers)]
+    _, lse, _ = cross_layer_alignment_loss(feats, proxy_rows, "mean", 1e-10, 37, True)
+    grad_loss = torch.ones((), dtype=dtype)
+    cross_layer_alignment_loss_backward(grad_loss, feats, proxy_rows, lse, "mean", 1e-10, 37, True, True)

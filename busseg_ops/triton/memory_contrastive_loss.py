@@ -301,3 +301,26 @@ def memory_contrastive_loss_backward(
             )
         grad_negatives = _normalize_backward(negatives, n, dn)
     return _normalize_backward(anchors, a, da), grad_negatives
+
+
+# ---- launch space: what the GPU compile check (tools/gpu_compile_check.py) compiles ------------
+
+#: Problem axes that decide what the launchers above launch. First value: the base problem; second:
+#: the smallest blocks. Features of 256 give gradient column blocks of 128 (base), then 16 (D = 1,
+#: specialised), 32, 64, 128 with D not a multiple of 16, and three blocks.
+LAUNCH_AXES = {
+    "dtype": (torch.float32, torch.float64, torch.float16, torch.bfloat16),
+    "dim": (256, 1, 20, 40, 100, 300),
+}
+#: The largest blocks with D not a multiple of 16, compiled in every dtype like the base.
+LAUNCH_CORNERS = ({"dim": 300},)
+
+
+def launch_stand_in(dtype, dim):
+    """Forward and backward launches on stand-in inputs with features of `dim`."""
+    anchors, negatives, positives = (torch.ones(n, dim, dtype=dtype) for n in (37, 41, 2))
+    labels = torch.zeros(37, dtype=torch.int64), torch.ones(41, dtype=torch.int64)
+    has_positive = torch.ones(2, dtype=torch.bool)
+    args = (anchors, labels[0], negatives, labels[1], positives, has_positive, 0.5)
+    _, lse = memory_contrastive_loss(*args)
+    memory_contrastive_loss_backward(torch.ones((), dtype=dtype), *args[:6], lse, 0.5, True)
