@@ -252,15 +252,14 @@ class PHNet(Method):
             self.bank.push(anchors.detach(), labels)  # after use: this batch is not its own positive
         else:
             positives = [anchors[labels == j].detach().mean(0) if (labels == j).any() else None for j in range(2)]
-        stats = contrastive_stats(anchors.detach(), labels, positives, self.bank)
         if c.contrast_negatives == "anchors":  # Eq. 15 as printed: every other-class anchor
             negatives, negative_labels = anchors.detach(), labels
+        elif any(p is None for p in positives):  # a centre is missing: no 2-way softmax yet
+            return rep.sum() * 0.0, {"c_anchors": torch.tensor(float(len(anchors)))}
         else:  # the released patch_contrast: one negative, the other class's centre (a 2-way softmax)
-            if any(p is None for p in positives):
-                return rep.sum() * 0.0, stats
             negatives, negative_labels = torch.stack(positives), torch.arange(len(positives), device=rep.device)
         loss = busseg_ops.memory_contrastive_loss(anchors, labels, negatives, negative_labels, positives, c.temperature)
-        return loss, stats
+        return loss, contrastive_stats(anchors.detach(), labels, positives, negatives, negative_labels, self.bank)
 
     def state_dict(self) -> dict:
         return {"bank": self.bank.state_dict()}
@@ -271,14 +270,14 @@ class PHNet(Method):
 
 
 @torch.no_grad()
-def contrastive_stats(anchors: torch.Tensor, labels: torch.Tensor, positives: list, bank) -> dict:
+def contrastive_stats(anchors, labels, positives, negatives, negative_labels, bank) -> dict:
     """Diagnosis of the contrastive term (logged per step): anchors per class, negatives per
     anchor, bank fill, and the mean cosine of an anchor to its positive and to its negatives."""
-    z = F.normalize(anchors.float(), dim=1)
+    z, zn = F.normalize(anchors.float(), dim=1), F.normalize(negatives.float(), dim=1)
     out = {"c_anchors": float(len(z)), "c_bank": float(bank.count.sum())}
     cos_pos, cos_neg, negs = [], [], []
     for c, p in enumerate(positives):
-        mine, other = z[labels == c], z[labels != c]
+        mine, other = z[labels == c], zn[negative_labels != c]
         out[f"c_anchors{c}"] = float(len(mine))
         if len(mine) == 0 or p is None:
             continue
