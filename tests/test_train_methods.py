@@ -5,9 +5,10 @@ import copy
 
 import pytest
 import torch
-import busseg_ops
 from busseg_ops.train import data, engine, methods
 from train_helpers import tiny
+
+import busseg_ops
 
 
 def _batch(n, seed, size=64, labeled=True):
