@@ -104,6 +104,19 @@ def _rows(out: str, name: str, seed: int, root: str) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+def finished(out: str, root: str) -> list[dict]:
+    """Every finished variant and seed under `out`, in VARIANTS order."""
+    results = []
+    for name, _, _ in VARIANTS:
+        run = os.path.dirname(config(name, {}, 0, root, out).out)
+        seeds = sorted(int(d[4:]) for d in os.listdir(run) if d.startswith("seed")) if os.path.isdir(run) else []
+        for seed in seeds:
+            path = os.path.join(run, f"seed{seed}", "diagnosis.json")
+            if os.path.isfile(path):
+                results.append(json.load(open(path)))
+    return results
+
+
 def _mean_curve(out, name, seeds, root, key):
     logs = [_rows(out, name, s, root) for s in seeds]
     n = min(len(lg) for lg in logs)
@@ -115,7 +128,7 @@ def _mean_curve(out, name, seeds, root, key):
     return pts
 
 
-def plot(out: str, names: list[str], seeds: list[int], root: str, path: str) -> None:
+def plot(out: str, seeds: dict[str, list[int]], root: str, path: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -131,37 +144,38 @@ def plot(out: str, names: list[str], seeds: list[int], root: str, path: str) -> 
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4))
     styles = {"loss_s": ["loss_u"], "pl_kept": ["pl_kept_acc"], "loss_c": ["c_cos_pos", "c_cos_neg"]}
     for ax, (key, title) in zip(axes, panels):
-        for i, name in enumerate(names):
+        for i, name in enumerate(seeds):
             for key2, ls in zip([key] + styles.get(key, []), ["-", "--", ":"]):
-                pts = _mean_curve(out, name, seeds, root, key2)
+                pts = _mean_curve(out, name, seeds[name], root, key2)
                 if pts:
                     ax.plot(*zip(*pts), ls, color=f"C{i}", label=name if key2 == key else None)
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
-    fig.suptitle(f"validation-only ablations, mean over seeds {', '.join(map(str, seeds))}", fontsize=9)
+    fig.suptitle("validation-only ablations from the shared warm-up, mean over each variant's seeds", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
 
 
-def report(results: list[dict], out: str, seeds: list[int], root: str, path: str) -> str:
+def report(results: list[dict], out: str, root: str, path: str) -> str:
     names = list(dict.fromkeys(r["name"] for r in results))
+    seeds = {n: [r["seed"] for r in results if r["name"] == n] for n in names}
     curves = os.path.join(os.path.dirname(path), "diagnosis_curves.png")
-    plot(out, names, seeds, root, curves)
+    plot(out, seeds, root, curves)
     why = {n: w for n, _, w in VARIANTS}
     base = {r["seed"]: r["best_val"] for r in results if r["name"] == "suponly"}
     lines = [
-        f"Validation-only ablations (`make diagnose`, {time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC, "
-        f"seeds {', '.join(map(str, seeds))}): every variant continues from the shared warm-up checkpoint of its "
+        f"Validation-only ablations (`make diagnose`, {time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC): "
+        "every variant continues from the shared warm-up checkpoint of its "
         "seed and is scored by its best validation Dice after the warm-up (40 images carved from the unlabelled "
         "training images). Last-epoch means of the logged diagnostics; `L_c`, `cos+` and `cos−` are the "
         "contrastive term and an anchor's mean cosine to its positive and to its negatives.",
         "",
-        "| variant | what it isolates | best val Dice | Δ vs suponly (same seeds) | last val Dice | L_s | L_u | L_c | "
-        "cos+ | cos− | pseudo-label Dice | kept share | kept accuracy |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| variant | what it isolates | seeds | best val Dice | Δ vs suponly (same seeds) | last val Dice | L_s | "
+        "L_u | L_c | cos+ | cos− | pseudo-label Dice | kept share | kept accuracy |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name in names:
         rs = [r for r in results if r["name"] == name]
@@ -174,7 +188,8 @@ def report(results: list[dict], out: str, seeds: list[int], root: str, path: str
             return f"{np.mean(v):.3f}" if v else "—"
 
         lines.append(
-            f"| {name} | {why.get(name, '')} | {np.mean(best):.3f} ({', '.join(f'{b:.3f}' for b in best)}) | "
+            f"| {name} | {why.get(name, '')} | {', '.join(map(str, seeds[name]))} | {np.mean(best):.3f} "
+            f"({', '.join(f'{b:.3f}' for b in best)}) | "
             f"{(f'{np.mean(diff):+.3f}' if diff and name != 'suponly' else '—')} | "
             f"{np.mean([r['last_val'] for r in rs]):.3f} | {m('loss_s')} | {m('loss_u')} | {m('loss_c')} | "
             f"{m('c_cos_pos')} | {m('c_cos_neg')} | {m('pl_dice')} | {m('pl_kept')} | {m('pl_kept_acc')} |"
@@ -203,7 +218,6 @@ def main(argv=None) -> int:
     root = os.path.abspath(args.root)
     todo = [(n, f, s) for n, f, _ in VARIANTS if not args.only or n in args.only for s in args.seeds]
     todo.sort(key=lambda t: -COST[t[1]["method"]])
-    results = []
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(max(1, args.jobs), mp_context=context) as pool:
         # The shared warm-ups first, so that parallel variants never train one twice.
@@ -214,14 +228,12 @@ def main(argv=None) -> int:
             if res.get("stopped"):
                 print("stopped; run it again to continue", flush=True)
                 return 130
-            results.append(res)
             print(
                 f"{res['name']} seed {res['seed']}: best val Dice {res['best_val']:.4f} ({res['wall_s'] / 60:.1f} min)",
                 flush=True,
             )
-    order = {n: i for i, (n, _, _) in enumerate(VARIANTS)}
-    results.sort(key=lambda r: (order[r["name"]], r["seed"]))
-    print("report:", report(results, args.out, args.seeds, root, os.path.join(REPO, "benchmarks", "diagnosis.md")))
+    path = os.path.join(REPO, "benchmarks", "diagnosis.md")
+    print("report:", report(finished(args.out, root), args.out, root, path))
     return 0
 
 

@@ -74,6 +74,7 @@ def test_diagnose_variants_continue_from_the_shared_warm_up_and_never_test(tmp_p
         assert 0 <= res["best_val"] <= 1
     again = diagnose.train_variant("phnet", variants["phnet"], 0, None, str(tmp_path))
     assert again == b  # finished: skipped
-    path = diagnose.report([a, b], str(tmp_path), [0], None, str(tmp_path / "diagnosis.md"))
+    assert diagnose.finished(str(tmp_path), None) == [a, b]  # VARIANTS order
+    path = diagnose.report([a, b], str(tmp_path), None, str(tmp_path / "diagnosis.md"))
     text = open(path).read()
     assert "| phnet |" in text and "| rabusseg no L_u |" in text and os.path.isfile(tmp_path / "diagnosis_curves.png")
