@@ -121,6 +121,35 @@ the supervised-only epochs, weight decay 5e-4. Upstream's OHEM is not used: with
 keeps every pixel of a 4 × 128² batch (65 536), i.e. it is plain CE here, which the pilots rejected.
 """
 
+# Issue 18: why the semi-supervised rows lost, what was wrong, and what was fixed; copied into the report
+# with `make diagnose`'s tables (benchmarks/diagnosis.md) after it.
+DEFECTS = """The first complete run of this target (2026-11-30, commit 616923d) put every semi-supervised row below
+suponly (Dice: suponly 43.19 ± 3.81, rabusseg 41.45 ± 6.03, p = 0.028; phnet 30.24 ± 12.62, p = 1.1e-7). A
+line-by-line comparison of our training steps with the public code (PH-Net's `patch_helper.py` and
+`decoder.py`, RA-BUSSeg's config and `loss_helper.py`, U2PL's `train_semi.py`) and the per-step
+diagnostics found these defects, each fixed and pinned by a test in `make test`:
+
+1. **PH-Net's contrastive negatives.** Our HPC term contrasted each anchor with every other-class anchor
+   of the step (Eq. 15 as printed, up to ~800 negatives). The released `patch_contrast` contrasts it
+   with one negative, the other class's centre (a 2-way softmax at τ = 0.5). With hundreds of negatives
+   the loss cannot fall below about log(1 + N⁻·e⁻⁴) and its gradient never fades: L_c stayed near 5
+   from the first semi-supervised epoch to the last, five times L_s, and validation Dice fell from 0.21
+   to 0.17. Now `--contrast-negatives centres` (default; `anchors` keeps the printed form):
+   `test_phnet_contrastive_matches_its_formula`.
+2. **PH-Net's projector ended in BN + ReLU**, so every feature lay in the positive orthant and no two
+   were more than 90° apart: the classes could not be pushed apart. Upstream's head ends in a plain
+   1×1 conv, and so does ours now:
+   `test_projector_features_are_not_confined_to_the_positive_orthant`.
+3. **rabusseg trained ARP and CRA during the supervised-only warm-up.** U2PL's sup_only epochs train
+   L_s alone, so every method leaves them with the same network as suponly:
+   `test_warmup_and_stage1_are_supervised_only` (this is what lets `make diagnose` share one warm-up).
+4. **The reproduction's rabusseg row cutmixed every unlabelled image.** RA-BUSSeg's released config
+   sets `apply_aug: False` (no strong augmentation of the unlabelled batch); our preset followed it,
+   the reproduction's row did not: `test_reproduce_rows_follow_the_upstream_configs`.
+5. **PH-Net's memory bank lived on the CPU** under `--device cuda` (its means would have met CUDA
+   anchors); they now follow the features' device. Latent here (no GPU), so no CPU test can pin it.
+"""
+
 # The papers' full-scale BUSI numbers (Dice / IoU in %), from the texts in ../shared/seeds/.
 PAPERS = {
     "suponly": "73.69 ± 1.02 (PH-Net Tab. 1, 1/4, DeepLabv3+ ResNet-50)",
@@ -134,6 +163,7 @@ class Run:
     name: str
     seed: int
     cfg: TrainConfig
+    flags: dict = dataclasses.field(default_factory=dict)  # the row's own flags, for the report
 
     @property
     def out(self) -> str:
@@ -153,6 +183,7 @@ def plan(scale: str, root: str, out: str, runs=RUNS, common=None) -> list[Run]:
             name,
             seed,
             TrainConfig(**{**fields, **flags, "seed": seed, "out": os.path.join(out, scale, name, f"seed{seed}")}),
+            flags,
         )
         for name, flags, seeds in runs
         for seed in seeds
@@ -383,7 +414,7 @@ def write_report(runs: list[Run], scale: str, path: str, command: str, papers=PA
     ]
     verdicts = []
     for name, group in groups.items():
-        flags = next(f for n, f, _ in RUNS if n == name) if any(n == name for n, _, _ in RUNS) else {}
+        flags = group[0].flags
         res = compare_groups([r.out for r in base or group], [r.out for r in group])
         m = res["b"]["metrics"]
         if base is not None and name != baseline:
@@ -442,6 +473,10 @@ def write_report(runs: list[Run], scale: str, path: str, command: str, papers=PA
     for r in runs:
         d = json.load(open(os.path.join(r.out, "test_metrics.json")))["dice"]
         lines.append(f"- {r.name} seed {r.seed}: Dice {100 * d['mean']:.2f}, {wall_time(r) / 60:.1f} min (`{r.out}`)")
+    lines += ["", "## Diagnosis: defects found and fixed", "", DEFECTS]
+    diagnosis = os.path.join(os.path.dirname(os.path.abspath(path)), "diagnosis.md")
+    if scale == "full" and os.path.isfile(diagnosis):
+        lines += ["## Diagnosis: ablations on the validation split (`make diagnose`)", "", open(diagnosis).read()]
     lines.append("")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
