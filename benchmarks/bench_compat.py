@@ -21,9 +21,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from peak_memory import peak_extra_mib
 
 from busseg_ops.compat import phnet, rabusseg, upstream
+from busseg_ops.testing import peak_extra_mib
 
 B, H, W, M = 8, 65, 65, 64
 CHANNELS = (256, 512, 1024, 2048)
