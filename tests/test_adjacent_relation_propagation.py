@@ -172,7 +172,11 @@ class TestAdjacentRelationPropagation(OpContract):
         bad(_raw_forward(dilation=0), ValueError, "dilation must be >= 1"),
         bad(_raw_forward(value_shape=(2, 2, 3, 3)), ValueError, "must share batch and spatial sizes"),
         bad(_raw_forward(feat_shape=(1, 2, 3)), ValueError, "feat must have 4 dims"),
-        bad(_raw_forward(to={"feat": {"dtype": torch.int32}}), TypeError, "feat must be float32 or float64"),
+        bad(
+            _raw_forward(to={"feat": {"dtype": torch.int32}}),
+            TypeError,
+            "feat must be float32, float64, float16 or bfloat16",
+        ),
         bad(_raw_forward(to={"value": {"device": "meta"}}), ValueError, "value must be on the device of feat"),
         bad(_raw_forward(to={"feat": {"device": "meta"}}), ValueError, "value must be on the device of feat"),
         # a grad_out of the wrong shape once read out of bounds (garbage at 256², SIGSEGV at 1024²)
