@@ -8,7 +8,7 @@ CUDA_ARCH_FLAGS := -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,
 NATIVE_SOURCES  := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh') setup.py
 export MAX_JOBS ?= 2
 
-.PHONY: install build lint test cuda-check cmake-check bench demo reproduce clean
+.PHONY: install build lint test cuda-check gpu-compile-check gpu-resources cmake-check bench demo reproduce clean
 
 install: $(STAMP)
 
@@ -32,13 +32,16 @@ busseg_ops/.built: $(NATIVE_SOURCES)
 # Every CUDA source must compile for sm_80 and sm_90 with no warning, GPU or not; the tensor
 # bindings (built only in CUDA builds) get a syntax and warning check against torch's headers
 # (a CPU wheel lacks one generated CUDA config header: a stand-in defines its one macro).
+# ptxas's resource report of each op's kernels (-Xptxas -v) is kept beside its object for
+# gpu-compile-check (csrc/<op>/cuda.cu -> build/cuda-check/<op>.{o,ptxas.log}).
 cuda-check: $(STAMP)
 	@if [ -z "$(NVCC)" ]; then echo "cuda-check: nvcc not found, skipped"; exit 0; fi; \
-	mkdir -p build/cuda-check; \
+	mkdir -p build/cuda-check; rm -f build/cuda-check/*.o build/cuda-check/*.ptxas.log; \
 	for f in csrc/*/cuda.cu; do \
 	  echo "nvcc $$f"; \
+	  out=build/cuda-check/$$(basename $$(dirname $$f)); \
 	  $(NVCC) -std=c++17 -O3 $(CUDA_ARCH_FLAGS) -Werror all-warnings -Xcompiler -Wall,-Wextra,-Werror \
-	    -Icsrc -c $$f -o build/cuda-check/$$(basename $$(dirname $$f)).o || exit 1; \
+	    -Xptxas -v -Icsrc -c $$f -o $$out.o 2> $$out.ptxas.log || { cat $$out.ptxas.log; exit 1; }; \
 	done; \
 	cuda_inc=$$(echo '#include <cuda_runtime.h>' | $(NVCC) -x cu -M - | tr ' \\' '\n\n' | grep '/cuda_runtime.h$$' | head -1 | xargs dirname); \
 	torch_inc=$$($(PY) -c "from torch.utils.cpp_extension import include_paths; print(' '.join('-isystem' + p for p in include_paths()))"); \
@@ -49,6 +52,17 @@ cuda-check: $(STAMP)
 	  $(CXX) -std=c++20 -fsyntax-only -Wall -Wextra -Werror -DBUSSEG_WITH_CUDA $$torch_inc \
 	    -isystem build/cuda-check/stub -isystem $$cuda_inc -Icsrc $$f || exit 1; \
 	done
+
+# Every Triton kernel compiled for sm_80 and sm_90 the way its launchers launch it (no GPU needed),
+# then a table of registers, spills, shared memory and occupancy of every Triton and CUDA kernel.
+# Fails on a compile error, a register spill, or a launch space that drifted from the launchers
+# (tools/gpu_compile_check.py). Triton's cache stays in build/triton-gpu-check: re-runs are quick.
+gpu-compile-check: $(STAMP) cuda-check
+	$(PY) tools/gpu_compile_check.py
+
+# The same, and the table rewritten into benchmarks/RESULTS.md.
+gpu-resources: $(STAMP) cuda-check
+	$(PY) tools/gpu_compile_check.py --write-results
 
 # The CMake build for C++ users, configured and built once per `make test`.
 cmake-check: $(STAMP)
@@ -63,7 +77,7 @@ lint: $(STAMP)
 	$(PY) -m ruff format --check .
 	$(VENV)/bin/clang-format --dry-run -Werror $(CXX_SOURCES)
 
-test: lint build cuda-check cmake-check
+test: lint build cuda-check gpu-compile-check cmake-check
 	$(PY) -m pytest tests -q
 
 # One process per benchmark file. Each prints pytest-benchmark's table, then a Markdown table of

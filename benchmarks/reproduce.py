@@ -223,14 +223,16 @@ def train_all(runs: list[Run], quiet: bool = False, jobs: int = 1) -> bool:
         return True
     order = sorted(todo, key=lambda r: -COST.get(r.name, 1.0))
     t_start, stopped = time.time(), False
+    cost_all, cost_done = sum(COST.get(r.name, 1.0) for r in order), 0.0
 
     def report(i, run, res):
-        nonlocal stopped
+        nonlocal stopped, cost_done
         if res.get("stopped"):
             stopped = True
             print(f"stopped; run `make reproduce` again to continue from {run.out}/last.pt", flush=True)
             return
-        left = (time.time() - t_start) / (i + 1) * (len(order) - i - 1) / 60
+        cost_done += COST.get(run.name, 1.0)
+        left = (time.time() - t_start) * (cost_all - cost_done) / cost_done / 60  # runs in flight included
         print(
             f"[{i + 1}/{len(order)}] {run.name} seed {run.seed}: test Dice {res['dice'][0]:.4f}, "
             f"{wall_time(run) / 60:.1f} min (about {left:.0f} min left) → {run.out}",

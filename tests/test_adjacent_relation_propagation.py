@@ -248,6 +248,31 @@ def test_reach_beyond_the_map_is_exact():
             torch.testing.assert_close(g, e)
 
 
+def test_triton_value_blocks_and_wide_kernels():
+    """More value channels than one Triton block (busseg_ops.triton.adjacent_relation_propagation.
+    _MAX_BLOCK_K) with a 5x5 kernel and a run-time dilation: the kernels loop over value blocks and
+    taps, the shapes whose unrolled, unblocked form spilled registers on sm_80/sm_90
+    (tools/gpu_compile_check.py)."""
+    if "triton" not in busseg_ops.available_backends("cpu"):
+        pytest.skip("triton is not available here")
+    from busseg_ops.triton.adjacent_relation_propagation import _MAX_BLOCK_K
+
+    K = _MAX_BLOCK_K + 3  # a full block and a partial one
+    feat = torch.randn(1, 5, 5, 6, requires_grad=True)
+    value = torch.randn(1, K, 5, 6, requires_grad=True)
+    grad = torch.randn(1, K, 5, 6)
+    tol = tolerance(torch.float32)
+    for padding in ("zeros", "valid"):
+        kw = dict(kernel_size=5, dilation=2, padding=padding)
+        ref_out, ref_w = run("reference", feat, value, **kw)
+        out, w = run("triton", feat, value, **kw)
+        torch.testing.assert_close(out, ref_out, **tol)
+        torch.testing.assert_close(w, ref_w, **tol)
+        grads = torch.autograd.grad(out, (feat, value), grad)
+        for g, r in zip(grads, torch.autograd.grad(ref_out, (feat, value), grad)):
+            torch.testing.assert_close(g, r, **tol)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_cuda_half_precision(dtype):

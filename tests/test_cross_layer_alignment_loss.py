@@ -227,6 +227,23 @@ def test_loss_with_peaked_distributions_and_eps(backend):
         assert torch.isfinite(loss)
 
 
+@pytest.mark.parametrize("scale", [1.0, 4.0])
+def test_triton_rows_wider_than_a_tile(scale):
+    """More proxies than one Triton tile (busseg_ops.triton.cross_layer_alignment_loss._TILE): the
+    wide kernels stream each row in chunks (one tile of 4096 spilled registers on sm_80/sm_90).
+    scale 4: peaked rows, where probabilities underflow and eps matters."""
+    if "triton" not in busseg_ops.available_backends("cpu"):
+        pytest.skip("triton is not available here")
+    from busseg_ops.triton.cross_layer_alignment_loss import _TILE
+
+    feats, proxies = make_loss_inputs((1, 2, 3, _TILE + 37, (3, 4, 2)), scale=scale)
+    ref, ref_grads = loss_and_grads("reference", feats, proxies, eps=1e-6)
+    loss, grads = loss_and_grads("triton", feats, proxies, eps=1e-6)
+    torch.testing.assert_close(loss, ref)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r)
+
+
 @pytest.mark.parametrize("backend", backends("cpu") + ["reference"])
 def test_global_alignment(backend, monkeypatch):
     feats, _ = make_loss_inputs((2, 3, 4, 1, (2, 3, 5)))

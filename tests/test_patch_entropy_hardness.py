@@ -156,6 +156,24 @@ def test_reference_hardness_matches_avg_pool_of_entropy(from_logits):
     assert r.min() >= 0 and r.max() <= 1
 
 
+@pytest.mark.parametrize("from_logits", [False, True])
+def test_triton_patches_larger_than_a_block(from_logits):
+    """Patches of 24 x 24 = 576 pixels: more than one Triton block of the forward (at most 512 pixels;
+    blocks of 1024 spilled registers on sm_90), which then loops over the patch."""
+    if "triton" not in busseg_ops.available_backends("cpu"):
+        pytest.skip("triton is not available here")
+    logits = torch.randn(1, 3, 24, 48) * 3
+    x = (logits if from_logits else logits.softmax(1)).requires_grad_()
+    grad = torch.randn(1, 1, 2)
+    results = []
+    for backend in ("reference", "triton"):
+        with busseg_ops.use_backend(backend):
+            out = hardness(x, patch_size=24, from_logits=from_logits)
+        results.append((out, *torch.autograd.grad(out, x, grad)))
+    for got, expected in zip(*results):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
 def test_num_patches_equals_patch_size_and_layouts():
     x = torch.randn(2, 2, 12, 16).softmax(1)
     expected = hardness(x, patch_size=(3, 4))

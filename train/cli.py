@@ -145,17 +145,7 @@ def cmd_eval(args) -> int:
     for k in ("data", "root", "split_dir", "mask_dir", "limit", "val_from_train"):
         if getattr(args, k) is not None:
             setattr(cfg, k, getattr(args, k))
-    splits = data.make_splits(
-        cfg.data,
-        cfg.root,
-        cfg.partition,
-        cfg.seed,
-        cfg.split_dir,
-        cfg.synthetic_n,
-        cfg.limit,
-        cfg.mask_dir,
-        val_count=cfg.val_from_train,
-    )
+    splits = data.splits_for(cfg)
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "eval")
     res = evaluate(
         model,

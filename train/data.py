@@ -280,6 +280,21 @@ def make_splits(
     return Splits(lab, unl, val, test)
 
 
+def splits_for(cfg) -> Splits:
+    """make_splits with a TrainConfig's data fields."""
+    return make_splits(
+        cfg.data,
+        cfg.root,
+        cfg.partition,
+        cfg.seed,
+        cfg.split_dir,
+        cfg.synthetic_n,
+        cfg.limit,
+        cfg.mask_dir,
+        val_count=cfg.val_from_train,
+    )
+
+
 def _need(root, data):
     if not root:
         raise UserError(f"--root is required for --data {data}")

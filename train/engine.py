@@ -124,17 +124,7 @@ class Trainer:
             cfg.device if not cfg.device.startswith("cuda") else f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
         )
         torch.manual_seed(cfg.seed)
-        self.splits = data.make_splits(
-            cfg.data,
-            cfg.root,
-            cfg.partition,
-            cfg.seed,
-            cfg.split_dir,
-            cfg.synthetic_n,
-            cfg.limit,
-            cfg.mask_dir,
-            val_count=cfg.val_from_train,
-        )
+        self.splits = data.splits_for(cfg)
         if self.rank == 0:
             check_output_folder(cfg.out)
         data.check_items(self.splits, progress=not cfg.quiet and self.rank == 0)

@@ -2,7 +2,12 @@
 owns a block of pixels of one image: it gathers each tap's neighbour features by arithmetic
 offsets (channels-last rows), keeps the k*k affinities of its pixels in registers for the
 softmax, and sums the neighbours' values. Backward: per-pixel
-affinity gradients, then gathers for the feature and value gradients (no atomics)."""
+affinity gradients, then gathers for the feature and value gradients (no atomics).
+
+The taps are a loop, not unrolled: unrolled, the compiler keeps every tap's loads in flight (a
+5x5 kernel spilled registers on sm_80/sm_90). Value channels go in blocks of at most
+_MAX_BLOCK_K, so no kernel's registers grow with K. The dilation is a run-time argument (each
+distinct value would be a compile of its own)."""
 
 import torch
 import triton
@@ -13,7 +18,7 @@ from .. import _validate
 
 
 @triton.jit
-def _neighbour(y, x, t, sign, H, W, KS: tl.constexpr, DIL: tl.constexpr):
+def _neighbour(y, x, t, sign, H, W, KS: tl.constexpr, DIL):
     qy = y + sign * DIL * (t // KS - (KS - 1) // 2)
     qx = x + sign * DIL * (t % KS - (KS - 1) // 2)
     return qy * W + qx, (qy >= 0) & (qy < H) & (qx >= 0) & (qx < W)
@@ -36,9 +41,9 @@ def _arp_forward_kernel(
     W,
     C,
     K,
+    DIL,
     scale,
     KS: tl.constexpr,
-    DIL: tl.constexpr,
     VALID: tl.constexpr,
     TAPS_PAD: tl.constexpr,
     BLOCK_P: tl.constexpr,
@@ -50,9 +55,8 @@ def _arp_forward_kernel(
     HW = H * W
     p, in_image, y, x = _pixel_block(H, W, BLOCK_P)
     taps = tl.arange(0, TAPS_PAD)
-    ks = tl.arange(0, BLOCK_K)
     affinity = tl.full([BLOCK_P, TAPS_PAD], float("-inf"), ACC)
-    for t in tl.static_range(KS * KS):
+    for t in range(KS * KS):
         q, inside = _neighbour(y, x, t, 1, H, W, KS, DIL)
         inside = inside & in_image
         dot = tl.zeros([BLOCK_P], ACC)
@@ -75,16 +79,18 @@ def _arp_forward_kernel(
     tl.store(
         weights + (b * KS * KS + taps[None, :]) * HW + p[:, None], w, mask=in_image[:, None] & (taps[None, :] < KS * KS)
     )
-    acc = tl.zeros([BLOCK_P, BLOCK_K], ACC)
-    for t in tl.static_range(KS * KS):
-        q, inside = _neighbour(y, x, t, 1, H, W, KS, DIL)
-        inside = inside & in_image
-        w_t = tl.sum(tl.where(taps[None, :] == t, w, 0.0), axis=1)
-        v = tl.load(
-            value + (b * HW + q)[:, None] * K + ks[None, :], mask=inside[:, None] & (ks[None, :] < K), other=0.0
-        )
-        acc += w_t[:, None] * v.to(ACC)
-    tl.store(out + (b * K + ks[None, :]) * HW + p[:, None], acc, mask=in_image[:, None] & (ks[None, :] < K))
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        acc = tl.zeros([BLOCK_P, BLOCK_K], ACC)
+        for t in range(KS * KS):
+            q, inside = _neighbour(y, x, t, 1, H, W, KS, DIL)
+            inside = inside & in_image
+            w_t = tl.sum(tl.where(taps[None, :] == t, w, 0.0), axis=1)
+            v = tl.load(
+                value + (b * HW + q)[:, None] * K + ks[None, :], mask=inside[:, None] & (ks[None, :] < K), other=0.0
+            )
+            acc += w_t[:, None] * v.to(ACC)
+        tl.store(out + (b * K + ks[None, :]) * HW + p[:, None], acc, mask=in_image[:, None] & (ks[None, :] < K))
 
 
 @triton.jit
@@ -96,9 +102,9 @@ def _arp_affinity_grad_kernel(
     H,
     W,
     K,
+    DIL,
     scale,
     KS: tl.constexpr,
-    DIL: tl.constexpr,
     TAPS_PAD: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -108,21 +114,22 @@ def _arp_affinity_grad_kernel(
     HW = H * W
     p, in_image, y, x = _pixel_block(H, W, BLOCK_P)
     taps = tl.arange(0, TAPS_PAD)
-    ks = tl.arange(0, BLOCK_K)
     tap_mask = in_image[:, None] & (taps[None, :] < KS * KS)
     w = tl.load(weights + (b * KS * KS + taps[None, :]) * HW + p[:, None], mask=tap_mask, other=0.0).to(ACC)
-    g = tl.load(
-        grad_out + (b * K + ks[None, :]) * HW + p[:, None], mask=in_image[:, None] & (ks[None, :] < K), other=0.0
-    ).to(ACC)
     dw = tl.zeros([BLOCK_P, TAPS_PAD], ACC)
-    for t in tl.static_range(KS * KS):
-        q, inside = _neighbour(y, x, t, 1, H, W, KS, DIL)
-        v = tl.load(
-            value + (b * HW + q)[:, None] * K + ks[None, :],
-            mask=(inside & in_image)[:, None] & (ks[None, :] < K),
-            other=0.0,
-        )
-        dw = tl.where(taps[None, :] == t, tl.sum(g * v.to(ACC), axis=1)[:, None], dw)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        g = tl.load(
+            grad_out + (b * K + ks[None, :]) * HW + p[:, None], mask=in_image[:, None] & (ks[None, :] < K), other=0.0
+        ).to(ACC)
+        for t in range(KS * KS):
+            q, inside = _neighbour(y, x, t, 1, H, W, KS, DIL)
+            v = tl.load(
+                value + (b * HW + q)[:, None] * K + ks[None, :],
+                mask=(inside & in_image)[:, None] & (ks[None, :] < K),
+                other=0.0,
+            )
+            dw += tl.where(taps[None, :] == t, tl.sum(g * v.to(ACC), axis=1)[:, None], 0.0)
     wdw = tl.sum(w * dw, axis=1)
     tl.store(da + (b * HW + p)[:, None] * (KS * KS) + taps[None, :], scale * w * (dw - wdw[:, None]), mask=tap_mask)
 
@@ -135,8 +142,8 @@ def _arp_feat_grad_kernel(
     H,
     W,
     C,
+    DIL,
     KS: tl.constexpr,
-    DIL: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_C: tl.constexpr,
     ACC: tl.constexpr,
@@ -146,7 +153,7 @@ def _arp_feat_grad_kernel(
     p, in_image, y, x = _pixel_block(H, W, BLOCK_P)
     cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     acc = tl.zeros([BLOCK_P, BLOCK_C], ACC)
-    for t in tl.static_range(KS * KS):
+    for t in range(KS * KS):
         for sign in tl.static_range(2):  # p as query of q (sign 0), p as key of q (sign 1)
             q, inside = _neighbour(y, x, t, 1 - 2 * sign, H, W, KS, DIL)
             inside = inside & in_image
@@ -167,8 +174,8 @@ def _arp_value_grad_kernel(
     H,
     W,
     K,
+    DIL,
     KS: tl.constexpr,
-    DIL: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_K: tl.constexpr,
     ACC: tl.constexpr,
@@ -176,20 +183,35 @@ def _arp_value_grad_kernel(
     b = tl.program_id(1)
     HW = H * W
     p, in_image, y, x = _pixel_block(H, W, BLOCK_P)
-    ks = tl.arange(0, BLOCK_K)
-    acc = tl.zeros([BLOCK_P, BLOCK_K], ACC)
-    for t in tl.static_range(KS * KS):
-        src, inside = _neighbour(y, x, t, -1, H, W, KS, DIL)  # the pixel whose tap t lands on p
-        inside = inside & in_image
-        w = tl.load(weights + (b * KS * KS + t) * HW + src, mask=inside, other=0.0)
-        g = tl.load(
-            grad_out + (b * K + ks[None, :]) * HW + src[:, None], mask=inside[:, None] & (ks[None, :] < K), other=0.0
-        )
-        acc += w.to(ACC)[:, None] * g.to(ACC)
-    tl.store(grad_value + (b * K + ks[None, :]) * HW + p[:, None], acc, mask=in_image[:, None] & (ks[None, :] < K))
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        acc = tl.zeros([BLOCK_P, BLOCK_K], ACC)
+        for t in range(KS * KS):
+            src, inside = _neighbour(y, x, t, -1, H, W, KS, DIL)  # the pixel whose tap t lands on p
+            inside = inside & in_image
+            w = tl.load(weights + (b * KS * KS + t) * HW + src, mask=inside, other=0.0)
+            g = tl.load(
+                grad_out + (b * K + ks[None, :]) * HW + src[:, None],
+                mask=inside[:, None] & (ks[None, :] < K),
+                other=0.0,
+            )
+            acc += w.to(ACC)[:, None] * g.to(ACC)
+        tl.store(grad_value + (b * K + ks[None, :]) * HW + p[:, None], acc, mask=in_image[:, None] & (ks[None, :] < K))
 
 
 _BLOCK_P = 32
+_MAX_BLOCK_K = 16
+# A block of 32 pixels by 4 channels is one element per thread of the 4 warps; narrower blocks
+# would only replicate work, and each width is a compile of its own.
+_MIN_BLOCK = 4
+
+
+def _block_c(C: int) -> int:
+    return min(64, max(_MIN_BLOCK, triton.next_power_of_2(C)))
+
+
+def _block_k(K: int) -> int:
+    return min(_MAX_BLOCK_K, max(_MIN_BLOCK, triton.next_power_of_2(K)))
 
 
 def _acc(t: torch.Tensor):
@@ -252,14 +274,14 @@ def adjacent_relation_propagation(
         W,
         C,
         K,
+        dilation,
         scale,
         KS=kernel_size,
-        DIL=dilation,
         VALID=valid_padding,
         TAPS_PAD=triton.next_power_of_2(kernel_size * kernel_size),
         BLOCK_P=_BLOCK_P,
-        BLOCK_C=min(64, triton.next_power_of_2(C)),
-        BLOCK_K=triton.next_power_of_2(K),
+        BLOCK_C=_block_c(C),
+        BLOCK_K=_block_k(K),
         ACC=_acc(feat),
     )
     return out, weights
@@ -283,7 +305,7 @@ def adjacent_relation_propagation_backward(
     K = value.shape[1]
     grad_out = grad_out.contiguous()
     weights = weights.contiguous()
-    block_k = triton.next_power_of_2(K)
+    block_k = _block_k(K)
     pixel_blocks = triton.cdiv(H * W, _BLOCK_P)
     grad_feat, grad_value = feat.new_empty(0), value.new_empty(0)
     if need_grad_feat:
@@ -298,18 +320,18 @@ def adjacent_relation_propagation_backward(
             H,
             W,
             K,
+            dilation,
             scale,
             KS=kernel_size,
-            DIL=dilation,
             TAPS_PAD=triton.next_power_of_2(kernel_size * kernel_size),
             BLOCK_P=_BLOCK_P,
             BLOCK_K=block_k,
             ACC=_acc(feat),
         )
-        block_c = min(64, triton.next_power_of_2(C))
+        block_c = _block_c(C)
         grad_feat = feat.new_empty(B, H, W, C)
         wrap_triton(_arp_feat_grad_kernel)[(pixel_blocks, triton.cdiv(C, block_c), B)](
-            f, da, grad_feat, H, W, C, KS=kernel_size, DIL=dilation, BLOCK_P=_BLOCK_P, BLOCK_C=block_c, ACC=_acc(feat)
+            f, da, grad_feat, H, W, C, dilation, KS=kernel_size, BLOCK_P=_BLOCK_P, BLOCK_C=block_c, ACC=_acc(feat)
         )
         grad_feat = grad_feat.permute(0, 3, 1, 2)
     if need_grad_value:
@@ -321,10 +343,38 @@ def adjacent_relation_propagation_backward(
             H,
             W,
             K,
+            dilation,
             KS=kernel_size,
-            DIL=dilation,
             BLOCK_P=_BLOCK_P,
             BLOCK_K=block_k,
             ACC=_acc(feat),
         )
     return grad_feat, grad_value
+
+
+# ---- launch space: what the GPU compile check (tools/gpu_compile_check.py) compiles ------------
+
+#: Problem axes that decide what the launchers above launch. First value: the base problem; second:
+#: the smallest blocks. Channels give blocks of 64 (base), 4, 8, 16 and 32; classes blocks of 4
+#: (base), 4 with K = 1 (Triton specialises a 1), 8, and 16 (three blocks); dilation 1 is specialised.
+LAUNCH_AXES = {
+    "dtype": (torch.float32, torch.float64, torch.float16, torch.bfloat16),
+    "channels": (256, 3, 7, 13, 31),
+    "classes": (2, 1, 7, 37),
+    "kernel_size": (3, 1, 5, 7),
+    "dilation": (1, 2),
+    "padding": ("zeros", "valid"),
+}
+#: The largest blocks (the most registers), compiled in every dtype like the base.
+LAUNCH_CORNERS = ({"channels": 256, "classes": 37, "kernel_size": 7, "dilation": 2},)
+#: Each kernel size is a compile of its own; the values above are the ones checked.
+UNBOUNDED_AXES = ("kernel_size",)
+
+
+def launch_stand_in(dtype, channels, classes, kernel_size, dilation, padding):
+    """Forward and backward launches of one problem, on stand-in inputs."""
+    feat = torch.zeros(1, channels, 5, 7, dtype=dtype)
+    value = torch.zeros(1, classes, 5, 7, dtype=dtype)
+    valid = padding == "valid"
+    out, weights = adjacent_relation_propagation(feat, value, kernel_size, dilation, 1.0, valid)
+    adjacent_relation_propagation_backward(out, feat, value, weights, kernel_size, dilation, 1.0, valid, True, True)

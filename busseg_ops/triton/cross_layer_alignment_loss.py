@@ -6,7 +6,10 @@ recomputes each block's logits (as csrc/common/cra_driver.h).
 A program owns a block of pixel rows with whole proxy rows (M padded to a power of two) in
 registers; the layers are unrolled (L is a compile-time constant). Forward: log-sum-exp per layer
 and the KL terms of the adjacent pairs; backward: a sliding window over layers l-1, l, l+1 writes
-each logit gradient once."""
+each logit gradient once. A tile holds at most _TILE logits (a thread's share of each live tile
+stays in registers; 4096 spilled in backward on sm_80/sm_90); rows of more than _TILE proxies
+(global alignment, every pixel a proxy) go to the "wide" kernels, which stream each row in chunks
+of _TILE, one pass per row sum they need."""
 
 import torch
 import triton
@@ -36,6 +39,23 @@ def _kl_term(q, log_q, log_p_eps):
 
 
 @triton.jit
+def _chunked_lse(logits, l, r, R, M, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, ACC: tl.constexpr):
+    """_row_lse of layer l's rows, read in chunks of BLOCK_M proxies: the same shift (the row max,
+    NaN included) in a first pass, the sum of exponentials in a second."""
+    zmax = tl.full([BLOCK_R], float("-inf"), ACC)
+    for m0 in range(0, M, BLOCK_M):
+        z = _load_layer(logits, l, r, m0 + tl.arange(0, BLOCK_M), R, M, ACC)
+        zmax = tl.maximum(zmax, tl.max(z, axis=1), propagate_nan=tl.PropagateNan.ALL)
+    infinite = (zmax == float("inf")) | (zmax == float("-inf"))
+    shift = tl.where(infinite, 0.0, zmax)
+    total = tl.zeros([BLOCK_R], ACC)
+    for m0 in range(0, M, BLOCK_M):
+        z = _load_layer(logits, l, r, m0 + tl.arange(0, BLOCK_M), R, M, ACC)
+        total += tl.sum(tl.exp(z - shift[:, None]), axis=1)
+    return tl.where(infinite, zmax, shift + tl.log(total))
+
+
+@triton.jit
 def _align_forward_kernel(
     logits, lse, row_loss, R, M, eps, L: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, ACC: tl.constexpr
 ):
@@ -54,6 +74,29 @@ def _align_forward_kernel(
         term = _kl_term(tl.exp(log_q), log_q, tl.log(p + eps))
         total += tl.sum(tl.where((ms < M)[None, :], term, 0.0), axis=1)
         z_prev = z
+        lse_prev = lse_l
+    tl.store(row_loss + r, total, mask=r < R)
+
+
+@triton.jit
+def _align_forward_wide_kernel(
+    logits, lse, row_loss, R, M, eps, L, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, ACC: tl.constexpr
+):
+    """_align_forward_kernel for rows of more than BLOCK_M proxies (layers in a loop: unrolled, the
+    passes of every layer made the code large enough to spill)."""
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    lse_prev = _chunked_lse(logits, 0, r, R, M, BLOCK_R, BLOCK_M, ACC)
+    tl.store(lse + r, lse_prev, mask=r < R)
+    total = tl.zeros([BLOCK_R], ACC)
+    for l in range(1, L):
+        lse_l = _chunked_lse(logits, l, r, R, M, BLOCK_R, BLOCK_M, ACC)
+        tl.store(lse + l * R + r, lse_l, mask=r < R)
+        for m0 in range(0, M, BLOCK_M):
+            ms = m0 + tl.arange(0, BLOCK_M)
+            log_q = _load_layer(logits, l, r, ms, R, M, ACC) - lse_l[:, None]
+            p = tl.exp(_load_layer(logits, l - 1, r, ms, R, M, ACC) - lse_prev[:, None])
+            term = _kl_term(tl.exp(log_q), log_q, tl.log(p + eps))
+            total += tl.sum(tl.where((ms < M)[None, :], term, 0.0), axis=1)
         lse_prev = lse_l
     tl.store(row_loss + r, total, mask=r < R)
 
@@ -105,9 +148,68 @@ def _align_backward_kernel(
         lse_cur = lse_next
 
 
-def _blocks(M: int) -> tuple[int, int]:
-    block_m = triton.next_power_of_2(M)
-    return max(1, min(16, 4096 // block_m)), block_m
+@triton.jit
+def _align_backward_wide_kernel(
+    grad_loss,
+    logits,
+    lse,
+    grad,
+    R,
+    M,
+    eps,
+    norm,
+    L,
+    BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    ACC: tl.constexpr,
+):
+    """_align_backward_kernel for rows of more than BLOCK_M proxies: per layer, a pass for the row
+    sums <x, h> and <q, u> of the pair it is the input of, then a pass writing the gradients."""
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    coef = tl.load(grad_loss).to(ACC) * norm
+    lse_prev = tl.zeros([BLOCK_R], ACC)
+    qu_prev = tl.zeros([BLOCK_R], ACC)  # <q, u> of pair l-1
+    for l in range(L):
+        lse_cur = tl.load(lse + l * R + r, mask=r < R, other=0.0).to(ACC)
+        lse_next = lse_cur
+        ph = tl.zeros([BLOCK_R], ACC)
+        qu = tl.zeros([BLOCK_R], ACC)
+        if l + 1 < L:
+            lse_next = tl.load(lse + (l + 1) * R + r, mask=r < R, other=0.0).to(ACC)
+            for m0 in range(0, M, BLOCK_M):
+                ms = m0 + tl.arange(0, BLOCK_M)
+                mask = (r < R)[:, None] & (ms < M)[None, :]
+                x = tl.exp(_load_layer(logits, l, r, ms, R, M, ACC) - lse_cur[:, None])
+                log_q = _load_layer(logits, l + 1, r, ms, R, M, ACC) - lse_next[:, None]
+                q = tl.exp(log_q)
+                ph += tl.sum(tl.where(mask, x * (-q / (x + eps)), 0.0), axis=1)
+                qu += tl.sum(tl.where(mask, _kl_term(q, log_q, tl.log(x + eps)), 0.0), axis=1)
+        for m0 in range(0, M, BLOCK_M):
+            ms = m0 + tl.arange(0, BLOCK_M)
+            mask = (r < R)[:, None] & (ms < M)[None, :]
+            log_x = _load_layer(logits, l, r, ms, R, M, ACC) - lse_cur[:, None]
+            x = tl.exp(log_x)
+            g = tl.zeros([BLOCK_R, BLOCK_M], ACC)
+            if l > 0:  # as in _align_backward_kernel
+                p_prev = tl.exp(_load_layer(logits, l - 1, r, ms, R, M, ACC) - lse_prev[:, None])
+                u = tl.where((x > 0) | (x != x), log_x - tl.log(p_prev + eps), 0.0)
+                g += x * (u - qu_prev[:, None])
+            if l + 1 < L:
+                q = tl.exp(_load_layer(logits, l + 1, r, ms, R, M, ACC) - lse_next[:, None])
+                g += x * (-q / (x + eps) - ph[:, None])
+            tl.store(grad + (l * R + r)[:, None] * M + ms[None, :], coef * g, mask=mask)
+        qu_prev = qu
+        lse_prev = lse_cur
+
+
+_TILE = 1024
+
+
+def _blocks(M: int) -> tuple[int, int, bool]:
+    """Rows and proxies of a program's tile, and whether a row is wider than one tile. At least 16
+    proxies: narrower tiles would only add compiles (the padding is masked)."""
+    block_m = min(_TILE, max(16, triton.next_power_of_2(M)))
+    return max(1, min(16, _TILE // block_m)), block_m, M > block_m
 
 
 def _acc(t: torch.Tensor):
@@ -159,8 +261,9 @@ def _rows_backward(grad_loss, z, lse_block, eps, norm):
     """Logit gradients (L, B, n, M) of a block for the scalar grad_loss."""
     L, B, n, M = z.shape
     grad = torch.empty_like(z)
-    block_r, block_m = _blocks(M)
-    wrap_triton(_align_backward_kernel)[(triton.cdiv(B * n, block_r),)](
+    block_r, block_m, wide = _blocks(M)
+    kernel = _align_backward_wide_kernel if wide else _align_backward_kernel
+    wrap_triton(kernel)[(triton.cdiv(B * n, block_r),)](
         grad_loss.reshape(1).to(z.dtype),
         z,
         lse_block,
@@ -196,13 +299,14 @@ def cross_layer_alignment_loss(
     unit_grads = [torch.zeros(p.shape, dtype=acc, device=device) for p in proxies] if grad_proxies else []
     one = torch.ones((), dtype=dtype, device=device)
     rows = _rows_per_block(HW, block_rows)
-    block_r, block_m = _blocks(M)
+    block_r, block_m, wide = _blocks(M)
+    forward_kernel = _align_forward_wide_kernel if wide else _align_forward_kernel
     for r0 in range(0, HW, rows):
         n = min(rows, HW - r0)
         z = _block_logits(feats, proxies, r0, n)
         lse_block = torch.empty(L, B * n, dtype=acc, device=device)
         row_loss = torch.empty(B * n, dtype=acc, device=device)
-        wrap_triton(_align_forward_kernel)[(triton.cdiv(B * n, block_r),)](
+        wrap_triton(forward_kernel)[(triton.cdiv(B * n, block_r),)](
             z, lse_block, row_loss, B * n, M, eps, L=L, BLOCK_R=block_r, BLOCK_M=block_m, ACC=_acc(z)
         )
         lse[:, :, r0 : r0 + n] = lse_block.view(L, B, n)
@@ -253,3 +357,30 @@ def cross_layer_alignment_loss_backward(
             if need_grad_feats:  # f_l[:, :, block] gradient = (g_l p_l)ᵀ
                 grad_feats[l][:, :, r0 : r0 + n] = torch.bmm(proxies[l].transpose(1, 2), g[l].transpose(1, 2))
     return grad_feats, [s.to(p.dtype) for s, p in zip(sums, proxies)]
+
+
+# ---- launch space: what the GPU compile check (tools/gpu_compile_check.py) compiles ------------
+
+#: Problem axes that decide what the launchers above launch. First value: the base problem (the
+#: upstream M = 64, L = 4); second: the smallest blocks. Proxies give tiles of 64 (base), 16, 32,
+#: 128, 256, 512 and 1024 proxies, and wide rows.
+LAUNCH_AXES = {
+    "dtype": (torch.float32, torch.float64, torch.float16, torch.bfloat16),
+    "proxies": (64, 1, 20, 100, 200, 300, 1000, 1500),
+    "layers": (4, 2, 6),
+}
+#: The largest tiles with the most layers, and wide rows, compiled in every dtype like the base.
+LAUNCH_CORNERS = ({"proxies": 1000, "layers": 6}, {"proxies": 5000})
+#: The narrow kernels unroll the layers: each count is a compile of its own; the values above are
+#: the ones checked.
+UNBOUNDED_AXES = ("layers",)
+
+
+def launch_stand_in(dtype, proxies, layers):
+    """Forward (with the proxy gradients it forms) and backward launches of one problem, on
+    stand-in inputs: 37 pixel rows in one block."""
+    feats = [torch.zeros(1, 3, 37, dtype=dtype) for _ in range(layers)]
+    proxy_rows = [torch.zeros(1, proxies, 3, dtype=dtype) for _ in range(layers)]
+    _, lse, _ = cross_layer_alignment_loss(feats, proxy_rows, "mean", 1e-10, 37, True)
+    grad_loss = torch.ones((), dtype=dtype)
+    cross_layer_alignment_loss_backward(grad_loss, feats, proxy_rows, lse, "mean", 1e-10, 37, True, True)

@@ -1,9 +1,13 @@
 """busseg_triton::memory_contrastive_loss (PH-Net Eq. 15; docs/ops.md) in Triton: a program per
 block of anchors streams blocks of negatives through tl.dot with an online log-sum-exp (forward
-keeps only the per-anchor LSE); the backward recomputes the tiles, once per anchor block for the
-anchor gradient and once per negative block for the negative gradient (no atomics). The cosine
-normalisation, the positive term and the class weights are O((N + N⁻)·D) torch ops around the
-kernels."""
+keeps only the per-anchor LSE); the backward recomputes the tiles in a program per block of
+anchors (anchor gradient) or of negatives (negative gradient) and block of at most _MAX_BLOCK_D
+feature columns (no atomics; for larger D each tile is recomputed once per column block). A tile's
+dot products run over chunks of _BLOCK_K features, accumulated in float32 for half inputs: whole
+feature rows as tl.dot operands spilled registers from D = 256 on sm_80/sm_90, and half
+accumulators did not compile. The gradient programs lift ptxas's register ceiling (maxnreg): by
+default it spilled a few bytes to fit two blocks per SM. The cosine normalisation, the positive
+term and the class weights are O((N + N⁻)·D) torch ops around the kernels."""
 
 import torch
 import triton
@@ -14,45 +18,58 @@ from .. import _validate
 
 
 @triton.jit
-def _sim_tile(a_tile, n, yn, j0, M, D, ya, inv_tau, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    """(BLOCK_N, BLOCK_M) logits <â_i, n̂_j>/τ of one negative block, and which count."""
-    cols = j0 + tl.arange(0, BLOCK_M)
-    ds = tl.arange(0, BLOCK_D)
-    n_tile = tl.load(n + cols[:, None] * D + ds[None, :], mask=(cols[:, None] < M) & (ds[None, :] < D), other=0.0)
-    s = tl.dot(a_tile, tl.trans(n_tile), input_precision="ieee") * inv_tau
-    labels = tl.load(yn + cols, mask=cols < M, other=0)
-    counted = (cols[None, :] < M) & (labels[None, :] != ya[:, None])
-    return s, counted, n_tile
+def _sim_tile(a, n, rows, cols, N, M, D, inv_tau, BLOCK_K: tl.constexpr, ACC: tl.constexpr):
+    """(rows, cols) logits <â_i, n̂_j>/τ, the dot products summed over chunks of BLOCK_K features
+    (whole feature rows as tl.dot operands spilled registers from D = 256 on sm_80/sm_90)."""
+    ks = tl.arange(0, BLOCK_K)
+    s = tl.zeros([rows.shape[0], cols.shape[0]], ACC)
+    for d0 in range(0, D, BLOCK_K):
+        fs = d0 + ks
+        a_tile = tl.load(a + rows[:, None] * D + fs[None, :], mask=(rows[:, None] < N) & (fs[None, :] < D), other=0.0)
+        n_tile = tl.load(n + cols[:, None] * D + fs[None, :], mask=(cols[:, None] < M) & (fs[None, :] < D), other=0.0)
+        s = tl.dot(a_tile, tl.trans(n_tile), s, input_precision="ieee", out_dtype=ACC)
+    return s * inv_tau
+
+
+@triton.jit
+def _anchor_rows(ya_ptr, lse, coef, rows, N, ACC: tl.constexpr):
+    """Labels, LSE and gradient coefficients of a block of anchors."""
+    ya = tl.load(ya_ptr + rows, mask=rows < N, other=0)
+    l = tl.load(lse + rows, mask=rows < N, other=0.0).to(ACC)
+    c = tl.load(coef + rows, mask=rows < N, other=0.0).to(ACC)
+    return ya, l, c
 
 
 @triton.jit
 def _contrastive_forward_kernel(
-    a, n, ya_ptr, yn, pos, lse, N, M, D, inv_tau, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr
+    a,
+    n,
+    ya_ptr,
+    yn,
+    pos,
+    lse,
+    N,
+    M,
+    D,
+    inv_tau,
+    BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    ACC: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    ds = tl.arange(0, BLOCK_D)
-    a_tile = tl.load(a + rows[:, None] * D + ds[None, :], mask=(rows[:, None] < N) & (ds[None, :] < D), other=0.0)
     ya = tl.load(ya_ptr + rows, mask=rows < N, other=0)
-    m = tl.load(pos + rows, mask=rows < N, other=0.0)  # the positive term starts the sum
-    s = tl.full([BLOCK_N], 1.0, m.dtype)
+    m = tl.load(pos + rows, mask=rows < N, other=0.0).to(ACC)  # the positive term starts the sum
+    s = tl.full([BLOCK_N], 1.0, ACC)
     for j0 in range(0, M, BLOCK_M):
-        logits, counted, _ = _sim_tile(a_tile, n, yn, j0, M, D, ya, inv_tau, BLOCK_M, BLOCK_D)
-        logits = tl.where(counted, logits, float("-inf"))
+        cols = j0 + tl.arange(0, BLOCK_M)
+        labels = tl.load(yn + cols, mask=cols < M, other=0)
+        counted = (cols[None, :] < M) & (labels[None, :] != ya[:, None])
+        logits = tl.where(counted, _sim_tile(a, n, rows, cols, N, M, D, inv_tau, BLOCK_K, ACC), float("-inf"))
         m_new = tl.maximum(m, tl.max(logits, 1))
         s = s * tl.exp(m - m_new) + tl.sum(tl.exp(logits - m_new[:, None]), 1)
         m = m_new
     tl.store(lse + rows, m + tl.log(s), mask=rows < N)
-
-
-@triton.jit
-def _anchor_block(a, ya_ptr, lse, coef, rows, N, D, BLOCK_D: tl.constexpr):
-    """A block of normalised anchors (rows, BLOCK_D) with their labels, LSE and gradient coefficients."""
-    ds = tl.arange(0, BLOCK_D)
-    a_tile = tl.load(a + rows[:, None] * D + ds[None, :], mask=(rows[:, None] < N) & (ds[None, :] < D), other=0.0)
-    ya = tl.load(ya_ptr + rows, mask=rows < N, other=0)
-    l = tl.load(lse + rows, mask=rows < N, other=0.0)
-    c = tl.load(coef + rows, mask=rows < N, other=0.0)
-    return a_tile, ya, l, c
 
 
 @triton.jit
@@ -70,17 +87,24 @@ def _contrastive_anchor_grad_kernel(
     inv_tau,
     BLOCK_N: tl.constexpr,
     BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    ACC: tl.constexpr,
 ):
+    """da[rows, ds] += Σ_j g_ij n̂_j[ds]: a program per block of anchors and of feature columns."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    ds = tl.arange(0, BLOCK_D)
-    tile_mask = (rows[:, None] < N) & (ds[None, :] < D)
-    a_tile, ya, l, c = _anchor_block(a, ya_ptr, lse, coef, rows, N, D, BLOCK_D)
-    acc = tl.zeros([BLOCK_N, BLOCK_D], a_tile.dtype)
+    ds = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    ya, l, c = _anchor_rows(ya_ptr, lse, coef, rows, N, ACC)
+    acc = tl.zeros([BLOCK_N, BLOCK_D], ACC)
     for j0 in range(0, M, BLOCK_M):
-        logits, counted, n_tile = _sim_tile(a_tile, n, yn, j0, M, D, ya, inv_tau, BLOCK_M, BLOCK_D)
-        g = tl.where(counted & (c[:, None] != 0), c[:, None] * tl.exp(logits - l[:, None]), 0.0)
-        acc += tl.dot(g.to(n_tile.dtype), n_tile, input_precision="ieee")
+        cols = j0 + tl.arange(0, BLOCK_M)
+        labels = tl.load(yn + cols, mask=cols < M, other=0)
+        counted = (cols[None, :] < M) & (labels[None, :] != ya[:, None]) & (c[:, None] != 0)
+        logits = _sim_tile(a, n, rows, cols, N, M, D, inv_tau, BLOCK_K, ACC)
+        g = tl.where(counted, c[:, None] * tl.exp(logits - l[:, None]), 0.0)
+        n_cols = tl.load(n + cols[:, None] * D + ds[None, :], mask=(cols[:, None] < M) & (ds[None, :] < D), other=0.0)
+        acc = tl.dot(g.to(n_cols.dtype), n_cols, acc, input_precision="ieee", out_dtype=ACC)
+    tile_mask = (rows[:, None] < N) & (ds[None, :] < D)
     prev = tl.load(da + rows[:, None] * D + ds[None, :], mask=tile_mask, other=0.0)
     tl.store(da + rows[:, None] * D + ds[None, :], prev + acc, mask=tile_mask)
 
@@ -100,24 +124,29 @@ def _contrastive_negative_grad_kernel(
     inv_tau,
     BLOCK_N: tl.constexpr,
     BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    ACC: tl.constexpr,
 ):
+    """dn[cols, ds] = Σ_i g_ij â_i[ds]: a program per block of negatives and of feature columns."""
     cols = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    ds = tl.arange(0, BLOCK_D)
-    n_tile = tl.load(n + cols[:, None] * D + ds[None, :], mask=(cols[:, None] < M) & (ds[None, :] < D), other=0.0)
+    ds = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     labels = tl.load(yn + cols, mask=cols < M, other=0)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], n_tile.dtype)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], ACC)
     for i0 in range(0, N, BLOCK_N):
         rows = i0 + tl.arange(0, BLOCK_N)
-        a_tile, ya, l, c = _anchor_block(a, ya_ptr, lse, coef, rows, N, D, BLOCK_D)
-        logits = tl.dot(a_tile, tl.trans(n_tile), input_precision="ieee") * inv_tau
-        counted = (rows[:, None] < N) & (cols[None, :] < M) & (labels[None, :] != ya[:, None])
-        g = tl.where(counted & (c[:, None] != 0), c[:, None] * tl.exp(logits - l[:, None]), 0.0)
-        acc += tl.dot(tl.trans(g.to(a_tile.dtype)), a_tile, input_precision="ieee")
+        ya, l, c = _anchor_rows(ya_ptr, lse, coef, rows, N, ACC)
+        counted = (rows[:, None] < N) & (cols[None, :] < M) & (labels[None, :] != ya[:, None]) & (c[:, None] != 0)
+        logits = _sim_tile(a, n, rows, cols, N, M, D, inv_tau, BLOCK_K, ACC)
+        g = tl.where(counted, c[:, None] * tl.exp(logits - l[:, None]), 0.0)
+        a_cols = tl.load(a + rows[:, None] * D + ds[None, :], mask=(rows[:, None] < N) & (ds[None, :] < D), other=0.0)
+        acc = tl.dot(tl.trans(g.to(a_cols.dtype)), a_cols, acc, input_precision="ieee", out_dtype=ACC)
     tl.store(dn + cols[:, None] * D + ds[None, :], acc, mask=(cols[:, None] < M) & (ds[None, :] < D))
 
 
 _BLOCK_N = _BLOCK_M = 32
+_BLOCK_K = 16  # features per chunk of a logit tile's dot products
+_MAX_BLOCK_D = 128  # feature columns of a gradient program; more would spill (8 warps)
 _NORM_EPS = 1e-12  # as torch.nn.functional.normalize
 
 
@@ -143,8 +172,19 @@ def _normalize_backward(x, xhat, dxhat):
     return torch.where(norm > _NORM_EPS, proj, dxhat) / norm.clamp_min(_NORM_EPS)
 
 
-def _blocks(D):
-    return dict(BLOCK_N=_BLOCK_N, BLOCK_M=_BLOCK_M, BLOCK_D=max(16, triton.next_power_of_2(D)))
+def _blocks(t: torch.Tensor) -> dict:
+    """Constexprs of every contrastive kernel; float32 accumulation for half inputs."""
+    return dict(BLOCK_N=_BLOCK_N, BLOCK_M=_BLOCK_M, BLOCK_K=_BLOCK_K, ACC=_acc(t))
+
+
+def _grad_blocks(t: torch.Tensor) -> tuple[int, dict]:
+    """Feature-column blocks of the gradient kernels and their constexprs (with launch options)."""
+    block_d = min(_MAX_BLOCK_D, max(16, triton.next_power_of_2(t.shape[1])))
+    return triton.cdiv(t.shape[1], block_d), dict(_blocks(t), BLOCK_D=block_d, num_warps=8, maxnreg=255)
+
+
+def _acc(t: torch.Tensor):
+    return tl.float64 if t.dtype == torch.float64 else tl.float32
 
 
 def _check(op, anchors, anchor_labels, negatives, negative_labels, positives, has_positive, temperature):
@@ -212,7 +252,7 @@ def memory_contrastive_loss(
             n.shape[0],
             D,
             1.0 / temperature,
-            **_blocks(D),
+            **_blocks(a),
         )
     loss = (weight * torch.where(weight > 0, lse - pos, 0.0)).sum()
     return loss, lse
@@ -247,16 +287,40 @@ def memory_contrastive_loss_backward(
     da = ((coef * (pi_pos - 1))[:, None] * p[lab]).contiguous()
     ya, yn = anchor_labels.contiguous(), negative_labels.contiguous()
     args = (a, n, ya, yn, lse.contiguous(), coef)
+    column_blocks, meta = _grad_blocks(a)
     if N > 0 and M > 0:
-        wrap_triton(_contrastive_anchor_grad_kernel)[(triton.cdiv(N, _BLOCK_N),)](
-            *args, da, N, M, D, 1.0 / temperature, **_blocks(D)
+        wrap_triton(_contrastive_anchor_grad_kernel)[(triton.cdiv(N, _BLOCK_N), column_blocks)](
+            *args, da, N, M, D, 1.0 / temperature, **meta
         )
     grad_negatives = anchors.new_empty(0)
     if need_grad_negatives:
         dn = torch.zeros_like(n)
         if N > 0 and M > 0:
-            wrap_triton(_contrastive_negative_grad_kernel)[(triton.cdiv(M, _BLOCK_M),)](
-                *args, dn, N, M, D, 1.0 / temperature, **_blocks(D)
+            wrap_triton(_contrastive_negative_grad_kernel)[(triton.cdiv(M, _BLOCK_M), column_blocks)](
+                *args, dn, N, M, D, 1.0 / temperature, **meta
             )
         grad_negatives = _normalize_backward(negatives, n, dn)
     return _normalize_backward(anchors, a, da), grad_negatives
+
+
+# ---- launch space: what the GPU compile check (tools/gpu_compile_check.py) compiles ------------
+
+#: Problem axes that decide what the launchers above launch. First value: the base problem; second:
+#: the smallest blocks. Features of 256 give gradient column blocks of 128 (base), then 16 (D = 1,
+#: specialised), 32, 64, 128 with D not a multiple of 16, and three blocks.
+LAUNCH_AXES = {
+    "dtype": (torch.float32, torch.float64, torch.float16, torch.bfloat16),
+    "dim": (256, 1, 20, 40, 100, 300),
+}
+#: The largest blocks with D not a multiple of 16, compiled in every dtype like the base.
+LAUNCH_CORNERS = ({"dim": 300},)
+
+
+def launch_stand_in(dtype, dim):
+    """Forward and backward launches on stand-in inputs with features of `dim`."""
+    anchors, negatives, positives = (torch.ones(n, dim, dtype=dtype) for n in (37, 41, 2))
+    labels = torch.zeros(37, dtype=torch.int64), torch.ones(41, dtype=torch.int64)
+    has_positive = torch.ones(2, dtype=torch.bool)
+    args = (anchors, labels[0], negatives, labels[1], positives, has_positive, 0.5)
+    _, lse = memory_contrastive_loss(*args)
+    memory_contrastive_loss_backward(torch.ones((), dtype=dtype), *args[:6], lse, 0.5, True)

@@ -117,7 +117,8 @@ def patch_entropy_hardness(x: torch.Tensor, patch_h: int, patch_w: int, from_log
         -1.0 / (math.log(K) * patch_h * patch_w),
         eps,
         FROM_LOGITS=from_logits,
-        BLOCK=min(1024, triton.next_power_of_2(patch_h * patch_w)),
+        # a lane per thread at least; at most 512 pixels at a time (blocks of 1024 spilled on sm_90)
+        BLOCK=min(512, max(128, triton.next_power_of_2(patch_h * patch_w))),
     )
     return out.to(x.dtype)
 
@@ -147,3 +148,24 @@ def patch_entropy_hardness_backward(
         BLOCK=block,
     )
     return dx.to(x.dtype)
+
+
+# ---- launch space: what the GPU compile check (tools/gpu_compile_check.py) compiles ------------
+
+#: Problem axes that decide what the launchers above launch. First value: the base problem; second:
+#: the smallest blocks. Square patches of side 16 give blocks of 256 pixels (base), then 128 (one
+#: pixel, specialised), 512, and 512 in a loop.
+LAUNCH_AXES = {
+    "dtype": (torch.float32, torch.float64, torch.float16, torch.bfloat16),
+    "patch_side": (16, 1, 20, 40),
+    "from_logits": (True, False),
+}
+#: The largest blocks, compiled in every dtype like the base.
+LAUNCH_CORNERS = ({"patch_side": 40},)
+
+
+def launch_stand_in(dtype, patch_side, from_logits):
+    """Forward and backward launches on stand-in inputs: a 2 x 3 grid of square patches."""
+    x = torch.zeros(1, 2, 2 * patch_side, 3 * patch_side, dtype=dtype)
+    hardness = patch_entropy_hardness(x, patch_side, patch_side, from_logits, 1e-10)
+    patch_entropy_hardness_backward(torch.ones_like(hardness), x, patch_side, patch_side, from_logits, 1e-10)

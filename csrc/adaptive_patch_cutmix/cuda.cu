@@ -16,8 +16,9 @@ __device__ __forceinline__ void copy_element(const CutmixTensor& t, long long to
   static_cast<U*>(t.dst)[to] = static_cast<const U*>(t.src)[from];
 }
 
-__global__ void patch_cutmix_kernel(CutmixBatch batch, const bool* __restrict__ mask, PatchShape s,
-                                    long long total) {
+__global__ void __launch_bounds__(kThreads)
+    patch_cutmix_kernel(CutmixBatch batch, const bool* __restrict__ mask, PatchShape s,
+                        long long total) {
   const long long HW = s.H * s.W, Nh = s.H / s.ph, Nw = s.W / s.pw;
   for (long long g = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x; g < total;
        g += static_cast<long long>(gridDim.x) * blockDim.x) {

@@ -40,9 +40,9 @@ __device__ __forceinline__ long long neighbour(const ArpShape& s, const Pixel& p
 }
 
 template <typename T>
-__global__ void arp_forward_kernel(ArpShape s, const T* __restrict__ feat,
-                                   const T* __restrict__ value, T* __restrict__ out,
-                                   T* __restrict__ weights, double scale) {
+__global__ void __launch_bounds__(32 * kWarpsPerBlock)
+    arp_forward_kernel(ArpShape s, const T* __restrict__ feat, const T* __restrict__ value,
+                       T* __restrict__ out, T* __restrict__ weights, double scale) {
   using A = acc_t<T>;
   extern __shared__ unsigned char smem[];
   const int taps = s.kernel_size * s.kernel_size, lane = threadIdx.x;
@@ -86,9 +86,10 @@ __global__ void arp_forward_kernel(ArpShape s, const T* __restrict__ feat,
 
 // da[i, t] = scale * w (dw - <w, dw>), dw[i, t] = <grad_out[:, i], value[q, :]>.
 template <typename T>
-__global__ void arp_affinity_grad_kernel(ArpShape s, const T* __restrict__ grad_out,
-                                         const T* __restrict__ value, const T* __restrict__ weights,
-                                         acc_t<T>* __restrict__ da, double scale) {
+__global__ void __launch_bounds__(32 * kWarpsPerBlock)
+    arp_affinity_grad_kernel(ArpShape s, const T* __restrict__ grad_out,
+                             const T* __restrict__ value, const T* __restrict__ weights,
+                             acc_t<T>* __restrict__ da, double scale) {
   using A = acc_t<T>;
   const int taps = s.kernel_size * s.kernel_size, lane = threadIdx.x;
   Pixel px;
@@ -112,10 +113,10 @@ __global__ void arp_affinity_grad_kernel(ArpShape s, const T* __restrict__ grad_
 }
 
 template <typename T>
-__global__ void arp_gather_grad_kernel(ArpShape s, const T* __restrict__ grad_out,
-                                       const T* __restrict__ feat, const T* __restrict__ weights,
-                                       const acc_t<T>* __restrict__ da, T* __restrict__ grad_feat,
-                                       T* __restrict__ grad_value) {
+__global__ void __launch_bounds__(32 * kWarpsPerBlock)
+    arp_gather_grad_kernel(ArpShape s, const T* __restrict__ grad_out, const T* __restrict__ feat,
+                           const T* __restrict__ weights, const acc_t<T>* __restrict__ da,
+                           T* __restrict__ grad_feat, T* __restrict__ grad_value) {
   using A = acc_t<T>;
   const int taps = s.kernel_size * s.kernel_size, lane = threadIdx.x;
   Pixel px;

@@ -1,5 +1,10 @@
 // Device helpers shared by the CUDA kernels: float32 accumulation for every storage type, warp
 // reductions, and the dtype switch the launchers use.
+//
+// Kernels declare __launch_bounds__(threads) with the block size they are launched with (the
+// resource report, tools/gpu_compile_check.py, reads it from the binary for the occupancy).
+// A minimum of resident blocks is added only where ptxas would otherwise spill: a minimum of 1
+// everywhere let ptxas double the registers of the ARP kernels and halve their occupancy.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>

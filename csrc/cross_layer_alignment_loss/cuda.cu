@@ -32,8 +32,9 @@ __device__ __forceinline__ A kl_term(A q, A log_q, A log_p_eps) {
 }
 
 template <typename T>
-__global__ void align_forward_kernel(AlignShape s, const T* __restrict__ logits, double eps,
-                                     acc_t<T>* __restrict__ lse, acc_t<T>* __restrict__ row_loss) {
+__global__ void __launch_bounds__(32 * kRowWarps)
+    align_forward_kernel(AlignShape s, const T* __restrict__ logits, double eps,
+                         acc_t<T>* __restrict__ lse, acc_t<T>* __restrict__ row_loss) {
   using A = acc_t<T>;
   const int lane = threadIdx.x & 31;
   const long long r = static_cast<long long>(blockIdx.x) * kRowWarps + (threadIdx.x >> 5);
@@ -60,10 +61,10 @@ __global__ void align_forward_kernel(AlignShape s, const T* __restrict__ logits,
 // Pair (input P_l = p, target P_{l+1} = q): u = log q - log(p + eps), h = -q / (p + eps).
 // d/dz_{l+1} = q (u - <q, u>),  d/dz_l = p (h - <p, h>).
 template <typename T>
-__global__ void align_backward_kernel(AlignShape s, const T* __restrict__ grad_loss,
-                                      const T* __restrict__ logits,
-                                      const acc_t<T>* __restrict__ lse, double eps, double norm,
-                                      T* __restrict__ grad) {
+__global__ void __launch_bounds__(32 * kRowWarps)
+    align_backward_kernel(AlignShape s, const T* __restrict__ grad_loss,
+                          const T* __restrict__ logits, const acc_t<T>* __restrict__ lse,
+                          double eps, double norm, T* __restrict__ grad) {
   using A = acc_t<T>;
   const int lane = threadIdx.x & 31;
   const long long r = static_cast<long long>(blockIdx.x) * kRowWarps + (threadIdx.x >> 5);

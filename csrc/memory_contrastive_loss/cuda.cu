@@ -13,10 +13,10 @@ constexpr int kThreads = 256;
 
 // One warp per row: the row's masked max, then its sum of exponentials.
 template <typename A>
-__global__ void lse_update_kernel(const A* __restrict__ sim, long long rows, long long cols,
-                                  const long long* __restrict__ ya,
-                                  const long long* __restrict__ yn, A* __restrict__ m,
-                                  A* __restrict__ s, A inv_tau) {
+__global__ void __launch_bounds__(kThreads)
+    lse_update_kernel(const A* __restrict__ sim, long long rows, long long cols,
+                      const long long* __restrict__ ya, const long long* __restrict__ yn,
+                      A* __restrict__ m, A* __restrict__ s, A inv_tau) {
   const long long row = static_cast<long long>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   if (row >= rows) return;  // the whole warp leaves together
@@ -38,9 +38,10 @@ __global__ void lse_update_kernel(const A* __restrict__ sim, long long rows, lon
 }
 
 template <typename A>
-__global__ void grad_tile_kernel(A* __restrict__ sim, long long rows, long long cols,
-                                 const long long* __restrict__ ya, const long long* __restrict__ yn,
-                                 const A* __restrict__ lse, const A* __restrict__ coef, A inv_tau) {
+__global__ void __launch_bounds__(kThreads)
+    grad_tile_kernel(A* __restrict__ sim, long long rows, long long cols,
+                     const long long* __restrict__ ya, const long long* __restrict__ yn,
+                     const A* __restrict__ lse, const A* __restrict__ coef, A inv_tau) {
   const long long total = rows * cols;
   for (long long g = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x; g < total;
        g += static_cast<long long>(gridDim.x) * blockDim.x) {

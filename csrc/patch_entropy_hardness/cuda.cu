@@ -9,6 +9,10 @@ namespace busseg::cuda {
 namespace {
 
 constexpr int kThreads = 256;
+// Resident blocks per SM that ptxas must allow for (__launch_bounds__): none asked (0), but 1 for
+// double, where ptxas otherwise spilled (sm_90) to fit four blocks.
+template <typename T>
+constexpr int kMinBlocks = sizeof(T) == 8 ? 1 : 0;
 
 // Class probabilities of pixel `pix` come from x + k*HW + pix; softmax statistics (max, sum).
 template <typename T>
@@ -33,8 +37,9 @@ struct PixelProbs {
 };
 
 template <typename T>
-__global__ void hardness_forward_kernel(PatchShape s, const T* __restrict__ x, T* __restrict__ out,
-                                        bool from_logits, double eps, double scale) {
+__global__ void __launch_bounds__(kThreads, kMinBlocks<T>)
+    hardness_forward_kernel(PatchShape s, const T* __restrict__ x, T* __restrict__ out,
+                            bool from_logits, double eps, double scale) {
   using A = acc_t<T>;
   __shared__ A partial[kThreads / 32];
   const long long Nh = s.H / s.ph, Nw = s.W / s.pw, patch = blockIdx.x;
@@ -60,9 +65,9 @@ __global__ void hardness_forward_kernel(PatchShape s, const T* __restrict__ x, T
 }
 
 template <typename T>
-__global__ void hardness_backward_kernel(PatchShape s, const T* __restrict__ grad,
-                                         const T* __restrict__ x, T* __restrict__ dx,
-                                         bool from_logits, double eps, double scale) {
+__global__ void __launch_bounds__(kThreads, kMinBlocks<T>)
+    hardness_backward_kernel(PatchShape s, const T* __restrict__ grad, const T* __restrict__ x,
+                             T* __restrict__ dx, bool from_logits, double eps, double scale) {
   using A = acc_t<T>;
   const long long HW = s.H * s.W;
   const long long idx = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;

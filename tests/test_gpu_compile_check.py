@@ -1,0 +1,142 @@
+"""tools/gpu_compile_check.py (`make gpu-compile-check`): the launch spaces cover every axis value,
+the drift guards and the compile-error path fire, the occupancy and report arithmetic. The check
+itself (every kernel compiled for sm_80/sm_90) runs in `make test` as its own target."""
+
+import importlib
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tools"))
+import gpu_compile_check as check  # noqa: E402
+
+
+@pytest.mark.parametrize("name", check.TRITON_MODULES)
+def test_launch_points_cover_every_value_of_every_axis(name):
+    module = importlib.import_module(name)
+    points = check.launch_points(module)
+    for axis, values in module.LAUNCH_AXES.items():
+        assert {repr(v) for v in values} <= {repr(p[axis]) for p in points}, axis
+    corners = [{}, *getattr(module, "LAUNCH_CORNERS", ())]
+    for dtype in module.LAUNCH_AXES["dtype"]:  # base and corners in every dtype
+        assert sum(p["dtype"] == dtype for p in points) >= len(corners)
+    assert set(getattr(module, "UNBOUNDED_AXES", ())) <= set(module.LAUNCH_AXES)
+
+
+def test_every_triton_module_is_checked():
+    stems = {p.stem for p in (ROOT / "busseg_ops" / "triton").glob("*.py") if not p.name.startswith("_")}
+    assert {m.rsplit(".", 1)[1] for m in check.TRITON_MODULES} == stems
+
+
+FAKE_MODULE = """
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def small_dot_kernel(x, out, BLOCK: tl.constexpr):
+    i = tl.arange(0, BLOCK)
+    a = tl.load(x + i[:, None] * BLOCK + i[None, :])
+    tl.store(out + i[:, None] * BLOCK + i[None, :], tl.dot(a, a))
+
+
+@triton.jit
+def forgotten_kernel(x):
+    tl.store(x, 1.0)
+
+
+LAUNCH_AXES = {"dtype": (torch.float16,), "n": (8, 64)}
+
+
+def launch_stand_in(dtype, n):
+    x = torch.zeros(n, n, dtype=dtype)
+    small_dot_kernel[(1,)](x, x, BLOCK=triton.next_power_of_2(n))  # uncapped
+"""
+
+
+def test_drift_guards_and_compile_errors(tmp_path):
+    """A kernel no stand-in launches and a block size that grows past the axis are reported; tl.dot
+    on 8 x 8 float16 blocks, which the interpreter runs, fails to compile for sm_90 and is reported."""
+    (tmp_path / "fake_kernels.py").write_text(FAKE_MODULE)
+    script = textwrap.dedent(f"""
+        import os, sys
+        os.environ.pop("TRITON_INTERPRET", None)
+        os.environ["TRITON_CACHE_DIR"] = {str(tmp_path / "cache")!r}
+        sys.path[:0] = [{str(tmp_path)!r}, {str(ROOT / "tools")!r}]
+        import gpu_compile_check as check
+        jobs, problems = check.triton_jobs(["fake_kernels"], targets=(90,))
+        print("\\n".join(problems))
+        small = [j for j in jobs if "BLOCK=8" in j.config]
+        print("CONFIGS", sorted(j.config for j in jobs))
+        print("ERROR", check.compile_job(small[0]).error.splitlines()[-1])
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    assert "fake_kernels.forgotten_kernel: a kernel that launch_stand_in never launches" in out.stdout
+    assert "fake_kernels.small_dot_kernel: n=256 launches a configuration that n=64 does not" in out.stdout
+    assert "BLOCK=8" in out.stdout and "BLOCK=64" in out.stdout
+    error = out.stdout.split("ERROR ", 1)[1]
+    assert "K >= 16" in error, error
+
+
+def usage(regs, threads, shared=0, target=90):
+    return check.Usage("k", target, "", regs=regs, threads=threads, shared=shared)
+
+
+def test_occupancy_limits():
+    # 32 registers, 4 warps: the 2048-thread limit (16 blocks, all 64 warps)
+    assert check.occupancy(usage(32, 128)) == (16, 64, "threads")
+    # 255 registers round to 256 per thread = 8192 per warp: 8 warps per SM
+    assert check.occupancy(usage(255, 256)) == (1, 8, "registers")
+    assert check.occupancy(usage(168, 128)) == (3, 12, "registers")  # 5376 per warp: 12 warps
+    # 40 KiB of shared memory (+1 KiB reserved per block): 5 blocks on sm_90, 4 on sm_80
+    assert check.occupancy(usage(32, 128, 40 * 1024)) == (5, 20, "shared memory")
+    assert check.occupancy(usage(32, 128, 40 * 1024, target=80)) == (4, 16, "shared memory")
+    assert check.occupancy(usage(32, 128, 200 * 1024, target=80))[0] == 0  # over the per-block limit
+
+
+def test_spills_compile_errors_and_unbounded_cuda_kernels_fail_the_check():
+    clean = check.Usage("triton.op.k", 90, "fp32", regs=40, threads=128)
+    spilling = check.Usage("cuda.op.k", 80, "double", regs=255, spill_stores=8, threads=256)
+    broken = check.Usage("triton.op.k", 80, "fp16", error="CompilationError: K >= 16")
+    unbounded = check.Usage("cuda.op.k", 90, "float", regs=32)
+    assert check.failures([], [clean]) == []
+    assert check.failures(["drift"], [clean, spilling, broken, unbounded]) == [
+        "drift",
+        "triton.op.k [fp16] sm_80: CompilationError: K >= 16",
+        "cuda.op.k [float] sm_90: no __launch_bounds__(threads, 1)",
+        "cuda.op.k [double] sm_80: spills 8 B stored / 0 B loaded",
+    ]
+
+
+def test_ptxas_report_parsing(tmp_path):
+    log = tmp_path / "some_op.ptxas.log"
+    log.write_text(
+        "ptxas info    : Compiling entry function '_Z3fooIfEvPT_' for 'sm_80'\n"
+        "ptxas info    : Function properties for _Z3fooIfEvPT_\n"
+        "    8 bytes stack frame, 4 bytes spill stores, 12 bytes spill loads\n"
+        "ptxas info    : Used 72 registers, used 1 barriers, 528 bytes smem, 400 bytes cmem[0]\n"
+        "ptxas info    : Compiling entry function '_Z3fooIfEvPT_' for 'sm_90'\n"
+        "ptxas info    : Function properties for _Z3fooIfEvPT_\n"
+        "    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads\n"
+        "ptxas info    : Used 40 registers, used 1 barriers, 528 bytes smem\n"
+    )
+    sm80, sm90 = check.cuda_usage(tmp_path)
+    assert (sm80.kernel, sm80.config, sm80.target) == ("cuda.some_op.foo", "float", 80)
+    assert (sm80.regs, sm80.stack, sm80.spill_stores, sm80.spill_loads, sm80.shared) == (72, 8, 4, 12, 528)
+    assert sm80.spills and not sm90.spills and sm90.regs == 40
+
+
+def test_results_table_is_replaced_between_markers(tmp_path):
+    results = tmp_path / "RESULTS.md"
+    results.write_text("# Results\n\nintro\n")
+    check.write_results("first table", results)
+    check.write_results("second table", results)
+    text = results.read_text()
+    assert text.startswith("# Results\n\nintro\n") and text.count(check.BEGIN) == 1
+    assert "second table" in text and "first table" not in text
