@@ -8,7 +8,7 @@ CUDA_ARCH_FLAGS := -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,
 NATIVE_SOURCES  := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh') setup.py
 export MAX_JOBS ?= 2
 
-.PHONY: install build lint test cuda-check gpu-compile-check gpu-resources gpu-check cmake-check bench demo reproduce clean
+.PHONY: install build lint test cuda-check gpu-compile-check gpu-resources gpu-check cmake-check bench demo reproduce diagnose clean
 
 install: $(STAMP)
 
@@ -108,8 +108,8 @@ demo: build
 	$(PY) examples/arp_demo.py
 	$(PY) examples/train_demo.py
 
-# The BUSI 1/4 reproduction, not part of `make test`: suponly, rabusseg, rabusseg without ARP and
-# without CRA, phnet, two seeds each, at this machine's scale (benchmarks/reproduce.py). Resumable:
+# The BUSI 1/4 reproduction, not part of `make test`: suponly, rabusseg, phnet, two seeds each, at
+# this machine's scale (benchmarks/reproduce.py). Resumable:
 # run it again to continue, finished runs are skipped. Writes benchmarks/REPRODUCTION.md and its
 # curves. REPRO_SCALE=smoke checks the pipeline in minutes (report under runs/reproduce/smoke/);
 # REPRO_ARGS passes options (default --jobs 2: two runs at once, one thread each; --measure for a
@@ -118,6 +118,14 @@ REPRO_SCALE ?= full
 REPRO_ARGS  ?= --jobs 2
 reproduce: build
 	$(PY) benchmarks/reproduce.py --scale $(REPRO_SCALE) $(REPRO_ARGS)
+
+# Why the semi-supervised rows win or lose: validation-only ablations (without L_u, ARP, CRA, HPC,
+# APA, the bank; cutmix; Eq. 15's negatives) from a shared warm-up checkpoint per seed, with every
+# diagnostic logged (benchmarks/diagnose.py). Resumable. Writes benchmarks/diagnosis.md and its
+# curves, which REPRODUCTION.md includes.
+DIAG_ARGS ?= --jobs 2
+diagnose: build
+	$(PY) benchmarks/diagnose.py $(DIAG_ARGS)
 
 clean:
 	rm -rf build busseg_ops/*.so busseg_ops/.built *.egg-info

@@ -51,12 +51,15 @@ class ASPP(nn.Module):
 
 
 class Projector(nn.Module):
-    """PH-Net projector: two Conv-BN-ReLU blocks to ``dim`` channels (3×3 then 1×1), then L2
-    normalisation over channels. Mirrors the classifier (same input), as the paper describes."""
+    """PH-Net projector: a 3×3 Conv-BN-ReLU block, then a plain 1×1 conv to ``dim`` channels, then
+    L2 normalisation over channels. The output layer has no BN/ReLU, as upstream's
+    ``representation`` head: after a ReLU every feature is non-negative, no two are further apart
+    than 90°, and the contrastive loss cannot separate the classes. (Upstream has a second 3×3
+    block at 256 channels; on a full-resolution U-Net feature that would cost 16× this head.)"""
 
     def __init__(self, cin: int, dim: int = 256, hidden: int = 256):
         super().__init__()
-        self.body = nn.Sequential(conv_bn_relu(cin, hidden, 3), conv_bn_relu(hidden, dim, 1))
+        self.body = nn.Sequential(conv_bn_relu(cin, hidden, 3), nn.Conv2d(hidden, dim, 1))
 
     def forward(self, x):
         return F.normalize(self.body(x), dim=1)

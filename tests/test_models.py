@@ -397,3 +397,14 @@ def test_readme_models_snippet_runs():
     scope = {}
     exec(code, scope)  # the snippet as a reader would paste it
     assert scope["out"]["pred"].shape == (2, 2, 96, 96) and torch.isfinite(scope["l_arp"] + scope["l_cra"])
+
+
+def test_projector_features_are_not_confined_to_the_positive_orthant():
+    # A ReLU at the output (as before) makes every feature non-negative: no two features are more
+    # than 90° apart and the contrastive loss cannot push the classes apart. Upstream's head ends
+    # in a plain 1×1 conv.
+    torch.manual_seed(0)
+    proj = M.Projector(8, dim=16, hidden=32).train()
+    z = proj(torch.randn(2, 8, 9, 11)).permute(0, 2, 3, 1).reshape(-1, 16)
+    torch.testing.assert_close(z.norm(dim=1), torch.ones(len(z)))
+    assert (z < 0).any() and (z @ z.T).min() < -0.2

@@ -42,3 +42,38 @@ def test_reproduce_skips_resumes_and_reports(tmp_path, capsys):
     assert len(table) == 4  # results and pseudo-label rows
     assert "Wilcoxon p" in text and "beat suponly at this scale" in text and "`cra=False`" in text
     assert "wall time" in text and "UTC" in text
+
+
+def test_reproduce_rows_follow_the_upstream_configs():
+    # RA-BUSSeg's released config trains without cutmix (apply_aug: False); the reproduction's
+    # rabusseg row once kept our default of a box on every unlabelled image.
+    import yaml
+    from busseg_ops.train import config
+
+    flags = {name: f for name, f, _ in reproduce.RUNS}
+    preset = yaml.safe_load(open(config.preset_path("rabusseg_busi_1_4")))
+    assert flags["rabusseg"]["cutmix_p"] == preset["cutmix_p"] == 0.0
+
+
+def test_diagnose_variants_continue_from_the_shared_warm_up_and_never_test(tmp_path, monkeypatch):
+    import diagnose
+
+    monkeypatch.setattr(reproduce, "COMMON", {**TINY, "val_from_train": 0, "batch_labeled": 2, "batch_unlabeled": 2})
+    monkeypatch.setattr(reproduce, "SCALES", {"full": {**reproduce.SCALES["smoke"], "epochs": 3, "warmup_epochs": 1}})
+    variants = dict((n, f) for n, f, _ in diagnose.VARIANTS)
+    a = diagnose.train_variant("rabusseg no L_u", variants["rabusseg no L_u"], 0, None, str(tmp_path))
+    b = diagnose.train_variant("phnet", variants["phnet"], 0, None, str(tmp_path))
+    warm = os.path.join(tmp_path, "warm-up", "seed0")
+    assert sorted(os.listdir(tmp_path)) == ["phnet", "rabusseg_no_L_u", "warm-up"]
+    for res, slug in ((a, "rabusseg_no_L_u"), (b, "phnet")):
+        run = os.path.join(tmp_path, slug, "seed0")
+        rows = open(os.path.join(run, "metrics.csv")).read().splitlines()
+        warm_row = open(os.path.join(warm, "metrics.csv")).read().splitlines()[1]
+        assert rows[1].rstrip(",") == warm_row  # the same warm-up epoch (later columns blank)
+        assert len(rows) == 1 + 3 and not os.path.exists(os.path.join(run, "test_metrics.json"))
+        assert 0 <= res["best_val"] <= 1
+    again = diagnose.train_variant("phnet", variants["phnet"], 0, None, str(tmp_path))
+    assert again == b  # finished: skipped
+    path = diagnose.report([a, b], str(tmp_path), [0], None, str(tmp_path / "diagnosis.md"))
+    text = open(path).read()
+    assert "| phnet |" in text and "| rabusseg no L_u |" in text and os.path.isfile(tmp_path / "diagnosis_curves.png")

@@ -8,6 +8,8 @@ import torch
 from busseg_ops.train import data, engine, methods
 from train_helpers import tiny
 
+import busseg_ops
+
 
 def _batch(n, seed, size=64, labeled=True):
     ds = data.SegDataset(data.synthetic_items(n, seed), size, train=False, labeled=labeled)
@@ -82,6 +84,7 @@ def test_step_finite_and_decreasing(tmp_path, name, kw):
         ("phnet", {"apa": False}, {}),
         ("phnet", {"hpc": False}, {"mb": False, "gamma": 0.0}),
         ("phnet", {"gamma": 0.99}, {}),
+        ("phnet", {"contrast_negatives": "anchors"}, {"mb": False}),
         ("lanet", {"tau": 1.0}, {"tau": 0.0}),
         ("lanet", {"alpha": 0.5}, {"tau": 0.0}),
         ("semiseg_caw", {"stage1_epochs": 5}, {}),
@@ -118,8 +121,13 @@ def test_phnet_memory_bank_changes_contrastive_loss(tmp_path):
 
 
 def test_warmup_and_stage1_are_supervised_only(tmp_path):
-    _, logs = _loss(tiny(tmp_path, method="rabusseg"), {"epoch": 0, "progress": 0, "warmup": True})
-    assert "loss_u" not in logs and "loss_arp" in logs
+    # U2PL's sup_only epochs train L_s alone: rabusseg's ARP and CRA wait too (they ran in the
+    # warm-up once), so every method leaves the warm-up with the same network as suponly.
+    warm = {"epoch": 0, "progress": 0, "warmup": True, "epochs": 2}
+    for name in ("rabusseg", "phnet"):
+        loss, logs = _loss(tiny(tmp_path, method=name), warm)
+        sup, _ = _loss(tiny(tmp_path, method="suponly"), warm)
+        assert set(logs) == {"loss_s"} and torch.equal(loss, sup), (name, logs)
     _, logs = _loss(
         tiny(tmp_path, method="lanet", stage1_epochs=1), {"epoch": 0, "progress": 0, "warmup": False, "epochs": 2}
     )
@@ -154,3 +162,42 @@ def test_semiseg_caw_wgm_learns_the_weights(tmp_path):
     on, m = after_steps(True)
     off, _ = after_steps(False)
     assert m.wgm.log_vars.abs().sum() > 0 and not torch.isclose(on, off)
+
+
+@pytest.mark.parametrize("negatives", ["centres", "anchors"])
+@pytest.mark.parametrize("shape", [(2, 16, 32, 32), (3, 8, 20, 28)])
+def test_phnet_contrastive_matches_its_formula(tmp_path, negatives, shape):
+    """L_c against a direct computation. centres (PH-Net's released patch_contrast): a 2-way
+    softmax of cos(z, own centre) against cos(z, other centre); anchors (Eq. 15 as printed):
+    against every other-class anchor. Mean over anchors per class, then over classes."""
+    b, d, h, w = shape
+    cfg = tiny(tmp_path, method="phnet", mb=False, rep_dim=d, num_patches=4, max_anchors=10**6)
+    cfg.contrast_negatives = negatives
+    method = methods.build(cfg)
+    g = torch.Generator().manual_seed(sum(shape))
+    rep = torch.nn.functional.normalize(torch.randn(b, d, h, w, generator=g, dtype=torch.float64), dim=1)
+    rep.requires_grad_(True)  # unit features, as the projector gives
+    tprob = torch.softmax(torch.randn(b, 2, 4 * h, 4 * w, generator=g, dtype=torch.float64), 1)
+    plm = tprob.argmax(1)
+    plm[:, ::5] = 1 - plm[:, ::5]  # some pixels where the mixed pseudo-label and the teacher disagree
+    loss, stats = method.contrastive(rep, plm, tprob)
+
+    hard = busseg_ops.patch_entropy_hardness(tprob, num_patches=4)
+    k = max(1, busseg_ops.shield_count(cfg.beta, 1.0, 16))
+    sel = busseg_ops.reliable_hard_pixels(plm, tprob.argmax(1), hard, k, (h, w))
+    z = torch.nn.functional.normalize(rep.permute(0, 2, 3, 1)[sel.mask], dim=1)
+    y = sel.labels[sel.mask]
+    centres = [torch.nn.functional.normalize(z[y == c].detach().mean(0), dim=0) for c in range(2)]
+    per_class = []
+    for c in range(2):
+        zc = z[y == c]
+        pos = zc @ centres[c]
+        neg = (zc @ centres[1 - c])[:, None] if negatives == "centres" else zc @ z[y != c].detach().T
+        logits = torch.cat([pos[:, None], neg], 1) / cfg.temperature
+        per_class.append((torch.logsumexp(logits, 1) - logits[:, 0]).mean())
+    expected = torch.stack(per_class).mean()
+    assert int(stats["c_anchors"]) == len(z) and stats["c_anchors0"] > 0 and stats["c_anchors1"] > 0
+    torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-8)
+    (g1,) = torch.autograd.grad(loss, rep)
+    (g2,) = torch.autograd.grad(expected, rep)
+    torch.testing.assert_close(g1, g2, rtol=1e-5, atol=1e-9)

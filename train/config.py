@@ -184,6 +184,13 @@ class TrainConfig:
     temperature: float = _f(0.5, "phnet", "contrastive temperature")
     bank_size: int = _f(4096, "phnet", "memory-bank entries per class")
     max_anchors: int = _f(1024, "phnet", "contrastive anchors per step")
+    contrast_negatives: str = _f(
+        "centres",
+        "phnet",
+        "negatives of an anchor: centres (the other classes' centres, PH-Net's released patch_contrast) "
+        "or anchors (every other-class anchor of the step, the paper's Eq. 15)",
+        choices=("centres", "anchors"),
+    )
     # lanet, semiseg_caw
     stage1_epochs: int = _f(1, "lanet", "LA-Net stage 1 / ClassElevateSeg pre-training epochs")
     tau: float = _f(0.8, "lanet", "lanet: class confidence needed for pseudo location labels")

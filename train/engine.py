@@ -261,8 +261,12 @@ class Trainer:
         logs["loss"] = float(loss.detach())
         return logs
 
-    def fit(self) -> dict:
+    def fit(self, until: int | None = None, test: bool = True) -> dict:
+        """Train to epoch `until` (default: the last), then, when the schedule is complete and
+        `test` holds, test the best checkpoint and write the outputs. Returns the test summary,
+        {"stopped": True} after a signal, or {"epoch": n} when it ends without testing."""
         cfg = self.cfg
+        until = cfg.epochs if until is None else min(until, cfg.epochs)
         os.makedirs(cfg.out, exist_ok=True)
         if self.rank == 0:
             log = os.path.join(cfg.out, "metrics.csv")
@@ -271,12 +275,14 @@ class Trainer:
             self._open_tb()
         stopped = False
         with checkpoint.StopGuard() as guard:
-            while self.epoch < cfg.epochs and not stopped:
+            while self.epoch < until and not stopped:
                 stopped = self._run_epoch(guard)
         if stopped:
             if self.rank == 0 and not cfg.quiet:
                 print(f"stopped by signal; checkpoint {os.path.join(cfg.out, 'last.pt')}", flush=True)
             return {"stopped": True}
+        if self.epoch < cfg.epochs or not test:
+            return {"epoch": self.epoch}
         return self.finish()
 
     def _run_epoch(self, guard) -> bool:

@@ -140,33 +140,30 @@ class RABUSSeg(Method):
 
     def __call__(self, student, teacher, lab, unl, ctx):
         c = self.cfg
+        if unl is None or ctx.get("warmup", False):  # U2PL's sup_only epochs: L_s alone, ARP/CRA too wait
+            return super().__call__(student, teacher, lab, unl, ctx)
         xl, yl = lab["image"], lab["mask"]
         size = xl.shape[-2:]
         logs = {}
-        if unl is None or ctx.get("warmup", False):
-            x, targets, nl = xl, yl, len(xl)
-            prob_u = pl_u = None
-        else:
-            xu, valid = unl["image"], unl["mask"] != IGNORE
-            with torch.no_grad():
-                prob = torch.softmax(teacher(xu)["pred"], 1)
-                pl = prob.argmax(1).masked_fill(~valid, IGNORE)
-            box = augment.cutmix_box(len(xu), *size, p=c.cutmix_p)
-            xu, pl_u, prob_u = augment.mix(box, xu, pl, prob)
-            x, targets, nl = torch.cat([xl, xu]), torch.cat([yl, pl_u]), len(xl)
+        xu, valid = unl["image"], unl["mask"] != IGNORE
+        with torch.no_grad():
+            prob = torch.softmax(teacher(xu)["pred"], 1)
+            pl = prob.argmax(1).masked_fill(~valid, IGNORE)
+        box = augment.cutmix_box(len(xu), *size, p=c.cutmix_p)
+        xu, pl_u, prob_u = augment.mix(box, xu, pl, prob)
+        x, targets, nl = torch.cat([xl, xu]), torch.cat([yl, pl_u]), len(xl)
         out = student(x, need_proj=c.arp or c.cra, need_feats=c.cra)
         pred = out["pred"]
         loss_s = self.sup(pred[:nl], yl)
         loss = loss_s
         logs["loss_s"] = loss_s.detach()
-        if prob_u is not None:
-            drop = unreliable_percent(c.drop_percent, ctx["epoch"], ctx["epochs"])
-            loss_u = busseg_ops.entropy_filtered_cross_entropy(pred[nl:], pl_u, prob_u, drop)
-            valid = int((pl_u != IGNORE).sum())
-            kept = valid - int(drop / 100.0 * valid)  # the op drops floor(drop % of the valid pixels)
-            loss_u = loss_u * (pl_u.numel() / max(kept, 1))  # U2PL: mean × all pixels / kept pixels
-            loss = loss + c.lambda_u * loss_u
-            logs["loss_u"] = loss_u.detach()
+        drop = unreliable_percent(c.drop_percent, ctx["epoch"], ctx["epochs"])
+        loss_u = busseg_ops.entropy_filtered_cross_entropy(pred[nl:], pl_u, prob_u, drop)
+        valid = int((pl_u != IGNORE).sum())
+        kept = valid - int(drop / 100.0 * valid)  # the op drops floor(drop % of the valid pixels)
+        loss_u = loss_u * (pl_u.numel() / max(kept, 1))  # U2PL: mean × all pixels / kept pixels
+        loss = loss + c.lambda_u * loss_u
+        logs["loss_u"] = loss_u.detach()
         if c.arp:  # L_ARP = CE(upsample(ARP(proj, logits↓ detached)), GT / pseudo-label)
             loss_arp = self.arp.loss(out["proj"], pred, targets)
             loss = loss + c.lambda_arp * loss_arp
@@ -230,9 +227,10 @@ class PHNet(Method):
         loss = loss_s + c.lambda_u * loss_u
         logs = {"loss_s": loss_s.detach(), "loss_u": loss_u.detach()}
         if c.hpc:
-            loss_c = self.contrastive(out["rep"][nl:], plm, tprob)
+            loss_c, stats = self.contrastive(out["rep"][nl:], plm, tprob)
             loss = loss + c.lambda_c * loss_c
             logs["loss_c"] = loss_c.detach()
+            logs.update(stats)
         return loss, logs
 
     def pseudo_label_keep(self, prob, cls, ctx):
@@ -250,11 +248,18 @@ class PHNet(Method):
             pick = torch.randperm(len(anchors), device=anchors.device)[: c.max_anchors]
             anchors, labels = anchors[pick], labels[pick]
         if c.mb:
-            positives = self.bank.means()
+            positives = [None if p is None else p.to(anchors.device) for p in self.bank.means()]  # bank on CPU
             self.bank.push(anchors.detach(), labels)  # after use: this batch is not its own positive
         else:
             positives = [anchors[labels == j].detach().mean(0) if (labels == j).any() else None for j in range(2)]
-        return busseg_ops.memory_contrastive_loss(anchors, labels, anchors.detach(), labels, positives, c.temperature)
+        if c.contrast_negatives == "anchors":  # Eq. 15 as printed: every other-class anchor
+            negatives, negative_labels = anchors.detach(), labels
+        elif any(p is None for p in positives):  # a centre is missing: no 2-way softmax yet
+            return rep.sum() * 0.0, {"c_anchors": torch.tensor(float(len(anchors)))}
+        else:  # the released patch_contrast: one negative, the other class's centre (a 2-way softmax)
+            negatives, negative_labels = torch.stack(positives), torch.arange(len(positives), device=rep.device)
+        loss = busseg_ops.memory_contrastive_loss(anchors, labels, negatives, negative_labels, positives, c.temperature)
+        return loss, contrastive_stats(anchors.detach(), labels, positives, negatives, negative_labels, self.bank)
 
     def state_dict(self) -> dict:
         return {"bank": self.bank.state_dict()}
@@ -262,6 +267,30 @@ class PHNet(Method):
     def load_state_dict(self, state: dict) -> None:
         if "bank" in state:
             self.bank.load_state_dict(state["bank"])
+
+
+@torch.no_grad()
+def contrastive_stats(anchors, labels, positives, negatives, negative_labels, bank) -> dict:
+    """Diagnosis of the contrastive term (logged per step): anchors per class, negatives per
+    anchor, bank fill, and the mean cosine of an anchor to its positive and to its negatives."""
+    z, zn = F.normalize(anchors.float(), dim=1), F.normalize(negatives.float(), dim=1)
+    out = {"c_anchors": float(len(z)), "c_bank": float(bank.count.sum())}
+    cos_pos, cos_neg, negs = [], [], []
+    for c, p in enumerate(positives):
+        mine, other = z[labels == c], zn[negative_labels != c]
+        out[f"c_anchors{c}"] = float(len(mine))
+        if len(mine) == 0 or p is None:
+            continue
+        cos_pos.append(mine @ F.normalize(p.float(), dim=0))
+        negs.append(float(len(other)))
+        if len(other):  # mean over pairs = <mean of anchors, mean of negatives>
+            cos_neg.append(mine.mean(0) @ other.mean(0))
+    if cos_pos:
+        out["c_cos_pos"] = float(torch.cat(cos_pos).mean())
+        out["c_negatives"] = sum(negs) / len(negs)
+    if cos_neg:
+        out["c_cos_neg"] = float(torch.stack(cos_neg).mean())
+    return {k: torch.tensor(v) for k, v in out.items()}
 
 
 def bce(mask_logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,229 @@
+"""`make diagnose`: why the semi-supervised methods do or do not beat suponly on BUSI, from ablations
+judged on the validation split only (the test images are never touched).
+
+    .venv/bin/python benchmarks/diagnose.py [--seeds 0 1] [--only NAME ...] [--jobs N] [--root DIR] [--out DIR]
+
+Every variant below runs at `make reproduce`'s full scale and continues from one shared checkpoint per
+seed taken at the end of the supervised-only warm-up: those epochs train L_s alone for every method
+(U2PL's sup_only epochs), so they are the same for all of them and are trained once. Each variant then
+trains the remaining epochs and is scored by its best validation Dice (the split carved from the
+unlabelled training images) and by its per-epoch logs: every loss term, the teacher's pseudo-labels
+graded on a fixed check set of unlabelled images with their hidden masks (diagnosis only, never used for
+training), the share of pixels each filter keeps, and the contrastive term's anchors, negatives, bank
+fill and cosines. Resumable: a finished variant (diagnosis.json) is skipped, an interrupted one
+continues from its last.pt. Writes benchmarks/diagnosis.md and benchmarks/diagnosis_curves.png; `make
+reproduce` includes them in REPRODUCTION.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import csv
+import json
+import multiprocessing
+import os
+import shutil
+import sys
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import reproduce  # noqa: E402  (the scale, the protocol and the method rows are reproduce's)
+from busseg_ops.train import TrainConfig, Trainer, checkpoint  # noqa: E402
+
+REPO = reproduce.REPO
+ROWS = {name: flags for name, flags, _ in reproduce.RUNS}
+# (name, flags, what it isolates). Each row starts from reproduce's row of the same method.
+VARIANTS = [
+    ("suponly", ROWS["suponly"], "the baseline"),
+    ("rabusseg", ROWS["rabusseg"], "RA-BUSSeg as reproduced (upstream config: no cutmix)"),
+    ("rabusseg +cutmix", {**ROWS["rabusseg"], "cutmix_p": 1.0}, "a cutmix box on every unlabelled image"),
+    ("rabusseg no L_u", {**ROWS["rabusseg"], "lambda_u": 0.0}, "ARP and CRA alone"),
+    ("rabusseg no ARP", {**ROWS["rabusseg"], "arp": False}, "L_u and CRA"),
+    ("rabusseg no CRA", {**ROWS["rabusseg"], "cra": False}, "L_u and ARP"),
+    ("phnet", ROWS["phnet"], "PH-Net as reproduced (negatives: the other class's centre)"),
+    ("phnet Eq.15 negatives", {**ROWS["phnet"], "contrast_negatives": "anchors"}, "every other-class anchor"),
+    ("phnet no HPC", {**ROWS["phnet"], "hpc": False}, "APA and L_u alone"),
+    ("phnet no APA", {**ROWS["phnet"], "apa": False}, "box cutmix instead of the patch cutmix"),
+    ("phnet no MB", {**ROWS["phnet"], "mb": False}, "the batch's class means as positives"),
+]
+COST = {"phnet": 2.0, "rabusseg": 0.7, "suponly": 0.3}  # CPU s/step (reproduce's NOTE): the order of work
+
+
+def config(name: str, flags: dict, seed: int, root: str, out: str) -> TrainConfig:
+    fields = {**reproduce.COMMON, **reproduce.SCALES["full"], "root": root, "seed": seed, "quiet": True}
+    slug = name.replace(" ", "_").replace("+", "plus_").replace(".", "")
+    return TrainConfig(**{**fields, **flags, "overlays": 0, "out": os.path.join(out, slug, f"seed{seed}")})
+
+
+def warm_up(seed: int, root: str, out: str) -> str:
+    """The shared warm-up checkpoint of `seed` (trained once, suponly's first warmup_epochs)."""
+    torch.set_num_threads(1)
+    cfg = config("warm-up", ROWS["suponly"], seed, root, out)
+    path = os.path.join(cfg.out, "last.pt")
+    tr = Trainer(cfg)
+    if os.path.isfile(path):
+        tr.load_state_dict(checkpoint.load(path))
+    if tr.epoch < cfg.warmup_epochs:
+        tr.fit(until=cfg.warmup_epochs, test=False)
+    return cfg.out
+
+
+def train_variant(name: str, flags: dict, seed: int, root: str, out: str) -> dict:
+    torch.set_num_threads(1)
+    cfg = config(name, flags, seed, root, out)
+    done = os.path.join(cfg.out, "diagnosis.json")
+    if os.path.isfile(done):
+        return json.load(open(done))
+    warm = warm_up(seed, root, out)
+    tr = Trainer(cfg)
+    last = os.path.join(cfg.out, "last.pt")
+    if os.path.isfile(last) and checkpoint.load(last)["global_step"] > 0:
+        tr.load_state_dict(checkpoint.load(last))  # an interrupted variant
+    else:
+        tr.load_state_dict(checkpoint.load(os.path.join(warm, "last.pt")))
+        shutil.copy(os.path.join(warm, "metrics.csv"), os.path.join(cfg.out, "metrics.csv"))
+    t0 = time.time()
+    res = tr.fit(test=False)
+    if res.get("stopped"):
+        return res
+    rows = list(csv.DictReader(open(os.path.join(cfg.out, "metrics.csv"))))
+    semi = [float(r["val_dice"]) for r in rows[cfg.warmup_epochs :]]
+    result = {"name": name, "seed": seed, "best_val": max(semi), "last_val": semi[-1], "wall_s": time.time() - t0}
+    with open(done, "w") as f:
+        json.dump(result, f)
+    return result
+
+
+def _rows(out: str, name: str, seed: int, root: str) -> list[dict]:
+    cfg = config(name, {}, seed, root, out)
+    with open(os.path.join(cfg.out, "metrics.csv")) as f:
+        return list(csv.DictReader(f))
+
+
+def _mean_curve(out, name, seeds, root, key):
+    logs = [_rows(out, name, s, root) for s in seeds]
+    n = min(len(lg) for lg in logs)
+    pts = []
+    for e in range(n):
+        v = [float(lg[e][key]) for lg in logs if lg[e].get(key, "") not in ("", "nan")]
+        if v:
+            pts.append((int(logs[0][e]["epoch"]), float(np.mean(v))))
+    return pts
+
+
+def plot(out: str, names: list[str], seeds: list[int], root: str, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [
+        ("val_dice", "validation Dice (teacher)"),
+        ("loss_s", "L_s (solid) and L_u (dashed)"),
+        ("pl_dice", "pseudo-label Dice on the check set"),
+        ("pl_kept", "kept share (solid), accuracy on kept pixels (dashed)"),
+        ("loss_c", "phnet: L_c (solid), cos to positive (dashed), to negatives (dotted)"),
+    ]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4))
+    styles = {"loss_s": ["loss_u"], "pl_kept": ["pl_kept_acc"], "loss_c": ["c_cos_pos", "c_cos_neg"]}
+    for ax, (key, title) in zip(axes, panels):
+        for i, name in enumerate(names):
+            for key2, ls in zip([key] + styles.get(key, []), ["-", "--", ":"]):
+                pts = _mean_curve(out, name, seeds, root, key2)
+                if pts:
+                    ax.plot(*zip(*pts), ls, color=f"C{i}", label=name if key2 == key else None)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"validation-only ablations, mean over seeds {', '.join(map(str, seeds))}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def report(results: list[dict], out: str, seeds: list[int], root: str, path: str) -> str:
+    names = list(dict.fromkeys(r["name"] for r in results))
+    curves = os.path.join(os.path.dirname(path), "diagnosis_curves.png")
+    plot(out, names, seeds, root, curves)
+    why = {n: w for n, _, w in VARIANTS}
+    base = {r["seed"]: r["best_val"] for r in results if r["name"] == "suponly"}
+    lines = [
+        f"Validation-only ablations (`make diagnose`, {time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC, "
+        f"seeds {', '.join(map(str, seeds))}): every variant continues from the shared warm-up checkpoint of its "
+        "seed and is scored by its best validation Dice after the warm-up (40 images carved from the unlabelled "
+        "training images). Last-epoch means of the logged diagnostics; `L_c`, `cos+` and `cos−` are the "
+        "contrastive term and an anchor's mean cosine to its positive and to its negatives.",
+        "",
+        "| variant | what it isolates | best val Dice | Δ vs suponly (same seeds) | last val Dice | L_s | L_u | L_c | "
+        "cos+ | cos− | pseudo-label Dice | kept share | kept accuracy |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name in names:
+        rs = [r for r in results if r["name"] == name]
+        best = [r["best_val"] for r in rs]
+        diff = [r["best_val"] - base[r["seed"]] for r in rs if r["seed"] in base]
+        last_rows = [_rows(out, name, r["seed"], root)[-1] for r in rs]
+
+        def m(key, rows=last_rows):
+            v = [float(x[key]) for x in rows if x.get(key, "") not in ("", "nan")]
+            return f"{np.mean(v):.3f}" if v else "—"
+
+        lines.append(
+            f"| {name} | {why.get(name, '')} | {np.mean(best):.3f} ({', '.join(f'{b:.3f}' for b in best)}) | "
+            f"{(f'{np.mean(diff):+.3f}' if diff and name != 'suponly' else '—')} | "
+            f"{np.mean([r['last_val'] for r in rs]):.3f} | {m('loss_s')} | {m('loss_u')} | {m('loss_c')} | "
+            f"{m('c_cos_pos')} | {m('c_cos_neg')} | {m('pl_dice')} | {m('pl_kept')} | {m('pl_kept_acc')} |"
+        )
+    lines += ["", f"![diagnosis curves]({os.path.basename(curves)})", ""]
+    with open(path, "w") as f:
+        f.write("\n".join(lines))
+    return path
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--root", default=os.path.join(REPO, "..", "shared", "data", "BUSI"))
+    p.add_argument("--out", default=os.path.join(REPO, "runs", "diagnose"))
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--only", nargs="+", help="variant names to train (default: all)")
+    p.add_argument("--jobs", type=int, default=1, help="variants trained at once, one process of one thread each")
+    args = p.parse_args(argv)
+    if not os.path.isfile(os.path.join(args.root, "splits", "test.txt")):
+        print(f"diagnose: no BUSI with split lists at {args.root} (--root)", file=sys.stderr)
+        return 2
+    unknown = set(args.only or []) - {n for n, _, _ in VARIANTS}
+    if unknown:
+        print(f"diagnose: --only: unknown variants {', '.join(sorted(unknown))}", file=sys.stderr)
+        return 2
+    root = os.path.abspath(args.root)
+    todo = [(n, f, s) for n, f, _ in VARIANTS if not args.only or n in args.only for s in args.seeds]
+    todo.sort(key=lambda t: -COST[t[1]["method"]])
+    results = []
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max(1, args.jobs), mp_context=context) as pool:
+        # The shared warm-ups first, so that parallel variants never train one twice.
+        list(pool.map(warm_up, args.seeds, [root] * len(args.seeds), [args.out] * len(args.seeds)))
+        futures = {pool.submit(train_variant, n, f, s, root, args.out): (n, s) for n, f, s in todo}
+        for fut in concurrent.futures.as_completed(futures):
+            res = fut.result()
+            if res.get("stopped"):
+                print("stopped; run it again to continue", flush=True)
+                return 130
+            results.append(res)
+            print(
+                f"{res['name']} seed {res['seed']}: best val Dice {res['best_val']:.4f} ({res['wall_s'] / 60:.1f} min)",
+                flush=True,
+            )
+    order = {n: i for i, (n, _, _) in enumerate(VARIANTS)}
+    results.sort(key=lambda r: (order[r["name"]], r["seed"]))
+    print("report:", report(results, args.out, args.seeds, root, os.path.join(REPO, "benchmarks", "diagnosis.md")))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
