@@ -59,3 +59,13 @@ def test_benchmark_table_ratios_and_bandwidth(tmp_path, monkeypatch):
         "| arp | unfold | 0.800 |  |  |  |",
         "| arp | compiled_unfold | 0.200 |  |  |  |",
     ]
+
+
+def test_the_venv_it_creates_sees_this_pythons_packages(tmp_path):
+    """Made from a python that is itself a venv's (this one, as on the GPU machines), the new venv
+    still imports torch from it, and pip too (it has none of its own)."""
+    python = gpu_check.venv_python(tmp_path / "venv")
+    probe = "import sys, torch, pip; print(sys.prefix)"
+    out = subprocess.run([python, "-c", probe], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == str(tmp_path / "venv")

@@ -2,8 +2,8 @@
 printed with its wall time:
 
 1. build: the extension with its CUDA kernels for this GPU's architecture only
-   (TORCH_CUDA_ARCH_LIST from its compute capability), installed editable into .venv (created
-   with the system's packages, as `make install` does on a CUDA machine). Nothing is fetched:
+   (TORCH_CUDA_ARCH_LIST from its compute capability), installed editable into .venv (where it
+   is missing, created seeing the packages of the python running this). Nothing is fetched:
    torch, triton, pytest and the test dependencies come from the machine's python, as GPU
    machines often have no registry.
 2. tests: every CUDA and Triton test (pytest -k "cuda or triton"), the Triton kernels compiled
@@ -23,6 +23,7 @@ import datetime
 import json
 import os
 import shutil
+import site
 import subprocess
 import sys
 import time
@@ -59,11 +60,21 @@ def run(cmd: list[str], env: dict | None = None, log: Path | None = None) -> boo
     return proc.wait() == 0
 
 
-def venv_python() -> str:
-    """.venv's python, the venv created (seeing the system's packages) where it is missing."""
-    python = ROOT / ".venv" / "bin" / "python"
+def venv_python(venv: Path = ROOT / ".venv") -> str:
+    """``venv``'s python; where it is missing, it is created seeing every package of the python
+    running this (torch, triton, pytest). ``--system-site-packages`` alone is not enough: made from
+    a python that is itself a venv's (as on many GPU machines), it would see the base python's."""
+    python = venv / "bin" / "python"
     if not python.exists():
-        subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(ROOT / ".venv")], check=True)
+        subprocess.run([sys.executable, "-m", "venv", "--without-pip", "--system-site-packages", str(venv)], check=True)
+        own = subprocess.run(
+            [str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        parents = [p for p in site.getsitepackages() + [site.getusersitepackages()] if os.path.isdir(p)]
+        Path(own, "gpu_check_parent_site.pth").write_text("\n".join(parents) + "\n")
     return str(python)
 
 
