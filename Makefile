@@ -8,7 +8,7 @@ CUDA_ARCH_FLAGS := -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,
 NATIVE_SOURCES  := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh') setup.py
 export MAX_JOBS ?= 2
 
-.PHONY: install build lint test cuda-check gpu-compile-check gpu-resources cmake-check bench demo reproduce diagnose clean
+.PHONY: install build lint test cuda-check gpu-compile-check gpu-resources gpu-check cmake-check bench demo reproduce diagnose clean
 
 install: $(STAMP)
 
@@ -63,6 +63,13 @@ gpu-compile-check: $(STAMP) cuda-check
 # The same, and the table rewritten into benchmarks/RESULTS.md.
 gpu-resources: $(STAMP) cuda-check
 	$(PY) tools/gpu_compile_check.py --write-results
+
+# On a machine with a CUDA GPU and nvcc (tools/gpu_check.py): the extension built for this GPU
+# only, every CUDA and Triton test run on it, the GPU benchmarks, benchmarks/RESULTS_GPU.md written,
+# each phase timed. Nothing is fetched: it uses the python that has torch (.venv's if there is one).
+# Without a CUDA GPU it says so in one line and exits 0.
+gpu-check:
+	@$(if $(wildcard $(PY)),$(PY),python3) tools/gpu_check.py
 
 # The CMake build for C++ users, configured and built once per `make test`.
 cmake-check: $(STAMP)

@@ -1,10 +1,12 @@
 """ARP (RA-BUSSeg) at the upstream setting: B=8, C=256, 65×65 features (stride 8 of a
-520 px crop), K=2 classes, 3×3 kernel. Ours (`cpu`) against (a) the unfold formulation of the
-RA-BUSSeg code and (b) torch.compile of it; forward and forward+backward; peak memory."""
+520 px crop), K=2 classes, 3×3 kernel. Ours (`cpu`; on the GPU `cuda` and `triton`) against (a)
+the unfold formulation of the RA-BUSSeg code and (b) torch.compile of it; forward and
+forward+backward; peak memory."""
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import DEVICE, OUR_BACKENDS, ROUNDS, cpu_only, nbytes, on_device, record_gpu
 
 import busseg_ops
 from busseg_ops.testing import peak_extra_mib
@@ -22,29 +24,33 @@ def unfold_arp(feat, value, kernel_size=KS, dilation=1):
     return torch.einsum("bkp,bvkp->bvp", weights, vu).view_as(value)
 
 
-def ours(feat, value):
-    with busseg_ops.use_backend("cpu"):
-        return busseg_ops.adjacent_relation_propagation(feat, value, KS)
+def ours(backend):
+    def arp(feat, value):
+        with busseg_ops.use_backend(backend):
+            return busseg_ops.adjacent_relation_propagation(feat, value, KS)
+
+    return arp
 
 
 _compiled = torch.compile(unfold_arp)
-IMPLS = {"cpu": ours, "unfold": unfold_arp, "compiled_unfold": _compiled}
+IMPLS = {**{b: ours(b) for b in OUR_BACKENDS}, "unfold": unfold_arp, "compiled_unfold": _compiled}
 
 
 def inputs(requires_grad):
     g = torch.Generator().manual_seed(0)
-    feat = torch.randn(B, C, H, W, generator=g).requires_grad_(requires_grad)
-    return feat, torch.randn(B, K, H, W, generator=g)
+    feat = torch.randn(B, C, H, W, generator=g).to(DEVICE).requires_grad_(requires_grad)
+    return feat, torch.randn(B, K, H, W, generator=g).to(DEVICE)
 
 
 @pytest.mark.parametrize("impl", list(IMPLS))
 def test_arp_forward(benchmark, impl):
     benchmark.group = "arp forward"
     feat, value = inputs(False)
-    fn = IMPLS[impl]
+    fn = on_device(IMPLS[impl])
     with torch.no_grad():
-        fn(feat, value)  # warm-up (compiles)
-        benchmark.pedantic(fn, (feat, value), rounds=5, warmup_rounds=1)
+        out = fn(feat, value)  # warm-up (compiles)
+        benchmark.pedantic(fn, (feat, value), rounds=ROUNDS, warmup_rounds=1)
+        record_gpu(benchmark, lambda: fn(feat, value), traffic=nbytes(feat, value, out))
 
 
 @pytest.mark.parametrize("impl", list(IMPLS))
@@ -53,12 +59,15 @@ def test_arp_forward_backward(benchmark, impl):
     feat, value = inputs(True)
     fn = IMPLS[impl]
 
+    @on_device
     def step():
         fn(feat, value).sum().backward()
         feat.grad = None
 
     step()
-    benchmark.pedantic(step, rounds=5, warmup_rounds=1)
+    benchmark.pedantic(step, rounds=ROUNDS, warmup_rounds=1)
+    # read feat and value, write the output; read both again with the output's gradient, write feat's
+    record_gpu(benchmark, step, traffic=2 * nbytes(feat, value, value) + nbytes(feat))
 
 
 _SETUP = """
@@ -70,6 +79,7 @@ fn = bench_arp.IMPLS[{impl!r}]
 """
 
 
+@cpu_only
 @pytest.mark.parametrize("impl", list(IMPLS))
 def test_arp_peak_memory(impl, record_memory):
     mib = peak_extra_mib(_SETUP.format(impl=impl), "fn(feat, value).sum().backward()", warm=True)

@@ -1,16 +1,19 @@
 """CRA (RA-BUSSeg) at the upstream setting: B=8, 65×65 deep features, M=64 proxies.
 
-- Greedy sampling (C=256 projected deep features): ours (`cpu`) against the upstream formulation
+Ours is `cpu` (on the GPU `cuda`, and `triton` where the op has it).
+
+- Greedy sampling (C=256 projected deep features): ours against the upstream formulation
   (materialised (B, HW, HW) correlation map, then a per-image, per-step Python loop with argmin).
 - Alignment loss over four layers of 256/512/1024/2048 channels on the 65×65 grid (layer 1
   resized from its 130×130 map, detached, as upstream), proxies gathered from each layer's own
-  map at the mapped indices: ours (`cpu`) against the reference formulation (einsum + softmax +
+  map at the mapped indices: ours against the reference formulation (einsum + softmax +
   KLDivLoss per adjacent pair), eager and under torch.compile, forward+backward.
 """
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import DEVICE, OUR_BACKENDS, ROUNDS, cpu_only, on_device, record_gpu
 
 import busseg_ops
 from busseg_ops.reference.cross_layer_alignment_loss import cross_layer_alignment_loss as spec_loss
@@ -29,8 +32,8 @@ def upstream_sampling(feat, first, num_proxies=M):
     out = []
     for i in range(b):
         chosen = [int(first[i])]
-        cumulative = torch.zeros(h * w)
-        score = torch.full((h * w,), float("-inf"))
+        cumulative = torch.zeros(h * w, device=feat.device)
+        score = torch.full((h * w,), float("-inf"), device=feat.device)
         for _ in range(num_proxies - 1):
             cumulative = cumulative + corr[i, chosen[-1]]
             score = torch.maximum(score, cumulative)
@@ -38,31 +41,36 @@ def upstream_sampling(feat, first, num_proxies=M):
             masked[chosen] = float("inf")
             chosen.append(int(masked.argmin()))
         out.append(chosen)
-    return torch.tensor(out)
+    return torch.tensor(out, device=feat.device)
 
 
-def ours_sampling(feat, first):
-    with busseg_ops.use_backend("cpu"):
-        return busseg_ops.greedy_proxy_sampling(feat, M, first=first)
+def ours_sampling(backend):
+    def sampling(feat, first):
+        with busseg_ops.use_backend(backend):
+            return busseg_ops.greedy_proxy_sampling(feat, M, first=first)
+
+    return sampling
 
 
-SAMPLING = {"cpu": ours_sampling, "upstream": upstream_sampling}
+SAMPLING = {**{b: ours_sampling(b) for b in OUR_BACKENDS if b != "triton"}, "upstream": upstream_sampling}
 
 
 def sampling_inputs():
     g = torch.Generator().manual_seed(0)
-    return torch.randn(B, C, H, W, generator=g).relu(), torch.randint(0, H * W, (B,), generator=g)
+    feat, first = torch.randn(B, C, H, W, generator=g).relu(), torch.randint(0, H * W, (B,), generator=g)
+    return feat.to(DEVICE), first.to(DEVICE)
 
 
 @pytest.mark.parametrize("impl", list(SAMPLING))
 def test_cra_sampling(benchmark, impl):
     benchmark.group = "cra greedy sampling"
     feat, first = sampling_inputs()
-    fn = SAMPLING[impl]
-    if impl == "cpu":
+    fn = on_device(SAMPLING[impl])
+    if impl != "upstream":
         assert torch.equal(fn(feat, first), upstream_sampling(feat, first))
     # five rounds each: on this shared 2-core VM single rounds move by 20-40 %
-    benchmark.pedantic(fn, (feat, first), rounds=5, warmup_rounds=1)
+    benchmark.pedantic(fn, (feat, first), rounds=ROUNDS, warmup_rounds=1)
+    record_gpu(benchmark, lambda: fn(feat, first))
 
 
 def reference_loss(feats, proxies):
@@ -70,9 +78,12 @@ def reference_loss(feats, proxies):
         return busseg_ops.cross_layer_alignment_loss(feats, proxies)
 
 
-def ours_loss(feats, proxies):
-    with busseg_ops.use_backend("cpu"):
-        return busseg_ops.cross_layer_alignment_loss(feats, proxies)
+def ours_loss(backend):
+    def loss(feats, proxies):
+        with busseg_ops.use_backend(backend):
+            return busseg_ops.cross_layer_alignment_loss(feats, proxies)
+
+    return loss
 
 
 _compiled_reference = torch.compile(spec_loss)
@@ -82,7 +93,11 @@ def compiled_reference_loss(feats, proxies):
     return _compiled_reference(feats, proxies, "mean", 1e-10)
 
 
-LOSS = {"cpu": ours_loss, "reference": reference_loss, "compiled_reference": compiled_reference_loss}
+LOSS = {
+    **{b: ours_loss(b) for b in OUR_BACKENDS},
+    "reference": reference_loss,
+    "compiled_reference": compiled_reference_loss,
+}
 
 
 def loss_inputs():
@@ -90,10 +105,11 @@ def loss_inputs():
     from each map at the mapped greedy indices (leaves that require grad)."""
     g = torch.Generator().manual_seed(0)
     maps = [
-        torch.randn(B, c, 2 * H if l == 0 else H, 2 * W if l == 0 else W, generator=g) for l, c in enumerate(CHANNELS)
+        torch.randn(B, c, 2 * H if l == 0 else H, 2 * W if l == 0 else W, generator=g).to(DEVICE)
+        for l, c in enumerate(CHANNELS)
     ]
     feats = [F.interpolate(maps[0], (H, W), mode="bilinear", align_corners=True)] + maps[1:]
-    idx = busseg_ops.greedy_proxy_sampling(maps[-1], M, first=torch.zeros(B, dtype=torch.long))
+    idx = busseg_ops.greedy_proxy_sampling(maps[-1], M, first=torch.zeros(B, dtype=torch.long, device=DEVICE))
     proxies = [busseg_ops.gather_proxies(maps[0], busseg_ops.map_proxy_indices(idx, (H, W), (2 * H, 2 * W)))]
     proxies += [busseg_ops.gather_proxies(m, idx) for m in maps[1:]]
     return feats, [p.contiguous().requires_grad_() for p in proxies]
@@ -105,13 +121,15 @@ def test_cra_loss_forward_backward(benchmark, impl):
     feats, proxies = loss_inputs()
     fn = LOSS[impl]
 
+    @on_device
     def step():
         fn(feats, proxies).backward()
         for p in proxies:
             p.grad = None
 
     step()
-    benchmark.pedantic(step, rounds=5, warmup_rounds=1)
+    benchmark.pedantic(step, rounds=ROUNDS, warmup_rounds=1)
+    record_gpu(benchmark, step)
 
 
 _SETUP = """
@@ -120,12 +138,14 @@ import torch, bench_cra
 """
 
 
+@cpu_only
 @pytest.mark.parametrize("impl", list(SAMPLING))
 def test_cra_sampling_peak_memory(impl, record_memory):
     setup = _SETUP + f"feat, first = bench_cra.sampling_inputs()\nfn = bench_cra.SAMPLING[{impl!r}]\n"
     record_memory("cra greedy sampling", impl, peak_extra_mib(setup, "fn(feat, first)"))
 
 
+@cpu_only
 @pytest.mark.parametrize("impl", list(LOSS))
 def test_cra_loss_peak_memory(impl, record_memory):
     setup = _SETUP + f"feats, proxies = bench_cra.loss_inputs()\nfn = bench_cra.LOSS[{impl!r}]\n"

@@ -3,16 +3,68 @@
 `record_memory` fixture. At the end a Markdown table of medians, speed-ups against every
 baseline of the same group (all from this one run) and peak memory is printed and appended to
 benchmarks/last_run.md (`make bench` clears it first and runs each file in a process of its own,
-so one benchmark's leftovers — compiled graphs, allocator state — cannot slow another's)."""
+so one benchmark's leftovers — compiled graphs, allocator state — cannot slow another's).
+
+``BUSSEG_BENCH_DEVICE=cuda`` runs the op benchmarks on the GPU (`make gpu-check`, through
+tools/gpu_check.py): our `cuda` and `triton` backends then take the place of `cpu`, each timed
+call waits for the device (`on_device`), and each records in ``benchmark.extra_info`` its
+minimal memory traffic (``bytes``, for the bandwidth against a measured device copy) and the
+GPU memory it adds at its peak (``peak_mib``)."""
 
 import os
 import sys
 from collections import defaultdict
 
 import pytest
+import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 _memory: dict[str, dict[str, float]] = defaultdict(dict)
+
+DEVICE = os.environ.get("BUSSEG_BENCH_DEVICE", "cpu")
+if DEVICE not in ("cpu", "cuda"):
+    raise ValueError(f"BUSSEG_BENCH_DEVICE must be cpu or cuda, got {DEVICE!r}")
+#: our backends under test on DEVICE
+OUR_BACKENDS = ("cpu",) if DEVICE == "cpu" else ("cuda", "triton")
+#: timed rounds: a GPU round is short and its time noisier
+ROUNDS = 5 if DEVICE == "cpu" else 20
+
+
+#: the peak-memory probes of a fresh CPU process (on the GPU the timing tests record it)
+cpu_only = pytest.mark.skipif(DEVICE != "cpu", reason="peak memory on the GPU: extra_info of the timing tests")
+
+
+def on_device(fn):
+    """``fn`` that returns once the device has finished its work (a GPU call returns at launch)."""
+    if DEVICE == "cpu":
+        return fn
+
+    def run(*args, **kwargs):
+        out = fn(*args, **kwargs)
+        torch.cuda.synchronize()
+        return out
+
+    return run
+
+
+def nbytes(*tensors) -> int:
+    """Bytes of the tensors (lists of tensors too): each read or written once is the least traffic."""
+    return sum(nbytes(*t) if isinstance(t, (list, tuple)) else t.numel() * t.element_size() for t in tensors)
+
+
+def record_gpu(benchmark, fn, traffic: int | None = None) -> None:
+    """On the GPU, ``benchmark.extra_info``: the minimal traffic in bytes (where the op is bound by
+    memory) and the CUDA memory one more call of ``fn`` adds at its peak."""
+    if DEVICE == "cpu":
+        return
+    if traffic is not None:
+        benchmark.extra_info["bytes"] = traffic
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    benchmark.extra_info["peak_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
 @pytest.fixture

@@ -29,6 +29,24 @@ def wrap_ops():
             setattr(busseg_ops, name, wrapped)
 
 
+def profile_steps(tr, lab, unl, ctx, steps=5):
+    """Profiles `steps` training steps of Trainer `tr` (ops wrapped by wrap_ops): wall seconds per
+    step, {busseg op: seconds per step} and the profiled CPU seconds per step."""
+    t0 = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            tr.train_step(lab, unl, ctx)
+    wall = (time.perf_counter() - t0) / steps
+    ev = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in ev) / steps / 1e6
+    ours = {
+        e.key: e.cpu_time_total / steps / 1e6
+        for e in ev
+        if e.key.startswith("busseg_ops.") or (e.key.startswith("busseg::") and "backward" in e.key)
+    }
+    return wall, ours, total
+
+
 def main(method="rabusseg", size=64, base=8, steps=5):
     wrap_ops()
     cfg = TrainConfig(
@@ -51,18 +69,7 @@ def main(method="rabusseg", size=64, base=8, steps=5):
     ctx = {"epoch": 0, "progress": 0.5, "warmup": False, "epochs": 1}
     for _ in range(2):
         tr.train_step(lab, unl, ctx)
-    t0 = time.perf_counter()
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        for _ in range(steps):
-            tr.train_step(lab, unl, ctx)
-    wall = (time.perf_counter() - t0) / steps
-    ev = prof.key_averages()
-    total = sum(e.self_cpu_time_total for e in ev) / steps / 1e6
-    ours = {
-        e.key: e.cpu_time_total / steps / 1e6
-        for e in ev
-        if e.key.startswith("busseg_ops.") or (e.key.startswith("busseg::") and "backward" in e.key)
-    }
+    wall, ours, total = profile_steps(tr, lab, unl, ctx, steps)
     share = sum(ours.values())
     print(
         f"{method} {size}px U-Net base {base}, batch {cfg.batch_labeled}+{cfg.batch_unlabeled}, "

@@ -9,8 +9,8 @@ import torch
 #: Sizes and reaches bounded by 2^30 keep index arithmetic in 32 bits where kernels use int.
 MAX_EXTENT = 2**30
 
-_CPU_DTYPES = (torch.float32, torch.float64)
-_CUDA_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+#: every op takes these on every device (the narrow two with float32 accumulation)
+FLOATING_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
 def tensor(
@@ -20,11 +20,9 @@ def tensor(
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if ndim is not None and t.dim() != ndim:
         raise ValueError(f"{name} must have {ndim} dims {layout}, got shape {tuple(t.shape)}")
-    if floating:
-        allowed = _CUDA_DTYPES if t.device.type == "cuda" else _CPU_DTYPES
-        if t.dtype not in allowed:
-            names = ", ".join(str(d).removeprefix("torch.") for d in allowed)
-            raise TypeError(f"{name} must be one of {names} on {t.device.type}, got {t.dtype}")
+    if floating and t.dtype not in FLOATING_DTYPES:
+        names = ", ".join(str(d).removeprefix("torch.") for d in FLOATING_DTYPES)
+        raise TypeError(f"{name} must be one of {names}, got {t.dtype}")
     if not allow_empty and t.numel() == 0:
         raise ValueError(f"{name} is empty (shape {tuple(t.shape)})")
 

@@ -44,6 +44,10 @@ class Op:
     name: str
     reference: Callable
     missing: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    #: under torch.autocast its floating inputs are cast to ``"float32"`` (losses and entropies,
+    #: as torch's own) or to the autocast dtype (``"lower"``), and it runs with autocast off;
+    #: None: it runs in its inputs' dtypes (it takes all of them; indices or a gather come out).
+    autocast: str | None = None
 
     @property
     def backends(self) -> tuple[str, ...]:
@@ -112,10 +116,11 @@ def choose_backend(op: Op, device: torch.device) -> str:
 
 def dispatch(op: Op, device: torch.device) -> Callable:
     """The callable that runs ``op`` for tensors on ``device``: its reference function, its native
-    op ``busseg::<name>`` (cpu and cuda kernels) or its Triton op ``busseg_triton::<name>``."""
+    op ``busseg::<name>`` (cpu and cuda kernels) or its Triton op ``busseg_triton::<name>``. Under
+    torch.autocast the reference follows the op's autocast rule as the registered ops do."""
     backend = choose_backend(op, device)
     if backend == "reference":
-        return op.reference
+        return _autocast_kernel(op, op.reference, device.type) if _autocast_dtype(op, device.type) else op.reference
     if backend == "triton":
         return getattr(torch.ops.busseg_triton, op.name)
     return getattr(torch.ops.busseg, op.name)
@@ -141,11 +146,82 @@ def register(
     if "triton" not in op.missing and _HAS_TRITON:
         importlib.import_module(f"busseg_ops.triton.{op.name}")
         namespaces.append("busseg_triton")
+    if op.autocast is not None:
+        for namespace in namespaces:
+            library = torch.library.Library(namespace, "IMPL")
+            _LIBRARIES.append(library)  # a registration lives as long as its Library object
+            fn = getattr(getattr(torch.ops, namespace), op.name).default
+            for device_type in ("cpu", "cuda"):
+                library.impl(op.name, _autocast_kernel(op, fn, device_type), _AUTOCAST_KEYS[device_type])
     if backward is None:
         return
     for namespace in namespaces:
-        backward_op = getattr(getattr(torch.ops, namespace), f"{op.name}_backward")
+        backward_op = _autocast_off(getattr(getattr(torch.ops, namespace), f"{op.name}_backward"))
         torch.library.register_autograd(f"{namespace}::{op.name}", backward(backward_op), setup_context=setup_context)
+
+
+# ---- autocast ------------------------------------------------------------------------------
+_AUTOCAST_KEYS = {"cpu": "AutocastCPU", "cuda": "AutocastCUDA"}
+_LIBRARIES: list[torch.library.Library] = []
+
+
+def _autocast_dtype(op: Op, device_type: str) -> torch.dtype | None:
+    """The dtype ``op``'s floating inputs take under the autocast state of ``device_type``, or None
+    (autocast off there, or an op that runs in its inputs' dtypes)."""
+    if op.autocast is None or device_type not in _AUTOCAST_KEYS or not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.float32 if op.autocast == "float32" else torch.get_autocast_dtype(device_type)
+
+
+def _cast(obj, dtype: torch.dtype):
+    """``obj`` with every floating tensor of a (nested) list / tuple cast to ``dtype``."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(dtype) if obj.is_floating_point() else obj
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_cast(o, dtype) for o in obj)
+    return obj
+
+
+def _autocast_kernel(op: Op, fn: Callable, device_type: str) -> Callable:
+    """``fn`` under ``op``'s autocast rule: inputs cast, then run with autocast off (as torch's own
+    autocast kernels do). Registered at the op's Autocast dispatch keys."""
+
+    def kernel(*args):
+        dtype = _autocast_dtype(op, device_type)
+        with torch.autocast(device_type, enabled=False):
+            return fn(*(args if dtype is None else _cast(args, dtype)))
+
+    return kernel
+
+
+def _autocast_off(fn: Callable) -> Callable:
+    """``fn`` run with autocast off: a backward called inside an autocast region (or traced there)
+    must not have the ATen products inside the kernels cast to another dtype under it."""
+
+    def run(*args):
+        with contextlib.ExitStack() as stack:
+            for device_type in _AUTOCAST_KEYS:
+                if torch.is_autocast_enabled(device_type):
+                    stack.enter_context(torch.autocast(device_type, enabled=False))
+            return fn(*args)
+
+    return run
+
+
+def autocast_inputs(op: Op, *args):
+    """The arguments as ``op`` will see them under torch.autocast (the front-ends check these): its
+    floating tensors cast by the op's rule when autocast is on for their device; else unchanged."""
+    device = next((t.device for t in _tensors(args)), None)
+    dtype = None if device is None else _autocast_dtype(op, device.type)
+    return args if dtype is None else _cast(args, dtype)
+
+
+def _tensors(obj):
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, (list, tuple)):
+        for o in obj:
+            yield from _tensors(o)
 
 
 @contextlib.contextmanager

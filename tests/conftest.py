@@ -31,6 +31,14 @@ def devices() -> list[str]:
     return ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
 
 
+def triton_device() -> str:
+    """Where the Triton kernels run here: the GPU, else the CPU under the interpreter; skips where neither."""
+    for device in reversed(devices()):
+        if "triton" in busseg_ops.available_backends(device):
+            return device
+    pytest.skip("triton is not available here")
+
+
 def tolerance(dtype: torch.dtype) -> dict:
     return {
         torch.float64: dict(rtol=1e-9, atol=1e-10),

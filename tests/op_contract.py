@@ -13,8 +13,10 @@ backend that runs here: outputs and gradients against the reference over all cas
 float64, ``torch.library.opcheck`` of the native and Triton ops, ``torch.compile(fullgraph=True)``,
 NaN propagation, channels-last and strided inputs, the bad-input list of the public function, the
 direct (raw) op calls that the C++ checks must reject, and a hypothesis property test over shapes,
-parameters and value ranges. Raw-op samples (``raw_samples``) also feed the subprocess fuzz test
-(tests/test_raw_op_fuzz.py).
+parameters and value ranges. In float16 and bfloat16: one case (``half_case``) against the float32
+reference on the same rounded values, opcheck of the raw samples, the op's rule under
+``torch.autocast`` (``Op.autocast``) and a compiled call under autocast. Raw-op samples
+(``raw_samples``) also feed the subprocess fuzz test (tests/test_raw_op_fuzz.py).
 """
 
 from __future__ import annotations
@@ -56,6 +58,14 @@ def map_nth_tensor(fn, obj, n: int):
     """``obj`` with its n-th tensor (in the order of tensors_in) replaced by fn(t)."""
     counter = itertools.count()
     return map_tensors(lambda t: fn(t) if next(counter) == n else t, obj)
+
+
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def floating_as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A floating tensor as a fresh leaf of ``dtype`` (requires_grad kept); others as they are."""
+    return t.detach().to(dtype).requires_grad_(t.requires_grad) if t.is_floating_point() else t
 
 
 def channels_last(t: torch.Tensor) -> torch.Tensor:
@@ -106,6 +116,8 @@ class OpContract:
     compile_backends = ("cpu", "reference")
     #: hypothesis examples of the property test (keep the suite fast)
     property_examples = 12
+    #: the case run in float16 / bfloat16 (None: the first of ``cases``); its dtype is replaced
+    half_case = None
     #: the bad calls of the public function: bad(call, error, match), call(*bad_input_args())
     bad_inputs: list = []
     #: direct op calls the C++ entry points must reject: bad(call, error, match), call()
@@ -188,6 +200,14 @@ class OpContract:
             return [str(v).replace(" ", "") for v in values]
 
         on = devices()
+        half_cases = [
+            (d, b, dtype)
+            for d in on
+            for b in self.backends(d) + ["reference"]
+            for dtype in HALF_DTYPES
+            # the Triton interpreter runs numpy, which has no bfloat16 (GPUs run the Triton kernels)
+            if not (d == "cpu" and b == "triton" and dtype == torch.bfloat16)
+        ]
         params = {
             "case": self.cases,
             "device": on,
@@ -200,6 +220,9 @@ class OpContract:
             ],
             "any_backend": [b for b in self.op.backends if b in busseg_ops.available_backends("cpu")],
             "layout_backend": self.backends("cpu"),
+            "half": half_cases,
+            "half_dtype": list(HALF_DTYPES),
+            "autocast_backend": [b for b in self.op.backends if b in ("cpu", "reference")],
             "bad_input": self.bad_inputs,
             "raw_bad_input": self.raw_bad_inputs,
         }
@@ -335,6 +358,92 @@ class OpContract:
         call, error, match = raw_bad_input
         with pytest.raises(error, match=match):
             call()
+
+    # ---- float16 and bfloat16 ----------------------------------------------------------------
+    def half_tolerance(self, dtype, expected: torch.Tensor) -> dict:
+        """Tolerance of a float16 / bfloat16 result against the float32 reference: the dtype's, the
+        absolute part relative to the result's size (the inputs are the same rounded values, so
+        the differences are the rounding of the outputs and of what is kept for backward)."""
+        tol = tolerance(dtype)
+        return dict(rtol=tol["rtol"], atol=tol["atol"] * max(1.0, expected.abs().max().item()))
+
+    def assert_close_to_float32(self, got, narrow, expected, wide, dtype, msg: str) -> None:
+        """Outputs (in ``dtype``) and gradients (one cotangent for both) of a narrow call against
+        the float32 call ``expected`` on ``wide``, the same values widened."""
+        got_t, exp_t = tensors_in(got), tensors_in(expected)
+        assert len(got_t) == len(exp_t), msg
+        for i, (g, e) in enumerate(zip(got_t, exp_t)):
+            if not e.is_floating_point():
+                assert torch.equal(g, e), f"{msg}: output {i} differs"
+                continue
+            assert g.dtype == dtype, f"{msg}: output {i} is {g.dtype}"
+            e = e.to(torch.float32)
+            torch.testing.assert_close(g.float(), e, **self.half_tolerance(dtype, e), msg=f"{msg}: output {i}")
+        cotangents = [torch.randn_like(t, dtype=torch.float32) for t in self.grad_outputs(expected)]
+        grads = self.gradients(got, narrow, [c.to(dtype) for c in cotangents])
+        expected_grads = self.gradients(expected, wide, cotangents)
+        assert len(grads) == len(expected_grads), msg
+        leaves = [t for t in tensors_in(narrow) if t.requires_grad]
+        for i, (g, e, leaf) in enumerate(zip(grads, expected_grads, leaves)):
+            assert g.dtype == leaf.dtype, f"{msg}: grad {i} is {g.dtype}"
+            coarsest = leaf.dtype if leaf.dtype in HALF_DTYPES else dtype  # computed or stored narrow
+            torch.testing.assert_close(g.float(), e, **self.half_tolerance(coarsest, e), msg=f"{msg} grad {i}")
+
+    def test_half_precision(self, half):
+        """float16 / bfloat16 inputs against the float32 reference on the same rounded values (the
+        Triton kernels under the interpreter in float16 only)."""
+        device, backend, half_dtype = half
+        inputs = self.make_inputs(self.half_case or self.cases[0], device)
+        narrow = map_tensors(lambda t: floating_as(t, half_dtype), inputs)
+        wide = map_tensors(lambda t: floating_as(t, torch.float32), narrow)
+        got = self.run(backend, *narrow)
+        self.assert_close_to_float32(got, narrow, self.reference(*wide), wide, half_dtype, f"{backend} {half_dtype}")
+
+    def test_opcheck_half(self, half_dtype):
+        samples = self.raw_samples()
+        if not samples:
+            pytest.skip("no native op")
+        for s in samples:
+            torch.library.opcheck(
+                getattr(torch.ops.busseg, s.op), map_tensors(lambda t: floating_as(t, half_dtype), s.args)
+            )
+
+    def test_autocast(self, autocast_backend):
+        """Under torch.autocast("cpu", bfloat16) the op follows ``Op.autocast``, whatever mix of
+        dtypes comes in (here the first floating input in bfloat16, the others float32): all cast
+        to float32 or to bfloat16, or (None) run as they are; gradients reach each input in its
+        own dtype."""
+        inputs = self.make_inputs(self.half_case or self.cases[0], "cpu")
+        first = next(i for i, t in enumerate(tensors_in(inputs)) if t.is_floating_point())
+        mixed = map_tensors(lambda t: floating_as(t, torch.float32), inputs)
+        mixed = map_nth_tensor(lambda t: floating_as(t, torch.bfloat16), mixed, first)
+        with torch.autocast("cpu", torch.bfloat16):
+            got = self.run(autocast_backend, *mixed)
+        if self.op.autocast is None:  # as without autocast
+            self.assert_same(got, self.run(autocast_backend, *mixed), f"{autocast_backend} under autocast", exact=True)
+            return
+        dtype = torch.float32 if self.op.autocast == "float32" else torch.bfloat16
+        wide = map_tensors(lambda t: floating_as(floating_as(t, dtype), torch.float32), mixed)
+        self.assert_close_to_float32(got, mixed, self.reference(*wide), wide, dtype, f"{autocast_backend} autocast")
+
+    def test_compile_autocast(self):
+        """The op's native backend compiled (fullgraph, AOT autograd: the fake kernels, the autocast
+        rule and autograd traced) on bfloat16 inputs under autocast equals the eager call."""
+        spec = self.compile_inputs()
+        if spec is None or "cpu" not in self.op.backends:
+            pytest.skip("no compile check")
+        fn, inputs = spec
+        inputs = map_tensors(lambda t: floating_as(t, torch.bfloat16), inputs)
+        leaves = [t for t in tensors_in(inputs) if t.requires_grad]
+        with busseg_ops.use_backend("cpu"), torch.autocast("cpu", torch.bfloat16):
+            expected = fn(*inputs)
+            g_expected = torch.autograd.grad(expected, leaves) if leaves else ()
+            got = torch.compile(fn, fullgraph=True, backend="aot_eager")(*inputs)
+            grads = torch.autograd.grad(got, leaves) if leaves else ()
+        self.assert_same(got, expected, "compiled under autocast")
+        for g, e in zip(grads, g_expected):
+            assert g.dtype == e.dtype
+            torch.testing.assert_close(g, e)
 
     def property_case(self):
         """A hypothesis strategy of cases for make_inputs, or None."""

@@ -6,7 +6,7 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tolerance
+from conftest import tolerance, triton_device
 from hypothesis import strategies as st
 from op_contract import OpContract, RawSample, bad
 
@@ -172,7 +172,11 @@ class TestAdjacentRelationPropagation(OpContract):
         bad(_raw_forward(dilation=0), ValueError, "dilation must be >= 1"),
         bad(_raw_forward(value_shape=(2, 2, 3, 3)), ValueError, "must share batch and spatial sizes"),
         bad(_raw_forward(feat_shape=(1, 2, 3)), ValueError, "feat must have 4 dims"),
-        bad(_raw_forward(to={"feat": {"dtype": torch.int32}}), TypeError, "feat must be float32 or float64"),
+        bad(
+            _raw_forward(to={"feat": {"dtype": torch.int32}}),
+            TypeError,
+            "feat must be float32, float64, float16 or bfloat16",
+        ),
         bad(_raw_forward(to={"value": {"device": "meta"}}), ValueError, "value must be on the device of feat"),
         bad(_raw_forward(to={"feat": {"device": "meta"}}), ValueError, "value must be on the device of feat"),
         # a grad_out of the wrong shape once read out of bounds (garbage at 256², SIGSEGV at 1024²)
@@ -249,14 +253,13 @@ def test_triton_value_blocks_and_wide_kernels():
     _MAX_BLOCK_K) with a 5x5 kernel and a run-time dilation: the kernels loop over value blocks and
     taps, the shapes whose unrolled, unblocked form spilled registers on sm_80/sm_90
     (tools/gpu_compile_check.py)."""
-    if "triton" not in busseg_ops.available_backends("cpu"):
-        pytest.skip("triton is not available here")
+    device = triton_device()
     from busseg_ops.triton.adjacent_relation_propagation import _MAX_BLOCK_K
 
     K = _MAX_BLOCK_K + 3  # a full block and a partial one
-    feat = torch.randn(1, 5, 5, 6, requires_grad=True)
-    value = torch.randn(1, K, 5, 6, requires_grad=True)
-    grad = torch.randn(1, K, 5, 6)
+    feat = torch.randn(1, 5, 5, 6, device=device, requires_grad=True)
+    value = torch.randn(1, K, 5, 6, device=device, requires_grad=True)
+    grad = torch.randn(1, K, 5, 6, device=device)
     tol = tolerance(torch.float32)
     for padding in ("zeros", "valid"):
         kw = dict(kernel_size=5, dilation=2, padding=padding)

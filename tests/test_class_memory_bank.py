@@ -47,6 +47,15 @@ def test_classes_are_separate_and_empty_class_is_none():
         bank.push(torch.randn(2, 3), torch.zeros(2, dtype=torch.long))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_features_are_stored_in_the_bank_dtype(dtype):
+    feats, labels = torch.randn(6, 2).to(dtype), torch.tensor([0, 1, 0, 1, 1, 0])
+    bank, wide = ClassMemoryBank(2, 2, capacity=4), ClassMemoryBank(2, 2, capacity=4)
+    bank.push(feats, labels)
+    wide.push(feats.float(), labels)
+    assert bank.features.dtype == torch.float32 and torch.equal(bank.features, wide.features)
+
+
 def test_state_dict_round_trip():
     bank = ClassMemoryBank(2, 4, capacity=3)
     for i in range(5):

@@ -1,8 +1,10 @@
 """confidence_masked_cross_entropy (PH-Net Eq. 8-9): a plain PyTorch composition, against the
 per-pixel sum written out."""
 
+import pytest
 import torch
 import torch.nn.functional as F
+from conftest import tolerance
 
 import busseg_ops
 
@@ -21,3 +23,14 @@ def test_confidence_masked_cross_entropy_eq8_9():
     torch.testing.assert_close(loss, manual)
     loss.backward()
     assert logits.grad[~keep[:, None].expand_as(logits)].abs().max() == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_confidence_masked_cross_entropy_half(dtype):
+    logits = torch.randn(2, 2, 5, 6).to(dtype)
+    target = torch.randint(0, 2, (2, 5, 6))
+    teacher = torch.randn(2, 2, 5, 6).mul(3).softmax(1).to(dtype)
+    loss = busseg_ops.confidence_masked_cross_entropy(logits, target, teacher)
+    expected = busseg_ops.confidence_masked_cross_entropy(logits.float(), target, teacher.float())
+    assert loss.dtype == dtype and (teacher.amax(1) >= 0.9).any()  # the threshold keeps some pixels
+    torch.testing.assert_close(loss.float(), expected, **tolerance(dtype))

@@ -4,6 +4,7 @@ dropped, against the sorted entropies."""
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import tolerance
 
 import busseg_ops
 
@@ -21,3 +22,15 @@ def test_entropy_filtered_cross_entropy_drops_most_uncertain():
         busseg_ops.entropy_filtered_cross_entropy(logits, target, teacher, drop_percent=100)
     with pytest.raises(ValueError, match="target must be"):
         busseg_ops.entropy_filtered_cross_entropy(logits, target[:, :3], teacher)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_entropy_filtered_cross_entropy_half(dtype):
+    # the entropies of the rounded probabilities in float32: the same pixels dropped as in float32
+    logits = torch.randn(2, 2, 6, 7).to(dtype)
+    target = torch.randint(0, 2, (2, 6, 7))
+    teacher = torch.randn(2, 2, 6, 7).mul(2).softmax(1).to(dtype)
+    loss = busseg_ops.entropy_filtered_cross_entropy(logits, target, teacher, drop_percent=25)
+    expected = busseg_ops.entropy_filtered_cross_entropy(logits.float(), target, teacher.float(), drop_percent=25)
+    assert loss.dtype == dtype
+    torch.testing.assert_close(loss.float(), expected, **tolerance(dtype))

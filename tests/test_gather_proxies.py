@@ -17,3 +17,13 @@ def test_gather_proxies_keeps_gradients():
         gather_proxies(feat, idx + 10)
     with pytest.raises(TypeError, match="idx must be int64"):
         gather_proxies(feat, idx.int())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gather_proxies_half(dtype):
+    feat = torch.randn(2, 3, 4, 5).to(dtype).requires_grad_()
+    idx = torch.tensor([[0, 19, 7], [3, 3, 12]])
+    p = gather_proxies(feat, idx)
+    assert p.dtype == dtype and torch.equal(p.float(), gather_proxies(feat.detach().float(), idx))
+    (grad,) = torch.autograd.grad(p.sum(), feat)
+    assert grad.dtype == dtype and grad.sum() == idx.numel() * 3  # one per gathered feature, repeats too

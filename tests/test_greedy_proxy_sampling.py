@@ -131,7 +131,11 @@ class TestGreedyProxySampling(OpContract):
         bad(_raw(num_proxies=10), ValueError, r"num_proxies must be in \[1, H\*W = 9\]"),
         bad(_raw(first=torch.tensor([9])), ValueError, "first must hold pixel indices"),
         bad(_raw(first=torch.tensor([0], dtype=torch.int32)), TypeError, "first must be int64"),
-        bad(_raw(feat=torch.ones(1, 2, 3, 3, dtype=torch.int64)), TypeError, "feat must be float32 or float64"),
+        bad(
+            _raw(feat=torch.ones(1, 2, 3, 3, dtype=torch.int64)),
+            TypeError,
+            "feat must be float32, float64, float16 or bfloat16",
+        ),
         bad(_raw(first=torch.tensor([0], device="meta")), ValueError, "first must be on the device of feat"),
         bad(_raw(num_proxies=2**63 - 1), ValueError, "num_proxies must be in"),
     ]

@@ -8,7 +8,7 @@ import textwrap
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import backends, tolerance
+from conftest import backends, tolerance, triton_device
 from hypothesis import strategies as st
 from op_contract import OpContract, RawSample, bad
 
@@ -184,18 +184,13 @@ def test_cpu_tiles_cover_more_than_one_block():
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-7)
 
 
-def triton_or_skip():
-    if "triton" not in busseg_ops.available_backends("cpu"):
-        pytest.skip("triton is not available here")
-
-
 def test_triton_feature_chunks_and_column_blocks():
     """D spanning several feature chunks of the logit tiles and several feature-column blocks of the
     gradient programs (whole feature rows as tl.dot operands spilled registers on sm_80/sm_90)."""
-    triton_or_skip()
+    device = triton_device()
     from busseg_ops.triton.memory_contrastive_loss import _MAX_BLOCK_D
 
-    a, ya, n, yn, p = make(45, 70, 2 * _MAX_BLOCK_D + 5, K=3, neg_grad=True)
+    a, ya, n, yn, p = make(45, 70, 2 * _MAX_BLOCK_D + 5, K=3, device=device, neg_grad=True)
     with busseg_ops.use_backend("reference"):
         ref = mcl(a, ya, n, yn, p, 0.2)
     ref_g = torch.autograd.grad(ref, (a, n))
@@ -211,10 +206,10 @@ def test_triton_float16_accumulates_in_float32():
     float32 reference: the kernels accumulate in float32. Their float16 accumulators did not compile
     for sm_80/sm_90 (loop-carried float16 became float32), which the interpreter let pass. bfloat16
     is left to tools/gpu_compile_check.py: the interpreter's tl.dot misreads bfloat16 operands."""
-    triton_or_skip()
+    device = triton_device()
     dtype = torch.float16
-    a, ya, n, yn, p = make(37, 45, 40, K=2, neg_grad=True)
-    has_positive = torch.ones(2, dtype=torch.bool)
+    a, ya, n, yn, p = make(37, 45, 40, K=2, device=device, neg_grad=True)
+    has_positive = torch.ones(2, dtype=torch.bool, device=device)
     ref, _ = reference_mcl(a, ya, n, yn, p, has_positive, 0.5)
     ref_g = torch.autograd.grad(ref, (a, n))
     half = [t.detach().to(dtype).requires_grad_() for t in (a, n)]

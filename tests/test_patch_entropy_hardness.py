@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tolerance
+from conftest import tolerance, triton_device
 from hypothesis import strategies as st
 from op_contract import OpContract, RawSample, bad
 
@@ -160,11 +160,10 @@ def test_reference_hardness_matches_avg_pool_of_entropy(from_logits):
 def test_triton_patches_larger_than_a_block(from_logits):
     """Patches of 24 x 24 = 576 pixels: more than one Triton block of the forward (at most 512 pixels;
     blocks of 1024 spilled registers on sm_90), which then loops over the patch."""
-    if "triton" not in busseg_ops.available_backends("cpu"):
-        pytest.skip("triton is not available here")
-    logits = torch.randn(1, 3, 24, 48) * 3
+    device = triton_device()
+    logits = torch.randn(1, 3, 24, 48, device=device) * 3
     x = (logits if from_logits else logits.softmax(1)).requires_grad_()
-    grad = torch.randn(1, 1, 2)
+    grad = torch.randn(1, 1, 2, device=device)
     results = []
     for backend in ("reference", "triton"):
         with busseg_ops.use_backend(backend):

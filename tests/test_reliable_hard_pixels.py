@@ -22,3 +22,13 @@ def test_reliable_hard_pixels_eq10_13():
     assert torch.equal(out.mask, top & (lab == argmax[:, ::2, ::2]))
     with pytest.raises(ValueError, match="k must be <= the number of patches 16"):
         busseg_ops.reliable_hard_pixels(pseudo, argmax, hard, 17, (8, 8))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_reliable_hard_pixels_half_hardness(dtype):
+    pseudo = torch.randint(0, 2, (2, 16, 16))
+    argmax = torch.where(torch.rand(2, 16, 16) < 0.7, pseudo, 1 - pseudo)
+    hard = torch.stack([torch.randperm(16), torch.randperm(16)]).view(2, 4, 4) / 16  # exact, distinct in both
+    got = busseg_ops.reliable_hard_pixels(pseudo, argmax, hard.to(dtype), 5, (8, 8))
+    expected = busseg_ops.reliable_hard_pixels(pseudo, argmax, hard, 5, (8, 8))
+    assert all(torch.equal(g, e) for g, e in zip(got, expected))

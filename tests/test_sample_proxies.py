@@ -60,3 +60,12 @@ def test_non_finite_features_still_give_distinct_proxies(strategy, value):
 def test_sampling_bad_inputs(call, error, match):
     with pytest.raises(error, match=match):
         call(torch.randn(2, 4, 5, 7))
+
+
+@pytest.mark.parametrize("strategy", ["random", "kmeans", "patch", "greedy"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_sampling_half_features_as_float32(strategy, dtype):
+    feat = torch.randn(2, 4, 8, 10).to(dtype)
+    gen = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    idx = sample_proxies(feat, 12, strategy, generator=gen())
+    assert torch.equal(idx, sample_proxies(feat.float(), 12, strategy, generator=gen()))

@@ -126,6 +126,7 @@ def _cases(b, run):
         "epochs abc": (["train", "--epochs", "abc"], "--epochs"),
         "drop percent": (["train", "--drop-percent", "0"], "--drop-percent"),
         "method": (["train", "--method", "unet"], "--method"),
+        "fp16 on the cpu": (["train", "--amp", "fp16", *small], "--amp fp16"),
         "no cuda": (["train", "--device", "cuda", *small], "--device cuda") if not torch.cuda.is_available() else None,
         # incompatible flags: the default 64 proxies on the 4×4 relation grid of a 64-px crop
         "num proxies": (["train", "--method", "rabusseg", "--crop", "64", *small], "--num-proxies 64"),

@@ -1,5 +1,6 @@
-"""Training loop: bit-for-bit resume, signal checkpoint, CLI round trip, 2-process gloo DDP, and
-the BUSI integration run."""
+"""Training loop: bit-for-bit resume (float32, and bf16 autocast with channels-last), a bf16 step
+against the float32 one, --compile, signal checkpoint, CLI round trip, 2-process gloo DDP, and the
+BUSI integration run."""
 
 import os
 import subprocess
@@ -11,6 +12,8 @@ import torch
 from busseg_ops.train import Trainer, checkpoint, cli, data, engine, metrics
 from busseg_ops.train.evaluate import evaluate
 from train_helpers import tiny
+
+import busseg_ops
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUSI = os.path.join(REPO, "..", "shared", "data", "BUSI")
@@ -34,13 +37,14 @@ class _StopAfter:
         return self.n < 0
 
 
-@pytest.mark.parametrize("method", ["rabusseg", "phnet"])
-def test_resume_is_bit_for_bit(tmp_path, method):
-    cfg = tiny(tmp_path / "a", method=method, warmup_epochs=1)
+@pytest.mark.parametrize("method,amp", [("rabusseg", "off"), ("phnet", "off"), ("rabusseg", "bf16")])
+def test_resume_is_bit_for_bit(tmp_path, method, amp):
+    kw = dict(method=method, warmup_epochs=1, amp=amp, channels_last=amp != "off")
+    cfg = tiny(tmp_path / "a", **kw)
     straight = Trainer(cfg)
     straight.fit()
     # 1 epoch, then a signal-like stop in the middle of epoch 2, then resume twice.
-    cfg_b = tiny(tmp_path / "b", method=method, warmup_epochs=1)
+    cfg_b = tiny(tmp_path / "b", **kw)
     tr = Trainer(cfg_b)
     tr._run_epoch(_StopAfter(99))
     assert tr._run_epoch(_StopAfter(0)) is True  # stopped after 1 of 2 steps, last.pt written
@@ -52,6 +56,61 @@ def test_resume_is_bit_for_bit(tmp_path, method):
     _same(straight.state_dict()["teacher"], resumed.state_dict()["teacher"])
     if method == "phnet":
         _same(straight.method.bank.state_dict(), resumed.method.bank.state_dict())
+
+
+@pytest.mark.parametrize("method", ["rabusseg", "phnet"])
+def test_bf16_autocast_step_follows_the_float32_step(tmp_path, monkeypatch, method):
+    """One --amp bf16 step (channels-last) from the weights, batch and draws of a float32 step:
+    the busseg ops get the networks' bfloat16 outputs, the weights stay float32, and every loss
+    agrees with the float32 step's within bfloat16's precision."""
+    seen = {}
+    for name in ("adjacent_relation_propagation", "cross_layer_alignment_loss", "memory_contrastive_loss"):
+        op = getattr(busseg_ops, name)
+
+        def spy(first, *args, _op=op, _name=name, **kw):
+            seen[_name] = (first[0] if isinstance(first, list) else first).dtype
+            return _op(first, *args, **kw)
+
+        monkeypatch.setattr(busseg_ops, name, spy)
+    logs = {}
+    # phnet: negatives from the step's anchors (the default, the class centres, has no bank centres
+    # yet in a first step and skips the op)
+    kw = dict(contrast_negatives="anchors") if method == "phnet" else {}
+    for amp in ("off", "bf16"):
+        tr = Trainer(tiny(tmp_path / amp, method=method, amp=amp, channels_last=amp == "bf16", **kw))
+        lab, unl = next(iter(tr._batches(0)))
+        torch.manual_seed(1)  # the same cutmix boxes and proxies
+        logs[amp] = tr.train_step(lab, unl, {"epoch": 0, "progress": 0.5, "warmup": False, "epochs": 2})
+    assert all(p.dtype == torch.float32 for p in tr.student.parameters())
+    assert set(seen.values()) == {torch.bfloat16}, seen  # the last step's inputs
+    assert set(seen) == (
+        {"memory_contrastive_loss"}
+        if method == "phnet"
+        else {"adjacent_relation_propagation", "cross_layer_alignment_loss"}
+    )
+    for k, v in logs["off"].items():
+        assert logs["bf16"][k] == pytest.approx(v, rel=0.1, abs=0.02), k
+
+
+def test_compile_compiles_both_forwards_in_place(tmp_path, monkeypatch):
+    """--compile compiles the student's and the teacher's forward in place (the checkpoint keeps
+    its keys) and trains. Inductor's code generation takes minutes on 2 cores: here the compiled
+    graphs run on the aot_eager backend (traced, fake kernels and autograd, no code generated)."""
+    compiled, compile_ = [], torch.nn.Module.compile
+    monkeypatch.setattr(
+        torch.nn.Module,
+        "compile",
+        lambda self, **kw: compiled.append(self) or compile_(self, backend="aot_eager", **kw),
+    )
+    cfg = tiny(tmp_path, method="suponly", compile=True, epochs=1, max_steps=2, overlays=0)
+    tr = Trainer(cfg)
+    assert compiled == [tr.student, tr.teacher]
+    torch._dynamo.reset()
+    tr.fit()
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 2  # the student's and the teacher's
+    assert list(checkpoint.load(os.path.join(cfg.out, "last.pt"))["student"]) == list(
+        engine.build_model(cfg).state_dict()
+    )
 
 
 def test_checkpoint_is_atomic_and_complete(tmp_path):
@@ -93,7 +152,8 @@ def test_cli_train_eval_predict_compare(tmp_path, capsys):
         "--quiet",
     ]
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
-    assert cli.main(["train", "--method", "suponly", "--out", a, *common]) == 0
+    assert cli.main(["train", "--method", "suponly", "--amp", "bf16", "--channels-last", "--out", a, *common]) == 0
+    assert checkpoint.load(os.path.join(a, "last.pt"))["config"]["amp"] == "bf16"
     assert cli.main(["train", "--method", "rabusseg", "--no-cra", "--out", b, *common]) == 0
     assert cli.main(["eval", "--checkpoint", os.path.join(b, "best.pt"), "--out", str(tmp_path / "ev")]) == 0
     assert os.path.isfile(tmp_path / "ev" / "test_per_image.csv")

@@ -58,6 +58,21 @@ class TrainConfig:
     num_workers: int = _f(0, "run", "data-loader worker processes")
     overlays: int = _f(8, "run", "test overlays (pictures) written at the end")
     quiet: bool = _f(False, "run", "no progress bars or per-epoch lines")
+    amp: str = _f(
+        "off",
+        "run",
+        "mixed precision of the training forward passes (torch.autocast; weights, optimizer and evaluation stay "
+        "float32): bf16 (CPU and CUDA) or fp16 (CUDA only, with a GradScaler)",
+        ("off", "bf16", "fp16"),
+    )
+    channels_last: bool = _f(
+        False,
+        "run",
+        "keep the student and the teacher in channels-last memory format (oneDNN / tensor-core convolutions)",
+    )
+    compile: bool = _f(
+        False, "run", "torch.compile the student's and the teacher's forward (the first steps take longer: compiling)"
+    )
     # data
     data: str = _f("synthetic", "data", "dataset layout", ("synthetic", "busi", "udiat", "folder"))
     root: str | None = _f(
@@ -278,6 +293,11 @@ class TrainConfig:
             )
         if self.device != "cpu" and not (self.device == "cuda" or self.device.startswith("cuda:")):
             raise UserError(f"--device {self.device!r}: expected cpu, cuda or cuda:N")
+        if self.amp == "fp16" and self.device == "cpu":
+            raise UserError(
+                "--amp fp16: float16 needs --device cuda (the CPU has no fast float16 kernels, PyTorch emulates "
+                "them); use --amp bf16 on the CPU"
+            )
 
     def _has_resnet(self) -> bool:
         if self.method == "lanet":

@@ -3,7 +3,10 @@ combinations), data streams, student + EMA teacher (the ramp starts after the su
 epochs), SGD/Adam/AdamW with poly/cosine decay, per-epoch evaluation of the teacher (each image at its
 original size, see evaluate.py), pseudo-label diagnostics on a fixed set of unlabelled images when
 asked, CSV log (TensorBoard when installed), checksummed atomic checkpoints each epoch and on SIGINT/SIGTERM,
-bit-for-bit resume on CPU, and DDP under torchrun (gloo on CPU, SyncBatchNorm, DistributedSampler).
+bit-for-bit resume on CPU (within one --amp precision), and DDP under torchrun (gloo on CPU,
+SyncBatchNorm, DistributedSampler). --amp runs the method's forward passes and losses under
+torch.autocast (the busseg ops follow their registered autocast rules, docs/ops.md), with a
+GradScaler for fp16; --channels-last and --compile apply to the student and the teacher.
 
 Determinism: samples depend only on (seed, epoch, index) (see data.SegDataset); sampler order on
 (seed, epoch, cycle); the methods' own draws (cutmix boxes, proxies) use the global torch RNG,
@@ -132,16 +135,22 @@ class Trainer:
             for report in load_pretrained(student, cfg.pretrained):
                 if self.rank == 0 and not cfg.quiet:
                     print(f"pretrained {report}", flush=True)
-        student = student.to(self.device)
+        student = student.to(self.device, memory_format=torch.channels_last if cfg.channels_last else None)
         self.teacher = copy.deepcopy(student).eval()
         for p in self.teacher.parameters():
             p.requires_grad_(False)
+        if self.world > 1 and self.device.type == "cuda":  # torch's SyncBatchNorm is CUDA-only; on CPU DDP
+            student = torch.nn.SyncBatchNorm.convert_sync_batchnorm(student)  # broadcasts rank 0's BN buffers
+        if cfg.compile:  # in place: the state dicts keep their keys
+            student.compile()
+            self.teacher.compile()
         if self.world > 1:
-            if self.device.type == "cuda":  # torch's SyncBatchNorm is CUDA-only; on CPU DDP
-                student = torch.nn.SyncBatchNorm.convert_sync_batchnorm(student)  # broadcasts rank 0's BN buffers
             # Heads a step does not use (e.g. the projector for suponly) get no gradient.
             student = torch.nn.parallel.DistributedDataParallel(student, find_unused_parameters=True)
         self.student = student
+        self.amp_dtype = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.amp]
+        # float16 gradients underflow without loss scaling (bfloat16 has float32's range)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.amp == "fp16")
         params = list(self.student.parameters()) + self.method.parameters()
         if cfg.optimizer == "sgd":
             self.opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
@@ -237,12 +246,14 @@ class Trainer:
             return None if b is None else {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in b.items()}
 
         self.student.train()
-        loss, logs = self.method(self.student, self.teacher, to(lab), to(unl), ctx)
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            loss, logs = self.method(self.student, self.teacher, to(lab), to(unl), ctx)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite loss at epoch {self.epoch} step {self.step_in_epoch}: {logs}")
         self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt.step()
+        self.scaler.scale(loss).backward()  # disabled (off, bf16): loss.backward() and opt.step()
+        self.scaler.step(self.opt)
+        self.scaler.update()
         self.sched.step()
         self.global_step += 1
         self._ema_update()
@@ -397,6 +408,7 @@ class Trainer:
             "global_step": self.global_step,
             "best": self.best,
             "rng": checkpoint.rng_state(),
+            "scaler": self.scaler.state_dict(),  # {} unless --amp fp16
         }
 
     def load_state_dict(self, st: dict) -> None:
@@ -408,6 +420,8 @@ class Trainer:
         self.method.load_state_dict(st["method"])
         self.epoch, self.step_in_epoch = st["epoch"], st["step_in_epoch"]
         self.global_step, self.best = st["global_step"], st["best"]
+        if st.get("scaler"):  # saved by an fp16 run
+            self.scaler.load_state_dict(st["scaler"])
         if self.step_in_epoch:
             self._resume_rng = st["rng"]  # restored after the data stream is replayed
         else:

@@ -89,7 +89,8 @@ def adaptive_patch_cutmix(
 
         A(x_b) = M ⊙ x_b + (1 − M) ⊙ x_{(b+1) mod B}
 
-    One fused gather over all tensors. B = 1 returns copies and a mask of ones."""
+    One fused gather over all tensors, of any dtypes (each output keeps its tensor's dtype, under
+    torch.autocast too). B = 1 returns copies and a mask of ones."""
     if isinstance(tensors, torch.Tensor) or not isinstance(tensors, Sequence) or len(tensors) == 0:
         raise TypeError("tensors must be a non-empty list of tensors")
     _validate.tensor("hardness", hardness, 3, "(B, Nh, Nw)")

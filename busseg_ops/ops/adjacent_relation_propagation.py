@@ -6,13 +6,14 @@ from __future__ import annotations
 import torch
 
 from .. import _validate
-from ..backends import Op, dispatch, register
+from ..backends import Op, autocast_inputs, dispatch, register
 from ..reference.adjacent_relation_propagation import adjacent_relation_propagation as _reference
 
 #: kernel_size² taps stay below 2^30 (csrc/adjacent_relation_propagation/checks.h)
 MAX_KERNEL_SIZE = 32767
 
-OP = Op("adjacent_relation_propagation", reference=_reference)
+# Under autocast it runs in the autocast dtype (like a convolution: its sums are in float anyway).
+OP = Op("adjacent_relation_propagation", reference=_reference, autocast="lower")
 
 
 def adjacent_relation_propagation(
@@ -39,7 +40,10 @@ def adjacent_relation_propagation(
     ``padding="zeros"`` (upstream) lets outside neighbours take part with feature and value 0;
     ``"valid"`` excludes them. ``scale`` defaults to 1/sqrt(C). Gradients flow to ``feat`` (as
     query and as key) and to ``value``; the unfolded (B, C·k², HW) features never exist.
+    Every floating dtype; float16 / bfloat16 are summed in float32. Under torch.autocast both
+    inputs are cast to the autocast dtype.
     """
+    feat, value = autocast_inputs(OP, feat, value)
     _validate.tensor("feat", feat, 4, "(B, C, H, W)")
     _validate.tensor("value", value, 4, "(B, K, H, W)")
     _validate.same("feat and value", feat, value, dims=(0, 2, 3), dtype=True)

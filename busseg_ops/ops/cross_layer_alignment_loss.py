@@ -8,7 +8,7 @@ import os
 import torch
 
 from .. import _validate
-from ..backends import Op, dispatch, register
+from ..backends import Op, autocast_inputs, dispatch, register
 from ..reference.cross_layer_alignment_loss import cross_layer_alignment_loss as _reference
 
 
@@ -18,7 +18,8 @@ def _reference_blocked(feats, proxies, reduction, eps, block_rows, grad_proxies)
     return _reference([f[..., None] for f in feats], proxies, reduction, eps), feats[0].new_empty(0), []
 
 
-OP = Op("cross_layer_alignment_loss", reference=_reference_blocked)
+# Under autocast a loss in float32, as torch's own losses.
+OP = Op("cross_layer_alignment_loss", reference=_reference_blocked, autocast="float32")
 
 #: Bytes of one (L, B, rows, M) logit block (the kernels balance the blocks). Few, large blocks
 #: keep the number of BLAS calls and thread fork/joins low (at the upstream setting 8 MiB is four
@@ -48,7 +49,10 @@ def cross_layer_alignment_loss(feats, proxies=None, reduction: str = "mean", eps
     pixel a proxy; Table 4 of the supplementary), where the HW x HW logits fit. Gradients flow to
     every input that requires grad, targets included. The (L, B, HW, M) logits never exist: the
     kernels work on blocks of pixel rows and keep only the per-row log-sum-exp for backward.
+    Every floating dtype; float16 / bfloat16 are computed in float32 (the logits too, on the CPU)
+    and the loss comes out in the inputs' dtype. Under torch.autocast the inputs are cast to float32.
     """
+    feats, proxies = autocast_inputs(OP, feats, proxies)
     _check_loss_inputs(feats, proxies)
     _validate.choice("reduction", reduction, ("mean", "batchmean", "sum"))
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or eps < 0:

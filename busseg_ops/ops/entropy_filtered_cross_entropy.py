@@ -19,11 +19,12 @@ def entropy_filtered_cross_entropy(
     ignore_index: int = 255,
 ) -> torch.Tensor:
     """Drop the floor(p%) most uncertain non-ignored pixels (highest teacher entropy, batch-wide)
-    and average CE over the rest. Plain PyTorch (one topk)."""
+    and average CE over the rest. Plain PyTorch (one topk); the entropies of float16 / bfloat16
+    probabilities in float32 (in float16 the 1e-10 vanishes: log 0)."""
     check_pixel_loss_inputs(logits, target, teacher_prob)
     if not 0.0 <= drop_percent < 100.0:
         raise ValueError(f"drop_percent must be in [0, 100), got {drop_percent}")
-    p = teacher_prob.detach()
+    p = teacher_prob.detach().to(torch.promote_types(teacher_prob.dtype, torch.float32))
     entropy = -(p * torch.log(p + 1e-10)).sum(1).flatten()
     valid = (target != ignore_index).flatten()
     drop = int(math.floor(drop_percent / 100.0 * int(valid.sum())))

@@ -75,7 +75,9 @@ def greedy_proxy_sampling(
         score(j) = max_{t=1..m} c_t(j)      (+inf for pixels already chosen)
         s_m      = argmin_j score(j)        (ties to the smallest index; NaN counts as +inf)
 
-    Only one row of the similarity map is computed per step (O(HW) state). No gradient.
+    Only one row of the similarity map is computed per step (O(HW) state). No gradient. Every
+    floating dtype (the CPU samples float16 / bfloat16 maps as float32); under torch.autocast it
+    samples ``feat`` in its own dtype.
     """
     check_features_and_count(feat, num_proxies)
     s0 = _first_proxies(feat, first, label, generator)

@@ -9,10 +9,11 @@ from collections.abc import Sequence
 import torch
 
 from .. import _validate
-from ..backends import Op, dispatch, register
+from ..backends import Op, autocast_inputs, dispatch, register
 from ..reference.memory_contrastive_loss import memory_contrastive_loss as _reference
 
-OP = Op("memory_contrastive_loss", reference=_reference)
+# Under autocast a loss in float32, as torch's own losses.
+OP = Op("memory_contrastive_loss", reference=_reference, autocast="float32")
 
 
 def _positives(positives, dim: int, like: torch.Tensor):
@@ -56,7 +57,10 @@ def memory_contrastive_loss(
     other class; ``positives`` (K, D) class centres (e.g. ``ClassMemoryBank.means()``, where a
     None entry marks a class without a positive). A class without anchors or positive is skipped;
     when none is left the loss is 0 (and still backpropagates). Gradients flow to anchors, to
-    negatives only when they require grad, never to positives."""
+    negatives only when they require grad, never to positives. Every floating dtype;
+    float16 / bfloat16 are computed in float32. Under torch.autocast the inputs are cast to
+    float32 (the positives follow the anchors' dtype)."""
+    anchors, negatives = autocast_inputs(OP, anchors, negatives)
     _validate.tensor("anchors", anchors, 2, "(N, D)", allow_empty=True)
     _validate.tensor("negatives", negatives, 2, "(N-, D)", allow_empty=True)
     _validate.tensor("anchor_labels", anchor_labels, 1, "(N,)", floating=False, allow_empty=True)

@@ -8,10 +8,11 @@ from collections.abc import Sequence
 import torch
 
 from .. import _validate
-from ..backends import Op, dispatch, register
+from ..backends import Op, autocast_inputs, dispatch, register
 from ..reference.patch_entropy_hardness import patch_entropy_hardness as _reference
 
-OP = Op("patch_entropy_hardness", reference=_reference)
+# Under autocast in float32, as torch's entropy-like ops (log, softmax).
+OP = Op("patch_entropy_hardness", reference=_reference, autocast="float32")
 
 
 def pair(name: str, v) -> tuple[int, int]:
@@ -53,7 +54,9 @@ def patch_entropy_hardness(
 
     ``x`` (B, K, H, W) class probabilities, or logits with ``from_logits=True`` (softmax fused).
     Exactly one of ``num_patches`` (N: an N×N grid, or (Nh, Nw)) and ``patch_size`` ((h, w) or
-    an int); the patches must divide the map. Returns (B, Nh, Nw). Differentiable."""
+    an int); the patches must divide the map. Returns (B, Nh, Nw). Differentiable. Every floating
+    dtype (float16 / bfloat16 summed in float32); under torch.autocast ``x`` is cast to float32."""
+    (x,) = autocast_inputs(OP, x)
     _validate.tensor("x", x, 4, "(B, K, H, W)")
     if x.shape[1] < 2:
         raise ValueError(f"x needs K >= 2 classes (the entropy is divided by log K), got {x.shape[1]}")

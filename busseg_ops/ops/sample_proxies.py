@@ -27,16 +27,17 @@ def sample_proxies(
     without replacement), ``kmeans`` (pixels nearest to k-means centres, k-means++ seeding) or
     ``patch`` (one per cell of a rows x cols grid with rows*cols = M: the pixel nearest to the
     cell's mean feature). ``first``/``label``/``scale`` apply to greedy only. Plain PyTorch on any
-    device for the strategies other than greedy."""
+    device for the strategies other than greedy, float16 / bfloat16 features in float32."""
     _validate.choice("strategy", strategy, STRATEGIES)
     if strategy == "greedy":
         return greedy_proxy_sampling(feat, num_proxies, first, label, scale, generator)
     check_features_and_count(feat, num_proxies)
     B, _, H, W = feat.shape
+    feat = feat.detach().to(torch.promote_types(feat.dtype, torch.float32))
     with torch.no_grad():
         if strategy == "random":
             return _strategies.random_proxies(B, H * W, num_proxies, generator, feat.device)
         if strategy == "kmeans":
             _validate.integer("kmeans_iterations", kmeans_iterations, minimum=0)
-            return _strategies.kmeans_proxies(feat.detach(), num_proxies, kmeans_iterations, generator)
-        return _strategies.patch_proxies(feat.detach(), num_proxies)
+            return _strategies.kmeans_proxies(feat, num_proxies, kmeans_iterations, generator)
+        return _strategies.patch_proxies(feat, num_proxies)

@@ -36,14 +36,11 @@ inline void check_dtype(const at::Tensor& t, const char* name, at::ScalarType dt
   TORCH_CHECK_TYPE(t.scalar_type() == dtype, name, " must be ", dtype, ", got ", t.scalar_type());
 }
 
-// float32 / float64 everywhere; float16 / bfloat16 too on CUDA.
+// float32, float64, float16 or bfloat16 (the narrow two with float32 accumulation).
 inline void check_floating(const at::Tensor& t, const char* name) {
   const at::ScalarType s = t.scalar_type();
-  const bool wide = s == at::kFloat || s == at::kDouble;
-  const bool narrow = t.is_cuda() && (s == at::kHalf || s == at::kBFloat16);
-  TORCH_CHECK_TYPE(wide || narrow, name, " must be float32 or float64",
-                   t.is_cuda() ? " (or float16 / bfloat16)" : "", " on ", t.device().type(),
-                   ", got ", s);
+  TORCH_CHECK_TYPE(s == at::kFloat || s == at::kDouble || s == at::kHalf || s == at::kBFloat16,
+                   name, " must be float32, float64, float16 or bfloat16, got ", s);
 }
 
 inline void check_range(int64_t v, const char* name, int64_t lo, int64_t hi) {

@@ -1,11 +1,15 @@
 // Helpers shared by the CPU kernels: a NaN-propagating max, vectorised loops over contiguous runs
-// and the OpenMP split of a range into one contiguous chunk per thread.
+// (accumulating in a wider type than the inputs where asked), float copies of half inputs and the
+// OpenMP split of a range into one contiguous chunk per thread.
 #pragma once
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <omp.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
+#include <vector>
 
 // Inner loops get AVX-512 and AVX2+FMA clones chosen at load time, so one binary runs everywhere
 // (the AVX-512 clone halves the time of the exp/log-bound hardness loop on Zen 4/5).
@@ -25,11 +29,11 @@ inline T nan_max(T a, T b) {
   return (a != a || a >= b) ? a : b;
 }
 
-// acc[i] += a[i] * b[i]
-template <typename T>
-BUSSEG_SIMD_CLONES void multiply_add(T* acc, const T* a, const T* b, int64_t n) {
+// acc[i] += a[i] * b[i] in the accumulator's type, a and b possibly stored narrower
+template <typename acc_t, typename a_t, typename b_t>
+BUSSEG_SIMD_CLONES void multiply_add(acc_t* acc, const a_t* a, const b_t* b, int64_t n) {
 #pragma omp simd
-  for (int64_t i = 0; i < n; ++i) acc[i] += a[i] * b[i];
+  for (int64_t i = 0; i < n; ++i) acc[i] += acc_t(a[i]) * acc_t(b[i]);
 }
 
 // y[i] += alpha * x[i], x possibly stored narrower than the accumulator y
@@ -46,6 +50,34 @@ BUSSEG_SIMD_CLONES void axpy4(const acc_t* a, const scalar_t* x0, const scalar_t
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i)
     y[i] += a[0] * acc_t(x0[i]) + a[1] * acc_t(x1[i]) + a[2] * acc_t(x2[i]) + a[3] * acc_t(x3[i]);
+}
+
+// Zeroes a row of n accumulators, lets fill(row) sum into it and stores it into dst: the row is
+// dst itself when dst has the accumulator type, else `scratch` (n), converted on the store.
+template <typename acc_t, typename scalar_t, typename F>
+void accumulate_row(int64_t n, acc_t* scratch, scalar_t* dst, const F& fill) {
+  if constexpr (std::is_same_v<acc_t, scalar_t>) {
+    std::fill(dst, dst + n, acc_t(0));
+    fill(dst);
+  } else {
+    std::fill(scratch, scratch + n, acc_t(0));
+    fill(scratch);
+    for (int64_t i = 0; i < n; ++i) dst[i] = scalar_t(scratch[i]);
+  }
+}
+
+// A float32 copy of a half / bfloat16 tensor, for the ops whose drivers work through ATen ops and
+// float kernels (one extra pass over the inputs; the float paths then run unchanged); any other
+// tensor as it is.
+inline at::Tensor widened(const at::Tensor& t) {
+  const at::ScalarType s = t.scalar_type();
+  return s == at::kHalf || s == at::kBFloat16 ? t.to(at::kFloat) : t;
+}
+
+inline std::vector<at::Tensor> widened(at::TensorList ts) {
+  std::vector<at::Tensor> out;
+  for (const at::Tensor& t : ts) out.push_back(widened(t));
+  return out;
 }
 
 // OpenMP over [0, n) in one contiguous chunk per thread (honouring torch.set_num_threads), so

@@ -4,7 +4,8 @@
 // CPUs, the products of common/proxy_gemm.h (BLAS otherwise), and the fused row kernels below: per
 // pixel row, log-sum-exp of every layer and the L-1 KL terms, and in backward the logit gradients,
 // recomputing the probabilities from the logits and the saved log-sum-exp. Only (L, B, HW) row
-// statistics are kept between forward and backward.
+// statistics are kept between forward and backward. Half and bfloat16 inputs run the float
+// kernels on float copies (logits and their softmax in float) and get their outputs cast back.
 #include "common/cpu.h"
 
 #include <ATen/ATen.h>
@@ -307,8 +308,11 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> cross_layer_alignmen
     at::TensorList feats, at::TensorList proxies, c10::string_view reduction, double eps,
     int64_t block_rows, bool grad_proxies) {
   check_cross_layer_alignment_loss_args(feats, proxies, std::string(reduction), eps, block_rows);
-  return align_blocked_forward(kCpuKernels, feats, proxies, std::string(reduction), eps, block_rows,
-                               grad_proxies);
+  auto [loss, lse, grads] =
+      align_blocked_forward(kCpuKernels, widened(feats), widened(proxies), std::string(reduction),
+                            eps, block_rows, grad_proxies);
+  for (size_t l = 0; l < grads.size(); ++l) grads[l] = grads[l].to(proxies[l].scalar_type());
+  return {loss.to(feats[0].scalar_type()), lse, grads};
 }
 
 std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>>
@@ -318,8 +322,14 @@ cross_layer_alignment_loss_backward_cpu(const at::Tensor& grad_loss, at::TensorL
                                         bool need_grad_feats, bool need_grad_proxies) {
   check_cross_layer_alignment_loss_backward_args(grad_loss, feats, proxies, lse,
                                                  std::string(reduction), eps, block_rows);
-  return align_blocked_backward(kCpuKernels, grad_loss, feats, proxies, lse, std::string(reduction),
-                                eps, block_rows, need_grad_feats, need_grad_proxies);
+  auto [grad_feats, grad_proxies] = align_blocked_backward(
+      kCpuKernels, grad_loss, widened(feats), widened(proxies), lse, std::string(reduction), eps,
+      block_rows, need_grad_feats, need_grad_proxies);
+  for (size_t l = 0; l < grad_feats.size(); ++l)
+    grad_feats[l] = grad_feats[l].to(feats[l].scalar_type());
+  for (size_t l = 0; l < grad_proxies.size(); ++l)
+    grad_proxies[l] = grad_proxies[l].to(proxies[l].scalar_type());
+  return {grad_feats, grad_proxies};
 }
 
 }  // namespace

@@ -277,10 +277,12 @@ at::Tensor greedy_proxy_sampling_cpu(const at::Tensor& feat, const at::Tensor& f
                                      int64_t num_proxies, double scale) {
   check_greedy_proxy_sampling_args(feat, first, num_proxies);
   const int64_t B = feat.size(0), C = feat.size(1), HW = feat.size(2) * feat.size(3);
-  const at::Tensor f = feat.contiguous();  // (B, C, HW): free for the usual layout
+  // (B, C, HW): free for the usual layout. Half and bfloat16 maps are sampled as float maps (the
+  // screened path below: exact scores, half the traffic of a float sweep).
+  const at::Tensor f = widened(feat).contiguous();
   const at::Tensor s0 = first.contiguous();
   at::Tensor idx = at::empty({B, num_proxies}, first.options());
-  AT_DISPATCH_FLOATING_TYPES(feat.scalar_type(), "greedy_proxy_sampling_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES(f.scalar_type(), "greedy_proxy_sampling_cpu", [&] {
     greedy_batch<scalar_t>(f.data_ptr<scalar_t>(), s0.data_ptr<int64_t>(), B, HW, C, num_proxies,
                            scale, idx.data_ptr<int64_t>());
   });

@@ -1,5 +1,8 @@
 // busseg::memory_contrastive_loss (PH-Net Eq. 15; docs/ops.md), C++/OpenMP CPU: the shared tiled
-// driver (common/contrastive_driver.h) with at::mm tiles and the OpenMP tile kernels below.
+// driver (common/contrastive_driver.h) with at::mm tiles and the OpenMP tile kernels below. Half
+// and bfloat16 inputs are computed in float32 and the outputs cast back (as on CUDA).
+#include "common/cpu.h"
+
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -95,8 +98,10 @@ std::tuple<at::Tensor, at::Tensor> memory_contrastive_loss_cpu(
     double temperature) {
   check_memory_contrastive_loss_args(anchors, anchor_labels, negatives, negative_labels, positives,
                                      has_positive, temperature);
-  return contrastive_forward(kCpuTiles, anchors, anchor_labels, negatives, negative_labels,
-                             positives, has_positive, temperature);
+  auto [loss, lse] =
+      contrastive_forward(kCpuTiles, widened(anchors), anchor_labels, widened(negatives),
+                          negative_labels, widened(positives), has_positive, temperature);
+  return {loss.to(anchors.scalar_type()), lse.to(anchors.scalar_type())};
 }
 
 std::tuple<at::Tensor, at::Tensor> memory_contrastive_loss_backward_cpu(
@@ -107,9 +112,11 @@ std::tuple<at::Tensor, at::Tensor> memory_contrastive_loss_backward_cpu(
   check_memory_contrastive_loss_backward_args(grad_loss, anchors, anchor_labels, negatives,
                                               negative_labels, positives, has_positive, lse,
                                               temperature);
-  return contrastive_backward(kCpuTiles, grad_loss, anchors, anchor_labels, negatives,
-                              negative_labels, positives, has_positive, lse, temperature,
-                              need_grad_negatives);
+  auto [ga, gn] =
+      contrastive_backward(kCpuTiles, widened(grad_loss), widened(anchors), anchor_labels,
+                           widened(negatives), negative_labels, widened(positives), has_positive,
+                           widened(lse), temperature, need_grad_negatives);
+  return {ga.to(anchors.scalar_type()), gn.to(negatives.scalar_type())};
 }
 
 }  // namespace

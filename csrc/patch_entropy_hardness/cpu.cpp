@@ -36,13 +36,15 @@ BUSSEG_SIMD_CLONES void add_p_log_p(const T* p, T eps, T* ent, int64_t n) {
 // ent[i] += Σ_k p_k · log(p_k + eps) for two classes given as logits, in one pass: with
 // m = max(x0, x1) one of x0 − m, x1 − m is 0 and their sum t = −|x1 − x0|, so the softmax is
 // 1 / (1 + e^t) and e^t / (1 + e^t): one exp, no scratch rows. Non-finite logits give NaN
-// through x − m, as in the reference softmax.
-template <typename T>
-BUSSEG_SIMD_CLONES void add_binary_entropy(const T* x0, const T* x1, T eps, T* ent, int64_t n) {
+// through x − m, as in the reference softmax. Narrow logits are widened to the accumulator type.
+template <typename scalar_t, typename T>
+BUSSEG_SIMD_CLONES void add_binary_entropy(const scalar_t* x0, const scalar_t* x1, T eps, T* ent,
+                                           int64_t n) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
-    const T m = std::max(x0[i], x1[i]);
-    const T e = exp_of((x0[i] - m) + (x1[i] - m));
+    const T a = T(x0[i]), b = T(x1[i]);
+    const T m = std::max(a, b);
+    const T e = exp_of((a - m) + (b - m));
     const T hi = T(1) / (T(1) + e), lo = e * hi;
     ent[i] += hi * log_of(hi + eps) + lo * log_of(lo + eps);
   }
@@ -157,10 +159,11 @@ at::Tensor patch_entropy_hardness_cpu(const at::Tensor& x, int64_t patch_h, int6
   const PatchGrid g = check_patch_entropy_hardness_args(x, patch_h, patch_w);
   const at::Tensor xc = x.contiguous();
   at::Tensor out = at::empty({g.B, g.Nh, g.Nw}, x.options());
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "patch_entropy_hardness_cpu", [&] {
-    hardness_forward_kernel<scalar_t>(xc.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), g,
-                                      from_logits, eps);
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, x.scalar_type(), "patch_entropy_hardness_cpu", [&] {
+        hardness_forward_kernel<scalar_t>(xc.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), g,
+                                          from_logits, eps);
+      });
   return out;
 }
 
@@ -170,10 +173,11 @@ at::Tensor patch_entropy_hardness_backward_cpu(const at::Tensor& grad, const at:
   const PatchGrid g = check_patch_entropy_hardness_backward_args(grad, x, patch_h, patch_w);
   const at::Tensor xc = x.contiguous(), gc = grad.contiguous().to(x.scalar_type());
   at::Tensor dx = at::empty({g.B, g.K, g.H, g.W}, x.options());
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "patch_entropy_hardness_backward_cpu", [&] {
-    hardness_backward_kernel<scalar_t>(gc.data_ptr<scalar_t>(), xc.data_ptr<scalar_t>(),
-                                       dx.data_ptr<scalar_t>(), g, from_logits, eps);
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, x.scalar_type(), "patch_entropy_hardness_backward_cpu", [&] {
+        hardness_backward_kernel<scalar_t>(gc.data_ptr<scalar_t>(), xc.data_ptr<scalar_t>(),
+                                           dx.data_ptr<scalar_t>(), g, from_logits, eps);
+      });
   return dx;
 }
 
