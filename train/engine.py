@@ -108,6 +108,13 @@ def _dist() -> tuple[int, int]:
     return 0, 1
 
 
+def check_items(splits, n: int, seed: int) -> list:
+    """The fixed seeded set of unlabelled training images (with hidden masks) on which the pseudo-label
+    check grades the teacher."""
+    pool = [it for it in splits.unlabeled if it.masks or it.seed is not None]
+    return random.Random(seed).sample(pool, min(n, len(pool)))
+
+
 class Trainer:
     """`pretrained=False` skips loading --pretrained (a resumed run overwrites those weights anyway,
     and the file need not exist any more)."""
@@ -360,8 +367,7 @@ class Trainer:
         if not n or not self.splits.unlabeled:
             return {}
         if not hasattr(self, "_check_items"):
-            pool = [it for it in self.splits.unlabeled if it.masks or it.seed is not None]
-            self._check_items = random.Random(self.cfg.seed).sample(pool, min(n, len(pool)))
+            self._check_items = check_items(self.splits, n, self.cfg.seed)
         if not self._check_items:
             return {}
         return pseudo_label_quality(  # the filter as the epoch just trained applied it
