@@ -26,6 +26,7 @@ import os
 import shutil
 import sys
 import time
+import types
 
 import numpy as np
 import torch
@@ -163,14 +164,9 @@ def finished(out: str, root: str) -> list[dict]:
 
 
 def _mean_curve(out, name, seeds, root, key):
-    logs = [_rows(out, name, s, root) for s in seeds]
-    n = min(len(lg) for lg in logs)
-    pts = []
-    for e in range(n):
-        v = [float(lg[e][key]) for lg in logs if lg[e].get(key, "") not in ("", "nan")]
-        if v:
-            pts.append((int(logs[0][e]["epoch"]), float(np.mean(v))))
-    return pts
+    """(epochs, mean over seeds) of a metrics.csv column, as reproduce's curves; None where never logged."""
+    runs = [types.SimpleNamespace(out=config(name, {}, s, root, out).out) for s in seeds]
+    return reproduce._series(runs, key)
 
 
 def plot(out: str, seeds: dict[str, list[int]], root: str, path: str) -> None:
@@ -193,7 +189,7 @@ def plot(out: str, seeds: dict[str, list[int]], root: str, path: str) -> None:
             for key2, ls in zip([key] + styles.get(key, []), ["-", "--", ":"]):
                 pts = _mean_curve(out, name, seeds[name], root, key2)
                 if pts:
-                    ax.plot(*zip(*pts), ls, color=f"C{i}", label=name if key2 == key else None)
+                    ax.plot(*pts, ls, color=f"C{i}", label=name if key2 == key else None)
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
