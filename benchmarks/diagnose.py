@@ -189,7 +189,7 @@ def plot(out: str, seeds: dict[str, list[int]], root: str, path: str) -> None:
             for key2, ls in zip([key] + styles.get(key, []), ["-", "--", ":"]):
                 pts = _mean_curve(out, name, seeds[name], root, key2)
                 if pts:
-                    ax.plot(*pts, ls, color=f"C{i}", label=name if key2 == key else None)
+                    ax.plot(*pts, ls, color=plt.cm.tab20(i % 20), label=name if key2 == key else None)
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)

@@ -161,24 +161,27 @@ What the diagnosis shows (validation split, `make diagnose` below; the test rows
 after it):
 
 - **phnet: the hard-patch contrastive term is what loses.** With the defects fixed L_c falls to about
-  0.3 (cosine to the own centre 0.8, to the other −0.2: the features separate), yet the validation Dice
-  stays 0.06–0.10 below suponly's, while phnet without HPC (APA and the confidence-filtered L_u) ends
-  above suponly on both seeds (+0.005, +0.029). The anchors come from the hardest patches, exactly
-  where the teacher is wrong: there the final teachers' lesion pseudo-labels are right only about 60 %
-  of the time (table below), against 94 % accuracy on the pixels L_u keeps. At full scale the papers'
-  teacher is far better (their suponly alone scores 74–83 % Dice); at ours HPC mostly teaches the
-  teacher's mistakes. Eq. 15's many negatives are worse still (0.218 against phnet's 0.272 at seed 0).
-  phnet without HPC was therefore added to the table above: +0.85 Dice points over suponly on the test
-  images, p = 0.09: above it, not significantly.
-- **rabusseg stays below suponly on validation with and without cutmix** (seed 0: 0.322 and 0.310 against
-  0.359). Its teacher's pseudo-labels on the check set are no better than suponly's at any epoch (Dice
-  about 0.40 at the end for both), and the drop schedule keeps 98 % of the pixels by the last epoch at
-  91 % accuracy: L_u feeds the student its own teacher's errors, unperturbed (see the dropout above).
-  The ablations below say which term costs most.
+  0.24 (cosine to the own centre 0.82, to the other −0.25: the features do separate), yet phnet's
+  validation Dice stays 0.079 below suponly's (two seeds), while phnet without HPC (APA and the
+  confidence-filtered L_u) ends above suponly on both seeds (+0.005, +0.029). HPC takes its anchors in
+  the hardest patches, exactly where the pseudo-labels are wrong: there only 55–64 % of the lesion
+  pseudo-labels of the final teachers without HPC are lesion, and HPC makes it worse (33 %), against
+  94–95 % accuracy on the pixels L_u keeps. Without the bank (0.280) or without APA (0.292) phnet is no
+  better; with Eq. 15's many negatives it is worst (0.218, L_c 3.9). At full scale the papers' teacher is
+  far better (their suponly alone scores 74–83 % Dice); at ours HPC mostly teaches the teacher's
+  mistakes. phnet without HPC was therefore added to the table above: +0.85 Dice points over suponly on
+  the test images, p = 0.09: above it, not significantly.
+- **rabusseg: no single term is the culprit; every combination is a little below suponly on
+  validation.** Against suponly: rabusseg −0.024 (two seeds), without L_u −0.013 (two seeds), without
+  CRA −0.011, without ARP −0.034, with cutmix −0.049 (seed 0). Its teacher's pseudo-labels are no better
+  than suponly's at any epoch (Dice about 0.40 at the end for both) and the drop schedule keeps 98 % of
+  the pixels by the last epoch at 91 % accuracy: L_u feeds the student its own teacher's errors on an
+  unperturbed view (see the missing dropout above), and ARP and CRA, trained on the same pseudo-labels,
+  do not make up for it at this scale.
 - **Scale.** Every curve is still rising at the last epoch and the absolute Dice (35–46 %) is half the
-  papers'; the one larger-scale point we have (the 1/2 protocol, 40 epochs, before these fixes) also had
-  both methods below suponly. A longer schedule or 192-px crops did not fit this session's CPU budget
-  next to the ablations.
+  papers'; the one larger-scale point we have (the issue's 1/2 protocol, 40 epochs, before these fixes:
+  suponly 0.703, rabusseg 0.688, phnet 0.594) also had both methods below suponly. A longer schedule or
+  192-px crops did not fit this session's CPU budget next to the ablations.
 """
 
 # The papers' full-scale BUSI numbers (Dice / IoU in %), from the texts in ../shared/seeds/.
