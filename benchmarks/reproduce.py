@@ -170,7 +170,9 @@ after it):
   better; with Eq. 15's many negatives it is worst (0.218, L_c 3.9). At full scale the papers' teacher is
   far better (their suponly alone scores 74–83 % Dice); at ours HPC mostly teaches the teacher's
   mistakes. phnet without HPC was therefore added to the table above: +0.85 Dice points over suponly on
-  the test images, p = 0.09: above it, not significantly.
+  the test images, p = 0.09: above it, not significantly. (Its two runs were trained by `make diagnose`
+  and tested once here: the same computation as a fresh run, since diagnose's phnet runs matched this
+  table's from-scratch phnet runs in every logged value, both seeds, all 12 epochs.)
 - **rabusseg: no single term is the culprit; every combination is a little below suponly on
   validation.** Against suponly: rabusseg −0.024 (two seeds), without L_u −0.013 (two seeds), without
   CRA −0.011, without ARP −0.034, with cutmix −0.049 (seed 0). Its teacher's pseudo-labels are no better
