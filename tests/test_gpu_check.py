@@ -20,7 +20,10 @@ no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="here make gpu-che
 
 @no_gpu
 def test_make_gpu_check_without_a_gpu_says_so_in_one_line():
-    out = subprocess.run(["make", "gpu-check"], cwd=ROOT, capture_output=True, text=True)
+    # Under `make test` the parent make's flags would make this one print "Entering directory".
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
+    cmd = ["make", "--no-print-directory", "gpu-check"]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
     assert (out.returncode, out.stderr) == (0, "")
     [line] = out.stdout.splitlines()
     assert line.startswith("gpu-check: no CUDA GPU here (") and line.endswith("sees no CUDA device): nothing ran")

@@ -230,7 +230,8 @@ def test_resnet50_deeplab_parameter_count():
     )
     assert 23.4e6 < backbone < 23.9e6  # torchvision R50 trunk 23.5 M + deep stem
     assert 40.0e6 < total - heads < 41.0e6
-    rep, proj = 304 * 256 * 9 + 256 * 256 + 4 * 256, 2048 * 256 * 9 + 2 * 256
+    # rep: 3×3 conv + BN, then a plain 1×1 conv with bias; proj: 3×3 conv + BN
+    rep, proj = 304 * 256 * 9 + 2 * 256 + 256 * 256 + 256, 2048 * 256 * 9 + 2 * 256
     assert heads == rep + proj
 
 
