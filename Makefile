@@ -108,8 +108,8 @@ demo: build
 	$(PY) examples/arp_demo.py
 	$(PY) examples/train_demo.py
 
-# The BUSI 1/4 reproduction, not part of `make test`: suponly, rabusseg, phnet, two seeds each, at
-# this machine's scale (benchmarks/reproduce.py). Resumable:
+# The BUSI 1/4 reproduction, not part of `make test`: suponly, rabusseg, phnet, phnet without HPC,
+# two seeds each, at this machine's scale (benchmarks/reproduce.py). Resumable:
 # run it again to continue, finished runs are skipped. Writes benchmarks/REPRODUCTION.md and its
 # curves. REPRO_SCALE=smoke checks the pipeline in minutes (report under runs/reproduce/smoke/);
 # REPRO_ARGS passes options (default --jobs 2: two runs at once, one thread each; --measure for a
