@@ -116,18 +116,18 @@ def hard_patch_quality(name: str, seed: int, root: str, out: str) -> dict:
     n = cfg.num_patches
     k = max(1, busseg_ops.shield_count(cfg.beta, 1.0, n * n))
 
-    def hardest(prob, cls):
+    def hardest(prob, cls):  # the patch grid needs sides divisible by N: hardness on a resized copy
         h, w = prob.shape[-2:]
         grid = F.interpolate(prob, size=(n * -(-h // n), n * -(-w // n)), mode="bilinear", align_corners=False)
-        hard = busseg_ops.patch_entropy_hardness(grid, num_patches=n).flatten(1)
-        top = torch.zeros_like(hard, dtype=torch.bool).scatter_(1, hard.topk(k, 1).indices, True)
-        return F.interpolate(top.view(-1, 1, n, n).float(), size=(h, w), mode="nearest")[:, 0] > 0
+        hardness = busseg_ops.patch_entropy_hardness(grid, num_patches=n)
+        pl = prob.argmax(1)
+        return busseg_ops.reliable_hard_pixels(pl, pl, hardness, k, (h, w)).hard  # HPC's own patch selection
 
     counts = dict.fromkeys(("all", "all_ok", "conf", "conf_ok", "hard", "hard_ok", "hard_les", "hard_les_ok"), 0)
     with torch.no_grad():
         for item in items:
             img, mask = data.load_item(item, cfg.synthetic_size)
-            prob = evaluate.predict(model, torch.from_numpy(img.copy()).float().div_(255)[None, None])["prob"]
+            prob = evaluate.predict(model, evaluate.image_tensor(img))["prob"]
             pl, gt = prob.argmax(1)[0], torch.from_numpy(mask).long()
             ok, conf, hard = pl == gt, prob.amax(1)[0] >= cfg.gamma, hardest(prob, None)[0]
             lesion = hard & (pl == 1)

@@ -105,7 +105,8 @@ def predict_masks(model: torch.nn.Module, images: torch.Tensor, window: int = 0)
     return predict(model, images, window)["prob"].argmax(1)
 
 
-def _image_tensor(img: np.ndarray, device) -> torch.Tensor:
+def image_tensor(img: np.ndarray, device="cpu") -> torch.Tensor:
+    """A uint8 (H, W) image as the (1, 1, H, W) float input in [0, 1] the networks take."""
     return torch.from_numpy(img.copy()).float().div_(255)[None, None].to(device)
 
 
@@ -140,7 +141,7 @@ def evaluate(
         img, mask = data.load_item(item, synthetic_size)
         if mask is None:
             raise UserError(f"cannot evaluate on {item.name}: it has no mask")
-        res = predict(model, _image_tensor(img, device), window)
+        res = predict(model, image_tensor(img, device), window)
         pred = res["prob"].argmax(1)[0].cpu()
         row = {"name": item.name, "height": img.shape[0], "width": img.shape[1]}
         row.update(metrics.seg_metrics(pred, torch.from_numpy(mask).long()))
@@ -174,7 +175,7 @@ def pseudo_label_quality(model, items, keep=None, *, device="cpu", synthetic_siz
     dice, n_pix, n_correct, n_kept, n_kept_correct, filtered = [], 0, 0, 0, 0, False
     for item in items:
         img, mask = data.load_item(item, synthetic_size)
-        res = predict(model, _image_tensor(img, device))
+        res = predict(model, image_tensor(img, device))
         pl = res["prob"].argmax(1).cpu()
         gt = torch.from_numpy(mask).long()[None]
         dice.append(metrics.seg_metrics(pl[0], gt[0])["dice"])
