@@ -4,6 +4,9 @@ Layout follows the UniMatch / CorrMatch / RA-BUSSeg code: ASPP on the deepest ma
 = in/8, i.e. 256 for ResNet-50; rates 12/24/36 at output stride 8), a 1×1 Conv-BN-ReLU reduction
 of stage 1 to 48 channels, ASPP output upsampled (bilinear, align_corners=True) to stage 1 and
 concatenated, then the classifier (two 3×3 Conv-BN-ReLU blocks of 256 channels + 1×1 conv to K).
+With ``dropout=True`` (the default) the ASPP output, each of those blocks, the projector's hidden
+block and the relation head end in Dropout2d(0.1), as U2PL's / RA-BUSSeg's / PH-Net's ``classifier``,
+``representation`` and ``proj`` heads.
 """
 
 from __future__ import annotations
@@ -14,6 +17,15 @@ import torch.nn.functional as F
 
 from .inputs import input_adapter
 from .resnet import conv_bn_relu, resnet
+
+HEAD_DROPOUT = 0.1  # Dropout2d after the hidden blocks of upstream's heads
+
+
+def with_dropout(block: nn.Sequential, p: float) -> nn.Sequential:
+    """``block`` followed by Dropout2d(p) inside it (parameter names unchanged); p = 0: as is."""
+    if p:
+        block.append(nn.Dropout2d(p))
+    return block
 
 
 def upsample(x: torch.Tensor, size) -> torch.Tensor:
@@ -35,16 +47,17 @@ class ASPPPooling(nn.Module):
 
 
 class ASPP(nn.Module):
-    """1×1 branch, three dilated 3×3 branches, image pooling; concat → 1×1 Conv-BN-ReLU."""
+    """1×1 branch, three dilated 3×3 branches, image pooling; concat → 1×1 Conv-BN-ReLU (→ Dropout2d
+    with ``dropout``, as upstream's ``head`` after its ASPP)."""
 
-    def __init__(self, cin: int, cout: int, rates=(12, 24, 36)):
+    def __init__(self, cin: int, cout: int, rates=(12, 24, 36), dropout: float = 0.0):
         super().__init__()
         self.branches = nn.ModuleList(
             [conv_bn_relu(cin, cout, 1)]
             + [conv_bn_relu(cin, cout, 3, dilation=r) for r in rates]
             + [ASPPPooling(cin, cout)]
         )
-        self.project = conv_bn_relu(cout * len(self.branches), cout, 1)
+        self.project = with_dropout(conv_bn_relu(cout * len(self.branches), cout, 1), dropout)
 
     def forward(self, x):
         return self.project(torch.cat([b(x) for b in self.branches], dim=1))
@@ -57,9 +70,9 @@ class Projector(nn.Module):
     than 90°, and the contrastive loss cannot separate the classes. (Upstream has a second 3×3
     block at 256 channels; on a full-resolution U-Net feature that would cost 16× this head.)"""
 
-    def __init__(self, cin: int, dim: int = 256, hidden: int = 256):
+    def __init__(self, cin: int, dim: int = 256, hidden: int = 256, dropout: float = 0.0):
         super().__init__()
-        self.body = nn.Sequential(conv_bn_relu(cin, hidden, 3), nn.Conv2d(hidden, dim, 1))
+        self.body = nn.Sequential(with_dropout(conv_bn_relu(cin, hidden, 3), dropout), nn.Conv2d(hidden, dim, 1))
 
     def forward(self, x):
         return F.normalize(self.body(x), dim=1)
@@ -72,13 +85,15 @@ class SegmentationHeads(nn.Module):
     ``proj`` RA-BUSSeg relation head: 3×3 conv deepest→proj_dim + BN + ReLU (CorrMatch's
              ``proj``), the features of ARP and of CRA's proxy sampling (B, proj_dim, h4, w4).
     ``feats`` the four stage maps, shallow → deep (CRA).
-    Only what is asked for is computed.
+    Only what is asked for is computed. ``dropout``: Dropout2d rate after each head's hidden block.
     """
 
-    def __init__(self, decoder_channels: int, deep_channels: int, rep_dim: int = 256, proj_dim: int = 256):
+    def __init__(
+        self, decoder_channels: int, deep_channels: int, rep_dim: int = 256, proj_dim: int = 256, dropout: float = 0.0
+    ):
         super().__init__()
-        self.rep_head = Projector(decoder_channels, rep_dim) if rep_dim else None
-        self.proj_head = conv_bn_relu(deep_channels, proj_dim, 3) if proj_dim else None
+        self.rep_head = Projector(decoder_channels, rep_dim, dropout=dropout) if rep_dim else None
+        self.proj_head = with_dropout(conv_bn_relu(deep_channels, proj_dim, 3), dropout) if proj_dim else None
 
     def outputs(self, logits, size, decoder_feature, feats, need_rep=False, need_proj=False, need_feats=False) -> dict:
         out = {"pred": upsample(logits, size)}
@@ -106,6 +121,7 @@ class DeepLabV3Plus(nn.Module):
     ``gray_input=True``: the network is fed (B, 1, H, W) grayscale in [0, 1] whatever
     ``in_channels`` is; with 3 it replicates and ImageNet-normalises it first (models/inputs.py).
     ``stem`` and ``zero_init_residual`` go to the ResNet (:class:`~.resnet.ResNet`).
+    ``dropout``: Dropout2d(0.1) in the decoder and heads, as upstream (module docstring).
     """
 
     def __init__(
@@ -122,6 +138,7 @@ class DeepLabV3Plus(nn.Module):
         gray_input: bool = False,
         stem: str = "deep",
         zero_init_residual: bool = False,
+        dropout: bool = True,
     ):
         super().__init__()
         self.input = input_adapter(in_channels, gray_input)
@@ -135,11 +152,14 @@ class DeepLabV3Plus(nn.Module):
             zero_init_residual=zero_init_residual,
         )
         low, high = self.backbone.channels[0], self.backbone.channels[-1]
-        self.aspp = ASPP(high, high // 8, dilations)
+        p = HEAD_DROPOUT if dropout else 0.0
+        self.aspp = ASPP(high, high // 8, dilations, p)
         self.reduce = conv_bn_relu(low, 48, 1)
-        self.fuse = nn.Sequential(conv_bn_relu(high // 8 + 48, 256, 3), conv_bn_relu(256, 256, 3))
+        self.fuse = nn.Sequential(
+            with_dropout(conv_bn_relu(high // 8 + 48, 256, 3), p), with_dropout(conv_bn_relu(256, 256, 3), p)
+        )
         self.classifier = nn.Conv2d(256, num_classes, 1)
-        self.heads = SegmentationHeads(high // 8 + 48, high, rep_dim, proj_dim)
+        self.heads = SegmentationHeads(high // 8 + 48, high, rep_dim, proj_dim, p)
 
     def decode(self, c1, c4):
         """Decoder input feature (stage-1 grid, 48 + ASPP channels) and the logits at that grid."""

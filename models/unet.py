@@ -6,6 +6,11 @@ by PH-Net's comparison code, with base 16 there. Decoder: 1×1 conv, bilinear re
 map (so any input size works, no cropping), concat, double conv; a 1×1 classifier at full
 resolution. ``feats`` are the four strided encoder maps (shallow → deep), ``proj`` is the
 relation head on the deepest one, ``rep`` the projector on the last decoder feature.
+
+``dropout=True`` (the default) is the SSL4MIS encoder dropout: Dropout(p) between the two convs of
+each encoder block, p = 0.05, 0.1, 0.2, 0.3, 0.5 from the full-resolution block to the deepest
+(the decoder has none there), and Dropout2d(0.1) in the heads as upstream's. With an EMA teacher
+in eval mode it is the perturbation between the teacher's view and the student's.
 """
 
 from __future__ import annotations
@@ -14,13 +19,20 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .deeplab import SegmentationHeads, upsample
+from .deeplab import HEAD_DROPOUT, SegmentationHeads, upsample
 from .inputs import input_adapter
 from .resnet import conv_bn_relu
 
+ENCODER_DROPOUT = (0.05, 0.1, 0.2, 0.3, 0.5)  # SSL4MIS U-Net, full resolution → deepest
 
-def double_conv(cin: int, cout: int) -> nn.Sequential:
-    return nn.Sequential(conv_bn_relu(cin, cout), conv_bn_relu(cout, cout))
+
+def double_conv(cin: int, cout: int, dropout: float = 0.0) -> nn.Sequential:
+    """Two 3×3 Conv-BN-ReLU; with ``dropout`` > 0 a Dropout after the first (inside its block,
+    so the parameter names are the same with and without)."""
+    first = conv_bn_relu(cin, cout)
+    if dropout:
+        first.append(nn.Dropout(dropout))
+    return nn.Sequential(first, conv_bn_relu(cout, cout))
 
 
 class UpBlock(nn.Module):
@@ -35,14 +47,15 @@ class UpBlock(nn.Module):
 
 class UNetEncoder(nn.Module):
     """Returns the five encoder maps (strides 1, 2, 4, 8, 16); ``channels``/``strides`` describe
-    the four strided ones, the "stage maps"."""
+    the four strided ones, the "stage maps". ``dropout``: one rate per block (five), or None."""
 
-    def __init__(self, in_channels: int = 3, base: int = 16):
+    def __init__(self, in_channels: int = 3, base: int = 16, dropout=None):
         super().__init__()
         ch = [base * 2**i for i in range(5)]
+        rates = dropout or (0.0,) * 5
         self.channels, self.strides = ch[1:], [2, 4, 8, 16]
-        self.inc = double_conv(in_channels, ch[0])
-        self.down = nn.ModuleList([double_conv(ch[i], ch[i + 1]) for i in range(4)])
+        self.inc = double_conv(in_channels, ch[0], rates[0])
+        self.down = nn.ModuleList([double_conv(ch[i], ch[i + 1], rates[i + 1]) for i in range(4)])
 
     def forward(self, x):
         skips = [self.inc(x)]
@@ -63,14 +76,15 @@ class UNet(nn.Module):
         rep_dim: int = 256,
         proj_dim: int = 256,
         gray_input: bool = False,
+        dropout: bool = True,
     ):
         super().__init__()
         self.input = input_adapter(in_channels, gray_input)
         ch = [base * 2**i for i in range(5)]
-        self.encoder = UNetEncoder(in_channels, base)
+        self.encoder = UNetEncoder(in_channels, base, ENCODER_DROPOUT if dropout else None)
         self.up = nn.ModuleList([UpBlock(ch[i + 1], ch[i], ch[i]) for i in reversed(range(4))])
         self.classifier = nn.Conv2d(ch[0], num_classes, 1)
-        self.heads = SegmentationHeads(ch[0], ch[4], rep_dim, proj_dim)
+        self.heads = SegmentationHeads(ch[0], ch[4], rep_dim, proj_dim, HEAD_DROPOUT if dropout else 0.0)
 
     def forward(self, x, need_rep: bool = False, need_proj: bool = False, need_feats: bool = False) -> dict:
         skips = self.encoder(self.input(x))

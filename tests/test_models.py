@@ -216,6 +216,41 @@ def test_unet_outputs_and_gradients():
     grad_check(net, random_loss(out))
 
 
+@pytest.mark.parametrize("arch", ["unet", "deeplab"])
+def test_upstream_dropout_perturbs_training_only_and_keeps_the_parameter_names(arch):
+    # Without cutmix, dropout is upstream's only difference between the student's view and the
+    # eval-mode EMA teacher's. Rates: the SSL4MIS U-Net encoder, U2PL/RA-BUSSeg's Dropout2d(0.1).
+    def build(dropout):
+        torch.manual_seed(0)
+        if arch == "unet":
+            return M.UNet(2, in_channels=1, base=8, rep_dim=16, proj_dim=16, dropout=dropout)
+        return small_deeplab(in_channels=1, dropout=dropout)
+
+    with_dropout, without = build(True), build(False)
+    without.load_state_dict(with_dropout.state_dict())  # strict: the same parameter names
+    rates = [
+        (type(m).__name__, m.p) for m in with_dropout.modules() if isinstance(m, torch.nn.modules.dropout._DropoutNd)
+    ]
+    if arch == "unet":
+        assert rates == [("Dropout", p) for p in (0.05, 0.1, 0.2, 0.3, 0.5)] + [("Dropout2d", 0.1)] * 2
+    else:  # ASPP output, the two classifier blocks, the projector, the relation head
+        assert rates == [("Dropout2d", 0.1)] * 5
+    assert not any(isinstance(m, torch.nn.modules.dropout._DropoutNd) for m in without.modules())
+    x, heads = torch.rand(2, 1, 37, 45), dict(need_rep=True, need_proj=True)
+    for net in (with_dropout, without):
+        net.eval()
+    a, b = with_dropout(x, **heads), without(x, **heads)
+    for key in ("pred", "rep", "proj"):
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)  # eval: dropout is the identity
+    for net in (with_dropout, without):
+        net.train()
+    first, second = with_dropout(x, **heads), with_dropout(x, **heads)
+    for key in ("pred", "rep", "proj"):
+        assert (first[key] - second[key]).abs().max() > 1e-3, key  # a new mask each forward
+    first, second = without(x, **heads), without(x, **heads)
+    torch.testing.assert_close(first["pred"], second["pred"], rtol=0, atol=0)
+
+
 def test_resnet50_deeplab_parameter_count():
     net = M.DeepLabV3Plus(2, "resnet50")
 

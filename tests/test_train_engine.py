@@ -125,6 +125,22 @@ def test_checkpoint_is_atomic_and_complete(tmp_path):
     assert os.listdir(os.path.join(cfg.out, "overlays"))
 
 
+def test_dropout_setting_builds_the_network_and_older_checkpoints_read_as_without_it(tmp_path):
+    def dropouts(cfg):
+        return sum(isinstance(m, torch.nn.modules.dropout._DropoutNd) for m in engine.build_model(cfg).modules())
+
+    assert dropouts(tiny(tmp_path, method="rabusseg")) == 7  # 5 encoder blocks + 2 heads
+    assert dropouts(tiny(tmp_path, method="phnet", dropout=False)) == 0
+    assert dropouts(tiny(tmp_path, method="semiseg_caw")) == 0  # no public code: the paper's network
+    # A checkpoint written before the setting existed was trained without dropout; resuming it
+    # must not switch dropout on.
+    path = str(tmp_path / "old.pt")
+    checkpoint.save({"config": {"method": "rabusseg"}, "teacher": {}, "student": {}}, path)
+    assert checkpoint.load(path)["config"]["dropout"] is False
+    checkpoint.save({"config": {"method": "rabusseg", "dropout": True}, "teacher": {}, "student": {}}, path)
+    assert checkpoint.load(path)["config"]["dropout"] is True
+
+
 def test_cli_train_eval_predict_compare(tmp_path, capsys):
     common = [
         "--synthetic-n",

@@ -112,6 +112,8 @@ def load(path: str) -> dict:
     if actual != stored:
         raise UserError(f"checkpoint {path}: checksum mismatch, the file is corrupted; use another checkpoint")
     obj.pop("format")
+    # checkpoints from before the dropout setting existed trained without dropout
+    obj["config"].setdefault("dropout", False)
     return obj
 
 

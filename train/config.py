@@ -129,6 +129,12 @@ class TrainConfig:
     multi_grid: bool = _f(True, "model", "ResNet layer4 multi-grid dilations 4-8-16 (upstream multi_grid)")
     zero_init_residual: bool = _f(True, "model", "ResNet: the last BN of each residual branch starts at 0 (upstream)")
     unet_base: int = _f(16, "model", "U-Net width (SSL4MIS U-Net: 16)")
+    dropout: bool = _f(
+        True,
+        "model",
+        "upstream dropout in the unet/deeplab of suponly, rabusseg and phnet: the SSL4MIS U-Net's encoder "
+        "Dropout 0.05-0.5, Dropout2d(0.1) in the heads as U2PL/RA-BUSSeg/PH-Net (the EMA teacher runs without it)",
+    )
     proj_dim: int = _f(64, "model", "RA-BUSSeg relation projection channels (upstream 256)")
     rep_dim: int = _f(64, "model", "PH-Net projector channels (paper 256)")
     # optimisation

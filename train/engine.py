@@ -47,10 +47,14 @@ def build_model(cfg: TrainConfig) -> torch.nn.Module:
         return models.LANet(2, backbone=cfg.backbone, unet_base=cfg.unet_base, **io, **kw)
     if cfg.method == "semiseg_caw":
         kw = dict(base=cfg.unet_base) if cfg.model == "unet" else dict(backbone=cfg.backbone, **res)
-        return models.SemiSegCAW(2, 2, arch=cfg.model, freeze_aux=False, rep_dim=0, proj_dim=0, **io, **kw)
+        # no public code to follow: its networks stay as the paper describes them, without dropout
+        return models.SemiSegCAW(
+            2, 2, arch=cfg.model, freeze_aux=False, rep_dim=0, proj_dim=0, dropout=False, **io, **kw
+        )
+    heads = dict(rep_dim=cfg.rep_dim, proj_dim=cfg.proj_dim, dropout=cfg.dropout)
     if cfg.model == "unet":
-        return models.UNet(2, base=cfg.unet_base, rep_dim=cfg.rep_dim, proj_dim=cfg.proj_dim, **io)
-    return models.DeepLabV3Plus(2, backbone=cfg.backbone, rep_dim=cfg.rep_dim, proj_dim=cfg.proj_dim, **io, **res)
+        return models.UNet(2, base=cfg.unet_base, **heads, **io)
+    return models.DeepLabV3Plus(2, backbone=cfg.backbone, **heads, **io, **res)
 
 
 def resnets(model: torch.nn.Module) -> list:
