@@ -53,8 +53,15 @@ VARIANTS = [
     ("phnet no HPC", {**ROWS["phnet"], "hpc": False}, "APA and L_u alone"),
     ("phnet no APA", {**ROWS["phnet"], "apa": False}, "box cutmix instead of the patch cutmix"),
     ("phnet no MB", {**ROWS["phnet"], "mb": False}, "the batch's class means as positives"),
+    # The trend with scale: these change the schedule or the crop, so they train from scratch and
+    # are compared with suponly at the same scale.
+    ("suponly 24 epochs", {**ROWS["suponly"], "epochs": 24}, "the baseline, twice the schedule"),
+    ("rabusseg 24 epochs", {**ROWS["rabusseg"], "epochs": 24}, "RA-BUSSeg, twice the schedule"),
+    ("suponly 192 px", {**ROWS["suponly"], "crop": 192}, "the baseline, 192-px crops"),
+    ("rabusseg 192 px", {**ROWS["rabusseg"], "crop": 192}, "RA-BUSSeg, 192-px crops"),
 ]
 VARIANTS_BY_NAME = {n: f for n, f, _ in VARIANTS}
+SCALE_FIELDS = ("epochs", "crop", "max_steps", "warmup_epochs", "lr")  # a change: no shared warm-up
 COST = {"phnet": 2.0, "rabusseg": 0.7, "suponly": 0.3}  # CPU s/step (reproduce's NOTE): the order of work
 
 
@@ -62,6 +69,16 @@ def config(name: str, flags: dict, seed: int, root: str, out: str) -> TrainConfi
     fields = {**reproduce.COMMON, **reproduce.SCALES["full"], "root": root, "seed": seed, "quiet": True}
     slug = name.replace(" ", "_").replace("+", "plus_").replace(".", "")
     return TrainConfig(**{**fields, **flags, "overlays": 0, "out": os.path.join(out, slug, f"seed{seed}")})
+
+
+def scale_of(flags: dict) -> dict:
+    return {k: flags[k] for k in SCALE_FIELDS if k in flags}
+
+
+def baseline_of(name: str) -> str:
+    """The suponly variant at the same scale as `name` (its Δ column's reference)."""
+    scale = scale_of(VARIANTS_BY_NAME.get(name, {}))
+    return next(n for n, f, _ in VARIANTS if f["method"] == "suponly" and scale_of(f) == scale)
 
 
 def warm_up(seed: int, root: str, out: str) -> str:
@@ -83,12 +100,12 @@ def train_variant(name: str, flags: dict, seed: int, root: str, out: str) -> dic
     done = os.path.join(cfg.out, "diagnosis.json")
     if os.path.isfile(done):
         return json.load(open(done))
-    warm = warm_up(seed, root, out)
     tr = Trainer(cfg)
     last = os.path.join(cfg.out, "last.pt")
     if os.path.isfile(last) and checkpoint.load(last)["global_step"] > 0:
         tr.load_state_dict(checkpoint.load(last))  # an interrupted variant
-    else:
+    elif not scale_of(flags):
+        warm = warm_up(seed, root, out)
         tr.load_state_dict(checkpoint.load(os.path.join(warm, "last.pt")))
         shutil.copy(os.path.join(warm, "metrics.csv"), os.path.join(cfg.out, "metrics.csv"))
     t0 = time.time()
@@ -203,25 +220,27 @@ def plot(out: str, seeds: dict[str, list[int]], root: str, path: str) -> None:
 def report(results: list[dict], out: str, root: str, path: str) -> str:
     names = list(dict.fromkeys(r["name"] for r in results))
     seeds = {n: [r["seed"] for r in results if r["name"] == n] for n in names}
-    curves = os.path.join(os.path.dirname(path), "diagnosis_curves.png")
+    curves = os.path.splitext(path)[0] + "_curves.png"
     plot(out, seeds, root, curves)
     why = {n: w for n, _, w in VARIANTS}
-    base = {r["seed"]: r["best_val"] for r in results if r["name"] == "suponly"}
+    base = {(r["name"], r["seed"]): r["best_val"] for r in results}
     lines = [
         f"Validation-only ablations (`make diagnose`, {time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC): "
-        "every variant continues from the shared warm-up checkpoint of its "
-        "seed and is scored by its best validation Dice after the warm-up (40 images carved from the unlabelled "
-        "training images). Last-epoch means of the logged diagnostics; `L_c`, `cos+` and `cos−` are the "
-        "contrastive term and an anchor's mean cosine to its positive and to its negatives.",
+        "every variant continues from the shared warm-up checkpoint of its seed "
+        "(those that change the scale train from scratch) and is scored by its best validation Dice after the "
+        "warm-up (40 images carved from the unlabelled training images). Last-epoch means of the logged "
+        "diagnostics; `L_c`, `cos+` and `cos−` are the contrastive term and an anchor's mean cosine to its "
+        "positive and to its negatives.",
         "",
-        "| variant | what it isolates | seeds | best val Dice | Δ vs suponly (same seeds) | last val Dice | L_s | "
-        "L_u | L_c | cos+ | cos− | pseudo-label Dice | kept share | kept accuracy |",
+        "| variant | what it isolates | seeds | best val Dice | Δ vs suponly (same seeds and scale) | last val Dice | "
+        "L_s | L_u | L_c | cos+ | cos− | pseudo-label Dice | kept share | kept accuracy |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name in names:
         rs = [r for r in results if r["name"] == name]
         best = [r["best_val"] for r in rs]
-        diff = [r["best_val"] - base[r["seed"]] for r in rs if r["seed"] in base]
+        ref = baseline_of(name)
+        diff = [r["best_val"] - base[ref, r["seed"]] for r in rs if (ref, r["seed"]) in base]
         last_rows = [_rows(out, name, r["seed"], root)[-1] for r in rs]
 
         def m(key, rows=last_rows):
@@ -231,7 +250,7 @@ def report(results: list[dict], out: str, root: str, path: str) -> str:
         lines.append(
             f"| {name} | {why.get(name, '')} | {', '.join(map(str, seeds[name]))} | {np.mean(best):.3f} "
             f"({', '.join(f'{b:.3f}' for b in best)}) | "
-            f"{(f'{np.mean(diff):+.3f}' if diff and name != 'suponly' else '—')} | "
+            f"{(f'{np.mean(diff):+.3f}' if diff and name != ref else '—')} | "
             f"{np.mean([r['last_val'] for r in rs]):.3f} | {m('loss_s')} | {m('loss_u')} | {m('loss_c')} | "
             f"{m('c_cos_pos')} | {m('c_cos_neg')} | {m('pl_dice')} | {m('pl_kept')} | {m('pl_kept_acc')} |"
         )
@@ -267,6 +286,9 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--only", nargs="+", help="variant names to train (default: all)")
     p.add_argument("--jobs", type=int, default=1, help="variants trained at once, one process of one thread each")
+    p.add_argument(
+        "--report", default=os.path.join(REPO, "benchmarks", "diagnosis.md"), help="the report (curves beside it)"
+    )
     args = p.parse_args(argv)
     if not os.path.isfile(os.path.join(args.root, "splits", "test.txt")):
         print(f"diagnose: no BUSI with split lists at {args.root} (--root)", file=sys.stderr)
@@ -281,7 +303,8 @@ def main(argv=None) -> int:
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(max(1, args.jobs), mp_context=context) as pool:
         # The shared warm-ups first, so that parallel variants never train one twice.
-        list(pool.map(warm_up, args.seeds, [root] * len(args.seeds), [args.out] * len(args.seeds)))
+        warm = sorted({s for _, f, s in todo if not scale_of(f)})
+        list(pool.map(warm_up, warm, [root] * len(warm), [args.out] * len(warm)))
         futures = {pool.submit(train_variant, n, f, s, root, args.out): (n, s) for n, f, s in todo}
         for fut in concurrent.futures.as_completed(futures):
             res = fut.result()
@@ -292,8 +315,7 @@ def main(argv=None) -> int:
                 f"{res['name']} seed {res['seed']}: best val Dice {res['best_val']:.4f} ({res['wall_s'] / 60:.1f} min)",
                 flush=True,
             )
-    path = os.path.join(REPO, "benchmarks", "diagnosis.md")
-    print("report:", report(finished(args.out, root), args.out, root, path))
+    print("report:", report(finished(args.out, root), args.out, root, args.report))
     return 0
 
 

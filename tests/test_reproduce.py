@@ -1,6 +1,7 @@
 """`make reproduce`'s machinery on tiny synthetic runs: a finished run is skipped, an unfinished one
 continues from last.pt, a changed setting is refused, and the report holds the table."""
 
+import csv
 import os
 import sys
 
@@ -78,3 +79,10 @@ def test_diagnose_variants_continue_from_the_shared_warm_up_and_never_test(tmp_p
     path = diagnose.report([a, b], str(tmp_path), None, str(tmp_path / "diagnosis.md"))
     text = open(path).read()
     assert "| phnet |" in text and "| rabusseg no L_u |" in text and os.path.isfile(tmp_path / "diagnosis_curves.png")
+    # A variant that changes the scale trains from scratch, without the warm-up, and is compared
+    # with suponly at its own scale.
+    assert diagnose.baseline_of("rabusseg 24 epochs") == "suponly 24 epochs"
+    assert diagnose.baseline_of("rabusseg no ARP") == "suponly"
+    c = diagnose.train_variant("suponly 192 px", {**variants["suponly"], "epochs": 2}, 0, None, str(tmp_path))
+    rows = list(csv.DictReader(open(os.path.join(tmp_path, "suponly_192_px", "seed0", "metrics.csv"))))
+    assert len(rows) == 2 and rows[0]["epoch"] == "1" and 0 <= c["best_val"] <= 1

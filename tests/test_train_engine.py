@@ -9,6 +9,7 @@ import textwrap
 
 import pytest
 import torch
+import torch.nn.functional as F
 from busseg_ops.train import Trainer, checkpoint, cli, data, engine, metrics
 from busseg_ops.train.evaluate import evaluate
 from train_helpers import tiny
@@ -73,11 +74,11 @@ def test_bf16_autocast_step_follows_the_float32_step(tmp_path, monkeypatch, meth
 
         monkeypatch.setattr(busseg_ops, name, spy)
     logs = {}
-    # phnet: negatives from the step's anchors (the default, the class centres, has no bank centres
-    # yet in a first step and skips the op)
-    kw = dict(contrast_negatives="anchors") if method == "phnet" else {}
     for amp in ("off", "bf16"):
-        tr = Trainer(tiny(tmp_path / amp, method=method, amp=amp, channels_last=amp == "bf16", **kw))
+        tr = Trainer(tiny(tmp_path / amp, method=method, amp=amp, channels_last=amp == "bf16"))
+        if method == "phnet":  # both class centres exist (a first step has none and skips the op)
+            g = torch.Generator().manual_seed(2)
+            tr.method.bank.push(F.normalize(torch.randn(8, tr.cfg.rep_dim, generator=g), dim=1), torch.arange(8) % 2)
         lab, unl = next(iter(tr._batches(0)))
         torch.manual_seed(1)  # the same cutmix boxes and proxies
         logs[amp] = tr.train_step(lab, unl, {"epoch": 0, "progress": 0.5, "warmup": False, "epochs": 2})
@@ -88,6 +89,8 @@ def test_bf16_autocast_step_follows_the_float32_step(tmp_path, monkeypatch, meth
         if method == "phnet"
         else {"adjacent_relation_propagation", "cross_layer_alignment_loss"}
     )
+    if method == "phnet":  # the default negatives: the other class's centre, one per anchor
+        assert logs["bf16"]["c_negatives"] == 1 and logs["bf16"]["loss_c"] > 0
     for k, v in logs["off"].items():
         assert logs["bf16"][k] == pytest.approx(v, rel=0.1, abs=0.02), k
 
