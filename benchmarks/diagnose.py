@@ -53,6 +53,7 @@ VARIANTS = [
     ("phnet no HPC", {**ROWS["phnet"], "hpc": False}, "APA and L_u alone"),
     ("phnet no APA", {**ROWS["phnet"], "apa": False}, "box cutmix instead of the patch cutmix"),
     ("phnet no MB", {**ROWS["phnet"], "mb": False}, "the batch's class means as positives"),
+    ("phnet code HPC", {**ROWS["phnet"], "hpc_form": "code"}, "HPC as the released patch_contrast"),
     # The trend with scale: these change the schedule or the crop, so they train from scratch and
     # are compared with suponly at the same scale.
     ("suponly 24 epochs", {**ROWS["suponly"], "epochs": 24}, "the baseline, twice the schedule"),

@@ -2,6 +2,7 @@
 changes the computation."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -21,10 +22,14 @@ def _batch(n, seed, size=64, labeled=True):
     }
 
 
-def oracle_teacher(x, **flags):
+def oracle_teacher(x, need_rep=False, **flags):
     """A teacher that already knows the lesions are dark: both classes occur in its pseudo-labels,
-    so the contrastive term has anchors of both classes (an untrained teacher predicts one)."""
-    return {"pred": torch.cat([x - 0.3, 0.3 - x], 1) * 20}
+    so the contrastive term has anchors of both classes (an untrained teacher predicts one).
+    Its `rep`: 16 unit features that depend on the intensity (tiny's rep_dim)."""
+    out = {"pred": torch.cat([x - 0.3, 0.3 - x], 1) * 20}
+    if need_rep:
+        out["rep"] = torch.nn.functional.normalize(torch.cat([torch.cos(k * x) for k in range(1, 17)], 1), dim=1)
+    return out
 
 
 def _setup(cfg):
@@ -85,6 +90,7 @@ def test_step_finite_and_decreasing(tmp_path, name, kw):
         ("phnet", {"hpc": False}, {"mb": False, "gamma": 0.0}),
         ("phnet", {"gamma": 0.99}, {}),
         ("phnet", {"contrast_negatives": "anchors"}, {"mb": False}),
+        ("phnet", {"hpc_form": "code"}, {}),
         ("lanet", {"tau": 1.0}, {"tau": 0.0}),
         ("lanet", {"alpha": 0.5}, {"tau": 0.0}),
         ("semiseg_caw", {"stage1_epochs": 5}, {}),
@@ -201,3 +207,78 @@ def test_phnet_contrastive_matches_its_formula(tmp_path, negatives, shape):
     (g1,) = torch.autograd.grad(loss, rep)
     (g2,) = torch.autograd.grad(expected, rep)
     torch.testing.assert_close(g1, g2, rtol=1e-5, atol=1e-9)
+
+
+def reference_patch_contrast(rep_u, label_u, prob_u, rep_l, label_l, prob_l, n, temp):
+    """The released patch_contrast's steps, patch by patch (sides divisible by n)."""
+    h, w = rep_u.shape[-2:]
+    ph, pw = h // n, w // n
+
+    def patch(x, b, i, j):
+        return x[b, ..., i * ph : (i + 1) * ph, j * pw : (j + 1) * pw]
+
+    def both(labels, b, i, j):
+        p = patch(labels, b, i, j)
+        return bool((p == 0).any() and (p == 1).any())
+
+    def ratio(prob, b, i, j):
+        p = patch(prob, b, i, j)
+        return float((-(p * torch.log(p + 1e-10)).sum(0) / math.log(2)).mean())
+
+    grid = [(i, j) for i in range(n) for j in range(n)]
+    lab = [(b, i, j) for b in range(len(rep_l)) for i, j in grid if both(label_l, b, i, j)]
+    unl = [(b, i, j) for b in range(len(rep_u)) for i, j in grid if both(label_u, b, i, j)]
+    protos = [[patch(rep_l, *t)[:, patch(label_l, *t) == c].mean(1) for c in (0, 1)] for t in lab]
+    r_l = torch.tensor([ratio(prob_l, *t) for t in lab])
+    losses = []
+    for t in unl:
+        proto = protos[int((r_l - ratio(prob_u, *t)).abs().argmin())]
+        feats = patch(rep_u, *t).reshape(rep_u.shape[1], -1).T
+        labels = patch(label_u, *t).reshape(-1)
+        sim = torch.nn.functional.normalize(torch.stack([feats @ proto[0], feats @ proto[1]], -1), dim=-1)
+        closer = torch.softmax(sim, -1).argmax(-1)
+        for c in (0, 1):
+            a = feats[(closer == c) & (labels == c)]
+            if len(a):
+                cos = torch.stack([torch.cosine_similarity(a, proto[k][None], dim=1) for k in (c, 1 - c)], 1)
+                losses.append(torch.nn.functional.cross_entropy(cos / temp, torch.zeros(len(a), dtype=torch.long)))
+    return torch.stack(losses).mean()
+
+
+@pytest.mark.parametrize("shape", [(2, 6, 16, 12, 4), (3, 5, 13, 11, 3)])
+def test_patch_prototype_contrast_matches_the_released_patch_contrast(shape):
+    b, d, h, w, n = shape
+    g = torch.Generator().manual_seed(h * w)
+
+    def labels():
+        y = (torch.rand(b, 1, h // 2, w // 2, generator=g) > 0.5).float()
+        return torch.nn.functional.interpolate(y, size=(h, w), mode="nearest")[:, 0].long()  # blobs
+
+    rep_u = torch.nn.functional.normalize(torch.randn(b, d, h, w, generator=g, dtype=torch.float64), dim=1)
+    rep_u.requires_grad_(True)
+    rep_l = torch.randn(b, d, h, w, generator=g, dtype=torch.float64)
+    label_u, label_l = labels(), labels()
+    label_u[:, 0, :3] = methods.IGNORE  # padding: never an anchor
+    prob_u, prob_l = (torch.softmax(torch.randn(b, 2, h, w, generator=g, dtype=torch.float64), 1) for _ in range(2))
+    loss, stats = methods.patch_prototype_contrast(rep_u, label_u, prob_u, rep_l, label_l, prob_l, n, 0.5)
+    if h % n or w % n:  # the contract: sides resized up to multiples of n first
+        size = (n * -(-h // n), n * -(-w // n))
+
+        def up(x):
+            return torch.nn.functional.interpolate(x, size=size, mode="bilinear", align_corners=True)
+
+        def up_labels(y):
+            return torch.nn.functional.interpolate(y[:, None].double(), size=size, mode="nearest")[:, 0].long()
+
+        args = (up(rep_u), up_labels(label_u), up(prob_u), up(rep_l), up_labels(label_l), up(prob_l))
+    else:
+        args = (rep_u, label_u, prob_u, rep_l, label_l, prob_l)
+    expected = reference_patch_contrast(*args, n, 0.5)
+    assert stats["c_anchors"] > 0 and 0 < stats["c_agree"] < 1
+    torch.testing.assert_close(loss, expected, rtol=1e-10, atol=1e-12)
+    (g1,) = torch.autograd.grad(loss, rep_u)
+    (g2,) = torch.autograd.grad(expected, rep_u)
+    torch.testing.assert_close(g1, g2, rtol=1e-9, atol=1e-12)
+    # One class only in every unlabelled patch: nothing to contrast, a zero still on the graph.
+    zero, _ = methods.patch_prototype_contrast(rep_u, torch.zeros_like(label_u), prob_u, rep_l, label_l, prob_l, n, 0.5)
+    assert zero.item() == 0 and zero.requires_grad

@@ -197,6 +197,15 @@ class TrainConfig:
         "or anchors (every other-class anchor of the step, the paper's Eq. 15)",
         choices=("centres", "anchors"),
     )
+    hpc_form: str = _f(
+        "paper",
+        "phnet",
+        "the HPC term: paper (Eq. 13-15: anchors in the hardest patches, memory-bank centres) or code (PH-Net's "
+        "released patch_contrast: anchors in patches holding both classes, whose feature agrees with their "
+        "pseudo-label, against ground-truth class means of the teacher's features in the labelled patch of "
+        "nearest hardness; --mb and --contrast-negatives do not apply)",
+        choices=("paper", "code"),
+    )
     # lanet, semiseg_caw
     stage1_epochs: int = _f(1, "lanet", "LA-Net stage 1 / ClassElevateSeg pre-training epochs")
     tau: float = _f(0.8, "lanet", "lanet: class confidence needed for pseudo location labels")

@@ -10,6 +10,7 @@ teacher and evaluates it). A method maps one labelled and one unlabelled batch t
              scales are options.
   phnet      PH-Net: adaptive patch cutmix with dynamic shielding (APA), confidence-filtered L_u,
              hard-patch contrastive loss (HPC) with the class memory bank (MB); all switchable.
+             --hpc-form code: HPC as the released patch_contrast (patch_prototype_contrast).
   lanet      LA-Net's two-stage sequential training: stage 1 segmentation on location labels;
              stage 2 L = λ·L_cls + (1−λ)·(L_sloc-w + α·L_sloc-wo) with pseudo location labels
              binarize(P_pixel > 0.5) kept only for images whose class confidence exceeds τ.
@@ -220,13 +221,23 @@ class PHNet(Method):
         with torch.no_grad():
             tprob = torch.softmax(teacher(xm)["pred"], 1)
         nl = len(xl)
+        if c.hpc and c.hpc_form == "code":  # patch_contrast's prototypes: the teacher on the labelled images
+            with torch.no_grad():
+                tl = teacher(xl, need_rep=True)
         out = student(torch.cat([xl, xm]), need_rep=c.hpc)
         pred = out["pred"]
         loss_s = self.sup(pred[:nl], yl)
         loss_u = busseg_ops.confidence_masked_cross_entropy(pred[nl:], plm, tprob, c.gamma)
         loss = loss_s + c.lambda_u * loss_u
         logs = {"loss_s": loss_s.detach(), "loss_u": loss_u.detach()}
-        if c.hpc:
+        if c.hpc and c.hpc_form == "code":
+            loss_c, stats = patch_prototype_contrast(
+                out["rep"][nl:], plm, tprob, tl["rep"], yl, torch.softmax(tl["pred"], 1), n, c.temperature
+            )
+            loss = loss + c.lambda_c * loss_c
+            logs["loss_c"] = loss_c.detach()
+            logs.update(stats)
+        elif c.hpc:
             loss_c, stats = self.contrastive(out["rep"][nl:], plm, tprob)
             loss = loss + c.lambda_c * loss_c
             logs["loss_c"] = loss_c.detach()
@@ -267,6 +278,85 @@ class PHNet(Method):
     def load_state_dict(self, state: dict) -> None:
         if "bank" in state:
             self.bank.load_state_dict(state["bank"])
+
+
+def _patches(x: torch.Tensor, n: int) -> torch.Tensor:
+    """(B, C, H, W) → (B·n·n, C, H/n · W/n): the n×n grid's patches, row-major per image."""
+    b, c, h, w = x.shape
+    x = x.reshape(b, c, n, h // n, n, w // n).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(b * n * n, c, (h // n) * (w // n))
+
+
+def patch_prototype_contrast(rep_u, label_u, prob_u, rep_l, label_l, prob_l, num_patches, temperature):
+    """PH-Net's HPC as its released ``patch_contrast`` computes it (not Eq. 13-15).
+
+    Patches of the n×n grid that hold both classes take part: on the labelled images by their
+    ground truth, on the unlabelled by their pseudo-labels (255 ignored). Each labelled one gives
+    two prototypes, the class means of the teacher's features ``rep_l`` under its ground truth;
+    each unlabelled one is paired with the labelled one of nearest hardness (PH-Net Eq. 4 of the
+    teacher's probabilities; the first on ties). Anchors: the student's features ``rep_u`` whose
+    pseudo-label is the class of the prototype they are closer to (dot product), a filter against
+    wrong pseudo-labels. Loss: a 2-way softmax over the cosines to the own and the other class's
+    prototype at ``temperature``, averaged over each (patch, class) group's anchors, then over the
+    groups. Inputs at one resolution (B, D, h, w) / (B, h, w) / (B, 2, h, w); sides not divisible
+    by n are resized up (bilinear; labels nearest), as upstream resizes to its feature size.
+    Returns (loss, per-step statistics as :func:`contrastive_stats`'s)."""
+    n = num_patches
+    h, w = rep_u.shape[-2:]
+    size = (n * -(-h // n), n * -(-w // n))
+    if size != (h, w):
+
+        def resize(x):
+            return F.interpolate(x, size=size, mode="bilinear", align_corners=True)
+
+        def resize_labels(y):
+            return F.interpolate(y[:, None].float(), size=size, mode="nearest")[:, 0].long()
+
+        rep_u, rep_l, prob_u, prob_l = map(resize, (rep_u, rep_l, prob_u, prob_l))
+        label_u, label_l = resize_labels(label_u), resize_labels(label_l)
+    zero = rep_u.sum() * 0.0
+    lu, ll = _patches(label_u[:, None], n)[:, 0], _patches(label_l[:, None], n)[:, 0]  # (P, pixels)
+    mixed_u = ((lu == 0).any(1) & (lu == 1).any(1)).nonzero()[:, 0]
+    mixed_l = ((ll == 0).any(1) & (ll == 1).any(1)).nonzero()[:, 0]
+    stats = {"c_anchors": torch.tensor(0.0), "c_patches": torch.tensor(float(len(mixed_u)))}
+    if len(mixed_u) == 0 or len(mixed_l) == 0:
+        return zero, stats
+    wide = torch.promote_types(rep_u.dtype, torch.float32)  # half inputs: the loss in float32
+    with torch.no_grad():
+        feat_l, ll = _patches(rep_l.to(wide), n)[mixed_l], ll[mixed_l]  # (P_l, D, pixels)
+        onehot = torch.stack([ll == 0, ll == 1], 1).to(wide)  # (P_l, 2, pixels)
+        protos = torch.einsum("pkx,pdx->pkd", onehot, feat_l) / onehot.sum(2, keepdim=True)  # (P_l, 2, D)
+        r_u = busseg_ops.patch_entropy_hardness(prob_u.to(wide), num_patches=n).flatten()[mixed_u]
+        r_l = busseg_ops.patch_entropy_hardness(prob_l.to(wide), num_patches=n).flatten()[mixed_l]
+        pair = (r_u[:, None] - r_l[None, :]).abs().argmin(1)
+    z = _patches(rep_u, n)[mixed_u].transpose(1, 2).to(wide)  # (P_u, pixels, D); float32 at least
+    lab, proto = lu[mixed_u], protos[pair]  # (P_u, pixels), (P_u, 2, D)
+    with torch.no_grad():
+        closer = torch.einsum("pxd,pkd->pxk", z.detach(), proto).argmax(2)
+        anchor = (closer == lab) & (lab != IGNORE)
+    own = lab.clamp(0, 1)
+    cos = F.cosine_similarity(z[:, :, None, :], proto[:, None, :, :], dim=-1)  # (P_u, pixels, 2)
+    cos_own, cos_other = cos.gather(2, own[..., None])[..., 0], cos.gather(2, 1 - own[..., None])[..., 0]
+    per_pixel = F.softplus((cos_other - cos_own) / temperature)  # CE of the 2-way softmax, target: own
+    groups = torch.stack([anchor & (lab == 0), anchor & (lab == 1)], 2)  # (P_u, pixels, 2)
+    count = groups.sum(1)  # (P_u, 2)
+    live = count > 0
+    if not live.any():
+        return zero, stats
+    weight = (groups.to(per_pixel.dtype) / count.clamp(min=1)[:, None, :]).sum(2) / live.sum()
+    loss = (per_pixel * weight).sum()
+    with torch.no_grad():
+        a = anchor
+        stats.update(
+            c_anchors=a.sum().float(),
+            c_anchors0=(a & (lab == 0)).sum().float(),
+            c_anchors1=(a & (lab == 1)).sum().float(),
+            c_agree=a.sum().float() / (lab != IGNORE).sum().clamp(min=1),  # share the feature filter keeps
+            c_negatives=torch.tensor(1.0),
+            c_cos_pos=cos_own.detach()[a].float().mean(),
+            c_cos_neg=cos_other.detach()[a].float().mean(),
+        )
+    return loss, stats
 
 
 @torch.no_grad()
