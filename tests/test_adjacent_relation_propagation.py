@@ -251,11 +251,12 @@ def test_reach_beyond_the_map_is_exact():
 @pytest.mark.parametrize("kernel_size,dilation", [(3, 1), (5, 2), (7, 1)])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
 def test_cpu_blocks_and_tap_groups(kernel_size, dilation, dtype):
-    """The CPU kernels sum over blocks of 16 columns and groups of at most 9 taps: rows wider than a
-    block (interior blocks, a last block overlapping its predecessor, 37 = 2 * 16 + 5) next to rows
-    narrower than one, and more taps than a group (5x5, 7x7: groups chained through partial sums),
-    C not a multiple of anything; forward and both gradients against the reference."""
-    for H, W in [(6, 37), (5, 11)]:
+    """The CPU kernels sum over blocks of 16 consecutive pixels of a plane and groups of at most 9
+    taps: interior blocks of wide rows, blocks running from one row into the next, a last block
+    overlapping its predecessor (6 * 37 = 13 * 16 + 14), a plane smaller than one block, and more
+    taps than a group (5x5, 7x7: groups chained through partial sums), with C not a multiple of
+    anything; forward and both gradients against the reference."""
+    for H, W in [(6, 37), (5, 11), (2, 3)]:
         feat = torch.randn(2, 19, H, W, dtype=torch.float64).to(dtype)
         value = torch.randn(2, 3, H, W, dtype=torch.float64).to(dtype)
         grad = torch.randn(2, 3, H, W, dtype=torch.float64)

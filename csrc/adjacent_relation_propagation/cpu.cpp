@@ -1,18 +1,18 @@
 // busseg::adjacent_relation_propagation (RA-BUSSeg ARP; docs/ops.md), C++/OpenMP CPU kernels.
 //
-// Works on the tensors' own NCHW layout, one image row at a time; neither the inputs nor the
-// gradient are ever transposed, and OpenMP splits the B*H rows into one contiguous chunk per
-// thread. The two sums over channels, the affinities (forward) and the feature gradient's gather
-// (backward), are the whole cost: they run over blocks of 16 consecutive pixels of a row, with
-// one vector per tap of the block kept in registers through the loop over channels, so each
-// channel of a block costs one load and one fused multiply-add per tap, and one sweep over the
-// features serves every tap (in groups of up to nine). Each channel's rows lie in another page,
-// where the hardware prefetchers do not reach: the blocks prefetch the rows they read a few
-// channels ahead. Affinities are symmetric, a[p, o] = a[p + d*o, -o]: the forward computes the
-// taps from the centre on and reads the mirrored ones from the neighbour; the backward gives each
-// neighbour one coefficient (p as query plus p as key), a gather with no write races and no
-// atomics. Per-tap buffers (raw affinities, weights, their gradients) are (B, taps, H, W);
-// nothing of size (B, C*k*k, HW) is formed.
+// Works on the tensors' own NCHW layout; neither the inputs nor the gradient are ever transposed,
+// and OpenMP gives each thread one contiguous chunk of the work. The two sums over channels, the
+// affinities (forward) and the feature gradient's gather (backward), are the whole cost: they run
+// over blocks of 16 consecutive pixels of an image plane (a block runs on from the end of a row
+// into the next), with one vector per tap of the block kept in registers through the loop over
+// channels, so each channel of a block costs one load and one fused multiply-add per tap, and one
+// sweep over the features serves every tap (in groups of up to nine). Each channel's rows lie in
+// another page, where the hardware prefetchers do not reach: the blocks prefetch the rows they read
+// a few channels ahead. Affinities are symmetric, a[p, o] = a[p + d*o, -o]: the forward computes
+// the taps from the centre on and reads the mirrored ones from the neighbour; the backward gives
+// each neighbour one coefficient (p as query plus p as key), a gather with no write races and no
+// atomics. Per-tap buffers (raw affinities, weights, their gradients) are (B, taps, H, W); nothing
+// of size (B, C*k*k, HW) is formed.
 #include "common/cpu.h"
 
 #include <ATen/ATen.h>
@@ -67,12 +67,12 @@ void tap_weighted_row(const ArpGeometry& g, int64_t y, const acc_t* coef, const 
   });
 }
 
-// The channel sums run over blocks of kLanes consecutive x of a row, one vector per tap held in
-// registers across the whole loop over channels (one pass over the channels serves a whole group
-// of taps), so a block costs one load and one fused multiply-add per tap and channel. A row's taps
-// are split into groups of the sizes below; its blocks start at 0, kLanes, ... and the last one
-// ends at W (overlapping its predecessor's columns, recomputed alike), or a single block covers a
-// row narrower than kLanes.
+// The channel sums run over blocks of kLanes consecutive pixels of a flat (H, W) plane, one vector
+// per tap held in registers across the whole loop over channels (one pass over the channels serves
+// a whole group of taps), so a block costs one load and one fused multiply-add per tap and
+// channel. The taps are split into groups of the sizes below; the blocks start at 0, kLanes, ...
+// and the last one ends at H*W (overlapping its predecessor, whose pixels it recomputes alike), or
+// a single block covers a plane smaller than kLanes.
 constexpr int kMaxGroup = 9;
 // Channels ahead whose cache lines a block prefetches: each channel's lie in another page, out of
 // the hardware prefetchers' reach.
@@ -98,15 +98,16 @@ void with_group_size(int n, const F& f) {
   }
 }
 
-int64_t block_count(int64_t W) { return W < kLanes ? 1 : (W + kLanes - 1) / kLanes; }
-int64_t block_start(int64_t W, int64_t i) {
-  return std::max<int64_t>(0, std::min<int64_t>(i * kLanes, W - kLanes));
+int64_t block_count(int64_t n) { return n < kLanes ? 1 : (n + kLanes - 1) / kLanes; }
+int64_t block_start(int64_t n, int64_t i) {
+  return std::max<int64_t>(0, std::min<int64_t>(i * kLanes, n - kLanes));
 }
 
-// How a block may read its taps' neighbours. interior: every lane's neighbour lies in the row.
-// edge: some lie outside the row (or the block is wider than it): their plain loads still land in
-// the tensor, on other pixels, and are masked off. bounded: some plain load would leave the tensor
-// (a block at the very start or end of it): lanes are loaded one by one within it, then masked.
+// How a block may read its taps' neighbours. interior: every lane's neighbour lies in the image.
+// edge: some lie outside it (beyond a row's end, above or below the image, or the block is wider
+// than the plane): their plain loads still land in the tensor, on other pixels, and are masked
+// off. bounded: some plain load would leave the tensor (a block at the very start or end of it):
+// lanes are loaded one by one within it, then masked.
 enum class Reads { interior, edge, bounded };
 
 // The taps of one group: their indices, column shifts and shifts in the flat (H, W) plane; and
@@ -117,7 +118,8 @@ constexpr int kMaxFetch = 8 * (kMaxGroup + 1);
 
 struct TapGroup {
   int n = 0, fetches = 0;
-  int64_t tap[kMaxGroup] = {}, dx[kMaxGroup] = {}, offset[kMaxGroup] = {}, fetch[kMaxFetch] = {};
+  int64_t tap[kMaxGroup] = {}, dy[kMaxGroup] = {}, dx[kMaxGroup] = {}, offset[kMaxGroup] = {};
+  int64_t fetch[kMaxFetch] = {};
 };
 
 TapGroup tap_group(const ArpGeometry& g, const int64_t* taps, int n, bool centre,
@@ -126,6 +128,7 @@ TapGroup tap_group(const ArpGeometry& g, const int64_t* taps, int n, bool centre
   group.n = n;
   for (int j = 0; j < n; ++j) {
     group.tap[j] = taps[j];
+    group.dy[j] = g.dy(taps[j]);
     group.dx[j] = g.dx(taps[j]);
     group.offset[j] = g.dy(taps[j]) * g.W + g.dx(taps[j]);
   }
@@ -160,19 +163,51 @@ TapGroup tap_group(const ArpGeometry& g, const int64_t* taps, int n, bool centre
   return group;
 }
 
-// The block at column x0 whose channel-0 pixel has flat index `index` in a (B, C, H, W) tensor of
-// `numel` elements; `centre`: the block reads its own pixels too.
-Reads block_reads(const ArpGeometry& g, const TapGroup& group, int64_t x0, int64_t index,
-                  int64_t numel, bool centre) {
-  bool edge = g.W < kLanes;
+// Whether some plain load of a block would leave a (B, C, H, W) tensor of `numel` elements: the
+// block's channel-0 pixel has flat index `index`; `centre`: it reads its own pixels too.
+bool reads_outside(const ArpGeometry& g, const TapGroup& group, int64_t index, int64_t numel,
+                   bool centre) {
   int64_t lo = centre ? 0 : std::numeric_limits<int64_t>::max(), hi = -lo;
   for (int j = 0; j < group.n; ++j) {
-    edge |= x0 + group.dx[j] < 0 || x0 + kLanes + group.dx[j] > g.W;
     lo = std::min(lo, group.offset[j]);
     hi = std::max(hi, group.offset[j]);
   }
-  if (index + lo < 0 || index + (g.C - 1) * g.H * g.W + hi + kLanes > numel) return Reads::bounded;
-  return edge ? Reads::edge : Reads::interior;
+  return index + lo < 0 || index + (g.C - 1) * g.H * g.W + hi + kLanes > numel;
+}
+
+// The pixels of the block at flat index p0 of an (H, W) plane: lanes [0, lanes) lie in it, lane l
+// at (y[l], x[l]); inside(g, group, j, l): whether lane l's neighbour at the group's tap j does.
+struct Block {
+  int64_t p0;
+  int lanes;
+  int64_t y[kLanes], x[kLanes];
+
+  Block(const ArpGeometry& g, int64_t p0)
+      : p0(p0), lanes(int(std::min<int64_t>(kLanes, g.H * g.W))) {
+    y[0] = p0 / g.W, x[0] = p0 % g.W;
+    for (int l = 1; l < kLanes; ++l) {
+      const bool wrap = x[l - 1] + 1 == g.W;
+      y[l] = y[l - 1] + wrap, x[l] = wrap ? 0 : x[l - 1] + 1;
+    }
+  }
+  bool inside(const ArpGeometry& g, const TapGroup& group, int j, int l) const {
+    const int64_t qy = y[l] + group.dy[j], qx = x[l] + group.dx[j];
+    return l < lanes && qy >= 0 && qy < g.H && qx >= 0 && qx < g.W;
+  }
+};
+
+// A geometry's taps [first, last) in groups.
+std::vector<TapGroup> tap_groups(const ArpGeometry& g, int64_t first, int64_t last, bool centre,
+                                 int64_t value_bytes) {
+  std::vector<int64_t> taps;
+  for (int64_t t = first; t < last; ++t) taps.push_back(t);
+  std::vector<TapGroup> groups;
+  for (int64_t i = 0; i < int64_t(taps.size());) {
+    groups.push_back(
+        tap_group(g, taps.data() + i, group_size(taps.size() - i), centre, value_bytes));
+    i += groups.back().n;
+  }
+  return groups;
 }
 
 template <Reads kReads, typename scalar_t>
@@ -211,8 +246,9 @@ BUSSEG_SIMD_CLONES void affinity_block(const scalar_t* feat, int64_t numel, int6
 
 // dst[c, p] = sum over the group's taps j of coef[j] * src[c, p + offset[j]] for every channel c
 // and the block's pixels p (channel 0's first at flat index `index`; lanes [0, n) stored); lanes
-// off in inside[j] take nothing from tap j. A row with more taps than a group runs several: the
-// first starts the sums, the last stores them and `partial` (C x kLanes) carries them between.
+// off in inside[j] take nothing from tap j. More taps than a group (5x5 and up) run several
+// groups: the first starts the sums, the last stores them and `partial` (C x kLanes) carries
+// them between.
 template <typename scalar_t, int NT, Reads kReads>
 BUSSEG_SIMD_CLONES void gather_block(const scalar_t* src, int64_t numel, int64_t index,
                                      int64_t plane, int64_t C, const TapGroup& group,
@@ -259,32 +295,25 @@ void arp_forward_kernel(const ArpGeometry& g, const scalar_t* feat, const scalar
   const acc_t outside = valid ? -std::numeric_limits<acc_t>::infinity() : acc_t(0);  // zeros: 0
   // Pass 1: affinities of the taps from the centre on; the others are their mirrors.
   std::vector<acc_t> raw(g.B * taps * H * W);
-  parallel_chunks(g.B * H, [&](int64_t begin, int64_t end) {
-    std::vector<int64_t> row_taps;
+  const std::vector<TapGroup> groups = tap_groups(g, g.centre(), taps, true, sizeof(scalar_t));
+  const int64_t blocks = block_count(H * W);
+  parallel_chunks(g.B * blocks, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> sums(kMaxGroup * kLanes);
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t b = r / H, y = r % H;
-      row_taps.clear();
-      for (int64_t t = g.centre(), x0, x1; t < taps; ++t)
-        if (g.columns(y, t, x0, x1)) row_taps.push_back(t);
-      for (int64_t i = 0; i < int64_t(row_taps.size());) {
-        const TapGroup group = tap_group(g, row_taps.data() + i, group_size(row_taps.size() - i),
-                                         true, sizeof(scalar_t));
-        i += group.n;
-        for (int64_t block = 0; block < block_count(W); ++block) {
-          const int64_t x0 = block_start(W, block), index = g.plane(b, 0, g.C) + y * W + x0;
-          const bool bounded = block_reads(g, group, x0, index, numel, true) == Reads::bounded;
-          with_group_size(group.n, [&](auto NT) {
-            (bounded ? affinity_block<scalar_t, NT, Reads::bounded>
-                     : affinity_block<scalar_t, NT, Reads::edge>)(feat, numel, index, H * W, g.C,
-                                                                  group, sums.data());
-          });
-          for (int j = 0; j < group.n; ++j) {
-            acc_t* row = raw.data() + g.plane(b, group.tap[j], taps) + y * W;
-            const int64_t lo = std::max(x0, -group.dx[j]);
-            const int64_t hi = std::min({x0 + kLanes, W, W - group.dx[j]});
-            for (int64_t x = lo; x < hi; ++x) row[x] = acc_t(scale) * sums[j * kLanes + x - x0];
-          }
+    for (int64_t unit = begin; unit < end; ++unit) {
+      const int64_t b = unit / blocks;
+      const Block block(g, block_start(H * W, unit % blocks));
+      const int64_t index = g.plane(b, 0, g.C) + block.p0;
+      for (const TapGroup& group : groups) {
+        const bool outside = reads_outside(g, group, index, numel, true);
+        with_group_size(group.n, [&](auto NT) {
+          (outside ? affinity_block<scalar_t, NT, Reads::bounded>
+                   : affinity_block<scalar_t, NT, Reads::edge>)(feat, numel, index, H * W, g.C,
+                                                                group, sums.data());
+        });
+        for (int j = 0; j < group.n; ++j) {
+          acc_t* row = raw.data() + g.plane(b, group.tap[j], taps) + block.p0;
+          for (int l = 0; l < block.lanes; ++l)
+            if (block.inside(g, group, j, l)) row[l] = acc_t(scale) * sums[j * kLanes + l];
         }
       }
     }
@@ -358,57 +387,53 @@ void arp_backward_kernel(const ArpGeometry& g, const scalar_t* grad_out, const s
   }
   // Pass 2: pixel p gathers from each neighbour q = p + d*o with one coefficient, da[p, o]
   // (p as query) plus da[q, -o] (p as key of q), all its taps and channels in one sweep over the
-  // features; grad_value gathers w[q, -o] * grad_out[q].
-  parallel_chunks(g.B * H, [&](int64_t begin, int64_t end) {
-    const int64_t padded = std::max<int64_t>(W, kLanes);  // a coefficient row, room for a block
-    std::vector<acc_t> coef(grad_feat ? taps * padded : 0), scratch(W);
-    std::vector<acc_t> group_coef(kMaxGroup * kLanes);
-    std::vector<acc_t> partial(grad_feat ? g.C * kLanes : 0);  // border rows split their taps too
-    LaneMask<acc_t> inside[kMaxGroup];
-    std::vector<int64_t> row_taps;
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t b = r / H, y = r % H;
-      if (grad_feat) {
-        std::fill(coef.begin(), coef.end(), acc_t(0));
-        row_taps.clear();
-        for (int64_t t = 0, x0, x1; t < taps; ++t) {
-          if (!g.columns(y, t, x0, x1)) continue;
-          row_taps.push_back(t);
-          const acc_t* own = da.data() + g.plane(b, t, taps) + y * W;
-          const acc_t* key =
-              da.data() + g.plane(b, g.mirror(t), taps) + (y + g.dy(t)) * W + g.dx(t);
-          for (int64_t x = x0; x < x1; ++x) coef[t * padded + x] = own[x] + key[x];
-        }
-        const int64_t n = row_taps.size();
-        for (int64_t block = 0; block < block_count(W); ++block) {
-          const int64_t x0 = block_start(W, block), index = g.plane(b, 0, g.C) + y * W + x0;
-          for (int64_t i = 0; i < n;) {
-            const TapGroup group =
-                tap_group(g, row_taps.data() + i, group_size(n - i), false, sizeof(scalar_t));
-            const bool first = i == 0, last = (i += group.n) == n;
-            for (int j = 0; j < group.n; ++j) {
-              std::copy_n(coef.data() + group.tap[j] * padded + x0, kLanes,
-                          group_coef.data() + j * kLanes);
-              for (int l = 0; l < kLanes; ++l) {
-                const int64_t x = x0 + l, q = x + group.dx[j];
-                inside[j][l] = x < W && q >= 0 && q < W ? -1 : 0;
-              }
+  // features (one block of pixels at a time); grad_value gathers w[q, -o] * grad_out[q].
+  if (grad_feat) {
+    const std::vector<TapGroup> groups = tap_groups(g, 0, taps, false, sizeof(scalar_t));
+    const int64_t blocks = block_count(H * W);
+    parallel_chunks(g.B * blocks, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> coef(kMaxGroup * kLanes), partial(g.C * kLanes);
+      LaneMask<acc_t> inside[kMaxGroup];
+      for (int64_t unit = begin; unit < end; ++unit) {
+        const int64_t b = unit / blocks;
+        const Block block(g, block_start(H * W, unit % blocks));
+        const int64_t index = g.plane(b, 0, g.C) + block.p0;
+        for (const TapGroup& group : groups) {
+          bool interior = true;
+          for (int j = 0; j < group.n; ++j) {
+            const int64_t t = group.tap[j];
+            const acc_t* own = da.data() + g.plane(b, t, taps) + block.p0;
+            const acc_t* key = da.data() + g.plane(b, g.mirror(t), taps) + block.p0;
+            for (int l = 0; l < kLanes; ++l) {
+              const bool in = block.inside(g, group, j, l);
+              coef[j * kLanes + l] = in ? own[l] + key[l + group.offset[j]] : acc_t(0);
+              inside[j][l] = in ? -1 : 0;
+              interior &= in;
             }
-            const Reads reads = block_reads(g, group, x0, index, numel, false);
-            with_group_size(group.n, [&](auto NT) {
-              (reads == Reads::interior ? gather_block<scalar_t, NT, Reads::interior>
-               : reads == Reads::edge
-                   ? gather_block<scalar_t, NT, Reads::edge>
-                   : gather_block<scalar_t, NT, Reads::bounded>)(feat, numel, index, H * W, g.C,
-                                                                 group, group_coef.data(), inside,
-                                                                 partial.data(), first, last,
-                                                                 grad_feat,
-                                                                 int(std::min<int64_t>(W, kLanes)));
-            });
           }
+          const Reads reads = reads_outside(g, group, index, numel, false) ? Reads::bounded
+                              : interior                                   ? Reads::interior
+                                                                           : Reads::edge;
+          with_group_size(group.n, [&](auto NT) {
+            (reads == Reads::interior ? gather_block<scalar_t, NT, Reads::interior>
+             : reads == Reads::edge
+                 ? gather_block<scalar_t, NT, Reads::edge>
+                 : gather_block<scalar_t, NT, Reads::bounded>)(feat, numel, index, H * W, g.C,
+                                                               group, coef.data(), inside,
+                                                               partial.data(),
+                                                               &group == &groups.front(),
+                                                               &group == &groups.back(), grad_feat,
+                                                               block.lanes);
+          });
         }
       }
-      if (grad_value)
+    });
+  }
+  if (grad_value)
+    parallel_chunks(g.B * H, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> scratch(W);
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t b = r / H, y = r % H;
         for (int64_t k = 0; k < g.K; ++k)
           accumulate_row(
               W, scratch.data(), grad_value + g.plane(b, k, g.K) + y * W, [&](acc_t* gv) {
@@ -419,8 +444,8 @@ void arp_backward_kernel(const ArpGeometry& g, const scalar_t* grad_out, const s
                                  grad_out + g.plane(b, k, g.K) + shift + x0, x1 - x0);
                   }
               });
-    }
-  });
+      }
+    });
 }
 
 ArpGeometry geometry(const at::Tensor& feat, const at::Tensor& value, int64_t kernel_size,
