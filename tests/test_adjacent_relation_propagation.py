@@ -248,6 +248,30 @@ def test_reach_beyond_the_map_is_exact():
             torch.testing.assert_close(g, e)
 
 
+@pytest.mark.parametrize("kernel_size,dilation", [(3, 1), (5, 2), (7, 1)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_cpu_blocks_and_tap_groups(kernel_size, dilation, dtype):
+    """The CPU kernels sum over blocks of 16 consecutive pixels of a plane and groups of at most 9
+    taps: interior blocks of wide rows, blocks running from one row into the next, a last block
+    overlapping its predecessor (6 * 37 = 13 * 16 + 14), a plane smaller than one block, and more
+    taps than a group (5x5, 7x7: groups chained through partial sums), with C not a multiple of
+    anything; forward and both gradients against the reference."""
+    for H, W in [(6, 37), (5, 11), (2, 3)]:
+        feat = torch.randn(2, 19, H, W, dtype=torch.float64).to(dtype)
+        value = torch.randn(2, 3, H, W, dtype=torch.float64).to(dtype)
+        grad = torch.randn(2, 3, H, W, dtype=torch.float64)
+        tol = tolerance(dtype)
+        for padding in ("zeros", "valid"):
+            kw = dict(kernel_size=kernel_size, dilation=dilation, padding=padding)
+            results = []
+            for backend, x in (("cpu", dtype), ("reference", torch.float64)):
+                f, v = feat.to(x).requires_grad_(), value.to(x).requires_grad_()
+                out, w = run(backend, f, v, **kw)
+                results.append([out, w, *torch.autograd.grad(out, (f, v), grad.to(x))])
+            for got, expected in zip(*results):
+                torch.testing.assert_close(got.double(), expected, **tol)
+
+
 def test_triton_value_blocks_and_wide_kernels():
     """More value channels than one Triton block (busseg_ops.triton.adjacent_relation_propagation.
     _MAX_BLOCK_K) with a 5x5 kernel and a run-time dilation: the kernels loop over value blocks and

@@ -1,14 +1,18 @@
 // busseg::adjacent_relation_propagation (RA-BUSSeg ARP; docs/ops.md), C++/OpenMP CPU kernels.
 //
-// Works on the tensors' own NCHW layout, one image row at a time: for a tap, the affinities of
-// a whole row are a sum over channels of products of two contiguous rows (the row and its
-// shifted neighbour row), so the inner loops run over x and vectorise, and neither the inputs
-// nor the gradient are ever transposed. OpenMP splits the B*H rows. Affinities are symmetric,
-// a[p, o] = a[p + d*o, -o]: the forward computes the taps from the centre on and reads the
-// mirrored ones from the neighbour; the backward gives each neighbour one coefficient (p as
-// query plus p as key), a gather with no write races and no atomics. Per-tap buffers (raw
-// affinities, weights, their gradients) are (B, taps, H, W); nothing of size (B, C*k*k, HW)
-// is formed.
+// Works on the tensors' own NCHW layout; neither the inputs nor the gradient are ever transposed,
+// and OpenMP gives each thread one contiguous chunk of the work. The two sums over channels, the
+// affinities (forward) and the feature gradient's gather (backward), are the whole cost: they run
+// over blocks of 16 consecutive pixels of an image plane (a block runs on from the end of a row
+// into the next), with one vector per tap of the block kept in registers through the loop over
+// channels, so each channel of a block costs one load and one fused multiply-add per tap, and one
+// sweep over the features serves every tap (in groups of up to nine). Each channel's rows lie in
+// another page, where the hardware prefetchers do not reach: the blocks prefetch the rows they read
+// a few channels ahead. Affinities are symmetric, a[p, o] = a[p + d*o, -o]: the forward computes
+// the taps from the centre on and reads the mirrored ones from the neighbour; the backward gives
+// each neighbour one coefficient (p as query plus p as key), a gather with no write races and no
+// atomics. Per-tap buffers (raw affinities, weights, their gradients) are (B, taps, H, W); nothing
+// of size (B, C*k*k, HW) is formed.
 #include "common/cpu.h"
 
 #include <ATen/ATen.h>
@@ -19,10 +23,13 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "adjacent_relation_propagation/checks.h"
+#include "common/lanes.h"
 
 namespace busseg {
 namespace {
@@ -60,6 +67,222 @@ void tap_weighted_row(const ArpGeometry& g, int64_t y, const acc_t* coef, const 
   });
 }
 
+// The channel sums run over blocks of kLanes consecutive pixels of a flat (H, W) plane, one vector
+// per tap held in registers across the whole loop over channels (one pass over the channels serves
+// a whole group of taps), so a block costs one load and one fused multiply-add per tap and
+// channel. The taps are split into groups of the sizes below; the blocks start at 0, kLanes, ...
+// and the last one ends at H*W (overlapping its predecessor, whose pixels it recomputes alike), or
+// a single block covers a plane smaller than kLanes.
+constexpr int kMaxGroup = 9;
+// Channels ahead whose cache lines a block prefetches: each channel's lie in another page, out of
+// the hardware prefetchers' reach.
+constexpr int64_t kPrefetchChannels = 32;
+
+inline int group_size(int64_t taps_left) {
+  return taps_left >= 9 ? 9 : taps_left >= 5 ? 5 : taps_left >= 3 ? 3 : int(taps_left);
+}
+
+template <typename F>
+void with_group_size(int n, const F& f) {
+  switch (n) {
+    case 9:
+      return f(std::integral_constant<int, 9>{});
+    case 5:
+      return f(std::integral_constant<int, 5>{});
+    case 3:
+      return f(std::integral_constant<int, 3>{});
+    case 2:
+      return f(std::integral_constant<int, 2>{});
+    default:
+      return f(std::integral_constant<int, 1>{});
+  }
+}
+
+int64_t block_count(int64_t n) { return n < kLanes ? 1 : (n + kLanes - 1) / kLanes; }
+int64_t block_start(int64_t n, int64_t i) {
+  return std::max<int64_t>(0, std::min<int64_t>(i * kLanes, n - kLanes));
+}
+
+// How a block may read its taps' neighbours. interior: every lane's neighbour lies in the image.
+// edge: some lie outside it (beyond a row's end, above or below the image, or the block is wider
+// than the plane): their plain loads still land in the tensor, on other pixels, and are masked
+// off. bounded: some plain load would leave the tensor (a block at the very start or end of it):
+// lanes are loaded one by one within it, then masked.
+enum class Reads { interior, edge, bounded };
+
+// The taps of one group: their indices, column shifts and shifts in the flat (H, W) plane; and
+// `fetch`, shifts that together touch every cache line a block reads in one channel (per tap row,
+// every 64 bytes from its first value read to its last, or each tap's first and last value where
+// the taps lie far apart; `centre`: the block reads its own pixels too).
+constexpr int kMaxFetch = 8 * (kMaxGroup + 1);
+
+struct TapGroup {
+  int n = 0, fetches = 0;
+  int64_t tap[kMaxGroup] = {}, dy[kMaxGroup] = {}, dx[kMaxGroup] = {}, offset[kMaxGroup] = {};
+  int64_t fetch[kMaxFetch] = {};
+};
+
+TapGroup tap_group(const ArpGeometry& g, const int64_t* taps, int n, bool centre,
+                   int64_t value_bytes) {
+  TapGroup group;
+  group.n = n;
+  for (int j = 0; j < n; ++j) {
+    group.tap[j] = taps[j];
+    group.dy[j] = g.dy(taps[j]);
+    group.dx[j] = g.dx(taps[j]);
+    group.offset[j] = g.dy(taps[j]) * g.W + g.dx(taps[j]);
+  }
+  const int64_t line = std::max<int64_t>(1, 64 / value_bytes);
+  const auto fetch_row = [&](int64_t dy, const int64_t* dx, int count) {
+    const int64_t first = *std::min_element(dx, dx + count);
+    const int64_t last = *std::max_element(dx, dx + count);
+    if (last - first <= 2 * kLanes) {
+      for (int64_t x = first; x < last + kLanes - 1; x += line)
+        group.fetch[group.fetches++] = dy * g.W + x;
+      group.fetch[group.fetches++] = dy * g.W + last + kLanes - 1;
+    } else {
+      for (int k = 0; k < count; ++k) {
+        group.fetch[group.fetches++] = dy * g.W + dx[k];
+        group.fetch[group.fetches++] = dy * g.W + dx[k] + kLanes - 1;
+      }
+    }
+  };
+  bool centre_row = !centre;
+  for (int j = 0; j < n;) {  // taps come row-major: a row's taps are consecutive
+    const int64_t dy = g.dy(group.tap[j]);
+    int64_t dx[kMaxGroup + 1] = {};
+    int count = 0;
+    for (; j < n && g.dy(group.tap[j]) == dy; ++j) dx[count++] = group.dx[j];
+    if (!centre_row && dy == 0) dx[count++] = 0, centre_row = true;
+    fetch_row(dy, dx, count);
+  }
+  if (!centre_row) {
+    const int64_t zero = 0;
+    fetch_row(0, &zero, 1);
+  }
+  return group;
+}
+
+// Whether some plain load of a block would leave a (B, C, H, W) tensor of `numel` elements: the
+// block's channel-0 pixel has flat index `index`; `centre`: it reads its own pixels too.
+bool reads_outside(const ArpGeometry& g, const TapGroup& group, int64_t index, int64_t numel,
+                   bool centre) {
+  int64_t lo = centre ? 0 : std::numeric_limits<int64_t>::max(), hi = -lo;
+  for (int j = 0; j < group.n; ++j) {
+    lo = std::min(lo, group.offset[j]);
+    hi = std::max(hi, group.offset[j]);
+  }
+  return index + lo < 0 || index + (g.C - 1) * g.H * g.W + hi + kLanes > numel;
+}
+
+// The pixels of the block at flat index p0 of an (H, W) plane: lanes [0, lanes) lie in it, lane l
+// at (y[l], x[l]); inside(g, group, j, l): whether lane l's neighbour at the group's tap j does.
+struct Block {
+  int64_t p0;
+  int lanes;
+  int64_t y[kLanes], x[kLanes];
+
+  Block(const ArpGeometry& g, int64_t p0)
+      : p0(p0), lanes(int(std::min<int64_t>(kLanes, g.H * g.W))) {
+    y[0] = p0 / g.W, x[0] = p0 % g.W;
+    for (int l = 1; l < kLanes; ++l) {
+      const bool wrap = x[l - 1] + 1 == g.W;
+      y[l] = y[l - 1] + wrap, x[l] = wrap ? 0 : x[l - 1] + 1;
+    }
+  }
+  bool inside(const ArpGeometry& g, const TapGroup& group, int j, int l) const {
+    const int64_t qy = y[l] + group.dy[j], qx = x[l] + group.dx[j];
+    return l < lanes && qy >= 0 && qy < g.H && qx >= 0 && qx < g.W;
+  }
+};
+
+// A geometry's taps [first, last) in groups.
+std::vector<TapGroup> tap_groups(const ArpGeometry& g, int64_t first, int64_t last, bool centre,
+                                 int64_t value_bytes) {
+  std::vector<int64_t> taps;
+  for (int64_t t = first; t < last; ++t) taps.push_back(t);
+  std::vector<TapGroup> groups;
+  for (int64_t i = 0; i < int64_t(taps.size());) {
+    groups.push_back(
+        tap_group(g, taps.data() + i, group_size(taps.size() - i), centre, value_bytes));
+    i += groups.back().n;
+  }
+  return groups;
+}
+
+template <Reads kReads, typename scalar_t>
+[[gnu::always_inline]] inline void read_lanes(const scalar_t* base, int64_t numel, int64_t index,
+                                              Lanes<at::opmath_type<scalar_t>>& v) {
+  using acc_t = at::opmath_type<scalar_t>;
+  if constexpr (kReads == Reads::bounded)
+    load_lanes_within<acc_t>(base, index, numel, v);
+  else
+    load_lanes<acc_t>(base + index, v);
+}
+
+// sums[j] (kLanes) = sum over channels c of feat[c, p] * feat[c, p + offset[j]] for the block's
+// pixels p, channel 0's first at flat index `index`. Lanes whose neighbour is outside hold
+// garbage (even NaN): the caller stores only the others.
+template <typename scalar_t, int NT, Reads kReads>
+BUSSEG_SIMD_CLONES void affinity_block(const scalar_t* feat, int64_t numel, int64_t index,
+                                       int64_t plane, int64_t C, const TapGroup& group,
+                                       at::opmath_type<scalar_t>* sums) {
+  using acc_t = at::opmath_type<scalar_t>;
+  Lanes<acc_t> acc[NT] = {};
+  for (int64_t c = 0; c < C; ++c, index += plane) {
+    if (c + kPrefetchChannels < C)
+      for (int f = 0; f < group.fetches; ++f)
+        __builtin_prefetch(feat + index + kPrefetchChannels * plane + group.fetch[f]);
+    Lanes<acc_t> centre, neighbour;
+    read_lanes<kReads>(feat, numel, index, centre);
+#pragma GCC unroll 9
+    for (int j = 0; j < NT; ++j) {
+      read_lanes<kReads>(feat, numel, index + group.offset[j], neighbour);
+      acc[j] += centre * neighbour;
+    }
+  }
+  for (int j = 0; j < NT; ++j) std::memcpy(sums + j * kLanes, &acc[j], sizeof acc[j]);
+}
+
+// dst[c, p] = sum over the group's taps j of coef[j] * src[c, p + offset[j]] for every channel c
+// and the block's pixels p (channel 0's first at flat index `index`; lanes [0, n) stored); lanes
+// off in inside[j] take nothing from tap j. More taps than a group (5x5 and up) run several
+// groups: the first starts the sums, the last stores them and `partial` (C x kLanes) carries
+// them between.
+template <typename scalar_t, int NT, Reads kReads>
+BUSSEG_SIMD_CLONES void gather_block(const scalar_t* src, int64_t numel, int64_t index,
+                                     int64_t plane, int64_t C, const TapGroup& group,
+                                     const at::opmath_type<scalar_t>* coef,
+                                     const LaneMask<at::opmath_type<scalar_t>>* inside,
+                                     at::opmath_type<scalar_t>* partial, bool first, bool last,
+                                     scalar_t* dst, int n) {
+  using acc_t = at::opmath_type<scalar_t>;
+  Lanes<acc_t> cf[NT];
+  LaneMask<acc_t> on[NT];
+  for (int j = 0; j < NT; ++j) {
+    std::memcpy(&cf[j], coef + j * kLanes, sizeof cf[j]);
+    on[j] = inside[j];
+  }
+  for (int64_t c = 0; c < C; ++c, index += plane) {
+    if (c + kPrefetchChannels < C)
+      for (int f = 0; f < group.fetches; ++f)
+        __builtin_prefetch(src + index + kPrefetchChannels * plane + group.fetch[f]);
+    Lanes<acc_t> acc = {};
+    if (!first) std::memcpy(&acc, partial + c * kLanes, sizeof acc);
+#pragma GCC unroll 9
+    for (int j = 0; j < NT; ++j) {
+      Lanes<acc_t> neighbour;
+      read_lanes<kReads>(src, numel, index + group.offset[j], neighbour);
+      if constexpr (kReads != Reads::interior) neighbour = on[j] ? neighbour : Lanes<acc_t>{};
+      acc += cf[j] * neighbour;
+    }
+    if (last)
+      store_lanes<acc_t>(acc, dst + index, n);
+    else
+      std::memcpy(partial + c * kLanes, &acc, sizeof acc);
+  }
+}
+
 // The kernels take float, double, half or bfloat16 tensors (NCHW contiguous, per-tap ones
 // (B, taps, H, W)) and compute in the accumulator type (double for double, else float): the
 // per-tap buffers are in that type and the narrow inputs are widened as they are read. Row
@@ -68,23 +291,30 @@ template <typename scalar_t>
 void arp_forward_kernel(const ArpGeometry& g, const scalar_t* feat, const scalar_t* value,
                         scalar_t* out, scalar_t* weights, double scale, bool valid) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t H = g.H, W = g.W, taps = g.taps;
+  const int64_t H = g.H, W = g.W, taps = g.taps, numel = g.B * g.C * H * W;
   const acc_t outside = valid ? -std::numeric_limits<acc_t>::infinity() : acc_t(0);  // zeros: 0
   // Pass 1: affinities of the taps from the centre on; the others are their mirrors.
   std::vector<acc_t> raw(g.B * taps * H * W);
-  parallel_chunks(g.B * H, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t b = r / H, y = r % H;
-      for (int64_t t = g.centre(), x0, x1; t < taps; ++t) {
-        if (!g.columns(y, t, x0, x1)) continue;
-        acc_t* acc = raw.data() + g.plane(b, t, taps) + y * W;
-        std::fill(acc + x0, acc + x1, acc_t(0));
-        for (int64_t c = 0; c < g.C; ++c) {
-          const scalar_t* row = feat + g.plane(b, c, g.C) + y * W;
-          const scalar_t* shifted = row + g.dy(t) * W + g.dx(t);
-          multiply_add(acc + x0, row + x0, shifted + x0, x1 - x0);
+  const std::vector<TapGroup> groups = tap_groups(g, g.centre(), taps, true, sizeof(scalar_t));
+  const int64_t blocks = block_count(H * W);
+  parallel_chunks(g.B * blocks, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> sums(kMaxGroup * kLanes);
+    for (int64_t unit = begin; unit < end; ++unit) {
+      const int64_t b = unit / blocks;
+      const Block block(g, block_start(H * W, unit % blocks));
+      const int64_t index = g.plane(b, 0, g.C) + block.p0;
+      for (const TapGroup& group : groups) {
+        const bool outside = reads_outside(g, group, index, numel, true);
+        with_group_size(group.n, [&](auto NT) {
+          (outside ? affinity_block<scalar_t, NT, Reads::bounded>
+                   : affinity_block<scalar_t, NT, Reads::edge>)(feat, numel, index, H * W, g.C,
+                                                                group, sums.data());
+        });
+        for (int j = 0; j < group.n; ++j) {
+          acc_t* row = raw.data() + g.plane(b, group.tap[j], taps) + block.p0;
+          for (int l = 0; l < block.lanes; ++l)
+            if (block.inside(g, group, j, l)) row[l] = acc_t(scale) * sums[j * kLanes + l];
         }
-        for (int64_t x = x0; x < x1; ++x) acc[x] *= acc_t(scale);
       }
     }
   });
@@ -126,7 +356,7 @@ void arp_backward_kernel(const ArpGeometry& g, const scalar_t* grad_out, const s
                          const scalar_t* value, const scalar_t* weights, scalar_t* grad_feat,
                          scalar_t* grad_value, double scale) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t H = g.H, W = g.W, taps = g.taps;
+  const int64_t H = g.H, W = g.W, taps = g.taps, numel = g.B * g.C * H * W;
   // Pass 1: da[p, t] = scale * w (dw - <w, dw>), with dw[p, t] = <grad_out[:, p], value[:, q]>.
   std::vector<acc_t> da;
   if (grad_feat) {
@@ -156,24 +386,54 @@ void arp_backward_kernel(const ArpGeometry& g, const scalar_t* grad_out, const s
     });
   }
   // Pass 2: pixel p gathers from each neighbour q = p + d*o with one coefficient, da[p, o]
-  // (p as query) plus da[q, -o] (p as key of q); grad_value gathers w[q, -o] * grad_out[q].
-  parallel_chunks(g.B * H, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> coef(grad_feat ? taps * W : 0), scratch(W);
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t b = r / H, y = r % H;
-      if (grad_feat) {
-        for (int64_t t = 0, x0, x1; t < taps; ++t) {
-          if (!g.columns(y, t, x0, x1)) continue;
-          const acc_t* own = da.data() + g.plane(b, t, taps) + y * W;
-          const acc_t* key =
-              da.data() + g.plane(b, g.mirror(t), taps) + (y + g.dy(t)) * W + g.dx(t);
-          for (int64_t x = x0; x < x1; ++x) coef[t * W + x] = own[x] + key[x];
+  // (p as query) plus da[q, -o] (p as key of q), all its taps and channels in one sweep over the
+  // features (one block of pixels at a time); grad_value gathers w[q, -o] * grad_out[q].
+  if (grad_feat) {
+    const std::vector<TapGroup> groups = tap_groups(g, 0, taps, false, sizeof(scalar_t));
+    const int64_t blocks = block_count(H * W);
+    parallel_chunks(g.B * blocks, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> coef(kMaxGroup * kLanes), partial(g.C * kLanes);
+      LaneMask<acc_t> inside[kMaxGroup];
+      for (int64_t unit = begin; unit < end; ++unit) {
+        const int64_t b = unit / blocks;
+        const Block block(g, block_start(H * W, unit % blocks));
+        const int64_t index = g.plane(b, 0, g.C) + block.p0;
+        for (const TapGroup& group : groups) {
+          bool interior = true;
+          for (int j = 0; j < group.n; ++j) {
+            const int64_t t = group.tap[j];
+            const acc_t* own = da.data() + g.plane(b, t, taps) + block.p0;
+            const acc_t* key = da.data() + g.plane(b, g.mirror(t), taps) + block.p0;
+            for (int l = 0; l < kLanes; ++l) {
+              const bool in = block.inside(g, group, j, l);
+              coef[j * kLanes + l] = in ? own[l] + key[l + group.offset[j]] : acc_t(0);
+              inside[j][l] = in ? -1 : 0;
+              interior &= in;
+            }
+          }
+          const Reads reads = reads_outside(g, group, index, numel, false) ? Reads::bounded
+                              : interior                                   ? Reads::interior
+                                                                           : Reads::edge;
+          with_group_size(group.n, [&](auto NT) {
+            (reads == Reads::interior ? gather_block<scalar_t, NT, Reads::interior>
+             : reads == Reads::edge
+                 ? gather_block<scalar_t, NT, Reads::edge>
+                 : gather_block<scalar_t, NT, Reads::bounded>)(feat, numel, index, H * W, g.C,
+                                                               group, coef.data(), inside,
+                                                               partial.data(),
+                                                               &group == &groups.front(),
+                                                               &group == &groups.back(), grad_feat,
+                                                               block.lanes);
+          });
         }
-        for (int64_t c = 0; c < g.C; ++c)
-          tap_weighted_row(g, y, coef.data(), feat + g.plane(b, c, g.C), scratch.data(),
-                           grad_feat + g.plane(b, c, g.C));
       }
-      if (grad_value)
+    });
+  }
+  if (grad_value)
+    parallel_chunks(g.B * H, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> scratch(W);
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t b = r / H, y = r % H;
         for (int64_t k = 0; k < g.K; ++k)
           accumulate_row(
               W, scratch.data(), grad_value + g.plane(b, k, g.K) + y * W, [&](acc_t* gv) {
@@ -184,8 +444,8 @@ void arp_backward_kernel(const ArpGeometry& g, const scalar_t* grad_out, const s
                                  grad_out + g.plane(b, k, g.K) + shift + x0, x1 - x0);
                   }
               });
-    }
-  });
+      }
+    });
 }
 
 ArpGeometry geometry(const at::Tensor& feat, const at::Tensor& value, int64_t kernel_size,
@@ -223,7 +483,7 @@ std::tuple<at::Tensor, at::Tensor> adjacent_relation_propagation_backward_cpu(
   const ArpGeometry g = geometry(feat, value, kernel_size, dilation);
   const at::Tensor f = feat.contiguous(), v = value.contiguous();
   const at::Tensor go = grad_out.contiguous(), w = weights.contiguous();
-  at::Tensor grad_feat = need_grad_feat ? at::empty({g.B, g.C, g.H, g.W}, feat.options())
+  at::Tensor grad_feat = need_grad_feat ? empty_on_huge_pages({g.B, g.C, g.H, g.W}, feat.options())
                                         : at::empty({0}, feat.options());
   at::Tensor grad_value = need_grad_value ? at::empty({g.B, g.K, g.H, g.W}, value.options())
                                           : at::empty({0}, value.options());
