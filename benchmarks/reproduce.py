@@ -186,6 +186,13 @@ after it):
   192-px crops did not fit this session's CPU budget next to the ablations.
 """
 
+# `make diagnose`'s reports (benchmarks/), each included under its heading when present.
+DIAGNOSES = [
+    ("diagnosis.md", "Diagnosis: ablations on the validation split (`make diagnose`; networks without dropout)"),
+    ("diagnosis_code_hpc.md", "Diagnosis: PH-Net's released HPC on the validation split (`make diagnose`)"),
+    ("diagnosis_scale.md", "Diagnosis: the trend with scale on the validation split (`make diagnose`)"),
+]
+
 # The papers' full-scale BUSI numbers (Dice / IoU in %), from the texts in ../shared/seeds/.
 PAPERS = {
     "suponly": "73.69 ± 1.02 (PH-Net Tab. 1, 1/4, DeepLabv3+ ResNet-50)",
@@ -511,9 +518,10 @@ def write_report(runs: list[Run], scale: str, path: str, command: str, papers=PA
         d = json.load(open(os.path.join(r.out, "test_metrics.json")))["dice"]
         lines.append(f"- {r.name} seed {r.seed}: Dice {100 * d['mean']:.2f}, {wall_time(r) / 60:.1f} min (`{r.out}`)")
     lines += ["", "## Diagnosis: defects found and fixed", "", DEFECTS]
-    diagnosis = os.path.join(os.path.dirname(os.path.abspath(path)), "diagnosis.md")
-    if scale == "full" and os.path.isfile(diagnosis):
-        lines += ["## Diagnosis: ablations on the validation split (`make diagnose`)", "", open(diagnosis).read()]
+    for name, heading in DIAGNOSES:
+        diagnosis = os.path.join(os.path.dirname(os.path.abspath(path)), name)
+        if scale == "full" and os.path.isfile(diagnosis):
+            lines += [f"## {heading}", "", open(diagnosis).read()]
     lines.append("")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
