@@ -184,6 +184,21 @@ def test_cpu_tiles_cover_more_than_one_block():
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-7)
 
 
+def test_cpu_tile_edges():
+    """The float32 CPU tiles' edges: D = 131 (two 64-feature chunks and a 3-lane tail), 203 anchors
+    (96-row tiles ending in a partial 6-row micro-tile), negatives not a multiple of 16 per class."""
+    a, ya, n, yn, p = make(203, 301, 131, K=3, neg_grad=True)
+    with busseg_ops.use_backend("reference"):
+        ref = mcl(a, ya, n, yn, p, 0.2)
+        ref_g = torch.autograd.grad(ref, (a, n))
+    with busseg_ops.use_backend("cpu"):
+        loss = mcl(a, ya, n, yn, p, 0.2)
+        grads = torch.autograd.grad(loss, (a, n))
+    torch.testing.assert_close(loss, ref)
+    for g, r in zip(grads, ref_g):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-7)
+
+
 def test_triton_feature_chunks_and_column_blocks():
     """D spanning several feature chunks of the logit tiles and several feature-column blocks of the
     gradient programs (whole feature rows as tl.dot operands spilled registers on sm_80/sm_90)."""

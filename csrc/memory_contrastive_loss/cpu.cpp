@@ -1,6 +1,9 @@
-// busseg::memory_contrastive_loss (PH-Net Eq. 15; docs/ops.md), C++/OpenMP CPU: the shared tiled
-// driver (common/contrastive_driver.h) with at::mm tiles and the OpenMP tile kernels below. Half
-// and bfloat16 inputs are computed in float32 and the outputs cast back (as on CUDA).
+// busseg::memory_contrastive_loss (PH-Net Eq. 15; docs/ops.md), C++/OpenMP CPU. float32 on AVX-512
+// CPUs: the fused tiles below (similarities, online log-sum-exp or softmax weights, and the
+// gradient products on one tile while it is in cache, with common/proxy_gemm.h's micro-kernels).
+// float64 and other CPUs: the shared tiled driver (common/contrastive_driver.h) with at::mm tiles
+// and the OpenMP tile kernels below. Half and bfloat16 inputs are computed in float32 and the
+// outputs cast back (as on CUDA).
 #include "common/cpu.h"
 
 #include <ATen/ATen.h>
@@ -12,6 +15,7 @@
 #include <limits>
 
 #include "common/contrastive_driver.h"
+#include "common/proxy_gemm.h"
 #include "memory_contrastive_loss/checks.h"
 
 namespace busseg {
@@ -92,15 +96,330 @@ void grad_tile_cpu(at::Tensor& sim, const at::Tensor& ya, const at::Tensor& yn,
 
 constexpr ContrastiveTiles kCpuTiles{&lse_update_cpu, &grad_tile_cpu, 1024};
 
+#if BUSSEG_HAVE_PROXY_GEMM
+// ---- float32 on AVX-512: fused tiles ---------------------------------------------------------
+// Within a class block every (anchor, negative) pair counts, so a tile needs no mask. A thread
+// owns a run of anchor tiles: it forms each (kRows × kCols) tile of similarities with the
+// micro-kernels of proxy_gemm.h (anchors broadcast, 64 negatives per step, 6 × 4 zmm of
+// accumulators), and while the tile is in L2 folds it into the anchors' online log-sum-exp
+// (forward) or turns it into softmax weights and multiplies them into the anchor gradient and,
+// when asked, a per-thread negative gradient (backward), with no atomics. Operands are packed
+// once per class block: negatives transposed in tiles of kCols for the similarities, and for
+// backward row-major copies with padded rows (the micro-kernels read whole zmm). Row strides are
+// 16 floats off a power of two so that the rows of a panel do not share the few cache sets that
+// a 1 KiB stride maps to.
+namespace fused {
+
+using proxy_gemm::kLanes;
+using proxy_gemm::kTile;
+using proxy_gemm::kVecs;
+constexpr int64_t kRows = 96;                // anchors per tile (16 micro-tiles)
+constexpr int64_t kCols = 256;               // negatives per tile
+constexpr int64_t kStride = kCols + kLanes;  // row stride of the similarity tile and packed panels
+constexpr int64_t kAnchorStride = kRows + kLanes;  // of the tile's transposed anchors
+constexpr int64_t kChunk = 64;             // features per pass (the panel of negatives in L1)
+constexpr int64_t kStep = kVecs * kLanes;  // negatives or features per micro-kernel step
+
+inline int64_t row_stride(int64_t D) { return proxy_gemm::padded(D) + kLanes; }
+
+// exp(x) as fast_math.h's exp_poly (Cephes, about 1 ulp), 16 lanes; scalef scales by 2ⁿ and
+// gives 0 below the range. NaN propagates (vmaxps returns its second operand on NaN). The
+// zero-masked forms with every lane set are the plain instructions; GCC 12's unmasked intrinsics
+// pass an undefined source that -Wall reports as uninitialised.
+constexpr __mmask16 kAll = 0xFFFF;
+BUSSEG_AVX512 inline __m512 exp16(__m512 x) {
+  x = _mm512_maskz_max_ps(kAll, _mm512_set1_ps(-104.0f), x);
+  x = _mm512_maskz_min_ps(kAll, _mm512_set1_ps(88.3762626f), x);
+  const __m512 n =
+      _mm512_maskz_roundscale_ps(kAll, _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                 _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 y = _mm512_set1_ps(1.9875691500e-4f);
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507e-3f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073e-3f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894e-2f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459e-1f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
+  y = _mm512_fmadd_ps(_mm512_mul_ps(y, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_maskz_scalef_ps(kAll, y, n);
+}
+
+// Horizontal max and sum of 16 lanes. A NaN similarity need not survive the max: exp carries it
+// into the sum.
+BUSSEG_AVX512 inline float lane_max(__m512 v) {
+  alignas(64) float l[kLanes];
+  _mm512_store_ps(l, v);
+  float m = l[0];
+  for (int i = 1; i < kLanes; ++i) m = std::max(m, l[i]);
+  return m;
+}
+BUSSEG_AVX512 inline float lane_sum(__m512 v) {
+  alignas(64) float l[kLanes];
+  _mm512_store_ps(l, v);
+  float s = 0.0f;
+  for (int i = 0; i < kLanes; ++i) s += l[i];
+  return s;
+}
+
+inline __mmask16 lanes_below(int64_t n) {
+  return n >= kLanes ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1);
+}
+
+// A float (rows, D) matrix copied into rows of row_stride(D) floats, zero-padded.
+inline at::Tensor padded_rows(const at::Tensor& x) {
+  const int64_t D = x.size(1);
+  at::Tensor out = at::zeros({x.size(0), row_stride(D)}, x.options());
+  out.narrow(1, 0, D).copy_(x);
+  return out;
+}
+
+// Negatives (M, D) packed for the similarity kernel: tile t holds negatives [t kCols, +kCols)
+// transposed, (D, kStride), zero-padded.
+inline at::Tensor pack_negatives(const at::Tensor& n) {
+  const int64_t M = n.size(0), D = n.size(1), tiles = (M + kCols - 1) / kCols;
+  at::Tensor out = at::zeros({tiles, D, kStride}, n.options());
+  const float* src = n.data_ptr<float>();
+  float* dst = out.data_ptr<float>();
+  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t j0 = t * kCols, cols = std::min(kCols, M - j0);
+      for (int64_t j = 0; j < cols; ++j)
+        for (int64_t d = 0; d < D; ++d) dst[(t * D + d) * kStride + j] = src[(j0 + j) * D + d];
+    }
+  });
+  return out;
+}
+
+// One class block packed: negatives transposed in tiles; for backward also row-major copies with
+// padded rows (the anchors' only for the negative gradient).
+struct Block {
+  int64_t N, M, D, ld;  // ld: row stride of the padded copies
+  at::Tensor a, nt;     // anchors (N, D) as they are; negatives packed
+  at::Tensor n_rows, a_rows;
+  Block(const at::Tensor& a_, const at::Tensor& n_, bool backward, bool need_grad_negatives)
+      : N(a_.size(0)),
+        M(n_.size(0)),
+        D(a_.size(1)),
+        ld(row_stride(D)),
+        a(a_),
+        nt(pack_negatives(n_)) {
+    if (backward) n_rows = padded_rows(n_);
+    if (need_grad_negatives) a_rows = padded_rows(a_);
+  }
+  int64_t row_tiles() const { return (N + kRows - 1) / kRows; }
+};
+
+// Per-thread buffers: the tile's anchors transposed (D, kAnchorStride) and its similarities.
+struct Workspace {
+  std::vector<float> at, sim;
+  explicit Workspace(int64_t D) : at(D * kAnchorStride), sim(kRows * kStride) {}
+};
+
+// sim[r, j] = <a_{i0+r}, n_{j0+j}> for the tile's rows and cols (ws.at holds its anchors).
+inline void similarities(const Block& b, Workspace& ws, int64_t rows, int64_t j0, int64_t cols) {
+  proxy_gemm::logits(ws.at.data(), kAnchorStride, rows, b.D,
+                     b.nt.data_ptr<float>() + (j0 / kCols) * b.D * kStride, kStride, cols,
+                     ws.sim.data(), kStride, kChunk);
+}
+
+inline void load_anchors(const Block& b, Workspace& ws, int64_t i0, int64_t rows) {
+  const float* a = b.a.data_ptr<float>() + i0 * b.D;
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t d = 0; d < b.D; ++d) ws.at[d * kAnchorStride + r] = a[r * b.D + d];
+}
+
+// Folds exp(sim/τ) of each row into its running max m and scaled sum s.
+BUSSEG_AVX512 void fold_rows(const float* sim, int64_t rows, int64_t cols, float inv_tau, float* m,
+                             float* s) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* row = sim + r * kStride;
+    __m512 mx = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+    for (int64_t j = 0; j < cols; j += kLanes)
+      mx = _mm512_maskz_max_ps(kAll, mx, _mm512_mask_loadu_ps(mx, lanes_below(cols - j), row + j));
+    const float m_new = std::max(m[r], lane_max(mx) * inv_tau);
+    const __m512 scale = _mm512_set1_ps(inv_tau), shift = _mm512_set1_ps(-m_new);
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t j = 0; j < cols; j += kLanes) {
+      const __mmask16 k = lanes_below(cols - j);
+      const __m512 e = exp16(_mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, row + j), scale, shift));
+      sum = _mm512_mask_add_ps(sum, k, sum, e);
+    }
+    s[r] = s[r] * std::exp(m[r] - m_new) + lane_sum(sum);
+    m[r] = m_new;
+  }
+}
+
+// In place: sim[r, j] ← coef_r · exp(sim[r, j]/τ − lse_r), the softmax weight times dloss/dlse.
+BUSSEG_AVX512 void softmax_weights(float* sim, int64_t rows, int64_t cols, float inv_tau,
+                                   const float* lse, const float* coef) {
+  for (int64_t r = 0; r < rows; ++r) {
+    float* row = sim + r * kStride;
+    const __m512 scale = _mm512_set1_ps(inv_tau), shift = _mm512_set1_ps(-lse[r]),
+                 c = _mm512_set1_ps(coef[r]);
+    for (int64_t j = 0; j < cols; j += kLanes) {
+      const __mmask16 k = lanes_below(cols - j);
+      const __m512 e = exp16(_mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, row + j), scale, shift));
+      _mm512_mask_storeu_ps(row + j, k,
+                            coef[r] == 0.0f ? _mm512_setzero_ps() : _mm512_mul_ps(c, e));
+    }
+  }
+}
+
+// da[r, :] += Σ_j w[r, j] n_{j0+j} for the tile's rows: 64 negatives × 64 features of n stay in L1
+// while every micro-tile of 6 anchors passes over them.
+inline void anchor_grads(const Block& b, const float* w, int64_t rows, int64_t j0, int64_t cols,
+                         float* da) {
+  const float* n = b.n_rows.data_ptr<float>() + j0 * b.ld;
+  for (int64_t i0 = 0; i0 < cols; i0 += kStep) {
+    const int64_t ni = std::min(kStep, cols - i0);
+    for (int64_t m0 = 0; m0 < b.D; m0 += kStep) {
+      const proxy_gemm::ProxyChunk chunk = proxy_gemm::proxy_chunk(b.D, m0);
+      for (int64_t r0 = 0; r0 < rows; r0 += kTile) {
+        const int r = static_cast<int>(std::min<int64_t>(kTile, rows - r0));
+        proxy_gemm::kGradTiles[(r - 1) * kVecs + chunk.vecs - 1](
+            w + r0 * kStride + i0, kStride, ni, n + i0 * b.ld + m0, b.ld, da + r0 * b.ld + m0, b.ld,
+            chunk.tail);
+      }
+    }
+  }
+}
+
+// dn[j0 + j, :] += Σ_r w[r, j] a_{i0+r} for the tile's columns.
+inline void negative_grads(const Block& b, const float* w, int64_t i0, int64_t rows, int64_t j0,
+                           int64_t cols, float* dn) {
+  const float* a = b.a_rows.data_ptr<float>() + i0 * b.ld;
+  for (int64_t m0 = 0; m0 < b.D; m0 += kStep) {
+    const proxy_gemm::ProxyChunk chunk = proxy_gemm::proxy_chunk(b.D, m0);
+    for (int64_t c0 = 0; c0 < cols; c0 += kTile) {
+      const int r = static_cast<int>(std::min<int64_t>(kTile, cols - c0));
+      proxy_gemm::kLogitsTiles[(r - 1) * kVecs + chunk.vecs - 1](
+          w + c0, kStride, rows, a + m0, b.ld, dn + (j0 + c0) * b.ld + m0, b.ld, chunk.tail, true);
+    }
+  }
+}
+
+// Calls tile(ws, i0, rows) for this thread's run of anchor tiles.
+template <typename F>
+void for_anchor_tiles(const Block& b, const F& tile) {
+  parallel_chunks(b.row_tiles(), [&](int64_t t0, int64_t t1) {
+    Workspace ws(b.D);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t i0 = t * kRows, rows = std::min(kRows, b.N - i0);
+      load_anchors(b, ws, i0, rows);
+      tile(ws, i0, rows);
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& anchors,
+                                           const at::Tensor& anchor_labels,
+                                           const at::Tensor& negatives,
+                                           const at::Tensor& negative_labels,
+                                           const at::Tensor& positives,
+                                           const at::Tensor& has_positive, double temperature) {
+  using namespace contrastive;
+  const Prepared p = prepare(anchors, anchor_labels, negatives, negative_labels, positives,
+                             has_positive, temperature);
+  const float inv_tau = static_cast<float>(1.0 / temperature);
+  at::Tensor m = p.pos.clone(), s = at::ones_like(p.pos);  // the positive term starts the sum
+  for_classes(p, positives.size(0), [&](const ClassBlock& blk) {
+    at::Tensor mc = m.index_select(0, blk.rows), sc = s.index_select(0, blk.rows);
+    const Block b(blk.a, blk.n, false, false);
+    float* mp = mc.data_ptr<float>();
+    float* sp = sc.data_ptr<float>();
+    for_anchor_tiles(b, [&](Workspace& ws, int64_t i0, int64_t rows) {
+      for (int64_t j0 = 0; j0 < b.M; j0 += kCols) {
+        const int64_t cols = std::min(kCols, b.M - j0);
+        similarities(b, ws, rows, j0, cols);
+        fold_rows(ws.sim.data(), rows, cols, inv_tau, mp + i0, sp + i0);
+      }
+    });
+    m.index_copy_(0, blk.rows, mc);
+    s.index_copy_(0, blk.rows, sc);
+  });
+  const at::Tensor lse = m + s.log();
+  const at::Tensor loss =
+      (p.weight * at::where(p.weight > 0, lse - p.pos, at::zeros({}, lse.options()))).sum();
+  return {loss, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor> backward(const at::Tensor& grad_loss, const at::Tensor& anchors,
+                                            const at::Tensor& anchor_labels,
+                                            const at::Tensor& negatives,
+                                            const at::Tensor& negative_labels,
+                                            const at::Tensor& positives,
+                                            const at::Tensor& has_positive, const at::Tensor& lse,
+                                            double temperature, bool need_grad_negatives) {
+  using namespace contrastive;
+  const Prepared p = prepare(anchors, anchor_labels, negatives, negative_labels, positives,
+                             has_positive, temperature);
+  const int64_t K = positives.size(0), D = anchors.size(1);
+  const float inv_tau = static_cast<float>(1.0 / temperature);
+  const at::Tensor l = lse.contiguous();
+  // dℓ_i/dsim_ij = π_ij / τ; only valid anchors (w_i > 0) carry gradient.
+  const at::Tensor coef = (grad_loss.to(p.a.scalar_type()) * p.weight / temperature).contiguous();
+  const at::Tensor ph = positives / norms(positives);
+  const at::Tensor pi_pos = at::where(p.weight > 0, (p.pos - l).exp(), at::ones({}, l.options()));
+  at::Tensor da = (coef * (pi_pos - 1)).unsqueeze(1) * ph.index_select(0, p.ya.clamp(0, K - 1));
+  at::Tensor dn = need_grad_negatives ? at::zeros_like(p.n) : at::Tensor();
+  const int threads = at::get_num_threads();
+  for_classes(p, K, [&](const ClassBlock& blk) {
+    const at::Tensor lc = l.index_select(0, blk.rows), cc = coef.index_select(0, blk.rows);
+    const Block b(blk.a, blk.n, true, need_grad_negatives);
+    at::Tensor dac = at::zeros({b.N, b.ld}, b.a.options());
+    // one negative gradient per thread (threads share the negatives), summed afterwards
+    at::Tensor dnc =
+        need_grad_negatives ? at::zeros({threads, b.M, b.ld}, b.a.options()) : at::Tensor();
+    const float* lp = lc.data_ptr<float>();
+    const float* cp = cc.data_ptr<float>();
+    for_anchor_tiles(b, [&](Workspace& ws, int64_t i0, int64_t rows) {
+      float* dn_thread =
+          need_grad_negatives ? dnc.data_ptr<float>() + omp_get_thread_num() * b.M * b.ld : nullptr;
+      for (int64_t j0 = 0; j0 < b.M; j0 += kCols) {
+        const int64_t cols = std::min(kCols, b.M - j0);
+        similarities(b, ws, rows, j0, cols);
+        softmax_weights(ws.sim.data(), rows, cols, inv_tau, lp + i0, cp + i0);
+        anchor_grads(b, ws.sim.data(), rows, j0, cols, dac.data_ptr<float>() + i0 * b.ld);
+        if (dn_thread) negative_grads(b, ws.sim.data(), i0, rows, j0, cols, dn_thread);
+      }
+    });
+    da.index_add_(0, blk.rows, dac.narrow(1, 0, D));
+    if (need_grad_negatives) dn.index_add_(0, blk.cols, dnc.sum(0).narrow(1, 0, D));
+  });
+  at::Tensor grad_anchors = normalize_backward(anchors, p.a, da);
+  at::Tensor grad_negatives = need_grad_negatives ? normalize_backward(negatives, p.n, dn)
+                                                  : at::empty({0}, anchors.options());
+  return {grad_anchors, grad_negatives};
+}
+
+}  // namespace fused
+
+// The fused float32 path applies (inputs already widened).
+inline bool use_fused(const at::Tensor& x) {
+  return x.scalar_type() == at::kFloat && proxy_gemm::supported();
+}
+#else
+inline bool use_fused(const at::Tensor&) { return false; }
+#endif  // BUSSEG_HAVE_PROXY_GEMM
+
 std::tuple<at::Tensor, at::Tensor> memory_contrastive_loss_cpu(
     const at::Tensor& anchors, const at::Tensor& anchor_labels, const at::Tensor& negatives,
     const at::Tensor& negative_labels, const at::Tensor& positives, const at::Tensor& has_positive,
     double temperature) {
   check_memory_contrastive_loss_args(anchors, anchor_labels, negatives, negative_labels, positives,
                                      has_positive, temperature);
+  const at::Tensor a = widened(anchors), n = widened(negatives), p = widened(positives);
+#if BUSSEG_HAVE_PROXY_GEMM
   auto [loss, lse] =
-      contrastive_forward(kCpuTiles, widened(anchors), anchor_labels, widened(negatives),
-                          negative_labels, widened(positives), has_positive, temperature);
+      use_fused(a)
+          ? fused::forward(a, anchor_labels, n, negative_labels, p, has_positive, temperature)
+          : contrastive_forward(kCpuTiles, a, anchor_labels, n, negative_labels, p, has_positive,
+                                temperature);
+#else
+  auto [loss, lse] = contrastive_forward(kCpuTiles, a, anchor_labels, n, negative_labels, p,
+                                         has_positive, temperature);
+#endif
   return {loss.to(anchors.scalar_type()), lse.to(anchors.scalar_type())};
 }
 
@@ -112,10 +431,18 @@ std::tuple<at::Tensor, at::Tensor> memory_contrastive_loss_backward_cpu(
   check_memory_contrastive_loss_backward_args(grad_loss, anchors, anchor_labels, negatives,
                                               negative_labels, positives, has_positive, lse,
                                               temperature);
-  auto [ga, gn] =
-      contrastive_backward(kCpuTiles, widened(grad_loss), widened(anchors), anchor_labels,
-                           widened(negatives), negative_labels, widened(positives), has_positive,
-                           widened(lse), temperature, need_grad_negatives);
+  const at::Tensor a = widened(anchors), n = widened(negatives), p = widened(positives);
+  const at::Tensor g = widened(grad_loss), l = widened(lse);
+#if BUSSEG_HAVE_PROXY_GEMM
+  auto [ga, gn] = use_fused(a)
+                      ? fused::backward(g, a, anchor_labels, n, negative_labels, p, has_positive, l,
+                                        temperature, need_grad_negatives)
+                      : contrastive_backward(kCpuTiles, g, a, anchor_labels, n, negative_labels, p,
+                                             has_positive, l, temperature, need_grad_negatives);
+#else
+  auto [ga, gn] = contrastive_backward(kCpuTiles, g, a, anchor_labels, n, negative_labels, p,
+                                       has_positive, l, temperature, need_grad_negatives);
+#endif
   return {ga.to(anchors.scalar_type()), gn.to(negatives.scalar_type())};
 }
 
