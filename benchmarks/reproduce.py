@@ -148,7 +148,8 @@ diagnostics found these defects, each fixed and pinned by a test in `make test`:
    sets `apply_aug: False` (no strong augmentation of the unlabelled batch); our preset followed it,
    the reproduction's row did not: `test_reproduce_rows_follow_the_upstream_configs`.
 5. **PH-Net's memory bank lived on the CPU** under `--device cuda` (its means would have met CUDA
-   anchors); they now follow the features' device. Latent here (no GPU), so no CPU test can pin it.
+   anchors); they now follow the anchors' device. No GPU here: the meta device stands in for it in
+   `test_bank_centres_follow_the_anchors_device`.
 
 6. **Our networks had no dropout** (fixed for the table above). U2PL's heads, which RA-BUSSeg and
    PH-Net use, carry Dropout2d(0.1) after their hidden blocks, and the SSL4MIS U-Net of PH-Net's U-Net

@@ -282,3 +282,12 @@ def test_patch_prototype_contrast_matches_the_released_patch_contrast(shape):
     # One class only in every unlabelled patch: nothing to contrast, a zero still on the graph.
     zero, _ = methods.patch_prototype_contrast(rep_u, torch.zeros_like(label_u), prob_u, rep_l, label_l, prob_l, n, 0.5)
     assert zero.item() == 0 and zero.requires_grad
+
+
+def test_bank_centres_follow_the_anchors_device():
+    # The bank lives on the CPU; under --device cuda its means met CUDA anchors. No GPU here: the
+    # meta device stands in for "not the bank's device".
+    bank = busseg_ops.ClassMemoryBank(2, 4, 8)
+    bank.push(torch.nn.functional.normalize(torch.randn(3, 4), dim=1), torch.tensor([0, 0, 0]))
+    centres = methods.bank_centres(bank, torch.device("meta"))
+    assert centres[0].device.type == "meta" and centres[0].shape == (4,) and centres[1] is None

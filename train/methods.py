@@ -259,7 +259,7 @@ class PHNet(Method):
             pick = torch.randperm(len(anchors), device=anchors.device)[: c.max_anchors]
             anchors, labels = anchors[pick], labels[pick]
         if c.mb:
-            positives = [None if p is None else p.to(anchors.device) for p in self.bank.means()]  # bank on CPU
+            positives = bank_centres(self.bank, anchors.device)
             self.bank.push(anchors.detach(), labels)  # after use: this batch is not its own positive
         else:
             positives = [anchors[labels == j].detach().mean(0) if (labels == j).any() else None for j in range(2)]
@@ -278,6 +278,12 @@ class PHNet(Method):
     def load_state_dict(self, state: dict) -> None:
         if "bank" in state:
             self.bank.load_state_dict(state["bank"])
+
+
+def bank_centres(bank, device) -> list:
+    """The memory bank's class means (None for an empty class) on `device`: the bank lives on the
+    CPU, the anchors on the training device (--device cuda)."""
+    return [None if p is None else p.to(device) for p in bank.means()]
 
 
 def _patches(x: torch.Tensor, n: int) -> torch.Tensor:
