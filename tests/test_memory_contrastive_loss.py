@@ -170,29 +170,25 @@ def test_reference_matches_per_anchor_formula():
     torch.testing.assert_close(loss, naive(a, ya, n, yn, p, 0.3))
 
 
-def test_cpu_tiles_cover_more_than_one_block():
-    # 1024-row tiles: N, N⁻ > 1024 exercise the online LSE across blocks and partial tiles.
-    a, ya, n, yn, p = make(1500, 2100, 8, neg_grad=True)
+@pytest.mark.parametrize(
+    "shape,tau",
+    [
+        # 1024-row tiles: N, N⁻ > 1024 exercise the online LSE across blocks and partial tiles.
+        (dict(N=1500, M=2100, D=8), 0.1),
+        # The float32 tiles' edges: D = 131 (two 64-feature chunks and a 3-lane tail), 203 anchors
+        # (96-row tiles ending in a partial 6-row micro-tile), negatives not a multiple of 16 per class.
+        (dict(N=203, M=301, D=131, K=3), 0.2),
+    ],
+)
+def test_cpu_tiles_match_the_reference(shape, tau):
+    a, ya, n, yn, p = make(
+        shape["N"], shape["M"], shape["D"], **({"K": shape["K"]} if "K" in shape else {}), neg_grad=True
+    )
     with busseg_ops.use_backend("reference"):
-        ref = mcl(a, ya, n, yn, p, 0.1)
+        ref = mcl(a, ya, n, yn, p, tau)
         ref_g = torch.autograd.grad(ref, (a, n))
     with busseg_ops.use_backend("cpu"):
-        loss = mcl(a, ya, n, yn, p, 0.1)
-        grads = torch.autograd.grad(loss, (a, n))
-    torch.testing.assert_close(loss, ref)
-    for g, r in zip(grads, ref_g):
-        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-7)
-
-
-def test_cpu_tile_edges():
-    """The float32 CPU tiles' edges: D = 131 (two 64-feature chunks and a 3-lane tail), 203 anchors
-    (96-row tiles ending in a partial 6-row micro-tile), negatives not a multiple of 16 per class."""
-    a, ya, n, yn, p = make(203, 301, 131, K=3, neg_grad=True)
-    with busseg_ops.use_backend("reference"):
-        ref = mcl(a, ya, n, yn, p, 0.2)
-        ref_g = torch.autograd.grad(ref, (a, n))
-    with busseg_ops.use_backend("cpu"):
-        loss = mcl(a, ya, n, yn, p, 0.2)
+        loss = mcl(a, ya, n, yn, p, tau)
         grads = torch.autograd.grad(loss, (a, n))
     torch.testing.assert_close(loss, ref)
     for g, r in zip(grads, ref_g):
