@@ -53,6 +53,9 @@ RUN_ONE_OP = textwrap.dedent(
 def run(cmd: list, log: Path | None = None, check: bool = True, **kw) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("PIP_NO_BUILD_ISOLATION", "PYTHONPATH")}
     env.setdefault("MAX_JOBS", "2")
+    # Unoptimised objects: these tests check installing, not the kernels' speed (the suite's other
+    # tests run the -O3 build), and -O0 compiles in a fifth of the time.
+    env.setdefault("BUSSEG_OPT", "0")
     env.update(kw.pop("env", {}))
     r = subprocess.run([str(c) for c in cmd], env=env, capture_output=True, text=True, **kw)
     if log is not None:
@@ -182,3 +185,9 @@ def test_build_without_torch_stops_with_one_line(clone, scratch):
     assert len(ours) == 1 and "[1 lines of output]" in text, text
     assert "cannot import it" in ours[0] and "pip install torch" in ours[0]
     assert "pip install --no-build-isolation -e ." in ours[0]
+
+
+def test_a_bad_optimization_level_stops_the_build_with_one_line(clone, scratch):
+    r = run([sys.executable, "setup.py", "build_ext"], check=False, cwd=clone, env={"BUSSEG_OPT": "fast"})
+    assert r.returncode != 0
+    assert r.stderr.strip() == "busseg_ops: BUSSEG_OPT must be 0, 1, 2 or 3, not 'fast'", r.stderr

@@ -194,7 +194,7 @@ def test_ddp_two_processes_gloo(tmp_path):
     script = tmp_path / "ddp.py"
     script.write_text(
         textwrap.dedent(f"""
-        import torch, torch.distributed as dist
+        import gc, torch, torch.distributed as dist
         from busseg_ops.train import Trainer, TrainConfig
         cfg = TrainConfig(method="phnet", synthetic_n=24, synthetic_size=64, crop=64, epochs=1, max_steps=2,
                           batch_labeled=2, batch_unlabeled=2, warmup_epochs=0, unet_base=4, proj_dim=16, rep_dim=16,
@@ -210,6 +210,8 @@ def test_ddp_two_processes_gloo(tmp_path):
         assert torch.equal(got[0], got[1]), "replicas diverged"
         assert len(tr.method.bank) > 0
         print("rank", dist.get_rank(), "ok", len(tr.method.bank))
+        del tr  # DDP's reducer holds the process group: free it first, or gloo's threads may abort the exit
+        gc.collect()
         dist.destroy_process_group()
     """)
     )
