@@ -103,6 +103,17 @@ inline at::Tensor normalize_backward(const at::Tensor& x, const at::Tensor& xhat
   return at::where(norm > kNormEps, proj, dxhat) / norm.clamp_min(kNormEps);
 }
 
+// (loss, lse) from each anchor's running log-sum-exp (max m, scaled sum s, the positive included):
+// ℓ = Σ_i w_i (lse_i − pos_i) over the anchors that have a positive (w_i > 0).
+inline std::tuple<at::Tensor, at::Tensor> loss_from_running_lse(const Prepared& p,
+                                                                const at::Tensor& m,
+                                                                const at::Tensor& s) {
+  const at::Tensor lse = m + s.log();
+  const at::Tensor loss =
+      (p.weight * at::where(p.weight > 0, lse - p.pos, at::zeros({}, lse.options()))).sum();
+  return {loss, lse};
+}
+
 }  // namespace contrastive
 
 // Returns (loss, lse); lse (N,) is all backward needs besides the inputs.
@@ -127,10 +138,7 @@ inline std::tuple<at::Tensor, at::Tensor> contrastive_forward(
     m.index_copy_(0, blk.rows, mc);
     s.index_copy_(0, blk.rows, sc);
   });
-  const at::Tensor lse = m + s.log();
-  const at::Tensor loss =
-      (p.weight * at::where(p.weight > 0, lse - p.pos, at::zeros({}, lse.options()))).sum();
-  return {loss, lse};
+  return loss_from_running_lse(p, m, s);
 }
 
 inline std::tuple<at::Tensor, at::Tensor> contrastive_backward(

@@ -338,10 +338,7 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& anchors,
     m.index_copy_(0, blk.rows, mc);
     s.index_copy_(0, blk.rows, sc);
   });
-  const at::Tensor lse = m + s.log();
-  const at::Tensor loss =
-      (p.weight * at::where(p.weight > 0, lse - p.pos, at::zeros({}, lse.options()))).sum();
-  return {loss, lse};
+  return loss_from_running_lse(p, m, s);
 }
 
 std::tuple<at::Tensor, at::Tensor> backward(const at::Tensor& grad_loss, const at::Tensor& anchors,
