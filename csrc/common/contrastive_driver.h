@@ -114,6 +114,27 @@ inline std::tuple<at::Tensor, at::Tensor> loss_from_running_lse(const Prepared& 
   return {loss, lse};
 }
 
+// The backward's start, before the tiles: coef_i = g·w_i/τ scales dℓ_i/dsim_ij = π_ij/τ (only
+// anchors with a positive, w_i > 0, carry gradient); da holds the positive term's part of the
+// gradient of the normalized anchors, coef_i (π_i,pos − 1) p̂_{y_i}; dn is zero (undefined without
+// need_grad_negatives). The tiles add the negatives' parts to both.
+struct BackwardStart {
+  at::Tensor lse, coef, da, dn;
+};
+
+inline BackwardStart backward_start(const Prepared& p, const at::Tensor& grad_loss,
+                                    const at::Tensor& positives, const at::Tensor& lse,
+                                    double temperature, bool need_grad_negatives) {
+  const int64_t K = positives.size(0);
+  const at::Tensor l = lse.contiguous();
+  const at::Tensor coef = (grad_loss.to(p.a.scalar_type()) * p.weight / temperature).contiguous();
+  const at::Tensor ph = positives / norms(positives);
+  const at::Tensor pi_pos = at::where(p.weight > 0, (p.pos - l).exp(), at::ones({}, l.options()));
+  at::Tensor da = (coef * (pi_pos - 1)).unsqueeze(1) * ph.index_select(0, p.ya.clamp(0, K - 1));
+  at::Tensor dn = need_grad_negatives ? at::zeros_like(p.n) : at::Tensor();
+  return {l, coef, da, dn};
+}
+
 }  // namespace contrastive
 
 // Returns (loss, lse); lse (N,) is all backward needs besides the inputs.
@@ -150,13 +171,8 @@ inline std::tuple<at::Tensor, at::Tensor> contrastive_backward(
   const Prepared p = prepare(anchors, anchor_labels, negatives, negative_labels, positives,
                              has_positive, temperature);
   const int64_t K = positives.size(0);
-  const at::Tensor l = lse.contiguous();
-  // dℓ_i/dsim_ij = π_ij / τ; only valid anchors (w_i > 0) carry gradient.
-  const at::Tensor coef = (grad_loss.to(p.a.scalar_type()) * p.weight / temperature).contiguous();
-  const at::Tensor ph = positives / norms(positives);
-  const at::Tensor pi_pos = at::where(p.weight > 0, (p.pos - l).exp(), at::ones({}, l.options()));
-  at::Tensor da = (coef * (pi_pos - 1)).unsqueeze(1) * ph.index_select(0, p.ya.clamp(0, K - 1));
-  at::Tensor dn = need_grad_negatives ? at::zeros_like(p.n) : at::Tensor();
+  auto [l, coef, da, dn] =
+      backward_start(p, grad_loss, positives, lse, temperature, need_grad_negatives);
   for_classes(p, K, [&](const ClassBlock& blk) {
     const at::Tensor lc = l.index_select(0, blk.rows), cc = coef.index_select(0, blk.rows);
     at::Tensor dac = at::zeros_like(blk.a);

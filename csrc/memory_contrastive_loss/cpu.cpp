@@ -353,13 +353,8 @@ std::tuple<at::Tensor, at::Tensor> backward(const at::Tensor& grad_loss, const a
                              has_positive, temperature);
   const int64_t K = positives.size(0), D = anchors.size(1);
   const float inv_tau = static_cast<float>(1.0 / temperature);
-  const at::Tensor l = lse.contiguous();
-  // dℓ_i/dsim_ij = π_ij / τ; only valid anchors (w_i > 0) carry gradient.
-  const at::Tensor coef = (grad_loss.to(p.a.scalar_type()) * p.weight / temperature).contiguous();
-  const at::Tensor ph = positives / norms(positives);
-  const at::Tensor pi_pos = at::where(p.weight > 0, (p.pos - l).exp(), at::ones({}, l.options()));
-  at::Tensor da = (coef * (pi_pos - 1)).unsqueeze(1) * ph.index_select(0, p.ya.clamp(0, K - 1));
-  at::Tensor dn = need_grad_negatives ? at::zeros_like(p.n) : at::Tensor();
+  auto [l, coef, da, dn] =
+      backward_start(p, grad_loss, positives, lse, temperature, need_grad_negatives);
   const int threads = at::get_num_threads();
   for_classes(p, K, [&](const ClassBlock& blk) {
     const at::Tensor lc = l.index_select(0, blk.rows), cc = coef.index_select(0, blk.rows);
