@@ -181,9 +181,7 @@ def test_reference_matches_per_anchor_formula():
     ],
 )
 def test_cpu_tiles_match_the_reference(shape, tau):
-    a, ya, n, yn, p = make(
-        shape["N"], shape["M"], shape["D"], **({"K": shape["K"]} if "K" in shape else {}), neg_grad=True
-    )
+    a, ya, n, yn, p = make(**shape, neg_grad=True)
     with busseg_ops.use_backend("reference"):
         ref = mcl(a, ya, n, yn, p, tau)
         ref_g = torch.autograd.grad(ref, (a, n))

@@ -387,13 +387,41 @@ std::tuple<at::Tensor, at::Tensor> backward(const at::Tensor& grad_loss, const a
 
 }  // namespace fused
 
-// The fused float32 path applies (inputs already widened).
-inline bool use_fused(const at::Tensor& x) {
-  return x.scalar_type() == at::kFloat && proxy_gemm::supported();
-}
-#else
-inline bool use_fused(const at::Tensor&) { return false; }
 #endif  // BUSSEG_HAVE_PROXY_GEMM
+
+// The fused tiles for float32 on AVX-512, the at::mm driver for everything else (inputs widened).
+inline bool use_fused([[maybe_unused]] const at::Tensor& x) {
+#if BUSSEG_HAVE_PROXY_GEMM
+  return x.scalar_type() == at::kFloat && proxy_gemm::supported();
+#else
+  return false;
+#endif
+}
+
+std::tuple<at::Tensor, at::Tensor> forward_widened(const at::Tensor& a, const at::Tensor& ya,
+                                                   const at::Tensor& n, const at::Tensor& yn,
+                                                   const at::Tensor& p,
+                                                   const at::Tensor& has_positive,
+                                                   double temperature) {
+#if BUSSEG_HAVE_PROXY_GEMM
+  if (use_fused(a)) return fused::forward(a, ya, n, yn, p, has_positive, temperature);
+#endif
+  return contrastive_forward(kCpuTiles, a, ya, n, yn, p, has_positive, temperature);
+}
+
+std::tuple<at::Tensor, at::Tensor> backward_widened(const at::Tensor& g, const at::Tensor& a,
+                                                    const at::Tensor& ya, const at::Tensor& n,
+                                                    const at::Tensor& yn, const at::Tensor& p,
+                                                    const at::Tensor& has_positive,
+                                                    const at::Tensor& l, double temperature,
+                                                    bool need_grad_negatives) {
+#if BUSSEG_HAVE_PROXY_GEMM
+  if (use_fused(a))
+    return fused::backward(g, a, ya, n, yn, p, has_positive, l, temperature, need_grad_negatives);
+#endif
+  return contrastive_backward(kCpuTiles, g, a, ya, n, yn, p, has_positive, l, temperature,
+                              need_grad_negatives);
+}
 
 std::tuple<at::Tensor, at::Tensor> memory_contrastive_loss_cpu(
     const at::Tensor& anchors, const at::Tensor& anchor_labels, const at::Tensor& negatives,
@@ -401,17 +429,9 @@ std::tuple<at::Tensor, at::Tensor> memory_contrastive_loss_cpu(
     double temperature) {
   check_memory_contrastive_loss_args(anchors, anchor_labels, negatives, negative_labels, positives,
                                      has_positive, temperature);
-  const at::Tensor a = widened(anchors), n = widened(negatives), p = widened(positives);
-#if BUSSEG_HAVE_PROXY_GEMM
   auto [loss, lse] =
-      use_fused(a)
-          ? fused::forward(a, anchor_labels, n, negative_labels, p, has_positive, temperature)
-          : contrastive_forward(kCpuTiles, a, anchor_labels, n, negative_labels, p, has_positive,
-                                temperature);
-#else
-  auto [loss, lse] = contrastive_forward(kCpuTiles, a, anchor_labels, n, negative_labels, p,
-                                         has_positive, temperature);
-#endif
+      forward_widened(widened(anchors), anchor_labels, widened(negatives), negative_labels,
+                      widened(positives), has_positive, temperature);
   return {loss.to(anchors.scalar_type()), lse.to(anchors.scalar_type())};
 }
 
@@ -423,18 +443,9 @@ std::tuple<at::Tensor, at::Tensor> memory_contrastive_loss_backward_cpu(
   check_memory_contrastive_loss_backward_args(grad_loss, anchors, anchor_labels, negatives,
                                               negative_labels, positives, has_positive, lse,
                                               temperature);
-  const at::Tensor a = widened(anchors), n = widened(negatives), p = widened(positives);
-  const at::Tensor g = widened(grad_loss), l = widened(lse);
-#if BUSSEG_HAVE_PROXY_GEMM
-  auto [ga, gn] = use_fused(a)
-                      ? fused::backward(g, a, anchor_labels, n, negative_labels, p, has_positive, l,
-                                        temperature, need_grad_negatives)
-                      : contrastive_backward(kCpuTiles, g, a, anchor_labels, n, negative_labels, p,
-                                             has_positive, l, temperature, need_grad_negatives);
-#else
-  auto [ga, gn] = contrastive_backward(kCpuTiles, g, a, anchor_labels, n, negative_labels, p,
-                                       has_positive, l, temperature, need_grad_negatives);
-#endif
+  auto [ga, gn] = backward_widened(widened(grad_loss), widened(anchors), anchor_labels,
+                                   widened(negatives), negative_labels, widened(positives),
+                                   has_positive, widened(lse), temperature, need_grad_negatives);
   return {ga.to(anchors.scalar_type()), gn.to(negatives.scalar_type())};
 }
 
