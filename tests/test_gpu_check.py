@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -72,3 +73,42 @@ def test_the_venv_it_creates_sees_this_pythons_packages(tmp_path):
     out = subprocess.run([python, "-c", probe], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == str(tmp_path / "venv")
+
+
+def test_the_time_limit_stops_the_command_and_its_children(monkeypatch, tmp_path):
+    pid_file = tmp_path / "child.pid"
+    script = (
+        "import subprocess, sys, time; "
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)']); "
+        f"open({str(pid_file)!r}, 'w').write(str(child.pid)); print('started', flush=True); time.sleep(120)"
+    )
+    monkeypatch.setattr(gpu_check, "deadline", time.monotonic() + 3)
+    t0 = time.monotonic()
+    assert gpu_check.run([sys.executable, "-c", script]) == gpu_check.OUT_OF_TIME
+    assert time.monotonic() - t0 < 60
+    child = int(pid_file.read_text())
+    for _ in range(50):  # the killed grandchild is reaped by init shortly after
+        if not Path(f"/proc/{child}").exists() or "Z" in Path(f"/proc/{child}/stat").read_text().split()[2]:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail(f"the command's child {child} outlived the time limit")
+    # with the time spent, the next command is not started
+    assert gpu_check.run([sys.executable, "-c", f"open({str(tmp_path / 'ran')!r}, 'w')"]) == gpu_check.OUT_OF_TIME
+    assert not (tmp_path / "ran").exists()
+
+
+def test_a_phase_is_as_bad_as_its_worst_command():
+    assert gpu_check.worst(gpu_check.PASSED, gpu_check.PASSED) == gpu_check.PASSED
+    assert gpu_check.worst(gpu_check.PASSED, gpu_check.FAILED) == gpu_check.FAILED
+    assert gpu_check.worst(gpu_check.FAILED, gpu_check.OUT_OF_TIME, gpu_check.PASSED) == gpu_check.OUT_OF_TIME
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "soon"])
+def test_a_bad_time_limit_is_refused_in_one_line(value):
+    out = subprocess.run(
+        [sys.executable, "tools/gpu_check.py", "--time-limit", value], cwd=ROOT, capture_output=True, text=True
+    )
+    assert out.returncode == 2
+    last = out.stderr.splitlines()[-1]
+    assert last.startswith("gpu_check.py: error:") and "--time-limit" in last and value in last

@@ -15,17 +15,24 @@ printed with its wall time:
 
 Without a CUDA GPU (no nvcc, or torch here sees no CUDA device) it prints one line and exits 0.
 Exit status 1 when a phase fails; the report is written with whatever ran.
+
+``--time-limit SECONDS`` (for a lent machine's short lease): when the time is up, the command
+running is stopped, the phases left are not started, and the report is still written with what
+ran (a benchmark file's numbers count once the file has finished).
 """
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import os
 import shutil
+import signal
 import site
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -34,6 +41,9 @@ OUT = ROOT / "build" / "gpu-check"
 RESULTS = ROOT / "benchmarks" / "RESULTS_GPU.md"
 BENCHMARKS = ("bench_copy", "bench_arp", "bench_cra", "bench_phnet")
 _BASELINES = ("upstream", "unfold", "reference", "compiled", "baseline")  # as benchmarks/conftest.py
+#: time.monotonic() at which --time-limit runs out (None: no limit)
+deadline: float | None = None
+PASSED, FAILED, OUT_OF_TIME = "passed", "FAILED", "stopped at the time limit"
 
 
 def no_gpu_reason() -> str | None:
@@ -49,15 +59,35 @@ def no_gpu_reason() -> str | None:
     return None
 
 
-def run(cmd: list[str], env: dict | None = None, log: Path | None = None) -> bool:
-    """Run ``cmd`` in the repository; its output to the terminal (and ``log``). True if it passed."""
+def run(cmd: list[str], env: dict | None = None, log: Path | None = None) -> str:
+    """Run ``cmd`` in the repository, its output to the terminal (and ``log``): PASSED, FAILED, or
+    OUT_OF_TIME where the time limit stopped it (or left it no time to start)."""
+    remaining = None if deadline is None else deadline - time.monotonic()
+    if remaining is not None and remaining <= 0:
+        return OUT_OF_TIME
     print("$ " + " ".join(cmd), flush=True)
     with open(log, "w") if log else open(os.devnull, "w") as f:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        # a session of its own, so that the time limit stops its children (pytest's workers) too
+        proc = subprocess.Popen(
+            cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+        )
+        timer = threading.Timer(remaining, os.killpg, (proc.pid, signal.SIGKILL)) if remaining is not None else None
+        if timer:
+            timer.start()
         for line in proc.stdout:
             sys.stdout.write(line)
             f.write(line)
-    return proc.wait() == 0
+        code = proc.wait()
+        if timer:
+            timer.cancel()
+    if remaining is not None and time.monotonic() >= deadline:
+        return OUT_OF_TIME
+    return PASSED if code == 0 else FAILED
+
+
+def worst(*outcomes: str) -> str:
+    """A phase's outcome from its commands': stopped by time, else failed, else passed."""
+    return next((o for o in (OUT_OF_TIME, FAILED) if o in outcomes), PASSED)
 
 
 def venv_python(venv: Path = ROOT / ".venv") -> str:
@@ -78,32 +108,34 @@ def venv_python(venv: Path = ROOT / ".venv") -> str:
     return str(python)
 
 
-def build(python: str, arch: str) -> bool:
+def build(python: str, arch: str) -> str:
     env = dict(os.environ, TORCH_CUDA_ARCH_LIST=arch, MAX_JOBS=str(os.cpu_count() or 1))
-    if not run([python, "-m", "pip", "install", "-q", "--no-build-isolation", "--no-deps", "-e", "."], env):
-        return False
+    outcome = run([python, "-m", "pip", "install", "-q", "--no-build-isolation", "--no-deps", "-e", "."], env)
+    if outcome != PASSED:
+        return outcome
     # the CUDA kernels must be in the build (setup.py leaves them out where torch lacks CUDA)
     probe = "import busseg_ops; assert 'cuda' in busseg_ops.available_backends('cuda'), 'no CUDA kernels built'"
     return run([python, "-c", probe], env)
 
 
-def tests(python: str) -> bool:
+def tests(python: str) -> str:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    cmd = [python, "-m", "pytest", "tests", "-q", "-k", "cuda or triton", "-p", "no:cacheprovider"]
+    cmd = [python, "-m", "pytest", "tests", "-q", "-k", "cuda or triton", "-p", "no:cacheprovider", "-rfE"]
+    cmd += ["--durations=15"]
     if subprocess.run([python, "-c", "import xdist"], capture_output=True).returncode == 0:
-        cmd += ["-n", str(min(8, os.cpu_count() or 1))]  # Triton compiles in parallel
+        cmd += ["-n", str(min(16, os.cpu_count() or 1))]  # Triton compiles in parallel
     return run(cmd, env, OUT / "tests.log")
 
 
-def benchmarks(python: str) -> bool:
+def benchmarks(python: str) -> str:
     env = dict(os.environ, BUSSEG_BENCH_DEVICE="cuda")
-    ok = True
+    outcomes = []
     for name in BENCHMARKS:
         json_path = OUT / f"{name}.json"
         json_path.unlink(missing_ok=True)
         cmd = [python, "-m", "pytest", f"benchmarks/{name}.py", "-q", "-p", "no:warnings", "-p", "no:cacheprovider"]
-        ok &= run(cmd + ["--benchmark-columns=min,median,rounds", f"--benchmark-json={json_path}"], env)
-    return ok
+        outcomes.append(run(cmd + ["--benchmark-columns=min,median,rounds", f"--benchmark-json={json_path}"], env))
+    return worst(*outcomes)
 
 
 def environment(python: str) -> list[str]:
@@ -160,7 +192,13 @@ def benchmark_table() -> list[str]:
     return lines
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    global deadline
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--time-limit", type=float, metavar="SECONDS", help="stop at this many seconds")
+    args = parser.parse_args(argv)
+    if args.time_limit is not None and args.time_limit <= 0:
+        parser.error(f"--time-limit must be positive, got {args.time_limit:g}")
     reason = no_gpu_reason()
     if reason is not None:
         print(f"gpu-check: no CUDA GPU here ({reason}): nothing ran")
@@ -170,7 +208,9 @@ def main() -> int:
     major, minor = torch.cuda.get_device_capability(0)
     OUT.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    phases: list[tuple[str, bool, float]] = []
+    if args.time_limit is not None:
+        deadline = time.monotonic() + args.time_limit
+    phases: list[tuple[str, str, float]] = []
     python = venv_python()
     for name, phase in (
         (f"build (TORCH_CUDA_ARCH_LIST={major}.{minor})", lambda: build(python, f"{major}.{minor}")),
@@ -178,12 +218,13 @@ def main() -> int:
         ("GPU benchmarks", lambda: benchmarks(python)),
     ):
         t0 = time.perf_counter()
-        ok = phase()
-        phases.append((name, ok, time.perf_counter() - t0))
-        print(f"gpu-check: {name}: {'passed' if ok else 'FAILED'} in {phases[-1][2]:.0f} s", flush=True)
-        if not ok and name.startswith("build"):
+        outcome = phase()
+        phases.append((name, outcome, time.perf_counter() - t0))
+        print(f"gpu-check: {name}: {outcome} in {phases[-1][2]:.0f} s", flush=True)
+        if outcome != PASSED and name.startswith("build"):
             break  # nothing else can run without the extension
     total = time.perf_counter() - started
+    limit = "" if args.time_limit is None else f" (time limit {args.time_limit:.0f} s)"
     report = [
         "# GPU check (`make gpu-check`)",
         "",
@@ -193,8 +234,8 @@ def main() -> int:
         "",
         "| phase | result | wall time (s) |",
         "|---|---|---|",
-        *(f"| {name} | {'passed' if ok else 'FAILED'} | {secs:.0f} |" for name, ok, secs in phases),
-        f"| total | | {total:.0f} |",
+        *(f"| {name} | {outcome} | {secs:.0f} |" for name, outcome, secs in phases),
+        f"| total{limit} | | {total:.0f} |",
         "",
         "Benchmarks at the upstream settings (benchmarks/bench_*.py, `BUSSEG_BENCH_DEVICE=cuda`); GB/s: the",
         "least traffic (each input read, each output written once) per second, where the op is bound",
@@ -205,7 +246,7 @@ def main() -> int:
     ]
     RESULTS.write_text("\n".join(report))
     print(f"gpu-check: {RESULTS.relative_to(ROOT)} written; total {total:.0f} s")
-    return 0 if all(ok for _, ok, _ in phases) else 1
+    return 0 if all(outcome == PASSED for _, outcome, _ in phases) else 1
 
 
 if __name__ == "__main__":
