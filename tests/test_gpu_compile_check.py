@@ -8,6 +8,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -82,6 +83,74 @@ def test_drift_guards_and_compile_errors(tmp_path):
     assert "BLOCK=8" in out.stdout and "BLOCK=64" in out.stdout
     error = out.stdout.split("ERROR ", 1)[1]
     assert "K >= 16" in error, error
+
+
+FLOAT_ARG_MODULE = """
+import torch
+import triton
+import triton.language as tl
+
+from busseg_ops.triton._float_args import join, split
+
+
+@triton.jit
+def promoting_kernel(x, out, n, scale, BLOCK: tl.constexpr):
+    acc = tl.zeros([BLOCK], tl.float32)
+    for i in range(n):
+        acc += tl.load(x + i * BLOCK + tl.arange(0, BLOCK)) * scale
+    tl.store(out + tl.arange(0, BLOCK), acc)
+
+
+@triton.jit
+def joining_kernel(x, out, n, scale_hi, scale_lo, BLOCK: tl.constexpr):
+    scale = join(scale_hi, scale_lo, tl.float32)
+    acc = tl.zeros([BLOCK], tl.float32)
+    for i in range(n):
+        acc += tl.load(x + i * BLOCK + tl.arange(0, BLOCK)) * scale
+    tl.store(out + tl.arange(0, BLOCK), acc)
+
+
+LAUNCH_AXES = {"dtype": (torch.float32,)}
+
+
+def launch_stand_in(dtype):
+    x = torch.zeros(4, 128, dtype=dtype)
+    promoting_kernel[(1,)](x, x, 4, 0.1, BLOCK=128)
+    joining_kernel[(1,)](x, x, 4, *split(0.1), BLOCK=128)
+"""
+
+
+def test_float_arguments_are_compiled_as_torch_compile_types_them(tmp_path):
+    """Each launch with float arguments is compiled for sm_90 again with them float64 (Inductor on a
+    GPU): a kernel whose float32 loop accumulator they promote fails there, one that joins them
+    into its compute dtype (busseg_ops/triton/_float_args.py) compiles."""
+    (tmp_path / "float_kernels.py").write_text(FLOAT_ARG_MODULE)
+    script = textwrap.dedent(f"""
+        import os, sys
+        os.environ.pop("TRITON_INTERPRET", None)
+        os.environ["TRITON_CACHE_DIR"] = {str(tmp_path / "cache")!r}
+        sys.path[:0] = [{str(tmp_path)!r}, {str(ROOT / "tools")!r}]
+        import gpu_compile_check as check
+        jobs, problems = check.triton_jobs(["float_kernels"], targets=(90,))
+        for job in jobs:
+            error = check.compile_job(job).error
+            print(job.kernel, job.config.endswith("floats fp64"), "ERROR " + error.splitlines()[-1] if error else "ok")
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    results = sorted(out.stdout.splitlines())
+    assert results[:3] == ["joining_kernel False ok", "joining_kernel True ok", "promoting_kernel False ok"], results
+    assert results[3].startswith("promoting_kernel True ERROR") and "fp64" in results[3], results
+
+
+def test_a_float_split_in_two_halves_keeps_48_bits():
+    from busseg_ops.triton._float_args import split
+
+    for x in (0.1, 3**-0.5, 1 / 0.07, -2.5e-10, 0.0, 1e30):
+        hi, lo = split(x)
+        assert np.float32(hi) == hi and np.float32(lo) == lo
+        assert abs((hi + lo) - x) <= abs(x) * 2.0**-46
+    assert split(float("inf")) == (float("inf"), 0.0)
 
 
 def usage(regs, threads, shared=0, target=90):

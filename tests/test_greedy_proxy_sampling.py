@@ -93,8 +93,8 @@ class TestGreedyProxySampling(OpContract):
         ).map(lambda c: ((c[0], c[1], c[2], c[3], max(1, int(c[4] * c[2] * c[3]))), torch.float64, False))
 
     def compile_inputs(self):
-        first = torch.tensor([3, 11])
-        return (lambda f: greedy(f, 8, first=first)), (torch.randn(2, 5, 4, 6),)
+        # every tensor an input, so that the test moves it to the device under test
+        return (lambda f, first: greedy(f, 8, first=first)), (torch.randn(2, 5, 4, 6), torch.tensor([3, 11]))
 
     def nan_inputs(self):
         feat = torch.randn(2, 6, 7, 9)

@@ -24,6 +24,12 @@ the size axes must be saturated -- a problem four times larger than an axis's la
 not launch anything new (an uncapped block size fails here). Axes listed in ``UNBOUNDED_AXES``
 (each value its own compile, e.g. the kernel size) are checked at their listed values only.
 
+torch.compile launches the same kernels with other argument types: on a GPU, Inductor types a
+Python float argument float64 where Triton's JIT types it float32. So each launch of the base
+problem and the corners (every dtype) with float arguments is compiled for sm_90 a second time with
+them float64 (the configuration reads "floats fp64"); a kernel that lets such an argument promote
+its float32 arithmetic fails there (busseg_ops/triton/_float_args.py says how ours avoid it).
+
     python tools/gpu_compile_check.py                 # compile, print the table; exit 1 on failure
     python tools/gpu_compile_check.py --write-results # also rewrite the table in benchmarks/RESULTS.md
 
@@ -171,13 +177,16 @@ def captured_launches():
 def _specialise(launch: Launch, target: int):
     """What JITFunction.run would compile for this launch on `target`: (signature, constexprs,
     attrs, options) from Triton's own binder and argument packing."""
+    from triton import knobs
     from triton.backends.compiler import GPUTarget
     from triton.compiler.compiler import make_backend
     from triton.runtime.jit import create_function_from_signature
 
     kernel = getattr(importlib.import_module(launch.module), launch.kernel)
     backend = make_backend(GPUTarget("cuda", target, 32))
-    kwargs = dict(launch.kwargs, debug=kernel.debug, instrumentation_mode="", fpsan_homomorphic_casts=False)
+    kwargs = dict(launch.kwargs, debug=kernel.debug, instrumentation_mode="")
+    if hasattr(knobs.compilation, "fpsan_homomorphic_casts"):  # Triton 3.9's JIT passes it; 3.6's has none
+        kwargs["fpsan_homomorphic_casts"] = False
     binder = create_function_from_signature(kernel.signature, kernel.params, backend)
     bound, specialization, options = binder(*launch.args, **kwargs)
     options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, specialization, options)
@@ -229,6 +238,13 @@ def triton_jobs(modules=TRITON_MODULES, targets=TARGETS) -> tuple[list[Job], lis
     kernels no stand-in launches, size axes whose launches still change past their largest value."""
     jobs: dict[tuple, Job] = {}
     problems = []
+
+    def add(name, launch, target, sig, const, attrs, options, note=""):
+        key = (name, launch.kernel, target, repr(sig), repr(const), repr(attrs), repr(options))
+        if key not in jobs:
+            label = _describe(getattr(importlib.import_module(name), launch.kernel), sig, const, options) + note
+            jobs[key] = Job(name, launch.kernel, target, sig, const, attrs, options, label)
+
     for name in modules:
         module = importlib.import_module(name)
         if not hasattr(module, "LAUNCH_AXES"):
@@ -241,15 +257,18 @@ def triton_jobs(modules=TRITON_MODULES, targets=TARGETS) -> tuple[list[Job], lis
             return found
 
         seen = set()
-        for point in launch_points(module):
+        points = launch_points(module)
+        typed = points[: len(module.LAUNCH_AXES["dtype"]) * (1 + len(getattr(module, "LAUNCH_CORNERS", ())))]
+        for point in points:
             for launch in launches(point):
                 seen.add(launch.kernel)
                 for target in targets:
-                    sig, const, attrs, options = _specialise(launch, target)
-                    key = (name, launch.kernel, target, repr(sig), repr(const), repr(attrs), repr(options))
-                    if key not in jobs:
-                        label = _describe(getattr(module, launch.kernel), sig, const, options)
-                        jobs[key] = Job(name, launch.kernel, target, sig, const, attrs, options, label)
+                    add(name, launch, target, *_specialise(launch, target))
+                if point in typed and 90 in targets:
+                    sig, const, attrs, options = _specialise(launch, 90)
+                    if "fp32" in sig.values():  # as Inductor passes the floats on a GPU
+                        sig = {k: "fp64" if t == "fp32" else t for k, t in sig.items()}
+                        add(name, launch, 90, sig, const, attrs, options, " floats fp64")
         for kernel in _entry_kernels(module):
             if kernel not in seen:
                 problems.append(f"{name}.{kernel}: a kernel that launch_stand_in never launches")
@@ -541,7 +560,8 @@ def main(argv=None) -> int:
 
     jobs, problems = triton_jobs()
     print(
-        f"gpu-compile-check: {len(jobs)} Triton compiles ({len(jobs) // len(TARGETS)} launches × sm_80, sm_90), "
+        f"gpu-compile-check: {len(jobs)} Triton compiles (each launch for sm_80 and sm_90, and for sm_90 with "
+        "float arguments typed float64 as torch.compile passes them), "
         f"{args.jobs} processes",
         flush=True,
     )

@@ -15,6 +15,7 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from .. import _validate
+from ._float_args import join, split
 
 
 @triton.jit
@@ -42,7 +43,8 @@ def _arp_forward_kernel(
     C,
     K,
     DIL,
-    scale,
+    scale_hi,
+    scale_lo,
     KS: tl.constexpr,
     VALID: tl.constexpr,
     TAPS_PAD: tl.constexpr,
@@ -53,6 +55,7 @@ def _arp_forward_kernel(
 ):
     b = tl.program_id(1)
     HW = H * W
+    scale = join(scale_hi, scale_lo, ACC)
     p, in_image, y, x = _pixel_block(H, W, BLOCK_P)
     taps = tl.arange(0, TAPS_PAD)
     affinity = tl.full([BLOCK_P, TAPS_PAD], float("-inf"), ACC)
@@ -103,7 +106,8 @@ def _arp_affinity_grad_kernel(
     W,
     K,
     DIL,
-    scale,
+    scale_hi,
+    scale_lo,
     KS: tl.constexpr,
     TAPS_PAD: tl.constexpr,
     BLOCK_P: tl.constexpr,
@@ -112,6 +116,7 @@ def _arp_affinity_grad_kernel(
 ):
     b = tl.program_id(1)
     HW = H * W
+    scale = join(scale_hi, scale_lo, ACC)
     p, in_image, y, x = _pixel_block(H, W, BLOCK_P)
     taps = tl.arange(0, TAPS_PAD)
     tap_mask = in_image[:, None] & (taps[None, :] < KS * KS)
@@ -275,7 +280,7 @@ def adjacent_relation_propagation(
         C,
         K,
         dilation,
-        scale,
+        *split(scale),
         KS=kernel_size,
         VALID=valid_padding,
         TAPS_PAD=triton.next_power_of_2(kernel_size * kernel_size),
@@ -321,7 +326,7 @@ def adjacent_relation_propagation_backward(
             W,
             K,
             dilation,
-            scale,
+            *split(scale),
             KS=kernel_size,
             TAPS_PAD=triton.next_power_of_2(kernel_size * kernel_size),
             BLOCK_P=_BLOCK_P,

@@ -9,7 +9,8 @@ and the KL terms of the adjacent pairs; backward: a sliding window over layers l
 each logit gradient once. A tile holds at most _TILE logits (a thread's share of each live tile
 stays in registers; 4096 spilled in backward on sm_80/sm_90); rows of more than _TILE proxies
 (global alignment, every pixel a proxy) go to the "wide" kernels, which stream each row in chunks
-of _TILE, one pass per row sum they need."""
+of _TILE, one pass per row sum they need, each summing element-wise over the chunks and reducing
+the row once after the loop (Triton 3.6 failed to compile a row reduction carried by the loop)."""
 
 import torch
 import triton
@@ -17,6 +18,7 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from .. import _validate
+from ._float_args import join, split
 
 
 @triton.jit
@@ -40,25 +42,35 @@ def _kl_term(q, log_q, log_p_eps):
 
 @triton.jit
 def _chunked_lse(logits, l, r, R, M, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, ACC: tl.constexpr):
-    """_row_lse of layer l's rows, read in chunks of BLOCK_M proxies: the same shift (the row max,
-    NaN included) in a first pass, the sum of exponentials in a second."""
-    zmax = tl.full([BLOCK_R], float("-inf"), ACC)
+    """_row_lse of layer l's rows, read in chunks of BLOCK_M proxies: the same shift (the row max)
+    in a first pass, the sum of exponentials in a second."""
+    zmax = tl.full([BLOCK_R, BLOCK_M], float("-inf"), ACC)
     for m0 in range(0, M, BLOCK_M):
-        z = _load_layer(logits, l, r, m0 + tl.arange(0, BLOCK_M), R, M, ACC)
-        zmax = tl.maximum(zmax, tl.max(z, axis=1), propagate_nan=tl.PropagateNan.ALL)
+        zmax = tl.maximum(zmax, _load_layer(logits, l, r, m0 + tl.arange(0, BLOCK_M), R, M, ACC))
+    zmax = tl.max(zmax, axis=1)
     infinite = (zmax == float("inf")) | (zmax == float("-inf"))
     shift = tl.where(infinite, 0.0, zmax)
-    total = tl.zeros([BLOCK_R], ACC)
+    total = tl.zeros([BLOCK_R, BLOCK_M], ACC)
     for m0 in range(0, M, BLOCK_M):
-        z = _load_layer(logits, l, r, m0 + tl.arange(0, BLOCK_M), R, M, ACC)
-        total += tl.sum(tl.exp(z - shift[:, None]), axis=1)
-    return tl.where(infinite, zmax, shift + tl.log(total))
+        total += tl.exp(_load_layer(logits, l, r, m0 + tl.arange(0, BLOCK_M), R, M, ACC) - shift[:, None])
+    return tl.where(infinite, zmax, shift + tl.log(tl.sum(total, axis=1)))
 
 
 @triton.jit
 def _align_forward_kernel(
-    logits, lse, row_loss, R, M, eps, L: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, ACC: tl.constexpr
+    logits,
+    lse,
+    row_loss,
+    R,
+    M,
+    eps_hi,
+    eps_lo,
+    L: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    ACC: tl.constexpr,
 ):
+    eps = join(eps_hi, eps_lo, ACC)
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     ms = tl.arange(0, BLOCK_M)
     z_prev = _load_layer(logits, 0, r, ms, R, M, ACC)
@@ -80,14 +92,15 @@ def _align_forward_kernel(
 
 @triton.jit
 def _align_forward_wide_kernel(
-    logits, lse, row_loss, R, M, eps, L, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, ACC: tl.constexpr
+    logits, lse, row_loss, R, M, eps_hi, eps_lo, L, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, ACC: tl.constexpr
 ):
     """_align_forward_kernel for rows of more than BLOCK_M proxies (layers in a loop: unrolled, the
     passes of every layer made the code large enough to spill)."""
+    eps = join(eps_hi, eps_lo, ACC)
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     lse_prev = _chunked_lse(logits, 0, r, R, M, BLOCK_R, BLOCK_M, ACC)
     tl.store(lse + r, lse_prev, mask=r < R)
-    total = tl.zeros([BLOCK_R], ACC)
+    total = tl.zeros([BLOCK_R, BLOCK_M], ACC)
     for l in range(1, L):
         lse_l = _chunked_lse(logits, l, r, R, M, BLOCK_R, BLOCK_M, ACC)
         tl.store(lse + l * R + r, lse_l, mask=r < R)
@@ -96,9 +109,9 @@ def _align_forward_wide_kernel(
             log_q = _load_layer(logits, l, r, ms, R, M, ACC) - lse_l[:, None]
             p = tl.exp(_load_layer(logits, l - 1, r, ms, R, M, ACC) - lse_prev[:, None])
             term = _kl_term(tl.exp(log_q), log_q, tl.log(p + eps))
-            total += tl.sum(tl.where((ms < M)[None, :], term, 0.0), axis=1)
+            total += tl.where((ms < M)[None, :], term, 0.0)
         lse_prev = lse_l
-    tl.store(row_loss + r, total, mask=r < R)
+    tl.store(row_loss + r, tl.sum(total, axis=1), mask=r < R)
 
 
 @triton.jit
@@ -109,13 +122,16 @@ def _align_backward_kernel(
     grad,
     R,
     M,
-    eps,
-    norm,
+    eps_hi,
+    eps_lo,
+    norm_hi,
+    norm_lo,
     L: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr,
     ACC: tl.constexpr,
 ):
+    eps, norm = join(eps_hi, eps_lo, ACC), join(norm_hi, norm_lo, ACC)
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     ms = tl.arange(0, BLOCK_M)
     mask = (r < R)[:, None] & (ms < M)[None, :]
@@ -156,8 +172,10 @@ def _align_backward_wide_kernel(
     grad,
     R,
     M,
-    eps,
-    norm,
+    eps_hi,
+    eps_lo,
+    norm_hi,
+    norm_lo,
     L,
     BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -165,6 +183,7 @@ def _align_backward_wide_kernel(
 ):
     """_align_backward_kernel for rows of more than BLOCK_M proxies: per layer, a pass for the row
     sums <x, h> and <q, u> of the pair it is the input of, then a pass writing the gradients."""
+    eps, norm = join(eps_hi, eps_lo, ACC), join(norm_hi, norm_lo, ACC)
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     coef = tl.load(grad_loss).to(ACC) * norm
     lse_prev = tl.zeros([BLOCK_R], ACC)
@@ -172,8 +191,8 @@ def _align_backward_wide_kernel(
     for l in range(L):
         lse_cur = tl.load(lse + l * R + r, mask=r < R, other=0.0).to(ACC)
         lse_next = lse_cur
-        ph = tl.zeros([BLOCK_R], ACC)
-        qu = tl.zeros([BLOCK_R], ACC)
+        ph = tl.zeros([BLOCK_R, BLOCK_M], ACC)
+        qu = tl.zeros([BLOCK_R, BLOCK_M], ACC)
         if l + 1 < L:
             lse_next = tl.load(lse + (l + 1) * R + r, mask=r < R, other=0.0).to(ACC)
             for m0 in range(0, M, BLOCK_M):
@@ -182,8 +201,9 @@ def _align_backward_wide_kernel(
                 x = tl.exp(_load_layer(logits, l, r, ms, R, M, ACC) - lse_cur[:, None])
                 log_q = _load_layer(logits, l + 1, r, ms, R, M, ACC) - lse_next[:, None]
                 q = tl.exp(log_q)
-                ph += tl.sum(tl.where(mask, x * (-q / (x + eps)), 0.0), axis=1)
-                qu += tl.sum(tl.where(mask, _kl_term(q, log_q, tl.log(x + eps)), 0.0), axis=1)
+                ph += tl.where(mask, x * (-q / (x + eps)), 0.0)
+                qu += tl.where(mask, _kl_term(q, log_q, tl.log(x + eps)), 0.0)
+        ph = tl.sum(ph, axis=1)
         for m0 in range(0, M, BLOCK_M):
             ms = m0 + tl.arange(0, BLOCK_M)
             mask = (r < R)[:, None] & (ms < M)[None, :]
@@ -198,7 +218,7 @@ def _align_backward_wide_kernel(
                 q = tl.exp(_load_layer(logits, l + 1, r, ms, R, M, ACC) - lse_next[:, None])
                 g += x * (-q / (x + eps) - ph[:, None])
             tl.store(grad + (l * R + r)[:, None] * M + ms[None, :], coef * g, mask=mask)
-        qu_prev = qu
+        qu_prev = tl.sum(qu, axis=1)
         lse_prev = lse_cur
 
 
@@ -270,8 +290,8 @@ def _rows_backward(grad_loss, z, lse_block, eps, norm):
         grad,
         B * n,
         M,
-        eps,
-        norm,
+        *split(eps),
+        *split(norm),
         L=L,
         BLOCK_R=block_r,
         BLOCK_M=block_m,
@@ -307,7 +327,7 @@ def cross_layer_alignment_loss(
         lse_block = torch.empty(L, B * n, dtype=acc, device=device)
         row_loss = torch.empty(B * n, dtype=acc, device=device)
         wrap_triton(forward_kernel)[(triton.cdiv(B * n, block_r),)](
-            z, lse_block, row_loss, B * n, M, eps, L=L, BLOCK_R=block_r, BLOCK_M=block_m, ACC=_acc(z)
+            z, lse_block, row_loss, B * n, M, *split(eps), L=L, BLOCK_R=block_r, BLOCK_M=block_m, ACC=_acc(z)
         )
         lse[:, :, r0 : r0 + n] = lse_block.view(L, B, n)
         total += row_loss.sum()

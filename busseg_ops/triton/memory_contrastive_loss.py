@@ -15,6 +15,7 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from .. import _validate
+from ._float_args import join, split
 
 
 @triton.jit
@@ -51,12 +52,14 @@ def _contrastive_forward_kernel(
     N,
     M,
     D,
-    inv_tau,
+    inv_tau_hi,
+    inv_tau_lo,
     BLOCK_N: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
     ACC: tl.constexpr,
 ):
+    inv_tau = join(inv_tau_hi, inv_tau_lo, ACC)
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     ya = tl.load(ya_ptr + rows, mask=rows < N, other=0)
     m = tl.load(pos + rows, mask=rows < N, other=0.0).to(ACC)  # the positive term starts the sum
@@ -84,7 +87,8 @@ def _contrastive_anchor_grad_kernel(
     N,
     M,
     D,
-    inv_tau,
+    inv_tau_hi,
+    inv_tau_lo,
     BLOCK_N: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -92,6 +96,7 @@ def _contrastive_anchor_grad_kernel(
     ACC: tl.constexpr,
 ):
     """da[rows, ds] += Σ_j g_ij n̂_j[ds]: a program per block of anchors and of feature columns."""
+    inv_tau = join(inv_tau_hi, inv_tau_lo, ACC)
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     ds = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     ya, l, c = _anchor_rows(ya_ptr, lse, coef, rows, N, ACC)
@@ -121,7 +126,8 @@ def _contrastive_negative_grad_kernel(
     N,
     M,
     D,
-    inv_tau,
+    inv_tau_hi,
+    inv_tau_lo,
     BLOCK_N: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -129,6 +135,7 @@ def _contrastive_negative_grad_kernel(
     ACC: tl.constexpr,
 ):
     """dn[cols, ds] = Σ_i g_ij â_i[ds]: a program per block of negatives and of feature columns."""
+    inv_tau = join(inv_tau_hi, inv_tau_lo, ACC)
     cols = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     ds = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     labels = tl.load(yn + cols, mask=cols < M, other=0)
@@ -251,7 +258,7 @@ def memory_contrastive_loss(
             N,
             n.shape[0],
             D,
-            1.0 / temperature,
+            *split(1.0 / temperature),
             **_blocks(a),
         )
     loss = (weight * torch.where(weight > 0, lse - pos, 0.0)).sum()
@@ -290,14 +297,14 @@ def memory_contrastive_loss_backward(
     column_blocks, meta = _grad_blocks(a)
     if N > 0 and M > 0:
         wrap_triton(_contrastive_anchor_grad_kernel)[(triton.cdiv(N, _BLOCK_N), column_blocks)](
-            *args, da, N, M, D, 1.0 / temperature, **meta
+            *args, da, N, M, D, *split(1.0 / temperature), **meta
         )
     grad_negatives = anchors.new_empty(0)
     if need_grad_negatives:
         dn = torch.zeros_like(n)
         if N > 0 and M > 0:
             wrap_triton(_contrastive_negative_grad_kernel)[(triton.cdiv(M, _BLOCK_M), column_blocks)](
-                *args, dn, N, M, D, 1.0 / temperature, **meta
+                *args, dn, N, M, D, *split(1.0 / temperature), **meta
             )
         grad_negatives = _normalize_backward(negatives, n, dn)
     return _normalize_backward(anchors, a, da), grad_negatives

@@ -10,6 +10,7 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from .. import _validate
+from ._float_args import join, split
 
 
 @triton.jit
@@ -38,8 +39,9 @@ def _prob(x_ptr, k, HW, mask, m, s, FROM_LOGITS: tl.constexpr):
 
 @triton.jit
 def _hardness_forward_kernel(
-    x, out, K, H, W, PH, PW, NH, NW, scale, eps, FROM_LOGITS: tl.constexpr, BLOCK: tl.constexpr
+    x, out, K, H, W, PH, PW, NH, NW, scale_hi, scale_lo, eps_hi, eps_lo, FROM_LOGITS: tl.constexpr, BLOCK: tl.constexpr
 ):
+    scale, eps = join(scale_hi, scale_lo, tl.float32), join(eps_hi, eps_lo, tl.float32)
     pid = tl.program_id(0)  # (b, i, j) patch
     b = pid // (NH * NW)
     i = (pid // NW) % NH
@@ -60,8 +62,24 @@ def _hardness_forward_kernel(
 
 @triton.jit
 def _hardness_backward_kernel(
-    grad, x, dx, K, H, W, PH, PW, NH, NW, scale, eps, FROM_LOGITS: tl.constexpr, BLOCK: tl.constexpr
+    grad,
+    x,
+    dx,
+    K,
+    H,
+    W,
+    PH,
+    PW,
+    NH,
+    NW,
+    scale_hi,
+    scale_lo,
+    eps_hi,
+    eps_lo,
+    FROM_LOGITS: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
+    scale, eps = join(scale_hi, scale_lo, tl.float32), join(eps_hi, eps_lo, tl.float32)
     b = tl.program_id(1)
     HW = H * W
     pix = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -114,8 +132,8 @@ def patch_entropy_hardness(x: torch.Tensor, patch_h: int, patch_w: int, from_log
         patch_w,
         nh,
         nw,
-        -1.0 / (math.log(K) * patch_h * patch_w),
-        eps,
+        *split(-1.0 / (math.log(K) * patch_h * patch_w)),
+        *split(eps),
         FROM_LOGITS=from_logits,
         # a lane per thread at least; at most 512 pixels at a time (blocks of 1024 spilled on sm_90)
         BLOCK=min(512, max(128, triton.next_power_of_2(patch_h * patch_w))),
@@ -142,8 +160,8 @@ def patch_entropy_hardness_backward(
         patch_w,
         H // patch_h,
         W // patch_w,
-        -1.0 / (math.log(K) * patch_h * patch_w),
-        eps,
+        *split(-1.0 / (math.log(K) * patch_h * patch_w)),
+        *split(eps),
         FROM_LOGITS=from_logits,
         BLOCK=block,
     )
