@@ -60,28 +60,41 @@ def launch_stand_in(dtype, n):
 """
 
 
-def test_drift_guards_and_compile_errors(tmp_path):
-    """A kernel no stand-in launches and a block size that grows past the axis are reported; tl.dot
-    on 8 x 8 float16 blocks, which the interpreter runs, fails to compile for sm_90 and is reported."""
-    (tmp_path / "fake_kernels.py").write_text(FAKE_MODULE)
+def run_check_on(tmp_path, name: str, source: str, body: str) -> str:
+    """Write the kernel module ``name`` and run ``body`` in a fresh process with the checker imported
+    as ``check`` and ``jobs, problems`` of that module for sm_90 (no interpreter); its stdout."""
+    (tmp_path / f"{name}.py").write_text(source)
     script = textwrap.dedent(f"""
         import os, sys
         os.environ.pop("TRITON_INTERPRET", None)
         os.environ["TRITON_CACHE_DIR"] = {str(tmp_path / "cache")!r}
         sys.path[:0] = [{str(tmp_path)!r}, {str(ROOT / "tools")!r}]
         import gpu_compile_check as check
-        jobs, problems = check.triton_jobs(["fake_kernels"], targets=(90,))
+        jobs, problems = check.triton_jobs([{name!r}], targets=(90,))
+    """) + textwrap.dedent(body)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def test_drift_guards_and_compile_errors(tmp_path):
+    """A kernel no stand-in launches and a block size that grows past the axis are reported; tl.dot
+    on 8 x 8 float16 blocks, which the interpreter runs, fails to compile for sm_90 and is reported."""
+    stdout = run_check_on(
+        tmp_path,
+        "fake_kernels",
+        FAKE_MODULE,
+        """
         print("\\n".join(problems))
         small = [j for j in jobs if "BLOCK=8" in j.config]
         print("CONFIGS", sorted(j.config for j in jobs))
         print("ERROR", check.compile_job(small[0]).error.splitlines()[-1])
-    """)
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr
-    assert "fake_kernels.forgotten_kernel: a kernel that launch_stand_in never launches" in out.stdout
-    assert "fake_kernels.small_dot_kernel: n=256 launches a configuration that n=64 does not" in out.stdout
-    assert "BLOCK=8" in out.stdout and "BLOCK=64" in out.stdout
-    error = out.stdout.split("ERROR ", 1)[1]
+        """,
+    )
+    assert "fake_kernels.forgotten_kernel: a kernel that launch_stand_in never launches" in stdout
+    assert "fake_kernels.small_dot_kernel: n=256 launches a configuration that n=64 does not" in stdout
+    assert "BLOCK=8" in stdout and "BLOCK=64" in stdout
+    error = stdout.split("ERROR ", 1)[1]
     assert "K >= 16" in error, error
 
 
@@ -124,21 +137,17 @@ def test_float_arguments_are_compiled_as_torch_compile_types_them(tmp_path):
     """Each launch with float arguments is compiled for sm_90 again with them float64 (Inductor on a
     GPU): a kernel whose float32 loop accumulator they promote fails there, one that joins them
     into its compute dtype (busseg_ops/triton/_float_args.py) compiles."""
-    (tmp_path / "float_kernels.py").write_text(FLOAT_ARG_MODULE)
-    script = textwrap.dedent(f"""
-        import os, sys
-        os.environ.pop("TRITON_INTERPRET", None)
-        os.environ["TRITON_CACHE_DIR"] = {str(tmp_path / "cache")!r}
-        sys.path[:0] = [{str(tmp_path)!r}, {str(ROOT / "tools")!r}]
-        import gpu_compile_check as check
-        jobs, problems = check.triton_jobs(["float_kernels"], targets=(90,))
+    stdout = run_check_on(
+        tmp_path,
+        "float_kernels",
+        FLOAT_ARG_MODULE,
+        """
         for job in jobs:
             error = check.compile_job(job).error
             print(job.kernel, job.config.endswith("floats fp64"), "ERROR " + error.splitlines()[-1] if error else "ok")
-    """)
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr
-    results = sorted(out.stdout.splitlines())
+        """,
+    )
+    results = sorted(stdout.splitlines())
     assert results[:3] == ["joining_kernel False ok", "joining_kernel True ok", "promoting_kernel False ok"], results
     assert results[3].startswith("promoting_kernel True ERROR") and "fp64" in results[3], results
 
