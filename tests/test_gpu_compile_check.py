@@ -160,6 +160,12 @@ def test_a_float_split_in_two_halves_keeps_48_bits():
         assert np.float32(hi) == hi and np.float32(lo) == lo
         assert abs((hi + lo) - x) <= abs(x) * 2.0**-46
     assert split(float("inf")) == (float("inf"), 0.0)
+    # a symbolic float (dynamic shapes) passes whole, not specialised to a value
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    symbolic = ShapeEnv().create_unbacked_symfloat()
+    hi, lo = split(symbolic)
+    assert hi is symbolic and lo == 0.0
 
 
 def usage(regs, threads, shared=0, target=90):

@@ -13,12 +13,17 @@ GPU showed either; tools/gpu_compile_check.py compiles each kernel with its floa
 as well, which catches the second without one."""
 
 import numpy as np
+import torch
 import triton
 import triton.language as tl
 
 
 def split(x: float) -> tuple[float, float]:
-    """(hi, lo), both exact float32 values, with hi + lo = x to 48 bits; hi alone is x in float32."""
+    """(hi, lo), both exact float32 values, with hi + lo = x to 48 bits; hi alone is x in float32.
+    A symbolic float (torch.compile with dynamic shapes, e.g. 1/sqrt(C)) passes whole as hi: Inductor
+    types it float64, and converting it here would specialise the graph on its value."""
+    if isinstance(x, torch.SymFloat):
+        return x, 0.0
     hi = float(np.float32(x))
     return hi, float(np.float32(x - hi)) if np.isfinite(hi) else 0.0
 
