@@ -24,6 +24,7 @@ ran (a benchmark file's numbers count once the file has finished).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -71,7 +72,14 @@ def run(cmd: list[str], env: dict | None = None, log: Path | None = None) -> str
         proc = subprocess.Popen(
             cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
         )
-        timer = threading.Timer(remaining, os.killpg, (proc.pid, signal.SIGKILL)) if remaining is not None else None
+        stopped = threading.Event()
+
+        def stop():
+            stopped.set()
+            with contextlib.suppress(ProcessLookupError):  # it may have ended just now
+                os.killpg(proc.pid, signal.SIGKILL)
+
+        timer = threading.Timer(remaining, stop) if remaining is not None else None
         if timer:
             timer.start()
         for line in proc.stdout:
@@ -80,7 +88,7 @@ def run(cmd: list[str], env: dict | None = None, log: Path | None = None) -> str
         code = proc.wait()
         if timer:
             timer.cancel()
-    if remaining is not None and time.monotonic() >= deadline:
+    if stopped.is_set():
         return OUT_OF_TIME
     return PASSED if code == 0 else FAILED
 
