@@ -385,26 +385,23 @@ std::tuple<at::Tensor, at::Tensor> backward(const at::Tensor& grad_loss, const a
   return {grad_anchors, grad_negatives};
 }
 
+// The fused tiles apply to float32 on a CPU with AVX-512 (inputs already widened).
+inline bool use(const at::Tensor& x) {
+  return x.scalar_type() == at::kFloat && proxy_gemm::supported();
+}
+
 }  // namespace fused
 
 #endif  // BUSSEG_HAVE_PROXY_GEMM
 
-// The fused tiles for float32 on AVX-512, the at::mm driver for everything else (inputs widened).
-inline bool use_fused([[maybe_unused]] const at::Tensor& x) {
-#if BUSSEG_HAVE_PROXY_GEMM
-  return x.scalar_type() == at::kFloat && proxy_gemm::supported();
-#else
-  return false;
-#endif
-}
-
+// The fused tiles where they apply, the at::mm driver for everything else (inputs widened).
 std::tuple<at::Tensor, at::Tensor> forward_widened(const at::Tensor& a, const at::Tensor& ya,
                                                    const at::Tensor& n, const at::Tensor& yn,
                                                    const at::Tensor& p,
                                                    const at::Tensor& has_positive,
                                                    double temperature) {
 #if BUSSEG_HAVE_PROXY_GEMM
-  if (use_fused(a)) return fused::forward(a, ya, n, yn, p, has_positive, temperature);
+  if (fused::use(a)) return fused::forward(a, ya, n, yn, p, has_positive, temperature);
 #endif
   return contrastive_forward(kCpuTiles, a, ya, n, yn, p, has_positive, temperature);
 }
@@ -416,7 +413,7 @@ std::tuple<at::Tensor, at::Tensor> backward_widened(const at::Tensor& g, const a
                                                     const at::Tensor& l, double temperature,
                                                     bool need_grad_negatives) {
 #if BUSSEG_HAVE_PROXY_GEMM
-  if (use_fused(a))
+  if (fused::use(a))
     return fused::backward(g, a, ya, n, yn, p, has_positive, l, temperature, need_grad_negatives);
 #endif
   return contrastive_backward(kCpuTiles, g, a, ya, n, yn, p, has_positive, l, temperature,
