@@ -20,6 +20,8 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
+from speedups import speedups  # noqa: E402 (benchmarks/ on the path first)
+
 _memory: dict[str, dict[str, float]] = defaultdict(dict)
 
 DEVICE = os.environ.get("BUSSEG_BENCH_DEVICE", "cpu")
@@ -76,10 +78,6 @@ def record_memory():
     return record
 
 
-def _is_baseline(impl: str) -> bool:
-    return impl.startswith(("upstream", "unfold", "reference", "compiled", "baseline"))
-
-
 def summary_table(medians: dict, minima: dict, memory: dict) -> list[str]:
     """Markdown rows: per group and implementation the median, the speed-ups against every baseline
     of the group by medians and by minima (all from this one run), and the peak extra memory. On a
@@ -91,25 +89,14 @@ def summary_table(medians: dict, minima: dict, memory: dict) -> list[str]:
     ]
     for group in sorted(set(medians) | set(memory)):
         times = medians.get(group, {})
-        impls = list(dict.fromkeys(list(times) + list(memory.get(group, {}))))
-        baselines = [i for i in impls if _is_baseline(i) and i in times]
-        for impl in impls:
+        for impl in dict.fromkeys(list(times) + list(memory.get(group, {}))):
             t = times.get(impl)
             mem = memory.get(group, {}).get(impl)
             lines.append(
-                f"| {group} | {impl} | {'' if t is None else f'{t * 1e3:.2f}'} "
-                f"| {_speedups(medians.get(group, {}), impl, baselines)} "
-                f"| {_speedups(minima.get(group, {}), impl, baselines)} | {'' if mem is None else f'{mem:.0f}'} |"
+                f"| {group} | {impl} | {'' if t is None else f'{t * 1e3:.2f}'} | {speedups(times, impl)} "
+                f"| {speedups(minima.get(group, {}), impl)} | {'' if mem is None else f'{mem:.0f}'} |"
             )
     return lines
-
-
-def _speedups(times: dict, impl: str, baselines: list[str]) -> str:
-    """'12.3× unfold, 4.5× compiled_unfold': each baseline's time over impl's (none for a baseline)."""
-    t = times.get(impl)
-    if not t or _is_baseline(impl):
-        return ""
-    return ", ".join(f"{times[b] / t:.1f}× {b}" for b in baselines if b in times)
 
 
 def pytest_terminal_summary(terminalreporter):
