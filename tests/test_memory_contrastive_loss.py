@@ -14,6 +14,7 @@ from op_contract import OpContract, RawSample, bad
 
 import busseg_ops
 from busseg_ops import memory_contrastive_loss as mcl
+from busseg_ops.backends import choose_backend, dispatch
 from busseg_ops.ops.memory_contrastive_loss import OP
 from busseg_ops.reference.memory_contrastive_loss import memory_contrastive_loss as reference_mcl
 
@@ -52,17 +53,17 @@ def _raw(**changes):
     args = dict(a=a, ya=ya, n=n, yn=yn, p=p, has=torch.ones(2, dtype=torch.bool), temperature=0.5)
     args.update(changes)
     return lambda: _ops.memory_contrastive_loss(
-        args["a"], args["ya"], args["n"], args["yn"], args["p"], args["has"], args["temperature"]
+        args["a"], args["ya"], args["n"], args["yn"], args["p"], args["has"], args["temperature"], True
     )
 
 
 def _raw_backward(**changes):
     a, ya, n, yn, p = make(4, 5, 3)
     has = torch.ones(2, dtype=torch.bool)
-    args = dict(grad_loss=torch.tensor(1.0), lse=torch.randn(4))
+    args = dict(grad_loss=torch.tensor(1.0), lse=torch.randn(4), weighted_negatives=torch.randn(4, 3))
     args.update(changes)
     return lambda: _ops.memory_contrastive_loss_backward(
-        args["grad_loss"], a.detach(), ya, n, yn, p, has, args["lse"], 0.5, True
+        args["grad_loss"], a.detach(), ya, n, yn, p, has, args["lse"], args["weighted_negatives"], 0.5, True
     )
 
 
@@ -147,19 +148,27 @@ class TestMemoryContrastiveLoss(OpContract):
         bad(_raw_backward(lse=torch.randn(3)), ValueError, r"lse must be \(N,\)"),
         bad(_raw_backward(grad_loss=torch.ones(2)), ValueError, "grad_loss must be a scalar"),
         bad(_raw_backward(lse=torch.randn(4, device="meta")), ValueError, "device"),
+        bad(_raw_backward(weighted_negatives=torch.randn(4, 2)), ValueError, r"weighted_negatives must be \(N, D\)"),
+        bad(
+            _raw_backward(weighted_negatives=torch.ones(4, 3, dtype=torch.int64)),
+            TypeError,
+            "weighted_negatives must be",
+        ),
     ]
 
     def raw_samples(self):
         a, ya, n, yn, p = make(9, 11, 5, K=3, dtype=torch.float64, neg_grad=True)
         has = torch.tensor([True, False, True])
         args = (a, ya, n, yn, p, has, 0.5)
-        _, lse = _ops.memory_contrastive_loss(*args)
+        _, lse, weighted = _ops.memory_contrastive_loss(*args, True)
         g = torch.tensor(1.0, dtype=torch.float64)
-        backward = (a.detach(), ya, n.detach(), yn, p, has, lse, 0.5)
+        backward = (a.detach(), ya, n.detach(), yn, p, has, lse)
         return [
-            RawSample(OP.name, args),
-            RawSample(f"{OP.name}_backward", (g, *backward, True), free={(0, "rank")}),
-            RawSample(f"{OP.name}_backward", (g, *backward, False), free={(0, "rank")}),
+            RawSample(OP.name, (*args, False)),
+            RawSample(OP.name, (*args, True)),
+            RawSample(f"{OP.name}_backward", (g, *backward, a.new_empty(0), 0.5, True), free={(0, "rank")}),
+            RawSample(f"{OP.name}_backward", (g, *backward, a.new_empty(0), 0.5, False), free={(0, "rank")}),
+            RawSample(f"{OP.name}_backward", (g, *backward, weighted, 0.5, False), free={(0, "rank")}),
         ]
 
 
@@ -170,24 +179,29 @@ def test_reference_matches_per_anchor_formula():
     torch.testing.assert_close(loss, naive(a, ya, n, yn, p, 0.3))
 
 
+@pytest.mark.parametrize("neg_grad", [True, False], ids=["negative-grad", "saved-weighted-negatives"])
 @pytest.mark.parametrize(
     "shape,tau",
     [
         # 1024-row tiles: N, N⁻ > 1024 exercise the online LSE across blocks and partial tiles.
         (dict(N=1500, M=2100, D=8), 0.1),
         # The float32 tiles' edges: D = 131 (two 64-feature chunks and a 3-lane tail), 203 anchors
-        # (96-row tiles ending in a partial 6-row micro-tile), negatives not a multiple of 16 per class.
-        (dict(N=203, M=301, D=131, K=3), 0.2),
+        # (96-row tiles ending in a partial 6-row micro-tile), negatives not a multiple of 16 per
+        # class and of 256-column tiles (two per class: the running max moves between them).
+        (dict(N=203, M=700, D=131, K=3), 0.2),
     ],
 )
-def test_cpu_tiles_match_the_reference(shape, tau):
-    a, ya, n, yn, p = make(**shape, neg_grad=True)
+def test_cpu_tiles_match_the_reference(shape, tau, neg_grad):
+    """Loss and gradients; without a negative gradient the anchors' comes from the forward's
+    weighted_negatives (backward makes no pass over the tiles)."""
+    a, ya, n, yn, p = make(**shape, neg_grad=neg_grad)
+    wrt = (a, n) if neg_grad else (a,)
     with busseg_ops.use_backend("reference"):
         ref = mcl(a, ya, n, yn, p, tau)
-        ref_g = torch.autograd.grad(ref, (a, n))
+        ref_g = torch.autograd.grad(ref, wrt)
     with busseg_ops.use_backend("cpu"):
         loss = mcl(a, ya, n, yn, p, tau)
-        grads = torch.autograd.grad(loss, (a, n))
+        grads = torch.autograd.grad(loss, wrt)
     torch.testing.assert_close(loss, ref)
     for g, r in zip(grads, ref_g):
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-7)
@@ -219,10 +233,12 @@ def test_triton_float16_accumulates_in_float32():
     dtype = torch.float16
     a, ya, n, yn, p = make(37, 45, 40, K=2, device=device, neg_grad=True)
     has_positive = torch.ones(2, dtype=torch.bool, device=device)
-    ref, _ = reference_mcl(a, ya, n, yn, p, has_positive, 0.5)
+    ref, _, _ = reference_mcl(a, ya, n, yn, p, has_positive, 0.5, False)
     ref_g = torch.autograd.grad(ref, (a, n))
     half = [t.detach().to(dtype).requires_grad_() for t in (a, n)]
-    loss, _ = torch.ops.busseg_triton.memory_contrastive_loss(half[0], ya, half[1], yn, p.to(dtype), has_positive, 0.5)
+    loss, _, _ = torch.ops.busseg_triton.memory_contrastive_loss(
+        half[0], ya, half[1], yn, p.to(dtype), has_positive, 0.5, True
+    )
     assert loss.dtype == dtype
     torch.testing.assert_close(loss.float(), ref, **tolerance(dtype))
     for g, r in zip(torch.autograd.grad(loss, half), ref_g):
@@ -235,6 +251,32 @@ def test_gradcheck_float64(backend):
     ya[0] = 7  # an ignored anchor label
     with busseg_ops.use_backend(backend):
         assert torch.autograd.gradcheck(lambda x, y: mcl(x, ya, y, yn, p, 0.5), (a, n))
+        # anchors alone: the gradient from forward's saved weighted_negatives
+        assert torch.autograd.gradcheck(lambda x: mcl(x, ya, n.detach(), yn, p, 0.5), (a,))
+
+
+@pytest.mark.parametrize("backend", backends("cpu"))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(1, 1, 1, 2), (37, 70, 16, 2), (203, 700, 131, 3)])
+def test_weighted_negatives_match_the_reference(backend, dtype, shape):
+    """The forward's weighted_negatives Σ_j π_ij n̂_j against the materialising reference, on odd
+    shapes and across column tiles (float32: the AVX-512 tiles; float64: the at::mm driver), with
+    an ignored anchor and a class without positive (zero rows); empty when not asked for."""
+    N, M, D, K = shape
+    a, ya, n, yn, p = make(N, M, D, K, dtype=dtype)
+    ya[0] = -1
+    has = torch.ones(K, dtype=torch.bool)
+    has[-1] = K < 3  # of three classes, the last has no positive
+    args = (a.detach(), ya, n, yn, p, has, 0.2)
+    ref_loss, ref_lse, ref = reference_mcl(*args, True)
+    with busseg_ops.use_backend(backend):
+        assert choose_backend(OP, a.device) == backend
+        loss, lse, weighted = dispatch(OP, a.device)(*args, True)
+        _, _, none = dispatch(OP, a.device)(*args, False)
+    assert weighted.shape == (N, D) and none.shape == (0,)
+    assert torch.equal(weighted[0], torch.zeros(D, dtype=dtype))
+    torch.testing.assert_close(loss, ref_loss, **tolerance(dtype))
+    torch.testing.assert_close(weighted, ref, **tolerance(dtype))
 
 
 def test_positives_never_get_a_gradient_and_detached_negatives_none():

@@ -95,13 +95,18 @@ def memory_contrastive_loss(
     pos = pos.to(anchors.dtype)
     if not (isinstance(temperature, (int, float)) and temperature > 0):
         raise ValueError(f"temperature must be a number > 0, got {temperature!r}")
-    loss, _ = dispatch(OP, anchors.device)(
-        anchors, anchor_labels, negatives, negative_labels, pos, has_positive, float(temperature)
+    # Forward saves Σ π n̂ for the anchors' gradient when that is the only one backward needs: the
+    # backward then skips its pass over the tiles (with a negative gradient that pass runs anyway).
+    save = torch.is_grad_enabled() and anchors.requires_grad and not negatives.requires_grad
+    loss, _, _ = dispatch(OP, anchors.device)(
+        anchors, anchor_labels, negatives, negative_labels, pos, has_positive, float(temperature), save
     )
     return loss
 
 
-def _fake(anchors, anchor_labels, negatives, negative_labels, positives, has_positive, temperature):
+def _fake(
+    anchors, anchor_labels, negatives, negative_labels, positives, has_positive, temperature, save_weighted_negatives
+):
     _validate.one_device(
         OP.name,
         anchors=anchors,
@@ -111,7 +116,8 @@ def _fake(anchors, anchor_labels, negatives, negative_labels, positives, has_pos
         positives=positives,
         has_positive=has_positive,
     )
-    return anchors.new_empty(()), anchors.new_empty(anchors.shape[0])
+    weighted_negatives = anchors.new_empty(anchors.shape if save_weighted_negatives else (0,))
+    return anchors.new_empty(()), anchors.new_empty(anchors.shape[0]), weighted_negatives
 
 
 def _fake_backward(
@@ -123,6 +129,7 @@ def _fake_backward(
     positives,
     has_positive,
     lse,
+    weighted_negatives,
     temperature,
     need_grad_negatives,
 ):
@@ -136,6 +143,7 @@ def _fake_backward(
         positives=positives,
         has_positive=has_positive,
         lse=lse,
+        weighted_negatives=weighted_negatives,
     )
     return (
         torch.empty_like(anchors, memory_format=torch.contiguous_format),
@@ -146,17 +154,17 @@ def _fake_backward(
 
 
 def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*inputs[:6], output[1])
+    ctx.save_for_backward(*inputs[:6], *output[1:])
     ctx.temperature = inputs[6]
-    ctx.mark_non_differentiable(output[1])
+    ctx.mark_non_differentiable(*output[1:])
 
 
 def _backward(backward_op):
-    def backward(ctx, grad_loss, _grad_lse):
-        *inputs, lse = ctx.saved_tensors
+    def backward(ctx, grad_loss, _grad_lse, _grad_weighted_negatives):
+        *inputs, lse, weighted_negatives = ctx.saved_tensors
         need_neg = ctx.needs_input_grad[2]
-        grad_a, grad_n = backward_op(grad_loss, *inputs, lse, ctx.temperature, need_neg)
-        return grad_a, None, grad_n if need_neg else None, None, None, None, None
+        grad_a, grad_n = backward_op(grad_loss, *inputs, lse, weighted_negatives, ctx.temperature, need_neg)
+        return grad_a, None, grad_n if need_neg else None, None, None, None, None, None
 
     return backward
 

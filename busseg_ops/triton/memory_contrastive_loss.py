@@ -1,6 +1,7 @@
 """busseg_triton::memory_contrastive_loss (PH-Net Eq. 15; docs/ops.md) in Triton: a program per
 block of anchors streams blocks of negatives through tl.dot with an online log-sum-exp (forward
-keeps only the per-anchor LSE); the backward recomputes the tiles in a program per block of
+keeps the per-anchor LSE, and when asked the anchor-gradient programs' Σ π n̂ with coefficient 1);
+the backward recomputes the tiles in a program per block of
 anchors (anchor gradient) or of negatives (negative gradient) and block of at most _MAX_BLOCK_D
 feature columns (no atomics; for larger D each tile is recomputed once per column block). A tile's
 dot products run over chunks of _BLOCK_K features, accumulated in float32 for half inputs: whole
@@ -241,11 +242,13 @@ def memory_contrastive_loss(
     positives: torch.Tensor,
     has_positive: torch.Tensor,
     temperature: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    save_weighted_negatives: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     args = (anchors, anchor_labels, negatives, negative_labels, positives, has_positive, temperature)
     _check("memory_contrastive_loss", *args)
     a, n, _, _, pos, weight = _prepare(anchors, anchor_labels, negatives, positives, has_positive, temperature)
     N, D = a.shape
+    M = n.shape[0]
     lse = torch.empty_like(pos)
     if N > 0:
         wrap_triton(_contrastive_forward_kernel)[(triton.cdiv(N, _BLOCK_N),)](
@@ -262,7 +265,30 @@ def memory_contrastive_loss(
             **_blocks(a),
         )
     loss = (weight * torch.where(weight > 0, lse - pos, 0.0)).sum()
-    return loss, lse
+    if not save_weighted_negatives:
+        return loss, lse, anchors.new_empty(0)
+    # Σ_j π_ij n̂_j: the anchor-gradient programs with coefficient 1 for the anchors with loss.
+    # Here they run in forward instead of backward, a second pass over the tiles (the C++ backends
+    # accumulate it in the LSE's pass).
+    weighted_negatives = torch.zeros_like(a)
+    column_blocks, meta = _grad_blocks(a)
+    if N > 0 and M > 0:
+        ones = (weight > 0).to(a.dtype).contiguous()
+        wrap_triton(_contrastive_anchor_grad_kernel)[(triton.cdiv(N, _BLOCK_N), column_blocks)](
+            a,
+            n,
+            anchor_labels.contiguous(),
+            negative_labels.contiguous(),
+            lse,
+            ones,
+            weighted_negatives,
+            N,
+            M,
+            D,
+            *split(1.0 / temperature),
+            **meta,
+        )
+    return loss, lse, weighted_negatives
 
 
 @triton_op("busseg_triton::memory_contrastive_loss_backward", mutates_args=())
@@ -275,6 +301,7 @@ def memory_contrastive_loss_backward(
     positives: torch.Tensor,
     has_positive: torch.Tensor,
     lse: torch.Tensor,
+    weighted_negatives: torch.Tensor,
     temperature: float,
     need_grad_negatives: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -285,17 +312,24 @@ def memory_contrastive_loss_backward(
     torch._check_type(
         lse.is_floating_point() and grad_loss.is_floating_point(), lambda: f"{op}: lse and grad_loss must be floating"
     )
-    _validate.one_device(op, anchors=anchors, lse=lse, grad_loss=grad_loss)
+    saved = weighted_negatives.numel() > 0
+    torch._check_value(
+        not saved or tuple(weighted_negatives.shape) == tuple(anchors.shape),
+        lambda: f"{op}: weighted_negatives must be (N, D) or empty",
+    )
+    _validate.one_device(op, anchors=anchors, lse=lse, grad_loss=grad_loss, weighted_negatives=weighted_negatives)
     a, n, p, lab, pos, weight = _prepare(anchors, anchor_labels, negatives, positives, has_positive, temperature)
     N, D = a.shape
     M = n.shape[0]
     coef = (grad_loss.to(a.dtype) * weight / temperature).contiguous()
     pi_pos = torch.where(weight > 0, (pos - lse).exp(), 1.0)
     da = ((coef * (pi_pos - 1))[:, None] * p[lab]).contiguous()
+    if saved:  # forward's Σ_j π_ij n̂_j: the negatives' part without a pass over the tiles
+        da += coef[:, None] * weighted_negatives
     ya, yn = anchor_labels.contiguous(), negative_labels.contiguous()
     args = (a, n, ya, yn, lse.contiguous(), coef)
     column_blocks, meta = _grad_blocks(a)
-    if N > 0 and M > 0:
+    if N > 0 and M > 0 and not saved:
         wrap_triton(_contrastive_anchor_grad_kernel)[(triton.cdiv(N, _BLOCK_N), column_blocks)](
             *args, da, N, M, D, *split(1.0 / temperature), **meta
         )
@@ -329,5 +363,5 @@ def launch_stand_in(dtype, dim):
     labels = torch.zeros(37, dtype=torch.int64), torch.ones(41, dtype=torch.int64)
     has_positive = torch.ones(2, dtype=torch.bool)
     args = (anchors, labels[0], negatives, labels[1], positives, has_positive, 0.5)
-    _, lse = memory_contrastive_loss(*args)
-    memory_contrastive_loss_backward(torch.ones((), dtype=dtype), *args[:6], lse, 0.5, True)
+    _, lse, _ = memory_contrastive_loss(*args, False)
+    memory_contrastive_loss_backward(torch.ones((), dtype=dtype), *args[:6], lse, anchors.new_empty(0), 0.5, True)

@@ -5,6 +5,9 @@
 // per-anchor online log-sum-exp (forward) or turns it into the gradient tile in place (backward).
 // Memory is O((N + N⁻)·D + tile), never O(N·N⁻). Forward keeps only the per-anchor LSE. Anchors are
 // grouped by class so that only the negatives of other classes are multiplied (no masked work).
+// Asked to, forward also accumulates weighted_negatives = Σ_j π_ij n̂_j beside the LSE (rescaled
+// as the running max moves, as in flash attention): backward then forms the anchors' gradient from
+// it without recomputing a tile (one product per tile instead of three over forward and backward).
 //
 // Notation: â = anchors/‖anchors‖, n̂, p̂ likewise; pos_i = <â_i, p̂_{y_i}>/τ;
 // lse_i = log(e^{pos_i} + Σ_{j: yn_j ≠ y_i} e^{<â_i, n̂_j>/τ}); ℓ_i = lse_i − pos_i;
@@ -116,79 +119,98 @@ inline std::tuple<at::Tensor, at::Tensor> loss_from_running_lse(const Prepared& 
 
 // The backward's start, before the tiles: coef_i = g·w_i/τ scales dℓ_i/dsim_ij = π_ij/τ (only
 // anchors with a positive, w_i > 0, carry gradient); da holds the positive term's part of the
-// gradient of the normalized anchors, coef_i (π_i,pos − 1) p̂_{y_i}; dn is zero (undefined without
-// need_grad_negatives). The tiles add the negatives' parts to both.
+// gradient of the normalized anchors, coef_i (π_i,pos − 1) p̂_{y_i}, plus the negatives' part
+// coef_i Σ_j π_ij n̂_j when forward saved it (weighted_negatives not empty); dn is zero (undefined
+// without need_grad_negatives). The tiles add the rest: the negatives' part of da unless saved, dn.
 struct BackwardStart {
   at::Tensor lse, coef, da, dn;
+  bool tiles_for_anchors;  // da still needs the tiles
 };
 
 inline BackwardStart backward_start(const Prepared& p, const at::Tensor& grad_loss,
                                     const at::Tensor& positives, const at::Tensor& lse,
-                                    double temperature, bool need_grad_negatives) {
+                                    const at::Tensor& weighted_negatives, double temperature,
+                                    bool need_grad_negatives) {
   const int64_t K = positives.size(0);
   const at::Tensor l = lse.contiguous();
   const at::Tensor coef = (grad_loss.to(p.a.scalar_type()) * p.weight / temperature).contiguous();
   const at::Tensor ph = positives / norms(positives);
   const at::Tensor pi_pos = at::where(p.weight > 0, (p.pos - l).exp(), at::ones({}, l.options()));
   at::Tensor da = (coef * (pi_pos - 1)).unsqueeze(1) * ph.index_select(0, p.ya.clamp(0, K - 1));
+  const bool saved = weighted_negatives.numel() > 0;
+  if (saved) da += coef.unsqueeze(1) * weighted_negatives;
   at::Tensor dn = need_grad_negatives ? at::zeros_like(p.n) : at::Tensor();
-  return {l, coef, da, dn};
+  return {l, coef, da, dn, !saved};
 }
 
 }  // namespace contrastive
 
-// Returns (loss, lse); lse (N,) is all backward needs besides the inputs.
-inline std::tuple<at::Tensor, at::Tensor> contrastive_forward(
+// Returns (loss, lse, weighted_negatives); weighted_negatives is (N, D) with
+// save_weighted_negatives, else empty.
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_forward(
     const ContrastiveTiles& tiles, const at::Tensor& anchors, const at::Tensor& anchor_labels,
     const at::Tensor& negatives, const at::Tensor& negative_labels, const at::Tensor& positives,
-    const at::Tensor& has_positive, double temperature) {
+    const at::Tensor& has_positive, double temperature, bool save_weighted_negatives) {
   using namespace contrastive;
   const Prepared p = prepare(anchors, anchor_labels, negatives, negative_labels, positives,
                              has_positive, temperature);
+  const bool save = save_weighted_negatives;
   at::Tensor m = p.pos.clone(), s = at::ones_like(p.pos);  // the positive term starts the sum
+  at::Tensor wn = save ? at::zeros_like(p.a) : at::empty({0}, p.a.options());
   for_classes(p, positives.size(0), [&](const ClassBlock& blk) {
     at::Tensor mc = m.index_select(0, blk.rows), sc = s.index_select(0, blk.rows);
+    at::Tensor wc = save ? at::zeros_like(blk.a) : at::Tensor();  // Σ_j e^{sim_ij/τ − m_i} n̂_j
     for_tiles(blk.a.size(0), blk.n.size(0), tiles.tile,
               [&](int64_t i0, int64_t rows, int64_t j0, int64_t cols) {
-                const at::Tensor sim =
-                    at::mm(blk.a.narrow(0, i0, rows), blk.n.narrow(0, j0, cols).t());
+                const at::Tensor nb = blk.n.narrow(0, j0, cols);
+                const at::Tensor ya = blk.ya.narrow(0, i0, rows), yn = blk.yn.narrow(0, j0, cols);
+                at::Tensor sim = at::mm(blk.a.narrow(0, i0, rows), nb.t());
                 at::Tensor mb = mc.narrow(0, i0, rows), sb = sc.narrow(0, i0, rows);
-                tiles.lse_update(sim, blk.ya.narrow(0, i0, rows), blk.yn.narrow(0, j0, cols), mb,
-                                 sb, 1.0 / temperature);
+                const at::Tensor m_old = save ? mb.clone() : at::Tensor();
+                tiles.lse_update(sim, ya, yn, mb, sb, 1.0 / temperature);
+                if (!save) return;
+                // sim ← e^{sim/τ − m_new} (the gradient tile with lse = the new max, coef = 1)
+                tiles.grad_tile(sim, ya, yn, mb, at::ones_like(mb), 1.0 / temperature);
+                wc.narrow(0, i0, rows).mul_((m_old - mb).exp().unsqueeze(1)).addmm_(sim, nb);
               });
     m.index_copy_(0, blk.rows, mc);
     s.index_copy_(0, blk.rows, sc);
+    if (save) wn.index_copy_(0, blk.rows, wc / sc.unsqueeze(1));
   });
-  return loss_from_running_lse(p, m, s);
+  auto [loss, lse] = loss_from_running_lse(p, m, s);
+  return {loss, lse, wn};
 }
 
 inline std::tuple<at::Tensor, at::Tensor> contrastive_backward(
     const ContrastiveTiles& tiles, const at::Tensor& grad_loss, const at::Tensor& anchors,
     const at::Tensor& anchor_labels, const at::Tensor& negatives, const at::Tensor& negative_labels,
     const at::Tensor& positives, const at::Tensor& has_positive, const at::Tensor& lse,
-    double temperature, bool need_grad_negatives) {
+    const at::Tensor& weighted_negatives, double temperature, bool need_grad_negatives) {
   using namespace contrastive;
   const Prepared p = prepare(anchors, anchor_labels, negatives, negative_labels, positives,
                              has_positive, temperature);
   const int64_t K = positives.size(0);
-  auto [l, coef, da, dn] =
-      backward_start(p, grad_loss, positives, lse, temperature, need_grad_negatives);
-  for_classes(p, K, [&](const ClassBlock& blk) {
-    const at::Tensor lc = l.index_select(0, blk.rows), cc = coef.index_select(0, blk.rows);
-    at::Tensor dac = at::zeros_like(blk.a);
-    at::Tensor dnc = need_grad_negatives ? at::zeros_like(blk.n) : at::Tensor();
-    for_tiles(blk.a.size(0), blk.n.size(0), tiles.tile,
-              [&](int64_t i0, int64_t rows, int64_t j0, int64_t cols) {
-                const at::Tensor ab = blk.a.narrow(0, i0, rows), nb = blk.n.narrow(0, j0, cols);
-                at::Tensor g = at::mm(ab, nb.t());
-                tiles.grad_tile(g, blk.ya.narrow(0, i0, rows), blk.yn.narrow(0, j0, cols),
-                                lc.narrow(0, i0, rows), cc.narrow(0, i0, rows), 1.0 / temperature);
-                dac.narrow(0, i0, rows).addmm_(g, nb);
-                if (need_grad_negatives) dnc.narrow(0, j0, cols).addmm_(g.t(), ab);
-              });
-    da.index_add_(0, blk.rows, dac);
-    if (need_grad_negatives) dn.index_add_(0, blk.cols, dnc);
-  });
+  auto [l, coef, da, dn, tiles_for_anchors] = backward_start(
+      p, grad_loss, positives, lse, weighted_negatives, temperature, need_grad_negatives);
+  if (tiles_for_anchors || need_grad_negatives) {
+    for_classes(p, K, [&](const ClassBlock& blk) {
+      const at::Tensor lc = l.index_select(0, blk.rows), cc = coef.index_select(0, blk.rows);
+      at::Tensor dac = tiles_for_anchors ? at::zeros_like(blk.a) : at::Tensor();
+      at::Tensor dnc = need_grad_negatives ? at::zeros_like(blk.n) : at::Tensor();
+      for_tiles(blk.a.size(0), blk.n.size(0), tiles.tile,
+                [&](int64_t i0, int64_t rows, int64_t j0, int64_t cols) {
+                  const at::Tensor ab = blk.a.narrow(0, i0, rows), nb = blk.n.narrow(0, j0, cols);
+                  at::Tensor g = at::mm(ab, nb.t());
+                  tiles.grad_tile(g, blk.ya.narrow(0, i0, rows), blk.yn.narrow(0, j0, cols),
+                                  lc.narrow(0, i0, rows), cc.narrow(0, i0, rows),
+                                  1.0 / temperature);
+                  if (tiles_for_anchors) dac.narrow(0, i0, rows).addmm_(g, nb);
+                  if (need_grad_negatives) dnc.narrow(0, j0, cols).addmm_(g.t(), ab);
+                });
+      if (tiles_for_anchors) da.index_add_(0, blk.rows, dac);
+      if (need_grad_negatives) dn.index_add_(0, blk.cols, dnc);
+    });
+  }
   at::Tensor grad_anchors = normalize_backward(anchors, p.a, da);
   at::Tensor grad_negatives = need_grad_negatives ? normalize_backward(negatives, p.n, dn)
                                                   : at::empty({0}, anchors.options());

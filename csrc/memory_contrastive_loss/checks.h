@@ -49,7 +49,8 @@ inline void check_memory_contrastive_loss_args(const at::Tensor& anchors,
 inline void check_memory_contrastive_loss_backward_args(
     const at::Tensor& grad_loss, const at::Tensor& anchors, const at::Tensor& anchor_labels,
     const at::Tensor& negatives, const at::Tensor& negative_labels, const at::Tensor& positives,
-    const at::Tensor& has_positive, const at::Tensor& lse, double temperature) {
+    const at::Tensor& has_positive, const at::Tensor& lse, const at::Tensor& weighted_negatives,
+    double temperature) {
   check_memory_contrastive_loss_args(anchors, anchor_labels, negatives, negative_labels, positives,
                                      has_positive, temperature);
   TORCH_CHECK_VALUE(lse.dim() == 1 && lse.size(0) == anchors.size(0), "lse must be (N,) = (",
@@ -59,6 +60,14 @@ inline void check_memory_contrastive_loss_backward_args(
   check_floating(grad_loss, "grad_loss");
   check_device(lse, "lse", anchors, "anchors");
   check_device(grad_loss, "grad_loss", anchors, "anchors");
+  const bool rows_of_anchors = weighted_negatives.dim() == 2 &&
+                               weighted_negatives.size(0) == anchors.size(0) &&
+                               weighted_negatives.size(1) == anchors.size(1);
+  TORCH_CHECK_VALUE(weighted_negatives.numel() == 0 || rows_of_anchors,
+                    "weighted_negatives must be (N, D) = (", anchors.size(0), ", ", anchors.size(1),
+                    ") or empty, got ", weighted_negatives.sizes());
+  check_floating(weighted_negatives, "weighted_negatives");
+  check_device(weighted_negatives, "weighted_negatives", anchors, "anchors");
 }
 
 }  // namespace busseg

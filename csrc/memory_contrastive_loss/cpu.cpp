@@ -191,21 +191,23 @@ inline at::Tensor pack_negatives(const at::Tensor& n) {
   return out;
 }
 
-// One class block packed: negatives transposed in tiles; for backward also row-major copies with
-// padded rows (the anchors' only for the negative gradient).
+// One class block packed: negatives transposed in tiles; where weights multiply them (the
+// anchors' gradient or weighted_negatives) also row-major copies with padded rows, and the
+// anchors' likewise for the negative gradient.
 struct Block {
   int64_t N, M, D, ld;  // ld: row stride of the padded copies
   at::Tensor a, nt;     // anchors (N, D) as they are; negatives packed
   at::Tensor n_rows, a_rows;
-  Block(const at::Tensor& a_, const at::Tensor& n_, bool backward, bool need_grad_negatives)
+  Block(const at::Tensor& a_, const at::Tensor& n_, bool weights_times_negatives,
+        bool weights_times_anchors)
       : N(a_.size(0)),
         M(n_.size(0)),
         D(a_.size(1)),
         ld(row_stride(D)),
         a(a_),
         nt(pack_negatives(n_)) {
-    if (backward) n_rows = padded_rows(n_);
-    if (need_grad_negatives) a_rows = padded_rows(a_);
+    if (weights_times_negatives) n_rows = padded_rows(n_);
+    if (weights_times_anchors) a_rows = padded_rows(a_);
   }
   int64_t row_tiles() const { return (N + kRows - 1) / kRows; }
 };
@@ -229,11 +231,13 @@ inline void load_anchors(const Block& b, Workspace& ws, int64_t i0, int64_t rows
     for (int64_t d = 0; d < b.D; ++d) ws.at[d * kAnchorStride + r] = a[r * b.D + d];
 }
 
-// Folds exp(sim/τ) of each row into its running max m and scaled sum s.
-BUSSEG_AVX512 void fold_rows(const float* sim, int64_t rows, int64_t cols, float inv_tau, float* m,
-                             float* s) {
+// Folds exp(sim/τ) of each row into its running max m and scaled sum s. With `weighted` (rows of
+// stride ld, D features used) it also leaves exp(sim/τ − m_new) in sim, for the caller to multiply
+// into those rows, and rescales them to the new max.
+BUSSEG_AVX512 void fold_rows(float* sim, int64_t rows, int64_t cols, float inv_tau, float* m,
+                             float* s, float* weighted = nullptr, int64_t ld = 0, int64_t D = 0) {
   for (int64_t r = 0; r < rows; ++r) {
-    const float* row = sim + r * kStride;
+    float* row = sim + r * kStride;
     __m512 mx = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
     for (int64_t j = 0; j < cols; j += kLanes)
       mx = _mm512_maskz_max_ps(kAll, mx, _mm512_mask_loadu_ps(mx, lanes_below(cols - j), row + j));
@@ -244,9 +248,15 @@ BUSSEG_AVX512 void fold_rows(const float* sim, int64_t rows, int64_t cols, float
       const __mmask16 k = lanes_below(cols - j);
       const __m512 e = exp16(_mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, row + j), scale, shift));
       sum = _mm512_mask_add_ps(sum, k, sum, e);
+      if (weighted) _mm512_mask_storeu_ps(row + j, k, e);
     }
-    s[r] = s[r] * std::exp(m[r] - m_new) + lane_sum(sum);
+    const float rescale = std::exp(m[r] - m_new);
+    s[r] = s[r] * rescale + lane_sum(sum);
     m[r] = m_new;
+    if (weighted && rescale != 1.0f) {
+      float* w = weighted + r * ld;
+      for (int64_t d = 0; d < D; ++d) w[d] *= rescale;
+    }
   }
 }
 
@@ -312,73 +322,82 @@ void for_anchor_tiles(const Block& b, const F& tile) {
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& anchors,
-                                           const at::Tensor& anchor_labels,
-                                           const at::Tensor& negatives,
-                                           const at::Tensor& negative_labels,
-                                           const at::Tensor& positives,
-                                           const at::Tensor& has_positive, double temperature) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
+    const at::Tensor& anchors, const at::Tensor& anchor_labels, const at::Tensor& negatives,
+    const at::Tensor& negative_labels, const at::Tensor& positives, const at::Tensor& has_positive,
+    double temperature, bool save_weighted_negatives) {
   using namespace contrastive;
   const Prepared p = prepare(anchors, anchor_labels, negatives, negative_labels, positives,
                              has_positive, temperature);
+  const bool save = save_weighted_negatives;
+  const int64_t D = anchors.size(1);
   const float inv_tau = static_cast<float>(1.0 / temperature);
   at::Tensor m = p.pos.clone(), s = at::ones_like(p.pos);  // the positive term starts the sum
+  at::Tensor wn = save ? at::zeros_like(p.a) : at::empty({0}, p.a.options());
   for_classes(p, positives.size(0), [&](const ClassBlock& blk) {
     at::Tensor mc = m.index_select(0, blk.rows), sc = s.index_select(0, blk.rows);
-    const Block b(blk.a, blk.n, false, false);
+    const Block b(blk.a, blk.n, save, false);
+    // Σ_j e^{sim_ij/τ − m_i} n̂_j in padded rows, as the backward's anchor gradient
+    at::Tensor wc = save ? at::zeros({b.N, b.ld}, b.a.options()) : at::Tensor();
     float* mp = mc.data_ptr<float>();
     float* sp = sc.data_ptr<float>();
     for_anchor_tiles(b, [&](Workspace& ws, int64_t i0, int64_t rows) {
+      float* w = save ? wc.data_ptr<float>() + i0 * b.ld : nullptr;
       for (int64_t j0 = 0; j0 < b.M; j0 += kCols) {
         const int64_t cols = std::min(kCols, b.M - j0);
         similarities(b, ws, rows, j0, cols);
-        fold_rows(ws.sim.data(), rows, cols, inv_tau, mp + i0, sp + i0);
+        fold_rows(ws.sim.data(), rows, cols, inv_tau, mp + i0, sp + i0, w, b.ld, D);
+        if (save) anchor_grads(b, ws.sim.data(), rows, j0, cols, w);
       }
     });
     m.index_copy_(0, blk.rows, mc);
     s.index_copy_(0, blk.rows, sc);
+    if (save) wn.index_copy_(0, blk.rows, wc.narrow(1, 0, D) / sc.unsqueeze(1));
   });
-  return loss_from_running_lse(p, m, s);
+  auto [loss, lse] = loss_from_running_lse(p, m, s);
+  return {loss, lse, wn};
 }
 
-std::tuple<at::Tensor, at::Tensor> backward(const at::Tensor& grad_loss, const at::Tensor& anchors,
-                                            const at::Tensor& anchor_labels,
-                                            const at::Tensor& negatives,
-                                            const at::Tensor& negative_labels,
-                                            const at::Tensor& positives,
-                                            const at::Tensor& has_positive, const at::Tensor& lse,
-                                            double temperature, bool need_grad_negatives) {
+std::tuple<at::Tensor, at::Tensor> backward(
+    const at::Tensor& grad_loss, const at::Tensor& anchors, const at::Tensor& anchor_labels,
+    const at::Tensor& negatives, const at::Tensor& negative_labels, const at::Tensor& positives,
+    const at::Tensor& has_positive, const at::Tensor& lse, const at::Tensor& weighted_negatives,
+    double temperature, bool need_grad_negatives) {
   using namespace contrastive;
   const Prepared p = prepare(anchors, anchor_labels, negatives, negative_labels, positives,
                              has_positive, temperature);
   const int64_t K = positives.size(0), D = anchors.size(1);
   const float inv_tau = static_cast<float>(1.0 / temperature);
-  auto [l, coef, da, dn] =
-      backward_start(p, grad_loss, positives, lse, temperature, need_grad_negatives);
+  auto [l, coef, da, dn, tiles_for_anchors] = backward_start(
+      p, grad_loss, positives, lse, weighted_negatives, temperature, need_grad_negatives);
   const int threads = at::get_num_threads();
-  for_classes(p, K, [&](const ClassBlock& blk) {
-    const at::Tensor lc = l.index_select(0, blk.rows), cc = coef.index_select(0, blk.rows);
-    const Block b(blk.a, blk.n, true, need_grad_negatives);
-    at::Tensor dac = at::zeros({b.N, b.ld}, b.a.options());
-    // one negative gradient per thread (threads share the negatives), summed afterwards
-    at::Tensor dnc =
-        need_grad_negatives ? at::zeros({threads, b.M, b.ld}, b.a.options()) : at::Tensor();
-    const float* lp = lc.data_ptr<float>();
-    const float* cp = cc.data_ptr<float>();
-    for_anchor_tiles(b, [&](Workspace& ws, int64_t i0, int64_t rows) {
-      float* dn_thread =
-          need_grad_negatives ? dnc.data_ptr<float>() + omp_get_thread_num() * b.M * b.ld : nullptr;
-      for (int64_t j0 = 0; j0 < b.M; j0 += kCols) {
-        const int64_t cols = std::min(kCols, b.M - j0);
-        similarities(b, ws, rows, j0, cols);
-        softmax_weights(ws.sim.data(), rows, cols, inv_tau, lp + i0, cp + i0);
-        anchor_grads(b, ws.sim.data(), rows, j0, cols, dac.data_ptr<float>() + i0 * b.ld);
-        if (dn_thread) negative_grads(b, ws.sim.data(), i0, rows, j0, cols, dn_thread);
-      }
+  // no pass over the tiles when forward saved the anchors' part and negatives need no gradient
+  if (tiles_for_anchors || need_grad_negatives)
+    for_classes(p, K, [&](const ClassBlock& blk) {
+      const at::Tensor lc = l.index_select(0, blk.rows), cc = coef.index_select(0, blk.rows);
+      const Block b(blk.a, blk.n, tiles_for_anchors, need_grad_negatives);
+      at::Tensor dac = tiles_for_anchors ? at::zeros({b.N, b.ld}, b.a.options()) : at::Tensor();
+      // one negative gradient per thread (threads share the negatives), summed afterwards
+      at::Tensor dnc =
+          need_grad_negatives ? at::zeros({threads, b.M, b.ld}, b.a.options()) : at::Tensor();
+      const float* lp = lc.data_ptr<float>();
+      const float* cp = cc.data_ptr<float>();
+      for_anchor_tiles(b, [&](Workspace& ws, int64_t i0, int64_t rows) {
+        float* dn_thread = need_grad_negatives
+                               ? dnc.data_ptr<float>() + omp_get_thread_num() * b.M * b.ld
+                               : nullptr;
+        for (int64_t j0 = 0; j0 < b.M; j0 += kCols) {
+          const int64_t cols = std::min(kCols, b.M - j0);
+          similarities(b, ws, rows, j0, cols);
+          softmax_weights(ws.sim.data(), rows, cols, inv_tau, lp + i0, cp + i0);
+          if (tiles_for_anchors)
+            anchor_grads(b, ws.sim.data(), rows, j0, cols, dac.data_ptr<float>() + i0 * b.ld);
+          if (dn_thread) negative_grads(b, ws.sim.data(), i0, rows, j0, cols, dn_thread);
+        }
+      });
+      if (tiles_for_anchors) da.index_add_(0, blk.rows, dac.narrow(1, 0, D));
+      if (need_grad_negatives) dn.index_add_(0, blk.cols, dnc.sum(0).narrow(1, 0, D));
     });
-    da.index_add_(0, blk.rows, dac.narrow(1, 0, D));
-    if (need_grad_negatives) dn.index_add_(0, blk.cols, dnc.sum(0).narrow(1, 0, D));
-  });
   at::Tensor grad_anchors = normalize_backward(anchors, p.a, da);
   at::Tensor grad_negatives = need_grad_negatives ? normalize_backward(negatives, p.n, dn)
                                                   : at::empty({0}, anchors.options());
@@ -395,54 +414,55 @@ inline bool use(const at::Tensor& x) {
 #endif  // BUSSEG_HAVE_PROXY_GEMM
 
 // The fused tiles where they apply, the at::mm driver for everything else (inputs widened).
-std::tuple<at::Tensor, at::Tensor> forward_widened(const at::Tensor& a, const at::Tensor& ya,
-                                                   const at::Tensor& n, const at::Tensor& yn,
-                                                   const at::Tensor& p,
-                                                   const at::Tensor& has_positive,
-                                                   double temperature) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_widened(
+    const at::Tensor& a, const at::Tensor& ya, const at::Tensor& n, const at::Tensor& yn,
+    const at::Tensor& p, const at::Tensor& has_positive, double temperature, bool save) {
 #if BUSSEG_HAVE_PROXY_GEMM
-  if (fused::use(a)) return fused::forward(a, ya, n, yn, p, has_positive, temperature);
+  if (fused::use(a)) return fused::forward(a, ya, n, yn, p, has_positive, temperature, save);
 #endif
-  return contrastive_forward(kCpuTiles, a, ya, n, yn, p, has_positive, temperature);
+  return contrastive_forward(kCpuTiles, a, ya, n, yn, p, has_positive, temperature, save);
 }
 
 std::tuple<at::Tensor, at::Tensor> backward_widened(const at::Tensor& g, const at::Tensor& a,
                                                     const at::Tensor& ya, const at::Tensor& n,
                                                     const at::Tensor& yn, const at::Tensor& p,
                                                     const at::Tensor& has_positive,
-                                                    const at::Tensor& l, double temperature,
-                                                    bool need_grad_negatives) {
+                                                    const at::Tensor& l, const at::Tensor& wn,
+                                                    double temperature, bool need_grad_negatives) {
 #if BUSSEG_HAVE_PROXY_GEMM
   if (fused::use(a))
-    return fused::backward(g, a, ya, n, yn, p, has_positive, l, temperature, need_grad_negatives);
+    return fused::backward(g, a, ya, n, yn, p, has_positive, l, wn, temperature,
+                           need_grad_negatives);
 #endif
-  return contrastive_backward(kCpuTiles, g, a, ya, n, yn, p, has_positive, l, temperature,
+  return contrastive_backward(kCpuTiles, g, a, ya, n, yn, p, has_positive, l, wn, temperature,
                               need_grad_negatives);
 }
 
-std::tuple<at::Tensor, at::Tensor> memory_contrastive_loss_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> memory_contrastive_loss_cpu(
     const at::Tensor& anchors, const at::Tensor& anchor_labels, const at::Tensor& negatives,
     const at::Tensor& negative_labels, const at::Tensor& positives, const at::Tensor& has_positive,
-    double temperature) {
+    double temperature, bool save_weighted_negatives) {
   check_memory_contrastive_loss_args(anchors, anchor_labels, negatives, negative_labels, positives,
                                      has_positive, temperature);
-  auto [loss, lse] =
+  auto [loss, lse, wn] =
       forward_widened(widened(anchors), anchor_labels, widened(negatives), negative_labels,
-                      widened(positives), has_positive, temperature);
-  return {loss.to(anchors.scalar_type()), lse.to(anchors.scalar_type())};
+                      widened(positives), has_positive, temperature, save_weighted_negatives);
+  const at::ScalarType dtype = anchors.scalar_type();
+  return {loss.to(dtype), lse.to(dtype), wn.to(dtype)};
 }
 
 std::tuple<at::Tensor, at::Tensor> memory_contrastive_loss_backward_cpu(
     const at::Tensor& grad_loss, const at::Tensor& anchors, const at::Tensor& anchor_labels,
     const at::Tensor& negatives, const at::Tensor& negative_labels, const at::Tensor& positives,
-    const at::Tensor& has_positive, const at::Tensor& lse, double temperature,
-    bool need_grad_negatives) {
+    const at::Tensor& has_positive, const at::Tensor& lse, const at::Tensor& weighted_negatives,
+    double temperature, bool need_grad_negatives) {
   check_memory_contrastive_loss_backward_args(grad_loss, anchors, anchor_labels, negatives,
                                               negative_labels, positives, has_positive, lse,
-                                              temperature);
-  auto [ga, gn] = backward_widened(widened(grad_loss), widened(anchors), anchor_labels,
-                                   widened(negatives), negative_labels, widened(positives),
-                                   has_positive, widened(lse), temperature, need_grad_negatives);
+                                              weighted_negatives, temperature);
+  auto [ga, gn] =
+      backward_widened(widened(grad_loss), widened(anchors), anchor_labels, widened(negatives),
+                       negative_labels, widened(positives), has_positive, widened(lse),
+                       widened(weighted_negatives), temperature, need_grad_negatives);
   return {ga.to(anchors.scalar_type()), gn.to(negatives.scalar_type())};
 }
 

@@ -39,31 +39,33 @@ at::Tensor wide(const at::Tensor& t) {
   return t.scalar_type() == at::kDouble ? t : t.to(at::kFloat);
 }
 
-std::tuple<at::Tensor, at::Tensor> memory_contrastive_loss_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> memory_contrastive_loss_cuda(
     const at::Tensor& anchors, const at::Tensor& anchor_labels, const at::Tensor& negatives,
     const at::Tensor& negative_labels, const at::Tensor& positives, const at::Tensor& has_positive,
-    double temperature) {
+    double temperature, bool save_weighted_negatives) {
   check_memory_contrastive_loss_args(anchors, anchor_labels, negatives, negative_labels, positives,
                                      has_positive, temperature);
   const c10::cuda::CUDAGuard guard(anchors.device());
-  auto [loss, lse] =
-      contrastive_forward(kCudaTiles, wide(anchors), anchor_labels, wide(negatives),
-                          negative_labels, wide(positives), has_positive, temperature);
-  return {loss.to(anchors.scalar_type()), lse.to(anchors.scalar_type())};
+  auto [loss, lse, wn] = contrastive_forward(kCudaTiles, wide(anchors), anchor_labels,
+                                             wide(negatives), negative_labels, wide(positives),
+                                             has_positive, temperature, save_weighted_negatives);
+  const at::ScalarType dtype = anchors.scalar_type();
+  return {loss.to(dtype), lse.to(dtype), wn.to(dtype)};
 }
 
 std::tuple<at::Tensor, at::Tensor> memory_contrastive_loss_backward_cuda(
     const at::Tensor& grad_loss, const at::Tensor& anchors, const at::Tensor& anchor_labels,
     const at::Tensor& negatives, const at::Tensor& negative_labels, const at::Tensor& positives,
-    const at::Tensor& has_positive, const at::Tensor& lse, double temperature,
-    bool need_grad_negatives) {
+    const at::Tensor& has_positive, const at::Tensor& lse, const at::Tensor& weighted_negatives,
+    double temperature, bool need_grad_negatives) {
   check_memory_contrastive_loss_backward_args(grad_loss, anchors, anchor_labels, negatives,
                                               negative_labels, positives, has_positive, lse,
-                                              temperature);
+                                              weighted_negatives, temperature);
   const c10::cuda::CUDAGuard guard(anchors.device());
-  auto [ga, gn] = contrastive_backward(kCudaTiles, wide(grad_loss), wide(anchors), anchor_labels,
-                                       wide(negatives), negative_labels, wide(positives),
-                                       has_positive, wide(lse), temperature, need_grad_negatives);
+  auto [ga, gn] =
+      contrastive_backward(kCudaTiles, wide(grad_loss), wide(anchors), anchor_labels,
+                           wide(negatives), negative_labels, wide(positives), has_positive,
+                           wide(lse), wide(weighted_negatives), temperature, need_grad_negatives);
   return {ga.to(anchors.scalar_type()), gn.to(negatives.scalar_type())};
 }
 
