@@ -1,7 +1,9 @@
 """One training step at the default run's scale (128-px synthetic crops, U-Net base 16, batch
-2 + 2, every loss on) of rabusseg and of phnet on the CPU: float32 against `--amp bf16`, and the
-share of the step spent in busseg ops (torch.profiler through benchmarks/train_step_profile.py;
-reported in the memory column as a percentage, marked "not MiB")."""
+2 + 2, every loss on) of rabusseg and of phnet on the CPU: float32 against `--amp bf16`, in the
+default memory format and with `--channels-last` (a group each: oneDNN's convolutions run faster
+channels-last in both precisions), and the share of the step spent in busseg ops (torch.profiler
+through benchmarks/train_step_profile.py; reported in the memory column as a percentage, marked
+"not MiB")."""
 
 import pytest
 import torch
@@ -14,21 +16,26 @@ CTX = {"epoch": 0, "progress": 0.5, "warmup": False, "epochs": 1}
 wrap_ops()  # once per process: record_function ranges around the public ops
 
 
-def time_step(benchmark, record_memory, out, method, impl):
-    benchmark.group = f"{method} train step 128 px"
+def time_step(benchmark, record_memory, out, method, impl, channels_last):
+    benchmark.group = f"{method} train step 128 px" + (", channels-last" if channels_last else "")
     torch.manual_seed(0)
-    tr = Trainer(TrainConfig(method=method, amp=AMP[impl], warmup_epochs=0, out=str(out), quiet=True))
+    cfg = TrainConfig(
+        method=method, amp=AMP[impl], channels_last=channels_last, warmup_epochs=0, out=str(out), quiet=True
+    )
+    tr = Trainer(cfg)
     lab, unl = next(iter(tr._batches(0)))
     benchmark.pedantic(lambda: tr.train_step(lab, unl, CTX), rounds=5, warmup_rounds=2)
     _, ours, total = profile_steps(tr, lab, unl, CTX, steps=2)
     record_memory(benchmark.group, f"{impl}: busseg_ops share % (not MiB)", 100 * sum(ours.values()) / total)
 
 
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels-last"])
 @pytest.mark.parametrize("impl", list(AMP))
-def test_rabusseg_step(benchmark, record_memory, tmp_path, impl):
-    time_step(benchmark, record_memory, tmp_path, "rabusseg", impl)
+def test_rabusseg_step(benchmark, record_memory, tmp_path, impl, channels_last):
+    time_step(benchmark, record_memory, tmp_path, "rabusseg", impl, channels_last)
 
 
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels-last"])
 @pytest.mark.parametrize("impl", list(AMP))
-def test_phnet_step(benchmark, record_memory, tmp_path, impl):
-    time_step(benchmark, record_memory, tmp_path, "phnet", impl)
+def test_phnet_step(benchmark, record_memory, tmp_path, impl, channels_last):
+    time_step(benchmark, record_memory, tmp_path, "phnet", impl, channels_last)

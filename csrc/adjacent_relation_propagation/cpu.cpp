@@ -4,11 +4,13 @@
 // and OpenMP gives each thread one contiguous chunk of the work. The two sums over channels, the
 // affinities (forward) and the feature gradient's gather (backward), are the whole cost: they run
 // over blocks of 16 consecutive pixels of an image plane (a block runs on from the end of a row
-// into the next), with one vector per tap of the block kept in registers through the loop over
-// channels, so each channel of a block costs one load and one fused multiply-add per tap, and one
-// sweep over the features serves every tap (in groups of up to nine). Each channel's rows lie in
-// another page, where the hardware prefetchers do not reach: the blocks prefetch the rows they read
-// a few channels ahead. Affinities are symmetric, a[p, o] = a[p + d*o, -o]: the forward computes
+// into the next), so each channel of a block costs one load and one fused multiply-add per tap,
+// and one sweep over the features serves every tap. The forward keeps one sum per tap of a block
+// in registers through the loop over channels (taps in groups of up to nine); each channel's rows
+// lie in another page, where the hardware prefetchers do not reach, so a block prefetches the rows
+// it reads a few channels ahead. The backward's gather has one sum per channel instead: it runs
+// over a strip of blocks channel by channel, reading each channel's rows under the strip as one
+// short run. Affinities are symmetric, a[p, o] = a[p + d*o, -o]: the forward computes
 // the taps from the centre on and reads the mirrored ones from the neighbour; the backward gives
 // each neighbour one coefficient (p as query plus p as key), a gather with no write races and no
 // atomics. Per-tap buffers (raw affinities, weights, their gradients) are (B, taps, H, W); nothing
@@ -190,9 +192,12 @@ struct Block {
       y[l] = y[l - 1] + wrap, x[l] = wrap ? 0 : x[l - 1] + 1;
     }
   }
-  bool inside(const ArpGeometry& g, const TapGroup& group, int j, int l) const {
-    const int64_t qy = y[l] + group.dy[j], qx = x[l] + group.dx[j];
+  bool inside(const ArpGeometry& g, int64_t dy, int64_t dx, int l) const {
+    const int64_t qy = y[l] + dy, qx = x[l] + dx;
     return l < lanes && qy >= 0 && qy < g.H && qx >= 0 && qx < g.W;
+  }
+  bool inside(const ArpGeometry& g, const TapGroup& group, int j, int l) const {
+    return inside(g, group.dy[j], group.dx[j], l);
   }
 };
 
@@ -244,42 +249,72 @@ BUSSEG_SIMD_CLONES void affinity_block(const scalar_t* feat, int64_t numel, int6
   for (int j = 0; j < NT; ++j) std::memcpy(sums + j * kLanes, &acc[j], sizeof acc[j]);
 }
 
-// dst[c, p] = sum over the group's taps j of coef[j] * src[c, p + offset[j]] for every channel c
-// and the block's pixels p (channel 0's first at flat index `index`; lanes [0, n) stored); lanes
-// off in inside[j] take nothing from tap j. More taps than a group (5x5 and up) run several
-// groups: the first starts the sums, the last stores them and `partial` (C x kLanes) carries
-// them between.
-template <typename scalar_t, int NT, Reads kReads>
-BUSSEG_SIMD_CLONES void gather_block(const scalar_t* src, int64_t numel, int64_t index,
-                                     int64_t plane, int64_t C, const TapGroup& group,
-                                     const at::opmath_type<scalar_t>* coef,
-                                     const LaneMask<at::opmath_type<scalar_t>>* inside,
-                                     at::opmath_type<scalar_t>* partial, bool first, bool last,
-                                     scalar_t* dst, int n) {
+// The feature gradient's gather runs over strips of kStripBlocks blocks (about two image rows),
+// channel by channel: each channel's rows under a strip are read as one short run, which the
+// hardware prefetchers follow, before the next channel's (a block at a time over all channels
+// crossed a page per channel and load). The strip's coefficients (taps x kLanes per block) stay
+// in L1; the strip a few channels ahead is prefetched, as it lies in other pages.
+constexpr int64_t kStripBlocks = 8;
+constexpr int64_t kStripPrefetchChannels = 2;
+
+// A block of a strip: its first pixel, the lanes inside the plane, how it reads its neighbours.
+struct StripBlock {
+  int64_t p0;
+  int lanes;
+  Reads reads;
+};
+
+// acc += sum over taps t of coef[t] * src[index + offset[t]] (lanes off in inside[t] take nothing
+// from tap t, unless every lane's neighbour is inside).
+template <Reads kReads, typename scalar_t>
+[[gnu::always_inline]] inline void tap_sum(const scalar_t* src, int64_t numel, int64_t index,
+                                           const int64_t* offset, int64_t taps,
+                                           const at::opmath_type<scalar_t>* coef,
+                                           const MaskLane<at::opmath_type<scalar_t>>* inside,
+                                           Lanes<at::opmath_type<scalar_t>>& acc) {
   using acc_t = at::opmath_type<scalar_t>;
-  Lanes<acc_t> cf[NT];
-  LaneMask<acc_t> on[NT];
-  for (int j = 0; j < NT; ++j) {
-    std::memcpy(&cf[j], coef + j * kLanes, sizeof cf[j]);
-    on[j] = inside[j];
-  }
-  for (int64_t c = 0; c < C; ++c, index += plane) {
-    if (c + kPrefetchChannels < C)
-      for (int f = 0; f < group.fetches; ++f)
-        __builtin_prefetch(src + index + kPrefetchChannels * plane + group.fetch[f]);
-    Lanes<acc_t> acc = {};
-    if (!first) std::memcpy(&acc, partial + c * kLanes, sizeof acc);
-#pragma GCC unroll 9
-    for (int j = 0; j < NT; ++j) {
-      Lanes<acc_t> neighbour;
-      read_lanes<kReads>(src, numel, index + group.offset[j], neighbour);
-      if constexpr (kReads != Reads::interior) neighbour = on[j] ? neighbour : Lanes<acc_t>{};
-      acc += cf[j] * neighbour;
+  for (int64_t t = 0; t < taps; ++t) {
+    Lanes<acc_t> neighbour, c;
+    read_lanes<kReads>(src, numel, index + offset[t], neighbour);
+    if constexpr (kReads != Reads::interior) {
+      LaneMask<acc_t> on;
+      std::memcpy(&on, inside + t * kLanes, sizeof on);
+      neighbour = on ? neighbour : Lanes<acc_t>{};
     }
-    if (last)
-      store_lanes<acc_t>(acc, dst + index, n);
-    else
-      std::memcpy(partial + c * kLanes, &acc, sizeof acc);
+    std::memcpy(&c, coef + t * kLanes, sizeof c);
+    acc += c * neighbour;
+  }
+}
+
+// dst[c, p] = sum over taps t of coef[i][t] * src[c, p + offset[t]] for every channel c and the
+// pixels p of each block i of a strip (channel 0's plane at flat index `index`; lanes [0, lanes)
+// stored). [fetch_lo, fetch_hi): the shifts from `index` that the strip reads in one channel.
+template <typename scalar_t>
+BUSSEG_SIMD_CLONES void gather_strip(const scalar_t* src, int64_t numel, int64_t index,
+                                     int64_t plane, int64_t C, const int64_t* offset, int64_t taps,
+                                     const StripBlock* blocks, int64_t n,
+                                     const at::opmath_type<scalar_t>* coef,
+                                     const MaskLane<at::opmath_type<scalar_t>>* inside,
+                                     int64_t fetch_lo, int64_t fetch_hi, scalar_t* dst) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t line = std::max<int64_t>(1, 64 / int64_t(sizeof(scalar_t)));
+  for (int64_t c = 0; c < C; ++c, index += plane) {
+    if (c + kStripPrefetchChannels < C)
+      for (int64_t f = fetch_lo; f < fetch_hi; f += line)
+        __builtin_prefetch(src + index + kStripPrefetchChannels * plane + f);
+    for (int64_t i = 0; i < n; ++i) {
+      const StripBlock& block = blocks[i];
+      const acc_t* cf = coef + i * taps * kLanes;
+      const MaskLane<acc_t>* on = inside + i * taps * kLanes;
+      Lanes<acc_t> acc = {};
+      if (block.reads == Reads::interior)
+        tap_sum<Reads::interior>(src, numel, index + block.p0, offset, taps, cf, on, acc);
+      else if (block.reads == Reads::edge)
+        tap_sum<Reads::edge>(src, numel, index + block.p0, offset, taps, cf, on, acc);
+      else
+        tap_sum<Reads::bounded>(src, numel, index + block.p0, offset, taps, cf, on, acc);
+      store_lanes<acc_t>(acc, dst + index + block.p0, block.lanes);
+    }
   }
 }
 
@@ -386,46 +421,47 @@ void arp_backward_kernel(const ArpGeometry& g, const scalar_t* grad_out, const s
     });
   }
   // Pass 2: pixel p gathers from each neighbour q = p + d*o with one coefficient, da[p, o]
-  // (p as query) plus da[q, -o] (p as key of q), all its taps and channels in one sweep over the
-  // features (one block of pixels at a time); grad_value gathers w[q, -o] * grad_out[q].
+  // (p as query) plus da[q, -o] (p as key of q), all its taps in one sweep over the features (a
+  // strip of blocks at a time); grad_value gathers w[q, -o] * grad_out[q].
   if (grad_feat) {
-    const std::vector<TapGroup> groups = tap_groups(g, 0, taps, false, sizeof(scalar_t));
-    const int64_t blocks = block_count(H * W);
-    parallel_chunks(g.B * blocks, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> coef(kMaxGroup * kLanes), partial(g.C * kLanes);
-      LaneMask<acc_t> inside[kMaxGroup];
+    std::vector<int64_t> offset(taps);
+    for (int64_t t = 0; t < taps; ++t) offset[t] = g.dy(t) * W + g.dx(t);
+    const int64_t lo = *std::min_element(offset.begin(), offset.end());
+    const int64_t hi = *std::max_element(offset.begin(), offset.end());
+    const int64_t blocks = block_count(H * W), strips = (blocks + kStripBlocks - 1) / kStripBlocks;
+    parallel_chunks(g.B * strips, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> coef(kStripBlocks * taps * kLanes);
+      std::vector<MaskLane<acc_t>> inside(kStripBlocks * taps * kLanes);
+      StripBlock strip[kStripBlocks];
       for (int64_t unit = begin; unit < end; ++unit) {
-        const int64_t b = unit / blocks;
-        const Block block(g, block_start(H * W, unit % blocks));
-        const int64_t index = g.plane(b, 0, g.C) + block.p0;
-        for (const TapGroup& group : groups) {
+        const int64_t b = unit / strips, first = (unit % strips) * kStripBlocks;
+        const int64_t n = std::min(kStripBlocks, blocks - first);
+        const int64_t index = g.plane(b, 0, g.C);
+        for (int64_t i = 0; i < n; ++i) {
+          const Block block(g, block_start(H * W, first + i));
           bool interior = true;
-          for (int j = 0; j < group.n; ++j) {
-            const int64_t t = group.tap[j];
+          for (int64_t t = 0; t < taps; ++t) {
             const acc_t* own = da.data() + g.plane(b, t, taps) + block.p0;
             const acc_t* key = da.data() + g.plane(b, g.mirror(t), taps) + block.p0;
+            acc_t* cf = coef.data() + (i * taps + t) * kLanes;
+            MaskLane<acc_t>* on = inside.data() + (i * taps + t) * kLanes;
             for (int l = 0; l < kLanes; ++l) {
-              const bool in = block.inside(g, group, j, l);
-              coef[j * kLanes + l] = in ? own[l] + key[l + group.offset[j]] : acc_t(0);
-              inside[j][l] = in ? -1 : 0;
+              const bool in = block.inside(g, g.dy(t), g.dx(t), l);
+              cf[l] = in ? own[l] + key[l + offset[t]] : acc_t(0);
+              on[l] = in ? -1 : 0;
               interior &= in;
             }
           }
-          const Reads reads = reads_outside(g, group, index, numel, false) ? Reads::bounded
-                              : interior                                   ? Reads::interior
-                                                                           : Reads::edge;
-          with_group_size(group.n, [&](auto NT) {
-            (reads == Reads::interior ? gather_block<scalar_t, NT, Reads::interior>
-             : reads == Reads::edge
-                 ? gather_block<scalar_t, NT, Reads::edge>
-                 : gather_block<scalar_t, NT, Reads::bounded>)(feat, numel, index, H * W, g.C,
-                                                               group, coef.data(), inside,
-                                                               partial.data(),
-                                                               &group == &groups.front(),
-                                                               &group == &groups.back(), grad_feat,
-                                                               block.lanes);
-          });
+          const int64_t at = index + block.p0;
+          const bool bounded = at + lo < 0 || at + (g.C - 1) * H * W + hi + kLanes > numel;
+          strip[i] = {block.p0, block.lanes,
+                      bounded    ? Reads::bounded
+                      : interior ? Reads::interior
+                                 : Reads::edge};
         }
+        gather_strip<scalar_t>(feat, numel, index, H * W, g.C, offset.data(), taps, strip, n,
+                               coef.data(), inside.data(), strip[0].p0 + lo,
+                               strip[n - 1].p0 + hi + kLanes, grad_feat);
       }
     });
   }

@@ -40,9 +40,12 @@ template <typename T>
 using Lanes = typename LanesOf<T>::type;
 
 // Lane masks for Lanes<T> (all bits set: on): signed integers of T's width, the type of a
-// comparison of two Lanes<T>.
+// comparison of two Lanes<T>. Stored in memory as kLanes MaskLane<T> values (a std::vector of
+// vector types is not aligned to the vector).
 template <typename T>
-using LaneMask = Lanes<std::conditional_t<sizeof(T) == 8, int64_t, int32_t>>;
+using MaskLane = std::conditional_t<sizeof(T) == 8, int64_t, int32_t>;
+template <typename T>
+using LaneMask = Lanes<MaskLane<T>>;
 
 // v = the kLanes values at p, in the accumulator type acc_t.
 template <typename acc_t, typename scalar_t>
