@@ -95,8 +95,10 @@ test: lint build cuda-check gpu-compile-check cmake-check
 # collected in benchmarks/last_run.md.
 # Timings: glibc keeps freed memory instead of trimming it back to the OS (the same for every
 # implementation), so a round's time does not hinge on whether its outputs land on fresh pages,
-# which cost ~13 ms per 48 MiB on this VM and which glibc otherwise grants by chance.
-BENCH_MALLOC = glibc.malloc.trim_threshold=268435456:glibc.malloc.mmap_threshold=33554432
+# which cost ~13 ms per 48 MiB on this VM and which glibc otherwise grants by chance. mmap_max=0
+# puts blocks above the largest mmap threshold (32 MiB) on the heap too: they were mapped afresh,
+# and faulted in, on every call (as jemalloc or tcmalloc would not).
+BENCH_MALLOC = glibc.malloc.trim_threshold=268435456:glibc.malloc.mmap_threshold=33554432:glibc.malloc.mmap_max=0
 
 bench: build
 	rm -f benchmarks/last_run.md
