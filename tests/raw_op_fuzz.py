@@ -24,7 +24,7 @@ HUGE = (2**62 + 1, 2**63 - 1)
 def _tensor_mutations(t: torch.Tensor, free: set, i: int, alone: bool):
     if (i, "rank") not in free:
         yield "rank+1", lambda t: t.unsqueeze(0)
-        if t.dim() >= 1:
+        if t.dim() >= 1 and t.shape[-1] > 0:
             yield "rank-1", lambda t: t.select(-1, 0)
     for d in range(t.dim()):
         if (i, "dim", d) not in free and t.shape[d] > 0:

@@ -149,6 +149,7 @@ class TestMemoryContrastiveLoss(OpContract):
         bad(_raw_backward(grad_loss=torch.ones(2)), ValueError, "grad_loss must be a scalar"),
         bad(_raw_backward(lse=torch.randn(4, device="meta")), ValueError, "device"),
         bad(_raw_backward(weighted_negatives=torch.randn(4, 2)), ValueError, r"weighted_negatives must be \(N, D\)"),
+        bad(_raw_backward(weighted_negatives=torch.empty(1, 0)), ValueError, r"or \(0,\), got \[1, 0\]"),
         bad(
             _raw_backward(weighted_negatives=torch.ones(4, 3, dtype=torch.int64)),
             TypeError,

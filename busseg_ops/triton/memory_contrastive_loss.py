@@ -310,12 +310,13 @@ def memory_contrastive_loss_backward(
     torch._check_value(tuple(lse.shape) == (anchors.shape[0],), lambda: f"{op}: lse must be (N,)")
     torch._check_value(grad_loss.numel() == 1, lambda: f"{op}: grad_loss must be a scalar")
     torch._check_type(
-        lse.is_floating_point() and grad_loss.is_floating_point(), lambda: f"{op}: lse and grad_loss must be floating"
+        lse.is_floating_point() and grad_loss.is_floating_point() and weighted_negatives.is_floating_point(),
+        lambda: f"{op}: lse, weighted_negatives and grad_loss must be floating",
     )
-    saved = weighted_negatives.numel() > 0
+    saved = tuple(weighted_negatives.shape) != (0,)
     torch._check_value(
         not saved or tuple(weighted_negatives.shape) == tuple(anchors.shape),
-        lambda: f"{op}: weighted_negatives must be (N, D) or empty",
+        lambda: f"{op}: weighted_negatives must be (N, D) or (0,)",
     )
     _validate.one_device(op, anchors=anchors, lse=lse, grad_loss=grad_loss, weighted_negatives=weighted_negatives)
     a, n, p, lab, pos, weight = _prepare(anchors, anchor_labels, negatives, positives, has_positive, temperature)

@@ -137,7 +137,7 @@ inline BackwardStart backward_start(const Prepared& p, const at::Tensor& grad_lo
   const at::Tensor ph = positives / norms(positives);
   const at::Tensor pi_pos = at::where(p.weight > 0, (p.pos - l).exp(), at::ones({}, l.options()));
   at::Tensor da = (coef * (pi_pos - 1)).unsqueeze(1) * ph.index_select(0, p.ya.clamp(0, K - 1));
-  const bool saved = weighted_negatives.numel() > 0;
+  const bool saved = weighted_negatives.dim() == 2;  // else (0,): not saved
   if (saved) da += coef.unsqueeze(1) * weighted_negatives;
   at::Tensor dn = need_grad_negatives ? at::zeros_like(p.n) : at::Tensor();
   return {l, coef, da, dn, !saved};

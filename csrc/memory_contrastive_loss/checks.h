@@ -63,9 +63,10 @@ inline void check_memory_contrastive_loss_backward_args(
   const bool rows_of_anchors = weighted_negatives.dim() == 2 &&
                                weighted_negatives.size(0) == anchors.size(0) &&
                                weighted_negatives.size(1) == anchors.size(1);
-  TORCH_CHECK_VALUE(weighted_negatives.numel() == 0 || rows_of_anchors,
-                    "weighted_negatives must be (N, D) = (", anchors.size(0), ", ", anchors.size(1),
-                    ") or empty, got ", weighted_negatives.sizes());
+  const bool none = weighted_negatives.dim() == 1 && weighted_negatives.size(0) == 0;
+  TORCH_CHECK_VALUE(none || rows_of_anchors, "weighted_negatives must be (N, D) = (",
+                    anchors.size(0), ", ", anchors.size(1), ") or (0,), got ",
+                    weighted_negatives.sizes());
   check_floating(weighted_negatives, "weighted_negatives");
   check_device(weighted_negatives, "weighted_negatives", anchors, "anchors");
 }
