@@ -191,6 +191,30 @@ def _grad_blocks(t: torch.Tensor) -> tuple[int, dict]:
     return triton.cdiv(t.shape[1], block_d), dict(_blocks(t), BLOCK_D=block_d, num_warps=8, maxnreg=255)
 
 
+def _add_anchor_grad(da, a, n, anchor_labels, negative_labels, lse, coef, temperature):
+    """da (N, D, contiguous) += Σ_j coef_i π_ij n̂_j over each anchor's negatives: the anchors'
+    gradient in backward, weighted_negatives (coef 1) in forward."""
+    N, D = a.shape
+    M = n.shape[0]
+    if N == 0 or M == 0:
+        return
+    column_blocks, meta = _grad_blocks(a)
+    wrap_triton(_contrastive_anchor_grad_kernel)[(triton.cdiv(N, _BLOCK_N), column_blocks)](
+        a,
+        n,
+        anchor_labels.contiguous(),
+        negative_labels.contiguous(),
+        lse.contiguous(),
+        coef.contiguous(),
+        da,
+        N,
+        M,
+        D,
+        *split(1.0 / temperature),
+        **meta,
+    )
+
+
 def _acc(t: torch.Tensor):
     return tl.float64 if t.dtype == torch.float64 else tl.float32
 
@@ -248,7 +272,6 @@ def memory_contrastive_loss(
     _check("memory_contrastive_loss", *args)
     a, n, _, _, pos, weight = _prepare(anchors, anchor_labels, negatives, positives, has_positive, temperature)
     N, D = a.shape
-    M = n.shape[0]
     lse = torch.empty_like(pos)
     if N > 0:
         wrap_triton(_contrastive_forward_kernel)[(triton.cdiv(N, _BLOCK_N),)](
@@ -271,23 +294,8 @@ def memory_contrastive_loss(
     # Here they run in forward instead of backward, a second pass over the tiles (the C++ backends
     # accumulate it in the LSE's pass).
     weighted_negatives = torch.zeros_like(a)
-    column_blocks, meta = _grad_blocks(a)
-    if N > 0 and M > 0:
-        ones = (weight > 0).to(a.dtype).contiguous()
-        wrap_triton(_contrastive_anchor_grad_kernel)[(triton.cdiv(N, _BLOCK_N), column_blocks)](
-            a,
-            n,
-            anchor_labels.contiguous(),
-            negative_labels.contiguous(),
-            lse,
-            ones,
-            weighted_negatives,
-            N,
-            M,
-            D,
-            *split(1.0 / temperature),
-            **meta,
-        )
+    ones = (weight > 0).to(a.dtype)
+    _add_anchor_grad(weighted_negatives, a, n, anchor_labels, negative_labels, lse, ones, temperature)
     return loss, lse, weighted_negatives
 
 
@@ -327,19 +335,26 @@ def memory_contrastive_loss_backward(
     da = ((coef * (pi_pos - 1))[:, None] * p[lab]).contiguous()
     if saved:  # forward's Σ_j π_ij n̂_j: the negatives' part without a pass over the tiles
         da += coef[:, None] * weighted_negatives
-    ya, yn = anchor_labels.contiguous(), negative_labels.contiguous()
-    args = (a, n, ya, yn, lse.contiguous(), coef)
-    column_blocks, meta = _grad_blocks(a)
-    if N > 0 and M > 0 and not saved:
-        wrap_triton(_contrastive_anchor_grad_kernel)[(triton.cdiv(N, _BLOCK_N), column_blocks)](
-            *args, da, N, M, D, *split(1.0 / temperature), **meta
-        )
+    else:
+        _add_anchor_grad(da, a, n, anchor_labels, negative_labels, lse, coef, temperature)
     grad_negatives = anchors.new_empty(0)
     if need_grad_negatives:
         dn = torch.zeros_like(n)
         if N > 0 and M > 0:
+            column_blocks, meta = _grad_blocks(a)
             wrap_triton(_contrastive_negative_grad_kernel)[(triton.cdiv(M, _BLOCK_M), column_blocks)](
-                *args, dn, N, M, D, *split(1.0 / temperature), **meta
+                a,
+                n,
+                anchor_labels.contiguous(),
+                negative_labels.contiguous(),
+                lse.contiguous(),
+                coef,
+                dn,
+                N,
+                M,
+                D,
+                *split(1.0 / temperature),
+                **meta,
             )
         grad_negatives = _normalize_backward(negatives, n, dn)
     return _normalize_backward(anchors, a, da), grad_negatives

@@ -76,8 +76,8 @@ void tap_weighted_row(const ArpGeometry& g, int64_t y, const acc_t* coef, const 
 // and the last one ends at H*W (overlapping its predecessor, whose pixels it recomputes alike), or
 // a single block covers a plane smaller than kLanes.
 constexpr int kMaxGroup = 9;
-// Channels ahead whose cache lines a block prefetches: each channel's lie in another page, out of
-// the hardware prefetchers' reach.
+// Channels ahead whose cache lines a forward block prefetches: each channel's lie in another page,
+// out of the hardware prefetchers' reach.
 constexpr int64_t kPrefetchChannels = 32;
 
 inline int group_size(int64_t taps_left) {
@@ -112,20 +112,21 @@ int64_t block_start(int64_t n, int64_t i) {
 // lanes are loaded one by one within it, then masked.
 enum class Reads { interior, edge, bounded };
 
-// The taps of one group: their indices, column shifts and shifts in the flat (H, W) plane; and
+// The taps of one group of the forward: their indices, column shifts and shifts in the flat (H, W)
+// plane; [lo, hi], the span of shifts a block reads (its own pixels, shift 0, included); and
 // `fetch`, shifts that together touch every cache line a block reads in one channel (per tap row,
 // every 64 bytes from its first value read to its last, or each tap's first and last value where
-// the taps lie far apart; `centre`: the block reads its own pixels too).
+// the taps lie far apart).
 constexpr int kMaxFetch = 8 * (kMaxGroup + 1);
 
 struct TapGroup {
   int n = 0, fetches = 0;
   int64_t tap[kMaxGroup] = {}, dy[kMaxGroup] = {}, dx[kMaxGroup] = {}, offset[kMaxGroup] = {};
+  int64_t lo = 0, hi = 0;
   int64_t fetch[kMaxFetch] = {};
 };
 
-TapGroup tap_group(const ArpGeometry& g, const int64_t* taps, int n, bool centre,
-                   int64_t value_bytes) {
+TapGroup tap_group(const ArpGeometry& g, const int64_t* taps, int n, int64_t value_bytes) {
   TapGroup group;
   group.n = n;
   for (int j = 0; j < n; ++j) {
@@ -133,6 +134,8 @@ TapGroup tap_group(const ArpGeometry& g, const int64_t* taps, int n, bool centre
     group.dy[j] = g.dy(taps[j]);
     group.dx[j] = g.dx(taps[j]);
     group.offset[j] = g.dy(taps[j]) * g.W + g.dx(taps[j]);
+    group.lo = std::min(group.lo, group.offset[j]);
+    group.hi = std::max(group.hi, group.offset[j]);
   }
   const int64_t line = std::max<int64_t>(1, 64 / value_bytes);
   const auto fetch_row = [&](int64_t dy, const int64_t* dx, int count) {
@@ -149,7 +152,7 @@ TapGroup tap_group(const ArpGeometry& g, const int64_t* taps, int n, bool centre
       }
     }
   };
-  bool centre_row = !centre;
+  bool centre_row = false;
   for (int j = 0; j < n;) {  // taps come row-major: a row's taps are consecutive
     const int64_t dy = g.dy(group.tap[j]);
     int64_t dx[kMaxGroup + 1] = {};
@@ -166,14 +169,8 @@ TapGroup tap_group(const ArpGeometry& g, const int64_t* taps, int n, bool centre
 }
 
 // Whether some plain load of a block would leave a (B, C, H, W) tensor of `numel` elements: the
-// block's channel-0 pixel has flat index `index`; `centre`: it reads its own pixels too.
-bool reads_outside(const ArpGeometry& g, const TapGroup& group, int64_t index, int64_t numel,
-                   bool centre) {
-  int64_t lo = centre ? 0 : std::numeric_limits<int64_t>::max(), hi = -lo;
-  for (int j = 0; j < group.n; ++j) {
-    lo = std::min(lo, group.offset[j]);
-    hi = std::max(hi, group.offset[j]);
-  }
+// block's channel-0 pixel has flat index `index` and it reads shifts [lo, hi] of it.
+bool reads_outside(const ArpGeometry& g, int64_t lo, int64_t hi, int64_t index, int64_t numel) {
   return index + lo < 0 || index + (g.C - 1) * g.H * g.W + hi + kLanes > numel;
 }
 
@@ -202,14 +199,13 @@ struct Block {
 };
 
 // A geometry's taps [first, last) in groups.
-std::vector<TapGroup> tap_groups(const ArpGeometry& g, int64_t first, int64_t last, bool centre,
+std::vector<TapGroup> tap_groups(const ArpGeometry& g, int64_t first, int64_t last,
                                  int64_t value_bytes) {
   std::vector<int64_t> taps;
   for (int64_t t = first; t < last; ++t) taps.push_back(t);
   std::vector<TapGroup> groups;
   for (int64_t i = 0; i < int64_t(taps.size());) {
-    groups.push_back(
-        tap_group(g, taps.data() + i, group_size(taps.size() - i), centre, value_bytes));
+    groups.push_back(tap_group(g, taps.data() + i, group_size(taps.size() - i), value_bytes));
     i += groups.back().n;
   }
   return groups;
@@ -330,7 +326,7 @@ void arp_forward_kernel(const ArpGeometry& g, const scalar_t* feat, const scalar
   const acc_t outside = valid ? -std::numeric_limits<acc_t>::infinity() : acc_t(0);  // zeros: 0
   // Pass 1: affinities of the taps from the centre on; the others are their mirrors.
   std::vector<acc_t> raw(g.B * taps * H * W);
-  const std::vector<TapGroup> groups = tap_groups(g, g.centre(), taps, true, sizeof(scalar_t));
+  const std::vector<TapGroup> groups = tap_groups(g, g.centre(), taps, sizeof(scalar_t));
   const int64_t blocks = block_count(H * W);
   parallel_chunks(g.B * blocks, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> sums(kMaxGroup * kLanes);
@@ -339,7 +335,7 @@ void arp_forward_kernel(const ArpGeometry& g, const scalar_t* feat, const scalar
       const Block block(g, block_start(H * W, unit % blocks));
       const int64_t index = g.plane(b, 0, g.C) + block.p0;
       for (const TapGroup& group : groups) {
-        const bool outside = reads_outside(g, group, index, numel, true);
+        const bool outside = reads_outside(g, group.lo, group.hi, index, numel);
         with_group_size(group.n, [&](auto NT) {
           (outside ? affinity_block<scalar_t, NT, Reads::bounded>
                    : affinity_block<scalar_t, NT, Reads::edge>)(feat, numel, index, H * W, g.C,
@@ -452,8 +448,7 @@ void arp_backward_kernel(const ArpGeometry& g, const scalar_t* grad_out, const s
               interior &= in;
             }
           }
-          const int64_t at = index + block.p0;
-          const bool bounded = at + lo < 0 || at + (g.C - 1) * H * W + hi + kLanes > numel;
+          const bool bounded = reads_outside(g, lo, hi, index + block.p0, numel);
           strip[i] = {block.p0, block.lanes,
                       bounded    ? Reads::bounded
                       : interior ? Reads::interior
