@@ -65,12 +65,13 @@ gpu-resources: $(STAMP) cuda-check
 	$(PY) tools/gpu_compile_check.py --write-results
 
 # On a machine with a CUDA GPU and nvcc (tools/gpu_check.py): the extension built for this GPU
-# only, every CUDA and Triton test run on it, the GPU benchmarks, benchmarks/RESULTS_GPU.md written,
-# each phase timed. Nothing is fetched: it uses the python that has torch (.venv's if there is one).
-# Without a CUDA GPU it says so in one line and exits 0. TIME_LIMIT=SECONDS (a lent machine's
-# lease) stops it then and still writes the report with what ran.
+# only, the exceptions probe, our kernels timed (CUDA events, L2 flushed, the host path apart), every
+# CUDA and Triton test run on it, the baselines timed; benchmarks/RESULTS_GPU.md written after each
+# phase. Nothing is fetched: it uses the python that has torch (.venv's if there is one). Without a
+# CUDA GPU it says so in one line and exits 0. TIME_LIMIT=SECONDS (a lent machine's lease) stops it
+# then and still writes the report with what ran; ONLY=probe,bench runs those phases only.
 gpu-check:
-	@$(if $(wildcard $(PY)),$(PY),python3) tools/gpu_check.py $(if $(TIME_LIMIT),--time-limit $(TIME_LIMIT))
+	@$(if $(wildcard $(PY)),$(PY),python3) tools/gpu_check.py $(if $(TIME_LIMIT),--time-limit $(TIME_LIMIT)) $(if $(ONLY),--only $(ONLY))
 
 # The CMake build for C++ users, configured and built once per `make test`: that it configures,
 # compiles every source and links. Unoptimised (-O0), which takes a fifth of the CPU time of -O3:
