@@ -54,9 +54,11 @@ cuda-check: $(STAMP)
 	done
 
 # Every Triton kernel compiled for sm_80 and sm_90 the way its launchers launch it (no GPU needed),
-# then a table of registers, spills, shared memory and occupancy of every Triton and CUDA kernel.
-# Fails on a compile error, a register spill, or a launch space that drifted from the launchers
-# (tools/gpu_compile_check.py). Triton's cache stays in build/triton-gpu-check: re-runs are quick.
+# then a table of registers, spills, local and shared memory, occupancy, 128-bit global loads and
+# tensor-core instructions (PTX for Triton, SASS for CUDA) of every Triton and CUDA kernel. Fails on
+# a compile error, a register spill, local memory in issue 27's memory-bound kernels, or a launch
+# space that drifted from the launchers (tools/gpu_compile_check.py). Triton's cache stays in
+# build/triton-gpu-check: re-runs are quick.
 gpu-compile-check: $(STAMP) cuda-check
 	$(PY) tools/gpu_compile_check.py
 
