@@ -6,6 +6,7 @@ import dataclasses
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -317,3 +318,10 @@ def test_main_runs_the_phases_in_order_and_reports_after_each(tmp_path, monkeypa
         and "| 27 | ARP forward ≤ 20 µs | fp32 | cuda | 18.0 µs | met |" in tail
     )
     assert "## Every timing" not in tail and "| arp forward | fp32 | cuda | 18.0 |" in gpu_check.RESULTS.read_text()
+
+
+@pytest.mark.skipif(shutil.which("gdb") is None, reason="needs gdb")
+def test_gdb_gives_the_native_backtrace_of_a_crash():
+    case = probe.Case("segfaults", "import ctypes\nctypes.string_at(0)", "", cuda=False, busseg=False)
+    frames = probe.native_backtrace(case, "stacktraces 0").splitlines()
+    assert frames[0].startswith("#0 ") and any("string_at" in f for f in frames), frames

@@ -46,6 +46,7 @@ SETTINGS = {
     "stacktraces 1, no addr2line": {"TORCH_SHOW_CPP_STACKTRACES": "1", "TORCH_DISABLE_ADDR2LINE": "1"},
 }
 TIMEOUT_S = 60
+GDB_TIMEOUT_S = 45  # gdb reads the symbols of torch's libraries (a GiB) first
 MARK_RAISED, MARK_NO_ERROR = "PROBE-RAISED ", "PROBE-NO-ERROR"
 #: what torch says when a raw-op call does not match the op's schema (the call never reached the kernel)
 SCHEMA_MISMATCH = ("Expected a value of type", "missing value for argument", "Declaration:", "Unknown keyword")
@@ -263,10 +264,10 @@ def native_backtrace(case: Case, setting: str, python: str = sys.executable) -> 
     env.update(SETTINGS[setting], **case.env)
     cmd = [gdb, "-batch", "-ex", "run", "-ex", "bt 30", "--args", python, "-X", "faulthandler", "-c", script(case)]
     try:
-        out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+        out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=GDB_TIMEOUT_S)
     except subprocess.TimeoutExpired:
-        return "gdb: no answer in time"
-    frames = [line for line in out.stdout.splitlines() if line.startswith("#")]
+        return f"gdb: no backtrace within {GDB_TIMEOUT_S} s"
+    frames = [line[:200] for line in out.stdout.splitlines() if line.startswith("#")]
     return "\n".join(frames[:30])
 
 
