@@ -85,6 +85,7 @@ class Case:
     cuda: bool = True  # needs a CUDA device
     busseg: bool = True  # needs busseg_ops
     env: dict = field(default_factory=dict)
+    control: bool = False  # not a CUDA binding of ours: torch's own checks, our CPU binding
 
 
 def _call(op: str, args: str) -> str:
@@ -104,13 +105,21 @@ _KERNEL_SIZE = "kernel_size must be odd"
 
 CASES = [
     # controls: torch's own C++ checks, and our CPU binding's (also with a CUDA context in the process)
-    Case("torch mm, CPU: shapes", "torch.mm(cpu(2, 3), cpu(2, 3))", "cannot be multiplied", cuda=False, busseg=False),
-    Case("torch mm, CUDA: shapes", "torch.mm(t(2, 3), t(2, 3))", "cannot be multiplied", busseg=False),
-    Case("ARP, CPU op: kernel_size=2", _ARP.format(d="cpu") + _ARP_BAD, _KERNEL_SIZE, cuda=False),
+    Case(
+        "torch mm, CPU: shapes",
+        "torch.mm(cpu(2, 3), cpu(2, 3))",
+        "cannot be multiplied",
+        cuda=False,
+        busseg=False,
+        control=True,
+    ),
+    Case("torch mm, CUDA: shapes", "torch.mm(t(2, 3), t(2, 3))", "cannot be multiplied", busseg=False, control=True),
+    Case("ARP, CPU op: kernel_size=2", _ARP.format(d="cpu") + _ARP_BAD, _KERNEL_SIZE, cuda=False, control=True),
     Case(
         "ARP, CPU op after CUDA init: kernel_size=2",
         "torch.zeros(1, device=dev)\n" + _ARP.format(d="cpu") + _ARP_BAD,
         _KERNEL_SIZE,
+        control=True,
     ),
     # one bad call per CUDA binding, each rejected by the op's argument check
     Case("ARP forward, CUDA: kernel_size=2", _ARP.format(d="t") + _ARP_BAD, _KERNEL_SIZE),
@@ -271,16 +280,15 @@ def native_backtrace(case: Case, setting: str, python: str = sys.executable) -> 
     return "\n".join(frames[:30])
 
 
-def probe(cases=CASES, settings=tuple(SETTINGS), python: str = sys.executable, jobs: int | None = None):
-    """Every case under every setting, ``jobs`` processes at a time; then gdb on the first crashing
-    CUDA case (busseg's)."""
+def probe(cases=CASES, settings=tuple(SETTINGS), python=sys.executable, jobs: int | None = None, gdb: bool = True):
+    """Every case under every setting, ``jobs`` processes at a time; then (``gdb``) gdb on the first
+    crashing case, a CUDA binding's where one crashed."""
     pairs = [(c, s) for c in cases for s in settings]
     with ThreadPoolExecutor(jobs or os.cpu_count() or 1) as pool:
         outcomes = list(pool.map(lambda p: run_case(*p, python=python), pairs))
-    crashed = next(
-        ((c, o) for (c, _), o in zip(pairs, outcomes) if o.result.startswith("SIG") and c.cuda and c.busseg), None
-    )
-    if crashed:
+    crashes = [(c, o) for (c, _), o in zip(pairs, outcomes) if o.result.startswith("SIG")]
+    crashed = next((x for x in crashes if not x[0].control), crashes[0] if crashes else None)
+    if crashed and gdb:
         case, outcome = crashed
         outcome.native_backtrace = native_backtrace(case, outcome.setting, python)
     return outcomes
@@ -304,19 +312,30 @@ def table(outcomes: list[Outcome]) -> list[str]:
 
 
 def summary(outcomes: list[Outcome]) -> str:
-    """One sentence: how many CUDA-binding cases crashed, under which settings."""
-    cuda_cases = {c.name for c in CASES if c.cuda and c.busseg}
-    ours = [o for o in outcomes if o.case in cuda_cases and o.result != "n/a"]
-    bad = [o for o in ours if not o.clean]
-    if not ours:
-        return "No CUDA binding was probed."
-    if not bad:
-        return f"Every CUDA binding's exception path raised cleanly ({len(ours)} calls)."
-    by_setting = {}
-    for o in bad:
-        by_setting.setdefault(o.setting, set()).add(o.case)
-    per = "; ".join(f"{s}: {len(c)} of {len({o.case for o in ours})}" for s, c in by_setting.items())
-    return f"{len(bad)} of {len(ours)} CUDA-binding calls did not raise cleanly ({per})."
+    """How many calls of the CUDA bindings did not raise cleanly, under which settings; the same for
+    the controls where any did not."""
+    controls = {c.name for c in CASES if c.control}
+    parts = []
+    for label, probed in (
+        ("CUDA-binding", [o for o in outcomes if o.case not in controls]),
+        ("control", [o for o in outcomes if o.case in controls]),
+    ):
+        probed = [o for o in probed if o.result != "n/a"]
+        bad = [o for o in probed if not o.clean]
+        if bad:
+            by_setting: dict[str, set] = {}
+            for o in bad:
+                by_setting.setdefault(o.setting, set()).add(o.case)
+            cases = len({o.case for o in probed})
+            per = "; ".join(f"{s}: {len(c)} of {cases}" for s, c in by_setting.items())
+            parts.append(f"{len(bad)} of {len(probed)} {label} calls did not raise cleanly ({per}).")
+        elif label == "CUDA-binding":
+            parts.append(
+                f"Every CUDA binding's exception path raised cleanly ({len(probed)} calls)."
+                if probed
+                else "No CUDA binding was probed."
+            )
+    return " ".join(parts)
 
 
 def main(argv=None) -> int:
