@@ -75,7 +75,8 @@ PATCH_IMPLS = {**{b: ours_hardness_cutmix(b) for b in OUR_BACKENDS}, "upstream_c
 def test_hardness_cutmix(benchmark, impl):
     benchmark.group = "hardness+cutmix B=8 512² N=16"
     args = patch_inputs()
-    g = torch.Generator().manual_seed(1)
+    # ours draw on the device from a generator there (the upstream code draws on the CPU)
+    g = torch.Generator(device=DEVICE if impl in OUR_BACKENDS else "cpu").manual_seed(1)
     fn = on_device(PATCH_IMPLS[impl])
     benchmark.pedantic(lambda: fn(*args, 38, g), rounds=ROUNDS, warmup_rounds=1)
     # read the logits and the three tensors to mix, write the three mixed ones

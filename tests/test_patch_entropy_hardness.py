@@ -158,8 +158,8 @@ def test_reference_hardness_matches_avg_pool_of_entropy(from_logits):
 
 @pytest.mark.parametrize("from_logits", [False, True])
 def test_triton_patches_larger_than_a_block(from_logits):
-    """Patches of 24 x 24 = 576 pixels: more than one Triton block of the forward (at most 512 pixels;
-    blocks of 1024 spilled registers on sm_90), which then loops over the patch."""
+    """Patches of 24 x 24 = 576 pixels: more than one Triton tile (16 x 32: at most 512 pixels; tiles
+    of 1024 spilled registers on sm_90), so both kernels loop over the patch."""
     device = triton_device()
     logits = torch.randn(1, 3, 24, 48, device=device) * 3
     x = (logits if from_logits else logits.softmax(1)).requires_grad_()
@@ -217,7 +217,7 @@ def test_hardness_two_class_non_finite_logits_match_reference(value):
 # than threads. Triton: 2-D tiles of the patch, looping where a patch is larger than one.
 GPU_SHAPES = [  # B, K, H, W, patch
     (2, 2, 64, 64, (32, 32)),  # fp32: 256 vectors, 256 threads; 16-bit: 128 vectors
-    (1, 2, 128, 128, (64, 128)),  # more vectors than threads; Triton: 16 x 64 tiles, looping
+    (1, 2, 128, 128, (64, 128)),  # more vectors than threads; Triton: 8 x 64 tiles, looping
     (2, 2, 16, 32, (4, 8)),  # 32 threads per patch, 8 patches per block
     (2, 3, 12, 20, (3, 5)),  # single pixels (5 is no multiple of a vector), K = 3
     (1, 2, 6, 6, (1, 1)),  # one pixel per patch

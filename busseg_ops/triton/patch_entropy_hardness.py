@@ -148,10 +148,11 @@ def _check(op, x, patch_h, patch_w, grad=None):
 
 def _tile_shape(patch_h: int, patch_w: int) -> dict:
     """BLOCK_H x BLOCK_W tile of a patch: the patch's width (a power of two, at most 64) by as many
-    rows as make at most 1024 pixels; a warp per 256 pixels."""
+    rows as make at most 512 pixels (tiles of 1024 took 120 to 170 registers and spilled); four
+    warps for 512 pixels, one for fewer (with two, ptxas kept 32 registers and spilled on sm_80)."""
     block_w = min(64, triton.next_power_of_2(patch_w))
-    block_h = min(triton.next_power_of_2(patch_h), 1024 // block_w)
-    return dict(BLOCK_H=block_h, BLOCK_W=block_w, num_warps=max(1, block_h * block_w // 256))
+    block_h = min(triton.next_power_of_2(patch_h), 512 // block_w)
+    return dict(BLOCK_H=block_h, BLOCK_W=block_w, num_warps=4 if block_h * block_w >= 512 else 1)
 
 
 @triton_op("busseg_triton::patch_entropy_hardness", mutates_args=())
@@ -209,8 +210,8 @@ def patch_entropy_hardness_backward(
 
 #: Problem axes that decide what the launchers above launch (_tile_shape: the tile from the patch's
 #: height and width). First value: the base problem (16 x 16 tiles, one warp); second: the
-#: smallest (1 x 1); then 16 x 64 tiles for 20 x 40 patches and 32 x 32 for 40 x 20 (4 warps,
-#: looping over rows), 4 x 64 for 3 x 64.
+#: smallest (1 x 1); then 8 x 64 tiles for 20 x 40 patches and 16 x 32 for 40 x 20 (four warps,
+#: looping over rows), 4 x 64 for 3 x 64 (one warp).
 LAUNCH_AXES = {
     "dtype": (torch.float32, torch.float64, torch.float16, torch.bfloat16),
     "patch_h": (16, 1, 20, 40, 3),
