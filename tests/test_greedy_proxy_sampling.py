@@ -1,6 +1,6 @@
 """greedy_proxy_sampling (RA-BUSSeg CRA proxies): the op contract, the reference against the
-literal definition, ties, the first proxy, the CPU's half-precision screening and the CUDA
-kernel's block splits."""
+literal definition, ties, the first proxy, the CPU's half-precision screening and every plan of
+the CUDA kernel."""
 
 import subprocess
 import sys

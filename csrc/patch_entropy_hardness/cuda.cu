@@ -135,8 +135,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<T>)
     const long long b = w.patch / (static_cast<long long>(Nh) * Nw);
     const int i = static_cast<int>(w.patch / Nw % Nh), j = static_cast<int>(w.patch % Nw);
     const size_t HW = static_cast<size_t>(s.H) * s.W;
-    const T* corner = x + b * s.K * HW + (static_cast<size_t>(i) * s.ph) * s.W +
-                      static_cast<size_t>(j) * s.pw;
+    const T* corner =
+        x + b * s.K * HW + (static_cast<size_t>(i) * s.ph) * s.W + static_cast<size_t>(j) * s.pw;
     const A e = static_cast<A>(eps);
     for (; w.r < s.ph; w.next()) {
       const UnitProbs<V, T> p(corner + static_cast<size_t>(w.r) * s.W + w.u * V,
@@ -166,8 +166,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<T>)
   const long long b = w.patch / (static_cast<long long>(Nh) * Nw);
   const int i = static_cast<int>(w.patch / Nw % Nh), j = static_cast<int>(w.patch % Nw);
   const size_t HW = static_cast<size_t>(s.H) * s.W;
-  const size_t corner = b * s.K * HW + (static_cast<size_t>(i) * s.ph) * s.W +
-                        static_cast<size_t>(j) * s.pw;
+  const size_t corner =
+      b * s.K * HW + (static_cast<size_t>(i) * s.ph) * s.W + static_cast<size_t>(j) * s.pw;
   const A c = static_cast<A>(scale) * load(grad + w.patch), e = static_cast<A>(eps);
   for (; w.r < s.ph; w.next()) {
     const size_t at = corner + static_cast<size_t>(w.r) * s.W + w.u * V;
