@@ -167,8 +167,14 @@ __global__ void __launch_bounds__(kMaxThreads) greedy_kernel(GreedyArgs a) {
       int from = a.cached;
       if (j == tid) {  // the thread's first pixel: its next channels are in registers
 #pragma unroll
-        for (int r = 0; r < R; ++r)
-          if (r < a.in_registers) acc[r & 7] = fma(q[a.cached + r], reg[r], acc[r & 7]);
+        for (int r0 = 0; r0 < R; r0 += 8) {
+          if (r0 >= a.in_registers) break;
+          A qv[8];
+          load8(q + a.cached + r0, qv);  // cached: a multiple of 8 here; q zero-padded to 8
+#pragma unroll
+          for (int k = 0; k < 8; ++k)
+            if (r0 + k < a.in_registers) acc[k] = fma(qv[k], reg[r0 + k], acc[k]);
+        }
         from += a.in_registers;
       }
       accumulate(acc, q, from, C, f + static_cast<size_t>(from) * HW + begin + j, HW,
