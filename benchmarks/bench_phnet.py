@@ -49,9 +49,9 @@ def upstream_hardness_cutmix(logits, image, label, conf, k, generator):
 
 
 def cutmix_generator() -> torch.Generator:
-    """The generator our adaptive_patch_cutmix draws from (the one place to change should its API
-    take a device generator)."""
-    return torch.Generator().manual_seed(1)
+    """The generator our adaptive_patch_cutmix draws from: on the benchmark's device, so a GPU call
+    draws there (a CPU generator would copy the draws over and wait for them)."""
+    return torch.Generator(device=DEVICE).manual_seed(1)
 
 
 def ours_hardness_cutmix(backend):
