@@ -72,7 +72,9 @@ class TestAdjacentRelationPropagation(OpContract):
         for shape, kd, padding, value_grad in itertools.product(SHAPES, KERNELS, ["zeros", "valid"], [True, False])
     ] + [(SHAPES[2], (3, 2), "valid", True, torch.float64)]
     gradcheck_cases = ["zeros", "valid"]
+    gradcheck_backends = ("cpu", "reference", "triton")
     layout_exact = ("channels_last",)
+    half_case = (SHAPES[0], (3, 1), "valid", True, torch.float32)  # a 3x3 kernel, both gradients
 
     def make_inputs(self, case, device):
         (B, C, K, H, W), (kernel_size, dilation), padding, value_grad, dtype, *magnitude = case
@@ -121,8 +123,10 @@ class TestAdjacentRelationPropagation(OpContract):
         )
 
     def gradcheck_inputs(self, padding, backend):
-        feat = torch.randn(2, 3, 5, 4, dtype=torch.float64, requires_grad=True)
-        value = torch.randn(2, 2, 5, 4, dtype=torch.float64, requires_grad=True)
+        # the interpreter runs a kernel in a third of a second: fewer pixels for Triton
+        B, C, K, H, W = (1, 2, 1, 4, 3) if backend == "triton" else (2, 3, 2, 5, 4)
+        feat = torch.randn(B, C, H, W, dtype=torch.float64, requires_grad=True)
+        value = torch.randn(B, K, H, W, dtype=torch.float64, requires_grad=True)
         return (lambda f, v: arp(f, v, 3, 2, padding=padding)), (feat, value)
 
     def compile_inputs(self):
@@ -202,8 +206,11 @@ class TestAdjacentRelationPropagation(OpContract):
         ]
 
     def triton_opcheck_samples(self):
-        feat, value, _, _ = _arp_args()
-        return [RawSample(OP.name, (feat.requires_grad_(), value.requires_grad_(), 3, 2, 0.4, False))]
+        feat, value, w, grad = _arp_args()
+        return [
+            RawSample(OP.name, (feat.clone().requires_grad_(), value.clone().requires_grad_(), 3, 2, 0.4, False)),
+            RawSample(f"{OP.name}_backward", (grad, feat, value, w, 3, 2, 0.4, True, True, True)),
+        ]
 
 
 @pytest.mark.parametrize("kernel_size,dilation", [(1, 1), (3, 1), (3, 2), (5, 3), (7, 1)])
@@ -272,28 +279,94 @@ def test_cpu_blocks_and_tap_groups(kernel_size, dilation, dtype):
                 torch.testing.assert_close(got.double(), expected, **tol)
 
 
-def test_triton_value_blocks_and_wide_kernels():
-    """More value channels than one Triton block (busseg_ops.triton.adjacent_relation_propagation.
-    _MAX_BLOCK_K) with a 5x5 kernel and a run-time dilation: the kernels loop over value blocks and
-    taps, the shapes whose unrolled, unblocked form spilled registers on sm_80/sm_90
-    (tools/gpu_compile_check.py)."""
-    device = triton_device()
-    from busseg_ops.triton.adjacent_relation_propagation import _MAX_BLOCK_K
+# Every path of the Triton kernels (busseg_ops/triton/adjacent_relation_propagation.py), small
+# enough for the interpreter: B, C, K, H, W, kernel_size, dilation, padding, dtype, gradients asked
+# for, and the launcher's program target (_PROGRAMS: how far the channels are split into groups).
+TRITON_PATHS = [
+    pytest.param(2, 16, 2, 9, 11, 3, 1, "zeros", torch.float32, "both", None, id="full-chunks-partial-tile"),
+    pytest.param(1, 13, 3, 7, 5, 3, 1, "valid", torch.float64, "both", None, id="partial-chunk-odd-width"),
+    pytest.param(2, 5, 6, 6, 7, 3, 2, "zeros", torch.float64, "value", None, id="dilation-2-two-value-blocks"),
+    pytest.param(1, 8, 2, 6, 7, 3, 2, "valid", torch.float32, "feat", None, id="dilation-2-full-chunks"),
+    pytest.param(1, 4, 2, 2, 3, 5, 2, "valid", torch.float64, "both", None, id="map-smaller-than-the-reach"),
+    pytest.param(1, 3, 5, 3, 1, 3, 1, "zeros", torch.float64, "both", None, id="one-column"),
+    pytest.param(1, 6, 2, 5, 6, 7, 1, "zeros", torch.float64, "both", None, id="7x7-tap-loop"),
+    pytest.param(1, 8, 2, 4, 5, 9, 1, "valid", torch.float32, "both", None, id="9x9-tap-loop-full-chunks"),
+    pytest.param(1, 3, 2, 40, 9, 3, 30, "zeros", torch.float64, "both", None, id="reach-beyond-a-tile-of-rows"),
+    pytest.param(1, 5, 2, 3, 140, 3, 1, "zeros", torch.float32, "both", None, id="wide-map-blocks"),
+    pytest.param(1, 16, 2, 9, 131, 3, 40, "valid", torch.float32, "both", None, id="wide-map-dilation-past-a-block"),
+    pytest.param(1, 40, 2, 5, 6, 3, 1, "zeros", torch.float64, "both", 4, id="groups-of-several-chunks"),
+    pytest.param(1, 24, 3, 5, 6, 5, 1, "valid", torch.float64, "both", 1, id="one-group-tap-loop"),
+    pytest.param(1, 13, 5, 7, 9, 3, 2, "valid", torch.float16, "both", None, id="float16"),
+]
 
-    K = _MAX_BLOCK_K + 3  # a full block and a partial one
-    feat = torch.randn(1, 5, 5, 6, device=device, requires_grad=True)
-    value = torch.randn(1, K, 5, 6, device=device, requires_grad=True)
-    grad = torch.randn(1, K, 5, 6, device=device)
-    tol = tolerance(torch.float32)
-    for padding in ("zeros", "valid"):
-        kw = dict(kernel_size=5, dilation=2, padding=padding)
-        ref_out, ref_w = run("reference", feat, value, **kw)
-        out, w = run("triton", feat, value, **kw)
-        torch.testing.assert_close(out, ref_out, **tol)
-        torch.testing.assert_close(w, ref_w, **tol)
-        grads = torch.autograd.grad(out, (feat, value), grad)
-        for g, r in zip(grads, torch.autograd.grad(ref_out, (feat, value), grad)):
-            torch.testing.assert_close(g, r, **tol)
+
+@pytest.mark.parametrize("B,C,K,H,W,kernel_size,dilation,padding,dtype,gradients,programs", TRITON_PATHS)
+def test_triton_paths(monkeypatch, B, C, K, H, W, kernel_size, dilation, padding, dtype, gradients, programs):
+    """Out, weights and the gradients asked for against the reference (in float64; float16 against
+    the float32 reference on the same rounded values): full and partial channel chunks, value
+    blocks, unrolled and run-time tap loops, maps smaller than the reach, reaches past a tile,
+    whole-row tiles and 8 x 32 blocks of wide maps, channel groups of one and several chunks."""
+    device = triton_device()
+    from busseg_ops.triton import adjacent_relation_propagation as kernels
+
+    if programs is not None:
+        monkeypatch.setattr(kernels, "_PROGRAMS", programs)
+        block_c = kernels._block_c(kernels._BLOCK_C, C, dtype, dilation)
+        _, per_group, grid = kernels._feature_grid(B, C, H, W, block_c)
+        assert per_group > block_c and (grid[1] > 1) == (programs > 1)  # the case tests what it says
+    feat = torch.randn(B, C, H, W, dtype=torch.float64).to(dtype)
+    value = torch.randn(B, K, H, W, dtype=torch.float64).to(dtype)
+    grad = torch.randn(B, K, H, W, dtype=torch.float64)
+    wide = torch.float32 if dtype == torch.float16 else torch.float64
+    results = []
+    for backend, x in (("triton", dtype), ("reference", wide)):
+        f = feat.to(device, x).requires_grad_(gradients != "value")
+        v = value.to(device, x).requires_grad_(gradients != "feat")
+        out, w = run(backend, f, v, kernel_size=kernel_size, dilation=dilation, padding=padding)
+        leaves = [t for t in (f, v) if t.requires_grad]
+        results.append([out, w, *torch.autograd.grad(out, leaves, grad.to(device, x))])
+    for got, expected in zip(*results):
+        assert got.dtype == dtype
+        tol = tolerance(dtype) if dtype != torch.float16 else dict(rtol=2e-2, atol=2e-2 * expected.abs().max().item())
+        torch.testing.assert_close(got.to(expected.dtype), expected, **tol)
+
+
+@pytest.mark.parametrize("shape", [(1, 0, 2, 3, 3), (1, 3, 0, 3, 3), (0, 3, 2, 3, 3), (1, 3, 2, 0, 3), (1, 3, 2, 3, 0)])
+def test_triton_raw_ops_on_empty_sizes(shape):
+    """No channels (all affinities 0: uniform weights), no value channels, no images, no pixels:
+    the raw Triton ops against the reference, forward and backward."""
+    device = triton_device()
+    B, C, K, H, W = shape
+    feat = torch.randn(B, C, H, W, dtype=torch.float64, device=device)
+    value = torch.randn(B, K, H, W, dtype=torch.float64, device=device)
+    out, weights = torch.ops.busseg_triton.adjacent_relation_propagation(feat, value, 3, 1, 0.5, False)
+    f, v = feat.clone().requires_grad_(), value.clone().requires_grad_()
+    ref_out, ref_weights = OP.reference(f, v, 3, 1, 0.5, False)
+    torch.testing.assert_close(out, ref_out.detach())
+    torch.testing.assert_close(weights, ref_weights.detach())
+    grad = torch.randn_like(out)
+    got = torch.ops.busseg_triton.adjacent_relation_propagation_backward(
+        grad, feat, value, weights, 3, 1, 0.5, False, True, True
+    )
+    expected = torch.autograd.grad(ref_out, (f, v), grad, allow_unused=True)
+    for g, e, leaf in zip(got, expected, (f, v)):
+        torch.testing.assert_close(g, torch.zeros_like(leaf) if e is None else e)
+
+
+def test_triton_backward_takes_any_layout():
+    """Channels-last features and a broadcast (stride-0) output gradient, as autograd hands them
+    over, give the gradients of contiguous ones."""
+    device = triton_device()
+    feat = torch.randn(2, 6, 7, 9, dtype=torch.float64, device=device)
+    value = torch.randn(2, 2, 7, 9, dtype=torch.float64, device=device)
+    grads = []
+    for layout in (torch.contiguous_format, torch.channels_last):
+        f = feat.to(memory_format=layout).requires_grad_()
+        v = value.to(memory_format=layout).requires_grad_()
+        out = run("triton", f, v, kernel_size=3, dilation=1)[0]
+        grads.append(torch.autograd.grad(out.sum(), (f, v)))  # sum: an expanded gradient
+    for g, e in zip(*grads):
+        torch.testing.assert_close(g, e, rtol=0, atol=0)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
