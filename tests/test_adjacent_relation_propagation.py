@@ -279,41 +279,11 @@ def test_cpu_blocks_and_tap_groups(kernel_size, dilation, dtype):
                 torch.testing.assert_close(got.double(), expected, **tol)
 
 
-# Every path of the Triton kernels (busseg_ops/triton/adjacent_relation_propagation.py), small
-# enough for the interpreter: B, C, K, H, W, kernel_size, dilation, padding, dtype, gradients asked
-# for, and the launcher's program target (_PROGRAMS: how far the channels are split into groups).
-TRITON_PATHS = [
-    pytest.param(2, 16, 2, 9, 11, 3, 1, "zeros", torch.float32, "both", None, id="full-chunks-partial-tile"),
-    pytest.param(1, 13, 3, 7, 5, 3, 1, "valid", torch.float64, "both", None, id="partial-chunk-odd-width"),
-    pytest.param(2, 5, 6, 6, 7, 3, 2, "zeros", torch.float64, "value", None, id="dilation-2-two-value-blocks"),
-    pytest.param(1, 8, 2, 6, 7, 3, 2, "valid", torch.float32, "feat", None, id="dilation-2-full-chunks"),
-    pytest.param(1, 4, 2, 2, 3, 5, 2, "valid", torch.float64, "both", None, id="map-smaller-than-the-reach"),
-    pytest.param(1, 3, 5, 3, 1, 3, 1, "zeros", torch.float64, "both", None, id="one-column"),
-    pytest.param(1, 6, 2, 5, 6, 7, 1, "zeros", torch.float64, "both", None, id="7x7-tap-loop"),
-    pytest.param(1, 8, 2, 4, 5, 9, 1, "valid", torch.float32, "both", None, id="9x9-tap-loop-full-chunks"),
-    pytest.param(1, 3, 2, 40, 9, 3, 30, "zeros", torch.float64, "both", None, id="reach-beyond-a-tile-of-rows"),
-    pytest.param(1, 5, 2, 3, 140, 3, 1, "zeros", torch.float32, "both", None, id="wide-map-blocks"),
-    pytest.param(1, 16, 2, 9, 131, 3, 40, "valid", torch.float32, "both", None, id="wide-map-dilation-past-a-block"),
-    pytest.param(1, 40, 2, 5, 6, 3, 1, "zeros", torch.float64, "both", 4, id="groups-of-several-chunks"),
-    pytest.param(1, 24, 3, 5, 6, 5, 1, "valid", torch.float64, "both", 1, id="one-group-tap-loop"),
-    pytest.param(1, 13, 5, 7, 9, 3, 2, "valid", torch.float16, "both", None, id="float16"),
-]
-
-
-@pytest.mark.parametrize("B,C,K,H,W,kernel_size,dilation,padding,dtype,gradients,programs", TRITON_PATHS)
-def test_triton_paths(monkeypatch, B, C, K, H, W, kernel_size, dilation, padding, dtype, gradients, programs):
-    """Out, weights and the gradients asked for against the reference (in float64; float16 against
-    the float32 reference on the same rounded values): full and partial channel chunks, value
-    blocks, unrolled and run-time tap loops, maps smaller than the reach, reaches past a tile,
-    whole-row tiles and 8 x 32 blocks of wide maps, channel groups of one and several chunks."""
+def compare_triton(B, C, K, H, W, kernel_size, dilation, padding, dtype=torch.float64, gradients="both"):
+    """Out, weights and the gradients asked for ("both", "feat", "value") of the Triton backend
+    against the reference: in float64, or float16 against the float32 reference on the same
+    rounded values."""
     device = triton_device()
-    from busseg_ops.triton import adjacent_relation_propagation as kernels
-
-    if programs is not None:
-        monkeypatch.setattr(kernels, "_PROGRAMS", programs)
-        block_c = kernels._block_c(kernels._BLOCK_C, C, dtype, dilation)
-        _, per_group, grid = kernels._feature_grid(B, C, H, W, block_c)
-        assert per_group > block_c and (grid[1] > 1) == (programs > 1)  # the case tests what it says
     feat = torch.randn(B, C, H, W, dtype=torch.float64).to(dtype)
     value = torch.randn(B, K, H, W, dtype=torch.float64).to(dtype)
     grad = torch.randn(B, K, H, W, dtype=torch.float64)
@@ -329,6 +299,52 @@ def test_triton_paths(monkeypatch, B, C, K, H, W, kernel_size, dilation, padding
         assert got.dtype == dtype
         tol = tolerance(dtype) if dtype != torch.float16 else dict(rtol=2e-2, atol=2e-2 * expected.abs().max().item())
         torch.testing.assert_close(got.to(expected.dtype), expected, **tol)
+
+
+# The paths of the Triton kernels (busseg_ops/triton/adjacent_relation_propagation.py), small
+# enough for the interpreter: B, C, K, H, W, kernel_size, dilation, padding, dtype, gradients.
+TRITON_PATHS = [
+    pytest.param(2, 16, 2, 9, 11, 3, 1, "zeros", torch.float32, "both", id="full-chunks-partial-tile"),
+    pytest.param(1, 13, 3, 7, 5, 3, 1, "valid", torch.float64, "both", id="partial-chunk-odd-width"),
+    pytest.param(2, 5, 6, 6, 7, 3, 2, "zeros", torch.float64, "value", id="dilation-2-two-value-blocks"),
+    pytest.param(1, 8, 2, 6, 7, 3, 2, "valid", torch.float32, "feat", id="dilation-2-full-chunks"),
+    pytest.param(1, 4, 2, 2, 3, 5, 2, "valid", torch.float64, "both", id="map-smaller-than-the-reach"),
+    pytest.param(1, 3, 5, 3, 1, 3, 1, "zeros", torch.float64, "both", id="one-column"),
+    pytest.param(1, 6, 2, 5, 6, 7, 1, "zeros", torch.float64, "both", id="7x7-tap-loop"),
+    pytest.param(1, 8, 2, 4, 5, 9, 1, "valid", torch.float32, "both", id="9x9-tap-loop-full-chunks"),
+    pytest.param(1, 3, 2, 40, 9, 3, 30, "zeros", torch.float64, "both", id="reach-beyond-a-tile-of-rows"),
+    pytest.param(1, 5, 2, 3, 140, 3, 1, "zeros", torch.float32, "both", id="wide-map-blocks"),
+    pytest.param(1, 16, 2, 9, 131, 3, 40, "valid", torch.float32, "both", id="wide-map-dilation-past-a-block"),
+    pytest.param(1, 13, 5, 7, 9, 3, 2, "valid", torch.float16, "both", id="float16"),
+]
+
+
+@pytest.mark.parametrize("B,C,K,H,W,kernel_size,dilation,padding,dtype,gradients", TRITON_PATHS)
+def test_triton_paths(B, C, K, H, W, kernel_size, dilation, padding, dtype, gradients):
+    """Full and partial channel chunks, value blocks, unrolled and run-time tap loops, maps smaller
+    than the reach, reaches past a tile, whole-row tiles and 8 x 32 blocks of wide maps, the
+    gradient of one input only, float16."""
+    compare_triton(B, C, K, H, W, kernel_size, dilation, padding, dtype, gradients)
+
+
+@pytest.mark.parametrize("programs,kernel_size", [(None, 3), (1, 5)])
+def test_triton_channel_groups(monkeypatch, programs, kernel_size):
+    """40 channels in float64 are 10 chunks of 4. On a small map the launcher splits them into
+    groups of several chunks, fewer than a power of two (the softmax kernel masks the rest of its
+    block of groups); with a target of one program, one group loops over all 10 (here with the
+    run-time tap loop)."""
+    triton_device()  # skips without Triton
+    from busseg_ops.triton import adjacent_relation_propagation as kernels
+
+    if programs is not None:
+        monkeypatch.setattr(kernels, "_PROGRAMS", programs)
+    block_c = kernels._block_c(kernels._BLOCK_C, 40, torch.float64, 1)
+    _, per_group, (_, groups, _) = kernels._feature_grid(1, 40, 5, 6, block_c)
+    if programs is None:
+        assert per_group > block_c and groups > 1 and groups & (groups - 1)  # not a power of two
+    else:
+        assert groups == 1 and per_group >= 40
+    compare_triton(1, 40, 2, 5, 6, kernel_size, 1, "zeros")
 
 
 @pytest.mark.parametrize("shape", [(1, 0, 2, 3, 3), (1, 3, 0, 3, 3), (0, 3, 2, 3, 3), (1, 3, 2, 0, 3), (1, 3, 2, 3, 0)])

@@ -132,18 +132,32 @@ def _affinity_kernel(
 
 @triton.jit
 def _tap_affinity(
-    partial_b, G, group_stride, t, p, y, x, in_image, H, W, scale, KS: tl.constexpr, DIL, VALID: tl.constexpr
+    partial_b,
+    G,
+    group_stride,
+    t,
+    p,
+    y,
+    x,
+    in_image,
+    H,
+    W,
+    scale,
+    KS: tl.constexpr,
+    DIL,
+    VALID: tl.constexpr,
+    GROUPS_PAD: tl.constexpr,
 ):
-    """a[p, t]: the channel groups' partial dots of tap t, scaled. Taps before the centre read
-    their mirror at the neighbour (<f_p, f_q> = <f_q, f_p>). Outside the image: 0 (zeros padding,
-    a feature of 0) or -inf (valid: out of the softmax)."""
+    """a[p, t]: the channel groups' partial dots of tap t (loaded together: no chain of dependent
+    loads), scaled. Taps before the centre read their mirror at the neighbour (<f_p, f_q> =
+    <f_q, f_p>). Outside the image: 0 (zeros padding, a feature of 0) or -inf (valid: out of the
+    softmax)."""
     dy, dx, inside = _tap(t, y, x, in_image, H, W, KS, DIL)
     own = t >= KS * KS // 2
     at = partial_b + (tl.where(own, t, KS * KS - 1 - t) - KS * KS // 2) * H * W + tl.where(own, p, p + dy + dx)
-    dot = tl.load(at, mask=inside, other=0.0)
-    for g in range(1, G):
-        dot += tl.load(at + g * group_stride, mask=inside, other=0.0)
-    a = dot * scale
+    groups = tl.arange(0, GROUPS_PAD)[:, None]
+    dots = tl.load(at[None, :] + groups * group_stride, mask=(groups < G) & inside[None, :], other=0.0)
+    a = tl.sum(dots, 0) * scale
     if VALID:
         a = tl.where(inside, a, float("-inf"))
     return a
@@ -165,6 +179,7 @@ def _softmax_kernel(
     KS: tl.constexpr,
     VALID: tl.constexpr,
     UNROLL: tl.constexpr,
+    GROUPS_PAD: tl.constexpr,
     TAPS_PAD: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -184,7 +199,9 @@ def _softmax_kernel(
     if UNROLL:
         a = tl.full([TAPS_PAD, BLOCK_P], float("-inf"), ACC)
         for t in tl.static_range(T):
-            a_t = _tap_affinity(partial_b, G, group_stride, t, p, y, x, in_image, H, W, scale, KS, DIL, VALID)
+            a_t = _tap_affinity(
+                partial_b, G, group_stride, t, p, y, x, in_image, H, W, scale, KS, DIL, VALID, GROUPS_PAD
+            )
             a = tl.where(taps[:, None] == t, a_t[None, :], a)
         amax = tl.where(in_image, tl.max(a, 0), 0.0)  # pixels past the image: all -inf
         e = tl.exp(a - amax[None, :])
@@ -193,15 +210,21 @@ def _softmax_kernel(
     else:  # max, sum and weights in passes over the taps, each affinity recomputed from the partials
         amax = tl.full([BLOCK_P], float("-inf"), ACC)
         for t in range(T):
-            a_t = _tap_affinity(partial_b, G, group_stride, t, p, y, x, in_image, H, W, scale, KS, DIL, VALID)
+            a_t = _tap_affinity(
+                partial_b, G, group_stride, t, p, y, x, in_image, H, W, scale, KS, DIL, VALID, GROUPS_PAD
+            )
             amax = tl.maximum(amax, a_t)
         amax = tl.where(in_image, amax, 0.0)
         total = tl.zeros([BLOCK_P], ACC)
         for t in range(T):
-            a_t = _tap_affinity(partial_b, G, group_stride, t, p, y, x, in_image, H, W, scale, KS, DIL, VALID)
+            a_t = _tap_affinity(
+                partial_b, G, group_stride, t, p, y, x, in_image, H, W, scale, KS, DIL, VALID, GROUPS_PAD
+            )
             total += tl.exp(a_t - amax)
         for t in range(T):
-            a_t = _tap_affinity(partial_b, G, group_stride, t, p, y, x, in_image, H, W, scale, KS, DIL, VALID)
+            a_t = _tap_affinity(
+                partial_b, G, group_stride, t, p, y, x, in_image, H, W, scale, KS, DIL, VALID, GROUPS_PAD
+            )
             tl.store(weights_b + t * HW + p, tl.exp(a_t - amax) / total, mask=in_image)
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
@@ -218,7 +241,9 @@ def _softmax_kernel(
         else:
             for t in range(T):
                 dy, dx, inside = _tap(t, y, x, in_image, H, W, KS, DIL)
-                a_t = _tap_affinity(partial_b, G, group_stride, t, p, y, x, in_image, H, W, scale, KS, DIL, VALID)
+                a_t = _tap_affinity(
+                    partial_b, G, group_stride, t, p, y, x, in_image, H, W, scale, KS, DIL, VALID, GROUPS_PAD
+                )
                 w_t = tl.exp(a_t - amax) / total
                 v = tl.load(
                     value_b + rows + (p + dy + dx)[None, :], mask=(ks < K)[:, None] & inside[None, :], other=0.0
@@ -416,8 +441,10 @@ _PIXEL_WARPS = 4
 _MAX_BLOCK_K = 4
 #: The feature kernels split the channels into groups until there are about this many programs:
 #: 8 per SM of a 132-SM GPU, so that the programs left for the last SMs are a small part of the
-#: work (B=8, 65x65: 136 tiles, 8 groups).
+#: work (B=8, 65x65: 136 tiles, 8 groups). At most 8 groups: the softmax kernel loads the partial
+#: sums of every group for every tap at once.
 _PROGRAMS = 1024
+_MAX_GROUPS = 8
 #: Taps unrolled up to 3x3; larger kernels loop over taps at run time (unrolled, a 5x5 kernel
 #: keeps too many loads in flight and spilled registers in every kernel).
 _MAX_UNROLLED_KS = 3
@@ -445,7 +472,7 @@ def _feature_grid(B: int, C: int, H: int, W: int, block_c: int):
     else:
         tiles = triton.cdiv(H * W, _BLOCK_P)
     chunks = max(1, triton.cdiv(C, block_c))
-    groups = min(chunks, triton.cdiv(_PROGRAMS, max(1, tiles * B)))
+    groups = min(chunks, _MAX_GROUPS, triton.cdiv(_PROGRAMS, max(1, tiles * B)))
     per_group = triton.cdiv(chunks, groups)
     return tile_w, per_group * block_c, (tiles, triton.cdiv(chunks, per_group), B)
 
@@ -531,6 +558,7 @@ def adjacent_relation_propagation(
         KS=kernel_size,
         VALID=valid_padding,
         UNROLL=unroll,
+        GROUPS_PAD=triton.next_power_of_2(grid[1]),
         TAPS_PAD=triton.next_power_of_2(taps),
         BLOCK_P=_PIXEL_BLOCK,
         BLOCK_K=_block_k(K),
@@ -616,12 +644,11 @@ def adjacent_relation_propagation_backward(
 # ---- launch space: what the GPU compile check (tools/gpu_compile_check.py) compiles ------------
 
 #: Problem axes that decide what the launchers above launch. First value: the base problem (on its
-#: 5 x 7 stand-in map, 256 channels are 8 groups of full chunks: every channel unmasked); the
-#: others: one group with a partial chunk of 4 (3, 7: chunks of 4 and 8, 13, 31: the full widths
-#: in float32 and at dilation 2); value blocks of 1, 4 (7, 37: several blocks); kernel sizes 1 and
-#: 3 unrolled, 5 and 7 a run-time tap loop; dilation 1 is specialised (constant column offsets),
-#: 2 takes half the channels per step; width 130 tiles the map in 8 x 32 blocks (7: whole rows);
-#: gradients: what the backward is asked for.
+#: 5 x 7 stand-in map, 256 channels are 8 groups of full chunks: no channel mask); the other
+#: channel counts give partial chunks in 1, 2, 4 and 8 groups (the softmax kernel's group blocks);
+#: value blocks of 1 and 4 (37: several); kernel sizes 1 and 3 unrolled, 5 and 7 a run-time tap
+#: loop; dilation 1 is specialised (constant column offsets), 2 halves the chunks; width 130 tiles
+#: the map in 8 x 32 blocks (7: whole rows); gradients: what the backward is asked for.
 LAUNCH_AXES = {
     "dtype": (torch.float32, torch.float64, torch.float16, torch.bfloat16),
     "channels": (256, 3, 7, 13, 31),
@@ -632,11 +659,12 @@ LAUNCH_AXES = {
     "width": (7, 130),
     "gradients": ("both", "feat", "value"),
 }
-#: The most registers, compiled in every dtype like the base: the unrolled and the run-time tap
-#: loops with the largest blocks, at dilation 2 (per-tap addresses) and 1 (the widest chunks).
+#: Compiled in every dtype like the base: the unrolled and the run-time tap loops with the largest
+#: blocks, at dilation 2 (per-tap addresses) and 1 (the widest chunks); the base on a wide map.
 LAUNCH_CORNERS = (
     {"channels": 256, "classes": 37, "kernel_size": 3, "dilation": 2},
     {"channels": 256, "classes": 37, "kernel_size": 7, "dilation": 1},
+    {"width": 130},
 )
 #: Each kernel size is a compile of its own; the values above are the ones checked.
 UNBOUNDED_AXES = ("kernel_size",)
