@@ -281,13 +281,14 @@ def test_cpu_blocks_and_tap_groups(kernel_size, dilation, dtype):
 
 def compare_triton(B, C, K, H, W, kernel_size, dilation, padding, dtype=torch.float64, gradients="both"):
     """Out, weights and the gradients asked for ("both", "feat", "value") of the Triton backend
-    against the reference: in float64, or float16 against the float32 reference on the same
-    rounded values."""
+    against the reference: in float64, or float16 / bfloat16 against the float32 reference on the
+    same rounded values (the absolute tolerance relative to the result's size)."""
     device = triton_device()
     feat = torch.randn(B, C, H, W, dtype=torch.float64).to(dtype)
     value = torch.randn(B, K, H, W, dtype=torch.float64).to(dtype)
     grad = torch.randn(B, K, H, W, dtype=torch.float64)
-    wide = torch.float32 if dtype == torch.float16 else torch.float64
+    half = dtype in (torch.float16, torch.bfloat16)
+    wide = torch.float32 if half else torch.float64
     results = []
     for backend, x in (("triton", dtype), ("reference", wide)):
         f = feat.to(device, x).requires_grad_(gradients != "value")
@@ -297,7 +298,9 @@ def compare_triton(B, C, K, H, W, kernel_size, dilation, padding, dtype=torch.fl
         results.append([out, w, *torch.autograd.grad(out, leaves, grad.to(device, x))])
     for got, expected in zip(*results):
         assert got.dtype == dtype
-        tol = tolerance(dtype) if dtype != torch.float16 else dict(rtol=2e-2, atol=2e-2 * expected.abs().max().item())
+        tol = tolerance(dtype)
+        if half:
+            tol["atol"] *= max(1.0, expected.abs().max().item())
         torch.testing.assert_close(got.to(expected.dtype), expected, **tol)
 
 
@@ -316,6 +319,22 @@ TRITON_PATHS = [
     pytest.param(1, 5, 2, 3, 140, 3, 1, "zeros", torch.float32, "both", id="wide-map-blocks"),
     pytest.param(1, 16, 2, 9, 131, 3, 40, "valid", torch.float32, "both", id="wide-map-dilation-past-a-block"),
     pytest.param(1, 13, 5, 7, 9, 3, 2, "valid", torch.float16, "both", id="float16"),
+    pytest.param(
+        2,
+        16,
+        2,
+        9,
+        11,
+        3,
+        1,
+        "valid",
+        torch.bfloat16,
+        "both",
+        id="bfloat16",
+        marks=pytest.mark.skipif(
+            not torch.cuda.is_available(), reason="the Triton interpreter has no bfloat16 (numpy)"
+        ),
+    ),
 ]
 
 
@@ -323,7 +342,7 @@ TRITON_PATHS = [
 def test_triton_paths(B, C, K, H, W, kernel_size, dilation, padding, dtype, gradients):
     """Full and partial channel chunks, value blocks, unrolled and run-time tap loops, maps smaller
     than the reach, reaches past a tile, whole-row tiles and 8 x 32 blocks of wide maps, the
-    gradient of one input only, float16."""
+    gradient of one input only, float16 and (on a GPU) bfloat16."""
     compare_triton(B, C, K, H, W, kernel_size, dilation, padding, dtype, gradients)
 
 
