@@ -2,7 +2,7 @@
 tensors as they lie (no permuted copies).
 
 What bounds it (B=8, C=256, 65x65, k=3): the features, 35 MB in float32, read once by the forward
-and once by the backward, which also writes their gradient; everything else is about 1 MB. The
+and once by the backward, which also writes their gradient; everything else is a few MB. The
 two kernels that stream the features work on a tile of BLOCK_P pixels (whole rows back to back,
 or (BLOCK_P / 32) x 32 blocks on wide maps) and a chunk of BLOCK_C channels: each thread owns one
 pixel and all channels of the chunk, so a warp reads 32 consecutive pixels of a channel (one
@@ -434,8 +434,8 @@ _TILE_W = 32
 #: the load, so each tap needs an address of its own: the affinity kernel took 158 registers at 8).
 _BLOCK_C = 8
 _GRAD_BLOCK_C = 4
-#: The per-pixel kernels (about 3 MB of traffic): 4 warps, whole rows back to back; value channels
-#: in blocks of at most 4 (blocks of 8 took up to 245 registers in float64).
+#: The per-pixel kernels (a few MB: partial sums, weights, values, da): 4 warps, whole rows back to
+#: back; value channels in blocks of at most 4 (blocks of 8 took up to 245 registers in float64).
 _PIXEL_BLOCK = 128
 _PIXEL_WARPS = 4
 _MAX_BLOCK_K = 4
