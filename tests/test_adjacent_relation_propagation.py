@@ -6,7 +6,7 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tolerance, triton_device
+from conftest import devices, tolerance, triton_device
 from hypothesis import strategies as st
 from op_contract import OpContract, RawSample, bad
 
@@ -367,22 +367,23 @@ def test_triton_channel_groups(monkeypatch, programs, kernel_size):
 
 
 @pytest.mark.parametrize("shape", [(1, 0, 2, 3, 3), (1, 3, 0, 3, 3), (0, 3, 2, 3, 3), (1, 3, 2, 0, 3), (1, 3, 2, 3, 0)])
-def test_triton_raw_ops_on_empty_sizes(shape):
+@pytest.mark.parametrize("backend", ["native", "triton"])
+def test_raw_ops_on_empty_sizes(shape, backend):
     """No channels (all affinities 0: uniform weights), no value channels, no images, no pixels:
-    the raw Triton ops against the reference, forward and backward."""
-    device = triton_device()
+    the raw ops of every backend against the reference, forward and backward (the CPU kernel once
+    divided by a zero width)."""
+    device = triton_device() if backend == "triton" else devices()[-1]
+    ops = torch.ops.busseg_triton if backend == "triton" else torch.ops.busseg
     B, C, K, H, W = shape
     feat = torch.randn(B, C, H, W, dtype=torch.float64, device=device)
     value = torch.randn(B, K, H, W, dtype=torch.float64, device=device)
-    out, weights = torch.ops.busseg_triton.adjacent_relation_propagation(feat, value, 3, 1, 0.5, False)
+    out, weights = ops.adjacent_relation_propagation(feat, value, 3, 1, 0.5, False)
     f, v = feat.clone().requires_grad_(), value.clone().requires_grad_()
     ref_out, ref_weights = OP.reference(f, v, 3, 1, 0.5, False)
     torch.testing.assert_close(out, ref_out.detach())
     torch.testing.assert_close(weights, ref_weights.detach())
     grad = torch.randn_like(out)
-    got = torch.ops.busseg_triton.adjacent_relation_propagation_backward(
-        grad, feat, value, weights, 3, 1, 0.5, False, True, True
-    )
+    got = ops.adjacent_relation_propagation_backward(grad, feat, value, weights, 3, 1, 0.5, False, True, True)
     expected = torch.autograd.grad(ref_out, (f, v), grad, allow_unused=True)
     for g, e, leaf in zip(got, expected, (f, v)):
         torch.testing.assert_close(g, torch.zeros_like(leaf) if e is None else e)
