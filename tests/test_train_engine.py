@@ -189,7 +189,7 @@ def test_cli_train_eval_predict_compare(tmp_path, capsys):
         cli.main(["predict", str(img_dir), "--checkpoint", os.path.join(b, "best.pt"), "--out", str(tmp_path / "pred")])
         == 0
     )
-    assert data.read_gray(str(tmp_path / "pred" / "x_mask.png")).shape == (80, 56)  # the image's own size
+    assert data.read_gray(str(tmp_path / "pred" / "x_pred.png")).shape == (80, 56)  # the image's own size
     assert cli.main(["compare", a, b]) == 0
     assert "Wilcoxon" in capsys.readouterr().out
 

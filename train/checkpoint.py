@@ -187,15 +187,6 @@ def check_finite(weights: dict, path: str, which: str = "teacher") -> None:
         )
 
 
-def export(src: str, dst: str, which: str = "teacher") -> dict:
-    """Write the `which` ("teacher", evaluated by busseg, or "student") weights of checkpoint `src`
-    to `dst` as a plain state dict (`torch.load(dst)` → `model.load_state_dict(...)`). Returns the
-    checkpoint's config."""
-    st = load(src)
-    _write_atomic(st[which], dst)
-    return st["config"]
-
-
 def rng_state() -> dict:
     """Every RNG as tensors and lists (weights_only-loadable)."""
     version, words, gauss = random.getstate()
