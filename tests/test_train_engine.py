@@ -313,11 +313,23 @@ def test_per_epoch_lines_stay_under_quiet_and_bars_only_on_a_terminal(tmp_path, 
         assert json.load(f)["sizes"] == {k: len(getattr(tr.splits, k)) for k in ("labeled", "unlabeled", "val", "test")}
 
 
-def test_a_checkpoint_stopped_beyond_this_configs_epoch_is_refused(tmp_path):
-    cfg = tiny(tmp_path, epochs=2, max_steps=3)
+def test_a_stop_after_an_epochs_last_step_resumes_and_one_beyond_this_configs_epoch_is_refused(tmp_path):
+    straight = Trainer(tiny(tmp_path / "a", epochs=2, max_steps=2, overlays=0))
+    straight.fit()
+    cfg = tiny(tmp_path / "b", epochs=2, max_steps=2, overlays=0)
+    tr = Trainer(cfg)
+    assert tr._run_epoch(_StopAfter(1)) is True  # stopped after step 2 of 2, before the epoch's end
+    assert (tr.epoch, tr.step_in_epoch) == (0, 2)
+    resumed = Trainer(cfg)
+    resumed.resume(os.path.join(cfg.out, "last.pt"))
+    resumed.fit()  # the epoch ends with the sums of its two steps (the log row had no losses)
+    assert (
+        open(os.path.join(cfg.out, "metrics.csv")).read() == open(os.path.join(straight.cfg.out, "metrics.csv")).read()
+    )
+    cfg = tiny(tmp_path / "c", epochs=2, max_steps=3)
     tr = Trainer(cfg)
     assert tr._run_epoch(_StopAfter(1)) is True  # stopped after step 2 of 3
-    fewer = Trainer(tiny(tmp_path, epochs=2, max_steps=1))
+    fewer = Trainer(tiny(tmp_path / "c", epochs=2, max_steps=1))
     fewer.resume(os.path.join(cfg.out, "last.pt"))
     with pytest.raises(UserError, match="stopped after step 2 of epoch 1, but this config has 1 steps per epoch"):
         fewer.fit()

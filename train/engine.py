@@ -388,7 +388,7 @@ class Trainer:
             "progress": self.epoch / max(1, cfg.epochs),
             "epochs": cfg.epochs,
         }
-        if self.step_in_epoch >= self.steps_per_epoch:
+        if self.step_in_epoch > self.steps_per_epoch:  # equal: stopped after the last step, before the epoch's end
             raise UserError(
                 f"--resume: the checkpoint stopped after step {self.step_in_epoch} of epoch {self.epoch + 1}, but this "
                 f"config has {self.steps_per_epoch} steps per epoch (--max-steps, the batch sizes or the data changed)"
