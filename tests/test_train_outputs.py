@@ -137,6 +137,10 @@ def test_export_never_writes_over_the_checkpoint_a_link_a_device_or_the_runs_fil
 
     refused(ckpt, "--format", "state-dict", "--overwrite", needle="is the checkpoint being exported")
     refused(finished / "." / "best.pt", "--format", "state-dict", needle="is the checkpoint being exported")
+    os.link(ckpt, tmp_path / "hard.pt")  # the same file under another name
+    refused(tmp_path / "hard.pt", "--format", "state-dict", "--overwrite", needle="is the checkpoint being exported")
+    assert cli.main(["export", str(tmp_path / "nowhere.pt"), str(tmp_path / "x.pt2")]) == 2
+    assert "nowhere.pt: no such file" in capsys.readouterr().err
     # exporting to run/test_metrics.pt wrote its config over test_metrics.json
     refused(finished / "test_metrics.pt", "--format", "state-dict", "--overwrite", needle="is a file of the run")
     refused(finished / "last.pt", "--format", "state-dict", "--overwrite", needle="is a file of the run")

@@ -243,8 +243,8 @@ def cmd_predict(args) -> int:
                 skipped["earlier outputs"] += 1
             else:
                 items.append(it)
-        names = os.listdir(args.input)
-        skipped["masks"] = sum(data.is_mask_name(os.path.splitext(n)[0]) for n in names)
+        stems = [os.path.splitext(n) for n in os.listdir(args.input)]
+        skipped["masks"] = sum(ext.lower() in data.IMAGE_EXTS and data.is_mask_name(stem) for stem, ext in stems)
     elif os.path.isfile(args.input):
         items = [data.Item(os.path.basename(args.input), args.input)]
     else:

@@ -69,7 +69,8 @@ def check_destination(path: str, src: str, overwrite: bool) -> None:
     """`path` may be written: not the checkpoint, not a link or a special file, not another file of a
     run; an existing regular file only with `overwrite`."""
     if os.path.lexists(path):
-        if os.path.realpath(path) == os.path.realpath(src) or (os.path.exists(path) and os.path.samefile(path, src)):
+        same = os.path.exists(path) and os.path.exists(src) and os.path.samefile(path, src)  # a hard link too
+        if same or os.path.realpath(path) == os.path.realpath(src):
             raise UserError(f"{path}: is the checkpoint being exported; write the export to another file")
         if os.path.islink(path):
             raise UserError(f"{path}: is a symbolic link; it is not replaced (remove it or choose another name)")
