@@ -135,10 +135,11 @@ def register(
     backward: Callable | None = None,
 ) -> None:
     """Registers ``op`` once for all its variants: the fake kernels of ``busseg::<name>`` (and of
-    ``<name>_backward``), and, for a differentiable op, autograd for ``busseg::<name>`` and
-    ``busseg_triton::<name>`` alike. ``backward(backward_op)`` returns the autograd backward
-    function of the variant whose backward op is ``backward_op``. Importing the Triton module
-    registers the Triton ops (its fake kernels come from tracing the launchers)."""
+    ``<name>_backward``), the autocast kernels, and, for a differentiable op, the autograd of
+    ``busseg_triton::<name>``: ``backward(backward_op)`` returns its backward function given its
+    backward op. ``busseg::<name>``'s autograd is C++ (csrc/<name>/autograd.cpp, a few µs a call
+    where Python autograd cost about 16). Importing the Triton module registers the Triton ops
+    (its fake kernels come from tracing the launchers)."""
     torch.library.register_fake(f"busseg::{op.name}")(fake)
     if fake_backward is not None:
         torch.library.register_fake(f"busseg::{op.name}_backward")(fake_backward)
@@ -153,11 +154,10 @@ def register(
             fn = getattr(getattr(torch.ops, namespace), op.name).default
             for device_type in ("cpu", "cuda"):
                 library.impl(op.name, _autocast_kernel(op, fn, device_type), _AUTOCAST_KEYS[device_type])
-    if backward is None:
+    if backward is None or "busseg_triton" not in namespaces:
         return
-    for namespace in namespaces:
-        backward_op = _autocast_off(getattr(getattr(torch.ops, namespace), f"{op.name}_backward"))
-        torch.library.register_autograd(f"{namespace}::{op.name}", backward(backward_op), setup_context=setup_context)
+    backward_op = _autocast_off(getattr(torch.ops.busseg_triton, f"{op.name}_backward"))
+    torch.library.register_autograd(f"busseg_triton::{op.name}", backward(backward_op), setup_context=setup_context)
 
 
 # ---- autocast ------------------------------------------------------------------------------

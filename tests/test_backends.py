@@ -1,5 +1,5 @@
-"""Backend choice (busseg_ops.backends): the forced backend, the reasons a backend cannot run, and
-the op table behind every op."""
+"""Backend choice (busseg_ops.backends): the forced backend, the reasons a backend cannot run, the
+op table behind every op, and where each variant's autograd lives."""
 
 import importlib
 import pathlib
@@ -74,3 +74,57 @@ def test_every_op_has_one_name_in_every_layer(name):
             assert hasattr(torch.ops.busseg_triton, name)
     for f in files:
         assert name in (ROOT / f).read_text(), f"{f} does not name {name}"
+
+
+@pytest.mark.parametrize("name", KERNEL_OPS)
+def test_native_autograd_is_cpp_and_triton_autograd_python(name):
+    """A differentiable op's busseg:: autograd is a C++ kernel at the Autograd key
+    (csrc/<op>/autograd.cpp: a few µs a call, where Python autograd cost about 16); its
+    busseg_triton:: variant keeps torch.library's Python autograd. Ops without a backward have none."""
+    differentiable = hasattr(torch.ops.busseg, f"{name}_backward")
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(f"busseg::{name}", "Autograd") == differentiable
+    assert (ROOT / f"csrc/{name}/autograd.cpp").exists() == differentiable
+    if differentiable and "triton" in busseg_ops.available_backends():
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"busseg_triton::{name}", "Autograd")
+
+
+def _differentiable_calls(device):
+    """(name, loss(), leaves) of every differentiable op on small float32 inputs on ``device``."""
+    g = torch.Generator().manual_seed(0)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g).to(device).requires_grad_()
+
+    feat, value = randn(2, 5, 6, 7), randn(2, 2, 6, 7)
+    feats, proxies = [randn(2, 5, 6, 7), randn(2, 3, 6, 7)], [randn(2, 4, 5), randn(2, 4, 3)]
+    x = randn(2, 3, 8, 8)
+    anchors, negatives = randn(9, 6), randn(7, 6)
+    ya, yn = torch.randint(0, 2, (9,), generator=g).to(device), torch.randint(0, 2, (7,), generator=g).to(device)
+    positives = torch.randn(2, 6, generator=g).to(device)
+    return [
+        ("adjacent_relation_propagation", lambda: arp(feat, value).square().sum(), [feat, value]),
+        ("cross_layer_alignment_loss", lambda: busseg_ops.cross_layer_alignment_loss(feats, proxies), feats + proxies),
+        ("patch_entropy_hardness", lambda: busseg_ops.patch_entropy_hardness(x, 2, from_logits=True).sum(), [x]),
+        (
+            "memory_contrastive_loss",
+            lambda: busseg_ops.memory_contrastive_loss(anchors, ya, negatives, yn, positives),
+            [anchors, negatives],
+        ),
+    ]
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
+def test_backward_inside_autocast_runs_without_it(device):
+    """A backward called inside an autocast region runs with autocast off (C++ and Python autograd
+    alike): the ATen products inside the kernels (cuBLAS tiles of the contrastive loss, on CPUs
+    without AVX-512 too) keep their dtype, so the gradients are those of a backward outside it."""
+    for backend in [b for b in ("cpu", "cuda", "triton") if b in busseg_ops.available_backends(device)]:
+        for name, loss, leaves in _differentiable_calls(device):
+            with busseg_ops.use_backend(backend):
+                expected = torch.autograd.grad(loss(), leaves)
+                out = loss()
+                with torch.autocast(device, torch.bfloat16):
+                    got = torch.autograd.grad(out, leaves)
+            for g, e in zip(got, expected):  # (a GPU kernel may sum in another order: not bitwise)
+                assert g.dtype == e.dtype, f"{backend} {name}"
+                torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6, msg=f"{backend} {name}")
