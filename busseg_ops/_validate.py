@@ -31,15 +31,17 @@ def same(names: str, a: torch.Tensor, b: torch.Tensor, *, dims: tuple[int, ...] 
     """a and b share device, the sizes at ``dims`` and, if asked, dtype."""
     if a.device != b.device:
         raise ValueError(f"{names} must be on the same device, got {a.device} and {b.device}")
-    if any(a.shape[d] != b.shape[d] for d in dims):
-        raise ValueError(f"{names} must share sizes at dims {dims}, got {tuple(a.shape)} and {tuple(b.shape)}")
+    shape_a, shape_b = a.shape, b.shape
+    for d in dims:
+        if shape_a[d] != shape_b[d]:
+            raise ValueError(f"{names} must share sizes at dims {dims}, got {tuple(shape_a)} and {tuple(shape_b)}")
     if dtype and a.dtype != b.dtype:
         raise TypeError(f"{names} must have the same dtype, got {a.dtype} and {b.dtype}")
 
 
 def integer(name: str, v, minimum: int | None = None, odd: bool = False, maximum: int = 2**63 - 1) -> int:
-    """An int in [minimum, maximum] (by default within int64, what the C++ ops take)."""
-    if isinstance(v, bool) or not isinstance(v, int):
+    """An int in [minimum, maximum] (by default within int64, what the C++ ops take); a bool is not one."""
+    if type(v) is not int and (isinstance(v, bool) or not isinstance(v, int)):
         raise TypeError(f"{name} must be an int, got {type(v).__name__}")
     if minimum is not None and v < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {v}")
