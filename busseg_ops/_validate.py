@@ -4,6 +4,9 @@ here too, with the same limits as the C++ entry points (csrc/common/checks.h).""
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 
 #: Sizes and reaches bounded by 2^30 keep index arithmetic in 32 bits where kernels use int.
@@ -50,6 +53,21 @@ def integer(name: str, v, minimum: int | None = None, odd: bool = False, maximum
     if odd and v % 2 == 0:
         raise ValueError(f"{name} must be odd, got {v}")
     return v
+
+
+def real(name: str, v, *, minimum: float | None = None, positive: bool = False) -> float:
+    """A finite real number as a float (a bool is not one), >= ``minimum`` or > 0 if ``positive``.
+    Infinite or NaN scalars would reach the kernels, whose backends then disagree (or give NaN)."""
+    if type(v) is not float and (isinstance(v, bool) or not isinstance(v, numbers.Real)):
+        raise TypeError(f"{name} must be a float, got {type(v).__name__}")
+    try:
+        f = float(v)
+    except OverflowError:  # an int beyond float's range
+        f = math.inf
+    if not math.isfinite(f) or (positive and f <= 0) or (minimum is not None and f < minimum):
+        bound = " > 0" if positive else "" if minimum is None else f" >= {minimum}"
+        raise ValueError(f"{name} must be a finite float{bound}, got {v!r}")
+    return f
 
 
 def choice(name: str, v, options: tuple[str, ...]) -> str:

@@ -69,8 +69,8 @@ def greedy_proxy_sampling(
 
     The first proxy s_0 of image b is ``first[b]`` if given, else a uniform foreground pixel of
     ``label`` (B, H, W), else (no label or no foreground) a uniform pixel, drawn with
-    ``generator``. With S(i, j) = scale·<feat_i, feat_j> (scale defaults to 1/sqrt(C)) and
-    c_t(j) = Σ_{i<t} S(s_i, j)::
+    ``generator``. With S(i, j) = scale·<feat_i, feat_j> (scale, a finite float, defaults to
+    1/sqrt(C)) and c_t(j) = Σ_{i<t} S(s_i, j)::
 
         score(j) = max_{t=1..m} c_t(j)      (+inf for pixels already chosen)
         s_m      = argmin_j score(j)        (ties to the smallest index; NaN counts as +inf)
@@ -81,7 +81,7 @@ def greedy_proxy_sampling(
     """
     check_features_and_count(feat, num_proxies)
     s0 = _first_proxies(feat, first, label, generator)
-    scale = feat.shape[1] ** -0.5 if scale is None else float(scale)
+    scale = feat.shape[1] ** -0.5 if scale is None else _validate.real("scale", scale)
     with torch.no_grad():
         return dispatch(OP, feat.device)(feat.detach(), s0, num_proxies, scale)
 

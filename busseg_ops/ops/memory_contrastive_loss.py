@@ -93,13 +93,12 @@ def memory_contrastive_loss(
     if negatives.dtype != anchors.dtype:
         raise TypeError(f"anchors and negatives must have the same dtype, got {anchors.dtype} and {negatives.dtype}")
     pos = pos.to(anchors.dtype)
-    if not (isinstance(temperature, (int, float)) and temperature > 0):
-        raise ValueError(f"temperature must be a number > 0, got {temperature!r}")
+    temperature = _validate.real("temperature", temperature, positive=True)
     # Forward saves Σ π n̂ for the anchors' gradient when that is the only one backward needs: the
     # backward then skips its pass over the tiles (with a negative gradient that pass runs anyway).
     save = torch.is_grad_enabled() and anchors.requires_grad and not negatives.requires_grad
     loss, _, _ = dispatch(OP, anchors.device)(
-        anchors, anchor_labels, negatives, negative_labels, pos, has_positive, float(temperature), save
+        anchors, anchor_labels, negatives, negative_labels, pos, has_positive, temperature, save
     )
     return loss
 
