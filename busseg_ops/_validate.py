@@ -82,10 +82,14 @@ def integer_tensor(name: str, t) -> None:
 
 
 def in_range(name: str, t: torch.Tensor, stop: int, what: str) -> None:
-    """Every entry of ``t`` in [0, stop). A data-dependent check (one host sync): under
-    torch.compile the C++ op checks instead, where it has one."""
-    if not torch.compiler.is_compiling() and t.numel() and bool(((t < 0) | (t >= stop)).any()):
-        raise ValueError(f"{name} must hold {what} in [0, {stop})")
+    """Every entry of ``t`` in [0, stop), checked on CPU tensors. On a GPU the check would read
+    device memory (a host sync, which also rules out CUDA graphs), and under torch.compile it
+    would break the graph: there the kernels guard their indices instead (torch's gather and
+    index kernels assert on the device; the C++ ops check)."""
+    if t.device.type == "cpu" and not torch.compiler.is_compiling():
+        outside = (t < 0) | (t >= stop)
+        if bool(outside.any()):
+            raise ValueError(f"{name} must hold {what} in [0, {stop}), got {t[outside][0].item()}")
 
 
 def one_device(op: str, **tensors: torch.Tensor) -> None:

@@ -38,9 +38,7 @@ def _first_proxies(feat, first, label, generator):
         if tuple(first.shape) != (B,):
             raise ValueError(f"first must be (B,) = {(B,)}, got {tuple(first.shape)}")
         _validate.same("feat and first", feat, first)
-        # (under torch.compile the C++ op checks the range instead)
-        if not torch.compiler.is_compiling() and bool(((first < 0) | (first >= H * W)).any()):
-            raise ValueError(f"first must hold pixel indices in [0, H*W = {H * W}), got {first.tolist()}")
+        _validate.in_range("first", first, H * W, "pixel indices (H*W)")
         return first.long()
     if label is not None:
         if not isinstance(label, torch.Tensor):
