@@ -128,3 +128,11 @@ def test_backward_inside_autocast_runs_without_it(device):
             for g, e in zip(got, expected):  # (a GPU kernel may sum in another order: not bitwise)
                 assert g.dtype == e.dtype, f"{backend} {name}"
                 torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6, msg=f"{backend} {name}")
+
+
+def test_double_backward_raises():
+    """The backward ops have no derivative: a backward with create_graph=True says so, where
+    autograd's fallback warned and dropped the second-order terms."""
+    for name, loss, leaves in _differentiable_calls("cpu"):
+        with busseg_ops.use_backend("cpu"), pytest.raises(RuntimeError, match="no double backward"):
+            torch.autograd.grad(loss(), leaves, create_graph=True)

@@ -16,9 +16,8 @@ std::tuple<at::Tensor, at::Tensor> forward_below_autograd(const at::Tensor& feat
                                                           const at::Tensor& value,
                                                           int64_t kernel_size, int64_t dilation,
                                                           double scale, bool valid_padding) {
-  static const auto op = typed_op<std::tuple<at::Tensor, at::Tensor>(
-      const at::Tensor&, const at::Tensor&, int64_t, int64_t, double, bool)>(
-      "busseg::adjacent_relation_propagation");
+  static const auto op =
+      typed_op<signature::adjacent_relation_propagation>("busseg::adjacent_relation_propagation");
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   return op.call(feat, value, kernel_size, dilation, scale, valid_padding);
 }
@@ -41,12 +40,11 @@ class AdjacentRelationPropagation : public torch::autograd::Function<AdjacentRel
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    static const auto op = typed_op<std::tuple<at::Tensor, at::Tensor>(
-        const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
-        int64_t, double, bool, bool, bool)>("busseg::adjacent_relation_propagation_backward");
+    static const auto op = typed_op<signature::adjacent_relation_propagation_backward>(
+        "busseg::adjacent_relation_propagation_backward");
     variable_list result(6);  // feat, value, and no gradient of the four parameters
     if (!grads[0].defined()) return result;
-    const AutocastOff autocast_off;
+    const BackwardCall backward_call("busseg::adjacent_relation_propagation");
     const variable_list saved = ctx->get_saved_variables();
     const bool need_feat = ctx->needs_input_grad(0), need_value = ctx->needs_input_grad(1);
     auto [grad_feat, grad_value] =

@@ -19,8 +19,7 @@ Outputs forward_below_autograd(at::TensorList feats, at::TensorList proxies,
                                c10::string_view reduction, double eps, int64_t block_rows,
                                bool grad_proxies) {
   static const auto op =
-      typed_op<Outputs(at::TensorList, at::TensorList, c10::string_view, double, int64_t, bool)>(
-          "busseg::cross_layer_alignment_loss");
+      typed_op<signature::cross_layer_alignment_loss>("busseg::cross_layer_alignment_loss");
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   return op.call(feats, proxies, reduction, eps, block_rows, grad_proxies);
 }
@@ -49,14 +48,13 @@ class CrossLayerAlignmentLoss : public torch::autograd::Function<CrossLayerAlign
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    static const auto op = typed_op<std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>>(
-        const at::Tensor&, at::TensorList, at::TensorList, const at::Tensor&, c10::string_view,
-        double, int64_t, bool, bool)>("busseg::cross_layer_alignment_loss_backward");
+    static const auto op = typed_op<signature::cross_layer_alignment_loss_backward>(
+        "busseg::cross_layer_alignment_loss_backward");
     const int64_t L = ctx->saved_data["layers"].toInt();
     variable_list result(2 * L + 4);  // feats, proxies, and no gradient of the four parameters
     const at::Tensor& grad_loss = grads[0];
     if (!grad_loss.defined()) return result;
-    const AutocastOff autocast_off;
+    const BackwardCall backward_call("busseg::cross_layer_alignment_loss");
     const variable_list saved = ctx->get_saved_variables();
     const at::TensorList feats(saved.data(), L), proxies(saved.data() + L, L);
     const at::Tensor& lse = saved[2 * L];

@@ -20,9 +20,7 @@ Outputs forward_below_autograd(const at::Tensor& anchors, const at::Tensor& anch
                                const at::Tensor& positives, const at::Tensor& has_positive,
                                double temperature, bool save_weighted_negatives) {
   static const auto op =
-      typed_op<Outputs(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                       const at::Tensor&, const at::Tensor&, double, bool)>(
-          "busseg::memory_contrastive_loss");
+      typed_op<signature::memory_contrastive_loss>("busseg::memory_contrastive_loss");
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   return op.call(anchors, anchor_labels, negatives, negative_labels, positives, has_positive,
                  temperature, save_weighted_negatives);
@@ -47,13 +45,11 @@ class MemoryContrastiveLoss : public torch::autograd::Function<MemoryContrastive
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    static const auto op = typed_op<std::tuple<at::Tensor, at::Tensor>(
-        const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-        const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-        const at::Tensor&, double, bool)>("busseg::memory_contrastive_loss_backward");
+    static const auto op = typed_op<signature::memory_contrastive_loss_backward>(
+        "busseg::memory_contrastive_loss_backward");
     variable_list result(8);  // anchors and negatives; the labels, positives and parameters none
     if (!grads[0].defined()) return result;
-    const AutocastOff autocast_off;
+    const BackwardCall backward_call("busseg::memory_contrastive_loss");
     const variable_list s = ctx->get_saved_variables();
     const bool need_negatives = ctx->needs_input_grad(2);
     auto [grad_anchors, grad_negatives] =

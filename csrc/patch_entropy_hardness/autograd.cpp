@@ -13,8 +13,8 @@ using torch::autograd::variable_list;
 
 at::Tensor forward_below_autograd(const at::Tensor& x, int64_t patch_h, int64_t patch_w,
                                   bool from_logits, double eps) {
-  static const auto op = typed_op<at::Tensor(const at::Tensor&, int64_t, int64_t, bool, double)>(
-      "busseg::patch_entropy_hardness");
+  static const auto op =
+      typed_op<signature::patch_entropy_hardness>("busseg::patch_entropy_hardness");
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   return op.call(x, patch_h, patch_w, from_logits, eps);
 }
@@ -32,10 +32,9 @@ class PatchEntropyHardness : public torch::autograd::Function<PatchEntropyHardne
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    static const auto op =
-        typed_op<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, int64_t, bool, double)>(
-            "busseg::patch_entropy_hardness_backward");
-    const AutocastOff autocast_off;
+    static const auto op = typed_op<signature::patch_entropy_hardness_backward>(
+        "busseg::patch_entropy_hardness_backward");
+    const BackwardCall backward_call("busseg::patch_entropy_hardness");
     const at::Tensor grad_x =
         op.call(grads[0], ctx->get_saved_variables()[0], ctx->saved_data["patch_h"].toInt(),
                 ctx->saved_data["patch_w"].toInt(), ctx->saved_data["from_logits"].toBool(),
