@@ -24,14 +24,18 @@ from collections.abc import Callable, Mapping
 
 import torch
 
+from . import _C
+
 BACKENDS = ("reference", "cpu", "cuda", "triton")
 _FASTEST_FIRST = ("cuda", "cpu", "triton", "reference")
 _forced: list[str] = []
 # looked up once: on every op call, attribute lookups through torch's modules add up
 _is_compiling = torch.compiler.is_compiling
 _any_autocast_enabled = torch._C._is_any_autocast_enabled
-#: (op name, device) -> the op of the fastest backend there that is not the reference (what a call
-#: runs unless a backend is forced)
+#: (op name, backend) -> what an eager call of the op's native or Triton variant calls (dispatch)
+_eager_kernels: dict[tuple[str, str], Callable] = {}
+#: (op name, device) -> the same for the fastest backend there that is not the reference (what a
+#: call runs unless a backend is forced)
 _fastest_kernels: dict[tuple[str, torch.device], Callable] = {}
 
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -145,12 +149,23 @@ def dispatch(op: Op, device: torch.device) -> Callable:
     backend = _choose(op, device.type, name)
     if backend == "reference":
         return _autocast_kernel(op, op.reference, device.type) if _autocast_dtype(op, device.type) else op.reference
-    overload = getattr(torch.ops.busseg_triton if backend == "triton" else torch.ops.busseg, op.name).default
-    if name is None and eager:
-        # OpOverload.__call__ only calls its _op, a Python frame (about 0.5 µs) that a call can
-        # skip; torch.compile traces the OpOverload itself
-        _fastest_kernels[op.name, device] = overload._op
-    return overload
+    if not eager:
+        return _overload(op, backend)  # what torch.compile traces
+    kernel = _eager_kernels.get((op.name, backend))
+    if kernel is None:
+        overload = _overload(op, backend)
+        # The native op is called directly from its Python arguments (csrc/python_module.cpp:
+        # about 1.4 µs less than torch.ops' boxed call), the Triton op through its OpOverload's _op
+        # (OpOverload.__call__ only adds a Python frame).
+        kernel = overload._op if backend == "triton" else _C.native_op(op.name, overload._op)
+        _eager_kernels[op.name, backend] = kernel
+    if name is None:
+        _fastest_kernels[op.name, device] = kernel
+    return kernel
+
+
+def _overload(op: Op, backend: str) -> torch._ops.OpOverload:
+    return getattr(torch.ops.busseg_triton if backend == "triton" else torch.ops.busseg, op.name).default
 
 
 def register(

@@ -6,11 +6,13 @@ import pathlib
 
 import pytest
 import torch
+from op_contract import OpContract, map_tensors, tensors_in
+from torch.overrides import TorchFunctionMode
 
 import busseg_ops
 from busseg_ops import adjacent_relation_propagation as arp
 from busseg_ops import greedy_proxy_sampling
-from busseg_ops.backends import BACKENDS, choose_backend
+from busseg_ops.backends import BACKENDS, choose_backend, dispatch
 from busseg_ops.ops.greedy_proxy_sampling import OP as GREEDY
 
 
@@ -136,3 +138,49 @@ def test_double_backward_raises():
     for name, loss, leaves in _differentiable_calls("cpu"):
         with busseg_ops.use_backend("cpu"), pytest.raises(RuntimeError, match="no double backward"):
             torch.autograd.grad(loss(), leaves, create_graph=True)
+
+
+class _Subclass(torch.Tensor):
+    pass
+
+
+class _SeesOps(TorchFunctionMode):
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.seen.append(func)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("name", KERNEL_OPS)
+def test_native_ops_are_called_directly_in_eager(name):
+    """In eager a native op goes from its Python arguments straight to the dispatcher
+    (csrc/python_module.cpp) instead of torch.ops' boxed call, forced backend or not (so the op
+    contract's comparisons run through it): the same outputs as torch.ops; a tensor subclass or a
+    torch-function mode goes through torch.ops, where __torch_function__ sees the op, and so do
+    keyword arguments; a call the C++ checks reject raises their error, of its type; a missing
+    argument torch.ops' error."""
+    op = importlib.import_module(f"busseg_ops.ops.{name}").OP
+    module = importlib.import_module(f"test_{name}")
+    contract = next(c for c in vars(module).values() if isinstance(c, type) and OpContract in c.__mro__[1:])()
+    overload = getattr(torch.ops.busseg, name).default
+    direct = dispatch(op, torch.device("cpu"))
+    with busseg_ops.use_backend("cpu"):
+        assert dispatch(op, torch.device("cpu")) is direct
+    assert direct is not overload and direct is not overload._op
+    for sample in [s for s in contract.raw_samples() if s.op == name]:
+        expected = overload(*sample.args)
+        contract.assert_same(direct(*sample.args), expected, f"{name} called directly", exact=True)
+        as_subclass = map_tensors(lambda t: t.as_subclass(_Subclass), sample.args)
+        assert all(type(t) is _Subclass for t in tensors_in(direct(*as_subclass)))
+        with _SeesOps() as mode:
+            contract.assert_same(direct(*sample.args), expected, f"{name} under a mode", exact=True)
+        assert overload in mode.seen
+        last = overload._schema.arguments[-1].name
+        contract.assert_same(direct(*sample.args[:-1], **{last: sample.args[-1]}), expected, "keyword", exact=True)
+        with pytest.raises(RuntimeError, match="missing value for argument"):
+            direct(*sample.args[:-1])
+        with pytest.raises(ValueError, match="must"):
+            direct(*map_tensors(lambda t: t[None] if t.is_floating_point() else t, sample.args))
