@@ -136,7 +136,7 @@ def test_double_backward_raises():
     """The backward ops have no derivative: a backward with create_graph=True says so, where
     autograd's fallback warned and dropped the second-order terms."""
     for name, loss, leaves in _differentiable_calls("cpu"):
-        with busseg_ops.use_backend("cpu"), pytest.raises(RuntimeError, match="no double backward"):
+        with busseg_ops.use_backend("cpu"), pytest.raises(RuntimeError, match=f"busseg::{name}: no double backward"):
             torch.autograd.grad(loss(), leaves, create_graph=True)
 
 
