@@ -79,7 +79,8 @@ def _check_loss_inputs(feats, proxies):
         )
     for l, f in enumerate(feats):
         _validate.tensor(f"feats[{l}]", f, 4, "(B, C_l, H, W)")
-        _validate.same(f"feats[0] and feats[{l}]", feats[0], f, dims=(0, 2, 3), dtype=True)
+        if l:
+            _validate.same(f"feats[0] and feats[{l}]", feats[0], f, dims=(0, 2, 3), dtype=True)
     if proxies is None:
         return
     if not isinstance(proxies, (list, tuple)) or len(proxies) != len(feats):
