@@ -9,8 +9,10 @@ variable). Asking for a backend that cannot run is an error saying why, never a 
 An op is one :class:`Op` row: its name is the public function, the schemas ``busseg::<name>`` (the
 C++ kernels of ``cpu`` and ``cuda``) and ``busseg_triton::<name>``, each with ``<name>_backward``
 when differentiable, and the files ``ops/<name>.py``, ``reference/<name>.py``,
-``triton/<name>.py`` and ``csrc/<name>/``. :func:`dispatch` returns the callable to run;
-:func:`register` registers the fake kernels and the autograd of the native and Triton variants.
+``triton/<name>.py`` and ``csrc/<name>/``. :func:`dispatch` returns the callable to run (in eager
+a native op's direct call, busseg_ops._C.native_op); :func:`register` registers the fake kernels,
+the autocast kernels and the Triton variant's autograd (the native op's is C++:
+csrc/<name>/autograd.cpp).
 """
 
 from __future__ import annotations
