@@ -3,6 +3,7 @@ upstream unfold formulation."""
 
 import itertools
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -167,6 +168,16 @@ class TestAdjacentRelationPropagation(OpContract):
         bad(lambda f, v: arp(f, v, kernel_size=2**64 + 1), ValueError, "kernel_size must be <= 32767"),
         bad(lambda f, v: arp(f, v, dilation=2**62 + 1), ValueError, r"dilation \* \(kernel_size // 2\)"),
         bad(lambda f, v: arp(f, v, kernel_size=3, dilation=2**30 + 1), ValueError, r"dilation \* \(kernel_size"),
+        # scalars (issue 29): an infinite scale made the CPU and the reference disagree; a bool is no number
+        bad(lambda f, v: arp(f, v, scale=float("inf")), ValueError, "scale must be a finite float, got inf"),
+        bad(lambda f, v: arp(f, v, scale=-float("inf")), ValueError, "scale must be a finite float, got -inf"),
+        bad(lambda f, v: arp(f, v, scale=float("nan")), ValueError, "scale must be a finite float, got nan"),
+        bad(lambda f, v: arp(f, v, scale=10**400), ValueError, "scale must be a finite float, got 1000"),
+        bad(lambda f, v: arp(f, v, scale=True), TypeError, "scale must be a float, got bool"),
+        bad(lambda f, v: arp(f, v, scale="0.5"), TypeError, "scale must be a float, got str"),
+        bad(lambda f, v: arp(f, v, scale=torch.tensor(0.5)), TypeError, "scale must be a float, got Tensor"),
+        bad(lambda f, v: arp(f, v, kernel_size=True), TypeError, "kernel_size must be an int, got bool"),
+        bad(lambda f, v: arp(f, v, dilation=True), TypeError, "dilation must be an int, got bool"),
     ]
 
     raw_bad_inputs = [
@@ -221,6 +232,13 @@ def test_reference_matches_unfold_formulation(kernel_size, dilation):
     ref_out, ref_w = unfold_arp(feat, value, kernel_size, dilation, 6**-0.5)
     torch.testing.assert_close(out, ref_out)
     torch.testing.assert_close(w, ref_w)
+
+
+def test_scale_is_any_finite_real():
+    f, v = torch.randn(1, 3, 4, 5), torch.randn(1, 2, 4, 5)
+    expected = arp(f, v, scale=2.0)
+    assert torch.equal(arp(f, v, scale=2), expected)
+    assert torch.equal(arp(f, v, scale=np.float32(2.0)), expected)
 
 
 def test_only_feat_gradient_when_value_is_detached():

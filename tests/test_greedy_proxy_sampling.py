@@ -128,6 +128,12 @@ class TestGreedyProxySampling(OpContract):
         bad(lambda f: greedy(f, 3, first=torch.tensor([0.0, 1.0])), TypeError, "first must be an integer"),
         bad(lambda f: greedy(f, 3, generator=0), TypeError, "generator must be a torch.Generator"),
         bad(lambda f: greedy(f, 2**64), ValueError, "num_proxies must be <= "),
+        # scalars (issue 29): an infinite scale made the CPU and the reference disagree; a bool is no number
+        bad(lambda f: greedy(f, 3, scale=float("inf")), ValueError, "scale must be a finite float, got inf"),
+        bad(lambda f: greedy(f, 3, scale=-float("inf")), ValueError, "scale must be a finite float, got -inf"),
+        bad(lambda f: greedy(f, 3, scale=float("nan")), ValueError, "scale must be a finite float, got nan"),
+        bad(lambda f: greedy(f, 3, scale=False), TypeError, "scale must be a float, got bool"),
+        bad(lambda f: greedy(f, True), TypeError, "num_proxies must be an int, got bool"),
     ]
 
     raw_bad_inputs = [

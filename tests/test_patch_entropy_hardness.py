@@ -116,6 +116,13 @@ class TestPatchEntropyHardness(OpContract):
         bad(lambda x: hardness(x[:, :, :0], num_patches=2), ValueError, "x is empty"),
         bad(lambda x: hardness(x, num_patches=2**64), ValueError, "num_patches must be <= "),
         bad(lambda x: hardness(x, patch_size=(2**63, 1)), ValueError, "patch_size must be <= "),
+        # scalars (issue 29): eps -1 or NaN gave NaN, and so does eps = 0 where a probability is 0
+        bad(lambda x: hardness(x, 2, eps=-1.0), ValueError, "eps must be a finite float > 0, got -1.0"),
+        bad(lambda x: hardness(x, 2, eps=0.0), ValueError, "eps must be a finite float > 0, got 0.0"),
+        bad(lambda x: hardness(x, 2, eps=float("nan")), ValueError, "eps must be a finite float > 0, got nan"),
+        bad(lambda x: hardness(x, 2, eps=float("inf")), ValueError, "eps must be a finite float > 0, got inf"),
+        bad(lambda x: hardness(x, 2, eps=True), TypeError, "eps must be a float, got bool"),
+        bad(lambda x: hardness(x, True), TypeError, "num_patches must be an int or a pair of ints, got True"),
     ]
 
     raw_bad_inputs = [
