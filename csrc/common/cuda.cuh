@@ -107,6 +107,58 @@ __device__ __forceinline__ void block_argmin(A& v, long long& i) {
   __syncthreads();
 }
 
+// Asynchronous copies from global to shared memory: cp.async on sm_80 and later, a plain load and
+// store before. Bytes is 4, 8 or 16 (both addresses aligned to it); 2 is always a plain copy, as
+// cp.async has no 2-byte form. async_commit() closes the group of copies issued since the last
+// one; async_wait<N>() returns once at most N of this thread's groups are still in flight (a
+// __syncthreads() after it makes every thread's finished copies visible to the block).
+template <int Bytes>
+struct CopyWord;
+template <>
+struct CopyWord<2> {
+  using type = unsigned short;
+};
+template <>
+struct CopyWord<4> {
+  using type = unsigned int;
+};
+template <>
+struct CopyWord<8> {
+  using type = uint2;
+};
+template <>
+struct CopyWord<16> {
+  using type = uint4;
+};
+
+template <int Bytes>
+__device__ __forceinline__ void copy_async(void* smem, const void* gmem) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  if constexpr (Bytes >= 4) {
+    const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+    if constexpr (Bytes == 16)
+      asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(gmem) : "memory");
+    else
+      asm volatile("cp.async.ca.shared.global [%0], [%1], %2;\n" ::"r"(dst), "l"(gmem), "n"(Bytes)
+                   : "memory");
+    return;
+  }
+#endif
+  using W = typename CopyWord<Bytes>::type;
+  *static_cast<W*>(smem) = *static_cast<const W*>(gmem);
+}
+__device__ __forceinline__ void async_commit() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+template <int N>
+__device__ __forceinline__ void async_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+#endif
+}
+
 // Calls f(T{}) with T the storage type of `dtype`.
 template <typename F>
 cudaError_t dispatch(DType dtype, F&& f) {
