@@ -18,17 +18,20 @@
 // affinity they enter, the backward zeroes them before use. With d > 1 lattice rows are strided in
 // memory and copied one element at a time.
 // The threads form S groups of TYT×TX; a thread owns a column of P pixels (tile rows ty·P ..
-// ty·P + P - 1 at column tx) and keeps their taps' sums in registers, and the groups split each
-// stage's channels. Forward: after the last stage the groups' partial affinities meet in shared
-// memory and group g takes pixel g of every column (S = P): softmax in registers, weights and out
-// written per pixel. Backward (one kernel): the affinity gradients da of the tile and its halo go
-// to shared memory while the first stages load; each pixel combines its taps' coefficients
-// da[p, o] + da[p + o, -o] in registers (the feature gradient as a gather, no atomics); then the
-// stages stream by and each channel's gradient is written once. The value gradient is gathered per
-// pixel.
+// ty·P + P - 1 at column tx) and keeps their taps' sums in registers, and group g sums channels
+// g, g + S, ... of each stage. A stage spans a multiple of 16 bytes of channels, so each chunk's
+// addresses and each window row's shift are the same in every stage: a thread works them out once
+// per tile, and a stage costs it a predicated cp.async per chunk and one add per window row.
+// Forward: after the last stage the groups' partial affinities meet in shared memory and group g
+// takes pixel g of every column (S = P): softmax in registers, weights and out written per pixel.
+// Backward (one kernel): the affinity gradients da of the tile and its halo go to shared memory
+// while the first stages load; each pixel combines its taps' coefficients da[p, o] + da[p + o, -o]
+// in registers (the feature gradient as a gather, no atomics); then the stages stream by and each
+// channel's gradient is written once. The value gradient is gathered per pixel.
 //
 // General path (any other kernel size, and float64): one thread per pixel on global memory.
 #include <algorithm>
+#include <climits>
 #include <cmath>
 #include <cstdint>
 #include <type_traits>
@@ -62,20 +65,25 @@ struct TileConfig {
   static_assert(group_threads % 32 == 0, "groups are whole warps");
 };
 
-// One configuration per radius: tiles of 16×8 pixels, 128 threads.
-template <int R>
+// One configuration per radius (and element size): tiles of 16×8 pixels, 128 threads, stages of
+// 16-byte multiples of channels (8 channels, 4 for k = 5 in float32).
+template <int R, int size>
 struct ConfigFor;
-template <>
-struct ConfigFor<0> {
+template <int size>
+struct ConfigFor<0, size> {
   using type = TileConfig<0, 4, 2, 2, 3, 4>;
 };
-template <>
-struct ConfigFor<1> {
+template <int size>
+struct ConfigFor<1, size> {
   using type = TileConfig<1, 4, 2, 2, 3, 4>;
 };
 template <>
-struct ConfigFor<2> {
+struct ConfigFor<2, 4> {
   using type = TileConfig<2, 2, 4, 2, 3, 3>;
+};
+template <>
+struct ConfigFor<2, 2> {
+  using type = TileConfig<2, 2, 4, 4, 2, 2>;
 };
 
 constexpr int round_up(int n, int m) { return (n + m - 1) / m * m; }
@@ -159,72 +167,9 @@ __device__ __forceinline__ bool inside(const Tile& t, int Y, int X) {
 
 // ---- tiled path: staging the features -------------------------------------------------------
 
-// One copy of a stage: channel cl of the stage, halo row j, copy q of the row (d = 1: the chunk at
-// shared columns [q·V, q·V + V) of the row; else halo column q). `elem`: the element offset in
-// feat, at stage 0, of the halo row's column 0 (d = 1) or of the element (d > 1); `dst`: its
-// element offset in a stage buffer; `ok`: the row (d > 1: the element) lies inside the lattice.
-struct Copy {
-  long long elem;
-  int dst, q, cl;
-  bool ok;
-};
-
-template <typename T, class Cfg, bool kVec>
-__device__ __forceinline__ Copy copy_at(const TileParams& p, const Tile& t, int idx) {
-  using L = Layout<T, Cfg, kVec>;
-  Copy c;
-  c.q = idx % L::NQ;
-  const int j = idx / L::NQ % Cfg::RH;
-  c.cl = idx / (L::NQ * Cfg::RH);
-  const int Y = t.Y0 - Cfg::R + j;
-  c.ok = idx < L::copies && Y >= 0 && Y < t.Hs;
-  c.dst = (c.cl * Cfg::RH + j) * L::SW + c.q * L::V;
-  const long long plane = (t.b * p.C + c.cl) * p.HW;
-  if constexpr (kVec) {
-    c.elem = plane + static_cast<long long>(Y) * p.W + t.X0 - Cfg::R;
-  } else {
-    c.ok = c.ok && c.q >= t.lo && c.q < t.hi;
-    c.elem = c.ok ? plane + pixel_offset(p, t, Y, t.X0 - Cfg::R + c.q) : 0;
-  }
-  return c;
-}
-
-// Issues copy c of the stage whose first channel is c0 into `buf`.
-template <typename T, class Cfg, bool kVec>
-__device__ __forceinline__ void issue_copy(const TileParams& p, const Tile& t, const T* feat,
-                                           const Copy& c, long long c0, T* buf) {
-  using L = Layout<T, Cfg, kVec>;
-  if (!c.ok || c0 + c.cl >= p.C) return;
-  if constexpr (kVec) {
-    const uintptr_t row = reinterpret_cast<uintptr_t>(feat) +
-                          static_cast<uintptr_t>((c.elem + c0 * p.HW) * sizeof(T));
-    const int first = c.q * L::V - static_cast<int>(row % 16) / int(sizeof(T));  // halo column
-    if (first >= t.hi || first + L::V <= t.lo) return;  // none of the row's pixels inside
-    copy_async<16>(buf + c.dst, reinterpret_cast<const void*>(row - row % 16 + 16 * c.q));
-  } else {
-    copy_async<int(sizeof(T))>(buf + c.dst, feat + c.elem + c0 * p.HW);
-  }
-}
-
-// The thread's copies of a stage: idx = threadIdx.x + l · threads (d = 1: computed once per tile,
-// in `mine`).
-template <typename T, class Cfg, bool kVec>
-__device__ __forceinline__ void issue_stage(const TileParams& p, const Tile& t, const T* feat,
-                                            const Copy* mine, long long c0, T* buf) {
-  using L = Layout<T, Cfg, kVec>;
-  if constexpr (kVec) {
-#pragma unroll
-    for (int l = 0; l < L::copies_per_thread; ++l)
-      issue_copy<T, Cfg, kVec>(p, t, feat, mine[l], c0, buf);
-  } else {
-#pragma unroll 1
-    for (int idx = threadIdx.x; idx < L::copies; idx += Cfg::threads)
-      issue_copy<T, Cfg, kVec>(p, t, feat, copy_at<T, Cfg, kVec>(p, t, idx), c0, buf);
-  }
-}
-
-// Low 32 bits of the address of halo row 0, column 0 of channel 0 of the tile: a row's shift is
-// ((u + c·HW·size + j·W·size) mod 16) / size for channel c, halo row j (d = 1).
+// Low 32 bits of the address of halo row 0, column 0 of channel 0 of the tile (d = 1): halo row j
+// of the stage's channel cl lands shifted by row_shift(u + cl·HW·size + j·W·size) elements. The
+// shift is the same in every stage, as a stage spans a multiple of 16 bytes of channels.
 template <typename T, class Cfg>
 __device__ __forceinline__ uint32_t tile_address(const TileParams& p, const Tile& t,
                                                  const T* feat) {
@@ -234,46 +179,119 @@ __device__ __forceinline__ uint32_t tile_address(const TileParams& p, const Tile
          static_cast<uint32_t>(elem * static_cast<long long>(sizeof(T)));
 }
 
-template <typename T, class Cfg, bool kVec>
+template <typename T>
 __device__ __forceinline__ int row_shift(uint32_t address) {
-  using L = Layout<T, Cfg, kVec>;
-  if constexpr (kVec)
-    return static_cast<int>(address >> (sizeof(T) == 2 ? 1 : 2)) & (L::V - 1);
-  else
-    return 0;
+  return static_cast<int>(address % 16) / int(sizeof(T));
 }
 
-// v[jj][dx]: the thread's window of channel cl: halo rows ty·P + jj, columns tx + dx. `u`: the
-// tile address of channel c (tile_address + c·HW·size).
+// A thread's share of staging a tile, fixed for the tile: the copies it issues in every stage
+// (d = 1: precomputed), and where the rows of its window lie in a stage buffer.
 template <typename T, class Cfg, bool kVec>
-__device__ __forceinline__ void load_window(const T* buf, int cl, int ty, int tx, uint32_t u,
-                                            uint32_t row_bytes,
-                                            float (&v)[Cfg::P + 2 * Cfg::R][Cfg::k]) {
+struct Staging {
   using L = Layout<T, Cfg, kVec>;
-  const T* rows = buf + (cl * Cfg::RH + ty * Cfg::P) * L::SW + tx;
-  u += static_cast<uint32_t>(ty * Cfg::P) * row_bytes;
-#pragma unroll
-  for (int jj = 0; jj < Cfg::P + 2 * Cfg::R; ++jj) {
-    const T* row = rows + jj * L::SW + row_shift<T, Cfg, kVec>(u + jj * row_bytes);
-#pragma unroll
-    for (int dx = 0; dx < Cfg::k; ++dx) v[jj][dx] = load(row + dx);
-  }
-}
+  static constexpr int rows = Cfg::P + 2 * Cfg::R;  // window rows
+  static constexpr int chunks = kVec ? L::copies_per_thread : 1;
+  static_assert(!kVec || Cfg::CC * sizeof(T) % 16 == 0, "a stage spans whole 16-byte chunks");
 
-// Zeroes the halo columns outside the lattice ([0, lo) and [hi, CW)) of every row of a stage: the
-// chunks copied there hold other rows' elements, or stale ones (d = 1 only; the backward's
-// coefficients of those columns are zero, and 0 · NaN is not).
+  // d = 1: the thread's chunks (copies threadIdx.x + l · threads): source address in stage 0,
+  // shared address in stage buffer 0, and channel of the stage (INT_MAX: the chunk holds no pixel
+  // of the lattice, or there is no such copy).
+  uint64_t src[chunks];
+  uint32_t dst[chunks];
+  int channel[chunks];
+  // Shared address in stage buffer 0 of row jj of the window of channel slot i (stage channel
+  // g + S·i), at column tx.
+  uint32_t window[Cfg::CPG][rows];
+
+  __device__ __forceinline__ Staging(const TileParams& p, const Tile& t, const T* feat,
+                                     uint32_t stages, int g, int ty, int tx) {
+    const uint32_t u = tile_address<T, Cfg>(p, t, feat);
+    const uint32_t row_bytes = static_cast<uint32_t>(p.W * static_cast<long long>(sizeof(T)));
+    const uint32_t plane_bytes = static_cast<uint32_t>(p.HW * static_cast<long long>(sizeof(T)));
+#pragma unroll
+    for (int i = 0; i < Cfg::CPG; ++i)
+#pragma unroll
+      for (int jj = 0; jj < rows; ++jj) {
+        const int cl = g + Cfg::S * i, j = ty * Cfg::P + jj;
+        const int s = kVec ? row_shift<T>(u + cl * plane_bytes + j * row_bytes) : 0;
+        window[i][jj] =
+            stages + ((cl * Cfg::RH + j) * L::SW + s + tx) * static_cast<uint32_t>(sizeof(T));
+      }
+    if constexpr (kVec) {
+#pragma unroll
+      for (int l = 0; l < chunks; ++l) {
+        const int idx = threadIdx.x + l * Cfg::threads;
+        const int q = idx % L::NQ, j = idx / L::NQ % Cfg::RH, cl = idx / (L::NQ * Cfg::RH);
+        const int Y = t.Y0 - Cfg::R + j;
+        const long long elem =
+            (t.b * p.C + cl) * p.HW + static_cast<long long>(Y) * p.W + t.X0 - Cfg::R;
+        const uint64_t row = reinterpret_cast<uintptr_t>(feat) +
+                             static_cast<uint64_t>(elem * static_cast<long long>(sizeof(T)));
+        const int first = q * L::V - row_shift<T>(static_cast<uint32_t>(row));  // halo column
+        const bool some = idx < L::copies && Y >= 0 && Y < t.Hs && first < t.hi &&
+                          first + L::V > t.lo;  // holds one of the row's pixels inside
+        src[l] = row - row % 16 + 16 * q;
+        dst[l] =
+            stages + ((cl * Cfg::RH + j) * L::SW + q * L::V) * static_cast<uint32_t>(sizeof(T));
+        channel[l] = some ? cl : INT_MAX;
+      }
+    }
+  }
+
+  // Issues the copies of the stage whose first channel is c0 into the stage buffer `offset` bytes
+  // after the first; `stages`: the first's shared address.
+  __device__ __forceinline__ void issue(const TileParams& p, const Tile& t, const T* feat,
+                                        long long c0, uint32_t stages, uint32_t offset) const {
+    const int left = p.C - c0 < Cfg::CC ? static_cast<int>(p.C - c0) : Cfg::CC;  // channels
+    if constexpr (kVec) {
+      const uint64_t shift = static_cast<uint64_t>(c0 * p.HW) * sizeof(T);
+#pragma unroll
+      for (int l = 0; l < chunks; ++l)
+        copy_async_16_if(channel[l] < left, dst[l] + offset,
+                         reinterpret_cast<const void*>(src[l] + shift));
+    } else {
+#pragma unroll 1
+      for (int idx = threadIdx.x; idx < L::copies; idx += Cfg::threads) {
+        const int q = idx % L::NQ, j = idx / L::NQ % Cfg::RH, cl = idx / (L::NQ * Cfg::RH);
+        const int Y = t.Y0 - Cfg::R + j;
+        if (cl < left && Y >= 0 && Y < t.Hs && q >= t.lo && q < t.hi)
+          copy_async<int(sizeof(T))>(
+              stages + offset + ((cl * Cfg::RH + j) * L::SW + q) * sizeof(T),
+              feat + (t.b * p.C + c0 + cl) * p.HW + pixel_offset(p, t, Y, t.X0 - Cfg::R + q));
+      }
+    }
+  }
+
+  // v[jj][dx]: the thread's window of channel slot i in the stage buffer `offset` bytes after the
+  // first: rows ty·P + jj, columns tx + dx.
+  __device__ __forceinline__ void load_window(uint32_t offset, int i,
+                                              float (&v)[rows][Cfg::k]) const {
+#pragma unroll
+    for (int jj = 0; jj < rows; ++jj)
+#pragma unroll
+      for (int dx = 0; dx < Cfg::k; ++dx)
+        v[jj][dx] = load_shared<T>(window[i][jj] + offset + dx * static_cast<uint32_t>(sizeof(T)));
+  }
+};
+
+// Zeroes, in every row of a stage, the halo columns outside the lattice that pixels inside it
+// read ([0, lo) and [hi, hi + R)): the chunks copied there bring other rows' elements, and
+// columns no chunk reaches keep stale ones (d = 1; the backward's coefficients of those columns
+// are zero, and 0 · NaN is not).
 template <typename T, class Cfg>
-__device__ __forceinline__ void zero_outside_columns(const TileParams& p, const Tile& t, uint32_t u,
-                                                     uint32_t row_bytes, T* buf) {
+__device__ __forceinline__ void zero_outside_columns(const TileParams& p, const Tile& t,
+                                                     const T* feat, unsigned char* buf) {
   using L = Layout<T, Cfg, true>;
-  const int n = t.lo + Cfg::CW - t.hi;  // columns per row
+  const uint32_t u = tile_address<T, Cfg>(p, t, feat);
+  const uint32_t row_bytes = static_cast<uint32_t>(p.W * static_cast<long long>(sizeof(T)));
   const uint32_t plane_bytes = static_cast<uint32_t>(p.HW * static_cast<long long>(sizeof(T)));
-  for (int i = threadIdx.x; i < Cfg::CC * Cfg::RH * n; i += Cfg::threads) {
-    const int m = i % n, j = i / n % Cfg::RH, cl = i / (n * Cfg::RH);
-    const int col = m < t.lo ? m : t.hi + (m - t.lo);
-    const int s = row_shift<T, Cfg, true>(u + cl * plane_bytes + j * row_bytes);
-    buf[(cl * Cfg::RH + j) * L::SW + s + col] = T(0.f);
+  const int right = min(t.hi + Cfg::R, Cfg::CW);
+  for (int r = threadIdx.x; r < Cfg::CC * Cfg::RH; r += Cfg::threads) {
+    const int cl = r / Cfg::RH, j = r % Cfg::RH;
+    T* row =
+        reinterpret_cast<T*>(buf) + r * L::SW + row_shift<T>(u + cl * plane_bytes + j * row_bytes);
+    for (int col = 0; col < t.lo; ++col) row[col] = T(0.f);
+    for (int col = t.hi; col < right; ++col) row[col] = T(0.f);
   }
 }
 
@@ -288,30 +306,20 @@ __global__ void __launch_bounds__(Cfg::threads, Cfg::min_blocks)
   constexpr int red_bytes = Cfg::S * taps * Cfg::group_threads * int(sizeof(float));
   constexpr int smem_bytes = NST * L::stage_bytes > red_bytes ? NST * L::stage_bytes : red_bytes;
   __shared__ __align__(16) unsigned char smem[smem_bytes];
-  T* const stages = reinterpret_cast<T*>(smem);
   float* const red = reinterpret_cast<float*>(smem);  // after the last stage
+  const uint32_t stages = shared_address(smem);
 
   const int tx = threadIdx.x % Cfg::TX, ty = threadIdx.x / Cfg::TX % Cfg::TYT;
   const int g = threadIdx.x / Cfg::group_threads, gt = threadIdx.x % Cfg::group_threads;
-  const uint32_t row_bytes = static_cast<uint32_t>(p.W * static_cast<long long>(sizeof(T)));
-  const uint32_t plane_bytes = static_cast<uint32_t>(p.HW * static_cast<long long>(sizeof(T)));
   const long long stage_count = (p.C + Cfg::CC - 1) / Cfg::CC;
 
   for (long long tile = blockIdx.x; tile < p.tiles; tile += gridDim.x) {
     const Tile t = tile_at<Cfg>(p, tile);
     if (t.Y0 >= t.Hs || t.X0 >= t.Ws) continue;  // past the end of a smaller lattice
-    Copy mine[kVec ? L::copies_per_thread : 1];
-    if constexpr (kVec) {
-#pragma unroll
-      for (int l = 0; l < L::copies_per_thread; ++l)
-        mine[l] = copy_at<T, Cfg, kVec>(p, t, threadIdx.x + l * Cfg::threads);
-    }
-    const uint32_t u = tile_address<T, Cfg>(p, t, feat);
-
+    const Staging<T, Cfg, kVec> staging(p, t, feat, stages, g, ty, tx);
 #pragma unroll
     for (int st = 0; st < NST - 1; ++st) {
-      if (st < stage_count)
-        issue_stage<T, Cfg, kVec>(p, t, feat, mine, st * Cfg::CC, stages + st * L::stage_elems);
+      if (st < stage_count) staging.issue(p, t, feat, st * Cfg::CC, stages, st * L::stage_bytes);
       async_commit();
     }
     float acc[P][taps] = {};
@@ -319,20 +327,15 @@ __global__ void __launch_bounds__(Cfg::threads, Cfg::min_blocks)
     for (long long st = 0; st < stage_count; ++st) {
       async_wait<NST - 2>();
       __syncthreads();  // stage st visible to all; stage st - 1 read by all
-      const long long next = st + NST - 1;
-      if (next < stage_count)
-        issue_stage<T, Cfg, kVec>(p, t, feat, mine, next * Cfg::CC,
-                                  stages + (slot == 0 ? NST - 1 : slot - 1) * L::stage_elems);
+      if (st + NST - 1 < stage_count)
+        staging.issue(p, t, feat, (st + NST - 1) * Cfg::CC, stages,
+                      (slot == 0 ? NST - 1 : slot - 1) * L::stage_bytes);
       async_commit();
-      const T* buf = stages + slot * L::stage_elems;
 #pragma unroll
       for (int i = 0; i < Cfg::CPG; ++i) {
-        const int cl = g * Cfg::CPG + i;
-        const long long c = st * Cfg::CC + cl;
-        if (c >= p.C) break;
+        if (st * Cfg::CC + g + Cfg::S * i >= p.C) break;
         float v[P + 2 * R][k];
-        load_window<T, Cfg, kVec>(buf, cl, ty, tx, u + static_cast<uint32_t>(c) * plane_bytes,
-                                  row_bytes, v);
+        staging.load_window(slot * L::stage_bytes, i, v);
 #pragma unroll
         for (int px = 0; px < P; ++px)
 #pragma unroll
@@ -408,12 +411,10 @@ __global__ void __launch_bounds__(Cfg::threads, Cfg::min_blocks)
   constexpr int halo = Cfg::RH * Cfg::CW;  // pixels of the tile and its halo
   __shared__ __align__(16) unsigned char smem[NST * L::stage_bytes];
   __shared__ float da[taps * halo];  // da[o][hy][hx]: scale · w (dw - <w, dw>)
-  T* const stages = reinterpret_cast<T*>(smem);
+  const uint32_t stages = shared_address(smem);
 
   const int tx = threadIdx.x % Cfg::TX, ty = threadIdx.x / Cfg::TX % Cfg::TYT;
   const int g = threadIdx.x / Cfg::group_threads;
-  const uint32_t row_bytes = static_cast<uint32_t>(p.W * static_cast<long long>(sizeof(T)));
-  const uint32_t plane_bytes = static_cast<uint32_t>(p.HW * static_cast<long long>(sizeof(T)));
   const long long stage_count = grad_feat != nullptr ? (p.C + Cfg::CC - 1) / Cfg::CC : 0;
 
   for (long long tile = blockIdx.x; tile < p.tiles; tile += gridDim.x) {
@@ -428,17 +429,10 @@ __global__ void __launch_bounds__(Cfg::threads, Cfg::min_blocks)
         reinterpret_cast<uint4*>(smem)[i] = make_uint4(0, 0, 0, 0);
       __syncthreads();
     }
-    Copy mine[kVec ? L::copies_per_thread : 1];
-    if constexpr (kVec) {
-#pragma unroll
-      for (int l = 0; l < L::copies_per_thread; ++l)
-        mine[l] = copy_at<T, Cfg, kVec>(p, t, threadIdx.x + l * Cfg::threads);
-    }
-    const uint32_t u = tile_address<T, Cfg>(p, t, feat);
+    const Staging<T, Cfg, kVec> staging(p, t, feat, stages, g, ty, tx);
 #pragma unroll
     for (int st = 0; st < NST - 1; ++st) {
-      if (st < stage_count)
-        issue_stage<T, Cfg, kVec>(p, t, feat, mine, st * Cfg::CC, stages + st * L::stage_elems);
+      if (st < stage_count) staging.issue(p, t, feat, st * Cfg::CC, stages, st * L::stage_bytes);
       async_commit();
     }
 
@@ -518,27 +512,23 @@ __global__ void __launch_bounds__(Cfg::threads, Cfg::min_blocks)
     for (long long st = 0; st < stage_count; ++st) {
       async_wait<NST - 2>();
       __syncthreads();
-      const long long next = st + NST - 1;
-      if (next < stage_count)
-        issue_stage<T, Cfg, kVec>(p, t, feat, mine, next * Cfg::CC,
-                                  stages + (slot == 0 ? NST - 1 : slot - 1) * L::stage_elems);
+      if (st + NST - 1 < stage_count)
+        staging.issue(p, t, feat, (st + NST - 1) * Cfg::CC, stages,
+                      (slot == 0 ? NST - 1 : slot - 1) * L::stage_bytes);
       async_commit();
-      T* const buf = stages + slot * L::stage_elems;
+      unsigned char* const buf = smem + slot * L::stage_bytes;
       if constexpr (kVec) {
         if (columns_outside) {
-          zero_outside_columns<T, Cfg>(p, t, u + static_cast<uint32_t>(st * Cfg::CC) * plane_bytes,
-                                       row_bytes, buf);
+          zero_outside_columns<T, Cfg>(p, t, feat, buf);
           __syncthreads();
         }
       }
 #pragma unroll
       for (int i = 0; i < Cfg::CPG; ++i) {
-        const int cl = g * Cfg::CPG + i;
-        const long long c = st * Cfg::CC + cl;
+        const long long c = st * Cfg::CC + g + Cfg::S * i;
         if (c >= p.C) break;
         float v[P + 2 * R][k];
-        load_window<T, Cfg, kVec>(buf, cl, ty, tx, u + static_cast<uint32_t>(c) * plane_bytes,
-                                  row_bytes, v);
+        staging.load_window(slot * L::stage_bytes, i, v);
 #pragma unroll
         for (int px = 0; px < P; ++px) {
           float sum = 0.f;
@@ -555,9 +545,9 @@ __global__ void __launch_bounds__(Cfg::threads, Cfg::min_blocks)
   }
 }
 
-template <int R>
+template <class Cfg>
 TileParams tile_params(const ArpShape& s, double scale) {
-  using Cfg = typename ConfigFor<R>::type;
+  constexpr int R = Cfg::R;
   TileParams p;
   p.C = s.C, p.K = s.K, p.H = s.H, p.W = s.W, p.HW = s.H * s.W;
   p.d = R == 0 ? 1 : s.dilation;  // a 1×1 kernel has no neighbours to dilate
@@ -775,8 +765,8 @@ cudaError_t adjacent_relation_propagation(DType dtype, const ArpShape& s, const 
       if (tiled<T>(s)) {
         with_radius(s.kernel_size, [&](auto radius) {
           constexpr int R = decltype(radius)::value;
-          using Cfg = typename ConfigFor<R>::type;
-          const TileParams p = tile_params<R>(s, scale);
+          using Cfg = typename ConfigFor<R, int(sizeof(T))>::type;
+          const TileParams p = tile_params<Cfg>(s, scale);
           if (p.d == 1)
             arp_forward_tiled<T, Cfg, true><<<tile_grid(p), Cfg::threads, 0, stream>>>(
                 p, f, v, static_cast<T*>(out), static_cast<T*>(weights));
@@ -822,8 +812,8 @@ cudaError_t adjacent_relation_propagation_backward(DType dtype, const ArpShape& 
       if (tiled<T>(s)) {
         with_radius(s.kernel_size, [&](auto radius) {
           constexpr int R = decltype(radius)::value;
-          using Cfg = typename ConfigFor<R>::type;
-          const TileParams p = tile_params<R>(s, scale);
+          using Cfg = typename ConfigFor<R, int(sizeof(T))>::type;
+          const TileParams p = tile_params<Cfg>(s, scale);
           if (p.d == 1)
             arp_backward_tiled<T, Cfg, true>
                 <<<tile_grid(p), Cfg::threads, 0, stream>>>(p, go, f, v, w, gf, gv);
