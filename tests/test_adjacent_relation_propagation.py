@@ -275,9 +275,10 @@ def test_cpu_blocks_and_tap_groups(kernel_size, dilation, dtype):
 # Shapes that reach every path of the CUDA kernels (csrc/adjacent_relation_propagation/cuda.cu: tiles
 # of 16×8 lattice pixels, 8 channels a stage): B, C, K, H, W, kernel_size, dilation.
 KERNEL_PATHS = [
-    (2, 19, 3, 13, 37, 3, 1),  # partial tiles on the right and below, odd W, C % 8 = 3
+    (2, 19, 3, 29, 37, 3, 1),  # interior tiles, partial ones on the right and below, odd W, C % 8 = 3
     (1, 9, 5, 17, 20, 5, 1),  # W a multiple of 4, a 5×5 kernel, three rows of tiles
     (2, 6, 2, 10, 9, 3, 2),  # dilation 2: four lattices, strided rows copied element by element
+    (1, 6, 3, 12, 21, 5, 2),  # 5×5 on lattices
     (1, 5, 2, 4, 5, 3, 9),  # the reach beyond the map: every lattice a single pixel
     (1, 3, 2, 2, 3, 5, 1),  # a map smaller than the halo
     (1, 7, 2, 6, 5, 1, 4),  # a 1×1 kernel (its dilation changes nothing)

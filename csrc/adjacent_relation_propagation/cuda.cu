@@ -745,6 +745,18 @@ void with_radius(int kernel_size, F&& f) {
   }
 }
 
+// Calls f(std::true_type) where rows are copied in 16-byte chunks (d = 1), else
+// f(std::false_type) (element by element; a 1×1 kernel never needs it).
+template <int R, typename F>
+void with_layout(const TileParams& p, F&& f) {
+  if constexpr (R == 0)
+    f(std::true_type{});
+  else if (p.d == 1)
+    f(std::true_type{});
+  else
+    f(std::false_type{});
+}
+
 }  // namespace
 
 size_t adjacent_relation_propagation_scratch_bytes(DType dtype, const ArpShape& s) {
@@ -767,12 +779,11 @@ cudaError_t adjacent_relation_propagation(DType dtype, const ArpShape& s, const 
           constexpr int R = decltype(radius)::value;
           using Cfg = typename ConfigFor<R, int(sizeof(T))>::type;
           const TileParams p = tile_params<Cfg>(s, scale);
-          if (p.d == 1)
-            arp_forward_tiled<T, Cfg, true><<<tile_grid(p), Cfg::threads, 0, stream>>>(
-                p, f, v, static_cast<T*>(out), static_cast<T*>(weights));
-          else
-            arp_forward_tiled<T, Cfg, false><<<tile_grid(p), Cfg::threads, 0, stream>>>(
-                p, f, v, static_cast<T*>(out), static_cast<T*>(weights));
+          with_layout<R>(p, [&](auto vec) {
+            arp_forward_tiled<T, Cfg, decltype(vec)::value>
+                <<<tile_grid(p), Cfg::threads, 0, stream>>>(p, f, v, static_cast<T*>(out),
+                                                            static_cast<T*>(weights));
+          });
         });
         return;
       }
@@ -814,12 +825,10 @@ cudaError_t adjacent_relation_propagation_backward(DType dtype, const ArpShape& 
           constexpr int R = decltype(radius)::value;
           using Cfg = typename ConfigFor<R, int(sizeof(T))>::type;
           const TileParams p = tile_params<Cfg>(s, scale);
-          if (p.d == 1)
-            arp_backward_tiled<T, Cfg, true>
+          with_layout<R>(p, [&](auto vec) {
+            arp_backward_tiled<T, Cfg, decltype(vec)::value>
                 <<<tile_grid(p), Cfg::threads, 0, stream>>>(p, go, f, v, w, gf, gv);
-          else
-            arp_backward_tiled<T, Cfg, false>
-                <<<tile_grid(p), Cfg::threads, 0, stream>>>(p, go, f, v, w, gf, gv);
+          });
         });
         return;
       }
