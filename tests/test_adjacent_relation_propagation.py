@@ -308,7 +308,15 @@ KERNEL_PATHS = [
     (1, 3, 2, 2, 3, 5, 1),  # a map smaller than the halo
     (1, 7, 2, 6, 5, 1, 4),  # a 1×1 kernel (its dilation changes nothing)
     (1, 4, 2, 9, 18, 7, 2),  # 7×7: the general path
+    # more stages than the pipeline's buffers, so each buffer is refilled after it was read
+    (1, 43, 2, 11, 19, 3, 1),  # 6 stages of 8 channels in 3 buffers
+    (1, 37, 2, 9, 21, 5, 1),  # 5×5: 10 stages of 4 in 3 buffers (float32), 5 of 8 in 2 (half)
+    (1, 35, 2, 7, 9, 1, 1),  # 1×1: 5 stages of 8 in 3 buffers
+    (1, 27, 2, 9, 10, 3, 3),  # lattices, 4 stages copied element by element
 ]
+# On a GPU also: the benchmarked shape (B=8, C=256, 65×65, 3×3: 32 stages, 360 tiles) and a 5×5
+# kernel on a map that is a multiple of no tile.
+KERNEL_PATHS_GPU = [(8, 256, 3, 65, 65, 3, 1), (2, 130, 4, 61, 67, 5, 1)]
 
 
 def _device_backends():
@@ -332,6 +340,32 @@ def test_kernel_paths(device, backend, case):
     paddings, in float32, float64 and (on a GPU) float16 and bfloat16, on shapes that reach every
     path of the CUDA kernels (KERNEL_PATHS); feat starts one element into its storage, so its rows
     are not 16-byte aligned (the CUDA kernels copy the 16-byte chunks around them)."""
+    compare_with_reference(device, backend, case)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", [b for b in ("cuda", "triton") if b in busseg_ops.available_backends("cuda")])
+@pytest.mark.parametrize("case", KERNEL_PATHS_GPU, ids=str)
+def test_kernel_paths_at_size(backend, case):
+    """The GPU backends on full-size maps (KERNEL_PATHS_GPU), as test_kernel_paths."""
+    compare_with_reference("cuda", backend, case)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("kernel_size,dilation", [(1, 1), (3, 1), (3, 2), (5, 1), (7, 3)])
+@pytest.mark.parametrize("padding", ["zeros", "valid"])
+def test_cuda_gradcheck(kernel_size, dilation, padding):
+    """gradcheck of the CUDA backend in float64 (its general kernels; the tiled float32 and half
+    ones meet the float64 reference's gradients in test_kernel_paths), on an odd map."""
+    feat = torch.randn(2, 5, 7, 6, dtype=torch.float64, device="cuda", requires_grad=True)
+    value = torch.randn(2, 3, 7, 6, dtype=torch.float64, device="cuda", requires_grad=True)
+    with busseg_ops.use_backend("cuda"):
+        assert torch.autograd.gradcheck(lambda f, v: arp(f, v, kernel_size, dilation, padding=padding), (feat, value))
+
+
+def compare_with_reference(device, backend, case):
+    """``backend``'s out, weights and gradients on ``device`` against the float64 reference (see
+    test_kernel_paths)."""
     B, C, K, H, W, kernel_size, dilation = case
     dtypes = [torch.float32, torch.float64] + ([torch.float16, torch.bfloat16] if device == "cuda" else [])
     for dtype, padding in itertools.product(dtypes, ("zeros", "valid")):
