@@ -136,7 +136,8 @@ def test_dropout_setting_builds_the_network_and_older_checkpoints_read_as_withou
     def dropouts(cfg):
         return sum(isinstance(m, torch.nn.modules.dropout._DropoutNd) for m in engine.build_model(cfg).modules())
 
-    assert dropouts(tiny(tmp_path, method="rabusseg")) == 7  # 5 encoder blocks + 2 heads
+    assert dropouts(tiny(tmp_path, method="rabusseg")) == 3  # classifier path + 2 heads, as upstream
+    assert dropouts(tiny(tmp_path, method="rabusseg", encoder_dropout=True)) == 8  # + 5 SSL4MIS encoder blocks
     assert dropouts(tiny(tmp_path, method="phnet", dropout=False)) == 0
     assert dropouts(tiny(tmp_path, method="semiseg_caw")) == 0  # no public code: the paper's network
     # A checkpoint written before the setting existed was trained without dropout; resuming it
@@ -144,8 +145,11 @@ def test_dropout_setting_builds_the_network_and_older_checkpoints_read_as_withou
     path = str(tmp_path / "old.pt")
     checkpoint.save({"config": {"method": "rabusseg"}, "teacher": {}, "student": {}}, path)
     assert checkpoint.load(path)["config"]["dropout"] is False
+    assert checkpoint.load(path)["config"]["encoder_dropout"] is False
+    # before encoder_dropout existed, --dropout meant the SSL4MIS encoder dropout as well
     checkpoint.save({"config": {"method": "rabusseg", "dropout": True}, "teacher": {}, "student": {}}, path)
     assert checkpoint.load(path)["config"]["dropout"] is True
+    assert checkpoint.load(path)["config"]["encoder_dropout"] is True
 
 
 def test_cli_train_eval_predict_compare(tmp_path, capsys):

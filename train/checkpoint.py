@@ -126,6 +126,8 @@ def load(path: str) -> dict:
     # checkpoints from before the dropout setting existed trained without dropout; before split_mode,
     # the split followed from the data (the default, None)
     obj["config"].setdefault("dropout", False)
+    # before encoder_dropout, --dropout also put the SSL4MIS encoder dropout into the U-Net
+    obj["config"].setdefault("encoder_dropout", obj["config"]["dropout"])
     obj["config"].setdefault("split_mode", None)
     return obj
 
