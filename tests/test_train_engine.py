@@ -63,8 +63,10 @@ def test_resume_is_bit_for_bit(tmp_path, method, amp):
         _same(straight.method.bank.state_dict(), resumed.method.bank.state_dict())
 
 
-@pytest.mark.parametrize("method", ["rabusseg", "phnet"])
-def test_bf16_autocast_step_follows_the_float32_step(tmp_path, monkeypatch, method):
+# phnet's paper-form HPC: the busseg op on the bfloat16 features (the code form's untrained teacher here
+# gives no patch holding both classes, so no contrastive term to compare)
+@pytest.mark.parametrize("method,hpc_form", [("rabusseg", "code"), ("phnet", "paper")])
+def test_bf16_autocast_step_follows_the_float32_step(tmp_path, monkeypatch, method, hpc_form):
     """One --amp bf16 step (channels-last) from the weights, batch and draws of a float32 step:
     the busseg ops get the networks' bfloat16 outputs, the weights stay float32, and every loss
     agrees with the float32 step's within bfloat16's precision."""
@@ -79,7 +81,7 @@ def test_bf16_autocast_step_follows_the_float32_step(tmp_path, monkeypatch, meth
         monkeypatch.setattr(busseg_ops, name, spy)
     logs = {}
     for amp in ("off", "bf16"):
-        tr = Trainer(tiny(tmp_path / amp, method=method, amp=amp, channels_last=amp == "bf16"))
+        tr = Trainer(tiny(tmp_path / amp, method=method, amp=amp, channels_last=amp == "bf16", hpc_form=hpc_form))
         if method == "phnet":  # both class centres exist (a first step has none and skips the op)
             g = torch.Generator().manual_seed(2)
             tr.method.bank.push(F.normalize(torch.randn(8, tr.cfg.rep_dim, generator=g), dim=1), torch.arange(8) % 2)
@@ -87,16 +89,16 @@ def test_bf16_autocast_step_follows_the_float32_step(tmp_path, monkeypatch, meth
         torch.manual_seed(1)  # the same cutmix boxes and proxies
         logs[amp] = tr.train_step(lab, unl, {"epoch": 0, "progress": 0.5, "warmup": False, "epochs": 2})
     assert all(p.dtype == torch.float32 for p in tr.student.parameters())
-    assert set(seen.values()) == {torch.bfloat16}, seen  # the last step's inputs
-    assert set(seen) == (
-        {"memory_contrastive_loss"}
-        if method == "phnet"
-        else {"adjacent_relation_propagation", "cross_layer_alignment_loss"}
-    )
-    if method == "phnet":  # the default negatives: the other class's centre, one per anchor
+    expected = {
+        "rabusseg": {"adjacent_relation_propagation", "cross_layer_alignment_loss"},
+        "phnet": {"memory_contrastive_loss"},
+    }[method]
+    assert set(seen) == expected and set(seen.values()) == {torch.bfloat16}, seen  # the last step's inputs
+    if method == "phnet":  # the released negatives: the other class's centre, one per anchor
         assert logs["bf16"]["c_negatives"] == 1 and logs["bf16"]["loss_c"] > 0
+    # the train-mode teacher's batch statistics (teacher_train_mode) add to bfloat16's rounding
     for k, v in logs["off"].items():
-        assert logs["bf16"][k] == pytest.approx(v, rel=0.1, abs=0.02), k
+        assert logs["bf16"][k] == pytest.approx(v, rel=0.1, abs=0.03), k
 
 
 def test_compile_compiles_both_forwards_in_place(tmp_path, monkeypatch):
@@ -206,7 +208,7 @@ def test_ddp_two_processes_gloo(tmp_path):
         from busseg_ops.train import Trainer, TrainConfig
         cfg = TrainConfig(method="phnet", synthetic_n=24, synthetic_size=64, crop=64, epochs=1, max_steps=2,
                           batch_labeled=2, batch_unlabeled=2, warmup_epochs=0, unet_base=4, proj_dim=16, rep_dim=16,
-                          gamma=0.0, out={str(tmp_path / "run")!r}, quiet=True)
+                          gamma=0.0, hpc_form="paper", out={str(tmp_path / "run")!r}, quiet=True)
         tr = Trainer(cfg)
         assert tr.world == 2
         # SyncBatchNorm on CUDA (torch has no CPU kernel for it); plain BN + buffer broadcast on CPU
