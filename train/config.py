@@ -264,8 +264,8 @@ class TrainConfig:
         True,
         "rabusseg",
         "rabusseg, phnet: the teacher's second forward, on the student's batch (labelled + mixed unlabelled), runs "
-        "in train mode as U2PL's (BatchNorm batch statistics, dropout on): L_u's uncertainty (phnet: also APA-free "
-        "confidences, HPC's prototypes) comes from it, and the teacher's BN running statistics are its own (the EMA "
+        "in train mode as U2PL's (BatchNorm batch statistics, dropout on): L_u's uncertainty (phnet: also HPC's "
+        "probabilities and prototypes) comes from it, and the teacher's BN running statistics are its own (the EMA "
         "averages the parameters only). Off: eval mode, BN statistics an EMA of the student's",
     )
     cutmix_p: float = _f(1.0, "rabusseg", "probability of a cutmix box per unlabelled image (phnet --no-apa too)")
