@@ -2,6 +2,7 @@
 against the float32 one, --compile, signal checkpoint, CLI round trip, 2-process gloo DDP, and the
 BUSI integration run."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -152,6 +153,17 @@ def test_dropout_setting_builds_the_network_and_older_checkpoints_read_as_withou
     checkpoint.save({"config": {"method": "rabusseg", "dropout": True}, "teacher": {}, "student": {}}, path)
     assert checkpoint.load(path)["config"]["dropout"] is True
     assert checkpoint.load(path)["config"]["encoder_dropout"] is True
+    # settings added by issue 30: an older run resumes with the step it trained with
+    config = checkpoint.load(path)["config"]
+    assert (config["teacher_train_mode"], config["unsup_form"], config["apa_mix"], config["ohem_scale"]) == (
+        False,
+        "paper",
+        "ramp",
+        False,
+    )
+    cfg = tiny(tmp_path, method="phnet")
+    checkpoint.save({"config": dataclasses.asdict(cfg), "teacher": {}, "student": {}}, path)
+    assert checkpoint.load(path)["config"] == dataclasses.asdict(cfg)  # a new checkpoint: as written
 
 
 def test_cli_train_eval_predict_compare(tmp_path, capsys):
