@@ -54,7 +54,9 @@ def mutations(args: tuple, free: set):
 
 
 def main(path: str) -> None:
-    import busseg_ops  # noqa: F401  (registers the ops)
+    import busseg_ops
+
+    busseg_ops.backends.load_triton()  # the busseg_triton ops too (else registered on first dispatch)
 
     for sample in torch.load(path, weights_only=True):
         op = getattr(getattr(torch.ops, sample["namespace"]), sample["op"])
