@@ -54,9 +54,11 @@ cuda-check: $(STAMP)
 	done
 
 # Every Triton kernel compiled for sm_80 and sm_90 the way its launchers launch it (no GPU needed),
-# then a table of registers, spills, shared memory and occupancy of every Triton and CUDA kernel.
-# Fails on a compile error, a register spill, or a launch space that drifted from the launchers
-# (tools/gpu_compile_check.py). Triton's cache stays in build/triton-gpu-check: re-runs are quick.
+# then a table of registers, spills, local and shared memory, occupancy, 128-bit global loads and
+# tensor-core instructions (PTX for Triton, SASS for CUDA) of every Triton and CUDA kernel. Fails on
+# a compile error, a register spill, local memory in issue 27's memory-bound kernels, or a launch
+# space that drifted from the launchers (tools/gpu_compile_check.py). Triton's cache stays in
+# build/triton-gpu-check: re-runs are quick.
 gpu-compile-check: $(STAMP) cuda-check
 	$(PY) tools/gpu_compile_check.py
 
@@ -65,12 +67,13 @@ gpu-resources: $(STAMP) cuda-check
 	$(PY) tools/gpu_compile_check.py --write-results
 
 # On a machine with a CUDA GPU and nvcc (tools/gpu_check.py): the extension built for this GPU
-# only, every CUDA and Triton test run on it, the GPU benchmarks, benchmarks/RESULTS_GPU.md written,
-# each phase timed. Nothing is fetched: it uses the python that has torch (.venv's if there is one).
-# Without a CUDA GPU it says so in one line and exits 0. TIME_LIMIT=SECONDS (a lent machine's
-# lease) stops it then and still writes the report with what ran.
+# only, the exceptions probe, our kernels timed (CUDA events, L2 flushed, the host path apart), every
+# CUDA and Triton test run on it, the baselines timed; benchmarks/RESULTS_GPU.md written after each
+# phase. Nothing is fetched: it uses the python that has torch (.venv's if there is one). Without a
+# CUDA GPU it says so in one line and exits 0. TIME_LIMIT=SECONDS (a lent machine's lease) stops it
+# then and still writes the report with what ran; ONLY=probe,bench runs those phases only.
 gpu-check:
-	@$(if $(wildcard $(PY)),$(PY),python3) tools/gpu_check.py $(if $(TIME_LIMIT),--time-limit $(TIME_LIMIT))
+	@$(if $(wildcard $(PY)),$(PY),python3) tools/gpu_check.py $(if $(TIME_LIMIT),--time-limit $(TIME_LIMIT)) $(if $(ONLY),--only $(ONLY))
 
 # The CMake build for C++ users, configured and built once per `make test`: that it configures,
 # compiles every source and links. Unoptimised (-O0), which takes a fifth of the CPU time of -O3:

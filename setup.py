@@ -41,8 +41,13 @@ def optimization_level() -> str:
 
 
 def extension():
-    # csrc/<op>/: schema.cpp and cpu.cpp always, cuda.cu and cuda_binding.cpp in CUDA builds
-    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/*/schema.cpp") + glob.glob("csrc/*/cpu.cpp"))
+    # csrc/<op>/: schema.cpp, autograd.cpp and cpu.cpp always, cuda.cu and cuda_binding.cpp in CUDA builds
+    sources = sorted(
+        glob.glob("csrc/*.cpp")
+        + glob.glob("csrc/*/schema.cpp")
+        + glob.glob("csrc/*/autograd.cpp")
+        + glob.glob("csrc/*/cpu.cpp")
+    )
     # -g0: Python's own build flags (which setuptools passes on) ask for debug info, which makes the
     # objects six times larger and costs a third of the compile time; torch's libraries ship without.
     cxx = [f"-O{optimization_level()}", "-g0", "-std=c++20", "-fopenmp", "-fno-trapping-math"]

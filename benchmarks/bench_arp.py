@@ -1,12 +1,12 @@
 """ARP (RA-BUSSeg) at the upstream setting: B=8, C=256, 65×65 features (stride 8 of a
-520 px crop), K=2 classes, 3×3 kernel. Ours (`cpu`; on the GPU `cuda` and `triton`) against (a)
-the unfold formulation of the RA-BUSSeg code and (b) torch.compile of it; forward and
-forward+backward; peak memory."""
+520 px crop), K=2 classes, 3×3 kernel. Ours (`cpu`; on the GPU `cuda` and `triton`, in float32 and
+bfloat16) against (a) the unfold formulation of the RA-BUSSeg code and (b) torch.compile of it;
+forward, and forward+backward with a given output gradient; peak memory."""
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DEVICE, OUR_BACKENDS, ROUNDS, cpu_only, nbytes, on_device, record_gpu
+from conftest import DEVICE, ELEMENTWISE, OUR_BACKENDS, cpu_only, impl_params, nbytes, precision
 
 import busseg_ops
 from busseg_ops.testing import peak_extra_mib
@@ -36,38 +36,37 @@ _compiled = torch.compile(unfold_arp)
 IMPLS = {**{b: ours(b) for b in OUR_BACKENDS}, "unfold": unfold_arp, "compiled_unfold": _compiled}
 
 
-def inputs(requires_grad):
+def inputs(requires_grad, dtype=torch.float32):
+    """Features, values and an output gradient (fresh random numbers, in ``dtype``)."""
     g = torch.Generator().manual_seed(0)
-    feat = torch.randn(B, C, H, W, generator=g).to(DEVICE).requires_grad_(requires_grad)
-    return feat, torch.randn(B, K, H, W, generator=g).to(DEVICE)
+    feat, value, grad = (torch.randn(B, c, H, W, generator=g) for c in (C, K, K))
+    feat, value, grad = (t.to(DEVICE, dtype) for t in (feat, value, grad))
+    return feat.requires_grad_(requires_grad), value, grad
 
 
-@pytest.mark.parametrize("impl", list(IMPLS))
-def test_arp_forward(benchmark, impl):
-    benchmark.group = "arp forward"
-    feat, value = inputs(False)
-    fn = on_device(IMPLS[impl])
-    with torch.no_grad():
-        out = fn(feat, value)  # warm-up (compiles)
-        benchmark.pedantic(fn, (feat, value), rounds=ROUNDS, warmup_rounds=1)
-        record_gpu(benchmark, lambda: fn(feat, value), traffic=nbytes(feat, value, out))
+@pytest.mark.parametrize("prec", ELEMENTWISE)
+@pytest.mark.parametrize("impl", impl_params(IMPLS))
+def test_arp_forward(measure, impl, prec):
+    with precision(prec) as dtype, torch.no_grad():
+        feat, value, _ = inputs(False, dtype)
+        fn = IMPLS[impl]
+        # read feat and value, write the output
+        measure("arp forward", lambda: fn(feat, value), traffic=nbytes(feat, value, value))
 
 
-@pytest.mark.parametrize("impl", list(IMPLS))
-def test_arp_forward_backward(benchmark, impl):
-    benchmark.group = "arp fwd+bwd"
-    feat, value = inputs(True)
-    fn = IMPLS[impl]
+@pytest.mark.parametrize("prec", ELEMENTWISE)
+@pytest.mark.parametrize("impl", impl_params(IMPLS))
+def test_arp_forward_backward(measure, impl, prec):
+    with precision(prec) as dtype:
+        feat, value, grad = inputs(True, dtype)
+        fn = IMPLS[impl]
 
-    @on_device
-    def step():
-        fn(feat, value).sum().backward()
-        feat.grad = None
+        def step():
+            fn(feat, value).backward(grad)
+            feat.grad = None
 
-    step()
-    benchmark.pedantic(step, rounds=ROUNDS, warmup_rounds=1)
-    # read feat and value, write the output; read both again with the output's gradient, write feat's
-    record_gpu(benchmark, step, traffic=2 * nbytes(feat, value, value) + nbytes(feat))
+        # read feat and value, write the output; read both again with the output's gradient, write feat's
+        measure("arp fwd+bwd", step, traffic=2 * nbytes(feat, value, value) + nbytes(feat))
 
 
 _SETUP = """
@@ -80,7 +79,7 @@ fn = bench_arp.IMPLS[{impl!r}]
 
 
 @cpu_only
-@pytest.mark.parametrize("impl", list(IMPLS))
+@pytest.mark.parametrize("impl", impl_params(IMPLS))
 def test_arp_peak_memory(impl, record_memory):
     mib = peak_extra_mib(_SETUP.format(impl=impl), "fn(feat, value).sum().backward()", warm=True)
     record_memory("arp fwd+bwd", impl, mib)

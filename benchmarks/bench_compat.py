@@ -1,5 +1,8 @@
-"""busseg_ops.compat against the papers' own formulations (issue 15), at the upstream settings;
-the baselines are busseg_ops/compat/upstream.py (the references of tests/test_compat.py).
+"""busseg_ops.compat against the papers' code (issues 15, 29), at the upstream settings, with two
+baselines: ``upstream_published``, the published files themselves (loaded by
+busseg_ops/compat/published.py from ``BUSSEG_UPSTREAM_DIR``; skipped when it is not set), and
+``upstream_restated``, our restatement busseg_ops/compat/upstream.py (the references of
+tests/test_compat.py, always available).
 
 RA-BUSSeg: B=8, deep features 65×65 (513² crops, output stride 8), four layers of 256 (layer 1,
 129×129) / 512 / 1024 / 2048 channels, 256-channel projection, M=64 landmarks.
@@ -22,7 +25,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from busseg_ops.compat import phnet, rabusseg, upstream
+from busseg_ops.compat import phnet, published, rabusseg, upstream
 from busseg_ops.testing import peak_extra_mib
 
 B, H, W, M = 8, 65, 65, 64
@@ -46,6 +49,17 @@ def lesions(b, size, seed):
     return out
 
 
+IMPLS = ("compat", "upstream_restated", "upstream_published")
+
+
+def resolve(table: dict, impl: str):
+    """The implementation ``impl`` of a group (its factory called); the published code's only
+    where BUSSEG_UPSTREAM_DIR provides it, else the benchmark is skipped with the reason."""
+    if impl == "upstream_published" and (why := published.missing_requirement()):
+        pytest.skip(why)
+    return table[impl]()
+
+
 # ---- RA-BUSSeg ---------------------------------------------------------------------------------
 
 
@@ -62,14 +76,18 @@ def corr_step(corr, feat, logits, weight):
     feat.grad = None
 
 
-CORR = {"compat": rabusseg.Corr(nclass=2), "upstream": upstream.corr_forward}
+CORR = {
+    "compat": lambda: rabusseg.Corr(nclass=2),
+    "upstream_restated": lambda: upstream.corr_forward,
+    "upstream_published": lambda: published.rabusseg().Corr(nclass=2),
+}
 
 
-@pytest.mark.parametrize("impl", list(CORR))
+@pytest.mark.parametrize("impl", IMPLS)
 def test_corr(benchmark, impl):
     benchmark.group = "rabusseg Corr fwd+bwd (B=8, 256 ch, 65²)"
-    args = corr_inputs()
-    benchmark.pedantic(corr_step, (CORR[impl], *args), rounds=3, warmup_rounds=1)
+    corr = resolve(CORR, impl)
+    benchmark.pedantic(corr_step, (corr, *corr_inputs()), rounds=3, warmup_rounds=1)
 
 
 def rank_inputs(impl):
@@ -92,12 +110,17 @@ def rank_step(loss_fn, maps, corr_map, label):
         m.grad = None
 
 
-RANK = {"compat": rabusseg.compute_rank_loss_landmark, "upstream": upstream.compute_rank_loss_landmark}
+RANK = {
+    "compat": lambda: rabusseg.compute_rank_loss_landmark,
+    "upstream_restated": lambda: upstream.compute_rank_loss_landmark,
+    "upstream_published": lambda: published.rabusseg().compute_rank_loss_landmark,
+}
 
 
-@pytest.mark.parametrize("impl", list(RANK))
+@pytest.mark.parametrize("impl", IMPLS)
 def test_rank_loss(benchmark, impl):
     benchmark.group = "rabusseg compute_rank_loss_landmark fwd+bwd (B=8, 65², L=4, M=64)"
+    loss_fn = resolve(RANK, impl)
     args = rank_inputs(impl)
     if impl == "compat":  # same value as upstream's on these inputs
         maps, corr, label = args
@@ -106,7 +129,7 @@ def test_rank_loss(benchmark, impl):
         torch.manual_seed(0)
         theirs = upstream.compute_rank_loss_landmark(*maps, corr.materialize(), label)
         assert math.isclose(float(ours), float(theirs), rel_tol=1e-4)
-    benchmark.pedantic(rank_step, (RANK[impl], *args), rounds=3, warmup_rounds=1)
+    benchmark.pedantic(rank_step, (loss_fn, *args), rounds=3, warmup_rounds=1)
 
 
 # ---- PH-Net ------------------------------------------------------------------------------------
@@ -126,14 +149,14 @@ def pipeline(module, image, label, confidence, prob):
     return module.generate_patch_data(image_p, label_p, confidence_p, hard.cpu())
 
 
-PIPELINE = {"compat": phnet, "upstream": upstream}
+PIPELINE = {"compat": lambda: phnet, "upstream_restated": lambda: upstream, "upstream_published": published.phnet}
 
 
-@pytest.mark.parametrize("impl", list(PIPELINE))
+@pytest.mark.parametrize("impl", IMPLS)
 def test_patch_pipeline(benchmark, impl):
     benchmark.group = "phnet devide+hard_ratio+generate_patch_data (B=8, 512², N=16)"
-    args = pipeline_inputs()
-    benchmark.pedantic(pipeline, (PIPELINE[impl], *args), rounds=3, warmup_rounds=1)
+    module = resolve(PIPELINE, impl)
+    benchmark.pedantic(pipeline, (module, *pipeline_inputs()), rounds=3, warmup_rounds=1)
 
 
 def contrast_inputs():
@@ -151,14 +174,18 @@ def contrast_step(fn, *args):
     args[2].grad = None
 
 
-CONTRAST = {"compat": phnet.patch_contrast, "upstream": upstream.patch_contrast}
+CONTRAST = {
+    "compat": lambda: phnet.patch_contrast,
+    "upstream_restated": lambda: upstream.patch_contrast,
+    "upstream_published": lambda: published.phnet().patch_contrast,
+}
 
 
-@pytest.mark.parametrize("impl", list(CONTRAST))
+@pytest.mark.parametrize("impl", IMPLS)
 def test_patch_contrast(benchmark, impl):
     benchmark.group = "phnet patch_contrast fwd+bwd (8+8 images, 256 ch, 128², N=16)"
-    args = contrast_inputs()
-    benchmark.pedantic(contrast_step, (CONTRAST[impl], *args), rounds=3, warmup_rounds=1)
+    loss_fn = resolve(CONTRAST, impl)
+    benchmark.pedantic(contrast_step, (loss_fn, *contrast_inputs()), rounds=3, warmup_rounds=1)
 
 
 # ---- peak memory -------------------------------------------------------------------------------
@@ -169,26 +196,28 @@ import torch, bench_compat as bc
 """
 MEMORY = {
     "rabusseg Corr fwd+bwd (B=8, 256 ch, 65²)": (
-        "args = bc.corr_inputs(); fn = bc.CORR[{impl!r}]",
+        "args = bc.corr_inputs(); fn = bc.resolve(bc.CORR, {impl!r})",
         "bc.corr_step(fn, *args)",
     ),
     "rabusseg compute_rank_loss_landmark fwd+bwd (B=8, 65², L=4, M=64)": (
-        "args = bc.rank_inputs({impl!r}); fn = bc.RANK[{impl!r}]",
+        "args = bc.rank_inputs({impl!r}); fn = bc.resolve(bc.RANK, {impl!r})",
         "bc.rank_step(fn, *args)",
     ),
     "phnet devide+hard_ratio+generate_patch_data (B=8, 512², N=16)": (
-        "args = bc.pipeline_inputs(); fn = bc.PIPELINE[{impl!r}]",
+        "args = bc.pipeline_inputs(); fn = bc.resolve(bc.PIPELINE, {impl!r})",
         "out = bc.pipeline(fn, *args)",
     ),
     "phnet patch_contrast fwd+bwd (8+8 images, 256 ch, 128², N=16)": (
-        "args = bc.contrast_inputs(); fn = bc.CONTRAST[{impl!r}]",
+        "args = bc.contrast_inputs(); fn = bc.resolve(bc.CONTRAST, {impl!r})",
         "bc.contrast_step(fn, *args)",
     ),
 }
 
 
-@pytest.mark.parametrize("impl", ["compat", "upstream"])
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("group", list(MEMORY))
 def test_peak_memory(group, impl, record_memory):
+    if impl == "upstream_published" and (why := published.missing_requirement()):
+        pytest.skip(why)
     setup, stmt = MEMORY[group]
     record_memory(group, impl, peak_extra_mib(_SETUP + setup.format(impl=impl), stmt, warm=True))

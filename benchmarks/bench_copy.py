@@ -1,17 +1,16 @@
 """The machine's copy bandwidth, the yardstick of the memory-bound ops: one copy of a 1 GiB
 tensor (256 MiB on the CPU) into another, counting the bytes read and written. With
-``BUSSEG_BENCH_DEVICE=cuda`` a device-to-device copy; tools/gpu_check.py relates each op's
-minimal traffic per second to it."""
+``BUSSEG_BENCH_DEVICE=cuda`` a device-to-device copy; the GPU report relates each op's least
+traffic per second to it."""
 
 import torch
-from conftest import DEVICE, ROUNDS, on_device
+from conftest import DEVICE
+from speedups import COPY_GROUP
 
 MIB = 1024 if DEVICE == "cuda" else 256
 
 
-def test_copy(benchmark):
-    benchmark.group = "copy"
+def test_copy(measure):
     src = torch.ones(MIB * 2**20 // 4, device=DEVICE)
     dst = torch.empty_like(src)
-    benchmark.extra_info["bytes"] = 2 * MIB * 2**20
-    benchmark.pedantic(on_device(dst.copy_), (src,), rounds=ROUNDS, warmup_rounds=2)
+    measure(COPY_GROUP, lambda: dst.copy_(src), traffic=2 * MIB * 2**20, warmup_rounds=2)

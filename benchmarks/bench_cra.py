@@ -1,6 +1,7 @@
 """CRA (RA-BUSSeg) at the upstream setting: B=8, 65×65 deep features, M=64 proxies.
 
-Ours is `cpu` (on the GPU `cuda`, and `triton` where the op has it).
+Ours is `cpu` (on the GPU `cuda`, and `triton` where the op has it; greedy sampling in float32
+and bfloat16, the loss in TF32, exact float32 and bfloat16).
 
 - Greedy sampling (C=256 projected deep features): ours against the upstream formulation
   (materialised (B, HW, HW) correlation map, then a per-image, per-step Python loop with argmin).
@@ -13,7 +14,7 @@ Ours is `cpu` (on the GPU `cuda`, and `triton` where the op has it).
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DEVICE, OUR_BACKENDS, ROUNDS, cpu_only, on_device, record_gpu
+from conftest import DEVICE, ELEMENTWISE, MATMUL, OUR_BACKENDS, cpu_only, impl_params, precision
 
 import busseg_ops
 from busseg_ops.reference.cross_layer_alignment_loss import cross_layer_alignment_loss as spec_loss
@@ -55,22 +56,21 @@ def ours_sampling(backend):
 SAMPLING = {**{b: ours_sampling(b) for b in OUR_BACKENDS if b != "triton"}, "upstream": upstream_sampling}
 
 
-def sampling_inputs():
+def sampling_inputs(dtype=torch.float32):
     g = torch.Generator().manual_seed(0)
     feat, first = torch.randn(B, C, H, W, generator=g).relu(), torch.randint(0, H * W, (B,), generator=g)
-    return feat.to(DEVICE), first.to(DEVICE)
+    return feat.to(DEVICE, dtype), first.to(DEVICE)
 
 
-@pytest.mark.parametrize("impl", list(SAMPLING))
-def test_cra_sampling(benchmark, impl):
-    benchmark.group = "cra greedy sampling"
-    feat, first = sampling_inputs()
-    fn = on_device(SAMPLING[impl])
-    if impl != "upstream":
-        assert torch.equal(fn(feat, first), upstream_sampling(feat, first))
-    # five rounds each: on this shared 2-core VM single rounds move by 20-40 %
-    benchmark.pedantic(fn, (feat, first), rounds=ROUNDS, warmup_rounds=1)
-    record_gpu(benchmark, lambda: fn(feat, first))
+@pytest.mark.parametrize("prec", ELEMENTWISE)
+@pytest.mark.parametrize("impl", impl_params(SAMPLING))
+def test_cra_sampling(measure, impl, prec):
+    with precision(prec) as dtype:
+        feat, first = sampling_inputs(dtype)
+        fn = SAMPLING[impl]
+        if impl != "upstream" and dtype == torch.float32:  # in bfloat16 near-ties may fall either way
+            assert torch.equal(fn(feat, first), upstream_sampling(feat, first))
+        measure("cra greedy sampling", lambda: fn(feat, first))
 
 
 def reference_loss(feats, proxies):
@@ -100,12 +100,12 @@ LOSS = {
 }
 
 
-def loss_inputs():
+def loss_inputs(dtype=torch.float32):
     """Layer maps (layer 1 at 130×130), the 65×65 grid feats (detached) and the proxies gathered
-    from each map at the mapped greedy indices (leaves that require grad)."""
+    from each map at the mapped greedy indices (leaves that require grad), in ``dtype``."""
     g = torch.Generator().manual_seed(0)
     maps = [
-        torch.randn(B, c, 2 * H if l == 0 else H, 2 * W if l == 0 else W, generator=g).to(DEVICE)
+        torch.randn(B, c, 2 * H if l == 0 else H, 2 * W if l == 0 else W, generator=g).to(DEVICE, dtype)
         for l, c in enumerate(CHANNELS)
     ]
     feats = [F.interpolate(maps[0], (H, W), mode="bilinear", align_corners=True)] + maps[1:]
@@ -115,21 +115,19 @@ def loss_inputs():
     return feats, [p.contiguous().requires_grad_() for p in proxies]
 
 
-@pytest.mark.parametrize("impl", list(LOSS))
-def test_cra_loss_forward_backward(benchmark, impl):
-    benchmark.group = "cra loss fwd+bwd"
-    feats, proxies = loss_inputs()
-    fn = LOSS[impl]
+@pytest.mark.parametrize("prec", MATMUL)
+@pytest.mark.parametrize("impl", impl_params(LOSS))
+def test_cra_loss_forward_backward(measure, impl, prec):
+    with precision(prec) as dtype:
+        feats, proxies = loss_inputs(dtype)
+        fn = LOSS[impl]
 
-    @on_device
-    def step():
-        fn(feats, proxies).backward()
-        for p in proxies:
-            p.grad = None
+        def step():
+            fn(feats, proxies).backward()
+            for p in proxies:
+                p.grad = None
 
-    step()
-    benchmark.pedantic(step, rounds=ROUNDS, warmup_rounds=1)
-    record_gpu(benchmark, step)
+        measure("cra loss fwd+bwd", step)
 
 
 _SETUP = """
@@ -139,14 +137,14 @@ import torch, bench_cra
 
 
 @cpu_only
-@pytest.mark.parametrize("impl", list(SAMPLING))
+@pytest.mark.parametrize("impl", impl_params(SAMPLING))
 def test_cra_sampling_peak_memory(impl, record_memory):
     setup = _SETUP + f"feat, first = bench_cra.sampling_inputs()\nfn = bench_cra.SAMPLING[{impl!r}]\n"
     record_memory("cra greedy sampling", impl, peak_extra_mib(setup, "fn(feat, first)"))
 
 
 @cpu_only
-@pytest.mark.parametrize("impl", list(LOSS))
+@pytest.mark.parametrize("impl", impl_params(LOSS))
 def test_cra_loss_peak_memory(impl, record_memory):
     setup = _SETUP + f"feats, proxies = bench_cra.loss_inputs()\nfn = bench_cra.LOSS[{impl!r}]\n"
     record_memory("cra loss fwd+bwd", impl, peak_extra_mib(setup, "fn(feats, proxies).backward()", warm=True))

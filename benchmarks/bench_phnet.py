@@ -3,18 +3,21 @@ the cutmix has no Triton kernel and runs `cuda` there).
 
 (1) Hardness + cutmix: B=8, 2×512×512 logits, 3×512×512 images (+ pseudo-labels and
     confidences), N=16 patches per side. Ours against the PH-Net public-code formulation
-    (chunk/cat into patches, a Python loop per image).
+    (chunk/cat into patches, a Python loop per image). On the GPU in float32 and bfloat16.
 (2) Contrastive fwd+bwd at N = N⁻ = 8192, D = 256: ours against the materialising reference
-    (time and peak memory), negatives detached as the default caller does.
-(3) N = N⁻ = 65536, D = 256, ours: must simply run (time and peak memory recorded)."""
+    (time and peak memory), negatives detached as the default caller does; on the GPU also against
+    torch.compile of the reference, in TF32, exact float32 and bfloat16.
+(3) N = N⁻ = 65536, D = 256, ours: must simply run (time and peak memory recorded); on the GPU in
+    TF32 and bfloat16."""
 
 import math
 
 import pytest
 import torch
-from conftest import DEVICE, OUR_BACKENDS, ROUNDS, cpu_only, nbytes, on_device, record_gpu
+from conftest import DEVICE, ELEMENTWISE, MATMUL, OUR_BACKENDS, cpu_only, impl_params, nbytes, precision
 
 import busseg_ops
+from busseg_ops.reference.memory_contrastive_loss import memory_contrastive_loss as spec_contrastive
 from busseg_ops.testing import peak_extra_mib
 
 B, K, C, S, NP = 8, 2, 3, 512, 16
@@ -45,6 +48,12 @@ def upstream_hardness_cutmix(logits, image, label, conf, k, generator):
     return [torch.stack(o) for o in mixed], torch.stack(masks)
 
 
+def cutmix_generator() -> torch.Generator:
+    """The generator our adaptive_patch_cutmix draws from: on the benchmark's device, so a GPU call
+    draws there (a CPU generator would copy the draws over and wait for them)."""
+    return torch.Generator(device=DEVICE).manual_seed(1)
+
+
 def ours_hardness_cutmix(backend):
     def hardness_cutmix(logits, image, label, conf, k, generator):
         with busseg_ops.use_backend(backend):
@@ -55,34 +64,33 @@ def ours_hardness_cutmix(backend):
     return hardness_cutmix
 
 
-def patch_inputs():
+def patch_inputs(dtype=torch.float32):
+    """Logits, image, pseudo-label (int64) and confidence; the floating ones in ``dtype``."""
     g = torch.Generator().manual_seed(0)
-    return tuple(
-        t.to(DEVICE)
-        for t in (
-            torch.randn(B, K, S, S, generator=g),
-            torch.randn(B, C, S, S, generator=g),
-            torch.randint(0, 2, (B, S, S), generator=g),
-            torch.rand(B, S, S, generator=g),
-        )
+    logits, image, label, conf = (
+        torch.randn(B, K, S, S, generator=g),
+        torch.randn(B, C, S, S, generator=g),
+        torch.randint(0, 2, (B, S, S), generator=g),
+        torch.rand(B, S, S, generator=g),
     )
+    return logits.to(DEVICE, dtype), image.to(DEVICE, dtype), label.to(DEVICE), conf.to(DEVICE, dtype)
 
 
 PATCH_IMPLS = {**{b: ours_hardness_cutmix(b) for b in OUR_BACKENDS}, "upstream_chunk_loop": upstream_hardness_cutmix}
 
 
-@pytest.mark.parametrize("impl", list(PATCH_IMPLS))
-def test_hardness_cutmix(benchmark, impl):
-    benchmark.group = "hardness+cutmix B=8 512² N=16"
-    args = patch_inputs()
-    g = torch.Generator().manual_seed(1)
-    fn = on_device(PATCH_IMPLS[impl])
-    benchmark.pedantic(lambda: fn(*args, 38, g), rounds=ROUNDS, warmup_rounds=1)
-    # read the logits and the three tensors to mix, write the three mixed ones
-    record_gpu(benchmark, lambda: fn(*args, 38, g), traffic=nbytes(*args) + nbytes(*args[1:]))
+@pytest.mark.parametrize("prec", ELEMENTWISE)
+@pytest.mark.parametrize("impl", impl_params(PATCH_IMPLS))
+def test_hardness_cutmix(measure, impl, prec):
+    with precision(prec) as dtype:
+        args = patch_inputs(dtype)
+        g = torch.Generator().manual_seed(1) if impl == "upstream_chunk_loop" else cutmix_generator()
+        fn = PATCH_IMPLS[impl]
+        # read the logits and the three tensors to mix, write the three mixed ones
+        measure("hardness+cutmix B=8 512² N=16", lambda: fn(*args, 38, g), traffic=nbytes(*args) + nbytes(*args[1:]))
 
 
-def contrastive_inputs(n, d, seed=0):
+def contrastive_inputs(n, d, seed=0, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
     a, ya, neg, yn, pos = (
         torch.randn(n, d, generator=g),
@@ -91,25 +99,39 @@ def contrastive_inputs(n, d, seed=0):
         torch.randint(0, 2, (n,), generator=g),
         torch.randn(2, d, generator=g),
     )
-    return a.to(DEVICE).requires_grad_(), ya.to(DEVICE), neg.to(DEVICE), yn.to(DEVICE), pos.to(DEVICE)
+    a, neg, pos = (t.to(DEVICE, dtype) for t in (a, neg, pos))
+    return a.requires_grad_(), ya.to(DEVICE), neg, yn.to(DEVICE), pos
 
 
-def contrastive_step(backend, a, ya, neg, yn, pos):
-    with busseg_ops.use_backend(backend):
-        busseg_ops.memory_contrastive_loss(a, ya, neg, yn, pos, 0.5).backward()
+def _reference_contrastive(a, ya, neg, yn, pos):
+    has_positive = torch.ones(pos.shape[0], dtype=torch.bool, device=pos.device)
+    return spec_contrastive(a, ya, neg, yn, pos, has_positive, 0.5, False)[0]
+
+
+_compiled_reference_contrastive = torch.compile(_reference_contrastive)
+
+
+def contrastive_step(impl, a, ya, neg, yn, pos):
+    """Forward and backward of one implementation: a backend of ours, the reference through the
+    public op, or torch.compile of the reference formula."""
+    if impl == "compiled_reference":
+        _compiled_reference_contrastive(a, ya, neg, yn, pos).backward()
+    else:
+        with busseg_ops.use_backend(impl):
+            busseg_ops.memory_contrastive_loss(a, ya, neg, yn, pos, 0.5).backward()
     a.grad = None
 
 
-CONTRASTIVE_IMPLS = [*OUR_BACKENDS, "reference"]
+# torch.compile of the reference on the GPU only (on the CPU it would add minutes to `make bench`)
+CONTRASTIVE_IMPLS = [*OUR_BACKENDS, "reference", *(["compiled_reference"] if DEVICE == "cuda" else [])]
 
 
-@pytest.mark.parametrize("impl", CONTRASTIVE_IMPLS)
-def test_contrastive_8k(benchmark, impl):
-    benchmark.group = "contrastive fwd+bwd N=N⁻=8192 D=256"
-    args = contrastive_inputs(8192, 256)
-    step = on_device(lambda: contrastive_step(impl, *args))
-    benchmark.pedantic(step, rounds=3 if DEVICE == "cpu" else ROUNDS, warmup_rounds=1)
-    record_gpu(benchmark, step)
+@pytest.mark.parametrize("prec", MATMUL)
+@pytest.mark.parametrize("impl", impl_params(CONTRASTIVE_IMPLS))
+def test_contrastive_8k(measure, impl, prec):
+    with precision(prec) as dtype:
+        args = contrastive_inputs(8192, 256, dtype=dtype)
+        measure("contrastive fwd+bwd N=N⁻=8192 D=256", lambda: contrastive_step(impl, *args), rounds=3)
 
 
 _SETUP = """
@@ -120,7 +142,7 @@ args = bench_phnet.contrastive_inputs({n}, 256)
 
 
 @cpu_only
-@pytest.mark.parametrize("impl", CONTRASTIVE_IMPLS)
+@pytest.mark.parametrize("impl", impl_params(CONTRASTIVE_IMPLS))
 def test_contrastive_8k_peak_memory(impl, record_memory):
     mib = peak_extra_mib(_SETUP.format(n=8192), f"bench_phnet.contrastive_step({impl!r}, *args)", warm=True)
     record_memory("contrastive fwd+bwd N=N⁻=8192 D=256", impl, mib)
@@ -141,10 +163,9 @@ def test_contrastive_64k_runs(record_memory, tmp_path):
 
 
 @pytest.mark.skipif(DEVICE == "cpu", reason="on the CPU one run only: test_contrastive_64k_runs")
+@pytest.mark.parametrize("prec", ["tf32", "bf16"])
 @pytest.mark.parametrize("impl", OUR_BACKENDS)
-def test_contrastive_64k(benchmark, impl):
-    benchmark.group = "contrastive fwd+bwd N=N⁻=65536 D=256"
-    args = contrastive_inputs(65536, 256)
-    step = on_device(lambda: contrastive_step(impl, *args))
-    benchmark.pedantic(step, rounds=3, warmup_rounds=1)
-    record_gpu(benchmark, step)
+def test_contrastive_64k(measure, impl, prec):
+    with precision(prec) as dtype:
+        args = contrastive_inputs(65536, 256, dtype=dtype)
+        measure("contrastive fwd+bwd N=N⁻=65536 D=256", lambda: contrastive_step(impl, *args))

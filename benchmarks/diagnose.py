@@ -87,7 +87,7 @@ def warm_up(seed: int, root: str, out: str) -> str:
     torch.set_num_threads(1)
     cfg = config("warm-up", ROWS["suponly"], seed, root, out)
     path = os.path.join(cfg.out, "last.pt")
-    tr = Trainer(cfg)
+    tr = Trainer(cfg, overwrite=True)  # without last.pt the warm-up starts afresh in its own folder
     if os.path.isfile(path):
         tr.load_state_dict(checkpoint.load(path))
     if tr.epoch < cfg.warmup_epochs:
@@ -101,7 +101,7 @@ def train_variant(name: str, flags: dict, seed: int, root: str, out: str) -> dic
     done = os.path.join(cfg.out, "diagnosis.json")
     if os.path.isfile(done):
         return json.load(open(done))
-    tr = Trainer(cfg)
+    tr = Trainer(cfg, overwrite=True)  # a variant without a checkpoint starts afresh in its own folder
     last = os.path.join(cfg.out, "last.pt")
     if os.path.isfile(last) and checkpoint.load(last)["global_step"] > 0:
         tr.load_state_dict(checkpoint.load(last))  # an interrupted variant

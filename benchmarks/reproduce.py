@@ -335,7 +335,7 @@ def train_one(run: Run, quiet: bool = False, threads: int | None = None) -> dict
         torch.set_num_threads(threads)
     last = os.path.join(run.out, "last.pt")
     run.cfg.quiet = quiet
-    tr = Trainer(run.cfg)
+    tr = Trainer(run.cfg, overwrite=True)  # without last.pt the run starts afresh in its own folder
     if os.path.isfile(last):
         stored = checkpoint.load(last)
         if _comparable(stored["config"]) != _comparable(dataclasses.asdict(run.cfg)):

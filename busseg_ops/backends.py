@@ -9,8 +9,10 @@ variable). Asking for a backend that cannot run is an error saying why, never a 
 An op is one :class:`Op` row: its name is the public function, the schemas ``busseg::<name>`` (the
 C++ kernels of ``cpu`` and ``cuda``) and ``busseg_triton::<name>``, each with ``<name>_backward``
 when differentiable, and the files ``ops/<name>.py``, ``reference/<name>.py``,
-``triton/<name>.py`` and ``csrc/<name>/``. :func:`dispatch` returns the callable to run;
-:func:`register` registers the fake kernels and the autograd of the native and Triton variants.
+``triton/<name>.py`` and ``csrc/<name>/``. :func:`dispatch` returns the callable to run (in eager
+a native op's direct call, busseg_ops._C.native_op); :func:`register` registers the fake and
+autocast kernels (the native op's autograd is C++: csrc/<name>/autograd.cpp); :func:`load_triton`
+registers the Triton variants, on their first dispatch.
 """
 
 from __future__ import annotations
@@ -24,9 +26,19 @@ from collections.abc import Callable, Mapping
 
 import torch
 
+from . import _C
+
 BACKENDS = ("reference", "cpu", "cuda", "triton")
 _FASTEST_FIRST = ("cuda", "cpu", "triton", "reference")
 _forced: list[str] = []
+# looked up once: on every op call, attribute lookups through torch's modules add up
+_is_compiling = torch.compiler.is_compiling
+_any_autocast_enabled = torch._C._is_any_autocast_enabled
+#: (op name, backend) -> what an eager call of the op's native or Triton variant calls (dispatch)
+_eager_kernels: dict[tuple[str, str], Callable] = {}
+#: (op name, device) -> the same for the fastest backend there that is not the reference (what a
+#: call runs unless a backend is forced)
+_fastest_kernels: dict[tuple[str, torch.device], Callable] = {}
 
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
 # The CUDA kernels exist only in a CUDA build of the extension; ARP is the witness op.
@@ -54,19 +66,20 @@ class Op:
         return tuple(b for b in BACKENDS if b not in self.missing)
 
 
-def _triton_runs_on_cpu() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
+# Triton decides at a kernel's decoration (when load_triton imports the Triton modules) whether it
+# runs in the interpreter; busseg_ops reads the variable at its import: set it before both.
+_TRITON_RUNS_ON_CPU = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _can_run(name: str, kind: str) -> bool:
-    """Whether backend ``name`` runs on ``kind`` tensors here (the per-call test)."""
+    """Whether backend ``name`` runs on ``kind`` tensors here."""
     if name == "reference":
         return True
     if name == "cpu":
         return kind == "cpu"
     if name == "cuda":
         return kind == "cuda" and _HAS_CUDA_KERNELS
-    return _HAS_TRITON and (kind == "cuda" or (kind == "cpu" and _triton_runs_on_cpu()))
+    return _HAS_TRITON and (kind == "cuda" or (kind == "cpu" and _TRITON_RUNS_ON_CPU))
 
 
 def _why_unavailable(name: str, kind: str) -> str:
@@ -89,15 +102,26 @@ def available_backends(device: str | torch.device | None = None) -> list[str]:
     return [b for b in BACKENDS if any(_can_run(b, k) for k in kinds)]
 
 
+_ENVIRON, _BACKEND_VARIABLE = os.environ._data, os.environ.encodekey("BUSSEG_BACKEND")
+
+
+def _backend_variable() -> str | None:
+    """BUSSEG_BACKEND now, None if unset or empty. Read from os.environ's own mapping:
+    os.environ.get of an unset variable raises and catches a KeyError inside, about 1 µs (a fifth
+    of a small op's call)."""
+    value = _ENVIRON.get(_BACKEND_VARIABLE)
+    return os.environ.decodevalue(value) if value else None
+
+
 def choose_backend(op: Op, device: torch.device) -> str:
     """The backend ``op`` runs for tensors on ``device``: the forced one, else the fastest the op
     has that runs there. An unknown, missing or unavailable forced backend raises, with the reason."""
-    name = _forced[-1] if _forced else os.environ.get("BUSSEG_BACKEND") or None
-    kind = device.type
+    return _choose(op, device.type, _forced[-1] if _forced else _backend_variable())
+
+
+def _choose(op: Op, kind: str, name: str | None) -> str:
     if name is None:
-        for fastest in _FASTEST_FIRST:
-            if fastest not in op.missing and _can_run(fastest, kind):
-                return fastest
+        return next(b for b in _FASTEST_FIRST if b not in op.missing and _can_run(b, kind))
     if name not in BACKENDS:
         raise ValueError(f"unknown busseg backend {name!r}; choose one of {', '.join(BACKENDS)}")
     if name in op.missing:
@@ -118,12 +142,34 @@ def dispatch(op: Op, device: torch.device) -> Callable:
     """The callable that runs ``op`` for tensors on ``device``: its reference function, its native
     op ``busseg::<name>`` (cpu and cuda kernels) or its Triton op ``busseg_triton::<name>``. Under
     torch.autocast the reference follows the op's autocast rule as the registered ops do."""
-    backend = choose_backend(op, device)
+    name = _forced[-1] if _forced else _backend_variable()
+    eager = not _is_compiling()
+    if name is None and eager:  # the default: the fastest backend's op, looked up once per op and device
+        kernel = _fastest_kernels.get((op.name, device))
+        if kernel is not None:
+            return kernel
+    backend = _choose(op, device.type, name)
     if backend == "reference":
         return _autocast_kernel(op, op.reference, device.type) if _autocast_dtype(op, device.type) else op.reference
+    if not eager:
+        return _overload(op, backend)  # what torch.compile traces
+    kernel = _eager_kernels.get((op.name, backend))
+    if kernel is None:
+        overload = _overload(op, backend)
+        # The native op is called directly from its Python arguments (csrc/python_module.cpp:
+        # about 1.4 µs less than torch.ops' boxed call), the Triton op through its OpOverload's _op
+        # (OpOverload.__call__ only adds a Python frame).
+        kernel = overload._op if backend == "triton" else _C.native_op(op.name, overload._op)
+        _eager_kernels[op.name, backend] = kernel
+    if name is None:
+        _fastest_kernels[op.name, device] = kernel
+    return kernel
+
+
+def _overload(op: Op, backend: str) -> torch._ops.OpOverload:
     if backend == "triton":
-        return getattr(torch.ops.busseg_triton, op.name)
-    return getattr(torch.ops.busseg, op.name)
+        load_triton()
+    return getattr(torch.ops.busseg_triton if backend == "triton" else torch.ops.busseg, op.name).default
 
 
 def register(
@@ -135,29 +181,47 @@ def register(
     backward: Callable | None = None,
 ) -> None:
     """Registers ``op`` once for all its variants: the fake kernels of ``busseg::<name>`` (and of
-    ``<name>_backward``), and, for a differentiable op, autograd for ``busseg::<name>`` and
-    ``busseg_triton::<name>`` alike. ``backward(backward_op)`` returns the autograd backward
-    function of the variant whose backward op is ``backward_op``. Importing the Triton module
-    registers the Triton ops (its fake kernels come from tracing the launchers)."""
+    ``<name>_backward``), the autocast kernels, and, for a differentiable op, the autograd of
+    ``busseg_triton::<name>``: ``backward(backward_op)`` returns its backward function given its
+    backward op. ``busseg::<name>``'s autograd is C++ (csrc/<name>/autograd.cpp, a few µs a call
+    where Python autograd cost about 16). The Triton variant is registered by :func:`load_triton`."""
     torch.library.register_fake(f"busseg::{op.name}")(fake)
     if fake_backward is not None:
         torch.library.register_fake(f"busseg::{op.name}_backward")(fake_backward)
-    namespaces = ["busseg"]
+    _register_autocast(op, "busseg")
     if "triton" not in op.missing and _HAS_TRITON:
+        _pending_triton.append((op, backward, setup_context))
+
+
+def load_triton() -> None:
+    """Registers the ops ``busseg_triton::<name>`` (importing busseg_ops.triton.<name>, whose fake
+    kernels come from tracing the launchers) with their autocast kernels and autograd. Runs on a
+    Triton call's first dispatch, so that ``import busseg_ops`` leaves triton and torch._inductor
+    (which Triton ops import) unloaded: ``busseg --help`` costs about an ``import torch``. Call it
+    before using ``torch.ops.busseg_triton`` directly. Idempotent."""
+    while _pending_triton:
+        op, backward, setup_context = _pending_triton.pop(0)
         importlib.import_module(f"busseg_ops.triton.{op.name}")
-        namespaces.append("busseg_triton")
-    if op.autocast is not None:
-        for namespace in namespaces:
-            library = torch.library.Library(namespace, "IMPL")
-            _LIBRARIES.append(library)  # a registration lives as long as its Library object
-            fn = getattr(getattr(torch.ops, namespace), op.name).default
-            for device_type in ("cpu", "cuda"):
-                library.impl(op.name, _autocast_kernel(op, fn, device_type), _AUTOCAST_KEYS[device_type])
-    if backward is None:
+        _register_autocast(op, "busseg_triton")
+        if backward is not None:
+            backward_op = _autocast_off(getattr(torch.ops.busseg_triton, f"{op.name}_backward"))
+            torch.library.register_autograd(
+                f"busseg_triton::{op.name}", backward(backward_op), setup_context=setup_context
+            )
+
+
+#: (op, backward, setup_context) of the ops whose Triton variant load_triton has yet to register
+_pending_triton: list[tuple[Op, Callable | None, Callable | None]] = []
+
+
+def _register_autocast(op: Op, namespace: str) -> None:
+    if op.autocast is None:
         return
-    for namespace in namespaces:
-        backward_op = _autocast_off(getattr(getattr(torch.ops, namespace), f"{op.name}_backward"))
-        torch.library.register_autograd(f"{namespace}::{op.name}", backward(backward_op), setup_context=setup_context)
+    library = torch.library.Library(namespace, "IMPL")
+    _LIBRARIES.append(library)  # a registration lives as long as its Library object
+    fn = getattr(getattr(torch.ops, namespace), op.name).default
+    for device_type in ("cpu", "cuda"):
+        library.impl(op.name, _autocast_kernel(op, fn, device_type), _AUTOCAST_KEYS[device_type])
 
 
 # ---- autocast ------------------------------------------------------------------------------
@@ -211,6 +275,8 @@ def _autocast_off(fn: Callable) -> Callable:
 def autocast_inputs(op: Op, *args):
     """The arguments as ``op`` will see them under torch.autocast (the front-ends check these): its
     floating tensors cast by the op's rule when autocast is on for their device; else unchanged."""
+    if op.autocast is None or not _any_autocast_enabled():  # the usual case: one C call
+        return args
     device = next((t.device for t in _tensors(args)), None)
     dtype = None if device is None else _autocast_dtype(op, device.type)
     return args if dtype is None else _cast(args, dtype)

@@ -1,6 +1,6 @@
 """`make demo`, part 2: train suponly and rabusseg on the embedded synthetic BUS set (1/4 labelled)
 on the CPU, print both test Dice, and point at the overlays and curve plots. DEMO_EPOCHS overrides
-the epoch count."""
+the epoch count. Each run prints its data banner and one line per epoch."""
 
 import os
 import time
@@ -40,7 +40,8 @@ def main() -> None:
     results = {}
     for method in ("suponly", "rabusseg"):
         print(f"training {method} ({epochs} epochs) ...", flush=True)
-        res = run(TrainConfig(method=method, out=os.path.join(OUT, method), **common))
+        # overwrite: a second `make demo` replaces the first one's runs
+        res = run(TrainConfig(method=method, out=os.path.join(OUT, method), **common), overwrite=True)
         results[method] = res
         print(f"  {method}: test Dice {res['dice'][0]:.4f} ± {res['dice'][1]:.4f}  ({res['wall_s']:.0f} s)", flush=True)
     print(

@@ -90,8 +90,8 @@ def strided(t: torch.Tensor) -> torch.Tensor:
 class RawSample:
     """A valid direct call of ``<namespace>::<op>`` and what may change in it and stay valid (for
     the raw-op fuzz test): ``free`` holds (argument, "dim", d), (argument, "rank"),
-    (argument, "dtype") and (argument, "huge") for an int that may be arbitrarily large. A list
-    argument stands for its element 0."""
+    (argument, "dtype"), (argument, "huge") for an int that may be arbitrarily large and
+    (argument, "zero") for one that may be 0. A list argument stands for its element 0."""
 
     op: str
     args: tuple

@@ -8,7 +8,7 @@ SAMPLES_FILE (torch.save, loaded with weights_only=True) holds a list of
 mutation below of a valid call is a bad call, unless ``free`` allows it: a tensor argument (of a
 list argument: its element 0) with one dim longer, one dim more or less, another dtype, or on the
 meta device while the others stay on the CPU (a call on meta tensors only is valid); a list
-argument empty; an int argument negative, zero or huge.
+argument empty; an int argument negative, zero (unless free: a count that may be 0) or huge.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def mutations(args: tuple, free: set):
             for what, fn in _tensor_mutations(a[0], free, i, alone):
                 yield f"arg {i}[0] {what}", args[:i] + ([fn(a[0]), *a[1:]],) + args[i + 1 :]
         elif isinstance(a, int) and not isinstance(a, bool):
-            bad = (-1, 0) + (() if (i, "huge") in free else HUGE)
+            bad = (-1,) + (() if (i, "zero") in free else (0,)) + (() if (i, "huge") in free else HUGE)
             for v in bad:
                 yield f"arg {i} = {v}", args[:i] + (v,) + args[i + 1 :]
 

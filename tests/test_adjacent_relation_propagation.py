@@ -3,10 +3,11 @@ upstream unfold formulation."""
 
 import itertools
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tolerance, triton_device
+from conftest import devices, tolerance, triton_device
 from hypothesis import strategies as st
 from op_contract import OpContract, RawSample, bad
 
@@ -72,7 +73,9 @@ class TestAdjacentRelationPropagation(OpContract):
         for shape, kd, padding, value_grad in itertools.product(SHAPES, KERNELS, ["zeros", "valid"], [True, False])
     ] + [(SHAPES[2], (3, 2), "valid", True, torch.float64)]
     gradcheck_cases = ["zeros", "valid"]
+    gradcheck_backends = ("cpu", "reference", "triton")
     layout_exact = ("channels_last",)
+    half_case = (SHAPES[0], (3, 1), "valid", True, torch.float32)  # a 3x3 kernel, both gradients
 
     def make_inputs(self, case, device):
         (B, C, K, H, W), (kernel_size, dilation), padding, value_grad, dtype, *magnitude = case
@@ -121,8 +124,10 @@ class TestAdjacentRelationPropagation(OpContract):
         )
 
     def gradcheck_inputs(self, padding, backend):
-        feat = torch.randn(2, 3, 5, 4, dtype=torch.float64, requires_grad=True)
-        value = torch.randn(2, 2, 5, 4, dtype=torch.float64, requires_grad=True)
+        # the interpreter runs a kernel in a third of a second: fewer pixels for Triton
+        B, C, K, H, W = (1, 2, 1, 4, 3) if backend == "triton" else (2, 3, 2, 5, 4)
+        feat = torch.randn(B, C, H, W, dtype=torch.float64, requires_grad=True)
+        value = torch.randn(B, K, H, W, dtype=torch.float64, requires_grad=True)
         return (lambda f, v: arp(f, v, 3, 2, padding=padding)), (feat, value)
 
     def compile_inputs(self):
@@ -163,6 +168,16 @@ class TestAdjacentRelationPropagation(OpContract):
         bad(lambda f, v: arp(f, v, kernel_size=2**64 + 1), ValueError, "kernel_size must be <= 32767"),
         bad(lambda f, v: arp(f, v, dilation=2**62 + 1), ValueError, r"dilation \* \(kernel_size // 2\)"),
         bad(lambda f, v: arp(f, v, kernel_size=3, dilation=2**30 + 1), ValueError, r"dilation \* \(kernel_size"),
+        # scalars (issue 29): an infinite scale made the CPU and the reference disagree; a bool is no number
+        bad(lambda f, v: arp(f, v, scale=float("inf")), ValueError, "scale must be a finite float, got inf"),
+        bad(lambda f, v: arp(f, v, scale=-float("inf")), ValueError, "scale must be a finite float, got -inf"),
+        bad(lambda f, v: arp(f, v, scale=float("nan")), ValueError, "scale must be a finite float, got nan"),
+        bad(lambda f, v: arp(f, v, scale=10**400), ValueError, "scale must be a finite float, got 1000"),
+        bad(lambda f, v: arp(f, v, scale=True), TypeError, "scale must be a float, got bool"),
+        bad(lambda f, v: arp(f, v, scale="0.5"), TypeError, "scale must be a float, got str"),
+        bad(lambda f, v: arp(f, v, scale=torch.tensor(0.5)), TypeError, "scale must be a float, got Tensor"),
+        bad(lambda f, v: arp(f, v, kernel_size=True), TypeError, "kernel_size must be an int, got bool"),
+        bad(lambda f, v: arp(f, v, dilation=True), TypeError, "dilation must be an int, got bool"),
     ]
 
     raw_bad_inputs = [
@@ -202,8 +217,11 @@ class TestAdjacentRelationPropagation(OpContract):
         ]
 
     def triton_opcheck_samples(self):
-        feat, value, _, _ = _arp_args()
-        return [RawSample(OP.name, (feat.requires_grad_(), value.requires_grad_(), 3, 2, 0.4, False))]
+        feat, value, w, grad = _arp_args()
+        return [
+            RawSample(OP.name, (feat.clone().requires_grad_(), value.clone().requires_grad_(), 3, 2, 0.4, False)),
+            RawSample(f"{OP.name}_backward", (grad, feat, value, w, 3, 2, 0.4, True, True, True)),
+        ]
 
 
 @pytest.mark.parametrize("kernel_size,dilation", [(1, 1), (3, 1), (3, 2), (5, 3), (7, 1)])
@@ -214,6 +232,13 @@ def test_reference_matches_unfold_formulation(kernel_size, dilation):
     ref_out, ref_w = unfold_arp(feat, value, kernel_size, dilation, 6**-0.5)
     torch.testing.assert_close(out, ref_out)
     torch.testing.assert_close(w, ref_w)
+
+
+def test_scale_is_any_finite_real():
+    f, v = torch.randn(1, 3, 4, 5), torch.randn(1, 2, 4, 5)
+    expected = arp(f, v, scale=2.0)
+    assert torch.equal(arp(f, v, scale=2), expected)
+    assert torch.equal(arp(f, v, scale=np.float32(2.0)), expected)
 
 
 def test_only_feat_gradient_when_value_is_detached():
@@ -272,28 +297,130 @@ def test_cpu_blocks_and_tap_groups(kernel_size, dilation, dtype):
                 torch.testing.assert_close(got.double(), expected, **tol)
 
 
-def test_triton_value_blocks_and_wide_kernels():
-    """More value channels than one Triton block (busseg_ops.triton.adjacent_relation_propagation.
-    _MAX_BLOCK_K) with a 5x5 kernel and a run-time dilation: the kernels loop over value blocks and
-    taps, the shapes whose unrolled, unblocked form spilled registers on sm_80/sm_90
-    (tools/gpu_compile_check.py)."""
+def compare_triton(B, C, K, H, W, kernel_size, dilation, padding, dtype=torch.float64, gradients="both"):
+    """Out, weights and the gradients asked for ("both", "feat", "value") of the Triton backend
+    against the reference: in float64, or float16 / bfloat16 against the float32 reference on the
+    same rounded values (the absolute tolerance relative to the result's size)."""
     device = triton_device()
-    from busseg_ops.triton.adjacent_relation_propagation import _MAX_BLOCK_K
+    feat = torch.randn(B, C, H, W, dtype=torch.float64).to(dtype)
+    value = torch.randn(B, K, H, W, dtype=torch.float64).to(dtype)
+    grad = torch.randn(B, K, H, W, dtype=torch.float64)
+    half = dtype in (torch.float16, torch.bfloat16)
+    wide = torch.float32 if half else torch.float64
+    results = []
+    for backend, x in (("triton", dtype), ("reference", wide)):
+        f = feat.to(device, x).requires_grad_(gradients != "value")
+        v = value.to(device, x).requires_grad_(gradients != "feat")
+        out, w = run(backend, f, v, kernel_size=kernel_size, dilation=dilation, padding=padding)
+        leaves = [t for t in (f, v) if t.requires_grad]
+        results.append([out, w, *torch.autograd.grad(out, leaves, grad.to(device, x))])
+    for got, expected in zip(*results):
+        assert got.dtype == dtype
+        tol = tolerance(dtype)
+        if half:
+            tol["atol"] *= max(1.0, expected.abs().max().item())
+        torch.testing.assert_close(got.to(expected.dtype), expected, **tol)
 
-    K = _MAX_BLOCK_K + 3  # a full block and a partial one
-    feat = torch.randn(1, 5, 5, 6, device=device, requires_grad=True)
-    value = torch.randn(1, K, 5, 6, device=device, requires_grad=True)
-    grad = torch.randn(1, K, 5, 6, device=device)
-    tol = tolerance(torch.float32)
-    for padding in ("zeros", "valid"):
-        kw = dict(kernel_size=5, dilation=2, padding=padding)
-        ref_out, ref_w = run("reference", feat, value, **kw)
-        out, w = run("triton", feat, value, **kw)
-        torch.testing.assert_close(out, ref_out, **tol)
-        torch.testing.assert_close(w, ref_w, **tol)
-        grads = torch.autograd.grad(out, (feat, value), grad)
-        for g, r in zip(grads, torch.autograd.grad(ref_out, (feat, value), grad)):
-            torch.testing.assert_close(g, r, **tol)
+
+# The paths of the Triton kernels (busseg_ops/triton/adjacent_relation_propagation.py), small
+# enough for the interpreter: B, C, K, H, W, kernel_size, dilation, padding, dtype, gradients.
+TRITON_PATHS = [
+    pytest.param(2, 16, 2, 9, 11, 3, 1, "zeros", torch.float32, "both", id="full-chunks-partial-tile"),
+    pytest.param(1, 13, 3, 7, 5, 3, 1, "valid", torch.float64, "both", id="partial-chunk-odd-width"),
+    pytest.param(2, 5, 6, 6, 7, 3, 2, "zeros", torch.float64, "value", id="dilation-2-two-value-blocks"),
+    pytest.param(1, 8, 2, 6, 7, 3, 2, "valid", torch.float32, "feat", id="dilation-2-full-chunks"),
+    pytest.param(1, 4, 2, 2, 3, 5, 2, "valid", torch.float64, "both", id="map-smaller-than-the-reach"),
+    pytest.param(1, 3, 5, 3, 1, 3, 1, "zeros", torch.float64, "both", id="one-column"),
+    pytest.param(1, 6, 2, 5, 6, 7, 1, "zeros", torch.float64, "both", id="7x7-tap-loop"),
+    pytest.param(1, 8, 2, 4, 5, 9, 1, "valid", torch.float32, "both", id="9x9-tap-loop-full-chunks"),
+    pytest.param(1, 3, 2, 40, 9, 3, 30, "zeros", torch.float64, "both", id="reach-beyond-a-tile-of-rows"),
+    pytest.param(1, 5, 2, 3, 140, 3, 1, "zeros", torch.float32, "both", id="wide-map-blocks"),
+    pytest.param(1, 16, 2, 9, 131, 3, 40, "valid", torch.float32, "both", id="wide-map-dilation-past-a-block"),
+    pytest.param(1, 13, 5, 7, 9, 3, 2, "valid", torch.float16, "both", id="float16"),
+    pytest.param(
+        2,
+        16,
+        2,
+        9,
+        11,
+        3,
+        1,
+        "valid",
+        torch.bfloat16,
+        "both",
+        id="bfloat16",
+        marks=pytest.mark.skipif(
+            not torch.cuda.is_available(), reason="the Triton interpreter has no bfloat16 (numpy)"
+        ),
+    ),
+]
+
+
+@pytest.mark.parametrize("B,C,K,H,W,kernel_size,dilation,padding,dtype,gradients", TRITON_PATHS)
+def test_triton_paths(B, C, K, H, W, kernel_size, dilation, padding, dtype, gradients):
+    """Full and partial channel chunks, value blocks, unrolled and run-time tap loops, maps smaller
+    than the reach, reaches past a tile, whole-row tiles and 8 x 32 blocks of wide maps, the
+    gradient of one input only, float16 and (on a GPU) bfloat16."""
+    compare_triton(B, C, K, H, W, kernel_size, dilation, padding, dtype, gradients)
+
+
+@pytest.mark.parametrize("programs,kernel_size", [(None, 3), (1, 5)])
+def test_triton_channel_groups(monkeypatch, programs, kernel_size):
+    """40 channels in float64 are 10 chunks of 4. On a small map the launcher splits them into
+    groups of several chunks, fewer than a power of two (the softmax kernel masks the rest of its
+    block of groups); with a target of one program, one group loops over all 10 (here with the
+    run-time tap loop)."""
+    triton_device()  # skips without Triton
+    from busseg_ops.triton import adjacent_relation_propagation as kernels
+
+    if programs is not None:
+        monkeypatch.setattr(kernels, "_PROGRAMS", programs)
+    block_c = kernels._block_c(kernels._BLOCK_C, 40, torch.float64, 1)
+    _, per_group, (_, groups, _) = kernels._feature_grid(1, 40, 5, 6, block_c)
+    if programs is None:
+        assert per_group > block_c and groups > 1 and groups & (groups - 1)  # not a power of two
+    else:
+        assert groups == 1 and per_group >= 40
+    compare_triton(1, 40, 2, 5, 6, kernel_size, 1, "zeros")
+
+
+@pytest.mark.parametrize("shape", [(1, 0, 2, 3, 3), (1, 3, 0, 3, 3), (0, 3, 2, 3, 3), (1, 3, 2, 0, 3), (1, 3, 2, 3, 0)])
+@pytest.mark.parametrize("backend", ["native", "triton"])
+def test_raw_ops_on_empty_sizes(shape, backend):
+    """No channels (all affinities 0: uniform weights), no value channels, no images, no pixels:
+    the raw ops of every backend against the reference, forward and backward (the CPU kernel once
+    divided by a zero width)."""
+    device = triton_device() if backend == "triton" else devices()[-1]
+    ops = torch.ops.busseg_triton if backend == "triton" else torch.ops.busseg
+    B, C, K, H, W = shape
+    feat = torch.randn(B, C, H, W, dtype=torch.float64, device=device)
+    value = torch.randn(B, K, H, W, dtype=torch.float64, device=device)
+    out, weights = ops.adjacent_relation_propagation(feat, value, 3, 1, 0.5, False)
+    f, v = feat.clone().requires_grad_(), value.clone().requires_grad_()
+    ref_out, ref_weights = OP.reference(f, v, 3, 1, 0.5, False)
+    torch.testing.assert_close(out, ref_out.detach())
+    torch.testing.assert_close(weights, ref_weights.detach())
+    grad = torch.randn_like(out)
+    got = ops.adjacent_relation_propagation_backward(grad, feat, value, weights, 3, 1, 0.5, False, True, True)
+    expected = torch.autograd.grad(ref_out, (f, v), grad, allow_unused=True)
+    for g, e, leaf in zip(got, expected, (f, v)):
+        torch.testing.assert_close(g, torch.zeros_like(leaf) if e is None else e)
+
+
+def test_triton_backward_takes_any_layout():
+    """Channels-last features and a broadcast (stride-0) output gradient, as autograd hands them
+    over, give the gradients of contiguous ones."""
+    device = triton_device()
+    feat = torch.randn(2, 6, 7, 9, dtype=torch.float64, device=device)
+    value = torch.randn(2, 2, 7, 9, dtype=torch.float64, device=device)
+    grads = []
+    for layout in (torch.contiguous_format, torch.channels_last):
+        f = feat.to(memory_format=layout).requires_grad_()
+        v = value.to(memory_format=layout).requires_grad_()
+        out = run("triton", f, v, kernel_size=3, dilation=1)[0]
+        grads.append(torch.autograd.grad(out.sum(), (f, v)))  # sum: an expanded gradient
+    for g, e in zip(*grads):
+        torch.testing.assert_close(g, e, rtol=0, atol=0)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

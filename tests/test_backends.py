@@ -1,16 +1,18 @@
-"""Backend choice (busseg_ops.backends): the forced backend, the reasons a backend cannot run, and
-the op table behind every op."""
+"""Backend choice (busseg_ops.backends): the forced backend, the reasons a backend cannot run, the
+op table behind every op, and where each variant's autograd lives."""
 
 import importlib
 import pathlib
 
 import pytest
 import torch
+from op_contract import OpContract, map_tensors, tensors_in
+from torch.overrides import TorchFunctionMode
 
 import busseg_ops
 from busseg_ops import adjacent_relation_propagation as arp
 from busseg_ops import greedy_proxy_sampling
-from busseg_ops.backends import BACKENDS, choose_backend
+from busseg_ops.backends import BACKENDS, choose_backend, dispatch
 from busseg_ops.ops.greedy_proxy_sampling import OP as GREEDY
 
 
@@ -74,3 +76,141 @@ def test_every_op_has_one_name_in_every_layer(name):
             assert hasattr(torch.ops.busseg_triton, name)
     for f in files:
         assert name in (ROOT / f).read_text(), f"{f} does not name {name}"
+
+
+@pytest.mark.parametrize("name", KERNEL_OPS)
+def test_native_autograd_is_cpp_and_triton_autograd_python(name):
+    """A differentiable op's busseg:: autograd is a C++ kernel at the Autograd key
+    (csrc/<op>/autograd.cpp: a few µs a call, where Python autograd cost about 16); its
+    busseg_triton:: variant keeps torch.library's Python autograd. Ops without a backward have none."""
+    differentiable = hasattr(torch.ops.busseg, f"{name}_backward")
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(f"busseg::{name}", "Autograd") == differentiable
+    assert (ROOT / f"csrc/{name}/autograd.cpp").exists() == differentiable
+    if differentiable and "triton" in busseg_ops.available_backends():
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"busseg_triton::{name}", "Autograd")
+
+
+def _differentiable_calls(device):
+    """(name, loss(), leaves) of every differentiable op on small float32 inputs on ``device``."""
+    g = torch.Generator().manual_seed(0)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g).to(device).requires_grad_()
+
+    feat, value = randn(2, 5, 6, 7), randn(2, 2, 6, 7)
+    feats, proxies = [randn(2, 5, 6, 7), randn(2, 3, 6, 7)], [randn(2, 4, 5), randn(2, 4, 3)]
+    x = randn(2, 3, 8, 8)
+    anchors, negatives = randn(9, 6), randn(7, 6)
+    ya, yn = torch.randint(0, 2, (9,), generator=g).to(device), torch.randint(0, 2, (7,), generator=g).to(device)
+    positives = torch.randn(2, 6, generator=g).to(device)
+    return [
+        ("adjacent_relation_propagation", lambda: arp(feat, value).square().sum(), [feat, value]),
+        ("cross_layer_alignment_loss", lambda: busseg_ops.cross_layer_alignment_loss(feats, proxies), feats + proxies),
+        ("patch_entropy_hardness", lambda: busseg_ops.patch_entropy_hardness(x, 2, from_logits=True).sum(), [x]),
+        (
+            "memory_contrastive_loss",
+            lambda: busseg_ops.memory_contrastive_loss(anchors, ya, negatives, yn, positives),
+            [anchors, negatives],
+        ),
+    ]
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
+def test_backward_inside_autocast_runs_without_it(device):
+    """A backward called inside an autocast region runs with autocast off (C++ and Python autograd
+    alike): the ATen products inside the kernels (cuBLAS tiles of the contrastive loss, on CPUs
+    without AVX-512 too) keep their dtype, so the gradients are those of a backward outside it."""
+    for backend in [b for b in ("cpu", "cuda", "triton") if b in busseg_ops.available_backends(device)]:
+        for name, loss, leaves in _differentiable_calls(device):
+            with busseg_ops.use_backend(backend):
+                expected = torch.autograd.grad(loss(), leaves)
+                out = loss()
+                with torch.autocast(device, torch.bfloat16):
+                    got = torch.autograd.grad(out, leaves)
+            for g, e in zip(got, expected):  # (a GPU kernel may sum in another order: not bitwise)
+                assert g.dtype == e.dtype, f"{backend} {name}"
+                torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6, msg=f"{backend} {name}")
+
+
+def test_double_backward_raises():
+    """The backward ops have no derivative: a backward with create_graph=True says so, where
+    autograd's fallback warned and dropped the second-order terms."""
+    for name, loss, leaves in _differentiable_calls("cpu"):
+        with busseg_ops.use_backend("cpu"), pytest.raises(RuntimeError, match=f"busseg::{name}: no double backward"):
+            torch.autograd.grad(loss(), leaves, create_graph=True)
+
+
+class _Subclass(torch.Tensor):
+    pass
+
+
+class _SeesOps(TorchFunctionMode):
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.seen.append(func)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("name", KERNEL_OPS)
+def test_native_ops_are_called_directly_in_eager(name):
+    """In eager a native op goes from its Python arguments straight to the dispatcher
+    (csrc/python_module.cpp) instead of torch.ops' boxed call, forced backend or not (so the op
+    contract's comparisons run through it): the same outputs as torch.ops; a tensor subclass or a
+    torch-function mode goes through torch.ops, where __torch_function__ sees the op, and so do
+    keyword arguments; a call the C++ checks reject raises their error, of its type; a missing
+    argument torch.ops' error."""
+    op = importlib.import_module(f"busseg_ops.ops.{name}").OP
+    module = importlib.import_module(f"test_{name}")
+    contract = next(c for c in vars(module).values() if isinstance(c, type) and OpContract in c.__mro__[1:])()
+    overload = getattr(torch.ops.busseg, name).default
+    direct = dispatch(op, torch.device("cpu"))
+    with busseg_ops.use_backend("cpu"):
+        assert dispatch(op, torch.device("cpu")) is direct
+    assert direct is not overload and direct is not overload._op
+    for sample in [s for s in contract.raw_samples() if s.op == name]:
+        expected = overload(*sample.args)
+        contract.assert_same(direct(*sample.args), expected, f"{name} called directly", exact=True)
+        as_subclass = map_tensors(lambda t: t.as_subclass(_Subclass), sample.args)
+        assert all(type(t) is _Subclass for t in tensors_in(direct(*as_subclass)))
+        with _SeesOps() as mode:
+            contract.assert_same(direct(*sample.args), expected, f"{name} under a mode", exact=True)
+        assert overload in mode.seen
+        last = overload._schema.arguments[-1].name
+        contract.assert_same(direct(*sample.args[:-1], **{last: sample.args[-1]}), expected, "keyword", exact=True)
+        with pytest.raises(RuntimeError, match="missing value for argument"):
+            direct(*sample.args[:-1])
+        with pytest.raises(ValueError, match="must"):
+            direct(*map_tensors(lambda t: t[None] if t.is_floating_point() else t, sample.args))
+
+
+LAZY_TRITON = """
+import sys
+import torch
+import busseg_ops
+assert "torch._inductor" not in sys.modules and not hasattr(torch.ops.busseg_triton, "{name}")
+x = torch.randn(1, 3, 5, 6, dtype=torch.float64, requires_grad=True)
+with busseg_ops.use_backend("triton"):
+    y = busseg_ops.adjacent_relation_propagation(x, x.detach() + 1, kernel_size=3)
+y.sum().backward()
+with busseg_ops.use_backend("reference"):
+    expected = busseg_ops.adjacent_relation_propagation(x, x.detach() + 1, kernel_size=3)
+torch.testing.assert_close(y, expected)
+print(hasattr(torch.ops.busseg_triton, "{name}"), x.grad.abs().sum().item() > 0)
+"""
+
+
+def test_triton_variants_register_on_first_dispatch():
+    """`import busseg_ops` leaves the Triton ops (and torch._inductor) unloaded; the first Triton
+    dispatch registers them with their autograd, in a fresh process."""
+    import subprocess
+    import sys
+
+    if "triton" not in busseg_ops.available_backends("cpu"):
+        pytest.skip("triton does not run on the CPU here")
+    code = LAZY_TRITON.format(name="adjacent_relation_propagation")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split() == ["True", "True"]

@@ -72,6 +72,11 @@ def test_state_dict_round_trip():
         ClassMemoryBank(2, 4, capacity=5).load_state_dict(state)
 
 
+def _with(t, index, value):
+    t[index] = value
+    return t
+
+
 @pytest.mark.parametrize(
     "key,value,error,match",
     [
@@ -83,6 +88,19 @@ def test_state_dict_round_trip():
         ("head", torch.tensor([0, 1]), ValueError, r"state_dict\['head'\] must equal state_dict\['count'\]"),
         ("features", torch.zeros(2, 3, 4, dtype=torch.int64), TypeError, "must be floating"),
         ("features", [[0.0]], TypeError, r"state_dict\['features'\] must be a tensor"),
+        (
+            "features",
+            _with(torch.zeros(2, 3, 4), (1, 2, 0), float("nan")),
+            ValueError,
+            r"\['features'\] must be finite",
+        ),
+        ("features", _with(torch.zeros(2, 3, 4), (0, 0, 3), float("-inf")), ValueError, "must be finite"),
+        (
+            "features",
+            _with(torch.zeros(2, 3, 4, dtype=torch.float64), (0, 1, 1), 1e300),
+            ValueError,
+            "finite in the bank's dtype torch.float32",
+        ),
     ],
 )
 def test_load_state_dict_rejects_inconsistent_state(key, value, error, match):
@@ -99,6 +117,42 @@ def test_load_state_dict_rejects_inconsistent_state(key, value, error, match):
     for k, v in other.state_dict().items():  # nothing was half loaded
         assert torch.equal(v, kept[k]), k
     bank.load_state_dict(before)
+
+
+@pytest.mark.parametrize(
+    "call,error,match",
+    [
+        # issue 29: a float label tensor was truncated (0.7 -> class 0), an int64 bank accepted
+        (lambda b: b.push(torch.randn(2, 3), torch.tensor([0.7, 1.0])), TypeError, "labels must be an integer tensor"),
+        (lambda b: b.push(torch.randn(2, 3), torch.tensor([True, False])), TypeError, "labels must be an integer"),
+        (lambda b: b.push(torch.tensor([[0.0, float("nan"), 1.0]]), torch.tensor([0])), ValueError, "must be finite"),
+        (lambda b: b.push(torch.full((1, 3), 1e39, dtype=torch.float64), torch.tensor([1])), ValueError, "finite"),
+        (lambda b: b.push(torch.randn(1, 3).long(), torch.tensor([1])), TypeError, "features must be one of"),
+        (lambda b: ClassMemoryBank(2, 3, 4, dtype=torch.int64), TypeError, "dtype must be one of float32"),
+        (lambda b: ClassMemoryBank(2, 3, 4, dtype=torch.bool), TypeError, "dtype must be one of"),
+        (lambda b: ClassMemoryBank(2, 3, 4, dtype="float32"), TypeError, "dtype must be one of"),
+        (lambda b: ClassMemoryBank(True, 3, 4), TypeError, "num_classes must be an int"),
+        (lambda b: ClassMemoryBank(2, 3.0, 4), TypeError, "dim must be an int"),
+        (lambda b: b.mean(True), TypeError, "c must be an int"),
+    ],
+)
+def test_bad_labels_features_and_dtypes(call, error, match):
+    bank = ClassMemoryBank(2, 3, capacity=4)
+    bank.push(torch.randn(2, 3), torch.tensor([0, 1]))
+    kept = {k: v.clone() for k, v in bank.state_dict().items()}
+    with pytest.raises(error, match=match):
+        call(bank)
+    for k, v in bank.state_dict().items():  # a rejected push changes nothing
+        assert torch.equal(v, kept[k]), k
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int8, torch.int16, torch.int32])
+def test_integer_labels_of_any_width(dtype):
+    feats, labels = torch.randn(5, 3), torch.tensor([1, 0, 1, 1, 0])
+    bank, wide = ClassMemoryBank(2, 3, capacity=4), ClassMemoryBank(2, 3, capacity=4)
+    bank.push(feats, labels.to(dtype))
+    wide.push(feats, labels)
+    assert all(torch.equal(bank.state_dict()[k], wide.state_dict()[k]) for k in ("features", "count", "head"))
 
 
 def _free_port():

@@ -1,17 +1,25 @@
-"""busseg_ops.compat (issue 15): each drop-in function against our restatement of the upstream
+"""busseg_ops.compat (issues 15, 29): each drop-in function against our restatement of the upstream
 code (busseg_ops/compat/upstream.py, the same functions bench_compat.py times): outputs and
 gradients in float64 on several shapes (odd ones too), the same random picks for the same seeds
-(and the RNGs left in the same state), and signatures equal to upstream's, written down here."""
+(and the RNGs left in the same state), and signatures equal to upstream's, written down here.
 
+With ``BUSSEG_UPSTREAM_DIR`` set (clones of RA-BUSSeg/ and PH-Net/, busseg_ops/compat/published.py)
+the same checks run against the published files too, the restatement is checked against them, and
+docs/porting.md's edits are applied to copies of the files; without it those tests skip, saying
+why."""
+
+import importlib
 import inspect
 import random
+import shutil
+import sys
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from busseg_ops.compat import phnet, rabusseg, upstream
+from busseg_ops.compat import phnet, published, rabusseg, upstream
 
 F64 = dict(rtol=1e-9, atol=1e-12)
 
@@ -196,6 +204,44 @@ def test_correlation_map_handle():
     assert corr.materialize().requires_grad and not corr.detach().materialize().requires_grad
     with pytest.raises(TypeError, match="materialize"):
         corr[0, 3]
+
+
+def test_upstream_loss_on_our_corr_map_says_which_import_to_change():
+    # Corr swapped, upstream's loss kept: its corr_map[b, landmark, :] is our TypeError, naming the fix
+    maps, proj, label = rank_inputs(*RANK_CASES[0])
+    corr = rabusseg.Corr(nclass=2)(proj, torch.zeros(proj.shape[0], 2, 3, 3, dtype=torch.float64))["corr_map"]
+    fix = r"import compute_rank_loss_landmark .*from busseg_ops\.compat\.rabusseg"
+    with pytest.raises(TypeError, match=fix):
+        upstream.compute_rank_loss_landmark(*maps, corr, label)
+    with pytest.raises(TypeError, match=fix):
+        corr[0, torch.tensor([3]), :]  # upstream's exact indexing
+
+
+def wide_unnormalised_maps(B=1, deep=(9, 9), channels=(256, 512, 1024, 2048), seed=0):
+    """ResNet-like encoder maps: ReLU'd, unnormalised, 1024/2048 channels deep: pixel-to-landmark
+    logits span hundreds, so float32 softmaxes underflow to exactly 0."""
+    g = torch.Generator().manual_seed(seed)
+    fine = (2 * deep[0] - 1, 2 * deep[1] - 1)
+    return [
+        torch.randn(B, c, *(fine if l == 0 else deep), generator=g).relu().requires_grad_()
+        for l, c in enumerate(channels)
+    ]
+
+
+def test_rank_loss_gradients_stay_finite_where_upstreams_kl_div_gives_nan():
+    # torch 2.x kl_div differentiates the target too: d/dq q·log q = log q + 1 is -inf where the
+    # target softmax underflowed to 0, and the softmax backward turns 0·(-inf) into NaN
+    maps = wide_unnormalised_maps()
+    proj = torch.randn(1, 256, 9, 9).relu()
+    label = lesion_labels(1, 33, 33)
+    corr = rabusseg.CorrelationMap(proj, rabusseg.upstream_scale(256))
+    ref, _ = seeded(0, upstream.compute_rank_loss_landmark, *maps, corr.materialize(), label)
+    ref_grads = torch.autograd.grad(ref, maps, allow_unused=True)
+    assert torch.isfinite(ref) and any(not g.isfinite().all() for g in ref_grads)  # upstream: NaN gradients
+    got, _ = seeded(0, rabusseg.compute_rank_loss_landmark, *maps, corr, label)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-6)
+    grads = torch.autograd.grad(got, maps)
+    assert all(g.isfinite().all() and g.abs().sum() > 0 for g in grads)
 
 
 def test_corr_sample_and_normalize_match_upstream():
@@ -401,3 +447,224 @@ def test_phnet_bad_inputs():
         phnet.patch_contrast(prob_l, prob_u[:1], rep, rep_teacher, label_l, label_u, 2, (8, 8), 0.5)
     with pytest.raises(ValueError, match="does not divide feat_size"):
         phnet.patch_contrast(prob_l, prob_u, rep, rep_teacher, label_l, label_u, 3, (8, 8), 0.5)
+
+
+# ---- the published files (BUSSEG_UPSTREAM_DIR) ------------------------------------------------------
+
+needs_published = pytest.mark.skipif(
+    published.missing_requirement() is not None, reason=str(published.missing_requirement())
+)
+
+
+@needs_published
+@pytest.mark.parametrize("B,C,H,W,K,out_hw", CORR_CASES)
+def test_published_corr(B, C, H, W, K, out_hw):
+    feat = torch.randn(B, C, H, W, dtype=torch.float64, requires_grad=True)
+    logits = torch.randn(B, K, *out_hw, dtype=torch.float64)
+    theirs = published.rabusseg().Corr(nclass=K)(feat, logits)
+    restated = upstream.corr_forward(feat, logits)
+    ours = rabusseg.Corr(nclass=K)(feat, logits)
+    torch.testing.assert_close(restated["out"], theirs["out"], **F64)
+    torch.testing.assert_close(restated["corr_map"], theirs["corr_map"], **F64)
+    torch.testing.assert_close(ours["out"], theirs["out"], **F64)
+    torch.testing.assert_close(ours["corr_map"].materialize(), theirs["corr_map"], **F64)
+    weight = torch.randn_like(theirs["out"])
+    (g_theirs,) = torch.autograd.grad((theirs["out"] * weight).sum(), feat)
+    (g_ours,) = torch.autograd.grad((ours["out"] * weight).sum(), feat)
+    torch.testing.assert_close(g_ours, g_theirs, **F64)
+
+
+@needs_published
+def test_published_corr_sample_and_normalize():
+    feat = torch.randn(2, 4, 12, 11, dtype=torch.float64)
+    theirs = published.rabusseg().Corr()
+    full = theirs(feat, torch.zeros(2, 2, 12, 11, dtype=torch.float64))["corr_map"]
+    ref, ref_rng = seeded(3, theirs.sample, full, 12, 11)
+    corr = rabusseg.CorrelationMap(feat, rabusseg.upstream_scale(4))
+    for fn, corr_map in ((rabusseg.Corr().sample, corr), (upstream.corr_sample, full)):
+        got, rng = seeded(3, fn, corr_map, 12, 11)
+        assert torch.equal(rng, ref_rng)
+        torch.testing.assert_close(got, ref, **F64)
+    ref = theirs.normalize_corr_map(ref, 12, 11, 23, 9)
+    torch.testing.assert_close(rabusseg.Corr().normalize_corr_map(got, 12, 11, 23, 9), ref, **F64)
+    torch.testing.assert_close(upstream.normalize_corr_map(got, 12, 11, 23, 9), ref, **F64)
+
+
+@needs_published
+@pytest.mark.parametrize("case", RANK_CASES)
+def test_published_rank_loss_and_landmarks(case):
+    maps, proj, label = rank_inputs(*case)
+    corr = rabusseg.CorrelationMap(proj, rabusseg.upstream_scale(proj.shape[1]))
+    theirs = published.rabusseg()
+    ref, ref_rng = seeded(5, theirs.compute_rank_loss_landmark, *maps, corr.materialize(), label)
+    ref_grads = torch.autograd.grad(ref, maps)
+    for fn, corr_map in (
+        (upstream.compute_rank_loss_landmark, corr.materialize()),
+        (rabusseg.compute_rank_loss_landmark, corr),
+    ):
+        got, rng = seeded(5, fn, *maps, corr_map, label)
+        assert torch.equal(rng, ref_rng)
+        torch.testing.assert_close(got, ref, **F64)
+        for g, r in zip(torch.autograd.grad(got, maps), ref_grads):
+            torch.testing.assert_close(g, r, **F64)
+    ref, ref_rng = seeded(2, theirs.orthogonal_landmarks_refine, *maps, corr.materialize(), label, 20)
+    for fn, corr_map in (
+        (upstream.orthogonal_landmarks_refine, corr.materialize()),
+        (rabusseg.orthogonal_landmarks_refine, corr),
+    ):
+        got, rng = seeded(2, fn, *maps, corr_map, label, 20)
+        assert torch.equal(rng, ref_rng) and all(torch.equal(g, r) for g, r in zip(got, ref))
+
+
+@needs_published
+def test_published_rank_loss_nan_gradients_on_wide_unnormalised_features():
+    # what docs/porting.md says of upstream: NaN gradients under torch 2.x, ours finite
+    maps = wide_unnormalised_maps()
+    proj = torch.randn(1, 256, 9, 9).relu()
+    label = lesion_labels(1, 33, 33)
+    corr = rabusseg.CorrelationMap(proj, rabusseg.upstream_scale(256))
+    ref, _ = seeded(0, published.rabusseg().compute_rank_loss_landmark, *maps, corr.materialize(), label)
+    assert torch.isfinite(ref) and not all(g.isfinite().all() for g in torch.autograd.grad(ref, maps))
+    got, _ = seeded(0, rabusseg.compute_rank_loss_landmark, *maps, corr, label)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-6)
+    assert all(g.isfinite().all() for g in torch.autograd.grad(got, maps))
+
+
+@needs_published
+def test_published_loss_on_our_corr_map_says_which_import_to_change():
+    maps, proj, label = rank_inputs(*RANK_CASES[0])
+    corr = rabusseg.Corr(nclass=2)(proj, torch.zeros(proj.shape[0], 2, 3, 3, dtype=torch.float64))["corr_map"]
+    with pytest.raises(TypeError, match=r"import compute_rank_loss_landmark .*from busseg_ops\.compat\.rabusseg"):
+        published.rabusseg().compute_rank_loss_landmark(*maps, corr, label)
+
+
+@needs_published
+def test_published_cross_entropy_terms():
+    predict = torch.randn(3, 2, 9, 7, dtype=torch.float64)
+    target = torch.randint(0, 2, (3, 9, 7))
+    target[0, :2] = 255
+    theirs = published.rabusseg()
+    for name in ("compute_unsupervised_loss", "compute_corr_loss"):
+        ref = getattr(theirs, name)(predict, target)
+        torch.testing.assert_close(getattr(rabusseg, name)(predict, target), ref, **F64)
+        torch.testing.assert_close(getattr(upstream, name)(predict, target), ref, **F64)
+
+
+@needs_published
+@pytest.mark.parametrize("B,C,H,W,N", PATCH_CASES)
+def test_published_patches_and_hard_ratio(B, C, H, W, N):
+    image = torch.randn(B, C, H, W, dtype=torch.float64)
+    label = torch.randint(0, 2, (B, H, W))
+    logit = torch.rand(B, H, W, dtype=torch.float64)
+    pred = torch.randn(B, 2, H, W, dtype=torch.float64).softmax(1)
+    theirs = published.phnet()
+    ref = theirs.devide_into_patchs(image, label, logit, pred, N)
+    for module in (phnet, upstream):
+        assert all(torch.equal(g, r) for g, r in zip(module.devide_into_patchs(image, label, logit, pred, N), ref))
+        torch.testing.assert_close(module.compute_hard_ratio(ref[3]), theirs.compute_hard_ratio(ref[3]), **F64)
+    assert torch.equal(phnet.get_patchs(image, N), theirs.get_patchs(image, N))
+    ratio_l, ratio_u = torch.rand(7, dtype=torch.float64), torch.rand(11, dtype=torch.float64)
+    assert torch.equal(phnet.count_lu_couple(ratio_l, ratio_u), theirs.count_lu_couple(ratio_l, ratio_u))
+
+
+@needs_published
+@pytest.mark.parametrize("N,ex_ratio,alpha", [(4, 40, 30), (5, 20, 50), (16, 40, 30)])
+def test_published_patch_mask_same_picks(N, ex_ratio, alpha):
+    hard = torch.rand(N, N, dtype=torch.float64)
+    ref, ref_states = seeded_np(4, published.phnet().generate_patch_mask, hard, ex_ratio, alpha)
+    for module in (phnet, upstream):
+        got, states = seeded_np(4, module.generate_patch_mask, hard, ex_ratio, alpha)
+        assert same_states(states, ref_states) and all(torch.equal(g, r) for g, r in zip(got, ref))
+
+
+@needs_published
+@pytest.mark.parametrize("mix_type", phnet.MIX_TYPES)
+@pytest.mark.parametrize("B,N,C,h,w", PATCH_DATA_CASES)
+def test_published_generate_patch_data(mix_type, B, N, C, h, w):
+    image = torch.randn(B, N, N, C, h, w, dtype=torch.float64)
+    label = torch.randint(0, 2, (B, N, N, h, w))
+    logit = torch.rand(B, N, N, h, w, dtype=torch.float64)
+    hard = torch.rand(B, N, N, dtype=torch.float64)
+    fresh = lambda: [t.clone() for t in (image, label, logit)]  # noqa: E731  (upstream writes into them)
+    ref, ref_states = seeded_np(9, published.phnet().generate_patch_data, *fresh(), hard, mix_type=mix_type)
+    for module in (phnet, upstream):
+        got, states = seeded_np(9, module.generate_patch_data, *fresh(), hard, mix_type=mix_type)
+        assert same_states(states, ref_states) and all(torch.equal(g, r) for g, r in zip(got, ref))
+
+
+@needs_published
+@pytest.mark.parametrize("Bl,K,D,rep_hw,feat_size,N,temp,lesions", [c for c in CONTRAST_CASES if c[1] == 2])
+def test_published_patch_contrast(Bl, K, D, rep_hw, feat_size, N, temp, lesions):
+    inputs = contrast_inputs(Bl, K, D, rep_hw, feat_size, lesions)
+    ref = published.phnet().patch_contrast(*inputs, N, feat_size, temp)
+    (g_ref,) = torch.autograd.grad(ref, inputs[2])
+    for fn in (phnet.patch_contrast, upstream.patch_contrast):
+        got = fn(*inputs, N, feat_size, temp)
+        torch.testing.assert_close(got, ref, **F64)
+        (g_got,) = torch.autograd.grad(got, inputs[2])
+        torch.testing.assert_close(g_got, g_ref, **F64)
+
+
+def _swapped_copy(tmp_path, clone, package, new_name, edits):
+    """A copy of ``clone``/``package`` as the package ``new_name`` (so it does not collide with the
+    loaded original) with ``edits`` {relative file: function of its text}; returns the import root."""
+    root = tmp_path / "swapped"
+    shutil.copytree(published.upstream_dir() / clone / package, root / new_name)
+    for relative, edit in edits.items():
+        path = root / new_name / relative
+        path.write_text(edit(path.read_text()))
+    return root
+
+
+def _import(root, name):
+    sys.path.insert(0, str(root))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(root))
+
+
+@needs_published
+def test_porting_doc_swap_into_published_decoder(tmp_path):
+    # docs/porting.md, RA-BUSSeg step 1: decoder.py ends without a newline, so the import line is
+    # appended after one (a bare `echo >>` joins it to the last line: a SyntaxError)
+    text = (published.upstream_dir() / "RA-BUSSeg/rabusseg/models/decoder.py").read_text()
+    assert not text.endswith("\n")
+    line = "from busseg_ops.compat.rabusseg import Corr  # noqa: E402,F811  (replaces the class above)"
+    with pytest.raises(SyntaxError):
+        compile(text + line + "\n", "decoder.py", "exec")
+    root = _swapped_copy(
+        tmp_path, "RA-BUSSeg", "rabusseg", "rabusseg_swapped", {"models/decoder.py": lambda t: t + "\n" + line + "\n"}
+    )
+    with published._importable(root):
+        decoder = _import(root, "rabusseg_swapped.models.decoder")
+        losses = _import(root, "rabusseg_swapped.utils.loss_helper")
+    assert decoder.Corr is rabusseg.Corr
+    torch.manual_seed(0)
+    head = decoder.dec_deeplabv3_plus(in_planes=64, num_classes=2, inner_planes=8, dilations=(1, 2, 3)).eval()
+    head.proj[0] = torch.nn.Conv2d(64, 256, 3, padding=1)  # upstream's proj takes the 2048-ch deepest map
+    x1, x2, x3, x4 = (
+        torch.randn(2, 256, 17, 17),
+        torch.randn(2, 16, 9, 9),
+        torch.randn(2, 32, 9, 9),
+        torch.randn(2, 64, 9, 9),
+    )
+    res = head([x1, x2, x3, x4])
+    assert isinstance(res["corr_map"], rabusseg.CorrelationMap) and res["corr_out"].shape == (2, 2, 17, 17)
+    maps = [t.requires_grad_() for t in (res["feat_x1"], res["feat_x2"], res["feat_x3"], res["high_feat"])]
+    label = lesion_labels(2, 33, 33)
+    loss = rabusseg.compute_rank_loss_landmark(*maps, res["corr_map"], label)  # step 2: our loss takes it
+    assert torch.isfinite(loss)
+    with pytest.raises(TypeError, match="from busseg_ops.compat.rabusseg"):  # upstream's loss kept
+        losses.compute_rank_loss_landmark(*maps, res["corr_map"], label)
+
+
+@needs_published
+def test_porting_doc_swap_into_published_patch_helper(tmp_path):
+    # docs/porting.md, PH-Net: one line at the end of model/patch_helper.py (which ends in a newline)
+    assert (published.upstream_dir() / "PH-Net/model/patch_helper.py").read_text().endswith("\n")
+    line = "from busseg_ops.compat.phnet import *  # noqa: E402,F401,F403"
+    root = _swapped_copy(tmp_path, "PH-Net", "model", "phnet_swapped", {"patch_helper.py": lambda t: t + line + "\n"})
+    helper = _import(root, "phnet_swapped.patch_helper")
+    for name in phnet.__all__:
+        assert getattr(helper, name) is getattr(phnet, name), name

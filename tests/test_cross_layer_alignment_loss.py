@@ -162,7 +162,12 @@ class TestCrossLayerAlignmentLoss(OpContract):
         bad(lambda f, p: cra_loss(f, [p[0], p[1][:, :3]]), ValueError, r"proxies\[1\] must be \(B, M, C_l\)"),
         bad(lambda f, p: cra_loss(f, [p[0], p[1][0]]), ValueError, r"proxies\[1\] must have 3 dims"),
         bad(lambda f, p: cra_loss(f, p, reduction="none"), ValueError, "reduction must be one of"),
-        bad(lambda f, p: cra_loss(f, p, eps=-1.0), ValueError, "eps must be a float >= 0"),
+        bad(lambda f, p: cra_loss(f, p, eps=-1.0), ValueError, "eps must be a finite float >= 0, got -1.0"),
+        # scalars (issue 29): eps = inf gave a loss of -inf; a bool is no number
+        bad(lambda f, p: cra_loss(f, p, eps=float("inf")), ValueError, "eps must be a finite float >= 0, got inf"),
+        bad(lambda f, p: cra_loss(f, p, eps=float("nan")), ValueError, "eps must be a finite float >= 0, got nan"),
+        bad(lambda f, p: cra_loss(f, p, eps=True), TypeError, "eps must be a float, got bool"),
+        bad(lambda f, p: cra_loss(f, p, eps="1e-10"), TypeError, "eps must be a float, got str"),
         bad(lambda f, p: cra_loss([f[0][:, :, :0], f[1][:, :, :0]], p), ValueError, r"feats\[0\] is empty"),
         bad(lambda f, p: cra_loss([f[0].long(), f[1]], p), TypeError, r"feats\[0\] must be one of"),
     ]

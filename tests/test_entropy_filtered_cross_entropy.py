@@ -34,3 +34,20 @@ def test_entropy_filtered_cross_entropy_half(dtype):
     expected = busseg_ops.entropy_filtered_cross_entropy(logits.float(), target, teacher.float(), drop_percent=25)
     assert loss.dtype == dtype
     torch.testing.assert_close(loss.float(), expected, **tolerance(dtype))
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        (dict(drop_percent=float("nan")), ValueError, r"drop_percent must be in \[0, 100\), got nan"),
+        (dict(drop_percent=float("-inf")), ValueError, r"drop_percent must be in \[0, 100\)"),
+        (dict(drop_percent=True), TypeError, "drop_percent must be a real number, got bool"),
+        (dict(drop_percent="20"), TypeError, "drop_percent must be a real number, got str"),
+        (dict(ignore_index=255.0), TypeError, "ignore_index must be an int, got float"),
+        (dict(ignore_index=True), TypeError, "ignore_index must be an int, got bool"),
+    ],
+)
+def test_entropy_filtered_cross_entropy_bad_scalars(kwargs, error, match):
+    logits, target = torch.randn(2, 2, 3, 4), torch.randint(0, 2, (2, 3, 4))
+    with pytest.raises(error, match=match):
+        busseg_ops.entropy_filtered_cross_entropy(logits, target, logits.softmax(1), **kwargs)

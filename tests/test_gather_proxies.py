@@ -13,7 +13,7 @@ def test_gather_proxies_keeps_gradients():
     assert p.shape == (2, 3, 3)
     assert torch.equal(p[1, 2], feat[1, :, 2, 2]) and torch.equal(p[0, 1], feat[0, :, 3, 4])
     assert torch.autograd.gradcheck(lambda f: gather_proxies(f, idx), (feat,))
-    with pytest.raises(ValueError, match="idx must hold pixel indices"):
+    with pytest.raises(ValueError, match=r"idx must hold pixel indices \(H\*W\) in \[0, 20\), got 29"):
         gather_proxies(feat, idx + 10)
     with pytest.raises(TypeError, match="idx must be int64"):
         gather_proxies(feat, idx.int())
@@ -27,3 +27,10 @@ def test_gather_proxies_half(dtype):
     assert p.dtype == dtype and torch.equal(p.float(), gather_proxies(feat.detach().float(), idx))
     (grad,) = torch.autograd.grad(p.sum(), feat)
     assert grad.dtype == dtype and grad.sum() == idx.numel() * 3  # one per gathered feature, repeats too
+
+
+def test_gather_proxies_reads_no_index_off_the_cpu():
+    """The range check reads the indices, which off the CPU is a host sync (no CUDA graph): there
+    torch's gather guards them on the device instead. On meta tensors the call goes through."""
+    feat, idx = torch.randn(2, 3, 4, 5, device="meta"), torch.full((2, 6), 99, device="meta")
+    assert gather_proxies(feat, idx).shape == (2, 6, 3)

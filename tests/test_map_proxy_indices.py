@@ -1,4 +1,5 @@
-"""map_proxy_indices: the index formula, and bad grids, dtypes and ranges."""
+"""map_proxy_indices: the index formula (in int64 whatever the index dtype), and bad grids,
+dtypes, ranges and grids whose indices int64 cannot hold."""
 
 import pytest
 import torch
@@ -30,3 +31,47 @@ def test_map_proxy_indices_formula():
 def test_map_proxy_indices_bad_indices(idx, error, match):
     with pytest.raises(error, match=match):
         map_proxy_indices(idx, (3, 3), (6, 6))
+
+
+def formula(i, src_hw, dst_hw):
+    """The mapping in Python ints (no wrap)."""
+    W, W2 = src_hw[1], dst_hw[1]
+    f = -(-W2 // W)
+    return (i // W) * f * W2 + (i % W) * f
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64])
+@pytest.mark.parametrize(
+    "src_hw,dst_hw",
+    [((5, 6), (4000, 4800)), ((11, 13), (70001, 65537)), ((3, 7), (2**31 + 5, 2**31 - 1)), ((1, 1), (1, 2**62))],
+)
+def test_map_proxy_indices_computes_in_int64_whatever_the_index_dtype(dtype, src_hw, dst_hw):
+    hw = src_hw[0] * src_hw[1]
+    top = min(hw, torch.iinfo(dtype).max + 1)
+    idx = torch.cat([torch.arange(top), torch.randint(0, top, (7,))]).to(dtype).view(-1, 1)
+    got = map_proxy_indices(idx, src_hw, dst_hw)
+    assert got.dtype == torch.int64
+    assert got.flatten().tolist() == [formula(i, src_hw, dst_hw) for i in idx.flatten().tolist()]
+
+
+def test_map_proxy_indices_issue_29_int16_case():
+    # the fuzzed case: int16 index 29 on (5, 6) -> (4000, 4800) wrapped to 28 576 in int16
+    got = map_proxy_indices(torch.tensor([29], dtype=torch.int16), (5, 6), (4000, 4800))
+    assert got.tolist() == [4 * 800 * 4800 + 5 * 800]
+
+
+def test_map_proxy_indices_largest_grid_int64_holds():
+    # H2·W2 = 2^63 - 1 = (7·7·73·127·337)·(92737·649657): its last pixel, 2^63 - 2, maps to itself
+    H2, W2 = 7 * 7 * 73 * 127 * 337, 92737 * 649657
+    assert H2 * W2 == 2**63 - 1
+    idx = torch.tensor([0, 1, W2, 2**63 - 2])
+    assert map_proxy_indices(idx, (H2, W2), (H2, W2)).tolist() == idx.tolist()
+    coarse = torch.tensor([0, 1, 1999])  # (2, 1000) -> the same grid: f = ceil(W2 / 1000)
+    got = map_proxy_indices(coarse, (2, 1000), (H2, W2)).tolist()
+    assert got == [formula(i, (2, 1000), (H2, W2)) for i in (0, 1, 1999)]
+    with pytest.raises(
+        ValueError, match=r"dst_hw=\(4294967296, 2147483648\) has 9223372036854775808 pixels: .*overflow int64"
+    ):
+        map_proxy_indices(coarse, (2, 1000), (2**32, 2**31))
+    with pytest.raises(ValueError, match="overflow int64"):
+        map_proxy_indices(coarse, (2, 1000), (2**40, 2**40))

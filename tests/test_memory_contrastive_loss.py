@@ -130,7 +130,16 @@ class TestMemoryContrastiveLoss(OpContract):
             "anchors and negatives must have the same dtype",
         ),
         bad(lambda a, ya, n, yn, p: mcl(a, ya, n, yn, p[:, :2]), ValueError, "positives must be"),
-        bad(lambda a, ya, n, yn, p: mcl(a, ya, n, yn, p, temperature=0), ValueError, "temperature"),
+        bad(lambda a, ya, n, yn, p: mcl(a, ya, n, yn, p, temperature=0), ValueError, "temperature must be a finite"),
+        # scalars (issue 29): an infinite temperature or True was taken; a bool is no number
+        bad(lambda a, ya, n, yn, p: mcl(a, ya, n, yn, p, temperature=-0.5), ValueError, "float > 0, got -0.5"),
+        bad(lambda a, ya, n, yn, p: mcl(a, ya, n, yn, p, temperature=float("inf")), ValueError, "float > 0, got inf"),
+        bad(lambda a, ya, n, yn, p: mcl(a, ya, n, yn, p, temperature=float("nan")), ValueError, "float > 0, got nan"),
+        bad(
+            lambda a, ya, n, yn, p: mcl(a, ya, n, yn, p, temperature=True),
+            TypeError,
+            "temperature must be a float, got bool",
+        ),
         bad(lambda a, ya, n, yn, p: mcl(a.long(), ya, n, yn, p), TypeError, "anchors must be one of"),
         bad(lambda a, ya, n, yn, p: mcl(a, ya, n, yn, "p"), TypeError, "positives must be"),
     ]

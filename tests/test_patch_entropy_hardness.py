@@ -116,6 +116,13 @@ class TestPatchEntropyHardness(OpContract):
         bad(lambda x: hardness(x[:, :, :0], num_patches=2), ValueError, "x is empty"),
         bad(lambda x: hardness(x, num_patches=2**64), ValueError, "num_patches must be <= "),
         bad(lambda x: hardness(x, patch_size=(2**63, 1)), ValueError, "patch_size must be <= "),
+        # scalars (issue 29): eps -1 or NaN gave NaN, and so does eps = 0 where a probability is 0
+        bad(lambda x: hardness(x, 2, eps=-1.0), ValueError, "eps must be a finite float > 0, got -1.0"),
+        bad(lambda x: hardness(x, 2, eps=0.0), ValueError, "eps must be a finite float > 0, got 0.0"),
+        bad(lambda x: hardness(x, 2, eps=float("nan")), ValueError, "eps must be a finite float > 0, got nan"),
+        bad(lambda x: hardness(x, 2, eps=float("inf")), ValueError, "eps must be a finite float > 0, got inf"),
+        bad(lambda x: hardness(x, 2, eps=True), TypeError, "eps must be a float, got bool"),
+        bad(lambda x: hardness(x, True), TypeError, "num_patches must be an int or a pair of ints, got True"),
     ]
 
     raw_bad_inputs = [
@@ -158,8 +165,8 @@ def test_reference_hardness_matches_avg_pool_of_entropy(from_logits):
 
 @pytest.mark.parametrize("from_logits", [False, True])
 def test_triton_patches_larger_than_a_block(from_logits):
-    """Patches of 24 x 24 = 576 pixels: more than one Triton block of the forward (at most 512 pixels;
-    blocks of 1024 spilled registers on sm_90), which then loops over the patch."""
+    """Patches of 24 x 24 = 576 pixels: more than one Triton tile (16 x 32: at most 512 pixels; tiles
+    of 1024 spilled registers on sm_90), so both kernels loop over the patch."""
     device = triton_device()
     logits = torch.randn(1, 3, 24, 48, device=device) * 3
     x = (logits if from_logits else logits.softmax(1)).requires_grad_()
@@ -209,3 +216,62 @@ def test_hardness_two_class_non_finite_logits_match_reference(value):
     with busseg_ops.use_backend("cpu"):
         out = hardness(x, num_patches=2, from_logits=True)
     torch.testing.assert_close(out, ref, equal_nan=True)
+
+
+# Shapes that reach every path of the GPU kernels. CUDA: units of V pixels (one 128-bit vector of
+# the dtype where the patch width, the row length and the pointers allow; else single pixels),
+# 32 to 256 threads per patch (patches per block: 256 / that), loops where a patch has more units
+# than threads. Triton: 2-D tiles of the patch, looping where a patch is larger than one.
+GPU_SHAPES = [  # B, K, H, W, patch
+    (2, 2, 64, 64, (32, 32)),  # fp32: 256 vectors, 256 threads; 16-bit: 128 vectors
+    (1, 2, 128, 128, (64, 128)),  # more vectors than threads; Triton: 8 x 64 tiles, looping
+    (2, 2, 16, 32, (4, 8)),  # 32 threads per patch, 8 patches per block
+    (2, 3, 12, 20, (3, 5)),  # single pixels (5 is no multiple of a vector), K = 3
+    (1, 2, 6, 6, (1, 1)),  # one pixel per patch
+]
+
+
+def _gpu_backends():
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return device, [b for b in ("cuda", "triton") if b in busseg_ops.available_backends(device)]
+
+
+def _misaligned(t):
+    """t's values in a contiguous tensor whose data starts one element past a 16-byte boundary."""
+    flat = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
+    view = flat[1:].view(t.shape)
+    view.copy_(t)
+    return view
+
+
+@pytest.mark.parametrize("shape", GPU_SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16], ids=str)
+def test_gpu_kernels_every_path(shape, dtype):
+    device, names = _gpu_backends()
+    if device == "cpu" and dtype in (torch.bfloat16, torch.float64):
+        pytest.skip("the Triton interpreter: no bfloat16 (numpy), float64 as float32 (time)")
+    if not names:
+        pytest.skip("no GPU backend here")
+    B, K, H, W, patch = shape
+    for from_logits in (False, True):
+        logits = torch.randn(B, K, H, W, device=device) * 3
+        x32 = logits if from_logits else logits.softmax(1)
+        x = x32.to(dtype)
+        grad = torch.randn(B, H // patch[0], W // patch[1], device=device)
+        wide = x.float().requires_grad_()  # the same rounded values
+        with busseg_ops.use_backend("reference"):
+            expected = hardness(wide, patch_size=patch, from_logits=from_logits)
+        (expected_dx,) = torch.autograd.grad(expected, wide, grad)
+        for backend in names:
+            # float64 on Triton and the 16-bit types: float32 sums, checked at the float32 result
+            tol = tolerance(dtype if dtype in (torch.float16, torch.bfloat16) else torch.float32)
+            for layout in (lambda t: t, _misaligned):
+                xb = layout(x.detach()).requires_grad_()
+                with busseg_ops.use_backend(backend):
+                    out = hardness(xb, patch_size=patch, from_logits=from_logits)
+                (dx,) = torch.autograd.grad(out, xb, grad.to(dtype))
+                msg = f"{backend} from_logits={from_logits} aligned={layout is not _misaligned}"
+                assert out.dtype == dtype and dx.dtype == dtype, msg
+                torch.testing.assert_close(out.float(), expected, **tol, msg=msg)
+                scale = max(1.0, expected_dx.abs().max().item())
+                torch.testing.assert_close(dx.float(), expected_dx, rtol=tol["rtol"], atol=tol["atol"] * scale, msg=msg)

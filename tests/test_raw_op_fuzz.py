@@ -26,6 +26,7 @@ CONTRACTS = [
     test_cross_layer_alignment_loss.TestCrossLayerAlignmentLoss,
     test_patch_entropy_hardness.TestPatchEntropyHardness,
     test_adaptive_patch_cutmix.TestAdaptivePatchCutmix,
+    test_adaptive_patch_cutmix.TestCutmixPatchMask,
     test_memory_contrastive_loss.TestMemoryContrastiveLoss,
 ]
 CLEAN_ERRORS = {"RuntimeError", "ValueError", "TypeError", "IndexError"}

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from busseg_ops import sample_proxies
+from busseg_ops.ops.sample_proxies import MAX_KMEANS_ITERATIONS
 
 
 @pytest.mark.parametrize("strategy", ["random", "kmeans", "patch", "greedy"])
@@ -37,6 +38,24 @@ def test_kmeans_strategy_finds_one_proxy_per_cluster():
     assert sorted(assign[idx[0]].tolist()) == [0, 1, 2, 3]  # k-means++ seeds separate them
 
 
+def test_kmeans_stops_once_the_assignments_no_longer_change(monkeypatch):
+    feat = torch.randn(2, 5, 9, 11)
+    gen = lambda: torch.Generator().manual_seed(5)  # noqa: E731
+    converged = sample_proxies(feat, 6, "kmeans", generator=gen(), kmeans_iterations=200)
+    calls = []
+    cdist = torch.cdist
+    monkeypatch.setattr(torch, "cdist", lambda *a, **k: calls.append(1) or cdist(*a, **k))
+    capped = sample_proxies(feat, 6, "kmeans", generator=gen(), kmeans_iterations=MAX_KMEANS_ITERATIONS)
+    steps = len(calls) - 1  # one cdist per Lloyd step, one for the final nearest pixels
+    assert torch.equal(capped, converged) and 1 < steps < 200  # stopped at its fixed point
+    calls.clear()
+    again = sample_proxies(feat, 6, "kmeans", generator=gen(), kmeans_iterations=steps - 1)
+    assert len(calls) == steps  # one step short of convergence: every step ran
+    calls.clear()
+    assert torch.equal(sample_proxies(feat, 6, "kmeans", generator=gen(), kmeans_iterations=steps), converged)
+    assert len(calls) == steps + 1 and again.shape == (2, 6)
+
+
 @pytest.mark.parametrize("strategy", ["random", "kmeans", "patch", "greedy"])
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), 1e30])
 def test_non_finite_features_still_give_distinct_proxies(strategy, value):
@@ -55,6 +74,28 @@ def test_non_finite_features_still_give_distinct_proxies(strategy, value):
         (lambda f: sample_proxies(f, 36, "random"), ValueError, r"num_proxies must be <= H\*W"),
         (lambda f: sample_proxies(f, 11, "patch"), ValueError, "num_proxies=11 cannot be laid out"),
         (lambda f: sample_proxies(f, 3, "kmeans", kmeans_iterations=-1), ValueError, "kmeans_iterations must be >= 0"),
+        (
+            lambda f: sample_proxies(f, 3, "kmeans", kmeans_iterations=2**62),
+            ValueError,
+            "kmeans_iterations must be <= 1000",
+        ),
+        (
+            lambda f: sample_proxies(f, 3, "kmeans", kmeans_iterations=1001),
+            ValueError,
+            "kmeans_iterations must be <= 1000",
+        ),
+        (
+            lambda f: sample_proxies(f, 3, "kmeans", kmeans_iterations=True),
+            TypeError,
+            "kmeans_iterations must be an int",
+        ),
+        (
+            lambda f: sample_proxies(f, 3, "kmeans", kmeans_iterations=5.0),
+            TypeError,
+            "kmeans_iterations must be an int",
+        ),
+        (lambda f: sample_proxies(f, True, "random"), TypeError, "num_proxies must be an int"),
+        (lambda f: sample_proxies(f, 3, "random", generator=7), TypeError, "generator must be a torch.Generator"),
     ],
 )
 def test_sampling_bad_inputs(call, error, match):

@@ -98,7 +98,36 @@ def bad_inputs(tmp_path, run):
     torch.save(src, torchvision)
     blocker = tmp_path / "a_file"
     blocker.write_text("")
-    return dict(evil=evil, marker=marker, flipped=flipped, busi=busi, torchvision=torchvision, blocker=blocker)
+    text = tmp_path / "notes.pt"  # not a zip, not a pickle: damaged, not dangerous
+    text.write_text("hello\n")
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("epochs: 3\nlr: 0.01\nepochs: 5\n")
+    # Hand-edited checkpoints whose digest was recomputed: they pass the checksum.
+    edited = {}
+    for name, edit in (
+        ("no_teacher", lambda st: st.pop("teacher")),
+        ("negative_epoch", lambda st: st.update(epoch=-5)),
+        (
+            "nan_teacher",
+            lambda st: next(v for v in st["teacher"].values() if v.is_floating_point()).fill_(float("nan")),
+        ),
+        ("other_method", lambda st: st["config"].update(method="phnet", model="deeplab")),
+    ):
+        st = checkpoint.load(os.path.join(run.out, "last.pt"))
+        edit(st)
+        edited[name] = tmp_path / f"{name}.pt"
+        checkpoint.save(st, str(edited[name]))
+    return dict(
+        evil=evil,
+        marker=marker,
+        flipped=flipped,
+        busi=busi,
+        torchvision=torchvision,
+        blocker=blocker,
+        text=text,
+        twice=twice,
+        **edited,
+    )
 
 
 def _cases(b, run):
@@ -107,9 +136,25 @@ def _cases(b, run):
         # bad paths and files
         "missing root": (["train", "--data", "busi", "--root", str(b["busi"]) + "_nowhere"], "--root"),
         "bad image, suponly": (
-            ["train", "--data", "busi", "--root", str(b["busi"]), "--quiet", "--out", str(b["busi"].parent / "o")],
+            ["train", "--data", "busi", "--root", str(b["busi"]), "--split-mode", "random", "--quiet"]
+            + ["--out", str(b["busi"].parent / "o")],
             "malignant (4).png",
         ),
+        "busi without lists": (["train", "--data", "busi", "--root", str(b["busi"])], "no split lists at"),
+        "missing split dir": (
+            ["train", "--data", "busi", "--root", str(b["busi"]), "--split-dir", str(b["busi"] / "nowhere")],
+            "nowhere: no such folder",
+        ),
+        "text file as checkpoint": (["eval", "--checkpoint", str(b["text"])], "notes.pt: not a PyTorch checkpoint"),
+        "edited: no teacher": (["eval", "--checkpoint", str(b["no_teacher"])], "no 'teacher' entry"),
+        "edited: no teacher, predict": (
+            ["predict", str(b["busi"] / "benign"), "--checkpoint", str(b["no_teacher"])],
+            "no 'teacher' entry",
+        ),
+        "edited: negative epoch": (["train", "--resume", str(b["negative_epoch"])], "epoch -5 is negative"),
+        "edited: NaN teacher": (["eval", "--checkpoint", str(b["nan_teacher"])], "NaN or infinite values"),
+        "edited: other network": (["eval", "--checkpoint", str(b["other_method"])], "do not fit the network"),
+        "key twice": (["train", "--config", str(b["twice"])], "line 3: key 'epochs' is given twice (first on line 1)"),
         "crafted checkpoint": (["train", "--resume", str(b["evil"])], "evil.pt: refused"),
         "flipped checkpoint": (["train", "--resume", str(b["flipped"])], "flipped.pt: checksum mismatch"),
         "eval crafted checkpoint": (["eval", "--checkpoint", str(b["evil"])], "evil.pt: refused"),
@@ -120,8 +165,24 @@ def _cases(b, run):
         ),
         "unwritable out": (["train", "--out", str(b["blocker"] / "run"), *small], "--out"),
         "missing config": (["train", "--config", "nowhere.yaml"], "--config nowhere.yaml"),
-        # bad values
+        # bad values, the ones that failed mid-training (or hung) among them
         "partition 1/3": (["train", "--partition", "1/3"], "--partition 1/3"),
+        "huge synthetic set": (["train", "--synthetic-n", str(10**12)], "--synthetic-n 1000000000000: must be at most"),
+        "lr inf": (["train", "--lr", "inf"], "--lr inf: must be a finite number"),
+        "weight decay inf": (["train", "--weight-decay", "inf"], "--weight-decay inf: must be a finite number"),
+        "lambda-u nan": (["train", "--lambda-u", "nan"], "--lambda-u nan: must be a finite number"),
+        "arp kernel over the op's limit": (["train", "--arp-kernel", "32769"], "--arp-kernel 32769: must be at most"),
+        "arp kernel over the grid": (
+            ["train", "--method", "rabusseg", "--crop", "64", "--num-proxies", "8", "--arp-kernel", "33", *small],
+            "--arp-kernel 33: the 4×4 relation grid",
+        ),
+        "huge unet": (["train", "--unet-base", "100000"], "--unet-base 100000: must be at most 128"),
+        "huge projection": (["train", "--proj-dim", "1000000"], "--proj-dim 1000000: must be at most"),
+        "huge bank": (["train", "--bank-size", "1000000000"], "--bank-size 1000000000: must be at most"),
+        "huge scale": (["train", "--scale-max", "1e6"], "--scale-max 1000000.0: must be at most"),
+        "abbreviated flag": (["train", "--epoch", "3"], "unrecognized arguments: --epoch 3"),
+        "negative window": (["predict", "x.png", "--checkpoint", "c.pt", "--window", "-5"], "--window: -5"),
+        "negative eval window": (["eval", "--checkpoint", "c.pt", "--window", "-1"], "--window: -1"),
         "epochs 0": (["train", "--epochs", "0"], "--epochs 0"),
         "epochs abc": (["train", "--epochs", "abc"], "--epochs"),
         "drop percent": (["train", "--drop-percent", "0"], "--drop-percent"),
@@ -214,7 +275,7 @@ def test_bare_resume_continues_the_stored_run_and_export_loads_in_plain_torch(ru
     assert checkpoint.load(os.path.join(run.out, "last.pt"))["epoch"] == 3
     # Export: the teacher as a plain state dict plus the config to build the network.
     model_pt = tmp_path / "model.pt"
-    assert cli.main(["export", os.path.join(run.out, "best.pt"), str(model_pt)]) == 0
+    assert cli.main(["export", os.path.join(run.out, "best.pt"), str(model_pt), "--format", "state-dict"]) == 0
     weights = torch.load(model_pt, weights_only=True)
     cfg = config.TrainConfig.from_dict(json.load(open(tmp_path / "model.json")))
     model = engine.build_model(cfg)
@@ -225,3 +286,84 @@ def test_bare_resume_continues_the_stored_run_and_export_loads_in_plain_torch(ru
     torch.testing.assert_close(model.eval()(x)["pred"], teacher.eval()(x)["pred"], rtol=0, atol=0)
     with pytest.raises(UserError, match="not a busseg training checkpoint"):
         checkpoint.load(str(model_pt))  # an export is not a training checkpoint
+
+
+def _subparsers(p):
+    import argparse
+
+    yield "busseg", p
+    for action in p._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield f"busseg {name}", sub
+
+
+def test_every_flag_of_every_subcommand_has_help_and_shows_its_default():
+    missing = []
+    for prog, sub in _subparsers(cli.parser()):
+        assert sub.allow_abbrev is False, prog  # `--epoch` must not be taken for `--epochs`
+        for action in sub._actions:
+            if action.help == "==SUPPRESS==" or action.dest in ("help", "command"):
+                continue
+            name = action.option_strings[0] if action.option_strings else action.dest
+            if not action.help:
+                missing.append(f"{prog} {name}: no help")
+            elif not action.option_strings or name == "--version":  # positionals: always given
+                continue
+            elif action.required and "required" not in action.help:
+                missing.append(f"{prog} {name}: required, but its help does not say so")
+            elif not action.required and "(default: " not in action.help and "default: " not in action.help:
+                missing.append(f"{prog} {name}: no default in its help")
+    assert not missing, "\n".join(missing)
+
+
+def test_version_and_no_abbreviations(capsys):
+    import busseg_ops
+
+    with pytest.raises(SystemExit) as done:
+        cli.main(["--version"])
+    assert done.value.code == 0
+    assert capsys.readouterr().out == f"busseg {busseg_ops.__version__} (torch {torch.__version__})\n"
+    for argv in (["train", "--epoch", "3"], ["predict", "x", "--checkpoint", "c", "--win", "3"]):
+        with pytest.raises(SystemExit) as done:
+            cli.main(argv)
+        assert done.value.code == 2 and "unrecognized arguments" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as done:
+        cli.main(["eval", "--check", "x.pt"])  # not --checkpoint, which is then missing
+    assert done.value.code == 2 and "required: --checkpoint" in capsys.readouterr().err
+
+
+HELP_IMPORTS = """
+import subprocess, sys
+sys.argv = ["busseg", "--help"]
+from busseg_ops.train import cli
+try:
+    cli.main()
+except SystemExit as e:
+    assert e.code == 0
+print(" ".join(sorted(sys.modules)))
+"""
+
+
+def _modules_after(code: str) -> set:
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return set(r.stdout.strip().splitlines()[-1].split())
+
+
+def test_busseg_help_imports_no_training_code():
+    """`busseg --help` loads the command line alone: not the training, data, image or plotting code
+    (the subcommands import what they use)."""
+    loaded = _modules_after(HELP_IMPORTS)
+    heavy = {"busseg_ops.train.engine", "busseg_ops.train.data", "busseg_ops.models", "PIL", "scipy", "matplotlib"}
+    assert "busseg_ops.train.cli" in loaded and not heavy & loaded, sorted(heavy & loaded)
+    # The console script itself answers too.
+    busseg = os.path.join(os.path.dirname(sys.executable), "busseg")
+    r = subprocess.run([busseg, "--help"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "train" in r.stdout and "export" in r.stdout
+
+
+def test_busseg_help_does_not_import_inductor():
+    """The Triton variants register on first dispatch (backends.load_triton): their triton_op
+    decorators import torch._inductor, about as long again as `import torch`."""
+    assert "torch._inductor" not in _modules_after(HELP_IMPORTS)

@@ -1,13 +1,14 @@
 """Paper-faithful training: the upstream nested config and the presets, OHEM, the drop-percent
 schedule and the EMA ramp, each against upstream's semantics written out by hand."""
 
+import json
 import math
 
 import pytest
 import torch
 from busseg_ops.train import Trainer, checkpoint, cli, config, engine, methods
 from busseg_ops.train.errors import UserError
-from train_helpers import tiny
+from train_helpers import fake_busi, tiny, write_lists
 
 # The structure of the public RA-BUSSeg experiments/busi/1_2/config.yaml (a copy written here, keys
 # and values as upstream has them; nothing is fetched).
@@ -79,19 +80,24 @@ net:
       dilations: [12, 24, 36]
 """
 
-SMALL = [
-    "--data", "synthetic", "--synthetic-n", "24", "--synthetic-size", "64", "--crop", "64", "--backbone", "resnet18",
-    "--epochs", "1", "--max-steps", "2", "--warmup-epochs", "0", "--proj-dim", "16", "--rep-dim", "16",
-    "--num-proxies", "8", "--quiet",
+SIZES = [
+    "--crop", "64", "--backbone", "resnet18", "--epochs", "1", "--max-steps", "2", "--warmup-epochs", "0",
+    "--proj-dim", "16", "--rep-dim", "16", "--num-proxies", "8", "--quiet",
 ]  # fmt: skip
 
 
-def test_upstream_nested_config_maps_and_trains(tmp_path, capsys):
+def test_upstream_nested_config_maps_and_trains(tmp_path, capsys, monkeypatch):
+    # RA-BUSSeg's layout beside the config: data/BUS/Breast-BUSI (image/ + label/), data/BUSI lists.
+    split = fake_busi(str(tmp_path / "data" / "BUS" / "Breast-BUSI"), per_class=6, lists=False, upstream=True)
+    write_lists(str(tmp_path / "data" / "BUSI"), split)
     path = tmp_path / "config.yaml"
     path.write_text(UPSTREAM_YAML)
     mapped = config.load_file(str(path))
     assert mapped["method"] == "rabusseg" and mapped["data"] == "busi" and mapped["partition"] == "1/2"
-    assert mapped["split_dir"] == "data/BUSI" and mapped["root"] == "data/BUS/Breast-BUSI/"
+    # relative paths in a config file are read from its folder, wherever the command runs
+    assert mapped["split_dir"] == str(tmp_path / "data" / "BUSI")
+    assert mapped["root"] == str(tmp_path / "data" / "BUS" / "Breast-BUSI")
+    assert mapped["out"] == str(tmp_path / "experiments" / "busi" / "1_2" / "1_fold" / "checkpoint")
     assert (mapped["crop"], mapped["batch_labeled"], mapped["batch_unlabeled"], mapped["in_channels"]) == (512, 2, 2, 3)
     assert (mapped["criterion"], mapped["drop_percent"], mapped["warmup_epochs"], mapped["ema"]) == (
         "ohem",
@@ -105,13 +111,24 @@ def test_upstream_nested_config_maps_and_trains(tmp_path, capsys):
     for key, value in mapped.items():
         if key not in ("root", "split_dir", "out", "num_workers"):
             assert preset[key] == value, key
-    # A few steps on synthetic data (the flags override the file's data, sizes and schedule).
+    # A few steps on the data the file names, run from another folder (the flags override sizes).
+    monkeypatch.chdir(tmp_path / "data")
     out = tmp_path / "run"
-    assert cli.main(["train", "--config", str(path), *SMALL, "--out", str(out)]) == 0
+    assert cli.main(["train", "--config", str(path), *SIZES, "--out", str(out)]) == 0
     st = checkpoint.load(str(out / "last.pt"))
     assert st["global_step"] == 2 and st["config"]["method"] == "rabusseg" and st["config"]["in_channels"] == 3
     assert st["config"]["criterion"] == "ohem" and st["config"]["weight_decay"] == 0.0005
-    assert "test Dice" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert "test Dice" in text and f"split lists in {tmp_path / 'data' / 'BUSI'}" in text
+    assert json.load(open(out / "data.json"))["sizes"] == {"labeled": 5, "unlabeled": 5, "val": 2, "test": 2}
+    # The same file elsewhere: its lists are missing there, which is an error naming the path tried
+    # (not a random split of the images).
+    moved = tmp_path / "elsewhere" / "config.yaml"
+    moved.parent.mkdir()
+    moved.write_text(UPSTREAM_YAML.replace("data_root: data/BUS", f"data_root: {tmp_path}/data/BUS"))
+    assert cli.main(["train", "--config", str(moved), *SIZES, "--out", str(tmp_path / "run2")]) == 2
+    assert f"--split-dir {tmp_path / 'elsewhere' / 'data' / 'BUSI'}: no such folder" in capsys.readouterr().err
+    assert not (tmp_path / "run2" / "last.pt").exists()
 
 
 @pytest.mark.parametrize(
@@ -238,3 +255,45 @@ def test_ema_ramp_starts_after_the_supervised_only_epochs(tmp_path):
     tr.train_step(*next(batches), ctx)  # t = 1: decay min(0.99, 1 − 1/2) = 0.5
     for t, t0, s in zip(params(tr.teacher), before, params(tr.student)):
         torch.testing.assert_close(t, 0.5 * t0 + 0.5 * s)
+
+
+def test_a_key_given_twice_is_an_error_naming_it_and_flat_paths_are_relative_to_the_file(tmp_path):
+    path = tmp_path / "twice.yaml"
+    path.write_text("method: rabusseg\nepochs: 3\nlr: 0.01\nepochs: 5\n")
+    with pytest.raises(UserError, match=r"twice.yaml: line 4: key 'epochs' is given twice \(first on line 2\)"):
+        config.load_file(str(path))
+    path.write_text("dataset:\n  train:\n    flip: True\n    flip: False\n")  # inside a section too
+    with pytest.raises(UserError, match="line 4: key 'flip' is given twice"):
+        config.load_file(str(path))
+    path.write_text("base: &b {epochs: 3}\nother:\n  <<: *b\n  epochs: 4\n")  # a merge key overrides on purpose
+    with pytest.raises(UserError, match="unknown config keys: base, other"):
+        config.load_file(str(path))
+    js = tmp_path / "twice.json"
+    js.write_text('{"epochs": 3, "epochs": 5}')
+    with pytest.raises(UserError, match="twice.json: key 'epochs' is given twice"):
+        config.load_file(str(js))
+    sub = tmp_path / "configs"
+    sub.mkdir()
+    flat = sub / "run.yaml"
+    flat.write_text("data: busi\nroot: ../data/BUSI\nsplit_dir: /abs/lists\nout: runs/x\npretrained: ~/w.pth\n")
+    values = config.load_file(str(flat))
+    assert values["root"] == str(tmp_path / "data" / "BUSI") and values["split_dir"] == "/abs/lists"
+    assert values["out"] == str(sub / "runs" / "x") and values["pretrained"] == "~/w.pth"
+
+
+def test_values_that_failed_mid_training_are_refused_by_the_config():
+    for name, value, message in (
+        ("lr", float("inf"), "--lr inf: must be a finite number"),
+        ("weight_decay", float("inf"), "--weight-decay inf: must be a finite number"),
+        ("lambda_u", float("nan"), "--lambda-u nan: must be a finite number"),
+        ("temperature", float("nan"), "--temperature nan: must be a finite number"),
+        ("synthetic_n", 10**12, "--synthetic-n 1000000000000: must be at most 100000"),
+        ("arp_kernel", 32769, "--arp-kernel 32769: must be at most 32767"),
+        ("unet_base", 10**5, "--unet-base 100000: must be at most 128"),
+        ("proj_dim", 10**6, "--proj-dim 1000000: must be at most 2048"),
+        ("bank_size", 10**9, "--bank-size 1000000000: must be at most 65536"),
+        ("scale_max", 1e6, r"--scale-max 1000000.0: must be at most 4.0"),
+        ("seed", -1, "--seed -1: must be at least 0"),
+    ):
+        with pytest.raises(UserError, match=message):
+            config.TrainConfig(**{name: value}).validate()

@@ -4,6 +4,7 @@ import torch
 from busseg_ops.train import augment, config, data, synthetic
 from busseg_ops.train.errors import UserError
 from PIL import Image
+from train_helpers import fake_busi, write_lists
 
 
 def test_synthetic_is_deterministic_and_hypoechoic():
@@ -159,3 +160,172 @@ def test_upstream_image_label_layout(tmp_path):
     items = data.busi_items(str(tmp_path))
     assert [(it.name, it.cls) for it in items] == [("benign (1).png", 0), ("malignant (2).png", 1)]
     assert data.load_item(items[1])[1].sum() == 8
+
+
+# ----------------------------------------------------------------------------------------------
+# Masks: binary or an error naming the values found; 12-bit data in 16 bits is reported
+
+
+def _mask_file(path, array):
+    Image.fromarray(array).save(path)
+    return str(path)
+
+
+def test_masks_0_1_in_8_or_16_bits_and_0_255_or_65535_read_as_the_same_lesion(tmp_path):
+    lesion = np.zeros((9, 11), bool)
+    lesion[2:6, 3:8] = True
+    for name, array in {
+        "u8_255.png": lesion.astype(np.uint8) * 255,
+        "u8_01.png": lesion.astype(np.uint8),
+        "u16_01.png": lesion.astype(np.uint16),  # was read as empty: 1/257 rounds to 0
+        "u16_65535.png": lesion.astype(np.uint16) * 65535,
+        "rgb.png": np.repeat(lesion.astype(np.uint8)[..., None] * 255, 3, 2),
+        "rgba_opaque.png": np.dstack(
+            [np.repeat(lesion.astype(np.uint8)[..., None] * 255, 3, 2), np.full((9, 11), 255, np.uint8)]
+        ),
+        "empty.png": np.zeros((9, 11), np.uint8),  # BUSI's normal images
+    }.items():
+        path = _mask_file(tmp_path / name, array)
+        want = np.zeros_like(lesion) if name == "empty.png" else lesion
+        assert np.array_equal(data.read_mask(path), want.astype(np.uint8)), name
+
+
+@pytest.mark.parametrize(
+    "name,array,message",
+    [
+        ("labels.png", np.array([[0, 1, 2], [2, 1, 0]], np.uint8), r"values 0, 1, 2; expected a binary mask"),
+        ("two_sixteen.png", np.array([[0, 1000], [4095, 0]], np.uint16), r"values 0, 1000, 4095"),
+        ("jpeg_like.png", np.array([[0, 3, 250], [255, 255, 0]], np.uint8), r"values 0, 3, 250, 255"),
+        (
+            "alpha.png",  # the lesion drawn in the alpha channel, the colour all black
+            np.dstack([np.zeros((2, 3, 3), np.uint8), np.array([[0, 255, 255], [0, 0, 255]], np.uint8)]),
+            r"RGBA with a transparent part \(alpha values 0, 255\)",
+        ),
+        ("colour.png", np.array([[[255, 0, 0], [0, 0, 0]]], np.uint8), "a colour mask"),
+    ],
+)
+def test_masks_that_are_not_binary_are_errors_naming_the_values(tmp_path, name, array, message):
+    path = _mask_file(tmp_path / name, array)
+    with pytest.raises(data.DataError, match=message) as err:
+        data.read_mask(path)
+    assert name in str(err.value) and len(str(err.value).splitlines()) == 1
+
+
+def test_12_bit_data_in_16_bits_warns_once(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "_warned_low_bits", False)
+    twelve = (np.arange(20, dtype=np.uint16).reshape(4, 5) * 200).clip(0, 4095)
+    Image.fromarray(twelve).save(tmp_path / "a.png")
+    Image.fromarray(twelve).save(tmp_path / "b.png")
+    with pytest.warns(data.DataWarning, match=r"a\.png: a 16-bit image whose values stay below 4096"):
+        img = data.read_gray(str(tmp_path / "a.png"))
+    assert img.max() == round(3800 / 257)  # read as documented (65535 → 255), and said so
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        data.read_gray(str(tmp_path / "b.png"))  # once per process, not once per image
+
+
+# ----------------------------------------------------------------------------------------------
+# Split lists: checked up front; a missing folder or list is an error, never a random split
+
+
+@pytest.fixture
+def busi_lists(tmp_path):
+    root = tmp_path / "BUSI"
+    split = fake_busi(str(root), per_class=12)
+    return root, split
+
+
+def _write(path, lines):
+    path.write_text("".join(f"{n}\n" for n in lines))
+
+
+def test_the_authors_lists_are_used_with_their_sizes_and_a_banner(busi_lists):
+    root, split = busi_lists
+    sp = data.make_splits("busi", str(root), "1/2", seed=0)
+    assert [it.name for it in sp.test] == split["test"] and [it.name for it in sp.labeled] == split["labeled"]
+    assert [it.name for it in sp.unlabeled] == split["unlabeled"] and sp.val == sp.test
+    banner = sp.banner()
+    assert f"split lists in {root / 'splits'} (test.txt, 1_2/labeled.txt, 1_2/unlabeled.txt)" in banner
+    assert banner.endswith("10 labelled, 10 unlabelled, 4 validation (the test list), 4 test")
+    described = sp.describe()
+    assert described["sizes"] == {"labeled": 10, "unlabeled": 10, "val": 4, "test": 4}
+    assert described["images"]["test"] == split["test"] and described["split"] == "lists"
+    # 1/4 from the 1/2 lists: a seeded half of the labelled list, the rest unlabelled
+    quarter = data.make_splits("busi", str(root), "1/4", seed=3)
+    assert {it.name for it in quarter.labeled} < set(split["labeled"]) and len(quarter.labeled) == 5
+    assert len(quarter.unlabeled) == 15 and "labelled drawn with the seed from 1_2/labeled.txt" in quarter.banner()
+    # the lists of 1_4/ when the folder has them (not a draw from 1_2)
+    own = root / "splits" / "1_4"
+    own.mkdir()
+    _write(own / "labeled.txt", split["labeled"][:3])
+    _write(own / "unlabeled.txt", split["labeled"][3:] + split["unlabeled"])
+    quarter = data.make_splits("busi", str(root), "1/4", seed=3)
+    assert [it.name for it in quarter.labeled] == split["labeled"][:3] and "the lists of 1_4" in quarter.banner()
+
+
+def test_a_missing_folder_or_list_is_an_error_not_a_random_split(busi_lists, tmp_path):
+    root, split = busi_lists
+    with pytest.raises(UserError, match=r"--split-dir .*nowhere: no such folder"):
+        data.make_splits("busi", str(root), "1/2", split_dir=str(tmp_path / "nowhere"))
+    for name in ("test.txt", "1_2/unlabeled.txt"):
+        path = root / "splits" / name
+        text = path.read_text()
+        path.unlink()
+        with pytest.raises(data.DataError, match=f"split list missing: .*{name}"):
+            data.make_splits("busi", str(root), "1/2")
+        path.write_text(text)
+    (root / "splits" / "test.txt").rename(root / "test.txt")
+    (root / "splits").rename(root / "lists")
+    with pytest.raises(data.DataError, match=r"--data busi: no split lists at .*splits .* --split-mode random"):
+        data.make_splits("busi", str(root), "1/2")
+    sp = data.make_splits("busi", str(root), "1/2", split="random")  # asked for: the seeded 8:1:1 split
+    assert sp.source["split"] == "random" and "random 8:1:1 split" in sp.banner()
+    assert len(sp.test) == round(24 / 10)
+    with pytest.raises(UserError, match="--split-dir: synthetic data has no split lists"):
+        config.TrainConfig(split_dir="lists").validate()
+
+
+@pytest.mark.parametrize(
+    "edit,message",
+    [
+        (lambda s: {**s, "labeled": []}, r"split list .*1_2/labeled.txt is empty"),  # hung the trainer
+        (lambda s: {**s, "test": []}, r"split list .*test.txt is empty"),  # wrote NaN metrics
+        (
+            lambda s: {**s, "labeled": s["labeled"] + s["test"][:1]},
+            r"in both test.txt and 1_2/labeled.txt \(a train/test leak\)",
+        ),
+        (
+            lambda s: {**s, "unlabeled": s["unlabeled"] + s["labeled"][:2]},
+            r"2 image\(s\) in both 1_2/labeled.txt and 1_2/unlabeled.txt \(one image in two roles\)",
+        ),
+        (
+            lambda s: {**s, "test": s["test"] + s["test"][:1]},
+            r"test.txt: 'benign \(1\).png' is listed twice \(lines 1 and 5\)",
+        ),
+        (
+            lambda s: {**s, "test": s["test"] + ["benign (99).png"]},
+            r"test.txt: 1 listed names not found in the data, e.g. 'benign \(99\).png'",
+        ),
+    ],
+)
+def test_split_lists_are_checked_before_use(busi_lists, edit, message):
+    root, split = busi_lists
+    write_lists(str(root / "splits"), edit(split))
+    with pytest.raises(UserError, match=message) as err:
+        data.make_splits("busi", str(root), "1/2")
+    assert len(str(err.value).splitlines()) == 1
+
+
+def test_limit_keeps_every_lists_role(busi_lists):
+    root, split = busi_lists
+    sp = data.make_splits("busi", str(root), "1/2", seed=1, limit=12)
+    assert (len(sp.test), len(sp.labeled), len(sp.unlabeled)) == (2, 5, 5)  # 4:10:10 of 24, scaled to 12
+    assert {it.name for it in sp.test} <= set(split["test"]) and {it.name for it in sp.labeled} <= set(split["labeled"])
+    assert {it.name for it in sp.unlabeled} <= set(split["unlabeled"]) and sp.val == sp.test
+    assert "--limit 12 (a share of each list)" in sp.banner()
+    again = data.make_splits("busi", str(root), "1/2", seed=1, limit=12)
+    assert [it.name for it in again.labeled] == [it.name for it in sp.labeled]  # seeded
+    with pytest.raises(UserError, match="--limit 2: too small to keep an image of each split list"):
+        data.make_splits("busi", str(root), "1/2", limit=2)

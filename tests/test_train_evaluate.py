@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import scipy.stats
 import torch
-from busseg_ops.train import Trainer, cli, data, evaluate, methods, metrics, visualize
+from busseg_ops.train import Trainer, cli, data, engine, evaluate, methods, metrics, visualize
 from busseg_ops.train.errors import UserError
 from train_helpers import tiny
 
@@ -243,3 +243,57 @@ def test_user_errors_are_one_line_exit_2(tmp_path, capsys):
         assert cli.main(argv) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("busseg: error:") and words in err and "\n" not in err, err
+
+
+class Constant(torch.nn.Module):
+    """A 'network' whose logits are one value per class everywhere (NaN to stand for broken weights)."""
+
+    strides = [8]
+
+    def __init__(self, background: float, lesion: float):
+        super().__init__()
+        self.logits = (background, lesion)
+
+    def forward(self, x):
+        b, _, h, w = x.shape
+        return {"pred": torch.tensor(self.logits).view(1, 2, 1, 1).expand(b, 2, h, w)}
+
+
+def test_all_background_predictions_warn_and_say_why(tmp_path):
+    img_dir, mask_dir, _ = _write_folder(tmp_path)
+    items = data.folder_items(img_dir, mask_dir)
+    res = evaluate.evaluate(Constant(1.0, 0.0), items)
+    assert res["summary"]["dice"][0] == 0 and res["empty_predictions"] == res["lesion_images"] == len(items)
+    cfg = tiny(tmp_path, criterion="ohem", ema=0.99)
+    warning = engine.background_warning(res, cfg)
+    assert f"no lesion pixel predicted on any of the {len(items)} images" in warning
+    assert "--criterion ohem" in warning and "(--ema 0.99)" in warning and "--ema 0.9 --criterion ce+dice" in warning
+    assert engine.background_warning(evaluate.evaluate(DarkIsLesion(), items), cfg) is None
+
+
+def test_a_nan_model_is_an_error_not_dice_0(tmp_path):
+    img_dir, mask_dir, _ = _write_folder(tmp_path)
+    items = data.folder_items(img_dir, mask_dir)
+    with pytest.raises(UserError, match=r"output on case00.png is NaN or infinite"):
+        evaluate.evaluate(Constant(float("nan"), 0.0), items)
+    with pytest.raises(UserError, match="the set of images is empty"):
+        evaluate.evaluate(DarkIsLesion(), [])  # an empty test list wrote NaN metrics
+
+
+def test_curves_draw_a_single_point_and_leave_empty_series_out(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots()
+    visualize._series(ax, [(1, "0.5")], "one point")
+    visualize._series(ax, [(1, ""), (2, "nan")], "nothing")
+    visualize._series(ax, [(1, "0.5"), (2, "0.4")], "two points")
+    lines = {ln.get_label(): ln for ln in ax.get_lines()}
+    assert set(lines) == {"one point", "two points"}  # an empty series is neither drawn nor in the legend
+    assert lines["one point"].get_marker() == "o" and lines["two points"].get_marker() in ("None", None, "")
+    plt.close(fig)
+    path = tmp_path / "metrics.csv"
+    path.write_text("epoch,step,lr,loss_s,loss,val_dice\n1,2,0.01,0.8,0.8,0.1\n")
+    assert os.path.isfile(visualize.plot_curves(str(path), str(tmp_path / "curves.png")))

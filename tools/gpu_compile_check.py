@@ -1,6 +1,10 @@
 """Compile every Triton kernel of busseg_ops for sm_80 and sm_90 with no GPU, the way its
 launchers would launch it, and print the resource usage of each (and of the CUDA kernels that
-`make cuda-check` compiled). Fails on any compile error, on any register spill, and on a CUDA
+`make cuda-check` compiled): registers, spills, local memory, shared memory, occupancy, and what
+the code does -- how many of its global loads move 128 bits per thread, and its tensor-core
+instructions by input type (wgmma or mma.sync; tf32, bf16, f16, f64) -- read off Triton's PTX and
+the CUDA objects' SASS (``cuobjdump -sass``). Fails on any compile error, on any register spill,
+on local memory in the kernels of NO_LOCAL_MEMORY_OPS (issue 27's memory-bound ops), and on a CUDA
 kernel that does not declare its block size (``__launch_bounds__``, which the occupancy needs).
 
 Where the configurations come from: each module ``busseg_ops/triton/*.py`` declares the problem
@@ -82,6 +86,106 @@ REG_UNIT = 256
 SMEM_RESERVED = 1024
 
 
+#: ops whose kernels must use no local memory (issue 27: the memory-bound kernels at the copy's rate)
+NO_LOCAL_MEMORY_OPS = (
+    "adjacent_relation_propagation",
+    "greedy_proxy_sampling",
+    "patch_entropy_hardness",
+    "adaptive_patch_cutmix",
+)
+WIDE_BITS = 128  # a vectorised global load moves 16 bytes per thread
+
+
+@dataclass
+class Code:
+    """Static counts of one kernel's instructions on one target: global loads (asynchronous copies
+    into shared memory included) and how many of them move WIDE_BITS or more per thread (a bulk
+    tensor copy counts as wide), local-memory loads and stores, and the tensor-core instructions by
+    input type ('wgmma bf16', 'mma.sync tf32'; SASS's HGMMA is wgmma, its HMMA/DMMA mma.sync)."""
+
+    loads: int = 0
+    wide_loads: int = 0
+    local: int = 0
+    tensor: tuple[str, ...] = ()
+
+    def load(self, bits: int) -> None:
+        self.loads += 1
+        self.wide_loads += bits >= WIDE_BITS
+
+
+_PTX_TYPE = re.compile(r"[bfsu](8|16|32|64)")
+_PTX_COPY_SIZE = re.compile(r"\],\s*(0x[0-9a-fA-F]+|\d+)\s*[,;]")
+
+
+def ptx_code(ptx: str) -> Code:
+    """What a kernel's PTX (Triton's) does: ``ld.global[.v2|.v4].<type>`` widths, ``cp.async``
+    copy sizes, ``cp.async.bulk`` loads, ``ld/st.local``, ``wgmma.mma_async`` and ``mma.sync``."""
+    code, tensor = Code(), set()
+    for line in ptx.splitlines():
+        words = line.split()
+        if words and words[0].startswith("@"):  # a predicate
+            words = words[1:]
+        if not words:
+            continue
+        parts = words[0].rstrip(";").split(".")
+        op = ".".join(parts)
+        if op.startswith("ld.global"):
+            vector = next((int(p[1:]) for p in parts if re.fullmatch(r"v\d+", p)), 1)
+            bits = next((int(m.group(1)) for p in parts if (m := _PTX_TYPE.fullmatch(p))), 32)
+            code.load(vector * bits)
+        elif op.startswith("cp.async.bulk"):
+            spaces = [p for p in parts if p.startswith(("shared", "global"))]
+            if spaces and spaces[0].startswith("shared"):  # global -> shared: a load
+                code.load(WIDE_BITS)
+        elif op.startswith("cp.async.") and "global" in parts:
+            size = _PTX_COPY_SIZE.search(line)
+            code.load(8 * int(size.group(1), 0) if size else 0)
+        elif op.startswith(("ld.local", "st.local")):
+            code.local += 1
+        elif op.startswith("wgmma.mma_async"):
+            tensor.add(f"wgmma {parts[-2]}")  # ....m64n64k16.f32.bf16.bf16: D, A, B types
+        elif op.startswith("mma.sync"):
+            tensor.add(f"mma.sync {parts[-3]}")  # ....m16n8k16.row.col.f32.bf16.bf16.f32: D, A, B, C
+    code.tensor = tuple(sorted(tensor))
+    return code
+
+
+_SASS_OP = re.compile(r"/\*[0-9a-f]+\*/\s+(?:@!?U?P[0-9T]+\s+)?([A-Z][A-Za-z0-9_.]*)")
+_SASS_BITS = {"U8": 8, "S8": 8, "U16": 16, "S16": 16, **{str(b): b for b in (8, 16, 32, 64, 128, 256)}}
+
+
+def sass_code(sass: str) -> dict[tuple[str, int], Code]:
+    """{(mangled kernel, sm): Code} from ``cuobjdump -sass``: LDG/LDGSTS widths (LDG.E.128, ...;
+    32 bits where none is written), UTMALDG bulk copies, LDL/STL, HGMMA (wgmma) and HMMA/DMMA
+    (mma.sync), the input type from the suffix (HMMA.16816.F32.BF16: bf16; none: f16)."""
+    codes: dict[tuple[str, int], Code] = {}
+    tensors: dict[tuple[str, int], set] = {}
+    arch, key = 0, None
+    for line in sass.splitlines():
+        text = line.strip()
+        if text.startswith("code for sm_"):
+            arch = int(re.match(r"code for sm_(\d+)", text).group(1))
+        elif text.startswith("Function :"):
+            key = (text.split(":", 1)[1].strip(), arch)
+            codes[key], tensors[key] = Code(), set()
+        elif key is not None and (m := _SASS_OP.match(text)):
+            parts = m.group(1).split(".")
+            code = codes[key]
+            if parts[0] in ("LDG", "LDGSTS"):
+                code.load(next((_SASS_BITS[p] for p in reversed(parts[1:]) if p in _SASS_BITS), 32))
+            elif parts[0] == "UTMALDG":
+                code.load(WIDE_BITS)
+            elif parts[0] in ("LDL", "STL"):
+                code.local += 1
+            elif parts[0] in ("HGMMA", "HMMA", "DMMA"):
+                kind = "wgmma" if parts[0] == "HGMMA" else "mma.sync"
+                dtype = "f64" if parts[0] == "DMMA" else parts[3].lower() if len(parts) > 3 else "f16"
+                tensors[key].add(f"{kind} {dtype}")
+    for key, found in tensors.items():
+        codes[key].tensor = tuple(sorted(found))
+    return codes
+
+
 @dataclass
 class Usage:
     """Resources of one compiled kernel for one target."""
@@ -96,10 +200,20 @@ class Usage:
     shared: int = 0
     threads: int | None = None  # per block; None when the binary does not say
     error: str = ""
+    code: Code | None = None  # what its instructions show (PTX for Triton, SASS for CUDA)
 
     @property
     def spills(self) -> bool:
         return self.spill_stores > 0 or self.spill_loads > 0
+
+    @property
+    def local_memory(self) -> bool:
+        """A stack frame (ptxas) or local loads and stores in the code: per-thread memory in DRAM."""
+        return self.stack > 0 or (self.code is not None and self.code.local > 0)
+
+    @property
+    def op(self) -> str:
+        return self.kernel.split(".")[1]  # "cuda.<op>.<kernel>", "triton.<op>.<kernel>"
 
 
 def occupancy(u: Usage) -> tuple[int, int, str]:
@@ -343,6 +457,7 @@ def compile_job(job: Job) -> Usage:
         u.error = f"{type(e).__name__}: {e}".strip()
         return u
     _parse_ptxas(getattr(compiled.metadata, "ptxas_log", ""), u)
+    u.code = ptx_code(compiled.asm["ptx"])
     u.shared = compiled.metadata.shared  # Triton's shared memory is all its own (allocated at launch)
     u.threads = compiled.metadata.num_warps * 32
     return u
@@ -370,11 +485,16 @@ def _split_kernel_name(demangled: str) -> tuple[str, str]:
     return name.rsplit("::", 1)[-1], tmpl.replace("__nv_bfloat16", "bf16").replace("__half", "half")
 
 
-def _max_threads(obj: Path) -> dict[tuple[str, int], int]:
-    """{(mangled kernel, arch): threads} from __launch_bounds__ (EIATTR_MAX_THREADS in the ELF)."""
+def _cuobjdump(obj: Path, what: str) -> str:
+    """``cuobjdump -<what>`` of an object (Triton's copy of the tool: CUDA toolkits may lack it)."""
     from triton import knobs
 
-    text = subprocess.run([knobs.nvidia.cuobjdump.path, "-elf", str(obj)], capture_output=True, text=True).stdout
+    return subprocess.run([knobs.nvidia.cuobjdump.path, f"-{what}", str(obj)], capture_output=True, text=True).stdout
+
+
+def _max_threads(obj: Path) -> dict[tuple[str, int], int]:
+    """{(mangled kernel, arch): threads} from __launch_bounds__ (EIATTR_MAX_THREADS in the ELF)."""
+    text = _cuobjdump(obj, "elf")
     found, arch, section, pending = {}, 0, None, False
     for line in text.splitlines():
         if line.startswith("arch = sm_"):
@@ -396,12 +516,13 @@ def cuda_usage(check_dir: Path = CUDA_CHECK_DIR) -> list[Usage]:
         source = log.name.removesuffix(".ptxas.log")
         obj = log.with_name(source + ".o")
         threads = _max_threads(obj) if obj.exists() else {}
+        codes = sass_code(_cuobjdump(obj, "sass")) if obj.exists() else {}
         current = None
         for line in log.read_text().splitlines():
             m = re.search(r"Compiling entry function '(\S+)' for 'sm_(\d+)a?'", line)
             if m:
                 name, target = m.group(1), int(m.group(2))
-                current = Usage(name, target, "", threads=threads.get((name, target)))
+                current = Usage(name, target, "", threads=threads.get((name, target)), code=codes.get((name, target)))
                 entries.append((source, current))
             elif current is not None and ("bytes stack frame" in line or "Used " in line):
                 _parse_ptxas(line, current)
@@ -427,25 +548,77 @@ def _occupancy_cell(u: Usage) -> str:
     return f"{blocks}×{u.threads} ({100 * warps // SM_LIMITS[u.target]['warps']} %, {limiter})"
 
 
+def _loads_cell(u: Usage) -> str:
+    return "?" if u.code is None else f"{u.code.wide_loads} of {u.code.loads}"
+
+
+def _local_cell(u: Usage) -> str:
+    return f"{u.stack} / " + ("?" if u.code is None else str(u.code.local))
+
+
+def _tensor_cell(u: Usage) -> str:
+    return "?" if u.code is None else ", ".join(u.code.tensor) or "none"
+
+
 def table(usages: list[Usage]) -> list[str]:
     """Markdown rows, one per kernel and configuration, each cell 'sm_80 / sm_90' where they differ."""
     rows = {}
     for u in usages:
         rows.setdefault((u.kernel, u.config), {})[u.target] = u
     lines = [
-        "| kernel | configuration | registers / thread | spill stores / loads (B) | stack (B) "
-        "| shared memory (B) | blocks × threads per SM (occupancy, limit) |",
-        "|---|---|---|---|---|---|---|",
+        "| kernel | configuration | registers / thread | spill stores / loads (B) | local: stack (B) / ld+st "
+        "| shared memory (B) | blocks × threads per SM (occupancy, limit) | 128-bit global loads | tensor cores |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for (kernel, config), per_target in rows.items():
         us = [per_target[t] for t in sorted(per_target)]
         if any(u.error for u in us):
-            lines.append(f"| {kernel} | {config} | compile error | | | | |")
+            lines.append(f"| {kernel} | {config} | compile error | | | | | | |")
             continue
         lines.append(
             f"| {kernel} | {config} | {_pair(u.regs for u in us)} "
-            f"| {_pair(f'{u.spill_stores} / {u.spill_loads}' for u in us)} | {_pair(u.stack for u in us)} "
-            f"| {_pair(u.shared for u in us)} | {_pair(_occupancy_cell(u) for u in us)} |"
+            f"| {_pair(f'{u.spill_stores} / {u.spill_loads}' for u in us)} | {_pair(_local_cell(u) for u in us)} "
+            f"| {_pair(u.shared for u in us)} | {_pair(_occupancy_cell(u) for u in us)} "
+            f"| {_pair(_loads_cell(u) for u in us)} | {_pair(_tensor_cell(u) for u in us)} |"
+        )
+    return lines
+
+
+def kernel_summary(usages: list[Usage]) -> list[str]:
+    """Markdown rows, one per kernel over all its configurations: the most registers, the lowest
+    occupancy, local memory, the share of 128-bit global loads per target, and the tensor-core
+    instructions of its sm_90 code (how many configurations hold each)."""
+    per_kernel: dict[str, list[Usage]] = {}
+    for u in usages:
+        if not u.error:
+            per_kernel.setdefault(u.kernel, []).append(u)
+    lines = [
+        "| kernel | most registers / thread | lowest occupancy (warps / SM) | local memory | 128-bit global loads "
+        "(sm_80 / sm_90, all configurations) | tensor cores on sm_90 (configurations) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for kernel, us in sorted(per_kernel.items()):
+        warps = [occupancy(u)[1] for u in us if u.threads]
+        local = [u for u in us if u.local_memory]
+        local_text = (
+            f"stack ≤ {max(u.stack for u in local)} B, {sum(u.code.local for u in local if u.code)} ld/st "
+            f"({len(local)} of {len(us)})"
+            if local
+            else "none"
+        )
+        loads = []
+        for target in TARGETS:
+            codes = [u.code for u in us if u.target == target and u.code]
+            wide, total = sum(c.wide_loads for c in codes), sum(c.loads for c in codes)
+            loads.append(f"{wide} of {total}" if codes else "?")
+        sm90 = [u.code.tensor for u in us if u.target == 90 and u.code]
+        kinds = sorted({k for t in sm90 for k in t})
+        tensor = [f"{k} ({sum(k in t for t in sm90)})" for k in kinds]
+        if any(not t for t in sm90):
+            tensor.append(f"none ({sum(not t for t in sm90)})")
+        lines.append(
+            f"| {kernel} | {max(u.regs for u in us)} | {min(warps) if warps else '?'} / 64 | {local_text} "
+            f"| {' / '.join(loads)} | {', '.join(tensor)} |"
         )
     return lines
 
@@ -473,13 +646,7 @@ def results_text(triton_usage: list[Usage], cuda: list[Usage], timing: str) -> s
     """The RESULTS.md section between the markers."""
     all_usage = triton_usage + cuda
     spilling = sorted({f"{u.kernel} [{u.config}] sm_{u.target}" for u in all_usage if u.spills})
-    stacks = sorted({u.kernel for u in cuda if u.stack})
-    per_kernel = {}
-    for u in all_usage:
-        if u.threads and not u.error:
-            warps = occupancy(u)[1]
-            low = per_kernel.setdefault(u.kernel, [u.regs, warps])
-            low[0], low[1] = max(low[0], u.regs), min(low[1], warps)
+    local = sorted({u.kernel for u in all_usage if u.local_memory})
     sm80, sm90 = SM_LIMITS[80], SM_LIMITS[90]
     lines = [
         f"Generated {datetime.date.today().isoformat()} by `make gpu-resources` (`tools/gpu_compile_check.py "
@@ -499,22 +666,24 @@ def results_text(triton_usage: list[Usage], cuda: list[Usage], timing: str) -> s
         f"sm_80 on an A100 SM: the same but {sm80['smem'] // 1024} KB ({sm80['smem_block'] // 1024} KB per block); "
         f"registers allocated per warp in units of {REG_UNIT}; {SMEM_RESERVED} B of shared memory reserved per block "
         "by the runtime. Shared memory is Triton's own (fixed per configuration) or the CUDA kernel's static "
-        "shared memory; the CUDA ARP forward kernel (8 × k² accumulators) and greedy sampling kernel (a "
-        "feature row) also take dynamic shared memory at launch, not counted. Cells read `sm_80 / sm_90` "
-        "where the two differ.",
+        "shared memory; dynamic shared memory a CUDA launcher asks for at launch is not counted. Cells read "
+        "`sm_80 / sm_90` where the two differ.",
         "",
-        f"Spills: {'none' if not spilling else ', '.join(spilling)}."
-        + (
-            f" Stack frames without spills ({', '.join(stacks)}): per-thread arrays indexed at run time "
-            "(the per-layer log-sum-exps of the CRA row kernels), kept in local memory by design."
-            if stacks
-            else ""
-        ),
+        "What the code does, counted statically in each kernel's instructions (Triton: its PTX; CUDA: the SASS "
+        "of `cuobjdump -sass build/cuda-check/<op>.o`): global loads, and of them those that move 128 bits or "
+        "more per thread (`ld.global.v4.b32`, `ld.global.v2.b64`, `cp.async` of 16 bytes, bulk tensor copies; "
+        "`LDG.E.128`, `LDGSTS…128`, `UTMALDG`); local memory (ptxas's stack frame, `ld/st.local`, "
+        "`LDL`/`STL`); tensor-core instructions by input type (`wgmma.mma_async` / `HGMMA` as wgmma, "
+        "`mma.sync` / `HMMA` / `DMMA` as mma.sync). Static counts say whether the wide loads are there, not "
+        "how often each runs. The per-kernel sums below add up every configuration (for sm_90 also the "
+        "compiles with float arguments typed float64).",
         "",
-        "| kernel | most registers / thread | lowest occupancy (warps / SM) |",
-        "|---|---|---|",
+        f"Spills: {'none' if not spilling else ', '.join(spilling)}. Local memory: "
+        + (", ".join(local) if local else "none")
+        + f" (must be none in the kernels of {', '.join(NO_LOCAL_MEMORY_OPS)}: the check fails there).",
+        "",
+        *kernel_summary(all_usage),
     ]
-    lines += [f"| {k} | {regs} | {warps} / 64 |" for k, (regs, warps) in sorted(per_kernel.items())]
     lines += ["", "Triton kernels (one row per launch configuration):", ""] + table(triton_usage)
     lines += ["", "CUDA kernels (one row per template instance):", ""] + table(cuda)
     return "\n".join(lines) + "\n"
@@ -532,8 +701,9 @@ def write_results(text: str, path: Path = RESULTS) -> None:
 
 
 def failures(problems: list[str], usages: list[Usage]) -> list[str]:
-    """What fails the check: the drift problems, every compile error, every register spill, a CUDA
-    kernel without __launch_bounds__ (its block size, which the occupancy needs, is unknown)."""
+    """What fails the check: the drift problems, every compile error, every register spill, local
+    memory in a kernel of NO_LOCAL_MEMORY_OPS, a CUDA kernel without __launch_bounds__ (its block
+    size, which the occupancy needs, is unknown)."""
     return (
         list(problems)
         + [f"{u.kernel} [{u.config}] sm_{u.target}: {u.error}" for u in usages if u.error]
@@ -546,6 +716,12 @@ def failures(problems: list[str], usages: list[Usage]) -> list[str]:
             f"{u.kernel} [{u.config}] sm_{u.target}: spills {u.spill_stores} B stored / {u.spill_loads} B loaded"
             for u in usages
             if u.spills
+        ]
+        + [
+            f"{u.kernel} [{u.config}] sm_{u.target}: local memory (stack {u.stack} B, "
+            f"{u.code.local if u.code else '?'} local loads/stores): none allowed in {u.op}'s kernels"
+            for u in usages
+            if u.local_memory and u.op in NO_LOCAL_MEMORY_OPS and not u.spills
         ]
     )
 

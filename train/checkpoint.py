@@ -6,7 +6,8 @@ run code; `load` never unpickles anything else. A SHA-256 digest of the content 
 tensor dtype, shape and byte) is stored beside it and checked on load, so a corrupted file is
 refused with an error that names it. Writes are atomic (temp file in the same folder + fsync +
 rename: a crash never leaves a half-written file). `StopGuard` lets the loop finish its step and
-save on SIGINT/SIGTERM. `export` writes the teacher's weights alone, a plain state dict.
+save on SIGINT/SIGTERM. A file that passes the checksum can still be hand-edited (its digest
+recomputed): `require`, `check_progress` and `check_finite` give such a file a one-line error too.
 """
 
 from __future__ import annotations
@@ -86,13 +87,22 @@ def read_plain(path: str, what: str = "checkpoint"):
             warnings.simplefilter("ignore")
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        if "Weights only load failed" in str(err):
+        text = " ".join(str(err).split())
+        if "Unsupported global" in text or ("Weights only load failed" in text and _is_pickle(path)):
             raise UserError(
                 f"{what} {path}: refused: it holds objects other than tensors and plain data, "
                 "which could run code when unpickled"
             ) from None
-        raise UserError(f"{what} {path}: unreadable, the file is damaged or not a PyTorch file ({first})") from None
+        first = str(err).strip().splitlines()[0][:120] if str(err).strip() else type(err).__name__
+        raise UserError(f"{what} {path}: not a PyTorch checkpoint, or damaged ({first})") from None
+
+
+def _is_pickle(path: str) -> bool:
+    """Whether the file is a pickle (not torch's zip format): its first bytes are pickle's PROTO
+    opcode with a protocol number. Any other content that torch cannot read is damaged, not a threat."""
+    with open(path, "rb") as f:
+        head = f.read(2)
+    return len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5
 
 
 def load(path: str) -> dict:
@@ -112,18 +122,69 @@ def load(path: str) -> dict:
     if actual != stored:
         raise UserError(f"checkpoint {path}: checksum mismatch, the file is corrupted; use another checkpoint")
     obj.pop("format")
-    # checkpoints from before the dropout setting existed trained without dropout
+    require(obj, ("config",), path)
+    # checkpoints from before the dropout setting existed trained without dropout; before split_mode,
+    # the split followed from the data (the default, None)
     obj["config"].setdefault("dropout", False)
+    obj["config"].setdefault("split_mode", None)
     return obj
 
 
-def export(src: str, dst: str, which: str = "teacher") -> dict:
-    """Write the `which` ("teacher", evaluated by busseg, or "student") weights of checkpoint `src`
-    to `dst` as a plain state dict (`torch.load(dst)` → `model.load_state_dict(...)`). Returns the
-    checkpoint's config."""
-    st = load(src)
-    _write_atomic(st[which], dst)
-    return st["config"]
+# What each use of a checkpoint reads (a hand-edited file can pass the checksum: its digest recomputed).
+TRAINING_KEYS = (
+    "config",
+    "student",
+    "teacher",
+    "optimizer",
+    "scheduler",
+    "method",
+    "epoch",
+    "step_in_epoch",
+    "global_step",
+    "best",
+    "rng",
+)
+
+
+def require(st: dict, keys, path: str) -> None:
+    """Each of `keys` is in the checkpoint with the right kind of value; otherwise a one-line error
+    naming the first one that is not."""
+    kinds = {"config": dict, "student": dict, "teacher": dict, "optimizer": dict, "scheduler": dict, "method": dict}
+    kinds.update(epoch=int, step_in_epoch=int, global_step=int, best=(int, float), rng=dict)
+    for key in keys:
+        if key not in st:
+            raise UserError(f"checkpoint {path}: no {key!r} entry (edited, or not written by busseg train)")
+        if not isinstance(st[key], kinds.get(key, object)) or isinstance(st[key], bool):
+            raise UserError(f"checkpoint {path}: its {key!r} entry is a {type(st[key]).__name__}, not as written")
+    for key in ("student", "teacher"):
+        if key in keys:
+            bad = next((k for k, v in st[key].items() if not torch.is_tensor(v)), None)
+            if bad is not None:
+                raise UserError(f"checkpoint {path}: {key} entry {bad!r} is not a tensor")
+
+
+def check_progress(st: dict, path: str = "--resume") -> None:
+    """The counters of a training checkpoint are possible (a hand-edited `epoch: -5` must not resume)."""
+    for key in ("epoch", "step_in_epoch", "global_step"):
+        if st[key] < 0:
+            raise UserError(f"checkpoint {path}: {key} {st[key]} is negative")
+    if st["step_in_epoch"] > st["global_step"]:
+        raise UserError(
+            f"checkpoint {path}: step_in_epoch {st['step_in_epoch']} exceeds global_step {st['global_step']}"
+        )
+    best = st["best"]
+    if not (best == -1 or 0 <= best <= 1):
+        raise UserError(f"checkpoint {path}: best validation Dice {best} is not in [0, 1]")
+
+
+def check_finite(weights: dict, path: str, which: str = "teacher") -> None:
+    """Every floating tensor of a state dict is finite: a NaN network would be scored as Dice 0."""
+    bad = [k for k, v in weights.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise UserError(
+            f"checkpoint {path}: the {which}'s weights hold NaN or infinite values ({len(bad)} tensors, e.g. "
+            f"{bad[0]!r}); use an earlier checkpoint"
+        )
 
 
 def rng_state() -> dict:

@@ -44,6 +44,53 @@ GROUPS = {
 }
 
 
+# Ranges of the integer settings, checked by TrainConfig.validate. The upper bounds keep a typo
+# from becoming an allocation failure (or a hang) in the middle of a run; each is far above the
+# papers' values.
+AT_LEAST = {
+    "seed": 0,
+    "epochs": 1,
+    "warmup_epochs": 0,
+    "batch_labeled": 1,
+    "batch_unlabeled": 1,
+    "crop": 16,
+    "synthetic_size": 16,
+    "synthetic_n": 4,
+    "num_workers": 0,
+    "overlays": 0,
+    "unet_base": 1,
+    "proj_dim": 1,
+    "rep_dim": 1,
+    "ohem_min_kept": 0,
+    "arp_kernel": 1,
+    "num_proxies": 1,
+    "num_patches": 1,
+    "bank_size": 1,
+    "max_anchors": 1,
+    "stage1_epochs": 0,
+    "val_from_train": 0,
+    "pseudo_label_check": 0,
+}
+AT_MOST = {
+    "seed": (2**63 - 1, "a 64-bit seed"),
+    "synthetic_n": (100_000, "images are generated one by one"),
+    "synthetic_size": (2048, "the synthetic images are generated at this side"),
+    "crop": (4096, "upstream crops 512"),
+    "batch_labeled": (1024, "images per step"),
+    "batch_unlabeled": (1024, "images per step"),
+    "unet_base": (128, "the deepest U-Net map has 16x this many channels; SSL4MIS uses 16"),
+    "proj_dim": (2048, "upstream 256"),
+    "rep_dim": (2048, "the paper's 256"),
+    "arp_kernel": (32767, "the largest ARP kernel"),
+    "num_proxies": (4096, "CRA builds proxy-by-proxy relation matrices"),
+    "bank_size": (65536, "entries per class kept in memory"),
+    "max_anchors": (65536, "contrastive anchors per step"),
+    "num_patches": (512, "the patch grid's side"),
+    "num_workers": (256, "worker processes"),
+    "scale_max": (4.0, "the random scale of the original image; upstream 2.0"),
+}
+
+
 def _f(default, group: str, help: str, choices=None):
     return field(default=default, metadata={"group": group, "help": help, "choices": choices})
 
@@ -57,7 +104,7 @@ class TrainConfig:
     device: str = _f("cpu", "run", "cpu, cuda or cuda:N")
     num_workers: int = _f(0, "run", "data-loader worker processes")
     overlays: int = _f(8, "run", "test overlays (pictures) written at the end")
-    quiet: bool = _f(False, "run", "no progress bars or per-epoch lines")
+    quiet: bool = _f(False, "run", "no progress bars, even on a terminal (the per-epoch lines stay)")
     amp: str = _f(
         "off",
         "run",
@@ -81,12 +128,28 @@ class TrainConfig:
         "dataset folder: busi <class>/<class> (N).png + _mask*.png (or upstream's image/ + label/), udiat "
         "original/ + GT/ (or image/ + label/), folder: the images",
     )
+    split_mode: str | None = _f(
+        None,
+        "data",
+        "how the images are split: lists (test.txt, 1_2/labeled.txt, 1_2/unlabeled.txt in --split-dir) or random "
+        "(a seeded 8:1:1 train/val/test split); none: lists for busi (<root>/splits) and wherever --split-dir is "
+        "given, random otherwise",
+        ("lists", "random"),
+    )
     split_dir: str | None = _f(
-        None, "data", "split lists test.txt, 1_2/labeled.txt, 1_2/unlabeled.txt (busi: <root>/splits by default)"
+        None,
+        "data",
+        "folder of the split lists test.txt, 1_2/labeled.txt, 1_2/unlabeled.txt (1_N/ for 1/N when present; busi: "
+        "<root>/splits); a missing folder or list is an error",
     )
     mask_dir: str | None = _f(None, "data", "masks of --data folder (none: <root>/masks)")
     partition: str = _f("1/4", "data", "labelled share of the training set: 1/1, 1/2, 1/4, 1/8, ... (1/2^k)")
-    limit: int | None = _f(None, "data", "keep a seeded subset of this many images (quick runs)")
+    limit: int | None = _f(
+        None,
+        "data",
+        "keep a seeded subset of this many images (quick runs); with split lists a proportional subset of each "
+        "list, so every image keeps its role",
+    )
     val_from_train: int = _f(
         0,
         "data",
@@ -230,40 +293,22 @@ class TrainConfig:
         return cfg
 
     def validate(self) -> None:
-        """Range and combination checks; the error names the flag."""
+        """Range and combination checks, all before the first step (a value that could only fail
+        mid-training, such as an infinite learning rate or a network too large to allocate, is
+        refused here); the error names the flag."""
         for f in dataclasses.fields(self):
-            choices = f.metadata.get("choices")
-            if choices and getattr(self, f.name) not in choices:
-                raise UserError(
-                    f"{flag(f.name)} {getattr(self, f.name)!r}: expected one of {', '.join(map(str, choices))}"
-                )
+            choices, value = f.metadata.get("choices"), getattr(self, f.name)
+            if choices and value not in choices and not (value is None and f.default is None):
+                raise UserError(f"{flag(f.name)} {value!r}: expected one of {', '.join(map(str, choices))}")
+            if isinstance(value, float) and not math.isfinite(value):
+                raise UserError(f"{flag(f.name)} {value}: must be a finite number")
         self.partition = normalise_partition(self.partition)
-        at_least = {
-            "epochs": 1,
-            "warmup_epochs": 0,
-            "batch_labeled": 1,
-            "batch_unlabeled": 1,
-            "crop": 16,
-            "synthetic_size": 16,
-            "synthetic_n": 4,
-            "num_workers": 0,
-            "overlays": 0,
-            "unet_base": 1,
-            "proj_dim": 1,
-            "rep_dim": 1,
-            "ohem_min_kept": 0,
-            "arp_kernel": 1,
-            "num_proxies": 1,
-            "num_patches": 1,
-            "bank_size": 1,
-            "max_anchors": 1,
-            "stage1_epochs": 0,
-            "val_from_train": 0,
-            "pseudo_label_check": 0,
-        }
-        for name, low in at_least.items():
+        for name, low in AT_LEAST.items():
             if getattr(self, name) < low:
                 raise UserError(f"{flag(name)} {getattr(self, name)}: must be at least {low}")
+        for name, (high, why) in AT_MOST.items():
+            if getattr(self, name) > high:
+                raise UserError(f"{flag(name)} {getattr(self, name)}: must be at most {high} ({why})")
         for name in ("max_steps", "limit"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise UserError(f"{flag(name)} {getattr(self, name)}: must be at least 1")
@@ -300,6 +345,15 @@ class TrainConfig:
             raise UserError(f"--arp-kernel {self.arp_kernel}: must be odd")
         if self.data != "synthetic" and not self.root:
             raise UserError(f"--root is required for --data {self.data}")
+        if self.data == "synthetic" and (self.split_dir or self.split_mode == "lists"):
+            raise UserError(
+                f"{'--split-dir' if self.split_dir else '--split-mode lists'}: synthetic data has no split lists "
+                "(it is split 8:1:1 with --seed)"
+            )
+        if self.split_mode == "random" and self.split_dir:
+            raise UserError("--split-mode random and --split-dir: choose the split lists or the random split, not both")
+        if self.split_mode == "lists" and self.data in ("udiat", "folder") and not self.split_dir:
+            raise UserError(f"--split-mode lists: give the folder of the lists (--split-dir) for --data {self.data}")
         if self.backbone == "unet" and self.method != "lanet":
             raise UserError("--backbone unet: only lanet takes the U-Net encoder as a backbone; use --model unet")
         if self.pretrained is not None and not self._has_resnet():
@@ -379,20 +433,23 @@ def preset_path(name: str) -> str:
 
 def load_file(path: str, what: str = "--config") -> dict:
     """Flat TrainConfig values from a YAML or JSON file in our flat layout or upstream's nested one
-    (`dataset`, `trainer`, `net`, `criterion`, `saver`). Types are checked by TrainConfig.from_dict."""
+    (`dataset`, `trainer`, `net`, `criterion`, `saver`). A key given twice is an error (YAML and JSON
+    would keep the last silently). Relative paths in the file (root, split lists, masks, weights,
+    output) are read from the file's folder, wherever the command runs. Types are checked by
+    TrainConfig.from_dict."""
     if not os.path.isfile(path):
         raise UserError(f"{what} {path}: no such file")
     with open(path) as f:
         text = f.read()
-    if not path.endswith(".json"):
-        try:
-            import yaml
-        except ImportError:
-            raise UserError(f"{path}: reading YAML needs PyYAML (pip install pyyaml), or use a JSON config") from None
+    kind = "JSON" if path.endswith(".json") else "YAML"
     try:
-        doc = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
+        doc = _parse_json(text) if kind == "JSON" else _parse_yaml(text)
+    except _DuplicateKey as err:
+        raise UserError(f"{path}: {err}") from None
+    except ImportError:
+        raise UserError(f"{path}: reading YAML needs PyYAML (pip install pyyaml), or use a JSON config") from None
     except Exception as err:  # yaml.YAMLError / json.JSONDecodeError: say where
-        raise UserError(f"{path}: not valid {'JSON' if path.endswith('.json') else 'YAML'}: {_one_line(err)}") from None
+        raise UserError(f"{path}: not valid {kind}: {_one_line(err)}") from None
     if doc is None:
         return {}
     if not isinstance(doc, dict):
@@ -405,7 +462,57 @@ def load_file(path: str, what: str = "--config") -> dict:
     unknown = sorted(set(values) - set(hints))
     if unknown:
         raise UserError(f"{path}: unknown config keys: {', '.join(unknown)}")
-    return {k: _coerce(k, v, hints[k], path) for k, v in values.items()}
+    values = {k: _coerce(k, v, hints[k], path) for k, v in values.items()}
+    folder = os.path.dirname(os.path.abspath(path))
+    for key in PATH_KEYS:
+        if isinstance(values.get(key), str) and values[key] and not os.path.isabs(os.path.expanduser(values[key])):
+            values[key] = os.path.normpath(os.path.join(folder, values[key]))
+    return values
+
+
+# Config values that are paths: relative ones in a config file are relative to the file.
+PATH_KEYS = ("root", "split_dir", "mask_dir", "pretrained", "out")
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _parse_json(text: str):
+    def pairs(items):
+        seen = {}
+        for k, v in items:
+            if k in seen:
+                raise _DuplicateKey(f"key {k!r} is given twice")
+            seen[k] = v
+        return seen
+
+    return json.loads(text, object_pairs_hook=pairs)
+
+
+def _parse_yaml(text: str):
+    """yaml.safe_load, except that a key given twice in one mapping is an error naming it and its lines."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    def mapping(loader, node, deep=False):
+        first = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` overrides on purpose
+                continue
+            key = loader.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if not isinstance(key, typing.Hashable):  # the base constructor names that error
+                break
+            if key in first:
+                raise _DuplicateKey(f"line {line}: key {key!r} is given twice (first on line {first[key]})")
+            first[key] = line
+        return loader.construct_mapping(node, deep=deep)
+
+    Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
+    return yaml.load(text, Loader=Loader)
 
 
 def _one_line(err: Exception) -> str:

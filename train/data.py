@@ -3,8 +3,12 @@ split lists, the 1/2–1/4–1/8 partition protocols and the 8:1:1 split.
 
 An `Item` names one image and its mask files; `SegDataset` reads it (cached) and returns tensors.
 Images are read as 8-bit grayscale whatever their encoding (L, RGB-encoded grayscale, RGBA; 16-bit
-scaled by 1/257, the full 16-bit range onto 0–255); masks are binarised (> 0) and several mask
-files are merged by union. `check_items` opens every file of a run once before training starts.
+scaled by 1/257, the full 16-bit range onto 0–255, with a warning for 12-bit data stored in 16
+bits). Masks must be binary (0 and 255, or 0 and 1, in 8 or 16 bits; several mask files are merged
+by union): anything else is an error naming the values found. Split lists are checked before
+use (present, non-empty, no duplicates, disjoint, every name found); a missing folder or list is
+an error, never a fallback to another split. `check_items` opens every file of a run once before
+training starts. `Splits.source` says how the sets were formed (the data banner of a run).
 """
 
 from __future__ import annotations
@@ -12,17 +16,19 @@ from __future__ import annotations
 import os
 import random
 import re
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from . import augment, synthetic
-from .config import partition_fraction
+from .config import normalise_partition, partition_fraction
 from .errors import UserError
 
 CLASSES = {"benign": 0, "malignant": 1, "normal": 2}
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+MASK_NAME = re.compile(r".*_mask(_\d+)?")  # BUSI's ground truth: NAME_mask.png, NAME_mask_1.png, ...
 
 
 class DataError(UserError):
@@ -39,22 +45,80 @@ class Item:
     extra: dict = field(default_factory=dict, compare=False, hash=False)
 
 
-def read_gray(path: str) -> np.ndarray:
-    """8-bit grayscale array from an image file of any common encoding; errors name the file."""
+class DataWarning(UserWarning):
+    """Data that is read, but maybe not as the user expects (12-bit values in a 16-bit file)."""
+
+
+_warned_low_bits = False
+
+
+def _open_image(path: str):
+    """The decoded Pillow image; a missing or undecodable file is a DataError naming it."""
     from PIL import Image  # Pillow is only needed for real data
 
     if not os.path.isfile(path):
         raise DataError(f"missing data file: {path}")
     try:
-        with Image.open(path) as im:
-            im.load()
-            if im.mode.startswith("I"):  # 16-bit (I;16, I;16B, or I from 16-bit PNG/TIFF): 65535 → 255
-                a = np.asarray(im, dtype=np.float64)
-                return np.clip(np.rint(a / 257), 0, 255).astype(np.uint8)
-            return np.asarray(im.convert("L"), dtype=np.uint8)
+        im = Image.open(path)
+        im.load()
+        return im
     except Exception as err:  # PIL raises several types for corrupt files
         reason = "not an image Pillow can decode" if "cannot identify" in str(err) else " ".join(str(err).split())
         raise DataError(f"cannot read image file {path}: {reason}") from err
+
+
+def read_gray(path: str) -> np.ndarray:
+    """8-bit grayscale array from an image file of any common encoding; errors name the file."""
+    global _warned_low_bits
+    with _open_image(path) as im:
+        if im.mode.startswith("I"):  # 16-bit (I;16, I;16B, or I from 16-bit PNG/TIFF): 65535 → 255
+            a = np.asarray(im, dtype=np.float64)
+            if 0 < a.max() <= 4095 and not _warned_low_bits:
+                _warned_low_bits = True
+                warnings.warn(
+                    f"{path}: a 16-bit image whose values stay below 4096 (12-bit data?) is read with 65535 → 255, "
+                    "so it spans only 16 grey levels; convert such images to 8 bits (value · 255 / 4095) first "
+                    "(further ones are not reported)",
+                    DataWarning,
+                    stacklevel=2,
+                )
+            return np.clip(np.rint(a / 257), 0, 255).astype(np.uint8)
+        return np.asarray(im.convert("L"), dtype=np.uint8)
+
+
+def _values(a: np.ndarray, most: int = 6) -> str:
+    v = np.unique(a)
+    return ", ".join(str(x) for x in v[:most]) + (f", ... ({len(v)} values)" if len(v) > most else "")
+
+
+def read_mask(path: str) -> np.ndarray:
+    """A binary mask as uint8 0/1: 0 and 255, or 0 and 1 (8 or 16 bits; also 0 and 65535), in
+    gray, RGB-encoded gray or opaque RGBA. Anything else (a label map with 1 and 2, a colour mask,
+    the lesion in the alpha channel, a lossy JPEG's in-between values) is a DataError naming the
+    values found."""
+    with _open_image(path) as im:
+        mode = im.mode
+        if mode == "P":
+            im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+            mode = im.mode
+        a = np.asarray(im)
+    if mode in ("RGBA", "LA", "PA") and (a[..., -1] != 255).any():
+        raise DataError(
+            f"mask {path}: {mode} with a transparent part (alpha values {_values(a[..., -1])}): the lesion may be in "
+            "the alpha channel; expected an opaque binary mask"
+        )
+    if mode in ("RGB", "RGBA"):
+        if (a[..., 0] != a[..., 1]).any() or (a[..., 0] != a[..., 2]).any():
+            raise DataError(f"mask {path}: a colour mask (red, green and blue differ); expected a binary gray mask")
+        a = a[..., 0]
+    elif mode in ("LA", "PA"):
+        a = a[..., 0]
+    if mode == "1":
+        return a.astype(np.uint8)
+    on = set(np.unique(a).tolist()) - {0}
+    if len(on) > 1 or not on <= {1, 255, 65535}:
+        raise DataError(f"mask {path}: values {_values(a)}; expected a binary mask (0 and 255, or 0 and 1)")
+    return (a > 0).astype(np.uint8)
 
 
 def load_item(item: Item, synthetic_size: int = 128) -> tuple[np.ndarray, np.ndarray | None]:
@@ -67,12 +131,12 @@ def load_item(item: Item, synthetic_size: int = 128) -> tuple[np.ndarray, np.nda
         return img, None
     mask = np.zeros(img.shape, dtype=np.uint8)
     for p in item.masks:
-        m = read_gray(p)
+        m = read_mask(p)
         if m.shape != img.shape:
             raise DataError(
                 f"mask {p} is {m.shape[1]}x{m.shape[0]} but image {item.image} is {img.shape[1]}x{img.shape[0]}"
             )
-        mask |= (m > 0).astype(np.uint8)
+        mask |= m
     return img, mask
 
 
@@ -113,7 +177,7 @@ def busi_items(root: str, include_normal: bool = False) -> list[Item]:
         files = set(os.listdir(d))
         for f in files:
             stem, ext = os.path.splitext(f)
-            if "_mask" in stem or ext.lower() not in IMAGE_EXTS:
+            if is_mask_name(stem) or ext.lower() not in IMAGE_EXTS:
                 continue
             masks = sorted(
                 (m for m in files if re.fullmatch(re.escape(stem) + r"_mask(_\d+)?" + re.escape(ext), m)),
@@ -134,9 +198,14 @@ def udiat_items(root: str) -> list[Item]:
     return folder_items(os.path.join(root, "original"), os.path.join(root, "GT"))
 
 
+def is_mask_name(stem: str) -> bool:
+    return MASK_NAME.fullmatch(stem) is not None
+
+
 def folder_items(image_dir: str, mask_dir: str | None = None) -> list[Item]:
     """Generic pair of folders; a mask is `NAME.ext` or `NAME_mask.ext` in `mask_dir` (any image
-    extension). Without `mask_dir` the items are unlabelled (for `busseg predict`)."""
+    extension). Without `mask_dir` the items are unlabelled (for `busseg predict`), and files named
+    as masks (`NAME_mask.png`, `NAME_mask_1.png`, ...) are not images."""
     if not os.path.isdir(image_dir):
         raise DataError(f"image folder missing: {image_dir}")
     masks = {}
@@ -150,7 +219,7 @@ def folder_items(image_dir: str, mask_dir: str | None = None) -> list[Item]:
     items = []
     for f in sorted(os.listdir(image_dir), key=_natural):
         stem, ext = os.path.splitext(f)
-        if ext.lower() not in IMAGE_EXTS or (mask_dir is None and stem.endswith("_mask")):
+        if ext.lower() not in IMAGE_EXTS or (mask_dir is None and is_mask_name(stem)):
             continue
         if mask_dir is not None and stem not in masks:
             raise DataError(f"no mask for {os.path.join(image_dir, f)} in {mask_dir}")
@@ -178,10 +247,32 @@ def _natural(name: str):
 
 
 def read_list(path: str) -> list[str]:
+    """The image names of a split list, one a line; a missing or empty list, or a name listed twice,
+    is a DataError naming the list."""
     if not os.path.isfile(path):
         raise DataError(f"split list missing: {path}")
     with open(path) as f:
-        return [ln.strip() for ln in f if ln.strip()]
+        lines = [(i + 1, ln.strip()) for i, ln in enumerate(f) if ln.strip()]
+    if not lines:
+        raise DataError(f"split list {path} is empty")
+    first = {}
+    for line, name in lines:
+        if name in first:
+            raise DataError(f"split list {path}: {name!r} is listed twice (lines {first[name]} and {line})")
+        first[name] = line
+    return [name for _, name in lines]
+
+
+def check_disjoint(lists: dict[str, list[str]]) -> None:
+    """No image in two of the lists {name: image names} (test vs training: a leak; labelled vs
+    unlabelled: an image in two roles)."""
+    names = list(lists)
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            common = sorted(set(lists[a]) & set(lists[b]), key=_natural)
+            if common:
+                why = "a train/test leak" if "test" in (a + b) else "one image in two roles"
+                raise DataError(f"split lists: {len(common)} image(s) in both {a} and {b} ({why}), e.g. {common[0]!r}")
 
 
 def select(items: list[Item], names: list[str], what: str) -> list[Item]:
@@ -216,12 +307,55 @@ def partition(
     return [it for it in train if it.name in chosen], [it for it in train if it.name not in chosen]
 
 
+def proportional_subset(lists: dict[str, list], limit: int, seed: int) -> dict[str, list]:
+    """A seeded subset of `limit` names in all, each list keeping its share (largest remainders;
+    at least one of each), each in its list's order: `--limit` with split lists."""
+    total = sum(len(v) for v in lists.values())
+    exact = {k: limit * len(v) / total for k, v in lists.items()}
+    take = {k: int(x) for k, x in exact.items()}
+    for k in sorted(exact, key=lambda k: take[k] - exact[k])[: limit - sum(take.values())]:
+        take[k] += 1
+    short = [k for k, n in take.items() if n == 0]
+    if short:
+        raise UserError(f"--limit {limit}: too small to keep an image of each split list ({', '.join(short)})")
+    out = {}
+    for k, v in lists.items():
+        chosen = set(random.Random(f"{seed}/{k}").sample(range(len(v)), take[k]))
+        out[k] = [x for i, x in enumerate(v) if i in chosen]
+    return out
+
+
 @dataclass
 class Splits:
     labeled: list[Item]
     unlabeled: list[Item]
     val: list[Item]
     test: list[Item]
+    source: dict = field(default_factory=dict)  # how the sets were formed (see make_splits)
+
+    def banner(self) -> str:
+        """One line: where the data comes from, how it was split, and the size of each set."""
+        s = self.source
+        where = s.get("data", "?") + (f" at {s['root']}" if s.get("root") else "")
+        if s.get("split") == "lists":
+            how = f"split lists in {s['split_dir']} ({', '.join(s['lists'].values())}), partition {s.get('protocol')}"
+        else:
+            how = f"random 8:1:1 split, partition {s.get('partition')}"
+        if s.get("limit"):
+            how += f", --limit {s['limit']}" + (" (a share of each list)" if s.get("split") == "lists" else "")
+        sizes = (
+            f"{len(self.labeled)} labelled, {len(self.unlabeled)} unlabelled, {len(self.val)} validation "
+            f"({s.get('validation', '?')}), {len(self.test)} test"
+        )
+        return f"data: {where}; {how}; seed {s.get('seed')}: {sizes}"
+
+    def describe(self) -> dict:
+        """The banner as data (data.json in a run folder): the source and every set's image names."""
+        return {
+            **self.source,
+            "sizes": {k: len(getattr(self, k)) for k in ("labeled", "unlabeled", "val", "test")},
+            "images": {k: [it.name for it in getattr(self, k)] for k in ("labeled", "unlabeled", "val", "test")},
+        }
 
 
 def make_splits(
@@ -234,10 +368,15 @@ def make_splits(
     limit: int | None = None,
     mask_dir: str | None = None,
     val_count: int = 0,
+    split: str | None = None,
 ) -> Splits:
-    """Items for a run. With split lists (`split_dir` with test.txt and 1_2/{labeled,unlabeled}.txt,
-    BUSI's `splits/` by default) they are used (1/1: both lists labelled); otherwise the 8:1:1
-    split. `limit` keeps a seeded subset of that many images first (quick runs, integration tests).
+    """Items for a run. `split` "lists": the split lists in `split_dir` (BUSI: `<root>/splits` by
+    default): test.txt and 1_N/{labeled,unlabeled}.txt for the partition 1/N when that folder
+    exists, else 1_2/ with 1/N's labelled set drawn with `seed` from the 1/2 labelled list (1/1:
+    both lists labelled). "random": a seeded 8:1:1 split, then the partition. None: lists for busi
+    or when `split_dir` is given, random otherwise. A missing folder or list is an error, never a
+    fallback to the random split. `limit` keeps a seeded subset of that many images: of each list
+    in proportion with split lists (every image keeps its role), before the 8:1:1 split without.
     With split lists the validation set is the test list (as the authors select models), unless
     `val_count` > 0: then that many training images, drawn with `seed` from those left unlabelled
     by the partition, are the validation set and leave the unlabelled pool (the labelled set stays
@@ -246,38 +385,72 @@ def make_splits(
         items = synthetic_items(synthetic_n, seed)
     elif data == "busi":
         items = busi_items(_need(root, data))
-        split_dir = split_dir or os.path.join(root, "splits")
     elif data == "udiat":
         items = udiat_items(_need(root, data))
     elif data == "folder":
         items = folder_items(_need(root, data), mask_dir or os.path.join(root, "masks"))
     else:
         raise UserError(f"--data {data!r}: expected synthetic, busi, udiat or folder")
+    if split is None:
+        split = "lists" if data == "busi" or split_dir else "random"
     frac = partition_fraction(partition_)
-    if limit is not None and limit < len(items):
-        items = random.Random(seed).sample(items, limit)
-        split_dir = None  # the authors' lists do not apply to a subset
-    if split_dir and os.path.isfile(os.path.join(split_dir, "test.txt")):
-        test = select(items, read_list(os.path.join(split_dir, "test.txt")), "test.txt")
-        lab = select(items, read_list(os.path.join(split_dir, "1_2", "labeled.txt")), "1_2/labeled.txt")
-        unl = select(items, read_list(os.path.join(split_dir, "1_2", "unlabeled.txt")), "1_2/unlabeled.txt")
-        train = lab + unl
-        # No validation list is published: model selection uses the test list, as the authors do.
-        val = test
-        if frac == 1:
-            lab, unl = train, []
-        elif abs(frac - 0.5) > 1e-9:
-            lab, unl = partition(train, frac, seed, labeled_pool=lab)
+    part = normalise_partition(partition_)
+    source = dict(data=data, root=os.path.abspath(root) if root else None, split=split, seed=seed, partition=part)
+    source["limit"] = limit
+    if split == "lists":
+        lab, unl, test, source = _from_lists(items, data, root, split_dir, part, frac, seed, limit, source)
+        val = test  # No validation list is published: model selection uses the test list, as the authors do.
+        source["validation"] = "the test list"
         if val_count:
             if val_count >= len(unl):
                 raise UserError(f"--val-from-train {val_count}: only {len(unl)} unlabelled training images left")
             carved = {it.name for it in random.Random(seed).sample(unl, val_count)}
             val = [it for it in unl if it.name in carved]
             unl = [it for it in unl if it.name not in carved]
-        return Splits(lab, unl, val, test)
+            source["validation"] = f"{val_count} images drawn from the unlabelled pool"
+        return Splits(lab, unl, val, test, source)
+    if limit is not None and limit < len(items):
+        items = random.Random(seed).sample(items, limit)
+    if len(items) < 4:
+        raise UserError(f"{'--limit' if limit else 'data'}: {len(items)} images; the 8:1:1 split needs at least 4")
     train, val, test = split_811(items, seed)
     lab, unl = partition(train, frac, seed)
-    return Splits(lab, unl, val, test)
+    source["validation"] = "the split's"
+    return Splits(lab, unl, val, test, source)
+
+
+def _from_lists(items, data, root, split_dir, part, frac, seed, limit, source):
+    """(labelled, unlabelled, test, source) from the split lists (see make_splits)."""
+    if split_dir is None:
+        split_dir = os.path.join(root, "splits")
+        if not os.path.isdir(split_dir):
+            raise DataError(
+                f"--data {data}: no split lists at {split_dir} (test.txt, 1_2/labeled.txt, 1_2/unlabeled.txt); give "
+                "--split-dir DIR, or --split-mode random for a seeded 8:1:1 split"
+            )
+    if not os.path.isdir(split_dir):
+        raise DataError(f"--split-dir {split_dir}: no such folder")
+    n = part.split("/")[1]
+    own = os.path.isfile(os.path.join(split_dir, f"1_{n}", "labeled.txt"))
+    folder = f"1_{n}" if own else "1_2"
+    files = {"test": "test.txt", "labeled": f"{folder}/labeled.txt", "unlabeled": f"{folder}/unlabeled.txt"}
+    lists = {k: read_list(os.path.join(split_dir, f)) for k, f in files.items()}
+    check_disjoint({files[k]: v for k, v in lists.items()})
+    if limit is not None and limit < sum(len(v) for v in lists.values()):
+        lists = proportional_subset(lists, limit, seed)
+    test = select(items, lists["test"], files["test"])
+    lab = select(items, lists["labeled"], files["labeled"])
+    unl = select(items, lists["unlabeled"], files["unlabeled"])
+    source.update(split_dir=os.path.abspath(split_dir), lists=files)
+    if frac == 1:
+        lab, unl = lab + unl, []
+        source["protocol"] = f"1/1: both {folder} lists labelled"
+    elif not own:
+        lab, unl = partition(lab + unl, frac, seed, labeled_pool=lab)
+        source["protocol"] = f"{part}: labelled drawn with the seed from 1_2/labeled.txt, the rest unlabelled"
+    else:
+        source["protocol"] = f"{part}: the lists of {folder}"
+    return lab, unl, test, source
 
 
 def splits_for(cfg) -> Splits:
@@ -292,6 +465,7 @@ def splits_for(cfg) -> Splits:
         cfg.limit,
         cfg.mask_dir,
         val_count=cfg.val_from_train,
+        split=cfg.split_mode,
     )
 
 

@@ -10,8 +10,10 @@ GradScaler for fp16; --channels-last and --compile apply to the student and the 
 
 Determinism: samples depend only on (seed, epoch, index) (see data.SegDataset); sampler order on
 (seed, epoch, cycle); the methods' own draws (cutmix boxes, proxies) use the global torch RNG,
-whose state is checkpointed. Output folder `out`: metrics.csv, last.pt, best.pt, test_metrics.json,
-test_per_image.csv, overlays/, curves.png.
+whose state is checkpointed. Output folder `out`: data.json (the data banner: source, split, the
+images of every set), log.txt (the lines the run printed), metrics.csv, last.pt, best.pt,
+test_metrics.json, test_per_image.csv, overlays/, curves.png. A fresh run never writes into a
+folder that holds another run (claim_output_folder); --resume continues one.
 """
 
 from __future__ import annotations
@@ -19,9 +21,11 @@ from __future__ import annotations
 import copy
 import csv
 import dataclasses
+import json
 import math
 import os
 import random
+import shutil
 import tempfile
 import time
 
@@ -93,6 +97,60 @@ def check_output_folder(out: str) -> None:
         raise UserError(f"--out {out}: cannot write there ({err.strerror or err})") from None
 
 
+# What a run writes into its folder; the first seven are there once it has trained an epoch or
+# tested (a run, finished or not); `busseg eval` writes eval/ beside its checkpoint.
+RUN_FILES = (
+    "last.pt",
+    "best.pt",
+    "metrics.csv",
+    "test_metrics.json",
+    "test_per_image.csv",
+    "curves.png",
+    "overlays",
+    "eval",
+    "data.json",
+    "log.txt",
+    "tb",
+)
+RUN_MARKERS = RUN_FILES[:7]
+
+
+def run_files(out: str) -> list[str]:
+    """The marks of a run (finished or not) in folder `out`."""
+    return [f for f in RUN_MARKERS if os.path.lexists(os.path.join(out, f))]
+
+
+def claim_output_folder(out: str, overwrite: bool = False) -> None:
+    """Before a fresh run: `out` must not hold a run, finished or not (its checkpoints, metrics and
+    pictures would be replaced or mixed with the new run's), unless `overwrite`, which deletes the
+    old run's files first (nothing else in the folder). What an aborted start left (data.json,
+    log.txt) is replaced."""
+    found = run_files(out)
+    if found and not overwrite:
+        raise UserError(
+            f"--out {out}: holds a run ({', '.join(found)}); continue it with --resume "
+            f"{os.path.join(out, 'last.pt')}, choose another --out, or pass --overwrite to delete it first"
+        )
+    if not os.path.isdir(out):
+        return
+    for name in RUN_FILES + tuple(f for f in os.listdir(out) if f.startswith(".tmp-")):
+        path = os.path.join(out, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        elif os.path.lexists(path):
+            os.unlink(path)
+
+
+def prepare_output(cfg: TrainConfig, resume_path: str | None = None, overwrite: bool = False) -> None:
+    """The output folder of a run that is about to start: a fresh run claims it
+    (claim_output_folder); a resumed run continues in its checkpoint's folder, or claims another."""
+    if resume_path is not None and os.path.realpath(os.path.dirname(os.path.abspath(resume_path))) == (
+        os.path.realpath(cfg.out)
+    ):
+        return
+    claim_output_folder(cfg.out, overwrite)
+
+
 def check_combinations(cfg: TrainConfig, model: torch.nn.Module) -> None:
     """Flags that are valid alone but not together for this network and crop."""
     if cfg.method == "rabusseg" and cfg.cra:
@@ -101,6 +159,14 @@ def check_combinations(cfg: TrainConfig, model: torch.nn.Module) -> None:
             raise UserError(
                 f"--num-proxies {cfg.num_proxies}: the {h}×{w} relation grid of a {cfg.crop}-px crop has only "
                 f"{h * w} positions; use --num-proxies {h * w} or less, or a larger --crop"
+            )
+    if cfg.method == "rabusseg" and cfg.arp:
+        h, w = relation_grid(model, cfg)
+        reach = 2 * max(h, w) - 1
+        if cfg.arp_kernel > reach:
+            raise UserError(
+                f"--arp-kernel {cfg.arp_kernel}: the {h}×{w} relation grid of a {cfg.crop}-px crop is covered by a "
+                f"kernel of {reach}; use --arp-kernel {reach} or less, or a larger --crop"
             )
     if cfg.method == "phnet" and cfg.crop % cfg.num_patches:
         raise UserError(f"--num-patches {cfg.num_patches}: the patches must tile the {cfg.crop}-px crop exactly")
@@ -119,12 +185,19 @@ def check_items(splits, n: int, seed: int) -> list:
     return random.Random(seed).sample(pool, min(n, len(pool)))
 
 
+class TrainingDiverged(UserError):
+    """The loss became infinite or NaN (too high a learning rate, most often)."""
+
+
 class Trainer:
     """`pretrained=False` skips loading --pretrained (a resumed run overwrites those weights anyway,
-    and the file need not exist any more)."""
+    and the file need not exist any more). `overwrite`: a fresh run may replace a run in cfg.out
+    (claim_output_folder)."""
 
-    def __init__(self, cfg: TrainConfig, pretrained: bool = True):
+    def __init__(self, cfg: TrainConfig, pretrained: bool = True, overwrite: bool = False):
         cfg.validate()
+        self.overwrite = overwrite
+        self._lines: list[str] = []  # printed before the log file is opened (fit)
         if cfg.device.startswith("cuda") and not torch.cuda.is_available():
             raise UserError(f"--device {cfg.device}: this machine has no CUDA device (use --device cpu)")
         self.cfg = cfg
@@ -136,6 +209,7 @@ class Trainer:
         )
         torch.manual_seed(cfg.seed)
         self.splits = data.splits_for(cfg)
+        self._say(self.splits.banner())
         if self.rank == 0:
             check_output_folder(cfg.out)
         data.check_items(self.splits, progress=not cfg.quiet and self.rank == 0)
@@ -144,8 +218,7 @@ class Trainer:
         check_combinations(cfg, student)
         if cfg.pretrained and pretrained:
             for report in load_pretrained(student, cfg.pretrained):
-                if self.rank == 0 and not cfg.quiet:
-                    print(f"pretrained {report}", flush=True)
+                self._say(f"pretrained {report}")
         student = student.to(self.device, memory_format=torch.channels_last if cfg.channels_last else None)
         self.teacher = copy.deepcopy(student).eval()
         for p in self.teacher.parameters():
@@ -180,6 +253,7 @@ class Trainer:
         }[cfg.lr_schedule]
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, decay)
         self.epoch, self.step_in_epoch, self.global_step, self.best = 0, 0, 0, -1.0
+        self.epoch_sums: dict[str, float] = {}  # the current epoch's loss sums over its steps so far
         self.tb = None
 
     # ------------------------------------------------------------------ data streams
@@ -223,13 +297,16 @@ class Trainer:
                     except StopIteration:
                         pass
                 cycle += 1
-                it = iter(self._loader(ds, batch, epoch, cycle))
+                loader = self._loader(ds, batch, epoch, cycle)
+                if len(loader) == 0:  # cycling it again would loop for ever
+                    raise UserError(f"the {name} stream of rank {self.rank} has no batch ({len(ds)} images)")
+                it = iter(loader)
                 streams[name] = (it, cycle)
 
         semi = self.method.uses_unlabeled and len(self.unl_ds) > 0
         for _ in range(self.steps_per_epoch):
-            lab = nxt("lab", self.lab_ds, self.cfg.batch_labeled)
-            unl = nxt("unl", self.unl_ds, self.cfg.batch_unlabeled) if semi else None
+            lab = nxt("labelled", self.lab_ds, self.cfg.batch_labeled)
+            unl = nxt("unlabelled", self.unl_ds, self.cfg.batch_unlabeled) if semi else None
             yield lab, unl
 
     # ------------------------------------------------------------------ training
@@ -260,7 +337,13 @@ class Trainer:
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
             loss, logs = self.method(self.student, self.teacher, to(lab), to(unl), ctx)
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite loss at epoch {self.epoch} step {self.step_in_epoch}: {logs}")
+            terms = ", ".join(f"{k} {float(v):.4g}" for k, v in logs.items())
+            last = os.path.join(self.cfg.out, "last.pt")
+            raise TrainingDiverged(
+                f"training diverged: the loss is {float(loss.detach())} at epoch {self.epoch + 1} step "
+                f"{self.step_in_epoch + 1} ({terms}); lower --lr (now {self.cfg.lr:g}) or the loss weights"
+                + (f"; {last} holds the last completed epoch" if self.epoch and os.path.isfile(last) else "")
+            )
         self.opt.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()  # disabled (off, bf16): loss.backward() and opt.step()
         self.scaler.step(self.opt)
@@ -278,19 +361,20 @@ class Trainer:
         {"stopped": True} after a signal, or {"epoch": n} when it ends without testing."""
         cfg = self.cfg
         until = cfg.epochs if until is None else min(until, cfg.epochs)
-        os.makedirs(cfg.out, exist_ok=True)
         if self.rank == 0:
-            log = os.path.join(cfg.out, "metrics.csv")
-            if self.global_step == 0 and os.path.isfile(log):  # a fresh run starts a fresh log
-                os.unlink(log)
+            if self.global_step == 0 and self.epoch == 0 and self.step_in_epoch == 0:
+                claim_output_folder(cfg.out, self.overwrite)  # a fresh run: no other run's files here
+            os.makedirs(cfg.out, exist_ok=True)
+            with open(os.path.join(cfg.out, "data.json"), "w") as f:
+                json.dump(self.splits.describe(), f, indent=1)
+            self._open_log()
             self._open_tb()
         stopped = False
         with checkpoint.StopGuard() as guard:
             while self.epoch < until and not stopped:
                 stopped = self._run_epoch(guard)
         if stopped:
-            if self.rank == 0 and not cfg.quiet:
-                print(f"stopped by signal; checkpoint {os.path.join(cfg.out, 'last.pt')}", flush=True)
+            self._say(f"stopped by signal; checkpoint {os.path.join(cfg.out, 'last.pt')}")
             return {"stopped": True}
         if self.epoch < cfg.epochs or not test:
             return {"epoch": self.epoch}
@@ -304,7 +388,12 @@ class Trainer:
             "progress": self.epoch / max(1, cfg.epochs),
             "epochs": cfg.epochs,
         }
-        sums, n = {}, 0
+        if self.step_in_epoch > self.steps_per_epoch:  # equal: stopped after the last step, before the epoch's end
+            raise UserError(
+                f"--resume: the checkpoint stopped after step {self.step_in_epoch} of epoch {self.epoch + 1}, but this "
+                f"config has {self.steps_per_epoch} steps per epoch (--max-steps, the batch sizes or the data changed)"
+            )
+        sums = self.epoch_sums  # a resumed epoch continues the sums of its first steps
         batches = self._batches(self.epoch)
         resume_rng = getattr(self, "_resume_rng", None)
         for _ in range(self.step_in_epoch):  # mid-epoch resume: replay the data stream
@@ -316,7 +405,6 @@ class Trainer:
         for lab, unl in batches:
             logs = self.train_step(lab, unl, ctx)
             self.step_in_epoch += 1
-            n += 1
             for k, v in logs.items():
                 sums[k] = sums.get(k, 0.0) + v
             if bar is not None:
@@ -329,10 +417,11 @@ class Trainer:
                 return True
         if bar is not None:
             bar.close()
+        row = {"epoch": self.epoch + 1, "step": self.global_step, "lr": self.sched.get_last_lr()[0]}
+        row.update({k: v / self.step_in_epoch for k, v in sums.items()})  # the mean over all its steps
         self.epoch += 1
         self.step_in_epoch = 0
-        row = {"epoch": self.epoch, "step": self.global_step, "lr": self.sched.get_last_lr()[0]}
-        row.update({k: v / max(1, n) for k, v in sums.items()})
+        self.epoch_sums = {}
         if self.rank == 0:
             row.update(self._pseudo_label_check(ctx))
             val = self.evaluate(self.splits.val) if self.splits.val else None
@@ -395,6 +484,9 @@ class Trainer:
                 self.splits.test, model=model, overlay_dir=os.path.join(cfg.out, "overlays"), progress=True
             )
             write_results(res, cfg.out, method=cfg.method)
+            warning = background_warning(res, cfg)
+            if warning:
+                self._say(warning)
             if os.path.isfile(os.path.join(cfg.out, "metrics.csv")):
                 visualize.plot_curves(os.path.join(cfg.out, "metrics.csv"), os.path.join(cfg.out, "curves.png"))
             result = res["summary"]
@@ -419,9 +511,11 @@ class Trainer:
             "best": self.best,
             "rng": checkpoint.rng_state(),
             "scaler": self.scaler.state_dict(),  # {} unless --amp fp16
+            "epoch_sums": dict(self.epoch_sums),
         }
 
     def load_state_dict(self, st: dict) -> None:
+        checkpoint.check_progress(st)
         s = self.student.module if hasattr(self.student, "module") else self.student
         s.load_state_dict(st["student"])
         self.teacher.load_state_dict(st["teacher"])
@@ -430,6 +524,8 @@ class Trainer:
         self.method.load_state_dict(st["method"])
         self.epoch, self.step_in_epoch = st["epoch"], st["step_in_epoch"]
         self.global_step, self.best = st["global_step"], st["best"]
+        # written since the epoch mean counts the steps before an interruption; older checkpoints: none
+        self.epoch_sums = dict(st.get("epoch_sums", {}))
         if st.get("scaler"):  # saved by an fp16 run
             self.scaler.load_state_dict(st["scaler"])
         if self.step_in_epoch:
@@ -440,6 +536,7 @@ class Trainer:
     def resume(self, source) -> None:
         """Continue from a checkpoint (a path, or what checkpoint.load returned)."""
         st = checkpoint.load(source) if isinstance(source, str) else source
+        checkpoint.require(st, checkpoint.TRAINING_KEYS, source if isinstance(source, str) else "--resume")
         try:
             self.load_state_dict(st)
         except (RuntimeError, KeyError, ValueError) as err:
@@ -469,8 +566,25 @@ class Trainer:
             for k, v in row.items():
                 if k not in ("epoch",):
                     self.tb.add_scalar(k, v, row["epoch"])
-        if not self.cfg.quiet:
-            print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
+        self._say(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+
+    def _say(self, line: str) -> None:
+        """Print a line of the run (rank 0, --quiet too) and keep it in log.txt."""
+        if self.rank != 0:
+            return
+        print(line, flush=True)
+        if getattr(self, "_log_file", None) is not None:
+            with open(self._log_file, "a") as f:
+                f.write(line + "\n")
+        else:
+            self._lines.append(line)
+
+    def _open_log(self) -> None:
+        """log.txt in the output folder: what the run printed before it (the data banner) and since."""
+        self._log_file = os.path.join(self.cfg.out, "log.txt")
+        with open(self._log_file, "a") as f:
+            f.writelines(line + "\n" for line in self._lines)
+        self._lines = []
 
     def _open_tb(self):
         try:
@@ -486,13 +600,43 @@ class Trainer:
             from tqdm import tqdm
         except ImportError:
             return None
-        return tqdm(total=total, desc=f"epoch {self.epoch + 1}/{self.cfg.epochs}", leave=False)
+        # disable=None: only on a terminal (a log file would get every refresh)
+        return tqdm(total=total, desc=f"epoch {self.epoch + 1}/{self.cfg.epochs}", leave=False, disable=None)
 
 
-def run(cfg: TrainConfig, resume=None) -> dict:
-    """Train (continuing from `resume`: a checkpoint path or a loaded checkpoint) and evaluate."""
+def background_warning(res: dict, cfg: TrainConfig | None = None) -> str | None:
+    """A warning line when the model predicts no lesion pixel on any image while some have a lesion
+    (Dice 0 everywhere), with the likely causes; None otherwise. `res`: what evaluate returns."""
+    n, lesions = len(res["per_image"]), res.get("lesion_images", 0)
+    if not n or res.get("empty_predictions", 0) < n or not lesions:
+        return None
+    causes = []
+    if cfg is not None and cfg.criterion in ("ce", "ohem"):
+        causes.append(
+            f"cross-entropy (--criterion {cfg.criterion}) is first lowered by predicting background, the lesions "
+            "being a small share of the pixels"
+        )
+    if cfg is not None and cfg.ema >= 0.95:
+        causes.append(
+            f"the evaluated teacher averages the student over ~{round(1 / (1 - cfg.ema))} steps (--ema {cfg.ema})"
+        )
+    return (
+        f"warning: no lesion pixel predicted on any of the {n} images ({lesions} have a lesion), so Dice is 0: the "
+        "model is still on the all-background solution, as after a short run"
+        + (f" ({'; '.join(causes)})" if causes else "")
+        + "; train longer, or for a short run use --ema 0.9 --criterion ce+dice"
+    )
+
+
+def run(cfg: TrainConfig, resume=None, overwrite: bool = False, resume_path: str | None = None) -> dict:
+    """Train (continuing from `resume`: a checkpoint path or a loaded checkpoint, read from
+    `resume_path`) and evaluate. A fresh run refuses an output folder that holds another run unless
+    `overwrite` (prepare_output)."""
     t0 = time.time()
-    tr = Trainer(cfg, pretrained=resume is None)
+    if isinstance(resume, str):
+        resume_path = resume
+    prepare_output(cfg, resume_path if resume is not None else None, overwrite)
+    tr = Trainer(cfg, pretrained=resume is None, overwrite=overwrite)
     if resume:
         tr.resume(resume)
     res = tr.fit()

@@ -117,7 +117,7 @@ def _bar(total: int, desc: str, show: bool):
         from tqdm import tqdm
     except ImportError:
         return None
-    return tqdm(total=total, desc=desc, leave=False)
+    return tqdm(total=total, desc=desc, leave=False, disable=None)  # None: only on a terminal
 
 
 @torch.no_grad()
@@ -134,15 +134,26 @@ def evaluate(
 ) -> dict:
     """Per-image metrics of `model` on `items`, each image at its original size (synthetic items:
     generated at synthetic_size²). Returns {"per_image": rows (name, height, width, metrics),
-    "summary": {metric: (mean, std)}, "classification": ... for classifying networks}."""
-    rows, probs, classes = [], [], []
+    "summary": {metric: (mean, std)}, "classification": ... for classifying networks,
+    "empty_predictions" / "lesion_images": how many images have no predicted / true lesion pixel}.
+    No image, or a model whose output is not finite, is an error (either would score as a number)."""
+    if not items:
+        raise UserError("nothing to evaluate: the set of images is empty")
+    rows, probs, classes, empty, lesions = [], [], [], 0, 0
     bar = _bar(len(items), "evaluating", progress)
     for i, item in enumerate(items):
         img, mask = data.load_item(item, synthetic_size)
         if mask is None:
             raise UserError(f"cannot evaluate on {item.name}: it has no mask")
         res = predict(model, image_tensor(img, device), window)
+        if not torch.isfinite(res["prob"]).all():
+            raise UserError(
+                f"the model's output on {item.name} is NaN or infinite (its weights or batch-norm statistics hold "
+                "non-finite values); it cannot be scored"
+            )
         pred = res["prob"].argmax(1)[0].cpu()
+        empty += not bool(pred.any())
+        lesions += bool(mask.any())
         row = {"name": item.name, "height": img.shape[0], "width": img.shape[1]}
         row.update(metrics.seg_metrics(pred, torch.from_numpy(mask).long()))
         rows.append(row)
@@ -157,7 +168,7 @@ def evaluate(
             bar.update(1)
     if bar is not None:
         bar.close()
-    out = {"per_image": rows, "summary": metrics.summarize(rows)}
+    out = {"per_image": rows, "summary": metrics.summarize(rows), "empty_predictions": empty, "lesion_images": lesions}
     if probs:
         y, p = torch.tensor(classes), torch.stack(probs)
         known = y >= 0

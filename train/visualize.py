@@ -38,6 +38,16 @@ def save_png(array: np.ndarray, path: str) -> None:
     Image.fromarray(array).save(path)
 
 
+def _series(ax, points, label: str, marker: str | None = None) -> None:
+    """Plot (epoch, text value) points, blanks and NaN left out; a series of one point gets a
+    marker (a line through one point is invisible); an empty one is not drawn (nor in the legend)."""
+    pts = [(e, float(v)) for e, v in points if v not in ("", None) and float(v) == float(v)]
+    if pts:
+        ax.plot(
+            [p[0] for p in pts], [p[1] for p in pts], marker=marker or ("o" if len(pts) == 1 else None), label=label
+        )
+
+
 def plot_curves(csv_path: str, out_path: str) -> str:
     """Loss and validation Dice against epoch, from the engine's metrics.csv; a third panel with
     the pseudo-label check (pl_* columns) when the run logged it."""
@@ -54,27 +64,24 @@ def plot_curves(csv_path: str, out_path: str) -> str:
     ax1, ax2 = axes[:2]
     for key in rows[0] if rows else []:
         if key.startswith("loss"):  # a term may start late (loss_u after warm-up): skip blanks
-            pts = [(e, float(r[key])) for e, r in zip(epochs, rows) if r.get(key, "") != ""]
-            ax1.plot([p[0] for p in pts], [p[1] for p in pts], label=key)
+            _series(ax1, [(e, r.get(key, "")) for e, r in zip(epochs, rows)], key)
     ax1.set_xlabel("epoch")
     ax1.set_ylabel("training loss (epoch mean)")
-    ax1.legend(fontsize=8)
     if rows and "val_dice" in rows[0]:
-        ax2.plot(epochs, [float(r["val_dice"]) for r in rows], marker="o", label="val Dice (teacher)")
+        _series(ax2, [(e, r["val_dice"]) for e, r in zip(epochs, rows)], "val Dice (teacher)", marker="o")
     ax2.set_xlabel("epoch")
     ax2.set_ylabel("Dice")
     ax2.set_ylim(0, 1)
-    ax2.legend(fontsize=8)
     if checked:
         labels = {"pl_dice": "Dice", "pl_acc": "accuracy", "pl_kept": "kept share", "pl_kept_acc": "accuracy, kept"}
         for key, label in labels.items():
-            pts = [(e, float(r[key])) for e, r in zip(epochs, rows) if r.get(key, "") not in ("", "nan")]
-            if pts:
-                axes[2].plot([p[0] for p in pts], [p[1] for p in pts], marker=".", label=label)
+            _series(axes[2], [(e, r.get(key, "")) for e, r in zip(epochs, rows)], label, marker=".")
         axes[2].set_xlabel("epoch")
         axes[2].set_title("teacher pseudo-labels on the check set", fontsize=9)
         axes[2].set_ylim(0, 1)
-        axes[2].legend(fontsize=8)
+    for ax in axes:
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     fig.savefig(out_path, dpi=100)

@@ -88,9 +88,15 @@ class CorrelationMap:
         """Images of the batch: a slice or a 1-D index tensor / list (the batch dim is kept)."""
         if isinstance(index, slice) or (isinstance(index, (torch.Tensor, list)) and torch.as_tensor(index).dim() == 1):
             return CorrelationMap(self.feature[index], self.scale)
+        # upstream's loss_helper indexes rows (corr_map[b, landmark, :]): the likely cause is a
+        # swapped Corr beside upstream's loss, so the message names the import that fixes it
+        parts = index if isinstance(index, tuple) else (index,)
+        shown = ", ".join(f"tensor{tuple(p.shape)}" if isinstance(p, torch.Tensor) else repr(p) for p in parts)
         raise TypeError(
-            "a CorrelationMap indexes only its batch (a slice or a 1-D index); call .rows(index) for "
-            f"rows of the map or .materialize() for the (B, HW, HW) tensor, got index {index!r}"
+            f"a CorrelationMap indexes only its batch (a slice or a 1-D index), got [{shown}]: with "
+            "busseg_ops' Corr, import compute_rank_loss_landmark (and orthogonal_landmarks_refine) from "
+            "busseg_ops.compat.rabusseg instead of rabusseg.utils.loss_helper; elsewhere call .rows(index) "
+            "for rows of the map or .materialize() for the (B, HW, HW) tensor"
         )
 
     def rows(self, index: torch.Tensor) -> torch.Tensor:
@@ -272,7 +278,9 @@ def compute_rank_loss_landmark(feat_x1, feat_x2, feat_x3, high_feat, corr_map, l
 
     ``corr_map``: the :class:`CorrelationMap` of :class:`Corr` (the map is never formed) or a real
     (B, HW, HW) tensor. Landmark choices agree with upstream's wherever two candidates' scores are
-    not within float rounding of each other (the op computes the scores from the features)."""
+    not within float rounding of each other (the op computes the scores from the features).
+    Where a target softmax underflows to 0 (wide unnormalised features in float32), upstream's
+    gradients are NaN (torch 2.x kl_div differentiates the target: log 0); ours are finite."""
     idx, idx_l = _landmarks(feat_x1, feat_x2, feat_x3, high_feat, corr_map, label, NUM_LANDMARKS)
     grid = tuple(high_feat.shape[2:])
     feats = [_to_grid(f, grid) for f in (feat_x1, feat_x2, feat_x3)] + [high_feat]

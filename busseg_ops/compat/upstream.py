@@ -2,7 +2,9 @@
 references of tests/test_compat.py and the baselines of bench_compat.py. Each function keeps the
 upstream formulation (materialised correlation map, unfold, per-image and per-step Python loops,
 chunk/cat patch lists, one loss per patch and class) and the upstream random draws in the same
-order, but runs on any device (upstream moves some tensors with `.cuda()`).
+order, but runs on any device (upstream moves some tensors with `.cuda()`). With the published
+files at hand (BUSSEG_UPSTREAM_DIR, busseg_ops/compat/published.py) tests/test_compat.py checks
+every function here against them: the same values, gradients and random draws.
 
 RA-BUSSeg (dodooo1/RA-BUSSeg): rabusseg/models/decoder.py `Corr`, rabusseg/utils/loss_helper.py.
 PH-Net (jjjsyyy/PH-Net): model/patch_helper.py.
@@ -157,8 +159,9 @@ def devide_into_patchs(image, label, logit, pred, patch_num):
 
 def compute_hard_ratio(pred):
     """Mean over each patch's pixels of the class entropy divided by log 2 (float32), for
-    probability patches (..., K, h, w)."""
+    probability patches (..., K, h, w), computed on a copy of them (upstream's cost)."""
     with torch.no_grad():
+        pred = pred.clone()
         entropy = -(pred * torch.log(pred + 1e-10)).sum(-3)
         return (entropy / torch.log(torch.tensor(2.0))).mean(dim=[-2, -1])
 
@@ -195,10 +198,15 @@ def generate_patch_data(image, label, logit, hard_ratio, ex_ratio=40, alpha=30, 
     """Masks per image in batch order; easy patches of image i take the easy (or hard) patches of
     image i+1 in patch order ("easy_easy", "easy_hard"), or the rand patches of image i take the
     same patches of image i+1 as it is at that moment ("easy_rand": image 0 has already been mixed
-    when the last image reads it). Writes into the given patch tensors, then merges them."""
+    when the last image reads it). Before mixing, the easy, hard and rand patches of every image
+    are copied out whatever the mix type (upstream's cost). Writes into the given patch tensors,
+    then merges them."""
     B = image.shape[0]
-    masks = [generate_patch_mask(hard_ratio[i], ex_ratio, alpha) for i in range(B)]
     tensors = (image, label, logit)
+    masks, picked = [], []
+    for i in range(B):
+        masks.append(generate_patch_mask(hard_ratio[i], ex_ratio, alpha))
+        picked.append([[t[i][mask] for t in tensors] for mask in masks[i]])  # [easy, hard, rand][tensor]
     if mix_type == "easy_rand":
         for i in range(B):
             rand = masks[i][2]
@@ -206,9 +214,8 @@ def generate_patch_data(image, label, logit, hard_ratio, ex_ratio=40, alpha=30, 
                 t[i][rand] = t[(i + 1) % B][rand]
     else:
         donor = 0 if mix_type == "easy_easy" else 1
-        picked = [[t[i][masks[i][donor]] for t in tensors] for i in range(B)]
         for i in range(B):
-            for t, source in zip(tensors, picked[(i + 1) % B]):
+            for t, source in zip(tensors, picked[(i + 1) % B][donor]):
                 t[i][masks[i][0]] = source
     return tuple(_merge_patches(t) for t in tensors)
 

@@ -1,6 +1,6 @@
 """adaptive_patch_cutmix: PH-Net's adaptive patch augmentation (Eq. 5-7), with its random mask
-(cutmix_patch_mask) and shield count (Eq. 5). Public functions and fake kernel of
-``busseg::adaptive_patch_cutmix``."""
+(cutmix_patch_mask) and shield count (Eq. 5). Public functions and fake kernels of
+``busseg::cutmix_patch_mask`` and ``busseg::adaptive_patch_cutmix``."""
 
 from __future__ import annotations
 
@@ -12,11 +12,19 @@ import torch
 from .. import _validate
 from ..backends import Op, dispatch, register
 from ..reference.adaptive_patch_cutmix import adaptive_patch_cutmix as _reference
+from ..reference.adaptive_patch_cutmix import cutmix_patch_mask as _reference_mask
 
 OP = Op(
     "adaptive_patch_cutmix",
     reference=_reference,
     missing={"triton": "not written (a byte gather of tensors of any dtype; the cuda kernel covers GPUs)"},
+)
+#: The random mask's own op (busseg::cutmix_patch_mask, csrc/adaptive_patch_cutmix/): from the
+#: hardness and the uniforms the front end draws, so every backend builds the same mask.
+MASK_OP = Op(
+    "cutmix_patch_mask",
+    reference=_reference_mask,
+    missing={"triton": "not written (two sorts of each image's patches; the cuda kernel covers GPUs)"},
 )
 
 
@@ -31,9 +39,18 @@ def shield_count(beta: float, progress: float, n_patches: int) -> int:
     return int(math.floor(beta * progress * n_patches + 1e-9))
 
 
-def _uniform(shape, generator, device):
-    gen_device = generator.device if generator is not None else device
-    return torch.rand(shape, generator=generator, device=gen_device).to(device)
+def _uniforms(batch: int, patches: int, generator, device) -> torch.Tensor:
+    """(B, 1 + patches) float32 uniforms on ``device``: column 0 for the share of each image, then
+    a key per patch. Drawn where ``generator`` lives (the device's default generator without one):
+    on the tensors' device in one draw, nothing crosses to the host; a CPU generator draws as it
+    always has (the shares, then the keys), and a CPU generator for GPU tensors costs a copy that
+    waits for the GPU."""
+    gen_device = generator.device if generator is not None else torch.device(device)
+    if gen_device.type != "cpu":
+        return torch.rand(batch, 1 + patches, generator=generator, device=gen_device).to(device)
+    share = torch.rand(batch, generator=generator)
+    keys = torch.rand(batch, patches, generator=generator)
+    return torch.cat([share[:, None], keys], 1).to(device)
 
 
 def _check_mask_args(hardness, shield_count, mix_range, generator) -> tuple[float, float]:
@@ -59,20 +76,17 @@ def cutmix_patch_mask(
 ) -> torch.Tensor:
     """The random part of Eq. 5-7 alone: (B, Nh, Nw) bool, True = kept. Per image, the
     ``shield_count`` hardest patches are kept; n = round(U(mix_range)·N²) (capped at N² − k) of the
-    others, chosen uniformly, are marked for replacement. Vectorised over the batch."""
+    others, chosen uniformly, are marked for replacement. Vectorised over the batch. The draws come
+    from ``generator`` (default: the tensors' device's); a generator on the tensors' device keeps
+    a GPU call free of host synchronisation (docs/ops.md)."""
     lo, hi = _check_mask_args(hardness, shield_count, mix_range, generator)
+    return _draw_mask(hardness, shield_count, lo, hi, generator)
+
+
+def _draw_mask(hardness, shield_count, low, high, generator):
     B, Nh, Nw = hardness.shape
-    total = Nh * Nw
-    device = hardness.device
-    n = torch.floor((lo + (hi - lo) * _uniform((B,), generator, device)) * total + 0.5).long()
-    n = n.clamp(max=total - shield_count)
-    keys = _uniform((B, total), generator, device)
-    if shield_count > 0:
-        hardest = hardness.detach().flatten(1).argsort(dim=1, descending=True, stable=True)[:, :shield_count]
-        keys.scatter_(1, hardest, 2.0)  # never among the n smallest keys
-    order = keys.argsort(1)
-    rank = torch.empty_like(order).scatter_(1, order, torch.arange(total, device=device).expand(B, -1))
-    return (rank >= n[:, None]).view(B, Nh, Nw)
+    uniforms = _uniforms(B, Nh * Nw, generator, hardness.device)
+    return dispatch(MASK_OP, hardness.device)(hardness.detach(), uniforms, int(shield_count), low, high)
 
 
 def adaptive_patch_cutmix(
@@ -90,7 +104,8 @@ def adaptive_patch_cutmix(
         A(x_b) = M ⊙ x_b + (1 − M) ⊙ x_{(b+1) mod B}
 
     One fused gather over all tensors, of any dtypes (each output keeps its tensor's dtype, under
-    torch.autocast too). B = 1 returns copies and a mask of ones."""
+    torch.autocast too). B = 1 returns copies and a mask of ones. The mask's draws as in
+    :func:`cutmix_patch_mask`."""
     if isinstance(tensors, torch.Tensor) or not isinstance(tensors, Sequence) or len(tensors) == 0:
         raise TypeError("tensors must be a non-empty list of tensors")
     _validate.tensor("hardness", hardness, 3, "(B, Nh, Nw)")
@@ -108,10 +123,10 @@ def adaptive_patch_cutmix(
     H, W = tensors[0].shape[-2:]
     if H % Nh or W % Nw:
         raise ValueError(f"the hardness grid {Nh}×{Nw} does not divide the map size {H}×{W}")
-    _check_mask_args(hardness, shield_count, mix_range, generator)
+    lo, hi = _check_mask_args(hardness, shield_count, mix_range, generator)
     if B == 1:
         return [t.clone() for t in tensors], torch.ones_like(hardness, dtype=torch.bool)
-    mask = cutmix_patch_mask(hardness, shield_count, mix_range, generator)
+    mask = _draw_mask(hardness, shield_count, lo, hi, generator)
     return list(dispatch(OP, hardness.device)(list(tensors), mask)), mask
 
 
@@ -120,4 +135,10 @@ def _fake(tensors, patch_mask):
     return [torch.empty_like(t, memory_format=torch.contiguous_format) for t in tensors]
 
 
+def _fake_mask(hardness, uniforms, shield_count, low, high):
+    _validate.one_device(MASK_OP.name, hardness=hardness, uniforms=uniforms)
+    return hardness.new_empty(hardness.shape, dtype=torch.bool)
+
+
 register(OP, fake=_fake)
+register(MASK_OP, fake=_fake_mask)

@@ -38,7 +38,7 @@ def adjacent_relation_propagation(
     Returns ``out`` (B, K, H, W), and with ``return_weights=True`` also the softmax weights
     (B, k*k, H, W) with taps in row-major order (not differentiable; for visualisation).
     ``padding="zeros"`` (upstream) lets outside neighbours take part with feature and value 0;
-    ``"valid"`` excludes them. ``scale`` defaults to 1/sqrt(C). Gradients flow to ``feat`` (as
+    ``"valid"`` excludes them. ``scale`` (a finite float) defaults to 1/sqrt(C). Gradients flow to ``feat`` (as
     query and as key) and to ``value``; the unfolded (B, C·k², HW) features never exist.
     Every floating dtype; float16 / bfloat16 are summed in float32. Under torch.autocast both
     inputs are cast to the autocast dtype.
@@ -55,7 +55,7 @@ def adjacent_relation_propagation(
             f"{dilation} with kernel_size {kernel_size}"
         )
     valid = _validate.choice("padding", padding, ("zeros", "valid")) == "valid"
-    scale = feat.shape[1] ** -0.5 if scale is None else float(scale)
+    scale = feat.shape[1] ** -0.5 if scale is None else _validate.real("scale", scale)
     out, weights = dispatch(OP, feat.device)(feat, value, kernel_size, dilation, scale, valid)
     return (out, weights) if return_weights else out
 

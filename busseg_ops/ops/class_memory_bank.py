@@ -24,6 +24,9 @@ class ClassMemoryBank:
         _validate.integer("num_classes", num_classes, minimum=1)
         _validate.integer("dim", dim, minimum=1)
         _validate.integer("capacity", capacity, minimum=1)
+        if dtype not in _validate.FLOATING_DTYPES:
+            names = ", ".join(str(d).removeprefix("torch.") for d in _validate.FLOATING_DTYPES)
+            raise TypeError(f"dtype must be one of {names} (the bank stores features), got {dtype}")
         self.num_classes, self.dim, self.capacity = num_classes, dim, capacity
         device = torch.device("cpu" if device is None else device)
         self.features = torch.zeros(num_classes, capacity, dim, dtype=dtype, device=device)
@@ -39,14 +42,20 @@ class ClassMemoryBank:
     def push(self, features: torch.Tensor, labels: torch.Tensor) -> None:
         """Append ``features`` (n, dim) with class ``labels`` (n,) in row order (labels outside
         [0, num_classes) are dropped). Under an initialised torch.distributed process group the
-        pushes of all ranks are gathered first (rank order), so every rank holds the same bank."""
+        pushes of all ranks are gathered first (rank order), so every rank holds the same bank.
+        ``labels`` must be an integer tensor (a float one would be truncated) and the features
+        finite in the bank's dtype (a NaN or inf row would poison its class mean for
+        ``capacity`` pushes)."""
         _validate.tensor("features", features, 2, "(n, dim)", allow_empty=True)
         _validate.tensor("labels", labels, 1, "(n,)", floating=False, allow_empty=True)
+        _validate.integer_tensor("labels", labels)
         if features.shape[1] != self.dim:
             raise ValueError(f"features must be (n, {self.dim}), got {tuple(features.shape)}")
         if labels.shape[0] != features.shape[0]:
             raise ValueError(f"labels must be (n,) with n = {features.shape[0]}, got {tuple(labels.shape)}")
         features = features.detach().to(self.device, self.features.dtype)
+        if not bool(features.isfinite().all()):
+            raise ValueError(f"features must be finite in the bank's dtype {self.features.dtype} (found NaN or inf)")
         labels = labels.detach().to(self.device, torch.int64)
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             features, labels = _all_gather_rows(features, labels)
@@ -102,8 +111,8 @@ class ClassMemoryBank:
 
     def load_state_dict(self, state: dict) -> None:
         """Restores rows, fill counts and write pointers; checks them all before changing
-        anything: shapes, floating features, integer counts in [0, capacity] and pointers in
-        [0, capacity), the pointer of a class below capacity at its count."""
+        anything: shapes, finite floating features, integer counts in [0, capacity] and pointers
+        in [0, capacity), the pointer of a class below capacity at its count."""
         for key, mine in (("features", self.features), ("count", self.count), ("head", self.head)):
             if key not in state:
                 raise KeyError(f"state_dict is missing {key!r}")
@@ -115,6 +124,10 @@ class ClassMemoryBank:
                 )
         if not state["features"].is_floating_point():
             raise TypeError(f"state_dict['features'] must be floating, got {state['features'].dtype}")
+        if not bool(state["features"].to(self.features.dtype).isfinite().all()):
+            raise ValueError(
+                f"state_dict['features'] must be finite in the bank's dtype {self.features.dtype} (found NaN or inf)"
+            )
         for key, stop in (("count", self.capacity + 1), ("head", self.capacity)):
             if state[key].is_floating_point() or state[key].is_complex() or state[key].dtype == torch.bool:
                 raise TypeError(f"state_dict[{key!r}] must be an integer tensor, got {state[key].dtype}")

@@ -55,8 +55,7 @@ def cross_layer_alignment_loss(feats, proxies=None, reduction: str = "mean", eps
     feats, proxies = autocast_inputs(OP, feats, proxies)
     _check_loss_inputs(feats, proxies)
     _validate.choice("reduction", reduction, ("mean", "batchmean", "sum"))
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or eps < 0:
-        raise ValueError(f"eps must be a float >= 0, got {eps!r}")
+    eps = _validate.real("eps", eps, minimum=0)
     if proxies is None:
         proxies = _global_proxies(feats)
     f0 = feats[0]
@@ -67,7 +66,7 @@ def cross_layer_alignment_loss(feats, proxies=None, reduction: str = "mean", eps
         torch.is_grad_enabled() and any(p.requires_grad for p in proxies) and not any(f.requires_grad for f in feats)
     )
     loss, _, _ = dispatch(OP, f0.device)(
-        [f.flatten(2) for f in feats], list(proxies), reduction, float(eps), rows, grad_proxies
+        [f.flatten(2) for f in feats], list(proxies), reduction, eps, rows, grad_proxies
     )
     return loss
 
@@ -80,7 +79,8 @@ def _check_loss_inputs(feats, proxies):
         )
     for l, f in enumerate(feats):
         _validate.tensor(f"feats[{l}]", f, 4, "(B, C_l, H, W)")
-        _validate.same(f"feats[0] and feats[{l}]", feats[0], f, dims=(0, 2, 3), dtype=True)
+        if l:
+            _validate.same(f"feats[0] and feats[{l}]", feats[0], f, dims=(0, 2, 3), dtype=True)
     if proxies is None:
         return
     if not isinstance(proxies, (list, tuple)) or len(proxies) != len(feats):

@@ -8,7 +8,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .confidence_masked_cross_entropy import check_pixel_loss_inputs
+from .confidence_masked_cross_entropy import check_pixel_loss_inputs, real_in
 
 
 def entropy_filtered_cross_entropy(
@@ -21,9 +21,8 @@ def entropy_filtered_cross_entropy(
     """Drop the floor(p%) most uncertain non-ignored pixels (highest teacher entropy, batch-wide)
     and average CE over the rest. Plain PyTorch (one topk); the entropies of float16 / bfloat16
     probabilities in float32 (in float16 the 1e-10 vanishes: log 0)."""
-    check_pixel_loss_inputs(logits, target, teacher_prob)
-    if not 0.0 <= drop_percent < 100.0:
-        raise ValueError(f"drop_percent must be in [0, 100), got {drop_percent}")
+    check_pixel_loss_inputs(logits, target, teacher_prob, ignore_index)
+    drop_percent = real_in("drop_percent", drop_percent, 0.0, 100.0, high_open=True)
     p = teacher_prob.detach().to(torch.promote_types(teacher_prob.dtype, torch.float32))
     entropy = -(p * torch.log(p + 1e-10)).sum(1).flatten()
     valid = (target != ignore_index).flatten()

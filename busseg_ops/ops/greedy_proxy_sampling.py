@@ -38,9 +38,7 @@ def _first_proxies(feat, first, label, generator):
         if tuple(first.shape) != (B,):
             raise ValueError(f"first must be (B,) = {(B,)}, got {tuple(first.shape)}")
         _validate.same("feat and first", feat, first)
-        # (under torch.compile the C++ op checks the range instead)
-        if not torch.compiler.is_compiling() and bool(((first < 0) | (first >= H * W)).any()):
-            raise ValueError(f"first must hold pixel indices in [0, H*W = {H * W}), got {first.tolist()}")
+        _validate.in_range("first", first, H * W, "pixel indices (H*W)")
         return first.long()
     if label is not None:
         if not isinstance(label, torch.Tensor):
@@ -69,8 +67,8 @@ def greedy_proxy_sampling(
 
     The first proxy s_0 of image b is ``first[b]`` if given, else a uniform foreground pixel of
     ``label`` (B, H, W), else (no label or no foreground) a uniform pixel, drawn with
-    ``generator``. With S(i, j) = scale·<feat_i, feat_j> (scale defaults to 1/sqrt(C)) and
-    c_t(j) = Σ_{i<t} S(s_i, j)::
+    ``generator``. With S(i, j) = scale·<feat_i, feat_j> (scale, a finite float, defaults to
+    1/sqrt(C)) and c_t(j) = Σ_{i<t} S(s_i, j)::
 
         score(j) = max_{t=1..m} c_t(j)      (+inf for pixels already chosen)
         s_m      = argmin_j score(j)        (ties to the smallest index; NaN counts as +inf)
@@ -81,7 +79,7 @@ def greedy_proxy_sampling(
     """
     check_features_and_count(feat, num_proxies)
     s0 = _first_proxies(feat, first, label, generator)
-    scale = feat.shape[1] ** -0.5 if scale is None else float(scale)
+    scale = feat.shape[1] ** -0.5 if scale is None else _validate.real("scale", scale)
     with torch.no_grad():
         return dispatch(OP, feat.device)(feat.detach(), s0, num_proxies, scale)
 

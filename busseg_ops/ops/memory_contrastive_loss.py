@@ -24,16 +24,18 @@ def _positives(positives, dim: int, like: torch.Tensor):
         return positives.detach(), torch.ones(positives.shape[0], dtype=torch.bool, device=positives.device)
     if isinstance(positives, str) or not isinstance(positives, Sequence) or len(positives) == 0:
         raise TypeError("positives must be a (K, D) tensor or a non-empty list of (D,) tensors / None")
-    rows, present = [], []
+    rows = []
+    # built on the device (a fill per missing class), not copied from a host list: no host-to-device
+    # copy in the call, which a CUDA graph could not capture
+    has_positive = like.new_ones(len(positives), dtype=torch.bool)
     for c, p in enumerate(positives):
         if p is None:
             rows.append(like.new_zeros(dim))
-            present.append(False)
+            has_positive[c] = False
         else:
             _validate.tensor(f"positives[{c}]", p, 1, "(D,)")
             rows.append(p.detach().to(like.dtype))
-            present.append(True)
-    return torch.stack(rows), torch.tensor(present, device=like.device)
+    return torch.stack(rows), has_positive
 
 
 def memory_contrastive_loss(
@@ -93,13 +95,12 @@ def memory_contrastive_loss(
     if negatives.dtype != anchors.dtype:
         raise TypeError(f"anchors and negatives must have the same dtype, got {anchors.dtype} and {negatives.dtype}")
     pos = pos.to(anchors.dtype)
-    if not (isinstance(temperature, (int, float)) and temperature > 0):
-        raise ValueError(f"temperature must be a number > 0, got {temperature!r}")
+    temperature = _validate.real("temperature", temperature, positive=True)
     # Forward saves Σ π n̂ for the anchors' gradient when that is the only one backward needs: the
     # backward then skips its pass over the tiles (with a negative gradient that pass runs anyway).
     save = torch.is_grad_enabled() and anchors.requires_grad and not negatives.requires_grad
     loss, _, _ = dispatch(OP, anchors.device)(
-        anchors, anchor_labels, negatives, negative_labels, pos, has_positive, float(temperature), save
+        anchors, anchor_labels, negatives, negative_labels, pos, has_positive, temperature, save
     )
     return loss
 

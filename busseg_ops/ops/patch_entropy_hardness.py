@@ -54,14 +54,18 @@ def patch_entropy_hardness(
 
     ``x`` (B, K, H, W) class probabilities, or logits with ``from_logits=True`` (softmax fused).
     Exactly one of ``num_patches`` (N: an N×N grid, or (Nh, Nw)) and ``patch_size`` ((h, w) or
-    an int); the patches must divide the map. Returns (B, Nh, Nw). Differentiable. Every floating
-    dtype (float16 / bfloat16 summed in float32); under torch.autocast ``x`` is cast to float32."""
+    an int); the patches must divide the map. ``eps`` is a finite float > 0 (upstream: 1e-10).
+    Returns (B, Nh, Nw). Differentiable. Every floating dtype (float16 / bfloat16 summed in
+    float32); under torch.autocast ``x`` is cast to float32."""
     (x,) = autocast_inputs(OP, x)
     _validate.tensor("x", x, 4, "(B, K, H, W)")
     if x.shape[1] < 2:
         raise ValueError(f"x needs K >= 2 classes (the entropy is divided by log K), got {x.shape[1]}")
     ph, pw = patch_size_of(x.shape[2:], num_patches, patch_size)
-    return dispatch(OP, x.device)(x, ph, pw, bool(from_logits), float(eps))
+    # eps > 0: log(p + eps) of a zero probability (a softmax that underflowed, a one-hot map) is
+    # then finite, and p·log(p + eps) 0; with eps = 0 it is 0·(−inf) = NaN.
+    eps = _validate.real("eps", eps, positive=True)
+    return dispatch(OP, x.device)(x, ph, pw, bool(from_logits), eps)
 
 
 def _fake(x, patch_h, patch_w, from_logits, eps):

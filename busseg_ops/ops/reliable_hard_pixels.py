@@ -24,9 +24,12 @@ def reliable_hard_pixels(
     """Eq. 10–13 at the feature grid: a pixel is reliable when the (mixed) pseudo-label equals the
     teacher's argmax on the mixed image; anchors come only from the ``k`` hardest patches. Labels
     are resized with nearest. Z_c = features[mask & (labels == c)], Z_c⁻ = features[mask &
-    (labels != c)]."""
+    (labels != c)]. ``pseudo_label`` and ``teacher_argmax`` are integer tensors (float ones
+    would be truncated)."""
     _validate.tensor("pseudo_label", pseudo_label, 3, "(B, H, W)", floating=False)
+    _validate.integer_tensor("pseudo_label", pseudo_label)
     _validate.tensor("teacher_argmax", teacher_argmax, 3, "(B, H, W)", floating=False)
+    _validate.integer_tensor("teacher_argmax", teacher_argmax)
     _validate.tensor("hardness", hardness, 3, "(B, Nh, Nw)")
     _validate.same("pseudo_label and teacher_argmax", pseudo_label, teacher_argmax, dims=(0, 1, 2))
     _validate.same("pseudo_label and hardness", pseudo_label, hardness, dims=(0,))

@@ -51,13 +51,19 @@ def _kmeans_plus_plus(f, num_proxies, generator):
 
 
 def kmeans_proxies(feat, num_proxies, iterations, generator):
-    """Lloyd's k-means on the pixel features from k-means++ seeds; the proxies are the pixels
-    nearest to the final centres, kept distinct (nearest pixel not taken by an earlier centre)."""
+    """Lloyd's k-means on the pixel features from k-means++ seeds, at most ``iterations`` steps,
+    stopping once no assignment changes (the centres are then a fixed point: further steps would
+    return the same); the proxies are the pixels nearest to the final centres, kept distinct
+    (nearest pixel not taken by an earlier centre)."""
     B, C, H, W = feat.shape
     f = feat.reshape(B, C, H * W)
     centres = _kmeans_plus_plus(f, num_proxies, generator)  # (B, M, C)
+    previous = None
     for _ in range(iterations):
         assign = torch.cdist(f.transpose(1, 2), centres).argmin(2)  # (B, HW)
+        if previous is not None and torch.equal(assign, previous):
+            break
+        previous = assign
         one_hot = torch.nn.functional.one_hot(assign, num_proxies).to(f.dtype)  # (B, HW, M)
         count = one_hot.sum(1)[:, :, None]
         mean = torch.bmm(one_hot.transpose(1, 2), f.transpose(1, 2)) / count.clamp(min=1)

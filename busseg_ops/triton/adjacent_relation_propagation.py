@@ -1,13 +1,35 @@
-"""busseg_triton::adjacent_relation_propagation (RA-BUSSeg ARP; docs/ops.md) in Triton. A program
-owns a block of pixels of one image: it gathers each tap's neighbour features by arithmetic
-offsets (channels-last rows), keeps the k*k affinities of its pixels in registers for the
-softmax, and sums the neighbours' values. Backward: per-pixel
-affinity gradients, then gathers for the feature and value gradients (no atomics).
+"""busseg_triton::adjacent_relation_propagation (RA-BUSSeg ARP; docs/ops.md) in Triton, on NCHW
+tensors as they lie (no permuted copies).
 
-The taps are a loop, not unrolled: unrolled, the compiler keeps every tap's loads in flight (a
-5x5 kernel spilled registers on sm_80/sm_90). Value channels go in blocks of at most
-_MAX_BLOCK_K, so no kernel's registers grow with K. The dilation is a run-time argument (each
-distinct value would be a compile of its own)."""
+What bounds it (B=8, C=256, 65x65, k=3): the features, 35 MB in float32, read once by the forward
+and once by the backward, which also writes their gradient; everything else is a few MB. The
+two kernels that stream the features work on a tile of BLOCK_P pixels (whole rows back to back,
+or (BLOCK_P / 32) x 32 blocks on wide maps) and a chunk of BLOCK_C channels: each thread owns one
+pixel and all channels of the chunk, so a warp reads 32 consecutive pixels of a channel (one
+coalesced 128-byte row) and sums over channels stay in its registers. Each tap's shifted tile is
+read from the same chunk right after the centre tile: those re-reads hit L1 (the tile) or L2
+(the halo), and DRAM sees the features about once. What is left to bound them is L1 (a tap
+shifted by one pixel is never 16-byte aligned, so loads are 32-bit, one per channel and tap);
+hence the affinity kernel reads half the taps only (below). Sizes enter unspecialised
+(``do_not_specialize``): a map whose rows happen to be 16-byte aligned would otherwise get vector
+loads for its unshifted taps only, and the mix costs a shared-memory layout conversion per tile.
+
+Forward, two kernels:
+- ``_affinity_kernel``: <f_p, f_q> is symmetric, so it computes the centre tap and the taps after
+  it in row-major order only (the mirror tap T-1-t of a neighbour q = p + o_t is <f_q, f_p>: half
+  the loads), each channel group into its own partial sum (more programs than SMs, no atomics).
+- ``_softmax_kernel``: per pixel, each tap's affinity from the partial sums (its own, or the
+  mirror's at the neighbour), the softmax in registers, the weights and out.
+Backward, two kernels:
+- ``_pixel_grad_kernel``: per pixel, da = scale * w * (dw - sum w dw) (float32 / float64, B x k^2 x
+  H x W, small) and the value gradient (a gather of w * g over the pixels whose taps land here).
+- ``_feat_grad_kernel``: the feature gradient as a gather over channel chunks, each pixel's
+  coupling E[p, t] = da[p, t] + da[p + o_t, T-1-t] (p as query and as key) computed once per tile.
+
+Up to 3x3 the taps are unrolled (tl.static_range), with their accumulators in registers; larger
+kernels loop over taps at run time, with per-tap sums recomputed or kept in memory (the partial,
+weights and da buffers), so no kernel's registers grow with k. The dilation is a run-time argument
+(each distinct value would be a compile of its own)."""
 
 import torch
 import triton
@@ -19,89 +41,224 @@ from ._float_args import join, split
 
 
 @triton.jit
-def _neighbour(y, x, t, sign, H, W, KS: tl.constexpr, DIL):
-    qy = y + sign * DIL * (t // KS - (KS - 1) // 2)
-    qx = x + sign * DIL * (t % KS - (KS - 1) // 2)
-    return qy * W + qx, (qy >= 0) & (qy < H) & (qx >= 0) & (qx < W)
+def _tile(H, W, TILE_W: tl.constexpr, BLOCK_P: tl.constexpr):
+    """This program's pixels: flat index, row, column, in the image. TILE_W == 0: BLOCK_P
+    consecutive pixels of the row-major map (whole rows back to back); else a block of
+    BLOCK_P // TILE_W rows by TILE_W columns."""
+    i = tl.arange(0, BLOCK_P)
+    if TILE_W == 0:
+        p = tl.program_id(0) * BLOCK_P + i
+        y = p // W
+        x = p % W
+        in_image = p < H * W
+    else:
+        tiles_w = tl.cdiv(W, TILE_W)
+        y = tl.program_id(0) // tiles_w * (BLOCK_P // TILE_W) + i // TILE_W
+        x = tl.program_id(0) % tiles_w * TILE_W + i % TILE_W
+        in_image = (y < H) & (x < W)
+        p = y * W + x
+    return p, y, x, in_image
 
 
 @triton.jit
-def _pixel_block(H, W, BLOCK_P: tl.constexpr):
-    """This program's pixels of its image: index, in-image mask, row, column."""
-    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
-    return p, p < H * W, p // W, p % W
+def _tap(t, y, x, in_image, H, W, KS: tl.constexpr, DIL):
+    """Offset of tap t's neighbour in the flat map, as a row part and a column part (taps of one
+    row share the first; the second is a constant at dilation 1, folded into the loads), and
+    whether it is a pixel of the image. Tap KS*KS-1-t has the opposite offset."""
+    dy = (t // KS - KS // 2) * DIL
+    dx = (t % KS - KS // 2) * DIL
+    qy = y + dy
+    qx = x + dx
+    return dy * W, dx, in_image & (qy >= 0) & (qy < H) & (qx >= 0) & (qx < W)
 
 
-@triton.jit
-def _arp_forward_kernel(
+@triton.jit(do_not_specialize=["H", "W", "C", "CPG"])  # sizes: see the module docstring
+def _affinity_kernel(
     feat,
+    partial,
+    H,
+    W,
+    C,
+    CPG,
+    DIL,
+    KS: tl.constexpr,
+    UNROLL: tl.constexpr,
+    TILE_W: tl.constexpr,
+    EVEN_C: tl.constexpr,
+    HALF_PAD: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    ACC: tl.constexpr,
+):
+    """partial[g, b, h, p] = <f_p, f_q> over channel group g (CPG channels) for tap T//2 + h (the
+    centre and the taps after it)."""
+    g = tl.program_id(1)
+    b = tl.program_id(2)
+    HW = H * W
+    HALF: tl.constexpr = KS * KS // 2 + 1
+    p, y, x, in_image = _tile(H, W, TILE_W, BLOCK_P)
+    c_end = tl.minimum(C, (g + 1) * CPG)
+    feat_b = feat + b.to(tl.int64) * C * HW
+    out = partial + (g * tl.num_programs(2) + b).to(tl.int64) * HALF * HW
+    if UNROLL:
+        h_index = tl.arange(0, HALF_PAD)
+        acc = tl.zeros([HALF_PAD, BLOCK_P], ACC)
+        centre_at = feat_b + (g * CPG + tl.arange(0, BLOCK_C)).to(tl.int64)[:, None] * HW + p[None, :]
+        for c0 in range(g * CPG, c_end, BLOCK_C):
+            chan = (c0 + tl.arange(0, BLOCK_C) < c_end)[:, None] | EVEN_C  # EVEN_C: no mask per channel
+            centre = tl.load(centre_at, mask=chan & in_image[None, :], other=0.0).to(ACC)
+            for h in tl.static_range(HALF):
+                if h == 0:
+                    dot = tl.sum(centre * centre, 0)
+                else:
+                    dy, dx, inside = _tap(KS * KS // 2 + h, y, x, in_image, H, W, KS, DIL)
+                    nb = tl.load(centre_at + dy + dx, mask=chan & inside[None, :], other=0.0)
+                    dot = tl.sum(centre * nb.to(ACC), 0)
+                acc = tl.where(h_index[:, None] == h, acc + dot[None, :], acc)
+            centre_at += BLOCK_C * HW
+        tl.store(out + h_index[:, None] * HW + p[None, :], acc, mask=(h_index < HALF)[:, None] & in_image[None, :])
+    else:  # one tap at a time over the group's channels (the centre re-read per tap, from L1/L2)
+        for h in range(HALF):
+            dy, dx, inside = _tap(KS * KS // 2 + h, y, x, in_image, H, W, KS, DIL)
+            dot = tl.zeros([BLOCK_P], ACC)
+            for c0 in range(g * CPG, c_end, BLOCK_C):
+                centre_at = feat_b + (c0 + tl.arange(0, BLOCK_C)).to(tl.int64)[:, None] * HW + p[None, :]
+                chan = (c0 + tl.arange(0, BLOCK_C) < c_end)[:, None] | EVEN_C
+                centre = tl.load(centre_at, mask=chan & in_image[None, :], other=0.0)
+                nb = tl.load(centre_at + dy + dx, mask=chan & inside[None, :], other=0.0)
+                dot += tl.sum(centre.to(ACC) * nb.to(ACC), 0)
+            tl.store(out + h * HW + p, dot, mask=in_image)
+
+
+@triton.jit
+def _tap_affinity(
+    partial_b,
+    G,
+    group_stride,
+    t,
+    p,
+    y,
+    x,
+    in_image,
+    H,
+    W,
+    scale,
+    KS: tl.constexpr,
+    DIL,
+    VALID: tl.constexpr,
+    GROUPS_PAD: tl.constexpr,
+):
+    """a[p, t]: the channel groups' partial dots of tap t (loaded together: no chain of dependent
+    loads), scaled. Taps before the centre read their mirror at the neighbour (<f_p, f_q> =
+    <f_q, f_p>). Outside the image: 0 (zeros padding, a feature of 0) or -inf (valid: out of the
+    softmax)."""
+    dy, dx, inside = _tap(t, y, x, in_image, H, W, KS, DIL)
+    own = t >= KS * KS // 2
+    at = partial_b + (tl.where(own, t, KS * KS - 1 - t) - KS * KS // 2) * H * W + tl.where(own, p, p + dy + dx)
+    groups = tl.arange(0, GROUPS_PAD)[:, None]
+    dots = tl.load(at[None, :] + groups * group_stride, mask=(groups < G) & inside[None, :], other=0.0)
+    a = tl.sum(dots, 0) * scale
+    if VALID:
+        a = tl.where(inside, a, float("-inf"))
+    return a
+
+
+@triton.jit(do_not_specialize=["H", "W", "K"])  # sizes: see the module docstring
+def _softmax_kernel(
+    partial,
     value,
     out,
     weights,
     H,
     W,
-    C,
     K,
+    G,
     DIL,
     scale_hi,
     scale_lo,
     KS: tl.constexpr,
     VALID: tl.constexpr,
+    UNROLL: tl.constexpr,
+    GROUPS_PAD: tl.constexpr,
     TAPS_PAD: tl.constexpr,
     BLOCK_P: tl.constexpr,
-    BLOCK_C: tl.constexpr,
     BLOCK_K: tl.constexpr,
     ACC: tl.constexpr,
 ):
     b = tl.program_id(1)
     HW = H * W
+    T: tl.constexpr = KS * KS
     scale = join(scale_hi, scale_lo, ACC)
-    p, in_image, y, x = _pixel_block(H, W, BLOCK_P)
+    p, y, x, in_image = _tile(H, W, 0, BLOCK_P)
+    partial_b = partial + b.to(tl.int64) * (T // 2 + 1) * HW
+    group_stride = tl.num_programs(1).to(tl.int64) * (T // 2 + 1) * HW  # partial is (G, B, T//2+1, H, W)
+    value_b = value + b.to(tl.int64) * K * HW
+    out_b = out + b.to(tl.int64) * K * HW
+    weights_b = weights + b.to(tl.int64) * T * HW
     taps = tl.arange(0, TAPS_PAD)
-    affinity = tl.full([BLOCK_P, TAPS_PAD], float("-inf"), ACC)
-    for t in range(KS * KS):
-        q, inside = _neighbour(y, x, t, 1, H, W, KS, DIL)
-        inside = inside & in_image
-        dot = tl.zeros([BLOCK_P], ACC)
-        for c0 in range(0, C, BLOCK_C):
-            cs = c0 + tl.arange(0, BLOCK_C)
-            fp = tl.load(
-                feat + (b * HW + p)[:, None] * C + cs[None, :], mask=in_image[:, None] & (cs[None, :] < C), other=0.0
+    if UNROLL:
+        a = tl.full([TAPS_PAD, BLOCK_P], float("-inf"), ACC)
+        for t in tl.static_range(T):
+            a_t = _tap_affinity(
+                partial_b, G, group_stride, t, p, y, x, in_image, H, W, scale, KS, DIL, VALID, GROUPS_PAD
             )
-            fq = tl.load(
-                feat + (b * HW + q)[:, None] * C + cs[None, :], mask=inside[:, None] & (cs[None, :] < C), other=0.0
+            a = tl.where(taps[:, None] == t, a_t[None, :], a)
+        amax = tl.where(in_image, tl.max(a, 0), 0.0)  # pixels past the image: all -inf
+        e = tl.exp(a - amax[None, :])
+        w = e / tl.sum(e, 0)[None, :]
+        tl.store(weights_b + taps[:, None] * HW + p[None, :], w, mask=(taps < T)[:, None] & in_image[None, :])
+    else:  # max, sum and weights in passes over the taps, each affinity recomputed from the partials
+        amax = tl.full([BLOCK_P], float("-inf"), ACC)
+        for t in range(T):
+            a_t = _tap_affinity(
+                partial_b, G, group_stride, t, p, y, x, in_image, H, W, scale, KS, DIL, VALID, GROUPS_PAD
             )
-            dot += tl.sum(fp.to(ACC) * fq.to(ACC), axis=1)
-        a = dot * scale  # zeros padding: an outside neighbour has affinity 0
-        if VALID:
-            a = tl.where(inside, a, float("-inf"))
-        affinity = tl.where(taps[None, :] == t, a[:, None], affinity)
-    amax = tl.where(in_image, tl.max(affinity, axis=1), 0.0)  # rows past the image: all -inf
-    e = tl.exp(affinity - amax[:, None])
-    w = e / tl.sum(e, axis=1)[:, None]
-    tl.store(
-        weights + (b * KS * KS + taps[None, :]) * HW + p[:, None], w, mask=in_image[:, None] & (taps[None, :] < KS * KS)
-    )
+            amax = tl.maximum(amax, a_t)
+        amax = tl.where(in_image, amax, 0.0)
+        total = tl.zeros([BLOCK_P], ACC)
+        for t in range(T):
+            a_t = _tap_affinity(
+                partial_b, G, group_stride, t, p, y, x, in_image, H, W, scale, KS, DIL, VALID, GROUPS_PAD
+            )
+            total += tl.exp(a_t - amax)
+        for t in range(T):
+            a_t = _tap_affinity(
+                partial_b, G, group_stride, t, p, y, x, in_image, H, W, scale, KS, DIL, VALID, GROUPS_PAD
+            )
+            tl.store(weights_b + t * HW + p, tl.exp(a_t - amax) / total, mask=in_image)
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
-        acc = tl.zeros([BLOCK_P, BLOCK_K], ACC)
-        for t in range(KS * KS):
-            q, inside = _neighbour(y, x, t, 1, H, W, KS, DIL)
-            inside = inside & in_image
-            w_t = tl.sum(tl.where(taps[None, :] == t, w, 0.0), axis=1)
-            v = tl.load(
-                value + (b * HW + q)[:, None] * K + ks[None, :], mask=inside[:, None] & (ks[None, :] < K), other=0.0
-            )
-            acc += w_t[:, None] * v.to(ACC)
-        tl.store(out + (b * K + ks[None, :]) * HW + p[:, None], acc, mask=in_image[:, None] & (ks[None, :] < K))
+        rows = ks[:, None] * HW
+        acc = tl.zeros([BLOCK_K, BLOCK_P], ACC)
+        if UNROLL:
+            for t in tl.static_range(T):
+                dy, dx, inside = _tap(t, y, x, in_image, H, W, KS, DIL)
+                w_t = tl.sum(tl.where(taps[:, None] == t, w, 0.0), 0)
+                v = tl.load(
+                    value_b + rows + (p + dy + dx)[None, :], mask=(ks < K)[:, None] & inside[None, :], other=0.0
+                )
+                acc += w_t[None, :] * v.to(ACC)
+        else:
+            for t in range(T):
+                dy, dx, inside = _tap(t, y, x, in_image, H, W, KS, DIL)
+                a_t = _tap_affinity(
+                    partial_b, G, group_stride, t, p, y, x, in_image, H, W, scale, KS, DIL, VALID, GROUPS_PAD
+                )
+                w_t = tl.exp(a_t - amax) / total
+                v = tl.load(
+                    value_b + rows + (p + dy + dx)[None, :], mask=(ks < K)[:, None] & inside[None, :], other=0.0
+                )
+                acc += w_t[None, :] * v.to(ACC)
+        tl.store(out_b + rows + p[None, :], acc, mask=(ks < K)[:, None] & in_image[None, :])
 
 
-@triton.jit
-def _arp_affinity_grad_kernel(
+@triton.jit(do_not_specialize=["H", "W", "K"])  # sizes: see the module docstring
+def _pixel_grad_kernel(
     grad_out,
     value,
     weights,
     da,
+    grad_value,
     H,
     W,
     K,
@@ -109,122 +266,215 @@ def _arp_affinity_grad_kernel(
     scale_hi,
     scale_lo,
     KS: tl.constexpr,
+    UNROLL: tl.constexpr,
+    NEED_DA: tl.constexpr,
+    NEED_DV: tl.constexpr,
     TAPS_PAD: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_K: tl.constexpr,
     ACC: tl.constexpr,
 ):
+    """da[b, t, p] = scale * w * (dw - sum_t' w dw) with dw[t] = sum_k g[k, p] value[k, p + o_t];
+    grad_value[k, p] = sum_t w[t, p - o_t] * g[k, p - o_t] (the pixels whose tap t lands on p)."""
     b = tl.program_id(1)
     HW = H * W
+    T: tl.constexpr = KS * KS
     scale = join(scale_hi, scale_lo, ACC)
-    p, in_image, y, x = _pixel_block(H, W, BLOCK_P)
+    p, y, x, in_image = _tile(H, W, 0, BLOCK_P)
+    grad_b = grad_out + b.to(tl.int64) * K * HW
+    value_b = value + b.to(tl.int64) * K * HW
+    weights_b = weights + b.to(tl.int64) * T * HW
+    da_b = da + b.to(tl.int64) * T * HW
     taps = tl.arange(0, TAPS_PAD)
-    tap_mask = in_image[:, None] & (taps[None, :] < KS * KS)
-    w = tl.load(weights + (b * KS * KS + taps[None, :]) * HW + p[:, None], mask=tap_mask, other=0.0).to(ACC)
-    dw = tl.zeros([BLOCK_P, TAPS_PAD], ACC)
-    for k0 in range(0, K, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        g = tl.load(
-            grad_out + (b * K + ks[None, :]) * HW + p[:, None], mask=in_image[:, None] & (ks[None, :] < K), other=0.0
-        ).to(ACC)
-        for t in range(KS * KS):
-            q, inside = _neighbour(y, x, t, 1, H, W, KS, DIL)
-            v = tl.load(
-                value + (b * HW + q)[:, None] * K + ks[None, :],
-                mask=(inside & in_image)[:, None] & (ks[None, :] < K),
-                other=0.0,
+    if NEED_DA:
+        if UNROLL:
+            dw = tl.zeros([TAPS_PAD, BLOCK_P], ACC)
+            for k0 in range(0, K, BLOCK_K):
+                ks = k0 + tl.arange(0, BLOCK_K)
+                rows = ks[:, None] * HW
+                g = tl.load(grad_b + rows + p[None, :], mask=(ks < K)[:, None] & in_image[None, :], other=0.0)
+                for t in tl.static_range(T):
+                    dy, dx, inside = _tap(t, y, x, in_image, H, W, KS, DIL)
+                    v = tl.load(
+                        value_b + rows + (p + dy + dx)[None, :], mask=(ks < K)[:, None] & inside[None, :], other=0.0
+                    )
+                    dw = tl.where(taps[:, None] == t, dw + tl.sum(g.to(ACC) * v.to(ACC), 0)[None, :], dw)
+            tap_mask = (taps < T)[:, None] & in_image[None, :]
+            w = tl.load(weights_b + taps[:, None] * HW + p[None, :], mask=tap_mask, other=0.0).to(ACC)
+            tl.store(
+                da_b + taps[:, None] * HW + p[None, :], scale * w * (dw - tl.sum(w * dw, 0)[None, :]), mask=tap_mask
             )
-            dw += tl.where(taps[None, :] == t, tl.sum(g * v.to(ACC), axis=1)[:, None], 0.0)
-    wdw = tl.sum(w * dw, axis=1)
-    tl.store(da + (b * HW + p)[:, None] * (KS * KS) + taps[None, :], scale * w * (dw - wdw[:, None]), mask=tap_mask)
+        else:  # dw of each tap into da first, then da in place
+            wdw = tl.zeros([BLOCK_P], ACC)
+            for t in range(T):
+                dy, dx, inside = _tap(t, y, x, in_image, H, W, KS, DIL)
+                dw_t = tl.zeros([BLOCK_P], ACC)
+                for k0 in range(0, K, BLOCK_K):
+                    ks = k0 + tl.arange(0, BLOCK_K)
+                    rows = ks[:, None] * HW
+                    g = tl.load(grad_b + rows + p[None, :], mask=(ks < K)[:, None] & in_image[None, :], other=0.0)
+                    v = tl.load(
+                        value_b + rows + (p + dy + dx)[None, :], mask=(ks < K)[:, None] & inside[None, :], other=0.0
+                    )
+                    dw_t += tl.sum(g.to(ACC) * v.to(ACC), 0)
+                tl.store(da_b + t * HW + p, dw_t, mask=in_image)
+                wdw += tl.load(weights_b + t * HW + p, mask=in_image, other=0.0).to(ACC) * dw_t
+            tl.debug_barrier()  # the dw stored above, whichever thread of the program stored it
+            for t in range(T):
+                w_t = tl.load(weights_b + t * HW + p, mask=in_image, other=0.0).to(ACC)
+                dw_t = tl.load(da_b + t * HW + p, mask=in_image, other=0.0)
+                tl.store(da_b + t * HW + p, scale * w_t * (dw_t - wdw), mask=in_image)
+    if NEED_DV:
+        grad_value_b = grad_value + b.to(tl.int64) * K * HW
+        for k0 in range(0, K, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            rows = ks[:, None] * HW
+            acc = tl.zeros([BLOCK_K, BLOCK_P], ACC)
+            if UNROLL:
+                for t in tl.static_range(T):
+                    acc += _value_grad_term(grad_b, weights_b, rows, ks, K, t, y, x, in_image, p, H, W, KS, DIL, ACC)
+            else:
+                for t in range(T):
+                    acc += _value_grad_term(grad_b, weights_b, rows, ks, K, t, y, x, in_image, p, H, W, KS, DIL, ACC)
+            tl.store(grad_value_b + rows + p[None, :], acc, mask=(ks < K)[:, None] & in_image[None, :])
 
 
 @triton.jit
-def _arp_feat_grad_kernel(
+def _value_grad_term(
+    grad_b, weights_b, rows, ks, K, t, y, x, in_image, p, H, W, KS: tl.constexpr, DIL, ACC: tl.constexpr
+):
+    """w[t, s] * g[:, s] for the pixel s = p - o_t whose tap t lands on p (tap T-1-t's neighbour)."""
+    dy, dx, inside = _tap(KS * KS - 1 - t, y, x, in_image, H, W, KS, DIL)
+    w = tl.load(weights_b + t * H * W + p + dy + dx, mask=inside, other=0.0).to(ACC)
+    g = tl.load(grad_b + rows + (p + dy + dx)[None, :], mask=(ks < K)[:, None] & inside[None, :], other=0.0)
+    return w[None, :] * g.to(ACC)
+
+
+@triton.jit
+def _coupling(da_b, t, p, y, x, in_image, H, W, KS: tl.constexpr, DIL):
+    """E[p, t] = da[p, t] + da[q, T-1-t] with q = p + o_t: p as the query of q and as its key (the
+    mirror tap of q lands on p). 0 where q is outside (its feature is 0)."""
+    dy, dx, inside = _tap(t, y, x, in_image, H, W, KS, DIL)
+    own = tl.load(da_b + t * H * W + p, mask=inside, other=0.0)
+    return own + tl.load(da_b + (KS * KS - 1 - t) * H * W + p + dy + dx, mask=inside, other=0.0)
+
+
+@triton.jit
+def _coupled_tap(e_t, feat_at, chan, t, y, x, in_image, H, W, KS: tl.constexpr, DIL, ACC: tl.constexpr):
+    """E[p, t] * feat[c, p + o_t] for a chunk of channels (feat_at: the chunk at p)."""
+    dy, dx, inside = _tap(t, y, x, in_image, H, W, KS, DIL)
+    f = tl.load(feat_at + dy + dx, mask=chan & inside[None, :], other=0.0)
+    return e_t[None, :] * f.to(ACC)
+
+
+@triton.jit(do_not_specialize=["H", "W", "C", "CPG"])  # sizes: see the module docstring
+def _feat_grad_kernel(
     feat,
     da,
     grad_feat,
     H,
     W,
     C,
+    CPG,
     DIL,
     KS: tl.constexpr,
+    UNROLL: tl.constexpr,
+    TILE_W: tl.constexpr,
+    EVEN_C: tl.constexpr,
+    TAPS_PAD: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_C: tl.constexpr,
     ACC: tl.constexpr,
 ):
+    """grad_feat[c, p] = sum_t E[p, t] * feat[c, p + o_t] over channel group g (CPG channels)."""
+    g = tl.program_id(1)
     b = tl.program_id(2)
     HW = H * W
-    p, in_image, y, x = _pixel_block(H, W, BLOCK_P)
-    cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    acc = tl.zeros([BLOCK_P, BLOCK_C], ACC)
-    for t in range(KS * KS):
-        for sign in tl.static_range(2):  # p as query of q (sign 0), p as key of q (sign 1)
-            q, inside = _neighbour(y, x, t, 1 - 2 * sign, H, W, KS, DIL)
-            inside = inside & in_image
-            owner = p if sign == 0 else q
-            d = tl.load(da + (b * HW + owner) * (KS * KS) + t, mask=inside, other=0.0)
-            f = tl.load(
-                feat + (b * HW + q)[:, None] * C + cs[None, :], mask=inside[:, None] & (cs[None, :] < C), other=0.0
-            )
-            acc += d[:, None] * f.to(ACC)
-    tl.store(grad_feat + (b * HW + p)[:, None] * C + cs[None, :], acc, mask=in_image[:, None] & (cs[None, :] < C))
+    T: tl.constexpr = KS * KS
+    p, y, x, in_image = _tile(H, W, TILE_W, BLOCK_P)
+    c_end = tl.minimum(C, (g + 1) * CPG)
+    da_b = da + b.to(tl.int64) * T * HW
+    taps = tl.arange(0, TAPS_PAD)
+    if UNROLL:
+        e = tl.zeros([TAPS_PAD, BLOCK_P], ACC)
+        for t in tl.static_range(T):
+            e = tl.where(taps[:, None] == t, _coupling(da_b, t, p, y, x, in_image, H, W, KS, DIL)[None, :], e)
+    lanes = (b * C + g * CPG + tl.arange(0, BLOCK_C)).to(tl.int64)[:, None] * HW + p[None, :]
+    feat_at = feat + lanes
+    grad_at = grad_feat + lanes
+    for c0 in range(g * CPG, c_end, BLOCK_C):
+        chan = (c0 + tl.arange(0, BLOCK_C) < c_end)[:, None] | EVEN_C  # EVEN_C: no mask per channel
+        acc = tl.zeros([BLOCK_C, BLOCK_P], ACC)
+        if UNROLL:
+            for t in tl.static_range(T):
+                e_t = tl.sum(tl.where(taps[:, None] == t, e, 0.0), 0)
+                acc += _coupled_tap(e_t, feat_at, chan, t, y, x, in_image, H, W, KS, DIL, ACC)
+        else:
+            for t in range(T):
+                e_t = _coupling(da_b, t, p, y, x, in_image, H, W, KS, DIL)
+                acc += _coupled_tap(e_t, feat_at, chan, t, y, x, in_image, H, W, KS, DIL, ACC)
+        tl.store(grad_at, acc, mask=chan & in_image[None, :])
+        feat_at += BLOCK_C * HW
+        grad_at += BLOCK_C * HW
 
 
-@triton.jit
-def _arp_value_grad_kernel(
-    grad_out,
-    weights,
-    grad_value,
-    H,
-    W,
-    K,
-    DIL,
-    KS: tl.constexpr,
-    BLOCK_P: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    ACC: tl.constexpr,
-):
-    b = tl.program_id(1)
-    HW = H * W
-    p, in_image, y, x = _pixel_block(H, W, BLOCK_P)
-    for k0 in range(0, K, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        acc = tl.zeros([BLOCK_P, BLOCK_K], ACC)
-        for t in range(KS * KS):
-            src, inside = _neighbour(y, x, t, -1, H, W, KS, DIL)  # the pixel whose tap t lands on p
-            inside = inside & in_image
-            w = tl.load(weights + (b * KS * KS + t) * HW + src, mask=inside, other=0.0)
-            g = tl.load(
-                grad_out + (b * K + ks[None, :]) * HW + src[:, None],
-                mask=inside[:, None] & (ks[None, :] < K),
-                other=0.0,
-            )
-            acc += w.to(ACC)[:, None] * g.to(ACC)
-        tl.store(grad_value + (b * K + ks[None, :]) * HW + p[:, None], acc, mask=in_image[:, None] & (ks[None, :] < K))
+# ---- launchers ------------------------------------------------------------------------------------
 
-
-_BLOCK_P = 32
-_MAX_BLOCK_K = 16
-# A block of 32 pixels by 4 channels is one element per thread of the 4 warps; narrower blocks
-# would only replicate work, and each width is a compile of its own.
-_MIN_BLOCK = 4
-
-
-def _block_c(C: int) -> int:
-    return min(64, max(_MIN_BLOCK, triton.next_power_of_2(C)))
-
-
-def _block_k(K: int) -> int:
-    return min(_MAX_BLOCK_K, max(_MIN_BLOCK, triton.next_power_of_2(K)))
+#: The feature kernels (the 35 MB): 8 warps, one pixel per thread. Whole rows back to back while a
+#: row is at most half a tile (the halo rows above and below then add at most one tile of L2
+#: reads); wider maps in blocks of 8 rows x 32 columns (a warp per row segment).
+_BLOCK_P = 256
+_NUM_WARPS = 8
+_TILE_W = 32
+#: Channels per step of the feature kernels. A step issues every tap's loads at once (unrolled
+#: taps), so these bound the registers: at 8 (affinity, 5 taps) and 4 (gradient, 9 taps) the 3x3
+#: kernels take 40 and 75 registers on sm_90, at 16 and 8 they took 128 and 150 (ptxas's register
+#: cap, maxnreg, only spills: the loads are scheduled together before it). Halved in float64 (two
+#: registers a value) and at dilation > 1 (a tap's column offset is then no constant folded into
+#: the load, so each tap needs an address of its own: the affinity kernel took 158 registers at 8).
+_BLOCK_C = 8
+_GRAD_BLOCK_C = 4
+#: The per-pixel kernels (a few MB: partial sums, weights, values, da): 4 warps, whole rows back to
+#: back; value channels in blocks of at most 4 (blocks of 8 took up to 245 registers in float64).
+_PIXEL_BLOCK = 128
+_PIXEL_WARPS = 4
+_MAX_BLOCK_K = 4
+#: The feature kernels split the channels into groups until there are about this many programs:
+#: 8 per SM of a 132-SM GPU, so that the programs left for the last SMs are a small part of the
+#: work (B=8, 65x65: 136 tiles, 8 groups). At most 8 groups: the softmax kernel loads the partial
+#: sums of every group for every tap at once.
+_PROGRAMS = 1024
+_MAX_GROUPS = 8
+#: Taps unrolled up to 3x3; larger kernels loop over taps at run time (unrolled, a 5x5 kernel
+#: keeps too many loads in flight and spilled registers in every kernel).
+_MAX_UNROLLED_KS = 3
 
 
 def _acc(t: torch.Tensor):
     return tl.float64 if t.dtype == torch.float64 else tl.float32
 
 
-def _channels_last(t: torch.Tensor) -> torch.Tensor:
-    return t.permute(0, 2, 3, 1).contiguous()
+def _block_c(most: int, C: int, dtype: torch.dtype, dilation: int) -> int:
+    """Channels per step of a feature kernel (see above); at least 4 (each width is a compile)."""
+    most = most // (2 if dtype == torch.float64 else 1) // (2 if dilation > 1 else 1)
+    return min(most, max(4, triton.next_power_of_2(C)))
+
+
+def _block_k(K: int) -> int:
+    return min(_MAX_BLOCK_K, triton.next_power_of_2(max(1, K)))
+
+
+def _feature_grid(B: int, C: int, H: int, W: int, block_c: int):
+    """(tile width, channels per group, grid) of the feature kernels."""
+    tile_w = 0 if 2 * W <= _BLOCK_P else _TILE_W
+    if tile_w:
+        tiles = triton.cdiv(H, _BLOCK_P // tile_w) * triton.cdiv(W, tile_w)
+    else:
+        tiles = triton.cdiv(H * W, _BLOCK_P)
+    chunks = max(1, triton.cdiv(C, block_c))
+    groups = min(chunks, _MAX_GROUPS, triton.cdiv(_PROGRAMS, max(1, tiles * B)))
+    per_group = triton.cdiv(chunks, groups)
+    return tile_w, per_group * block_c, (tiles, triton.cdiv(chunks, per_group), B)
 
 
 def _check(op, feat, value, kernel_size, dilation, grad_out=None, weights=None):
@@ -265,29 +515,55 @@ def adjacent_relation_propagation(
     feat: torch.Tensor, value: torch.Tensor, kernel_size: int, dilation: int, scale: float, valid_padding: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     _check("adjacent_relation_propagation", feat, value, kernel_size, dilation)
+    feat, value = feat.contiguous(), value.contiguous()
     B, C, H, W = feat.shape
     K = value.shape[1]
+    taps = kernel_size * kernel_size
+    unroll = kernel_size <= _MAX_UNROLLED_KS
+    acc_dtype = torch.float64 if feat.dtype == torch.float64 else torch.float32
+    block_c = _block_c(_BLOCK_C, C, feat.dtype, dilation)
+    tile_w, per_group, grid = _feature_grid(B, C, H, W, block_c)
+    partial = torch.empty(grid[1], B, taps // 2 + 1, H, W, dtype=acc_dtype, device=feat.device)
+    wrap_triton(_affinity_kernel)[grid](
+        feat,
+        partial,
+        H,
+        W,
+        C,
+        per_group,
+        dilation,
+        KS=kernel_size,
+        UNROLL=unroll,
+        TILE_W=tile_w,
+        EVEN_C=C % block_c == 0,
+        HALF_PAD=triton.next_power_of_2(taps // 2 + 1),
+        BLOCK_P=_BLOCK_P,
+        BLOCK_C=block_c,
+        ACC=_acc(feat),
+        num_warps=_NUM_WARPS,
+    )
     out = value.new_empty(B, K, H, W)
-    weights = feat.new_empty(B, kernel_size * kernel_size, H, W)
-    grid = (triton.cdiv(H * W, _BLOCK_P), B)
-    wrap_triton(_arp_forward_kernel)[grid](
-        _channels_last(feat),
-        _channels_last(value),
+    weights = feat.new_empty(B, taps, H, W)
+    wrap_triton(_softmax_kernel)[(triton.cdiv(H * W, _PIXEL_BLOCK), B)](
+        partial,
+        value,
         out,
         weights,
         H,
         W,
-        C,
         K,
+        grid[1],
         dilation,
         *split(scale),
         KS=kernel_size,
         VALID=valid_padding,
-        TAPS_PAD=triton.next_power_of_2(kernel_size * kernel_size),
-        BLOCK_P=_BLOCK_P,
-        BLOCK_C=_block_c(C),
+        UNROLL=unroll,
+        GROUPS_PAD=triton.next_power_of_2(grid[1]),
+        TAPS_PAD=triton.next_power_of_2(taps),
+        BLOCK_P=_PIXEL_BLOCK,
         BLOCK_K=_block_k(K),
         ACC=_acc(feat),
+        num_warps=_PIXEL_WARPS,
     )
     return out, weights
 
@@ -306,62 +582,73 @@ def adjacent_relation_propagation_backward(
     need_grad_value: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     _check("adjacent_relation_propagation_backward", feat, value, kernel_size, dilation, grad_out, weights)
+    grad_out, feat, value, weights = grad_out.contiguous(), feat.contiguous(), value.contiguous(), weights.contiguous()
     B, C, H, W = feat.shape
     K = value.shape[1]
-    grad_out = grad_out.contiguous()
-    weights = weights.contiguous()
-    block_k = _block_k(K)
-    pixel_blocks = triton.cdiv(H * W, _BLOCK_P)
+    taps = kernel_size * kernel_size
+    unroll = kernel_size <= _MAX_UNROLLED_KS
+    acc_dtype = torch.float64 if feat.dtype == torch.float64 else torch.float32
     grad_feat, grad_value = feat.new_empty(0), value.new_empty(0)
-    if need_grad_feat:
-        f = _channels_last(feat)
-        acc_dtype = torch.float64 if feat.dtype == torch.float64 else torch.float32
-        da = torch.empty(B, H, W, kernel_size * kernel_size, dtype=acc_dtype, device=feat.device)
-        wrap_triton(_arp_affinity_grad_kernel)[(pixel_blocks, B)](
-            grad_out,
-            _channels_last(value),
-            weights,
-            da,
-            H,
-            W,
-            K,
-            dilation,
-            *split(scale),
-            KS=kernel_size,
-            TAPS_PAD=triton.next_power_of_2(kernel_size * kernel_size),
-            BLOCK_P=_BLOCK_P,
-            BLOCK_K=block_k,
-            ACC=_acc(feat),
-        )
-        block_c = _block_c(C)
-        grad_feat = feat.new_empty(B, H, W, C)
-        wrap_triton(_arp_feat_grad_kernel)[(pixel_blocks, triton.cdiv(C, block_c), B)](
-            f, da, grad_feat, H, W, C, dilation, KS=kernel_size, BLOCK_P=_BLOCK_P, BLOCK_C=block_c, ACC=_acc(feat)
-        )
-        grad_feat = grad_feat.permute(0, 3, 1, 2)
+    if not (need_grad_feat or need_grad_value):
+        return grad_feat, grad_value
+    da = torch.empty(B, taps, H, W, dtype=acc_dtype, device=feat.device) if need_grad_feat else grad_feat
     if need_grad_value:
         grad_value = value.new_empty(B, K, H, W)
-        wrap_triton(_arp_value_grad_kernel)[(pixel_blocks, B)](
-            grad_out,
-            weights,
-            grad_value,
+    wrap_triton(_pixel_grad_kernel)[(triton.cdiv(H * W, _PIXEL_BLOCK), B)](
+        grad_out,
+        value,
+        weights,
+        da,
+        grad_value,
+        H,
+        W,
+        K,
+        dilation,
+        *split(scale),
+        KS=kernel_size,
+        UNROLL=unroll,
+        NEED_DA=need_grad_feat,
+        NEED_DV=need_grad_value,
+        TAPS_PAD=triton.next_power_of_2(taps),
+        BLOCK_P=_PIXEL_BLOCK,
+        BLOCK_K=_block_k(K),
+        ACC=_acc(feat),
+        num_warps=_PIXEL_WARPS,
+    )
+    if need_grad_feat:
+        block_c = _block_c(_GRAD_BLOCK_C, C, feat.dtype, dilation)
+        tile_w, per_group, grid = _feature_grid(B, C, H, W, block_c)
+        grad_feat = feat.new_empty(B, C, H, W)
+        wrap_triton(_feat_grad_kernel)[grid](
+            feat,
+            da,
+            grad_feat,
             H,
             W,
-            K,
+            C,
+            per_group,
             dilation,
             KS=kernel_size,
+            UNROLL=unroll,
+            TILE_W=tile_w,
+            EVEN_C=C % block_c == 0,
+            TAPS_PAD=triton.next_power_of_2(taps),
             BLOCK_P=_BLOCK_P,
-            BLOCK_K=block_k,
+            BLOCK_C=block_c,
             ACC=_acc(feat),
+            num_warps=_NUM_WARPS,
         )
     return grad_feat, grad_value
 
 
 # ---- launch space: what the GPU compile check (tools/gpu_compile_check.py) compiles ------------
 
-#: Problem axes that decide what the launchers above launch. First value: the base problem; second:
-#: the smallest blocks. Channels give blocks of 64 (base), 4, 8, 16 and 32; classes blocks of 4
-#: (base), 4 with K = 1 (Triton specialises a 1), 8, and 16 (three blocks); dilation 1 is specialised.
+#: Problem axes that decide what the launchers above launch. First value: the base problem (on its
+#: 5 x 7 stand-in map, 256 channels are 8 groups of full chunks: no channel mask); the other
+#: channel counts give partial chunks in 1, 2, 4 and 8 groups (the softmax kernel's group blocks);
+#: value blocks of 1 and 4 (37: several); kernel sizes 1 and 3 unrolled, 5 and 7 a run-time tap
+#: loop; dilation 1 is specialised (constant column offsets), 2 halves the chunks; width 130 tiles
+#: the map in 8 x 32 blocks (7: whole rows); gradients: what the backward is asked for.
 LAUNCH_AXES = {
     "dtype": (torch.float32, torch.float64, torch.float16, torch.bfloat16),
     "channels": (256, 3, 7, 13, 31),
@@ -369,17 +656,26 @@ LAUNCH_AXES = {
     "kernel_size": (3, 1, 5, 7),
     "dilation": (1, 2),
     "padding": ("zeros", "valid"),
+    "width": (7, 130),
+    "gradients": ("both", "feat", "value"),
 }
-#: The largest blocks (the most registers), compiled in every dtype like the base.
-LAUNCH_CORNERS = ({"channels": 256, "classes": 37, "kernel_size": 7, "dilation": 2},)
+#: Compiled in every dtype like the base: the unrolled and the run-time tap loops with the largest
+#: blocks, at dilation 2 (per-tap addresses) and 1 (the widest chunks); the base on a wide map.
+LAUNCH_CORNERS = (
+    {"channels": 256, "classes": 37, "kernel_size": 3, "dilation": 2},
+    {"channels": 256, "classes": 37, "kernel_size": 7, "dilation": 1},
+    {"width": 130},
+)
 #: Each kernel size is a compile of its own; the values above are the ones checked.
 UNBOUNDED_AXES = ("kernel_size",)
 
 
-def launch_stand_in(dtype, channels, classes, kernel_size, dilation, padding):
+def launch_stand_in(dtype, channels, classes, kernel_size, dilation, padding, width, gradients):
     """Forward and backward launches of one problem, on stand-in inputs."""
-    feat = torch.zeros(1, channels, 5, 7, dtype=dtype)
-    value = torch.zeros(1, classes, 5, 7, dtype=dtype)
+    feat = torch.zeros(1, channels, 5, width, dtype=dtype)
+    value = torch.zeros(1, classes, 5, width, dtype=dtype)
     valid = padding == "valid"
     out, weights = adjacent_relation_propagation(feat, value, kernel_size, dilation, 1.0, valid)
-    adjacent_relation_propagation_backward(out, feat, value, weights, kernel_size, dilation, 1.0, valid, True, True)
+    adjacent_relation_propagation_backward(
+        out, feat, value, weights, kernel_size, dilation, 1.0, valid, gradients != "value", gradients != "feat"
+    )

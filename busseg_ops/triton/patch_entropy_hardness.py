@@ -1,6 +1,7 @@
 """busseg_triton::patch_entropy_hardness (PH-Net Eq. 4; docs/ops.md) in Triton: a program per
-patch sums its pixels' normalised entropies (softmax fused for logits); backward is a per-pixel
-program."""
+patch walks it in 2-D tiles of BLOCK_H rows x BLOCK_W columns (rows contiguous: vector loads, no
+division per pixel), summing its pixels' normalised entropies (softmax fused for logits);
+backward walks the same tiles writing every pixel's gradient."""
 
 import math
 
@@ -14,24 +15,35 @@ from ._float_args import join, split
 
 
 @triton.jit
-def _pixel_probs_stats(x_ptr, K, HW, mask, FROM_LOGITS: tl.constexpr, BLOCK: tl.constexpr):
-    """Row max and exp-sum over classes (softmax) of a block of pixels; (0, 1) for probabilities."""
-    m = tl.full([BLOCK], float("-inf"), tl.float32)
-    s = tl.zeros([BLOCK], tl.float32)
+def _tile(base, b, i, j, r0, c0, K, H, W, PH, PW, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
+    """Class 0's pointers into ``base`` (B, K, H, W) and the mask of the tile at rows r0..,
+    columns c0.. of patch (i, j) of image b; class k is k * H * W further. The image's offset is
+    int64, offsets within an image int32 (the launchers keep H * W below 2^31)."""
+    rows = r0 + tl.arange(0, BLOCK_H)[:, None]
+    cols = c0 + tl.arange(0, BLOCK_W)[None, :]
+    mask = (rows < PH) & (cols < PW)
+    return base + b.to(tl.int64) * K * H * W + (i * PH + rows) * W + j * PW + cols, mask
+
+
+@triton.jit
+def _softmax_stats(px, K, HW, mask, FROM_LOGITS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
+    """Max and exp-sum over classes (softmax) of a tile of pixels; (0, 1) for probabilities."""
     if FROM_LOGITS:
+        m = tl.full([BLOCK_H, BLOCK_W], float("-inf"), tl.float32)
+        s = tl.zeros([BLOCK_H, BLOCK_W], tl.float32)
         for k in range(K):
-            m = tl.maximum(m, tl.load(x_ptr + k * HW, mask=mask, other=0.0).to(tl.float32))
+            m = tl.maximum(m, tl.load(px + k * HW, mask=mask, other=0.0).to(tl.float32))
         for k in range(K):
-            s += tl.exp(tl.load(x_ptr + k * HW, mask=mask, other=0.0).to(tl.float32) - m)
+            s += tl.exp(tl.load(px + k * HW, mask=mask, other=0.0).to(tl.float32) - m)
     else:
-        m = tl.zeros([BLOCK], tl.float32)
-        s = tl.full([BLOCK], 1.0, tl.float32)
+        m = tl.zeros([BLOCK_H, BLOCK_W], tl.float32)
+        s = tl.full([BLOCK_H, BLOCK_W], 1.0, tl.float32)
     return m, s
 
 
 @triton.jit
-def _prob(x_ptr, k, HW, mask, m, s, FROM_LOGITS: tl.constexpr):
-    v = tl.load(x_ptr + k * HW, mask=mask, other=0.0).to(tl.float32)
+def _prob(px, k, HW, mask, m, s, FROM_LOGITS: tl.constexpr):
+    v = tl.load(px + k * HW, mask=mask, other=0.0).to(tl.float32)
     if FROM_LOGITS:
         v = tl.exp(v - m) / s
     return v
@@ -39,25 +51,38 @@ def _prob(x_ptr, k, HW, mask, m, s, FROM_LOGITS: tl.constexpr):
 
 @triton.jit
 def _hardness_forward_kernel(
-    x, out, K, H, W, PH, PW, NH, NW, scale_hi, scale_lo, eps_hi, eps_lo, FROM_LOGITS: tl.constexpr, BLOCK: tl.constexpr
+    x,
+    out,
+    K,
+    H,
+    W,
+    PH,
+    PW,
+    NH,
+    NW,
+    scale_hi,
+    scale_lo,
+    eps_hi,
+    eps_lo,
+    FROM_LOGITS: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_W: tl.constexpr,
 ):
     scale, eps = join(scale_hi, scale_lo, tl.float32), join(eps_hi, eps_lo, tl.float32)
-    pid = tl.program_id(0)  # (b, i, j) patch
+    pid = tl.program_id(0)  # (b, i, j) patch: one division per program
     b = pid // (NH * NW)
     i = (pid // NW) % NH
     j = pid % NW
-    HW = H * W
-    acc = tl.zeros([BLOCK], tl.float32)
-    for start in range(0, PH * PW, BLOCK):
-        idx = start + tl.arange(0, BLOCK)
-        mask = idx < PH * PW
-        pix = (i * PH + idx // PW) * W + j * PW + idx % PW
-        base = x + b * K * HW + pix
-        m, s = _pixel_probs_stats(base, K, HW, mask, FROM_LOGITS, BLOCK)
-        for k in range(K):
-            p = _prob(base, k, HW, mask, m, s, FROM_LOGITS)
-            acc += tl.where(mask, p * tl.log(p + eps), 0.0)
-    tl.store(out + pid, tl.sum(acc, 0) * scale)
+    HW = H.to(tl.int64) * W
+    acc = tl.zeros([BLOCK_H, BLOCK_W], tl.float32)
+    for r0 in range(0, PH, BLOCK_H):
+        for c0 in range(0, PW, BLOCK_W):
+            px, mask = _tile(x, b, i, j, r0, c0, K, H, W, PH, PW, BLOCK_H, BLOCK_W)
+            m, s = _softmax_stats(px, K, HW, mask, FROM_LOGITS, BLOCK_H, BLOCK_W)
+            for k in range(K):
+                p = _prob(px, k, HW, mask, m, s, FROM_LOGITS)
+                acc += tl.where(mask, p * tl.log(p + eps), 0.0)
+    tl.store(out + pid, tl.sum(acc) * scale)
 
 
 @triton.jit
@@ -77,28 +102,32 @@ def _hardness_backward_kernel(
     eps_hi,
     eps_lo,
     FROM_LOGITS: tl.constexpr,
-    BLOCK: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_W: tl.constexpr,
 ):
     scale, eps = join(scale_hi, scale_lo, tl.float32), join(eps_hi, eps_lo, tl.float32)
-    b = tl.program_id(1)
-    HW = H * W
-    pix = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = pix < HW
-    y, xx = pix // W, pix % W
-    c = scale * tl.load(grad + (b * NH + y // PH) * NW + xx // PW, mask=mask, other=0.0).to(tl.float32)
-    base = x + b * K * HW + pix
-    m, s = _pixel_probs_stats(base, K, HW, mask, FROM_LOGITS, BLOCK)
-    dot = tl.zeros([BLOCK], tl.float32)
-    if FROM_LOGITS:
-        for k in range(K):
-            p = _prob(base, k, HW, mask, m, s, FROM_LOGITS)
-            dot += p * c * (tl.log(p + eps) + p / (p + eps))
-    for k in range(K):
-        p = _prob(base, k, HW, mask, m, s, FROM_LOGITS)
-        dp = c * (tl.log(p + eps) + p / (p + eps))
-        if FROM_LOGITS:
-            dp = p * (dp - dot)
-        tl.store(dx + b * K * HW + k * HW + pix, dp, mask=mask)
+    pid = tl.program_id(0)
+    b = pid // (NH * NW)
+    i = (pid // NW) % NH
+    j = pid % NW
+    HW = H.to(tl.int64) * W
+    c = scale * tl.load(grad + pid).to(tl.float32)  # the patch's gradient, once
+    for r0 in range(0, PH, BLOCK_H):
+        for c0 in range(0, PW, BLOCK_W):
+            px, mask = _tile(x, b, i, j, r0, c0, K, H, W, PH, PW, BLOCK_H, BLOCK_W)
+            pdx, _ = _tile(dx, b, i, j, r0, c0, K, H, W, PH, PW, BLOCK_H, BLOCK_W)
+            m, s = _softmax_stats(px, K, HW, mask, FROM_LOGITS, BLOCK_H, BLOCK_W)
+            dot = tl.zeros([BLOCK_H, BLOCK_W], tl.float32)
+            if FROM_LOGITS:
+                for k in range(K):
+                    p = _prob(px, k, HW, mask, m, s, FROM_LOGITS)
+                    dot += p * c * (tl.log(p + eps) + p / (p + eps))
+            for k in range(K):
+                p = _prob(px, k, HW, mask, m, s, FROM_LOGITS)
+                dp = c * (tl.log(p + eps) + p / (p + eps))
+                if FROM_LOGITS:
+                    dp = p * (dp - dot)
+                tl.store(pdx + k * HW, dp, mask=mask)
 
 
 def _check(op, x, patch_h, patch_w, grad=None):
@@ -109,11 +138,21 @@ def _check(op, x, patch_h, patch_w, grad=None):
         patch_h >= 1 and patch_w >= 1 and x.shape[2] % patch_h == 0 and x.shape[3] % patch_w == 0,
         lambda: f"{op}: patch size ({patch_h}, {patch_w}) must divide the map size {tuple(x.shape[2:])}",
     )
+    torch._check_value(x.shape[2] * x.shape[3] < 2**31, lambda: f"{op}: x must have H*W < 2^31 pixels")
     if grad is not None:
         shape = (x.shape[0], x.shape[2] // patch_h, x.shape[3] // patch_w)
         torch._check_value(tuple(grad.shape) == shape, lambda: f"{op}: grad must be (B, Nh, Nw) = {shape}")
         torch._check_type(grad.is_floating_point(), lambda: f"{op}: grad must be floating")
         _validate.one_device(op, x=x, grad=grad)
+
+
+def _tile_shape(patch_h: int, patch_w: int) -> dict:
+    """BLOCK_H x BLOCK_W tile of a patch: the patch's width (a power of two, at most 64) by as many
+    rows as make at most 512 pixels (tiles of 1024 took 120 to 170 registers and spilled); four
+    warps for 512 pixels, one for fewer (with two, ptxas kept 32 registers and spilled on sm_80)."""
+    block_w = min(64, triton.next_power_of_2(patch_w))
+    block_h = min(triton.next_power_of_2(patch_h), 512 // block_w)
+    return dict(BLOCK_H=block_h, BLOCK_W=block_w, num_warps=4 if block_h * block_w >= 512 else 1)
 
 
 @triton_op("busseg_triton::patch_entropy_hardness", mutates_args=())
@@ -135,8 +174,7 @@ def patch_entropy_hardness(x: torch.Tensor, patch_h: int, patch_w: int, from_log
         *split(-1.0 / (math.log(K) * patch_h * patch_w)),
         *split(eps),
         FROM_LOGITS=from_logits,
-        # a lane per thread at least; at most 512 pixels at a time (blocks of 1024 spilled on sm_90)
-        BLOCK=min(512, max(128, triton.next_power_of_2(patch_h * patch_w))),
+        **_tile_shape(patch_h, patch_w),
     )
     return out.to(x.dtype)
 
@@ -147,9 +185,9 @@ def patch_entropy_hardness_backward(
 ) -> torch.Tensor:
     _check("patch_entropy_hardness_backward", x, patch_h, patch_w, grad)
     B, K, H, W = x.shape
+    nh, nw = H // patch_h, W // patch_w
     dx = torch.empty(B, K, H, W, dtype=torch.float32, device=x.device)
-    block = 256
-    wrap_triton(_hardness_backward_kernel)[(triton.cdiv(H * W, block), B)](
+    wrap_triton(_hardness_backward_kernel)[(B * nh * nw,)](
         grad.contiguous(),
         x.contiguous(),
         dx,
@@ -158,32 +196,34 @@ def patch_entropy_hardness_backward(
         W,
         patch_h,
         patch_w,
-        H // patch_h,
-        W // patch_w,
+        nh,
+        nw,
         *split(-1.0 / (math.log(K) * patch_h * patch_w)),
         *split(eps),
         FROM_LOGITS=from_logits,
-        BLOCK=block,
+        **_tile_shape(patch_h, patch_w),
     )
     return dx.to(x.dtype)
 
 
 # ---- launch space: what the GPU compile check (tools/gpu_compile_check.py) compiles ------------
 
-#: Problem axes that decide what the launchers above launch. First value: the base problem; second:
-#: the smallest blocks. Square patches of side 16 give blocks of 256 pixels (base), then 128 (one
-#: pixel, specialised), 512, and 512 in a loop.
+#: Problem axes that decide what the launchers above launch (_tile_shape: the tile from the patch's
+#: height and width). First value: the base problem (16 x 16 tiles, one warp); second: the
+#: smallest (1 x 1); then 8 x 64 tiles for 20 x 40 patches and 16 x 32 for 40 x 20 (four warps,
+#: looping over rows), 4 x 64 for 3 x 64 (one warp).
 LAUNCH_AXES = {
     "dtype": (torch.float32, torch.float64, torch.float16, torch.bfloat16),
-    "patch_side": (16, 1, 20, 40),
+    "patch_h": (16, 1, 20, 40, 3),
+    "patch_w": (16, 1, 40, 20, 64),
     "from_logits": (True, False),
 }
-#: The largest blocks, compiled in every dtype like the base.
-LAUNCH_CORNERS = ({"patch_side": 40},)
+#: The largest tiles (and loops over them), compiled in every dtype like the base.
+LAUNCH_CORNERS = ({"patch_h": 40, "patch_w": 40},)
 
 
-def launch_stand_in(dtype, patch_side, from_logits):
-    """Forward and backward launches on stand-in inputs: a 2 x 3 grid of square patches."""
-    x = torch.zeros(1, 2, 2 * patch_side, 3 * patch_side, dtype=dtype)
-    hardness = patch_entropy_hardness(x, patch_side, patch_side, from_logits, 1e-10)
-    patch_entropy_hardness_backward(torch.ones_like(hardness), x, patch_side, patch_side, from_logits, 1e-10)
+def launch_stand_in(dtype, patch_h, patch_w, from_logits):
+    """Forward and backward launches on stand-in inputs: a 2 x 3 grid of patches."""
+    x = torch.zeros(1, 2, 2 * patch_h, 3 * patch_w, dtype=dtype)
+    hardness = patch_entropy_hardness(x, patch_h, patch_w, from_logits, 1e-10)
+    patch_entropy_hardness_backward(torch.ones_like(hardness), x, patch_h, patch_w, from_logits, 1e-10)

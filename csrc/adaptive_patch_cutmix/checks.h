@@ -1,4 +1,5 @@
-// Argument checks of busseg::adaptive_patch_cutmix, shared by the CPU and CUDA entry points.
+// Argument checks of busseg::adaptive_patch_cutmix and busseg::cutmix_patch_mask, shared by the
+// CPU and CUDA entry points.
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
@@ -30,6 +31,26 @@ inline PatchGrid check_adaptive_patch_cutmix_args(at::TensorList tensors,
       Nh >= 1 && Nw >= 1 && H % Nh == 0 && W % Nw == 0 && H <= kMaxExtent && W <= kMaxExtent,
       "the ", Nh, "×", Nw, " patch grid must divide the map size (", H, ", ", W, ")");
   return {B, 0, H, W, H / Nh, W / Nw, Nh, Nw};
+}
+
+// hardness (B, Nh, Nw) and uniforms (B, 1 + Nh * Nw) floating (the share's draw, then each
+// patch's key; the kernels read them as float32), 0 <= shield_count <= Nh * Nw,
+// 0 <= low <= high <= 1. Returns Nh * Nw.
+inline int64_t check_cutmix_patch_mask_args(const at::Tensor& hardness, const at::Tensor& uniforms,
+                                            int64_t shield_count, double low, double high) {
+  check_dims(hardness, "hardness", 3, "(B, Nh, Nw)");
+  check_floating(hardness, "hardness");
+  const int64_t B = hardness.size(0), patches = hardness.size(1) * hardness.size(2);
+  // below 2^30 keeps the patch indices and their power-of-two padding in the kernels' ints
+  TORCH_CHECK_VALUE(patches >= 1 && patches <= kMaxExtent,
+                    "hardness must have 1 to 2^30 patches, got ", hardness.sizes());
+  check_shape(uniforms, "uniforms", {B, 1 + patches}, "(B, 1 + Nh * Nw)");
+  check_floating(uniforms, "uniforms");
+  check_device(uniforms, "uniforms", hardness, "hardness");
+  check_range(shield_count, "shield_count", 0, patches);
+  TORCH_CHECK_VALUE(0.0 <= low && low <= high && high <= 1.0,
+                    "low and high must satisfy 0 <= low <= high <= 1, got ", low, " and ", high);
+  return patches;
 }
 
 }  // namespace busseg

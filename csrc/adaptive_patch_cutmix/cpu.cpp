@@ -1,6 +1,8 @@
-// busseg::adaptive_patch_cutmix (PH-Net Eq. 6-7; docs/ops.md), the C++/OpenMP CPU gather: one
-// byte-level pass over every given tensor at once (a memcpy per run of patches from the same
-// image, any dtype), the output bytes split evenly between threads.
+// busseg::adaptive_patch_cutmix (PH-Net Eq. 5-7; docs/ops.md), C++/OpenMP CPU kernels. The mask:
+// per image two sorts of the patch indices (the shield order, then the replacement order; see
+// mask.h), images in parallel. The gather: one byte-level pass over every given tensor at once (a
+// memcpy per run of patches from the same image, any dtype), the output bytes split evenly
+// between threads.
 #include "common/cpu.h"
 
 #include <ATen/ATen.h>
@@ -8,12 +10,56 @@
 
 #include <algorithm>
 #include <cstring>
+#include <numeric>
 #include <vector>
 
 #include "adaptive_patch_cutmix/checks.h"
+#include "adaptive_patch_cutmix/mask.h"
 
 namespace busseg {
 namespace {
+
+// The mask of one image: hardness h and keys u (N each), the share's uniform u0.
+template <typename scalar_t>
+void patch_mask_image(const scalar_t* h, float u0, const float* u, int64_t N, int64_t k, double low,
+                      double high, bool* mask) {
+  std::vector<int64_t> order(N);
+  std::vector<uint64_t> key(N);
+  const auto sort_by_key = [&] {
+    std::iota(order.begin(), order.end(), int64_t(0));
+    std::sort(order.begin(), order.end(),
+              [&](int64_t a, int64_t b) { return key[a] < key[b] || (key[a] == key[b] && a < b); });
+  };
+  for (int64_t i = 0; i < N; ++i) key[i] = cutmix::shield_key(static_cast<double>(h[i]));
+  sort_by_key();
+  std::fill(mask, mask + N, false);
+  for (int64_t p = 0; p < k; ++p) mask[order[p]] = true;  // shielded, for the next keys
+  for (int64_t i = 0; i < N; ++i) key[i] = cutmix::replace_key(mask[i], u[i]);
+  sort_by_key();
+  const int64_t n = cutmix::replaced_count(u0, low, high, N, k);
+  std::fill(mask, mask + N, true);
+  for (int64_t p = 0; p < n; ++p) mask[order[p]] = false;  // never a shielded one: n <= N - k
+}
+
+at::Tensor cutmix_patch_mask_cpu(const at::Tensor& hardness, const at::Tensor& uniforms,
+                                 int64_t shield_count, double low, double high) {
+  const int64_t N = check_cutmix_patch_mask_args(hardness, uniforms, shield_count, low, high);
+  const int64_t B = hardness.size(0);
+  const at::Tensor h = hardness.contiguous(), u = uniforms.to(at::kFloat).contiguous();
+  at::Tensor mask = at::empty(hardness.sizes(), hardness.options().dtype(at::kBool));
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, h.scalar_type(), "cutmix_patch_mask", [&] {
+        const scalar_t* hp = h.const_data_ptr<scalar_t>();
+        const float* up = u.const_data_ptr<float>();
+        bool* mp = mask.data_ptr<bool>();
+        at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+          for (int64_t b = begin; b < end; ++b)
+            patch_mask_image(hp + b * N, up[b * (N + 1)], up + b * (N + 1) + 1, N, shield_count,
+                             low, high, mp + b * N);
+        });
+      });
+  return mask;
+}
 
 // Every tensor viewed as (B, R, H, W) contiguous rows of W elements; out = mask ? own image :
 // image (b+1) mod B. The threads split the output bytes evenly (a label row of int64 is twice an
@@ -62,6 +108,9 @@ std::vector<at::Tensor> adaptive_patch_cutmix_cpu(at::TensorList tensors,
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(busseg, CPU, m) { m.impl("adaptive_patch_cutmix", &adaptive_patch_cutmix_cpu); }
+TORCH_LIBRARY_IMPL(busseg, CPU, m) {
+  m.impl("cutmix_patch_mask", &cutmix_patch_mask_cpu);
+  m.impl("adaptive_patch_cutmix", &adaptive_patch_cutmix_cpu);
+}
 
 }  // namespace busseg

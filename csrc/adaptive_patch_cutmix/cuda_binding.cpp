@@ -1,5 +1,6 @@
-// Tensor binding of the busseg::adaptive_patch_cutmix CUDA launcher: validate, make contiguous,
-// launch on the current stream, kCutmixBatch tensors per launch.
+// Tensor bindings of the busseg::cutmix_patch_mask and busseg::adaptive_patch_cutmix CUDA
+// launchers: validate, make contiguous, launch on the current stream (the gather kCutmixBatch
+// tensors per launch).
 #include "common/cuda_binding.h"
 
 #include <torch/library.h>
@@ -12,6 +13,23 @@
 
 namespace busseg::cuda {
 namespace {
+
+at::Tensor cutmix_patch_mask_cuda(const at::Tensor& hardness, const at::Tensor& uniforms,
+                                  int64_t shield_count, double low, double high) {
+  const int64_t N = check_cutmix_patch_mask_args(hardness, uniforms, shield_count, low, high);
+  const c10::cuda::CUDAGuard guard(hardness.device());
+  const int64_t B = hardness.size(0);
+  const at::Tensor h = hardness.contiguous(), u = uniforms.to(at::kFloat).contiguous();
+  at::Tensor mask = at::empty(hardness.sizes(), hardness.options().dtype(at::kBool));
+  at::Tensor scratch;
+  if (const size_t bytes = cutmix_patch_mask_scratch_bytes(B, N); bytes > 0)
+    scratch = at::empty({static_cast<int64_t>(bytes)}, hardness.options().dtype(at::kByte));
+  check_launch(cutmix_patch_mask(dtype_of(h), B, N, h.data_ptr(), u.data_ptr<float>(), shield_count,
+                                 low, high, scratch.defined() ? scratch.data_ptr() : nullptr,
+                                 mask.data_ptr<bool>(), c10::cuda::getCurrentCUDAStream()),
+               "cutmix_patch_mask");
+  return mask;
+}
 
 std::vector<at::Tensor> adaptive_patch_cutmix_cuda(at::TensorList tensors,
                                                    const at::Tensor& patch_mask) {
@@ -39,6 +57,7 @@ std::vector<at::Tensor> adaptive_patch_cutmix_cuda(at::TensorList tensors,
 }  // namespace
 
 TORCH_LIBRARY_IMPL(busseg, CUDA, m) {
+  m.impl("cutmix_patch_mask", &cutmix_patch_mask_cuda);
   m.impl("adaptive_patch_cutmix", &adaptive_patch_cutmix_cuda);
 }
 

@@ -495,6 +495,7 @@ std::tuple<at::Tensor, at::Tensor> adjacent_relation_propagation_cpu(const at::T
   const at::Tensor f = feat.contiguous(), v = value.contiguous();
   at::Tensor out = at::empty({g.B, g.K, g.H, g.W}, feat.options());
   at::Tensor weights = at::empty({g.B, g.taps, g.H, g.W}, feat.options());
+  if (g.B * g.H * g.W == 0) return {out, weights};  // no pixels (the kernels divide by W)
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, feat.scalar_type(), "adjacent_relation_propagation_cpu", [&] {
         arp_forward_kernel<scalar_t>(g, f.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
@@ -518,6 +519,7 @@ std::tuple<at::Tensor, at::Tensor> adjacent_relation_propagation_backward_cpu(
                                         : at::empty({0}, feat.options());
   at::Tensor grad_value = need_grad_value ? at::empty({g.B, g.K, g.H, g.W}, value.options())
                                           : at::empty({0}, value.options());
+  if (g.B * g.H * g.W == 0) return {grad_feat, grad_value};  // no pixels: empty gradients
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, feat.scalar_type(), "adjacent_relation_propagation_backward_cpu",
       [&] {
