@@ -340,15 +340,15 @@ def test_cuda_half_precision(dtype):
 # ---- the tensor-core kernels (Triton fused; CUDA on a GPU) in every precision against float64 ---
 
 #: (B, H, W, M, channels per layer): every path of the Triton launchers (test_kernel_paths_are_covered
-#: checks which): fused tiles of 16, 64 and 128 proxies (M off the tile), two fused row programs per
-#: image with a ragged last one, channel counts of 1 and past several chunks with a tail, all eight
-#: layer slots; the blocked path for nine layers and for 150 proxies.
+#: checks which): fused tiles of 16, 32 and 64 proxies (M off the tile), two fused row programs per
+#: image with a ragged last one, channel counts of 1 and past several chunks with a tail, all four
+#: layer slots; the blocked path for five layers and for 65 proxies.
 KERNEL_CASES = {
     "layer widths, ragged rows": (2, 9, 8, 7, (1, 33, 300, 64)),
-    "eight layers": (1, 5, 13, 33, (8, 5, 16, 3, 9, 12, 2, 7)),
-    "128-proxy tiles": (1, 4, 17, 100, (16, 40)),
-    "nine layers (blocked)": (1, 3, 5, 6, (2, 3, 2, 4, 2, 3, 2, 5, 2)),
-    "150 proxies (blocked)": (1, 3, 4, 150, (4, 6)),
+    "three layers": (1, 5, 13, 20, (8, 5, 16)),
+    "64-proxy tiles": (1, 4, 17, 60, (16, 40)),
+    "five layers (blocked)": (1, 3, 5, 6, (2, 3, 2, 4, 5)),
+    "65 proxies (blocked)": (1, 3, 4, 65, (4, 6)),
 }
 
 
@@ -475,7 +475,7 @@ def test_tf32_tolerance_covers_emulated_tf32(case, scale):
 
 
 def test_kernel_paths_are_covered():
-    """KERNEL_CASES take every path of the Triton launchers: fused tiles of 16, 64 and 128 proxies
+    """KERNEL_CASES take every path of the Triton launchers: fused tiles of 16, 32 and 64 proxies
     (4 and 8 warps), ragged fused row programs, channel chunks with a tail, all layer slots, and
     the blocked path for too many layers, for too many proxies and for exact products (float32
     without TF32, float64)."""
@@ -498,8 +498,8 @@ def test_kernel_paths_are_covered():
         seen |= {"all slots"} if len(chans) == kernels._MAX_LAYERS else set()
     assert seen == {
         "fused tile of 16",
+        "fused tile of 32",
         "fused tile of 64",
-        "fused tile of 128",
         "ragged rows",
         "channel tail",
         "all slots",
@@ -518,7 +518,7 @@ def test_triton_precision_follows_pytorch(monkeypatch):
     original = kernels.dot_precision
     monkeypatch.setattr(kernels, "dot_precision", lambda dtype: seen.append(original(dtype)) or seen[-1])
     device = triton_device()
-    feats, proxies = kernel_inputs(KERNEL_CASES["128-proxy tiles"], device, torch.float32)
+    feats, proxies = kernel_inputs(KERNEL_CASES["64-proxy tiles"], device, torch.float32)
     for precision in ("ieee", "tf32", "ieee"):  # the blocked path, then the fused kernel
         seen.clear()
         with matmul_precision(precision):
