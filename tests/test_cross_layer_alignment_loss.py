@@ -8,6 +8,7 @@ import pytest
 import torch
 from conftest import backends, tolerance, triton_device
 from hypothesis import strategies as st
+from matmul_precision import TF32_EPS, matmul_precision, to_tf32
 from op_contract import OpContract, RawSample, bad
 
 import busseg_ops
@@ -334,3 +335,194 @@ def test_cuda_half_precision(dtype):
     torch.testing.assert_close(loss.float(), ref, **tolerance(dtype))
     for g, r in zip(grads, ref_grads):
         torch.testing.assert_close(g.float(), r, **tolerance(dtype))
+
+
+# ---- the tensor-core kernels (Triton fused; CUDA on a GPU) in every precision against float64 ---
+
+#: (B, H, W, M, channels per layer): every path of the Triton launchers (test_kernel_paths_are_covered
+#: checks which): fused tiles of 16, 32 and 64 proxies (M off the tile), two fused row programs per
+#: image with a ragged last one, channel counts of 1 and past several chunks with a tail, all four
+#: layer slots; the blocked path for five layers and for 65 proxies.
+KERNEL_CASES = {
+    "layer widths, ragged rows": (2, 9, 8, 7, (1, 33, 300, 64)),
+    "three layers": (1, 5, 13, 20, (8, 5, 16)),
+    "64-proxy tiles": (1, 4, 17, 60, (16, 40)),
+    "five layers (blocked)": (1, 3, 5, 6, (2, 3, 2, 4, 5)),
+    "65 proxies (blocked)": (1, 3, 4, 65, (4, 6)),
+}
+
+
+def kernel_inputs(case, device="cpu", dtype=torch.float64):
+    """Maps and proxies whose logits have a standard deviation of about 1.5 whatever C_l (unit
+    variance per channel would make them peaked beyond float16's reach at C_l = 300)."""
+    B, H, W, M, chans = case
+    feats = [torch.randn(B, c, H, W, device=device, dtype=dtype) * c**-0.25 for c in chans]
+    proxies = [1.5 * torch.randn(B, M, c, device=device, dtype=dtype) * c**-0.25 for c in chans]
+    return feats, proxies
+
+
+def kernel_loss_and_grads(op, feats, proxies, reduction, grad, block_rows):
+    """A raw op (native or Triton) with autograd: loss and gradients of the inputs that want one;
+    with only the proxies wanting one, forward forms them (grad_proxies)."""
+    feats = [f.detach().requires_grad_(grad[0]) for f in feats]
+    proxies = [p.detach().requires_grad_(grad[1]) for p in proxies]
+    loss, _, _ = op([f.flatten(2) for f in feats], proxies, reduction, 1e-6, block_rows, not grad[0])
+    leaves = [t for t in feats + proxies if t.requires_grad]
+    return loss, torch.autograd.grad(loss, leaves)
+
+
+def kernel_tolerance(dtype, precision, expected):
+    """What a kernel result may differ by from float64 on the same inputs, relative to the result's
+    size (the KL gradients cancel): the dtype's tolerance; in TF32 (10 mantissa bits) a few units
+    of TF32_EPS in the loss and 16 in the gradients, whose error grows with the logits' size
+    (test_tf32_tolerance_covers_emulated_tf32 measures about 2 TF32_EPS at these inputs' logits
+    of standard deviation 1.5, up to 5 at 18)."""
+    scale = max(1.0, expected.abs().max().item())
+    if dtype == torch.float32 and precision == "tf32":
+        units = 4 if expected.dim() == 0 else 16
+        return dict(rtol=units * TF32_EPS, atol=units * TF32_EPS * scale)
+    tol = tolerance(dtype)
+    return dict(rtol=tol["rtol"], atol=tol["atol"] * scale)
+
+
+def _gpu_or_triton_ops():
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    namespaces = [("busseg", "cuda")] if device == "cuda" else []
+    if "triton" in busseg_ops.available_backends(device):
+        namespaces.append(("busseg_triton", "triton"))
+    return [pytest.param(device, ns, id=f"{device}-{backend}") for ns, backend in namespaces]
+
+
+@pytest.mark.parametrize("grad", [(True, True), (False, True)], ids=["all", "proxies"])
+@pytest.mark.parametrize(
+    "dtype,precision",
+    [
+        (torch.float32, "ieee"),
+        (torch.float32, "tf32"),
+        (torch.float16, "ieee"),
+        (torch.bfloat16, "ieee"),
+        (torch.float64, "ieee"),
+    ],
+    ids=["fp32", "tf32", "fp16", "bf16", "fp64"],
+)
+@pytest.mark.parametrize("case", list(KERNEL_CASES))
+@pytest.mark.parametrize("device,namespace", _gpu_or_triton_ops())
+def test_kernels_match_float64(device, namespace, case, dtype, precision, grad):
+    """The Triton kernels (and on a GPU the CUDA ones) on every path against the float64 reference
+    on the same rounded inputs, in blocks of 40 pixel rows (several per image), in every precision:
+    float32 exact and in TF32 as PyTorch's matmul precision says (the interpreter runs tl.dot
+    exactly: there TF32 is the exact result through the TF32 launch configuration, held to the
+    float32 tolerance), float16 and bfloat16 with float32 accumulation, float64."""
+    if device == "cpu" and dtype == torch.bfloat16:
+        pytest.skip("the interpreter's tl.dot misreads bfloat16 (numpy has none); the GPU runs it")
+    feats, proxies = kernel_inputs(KERNEL_CASES[case], device, dtype)
+    op = getattr(getattr(torch.ops, namespace), OP.name)
+    wide = [t.double() for t in feats], [t.double() for t in proxies]
+    ref, ref_grads = kernel_loss_and_grads(_ops.cross_layer_alignment_loss, *wide, "sum", grad, 40)
+    with matmul_precision(precision):
+        loss, grads = kernel_loss_and_grads(op, feats, proxies, "sum", grad, 40)
+    rounding = "ieee" if device == "cpu" else precision  # what the products really did
+    assert loss.dtype == dtype
+    torch.testing.assert_close(loss.double(), ref.to(device), **kernel_tolerance(dtype, rounding, ref))
+    for g, r in zip(grads, ref_grads):
+        assert g.dtype == dtype
+        torch.testing.assert_close(g.double(), r.to(device), **kernel_tolerance(dtype, rounding, r))
+
+
+@pytest.mark.parametrize("grad", [(True, True), (False, True)], ids=["all", "proxies"])
+def test_fused_kernel_gradcheck(monkeypatch, grad):
+    """gradcheck in float64 of the fused kernel itself (the launchers give it only tensor-core
+    dtypes; the interpreter runs it in float64 too): two row programs per image, the second
+    ragged, a channel tail, backward in two blocks of rows; with only the proxies wanting a
+    gradient, the ones forward forms."""
+    if triton_device() != "cpu":
+        pytest.skip("forces the fused kernel in float64: the interpreter's check (the GPU spills it)")
+    from busseg_ops.triton import cross_layer_alignment_loss as kernels
+
+    monkeypatch.setattr(kernels, "_fused", lambda feats, proxies: True)
+    feats, proxies = kernel_inputs((1, 5, 14, 5, (2, 17, 3)))
+    feats = [f.flatten(2).requires_grad_(grad[0]) for f in feats]
+    proxies = [p.requires_grad_(grad[1]) for p in proxies]
+    op = torch.ops.busseg_triton.cross_layer_alignment_loss
+
+    def loss(*wanted):
+        it = iter(wanted)
+        f = [next(it) if grad[0] else t for t in feats]
+        return op(f, [next(it) for _ in proxies], "sum", 1e-3, 40, not grad[0])[0]
+
+    inputs = (*feats, *proxies) if grad[0] else tuple(proxies)
+    assert torch.autograd.gradcheck(loss, inputs, fast_mode=True)
+
+
+@pytest.mark.parametrize("scale", [1.0, "unit channels"])
+@pytest.mark.parametrize("case", list(KERNEL_CASES)[:3])
+def test_tf32_tolerance_covers_emulated_tf32(case, scale):
+    """The TF32 tolerance of test_kernels_match_float64 against TF32 emulated on the CPU: the float64
+    reference on maps and proxies whose mantissas are cut to TF32's 10 bits (exactly what the
+    tensor cores read: the logits' operands are the inputs themselves) stays within it, and differs
+    from it; also with unit-variance channels (logits of standard deviation up to 17 here)."""
+    feats, proxies = kernel_inputs(KERNEL_CASES[case])
+    if scale == "unit channels":
+        feats = [f * f.shape[1] ** 0.25 for f in feats]
+        proxies = [p * p.shape[2] ** 0.25 / 1.5 for p in proxies]
+    exact, exact_grads = kernel_loss_and_grads(_ops.cross_layer_alignment_loss, feats, proxies, "sum", (True, True), 40)
+    rounded = [to_tf32(f) for f in feats], [to_tf32(p) for p in proxies]
+    loss, grads = kernel_loss_and_grads(_ops.cross_layer_alignment_loss, *rounded, "sum", (True, True), 40)
+    assert loss != exact
+    torch.testing.assert_close(loss, exact, **kernel_tolerance(torch.float32, "tf32", exact))
+    for g, r in zip(grads, exact_grads):
+        torch.testing.assert_close(g, r, **kernel_tolerance(torch.float32, "tf32", r))
+
+
+def test_kernel_paths_are_covered():
+    """KERNEL_CASES take every path of the Triton launchers: fused tiles of 16, 32 and 64 proxies
+    (4 and 8 warps), ragged fused row programs, channel chunks with a tail, all layer slots, and
+    the blocked path for too many layers, for too many proxies and for exact products (float32
+    without TF32, float64)."""
+    from busseg_ops.triton import cross_layer_alignment_loss as kernels
+
+    seen = set()
+    for B, H, W, M, chans in KERNEL_CASES.values():
+        feats, proxies = kernel_inputs((B, H, W, M, chans), dtype=torch.float32)
+        with matmul_precision("ieee"):
+            seen |= {"blocked: exact"} if not kernels._fused(feats, proxies) else set()
+        with matmul_precision("tf32"):
+            fused = kernels._fused(feats, proxies)
+        if not fused:
+            seen.add("blocked: layers" if len(chans) > kernels._MAX_LAYERS else "blocked: proxies")
+            continue
+        seen.add(f"fused tile of {max(16, 1 << (M - 1).bit_length())}")
+        seen |= {"ragged rows"} if (H * W) % kernels._FUSED_ROWS else set()
+        chunk = kernels._FUSED_CHANNELS
+        seen |= {"channel tail"} if any(c > chunk and c % chunk for c in chans) else set()
+        seen |= {"all slots"} if len(chans) == kernels._MAX_LAYERS else set()
+    assert seen == {
+        "fused tile of 16",
+        "fused tile of 32",
+        "fused tile of 64",
+        "ragged rows",
+        "channel tail",
+        "all slots",
+        "blocked: layers",
+        "blocked: proxies",
+        "blocked: exact",
+    }
+
+
+def test_triton_precision_follows_pytorch(monkeypatch):
+    """The fused kernel's logits are TF32 exactly when PyTorch's float32 matmuls may be, read on
+    every call (busseg_ops/triton/_precision.py; the contrastive tests cover the API forms)."""
+    from busseg_ops.triton import cross_layer_alignment_loss as kernels
+
+    seen = []
+    original = kernels.dot_precision
+    monkeypatch.setattr(kernels, "dot_precision", lambda dtype: seen.append(original(dtype)) or seen[-1])
+    device = triton_device()
+    feats, proxies = kernel_inputs(KERNEL_CASES["64-proxy tiles"], device, torch.float32)
+    for precision in ("ieee", "tf32", "ieee"):  # the blocked path, then the fused kernel
+        seen.clear()
+        with matmul_precision(precision):
+            torch.ops.busseg_triton.cross_layer_alignment_loss(
+                [f.flatten(2) for f in feats], proxies, "sum", 1e-6, 40, False
+            )
+        assert seen and set(seen) == {precision}

@@ -8,8 +8,9 @@ import textwrap
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import backends, tolerance, triton_device
+from conftest import backends, tolerance
 from hypothesis import strategies as st
+from matmul_precision import TF32_EPS, matmul_precision, to_tf32
 from op_contract import OpContract, RawSample, bad
 
 import busseg_ops
@@ -217,42 +218,201 @@ def test_cpu_tiles_match_the_reference(shape, tau, neg_grad):
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-7)
 
 
-def test_triton_feature_chunks_and_column_blocks():
-    """D spanning several feature chunks of the logit tiles and several feature-column blocks of the
-    gradient programs (whole feature rows as tl.dot operands spilled registers on sm_80/sm_90)."""
-    device = triton_device()
-    from busseg_ops.triton.memory_contrastive_loss import _MAX_BLOCK_D
-
-    a, ya, n, yn, p = make(45, 70, 2 * _MAX_BLOCK_D + 5, K=3, device=device, neg_grad=True)
-    with busseg_ops.use_backend("reference"):
-        ref = mcl(a, ya, n, yn, p, 0.2)
-    ref_g = torch.autograd.grad(ref, (a, n))
-    with busseg_ops.use_backend("triton"):
-        loss = mcl(a, ya, n, yn, p, 0.2)
-    torch.testing.assert_close(loss, ref, **tolerance(torch.float32))
-    for g, r in zip(torch.autograd.grad(loss, (a, n)), ref_g):
-        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
+# ---- the tensor-core kernels (Triton; CUDA on a GPU) in every precision against float64 --------
 
 
-def test_triton_float16_accumulates_in_float32():
-    """float16 inputs (a CUDA dtype; the Triton op itself runs it under the interpreter) against the
-    float32 reference: the kernels accumulate in float32. Their float16 accumulators did not compile
-    for sm_80/sm_90 (loop-carried float16 became float32), which the interpreter let pass. bfloat16
-    is left to tools/gpu_compile_check.py: the interpreter's tl.dot misreads bfloat16 operands."""
-    device = triton_device()
-    dtype = torch.float16
-    a, ya, n, yn, p = make(37, 45, 40, K=2, device=device, neg_grad=True)
-    has_positive = torch.ones(2, dtype=torch.bool, device=device)
-    ref, _, _ = reference_mcl(a, ya, n, yn, p, has_positive, 0.5, False)
-    ref_g = torch.autograd.grad(ref, (a, n))
-    half = [t.detach().to(dtype).requires_grad_() for t in (a, n)]
-    loss, _, _ = torch.ops.busseg_triton.memory_contrastive_loss(
-        half[0], ya, half[1], yn, p.to(dtype), has_positive, 0.5, True
-    )
+def structured(anchor_counts, negative_counts, D, ignored=(), odd_negatives=(), device="cpu", dtype=torch.float64):
+    """Inputs with set class sizes, shuffled: anchor_counts[c] anchors and negative_counts[c]
+    negatives of class c, plus anchors with the labels in `ignored` (outside [0, K)) and negatives
+    with the labels in `odd_negatives` (they count for every class)."""
+    K = len(anchor_counts)
+
+    def labels(counts, extra):
+        y = torch.cat([torch.full((c,), k) for k, c in enumerate(counts)] + [torch.tensor(extra, dtype=torch.int64)])
+        return y[torch.randperm(len(y))].to(device)
+
+    ya, yn = labels(anchor_counts, ignored), labels(negative_counts, odd_negatives)
+    anchors = torch.randn(len(ya), D, device=device, dtype=dtype)
+    negatives = torch.randn(len(yn), D, device=device, dtype=dtype)
+    return anchors, ya, negatives, yn, torch.randn(K, D, device=device, dtype=dtype)
+
+
+#: Problems that between them take every path of the Triton kernels (test_kernel_paths_are_covered
+#: checks which): sorted runs of uneven classes whose tiles are skipped, a class without anchors, a
+#: class without positive (has_positive: the last class never has one), ignored anchors, anchor and
+#: negative counts off the blocks, negatives split across programs, resident rows with one and with
+#: two accumulator column blocks, chunked products past 256 features, tiny and odd D.
+KERNEL_CASES = {
+    "uneven classes": dict(anchor_counts=(150, 7, 0, 9), negative_counts=(40, 100, 90, 3), D=20, ignored=(-1, 4, 9)),
+    "split negatives": dict(anchor_counts=(20, 17), negative_counts=(160, 140), D=64, odd_negatives=(5, -3)),
+    "odd D, two column blocks": dict(anchor_counts=(70, 60), negative_counts=(33, 64), D=131),
+    "chunked D": dict(anchor_counts=(30, 41, 5), negative_counts=(50, 20, 20), D=300, ignored=(-2,)),
+    "D = 1": dict(anchor_counts=(3, 66), negative_counts=(70, 1), D=1),
+}
+
+
+def kernel_tolerance(dtype, precision, tau, expected):
+    """What a kernel result may differ by from float64 on the same inputs: float64 and exact
+    float32 as everywhere; TF32 (float32 operands, 10 mantissa bits): a cosine's error is below
+    2·TF32_EPS (both unit operands), the loss's below that over τ, and a gradient's, a sum of
+    products of such terms, within a few TF32_EPS of the largest gradient (the emulation in
+    test_tf32_tolerance_covers_emulated_tf32 measures 0.7 TF32_EPS; plus float32's floor, for
+    gradients that vanish, as at D = 1); float16 / bfloat16 the dtype's tolerance relative to the
+    result's size (operands and the saved log-sum-exp are rounded)."""
+    if dtype == torch.float32 and precision == "tf32":
+        if expected.dim() == 0:
+            return dict(rtol=0.0, atol=2 * 2 * TF32_EPS / tau)
+        return dict(rtol=4 * TF32_EPS, atol=4 * TF32_EPS * expected.abs().max().item() + 1e-6)
+    tol = tolerance(dtype)
+    if dtype in (torch.float16, torch.bfloat16):
+        return dict(rtol=tol["rtol"], atol=tol["atol"] * max(1.0, expected.abs().max().item()))
+    return tol if expected.dim() == 0 else dict(rtol=tol["rtol"], atol=tol["atol"] / 10)
+
+
+def kernel_run(backend, inputs, has_positive, tau, neg_grad):
+    """Loss and gradients (anchors, and negatives when they require one) of one backend."""
+    a, ya, n, yn, p = inputs
+    a, n = a.detach().requires_grad_(), n.detach().requires_grad_(neg_grad)
+    positives = [p[c] if has else None for c, has in enumerate(has_positive.tolist())]
+    with busseg_ops.use_backend(backend):
+        loss = mcl(a, ya, n, yn, positives, tau)
+    return loss, torch.autograd.grad(loss, (a, n) if neg_grad else (a,))
+
+
+def _gpu_or_triton_backends():
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return [(device, b) for b in backends(device, exclude=("cpu",))]
+
+
+@pytest.mark.parametrize("neg_grad", [False, True], ids=["anchors", "negatives-too"])
+@pytest.mark.parametrize(
+    "dtype,precision",
+    [
+        (torch.float32, "ieee"),
+        (torch.float32, "tf32"),
+        (torch.float16, "ieee"),
+        (torch.bfloat16, "ieee"),
+        (torch.float64, "ieee"),
+    ],
+    ids=["fp32", "tf32", "fp16", "bf16", "fp64"],
+)
+@pytest.mark.parametrize("case", list(KERNEL_CASES))
+@pytest.mark.parametrize("device,backend", _gpu_or_triton_backends())
+def test_kernels_match_float64(device, backend, case, dtype, precision, neg_grad):
+    """The Triton kernels (and on a GPU the CUDA ones) on every path against the float64 reference
+    on the same rounded inputs, in every precision: float32 exact and in TF32 as PyTorch's matmul
+    precision says (the interpreter runs tl.dot exactly, so on the CPU TF32 is the exact float32
+    result through the TF32 launch configuration), float16 and bfloat16 on tensor cores with
+    float32 accumulation, float64."""
+    if device == "cpu" and dtype == torch.bfloat16:
+        pytest.skip("the interpreter's tl.dot misreads bfloat16 (numpy has none); the GPU runs it")
+    inputs = structured(**KERNEL_CASES[case], device=device)
+    inputs = tuple(t.to(dtype) if t.is_floating_point() else t for t in inputs)
+    K = inputs[4].shape[0]
+    has_positive = torch.arange(K) < K - 1 if K > 2 else torch.ones(K, dtype=torch.bool)
+    tau = 0.2
+    exact = tuple(t.double() if t.is_floating_point() else t for t in inputs)
+    ref_loss, ref_grads = kernel_run("reference", exact, has_positive, tau, neg_grad)
+    with matmul_precision(precision):
+        loss, grads = kernel_run(backend, inputs, has_positive, tau, neg_grad)
     assert loss.dtype == dtype
-    torch.testing.assert_close(loss.float(), ref, **tolerance(dtype))
-    for g, r in zip(torch.autograd.grad(loss, half), ref_g):
-        torch.testing.assert_close(g.float(), r, **tolerance(dtype))
+    torch.testing.assert_close(loss.double(), ref_loss, **kernel_tolerance(dtype, precision, tau, ref_loss))
+    for g, r in zip(grads, ref_grads):
+        assert g.dtype == dtype
+        torch.testing.assert_close(g.double(), r, **kernel_tolerance(dtype, precision, tau, r))
+
+
+@pytest.mark.parametrize("case", list(KERNEL_CASES))
+def test_tf32_tolerance_covers_emulated_tf32(case):
+    """The TF32 tolerance of test_kernels_match_float64 against TF32 emulated on the CPU: the
+    float64 reference on inputs whose mantissas are cut to TF32's 10 bits stays within it (and
+    differs: the tolerance is not idle), for the loss and both gradients."""
+    inputs = structured(**KERNEL_CASES[case])
+    K = inputs[4].shape[0]
+    has_positive = torch.arange(K) < K - 1 if K > 2 else torch.ones(K, dtype=torch.bool)
+    exact_loss, exact_grads = kernel_run("reference", inputs, has_positive, 0.2, True)
+    rounded = tuple(to_tf32(t) if t.is_floating_point() else t for t in inputs)
+    loss, grads = kernel_run("reference", rounded, has_positive, 0.2, True)
+    assert (loss != exact_loss) == (KERNEL_CASES[case]["D"] > 1)  # at D = 1 every unit row is ±1 exactly
+    torch.testing.assert_close(loss, exact_loss, **kernel_tolerance(torch.float32, "tf32", 0.2, exact_loss))
+    for g, r in zip(grads, exact_grads):
+        torch.testing.assert_close(g, r, **kernel_tolerance(torch.float32, "tf32", 0.2, r))
+
+
+def test_kernel_paths_are_covered():
+    """KERNEL_CASES take every path of the Triton launchers (as they choose them here; on a GPU
+    the split follows its SM count): resident rows with one and with two column blocks, chunked
+    tensor-core products, FMA products, skipped tiles, a split and an unsplit forward."""
+    from busseg_ops.triton import memory_contrastive_loss as kernels
+
+    seen = set()
+    for case in KERNEL_CASES.values():
+        a, ya, n, yn, p = structured(**case)
+        for dtype, precision in ((torch.float32, "tf32"), (torch.float32, "ieee"), (torch.float16, "ieee")):
+            with matmul_precision(precision):
+                layout = kernels._layout(dtype, case["D"])
+            meta = layout.meta
+            if meta["RESIDENT"]:
+                seen.add("resident, one column block" if layout.block_d == layout.stride else "resident, column blocks")
+            else:
+                seen.add("chunked" if meta["PRECISION"] == "tf32" or dtype != torch.float32 else "fma")
+            rows = -(-a.shape[0] // kernels._BLOCK) * (layout.stride // layout.block_d)
+            splits, _ = kernels._splits(rows, n.shape[0], meta["BLOCK_STREAM"], a.device)
+            seen.add("split" if splits > 1 else "one split")
+        sorted_labels = ya.sort().values
+        if any(torch.equal(sorted_labels[i : i + kernels._BLOCK], sorted_labels[i].expand(kernels._BLOCK))
+               for i in range(0, len(ya) - kernels._BLOCK + 1, kernels._BLOCK)):  # fmt: skip
+            seen.add("one-class anchor block")
+    assert seen == {
+        "resident, one column block",
+        "resident, column blocks",
+        "chunked",
+        "fma",
+        "split",
+        "one split",
+        "one-class anchor block",
+    }
+
+
+def test_dot_precision_follows_pytorch():
+    """The Triton kernels' float32 products are TF32 exactly when PyTorch's float32 matmuls may be,
+    whichever API set it; other dtypes are unaffected."""
+    from busseg_ops.triton._precision import dot_precision
+
+    for set_precision, want in (
+        (lambda: torch.set_float32_matmul_precision("high"), "tf32"),
+        (lambda: torch.set_float32_matmul_precision("medium"), "tf32"),
+        (lambda: torch.set_float32_matmul_precision("highest"), "ieee"),
+        (lambda: setattr(torch.backends.cuda.matmul, "fp32_precision", "tf32"), "tf32"),
+        (lambda: setattr(torch.backends.cuda.matmul, "fp32_precision", "ieee"), "ieee"),
+    ):
+        with matmul_precision("ieee"):
+            set_precision()
+            assert dot_precision(torch.float32) == want
+            assert dot_precision(torch.bfloat16) == dot_precision(torch.float64) == "ieee"
+    torch.set_float32_matmul_precision("highest")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="torch.compile traces the Triton launchers on a GPU only")
+def test_compiled_call_follows_a_precision_change(monkeypatch):
+    """Inductor traces the launcher into the graph, so it reads the precision when it compiles; a
+    change of PyTorch's precision must recompile (Dynamo's global-state guard), never keep the old."""
+    from busseg_ops.triton import memory_contrastive_loss as kernels
+
+    seen = []
+    original = kernels.dot_precision
+    monkeypatch.setattr(kernels, "dot_precision", lambda dtype: seen.append(original(dtype)) or seen[-1])
+    a, ya, n, yn, p = make(40, 50, 8, device="cuda")
+    compiled = torch.compile(lambda a: mcl(a, ya, n, yn, p, 0.5), fullgraph=True)
+    with busseg_ops.use_backend("triton"):
+        with matmul_precision("ieee"):
+            exact = compiled(a)
+        assert seen and set(seen) == {"ieee"}
+        seen.clear()
+        with matmul_precision("tf32"):
+            fast = compiled(a)
+        assert seen and set(seen) == {"tf32"}
+    torch.testing.assert_close(fast, exact, **kernel_tolerance(torch.float32, "tf32", 0.5, exact))
 
 
 @pytest.mark.parametrize("backend", ["cpu", "reference"])

@@ -1,16 +1,32 @@
 """busseg_triton::cross_layer_alignment_loss (RA-BUSSeg CRA; docs/ops.md) in Triton, with the
-contract of the native op: blocks of pixel rows, the logits of a block by BLAS (torch.bmm), the
-fused row kernels below, only the per-row log-sum-exp (L, B, HW) kept for backward, which
-recomputes each block's logits (as csrc/common/cra_driver.h).
+contract of the native op: the per-row log-sum-exp (L, B, HW) kept for backward, the logits never
+stored.
 
-A program owns a block of pixel rows with whole proxy rows (M padded to a power of two) in
-registers; the layers are unrolled (L is a compile-time constant). Forward: log-sum-exp per layer
+Tensor-core products (float32 in TF32 as PyTorch's matmul precision allows, float16, bfloat16;
+busseg_ops/triton/_precision.py) of rows of at most _FUSED_MAX_M proxies (upstream: M = 64) and at
+most _MAX_LAYERS layers take the fused kernel: a program per image and block of _FUSED_ROWS pixel
+rows forms the logits of every layer on the tensor cores (tl.dot over chunks of channels, read
+straight from each layer's feature map: no stacked copy) and does everything after them in
+registers: the log-softmax of every layer, the KL terms of the adjacent pairs and, when a gradient
+is wanted, the logit gradients (a sliding window over layers l-1, l, l+1). The gradients of the
+proxies (gᵀ fᵀ) and of the features (pᵀ gᵀ) are then batched products (torch.bmm: cuBLAS on a
+GPU, in the same precision) over blocks of block_rows pixel rows, each right after the fused
+kernel has written that block's logit gradients, so that they re-read feature rows the kernel has
+just read. A program takes the layers' maps and proxies as _MAX_LAYERS argument slots (L is a
+compile-time constant).
+
+Everything else (exact float32 and float64 products, whose fused forms spilled registers, more
+layers, wider rows such as global alignment's every-pixel proxies) keeps the blocked path: blocks
+of pixel rows, the logits of a block by BLAS (torch.bmm) into one buffer, the fused row kernels
+below, only the per-row log-sum-exp kept, and backward recomputing each block's logits (as
+csrc/common/cra_driver.h). A row kernel program owns a block of pixel rows with whole proxy rows
+(M padded to a power of two) in registers; the layers are unrolled. Forward: log-sum-exp per layer
 and the KL terms of the adjacent pairs; backward: a sliding window over layers l-1, l, l+1 writes
 each logit gradient once. A tile holds at most _TILE logits (a thread's share of each live tile
-stays in registers; 4096 spilled in backward on sm_80/sm_90); rows of more than _TILE proxies
-(global alignment, every pixel a proxy) go to the "wide" kernels, which stream each row in chunks
-of _TILE, one pass per row sum they need, each summing element-wise over the chunks and reducing
-the row once after the loop (Triton 3.6 failed to compile a row reduction carried by the loop)."""
+stays in registers; 4096 spilled in backward on sm_80/sm_90); rows of more than _TILE proxies go to
+the "wide" kernels, which stream each row in chunks of _TILE, one pass per row sum they need, each
+summing element-wise over the chunks and reducing the row once after the loop (Triton 3.6 failed
+to compile a row reduction carried by the loop)."""
 
 import torch
 import triton
@@ -19,6 +35,7 @@ from torch.library import triton_op, wrap_triton
 
 from .. import _validate
 from ._float_args import join, split
+from ._precision import dot_precision
 
 
 @triton.jit
@@ -222,12 +239,173 @@ def _align_backward_wide_kernel(
         lse_prev = lse_cur
 
 
+# ---- the fused kernel (rows of at most _FUSED_MAX_M proxies) ------------------------------------
+
+
+@triton.jit
+def _pick(l: tl.constexpr, x0, x1, x2, x3):
+    """Argument slot l (a compile-time index) of the per-layer arguments."""
+    x = x0
+    if l == 1:
+        x = x1
+    if l == 2:
+        x = x2
+    if l == 3:
+        x = x3
+    return x
+
+
+@triton.jit
+def _layer_logits(
+    f,
+    f_sb,
+    f_sc,
+    f_sr,
+    C,
+    p,
+    b,
+    rows,
+    row_end,
+    M,
+    BLOCK_M: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    PRECISION: tl.constexpr,
+    ACC: tl.constexpr,
+):
+    """(rows, proxies) logits <f[b, :, r], p[b, m, :]> of one layer, -inf at padded proxies: f a
+    (B, C, HW) map of any strides, p (B, M, C) contiguous; the product over chunks of BLOCK_C
+    channels."""
+    ms = tl.arange(0, BLOCK_M)
+    cs = tl.arange(0, BLOCK_C)
+    f_rows = f + b.to(tl.int64) * f_sb + rows.to(tl.int64)[:, None] * f_sr
+    p_rows = p + (b.to(tl.int64) * M + ms[:, None]) * C
+    z = tl.zeros([rows.shape[0], BLOCK_M], ACC)
+    for c0 in range(0, C, BLOCK_C):
+        cc = c0 + cs
+        ft = tl.load(
+            f_rows + cc.to(tl.int64)[None, :] * f_sc, mask=(rows < row_end)[:, None] & (cc < C)[None, :], other=0.0
+        )
+        pt = tl.load(p_rows + cc[None, :], mask=(ms < M)[:, None] & (cc < C)[None, :], other=0.0)
+        z = tl.dot(ft, tl.trans(pt), z, input_precision=PRECISION, out_dtype=ACC)
+    return tl.where((ms < M)[None, :], z, float("-inf"))
+
+
+@triton.jit
+def _align_fused_kernel(
+    f0, f0_sb, f0_sc, f0_sr, C0, p0,
+    f1, f1_sb, f1_sc, f1_sr, C1, p1,
+    f2, f2_sb, f2_sc, f2_sr, C2, p2,
+    f3, f3_sb, f3_sc, f3_sr, C3, p3,
+    lse,
+    block_loss,
+    grad,
+    grad_loss,
+    B,
+    HW,
+    M,
+    r0,
+    n,
+    eps_hi,
+    eps_lo,
+    norm_hi,
+    norm_lo,
+    L: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    FORWARD: tl.constexpr,
+    GRAD: tl.constexpr,
+    PRECISION: tl.constexpr,
+    ACC: tl.constexpr,
+):  # fmt: skip
+    """A program per (block of pixel rows of [r0, r0 + n), image b). FORWARD: the rows' log-sum-exp
+    of every layer into lse (L, B, HW) and the block's sum of KL terms into block_loss (B, blocks);
+    else the log-sum-exp is read from lse. GRAD: grad (L, B, n, M) = grad_loss · norm · the logit
+    gradients (pair (p, q) = (P_l, P_l+1): u = log q - log(p + eps), h = -q / (p + eps);
+    d/dz_l+1 = q (u - <q, u>), d/dz_l = p (h - <p, h>))."""
+    eps = join(eps_hi, eps_lo, ACC)
+    b = tl.program_id(1)
+    rows = r0 + tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_end = r0 + n
+    ms = tl.arange(0, BLOCK_M)
+    in_rows = rows < row_end
+    proxy = (ms < M)[None, :]  # padded proxies have logit -inf, probability 0
+    lse_rows = lse + b * HW + rows
+    z = _layer_logits(f0, f0_sb, f0_sc, f0_sr, C0, p0, b, rows, row_end, M, BLOCK_M, BLOCK_C, PRECISION, ACC)
+    if FORWARD:
+        lse_x = _row_lse(z)
+        tl.store(lse_rows, lse_x, mask=in_rows)
+    else:
+        lse_x = tl.load(lse_rows, mask=in_rows, other=0.0).to(ACC)
+    log_x = z - lse_x[:, None]
+    total = tl.zeros([BLOCK_R], ACC)
+    log_prev_eps = tl.zeros([BLOCK_R, BLOCK_M], ACC)  # log(P_l-1 + eps)
+    qu_prev = tl.zeros([BLOCK_R], ACC)  # <q, u> of pair l-1
+    coef = 0.0
+    if GRAD:
+        coef = tl.load(grad_loss).to(ACC) * join(norm_hi, norm_lo, ACC)
+    for l in tl.static_range(L):
+        # Layer l's gradient from pair l-1 first (layer l its target q: q (u - <q, u>)), so that
+        # the next layer's logits are formed with only log P_l and this part alive.
+        g = tl.zeros([BLOCK_R, BLOCK_M], ACC)
+        if GRAD and l > 0:
+            x = tl.exp(log_x)
+            u = tl.where((x > 0) | (x != x), log_x - log_prev_eps, 0.0)
+            g = x * (u - qu_prev[:, None])
+        log_q = log_x
+        qu = qu_prev
+        if l + 1 < L:  # layer l is the input p of pair l, whose target q is layer l + 1
+            z = _layer_logits(
+                _pick(l + 1, f0, f1, f2, f3),
+                _pick(l + 1, f0_sb, f1_sb, f2_sb, f3_sb),
+                _pick(l + 1, f0_sc, f1_sc, f2_sc, f3_sc),
+                _pick(l + 1, f0_sr, f1_sr, f2_sr, f3_sr),
+                _pick(l + 1, C0, C1, C2, C3),
+                _pick(l + 1, p0, p1, p2, p3),
+                b,
+                rows,
+                row_end,
+                M,
+                BLOCK_M,
+                BLOCK_C,
+                PRECISION,
+                ACC,
+            )
+            if FORWARD:
+                lse_q = _row_lse(z)
+                tl.store(lse_rows + (l + 1) * B * HW, lse_q, mask=in_rows)
+            else:
+                lse_q = tl.load(lse_rows + (l + 1) * B * HW, mask=in_rows, other=0.0).to(ACC)
+            log_q = z - lse_q[:, None]
+            q = tl.exp(log_q)
+            x = tl.exp(log_x)
+            log_prev_eps = tl.log(x + eps)  # of layer l, for pair l + 1's target
+            qu = tl.sum(_kl_term(q, log_q, log_prev_eps), axis=1)  # 0 at padded proxies (q = 0)
+            total += tl.where(in_rows, qu, 0.0)
+            if GRAD:  # layer l the input p of pair l: p (h - <p, h>), p h = -p q / (p + eps)
+                xq = tl.where(proxy, x * q / (x + eps), 0.0)
+                g += x * tl.sum(xq, axis=1)[:, None] - xq
+        if GRAD:
+            out = grad + ((l * B + b) * n + (rows - r0)).to(tl.int64)[:, None] * M + ms[None, :]
+            tl.store(out, coef * g, mask=in_rows[:, None] & proxy)
+        qu_prev = qu
+        log_x = log_q
+    if FORWARD:
+        tl.store(block_loss + b * tl.num_programs(0) + tl.program_id(0), tl.sum(total, axis=0))
+
+
 _TILE = 1024
+# Argument slots of the fused kernel and proxies it holds per row (more: the blocked path): the
+# upstream L = 4, M = 64. 6 layers of 32 proxies, and 8 of 128, spilled registers on sm_80/sm_90.
+_MAX_LAYERS = 4
+_FUSED_MAX_M = 64
+_FUSED_ROWS = 64  # pixel rows of a fused program: wgmma's 64 rows
+_FUSED_CHANNELS = 16  # channels per chunk of the logits' product (32 spilled in backward)
 
 
 def _blocks(M: int) -> tuple[int, int, bool]:
-    """Rows and proxies of a program's tile, and whether a row is wider than one tile. At least 16
-    proxies: narrower tiles would only add compiles (the padding is masked)."""
+    """Rows and proxies of a row kernel's tile, and whether a row is wider than one tile. At least
+    16 proxies: narrower tiles would only add compiles (the padding is masked)."""
     block_m = min(_TILE, max(16, triton.next_power_of_2(M)))
     return max(1, min(16, _TILE // block_m)), block_m, M > block_m
 
@@ -300,6 +478,60 @@ def _rows_backward(grad_loss, z, lse_block, eps, norm):
     return grad
 
 
+def _add_products(sums, a, b):
+    """sums (B, M, C) += a @ b batched: in place in the accumulator dtype, or (half inputs) a
+    product in their dtype added."""
+    if a.dtype == sums.dtype:
+        sums.baddbmm_(a, b)
+    else:
+        sums += torch.bmm(a, b).to(sums.dtype)
+
+
+def _fused(feats, proxies) -> bool:
+    """Whether the fused kernel takes these inputs (else the blocked path): tensor-core products
+    (float32 in TF32, float16, bfloat16; its exact float32 and float64 forms spilled registers, and
+    cuBLAS's exact products are as fast as FMA products get), at most _MAX_LAYERS layers and
+    _FUSED_MAX_M proxies."""
+    return (dot_precision(feats[0].dtype) == "tf32" or feats[0].dtype in (torch.float16, torch.bfloat16)) and (
+        len(feats) <= _MAX_LAYERS and proxies[0].shape[1] <= _FUSED_MAX_M
+    )
+
+
+def _launch_fused(feats, proxies, lse, block_loss, grad, grad_loss, r0, n, eps, norm, forward):
+    """The fused kernel over pixel rows [r0, r0 + n) of every image: forward (lse and block_loss
+    written) or not (lse read), with the logit gradients into grad (L, B, n, M) when grad_loss is
+    given. proxies contiguous."""
+    L, (B, _, HW), M = len(feats), feats[0].shape, proxies[0].shape[1]
+    slots = []
+    for l in range(_MAX_LAYERS):  # unused slots repeat layer 0 (never read: L is a constexpr)
+        f, p = (feats[l], proxies[l]) if l < L else (feats[0], proxies[0])
+        slots += [f, *f.stride(), f.shape[1], p]
+    block_m = max(16, triton.next_power_of_2(M))
+    wrap_triton(_align_fused_kernel)[(triton.cdiv(n, _FUSED_ROWS), B)](
+        *slots,
+        lse,
+        block_loss,
+        lse if grad is None else grad,
+        lse if grad_loss is None else grad_loss,
+        B,
+        HW,
+        M,
+        r0,
+        n,
+        *split(eps),
+        *split(norm),
+        L=L,
+        BLOCK_R=_FUSED_ROWS,
+        BLOCK_M=block_m,
+        BLOCK_C=_FUSED_CHANNELS,
+        FORWARD=forward,
+        GRAD=grad is not None,
+        PRECISION=dot_precision(feats[0].dtype),
+        ACC=_acc(feats[0]),
+        num_warps=4 if block_m == 16 else 8,  # 4 warps at 32 proxies spilled (a ceiling of 128)
+    )
+
+
 @triton_op("busseg_triton::cross_layer_alignment_loss", mutates_args=())
 def cross_layer_alignment_loss(
     feats: list[torch.Tensor],
@@ -314,27 +546,24 @@ def cross_layer_alignment_loss(
     dtype, device = feats[0].dtype, feats[0].device
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     norm = align_norm((L, B, HW, M), reduction)
+    if not _fused(feats, proxies):
+        return _blocked_forward(feats, proxies, eps, norm, block_rows, grad_proxies)
+    proxies = [p.contiguous() for p in proxies]
     lse = torch.empty(L, B, HW, dtype=acc, device=device)
+    # Without gradients one launch covers every row; with them, blocks of rows, each block's
+    # proxy gradients formed right after the kernel has written its logit gradients.
+    rows = _rows_per_block(HW, block_rows) if grad_proxies else HW
     total = torch.zeros((), dtype=acc, device=device)
     unit_grads = [torch.zeros(p.shape, dtype=acc, device=device) for p in proxies] if grad_proxies else []
     one = torch.ones((), dtype=dtype, device=device)
-    rows = _rows_per_block(HW, block_rows)
-    block_r, block_m, wide = _blocks(M)
-    forward_kernel = _align_forward_wide_kernel if wide else _align_forward_kernel
     for r0 in range(0, HW, rows):
         n = min(rows, HW - r0)
-        z = _block_logits(feats, proxies, r0, n)
-        lse_block = torch.empty(L, B * n, dtype=acc, device=device)
-        row_loss = torch.empty(B * n, dtype=acc, device=device)
-        wrap_triton(forward_kernel)[(triton.cdiv(B * n, block_r),)](
-            z, lse_block, row_loss, B * n, M, *split(eps), L=L, BLOCK_R=block_r, BLOCK_M=block_m, ACC=_acc(z)
-        )
-        lse[:, :, r0 : r0 + n] = lse_block.view(L, B, n)
-        total += row_loss.sum()
-        if grad_proxies:  # proxy gradients for grad_loss = 1 from the block at hand
-            g = _rows_backward(one, z, lse_block, eps, norm)
-            for u, gl, f in zip(unit_grads, g, feats):
-                u += torch.bmm(gl.transpose(1, 2), f[:, :, r0 : r0 + n].transpose(1, 2)).to(acc)
+        block_loss = torch.empty(B, triton.cdiv(n, _FUSED_ROWS), dtype=acc, device=device)
+        g = torch.empty(L, B, n, M, dtype=dtype, device=device) if grad_proxies else None
+        _launch_fused(feats, proxies, lse, block_loss, g, one if grad_proxies else None, r0, n, eps, norm, True)
+        total += block_loss.sum()
+        for u, gl, f in zip(unit_grads, g if grad_proxies else (), feats):
+            _add_products(u, gl.transpose(1, 2), f[:, :, r0 : r0 + n].transpose(1, 2))
     return (total * norm).to(dtype), lse, [u.to(dtype) for u in unit_grads]
 
 
@@ -359,12 +588,80 @@ def cross_layer_alignment_loss_backward(
         lse.is_floating_point() and grad_loss.is_floating_point(), lambda: f"{op}: lse and grad_loss must be floating"
     )
     _validate.one_device(op, **{"feats[0]": feats[0], "lse": lse, "grad_loss": grad_loss})
+    if not (need_grad_feats or need_grad_proxies):
+        return [], []
+    norm = align_norm((L, B, HW, M), reduction)
+    if not _fused(feats, proxies):
+        return _blocked_backward(
+            grad_loss, feats, proxies, lse, eps, norm, block_rows, need_grad_feats, need_grad_proxies
+        )
+    dtype, device = feats[0].dtype, feats[0].device
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    proxies = [p.contiguous() for p in proxies]
+    lse = lse.to(acc).contiguous()
+    grad_feats = [torch.empty_like(f) for f in feats] if need_grad_feats else []
+    sums = [torch.zeros(p.shape, dtype=acc, device=device) for p in proxies] if need_grad_proxies else []
+    rows = _rows_per_block(HW, block_rows)
+    for r0 in range(0, HW, rows):
+        n = min(rows, HW - r0)
+        g = torch.empty(L, B, n, M, dtype=dtype, device=device)
+        _launch_fused(feats, proxies, lse, lse, g, grad_loss.reshape(1), r0, n, eps, norm, False)
+        for l in range(L):
+            block = feats[l][:, :, r0 : r0 + n]
+            if need_grad_proxies:
+                _add_products(sums[l], g[l].transpose(1, 2), block.transpose(1, 2))
+            if need_grad_feats:  # f_l[:, :, block] gradient = (g_l p_l)ᵀ
+                grad_feats[l][:, :, r0 : r0 + n] = torch.bmm(proxies[l].transpose(1, 2), g[l].transpose(1, 2))
+    return grad_feats, [s.to(p.dtype) for s, p in zip(sums, proxies)]
+
+
+# ---- the blocked path (rows of more than _FUSED_MAX_M proxies, more than _MAX_LAYERS layers) -----
+
+
+def _blocked_forward(feats, proxies, eps, norm, block_rows, grad_proxies):
+    L, (B, _, HW), M = len(feats), feats[0].shape, proxies[0].shape[1]
+    dtype, device = feats[0].dtype, feats[0].device
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    lse = torch.empty(L, B, HW, dtype=acc, device=device)
+    total = torch.zeros((), dtype=acc, device=device)
+    unit_grads = [torch.zeros(p.shape, dtype=acc, device=device) for p in proxies] if grad_proxies else []
+    one = torch.ones((), dtype=dtype, device=device)
+    rows = _rows_per_block(HW, block_rows)
+    block_r, block_m, wide = _blocks(M)
+    forward_kernel = _align_forward_wide_kernel if wide else _align_forward_kernel
+    for r0 in range(0, HW, rows):
+        n = min(rows, HW - r0)
+        z = _block_logits(feats, proxies, r0, n)
+        lse_block = torch.empty(L, B * n, dtype=acc, device=device)
+        row_loss = torch.empty(B * n, dtype=acc, device=device)
+        # ptxas's register ceiling lifted: at 6 layers of 128 proxies it spilled to fit more blocks.
+        wrap_triton(forward_kernel)[(triton.cdiv(B * n, block_r),)](
+            z,
+            lse_block,
+            row_loss,
+            B * n,
+            M,
+            *split(eps),
+            L=L,
+            BLOCK_R=block_r,
+            BLOCK_M=block_m,
+            ACC=_acc(z),
+            maxnreg=255,
+        )
+        lse[:, :, r0 : r0 + n] = lse_block.view(L, B, n)
+        total += row_loss.sum()
+        if grad_proxies:  # proxy gradients for grad_loss = 1 from the block at hand
+            g = _rows_backward(one, z, lse_block, eps, norm)
+            for u, gl, f in zip(unit_grads, g, feats):
+                _add_products(u, gl.transpose(1, 2), f[:, :, r0 : r0 + n].transpose(1, 2))
+    return (total * norm).to(dtype), lse, [u.to(dtype) for u in unit_grads]
+
+
+def _blocked_backward(grad_loss, feats, proxies, lse, eps, norm, block_rows, need_grad_feats, need_grad_proxies):
+    L, (B, _, HW) = len(feats), feats[0].shape
     grad_feats = [torch.empty_like(f) for f in feats] if need_grad_feats else []
     acc = lse.dtype
     sums = [torch.zeros(p.shape, dtype=acc, device=p.device) for p in proxies] if need_grad_proxies else []
-    if not (need_grad_feats or need_grad_proxies):
-        return grad_feats, []
-    norm = align_norm((L, B, HW, M), reduction)
     rows = _rows_per_block(HW, block_rows)
     for r0 in range(0, HW, rows):
         n = min(rows, HW - r0)
@@ -373,7 +670,7 @@ def cross_layer_alignment_loss_backward(
         for l in range(L):
             block = feats[l][:, :, r0 : r0 + n]
             if need_grad_proxies:
-                sums[l] += torch.bmm(g[l].transpose(1, 2), block.transpose(1, 2)).to(acc)
+                _add_products(sums[l], g[l].transpose(1, 2), block.transpose(1, 2))
             if need_grad_feats:  # f_l[:, :, block] gradient = (g_l p_l)ᵀ
                 grad_feats[l][:, :, r0 : r0 + n] = torch.bmm(proxies[l].transpose(1, 2), g[l].transpose(1, 2))
     return grad_feats, [s.to(p.dtype) for s, p in zip(sums, proxies)]
@@ -382,25 +679,36 @@ def cross_layer_alignment_loss_backward(
 # ---- launch space: what the GPU compile check (tools/gpu_compile_check.py) compiles ------------
 
 #: Problem axes that decide what the launchers above launch. First value: the base problem (the
-#: upstream M = 64, L = 4); second: the smallest blocks. Proxies give tiles of 64 (base), 16, 32,
-#: 128, 256, 512 and 1024 proxies, and wide rows.
+#: upstream M = 64, L = 4); second: the smallest blocks. Proxies give fused tiles of 64 (base), 16
+#: and 32 proxies, then the blocked path's row tiles of 128, 256, 512 and 1024 proxies, and wide
+#: rows; layers 2 to 4 are fused, 6 take the blocked path. Each launch runs under both float32
+#: matmul precisions (launch_stand_in).
 LAUNCH_AXES = {
     "dtype": (torch.float32, torch.float64, torch.float16, torch.bfloat16),
     "proxies": (64, 1, 20, 100, 200, 300, 1000, 1500),
-    "layers": (4, 2, 6),
+    "layers": (4, 2, 3, 6),
 }
-#: The largest tiles with the most layers, and wide rows, compiled in every dtype like the base.
+#: The blocked path's largest tiles with more layers, and wide rows, compiled in every dtype like
+#: the base (which is the fused kernel's largest tile with the most layers).
 LAUNCH_CORNERS = ({"proxies": 1000, "layers": 6}, {"proxies": 5000})
-#: The narrow kernels unroll the layers: each count is a compile of its own; the values above are
-#: the ones checked.
+#: The narrow and fused kernels unroll the layers: each count is a compile of its own; the values
+#: above are the ones checked.
 UNBOUNDED_AXES = ("layers",)
 
 
 def launch_stand_in(dtype, proxies, layers):
-    """Forward (with the proxy gradients it forms) and backward launches of one problem, on
-    stand-in inputs: 37 pixel rows in one block."""
+    """Forward (with the proxy gradients it forms), forward alone and backward launches of one
+    problem, on stand-in inputs of 37 pixel rows, under each of torch's float32 matmul precisions
+    (exact, and TF32)."""
     feats = [torch.zeros(1, 3, 37, dtype=dtype) for _ in range(layers)]
     proxy_rows = [torch.zeros(1, proxies, 3, dtype=dtype) for _ in range(layers)]
-    _, lse, _ = cross_layer_alignment_loss(feats, proxy_rows, "mean", 1e-10, 37, True)
     grad_loss = torch.ones((), dtype=dtype)
-    cross_layer_alignment_loss_backward(grad_loss, feats, proxy_rows, lse, "mean", 1e-10, 37, True, True)
+    before = torch.backends.cuda.matmul.fp32_precision
+    try:
+        for precision in ("ieee", "tf32"):
+            torch.backends.cuda.matmul.fp32_precision = precision
+            cross_layer_alignment_loss(feats, proxy_rows, "mean", 1e-10, 37, False)
+            _, lse, _ = cross_layer_alignment_loss(feats, proxy_rows, "mean", 1e-10, 37, True)
+            cross_layer_alignment_loss_backward(grad_loss, feats, proxy_rows, lse, "mean", 1e-10, 37, True, True)
+    finally:
+        torch.backends.cuda.matmul.fp32_precision = before

@@ -83,9 +83,15 @@ struct AlignKernels {
                    double eps, double norm, at::Tensor& grad);
   // The products for these (checked) inputs; nullptr: AlignProducts.
   std::unique_ptr<AlignProducts> (*products)(at::TensorList feats, at::TensorList proxies);
+  // The dtype of the logit blocks for inputs of `dtype` (the products then write it and the row
+  // kernels read it; the logit gradients stay in the inputs' dtype); nullptr: the inputs' own.
+  at::ScalarType (*logits_type)(at::ScalarType dtype) = nullptr;
 
   std::unique_ptr<AlignProducts> products_for(at::TensorList feats, at::TensorList proxies) const {
     return products ? products(feats, proxies) : std::make_unique<AlignProducts>(feats, proxies);
+  }
+  at::TensorOptions logits_options(const at::Tensor& f0) const {
+    return f0.options().dtype(logits_type ? logits_type(f0.scalar_type()) : f0.scalar_type());
   }
 };
 
@@ -140,7 +146,7 @@ inline std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> align_blocked
   const auto acc = f0.options().dtype(acc_type);
   const int64_t rows = align::rows_per_block(s.HW, block_rows);
   at::Tensor lse = at::empty({s.L, s.B, s.HW}, acc);
-  const at::Tensor zbuf = at::empty({s.L * s.B * rows * s.M}, f0.options());
+  const at::Tensor zbuf = at::empty({s.L * s.B * rows * s.M}, k.logits_options(f0));
   const at::Tensor lbuf = at::empty({s.L * s.B * rows}, acc);
   at::Tensor gbuf, unit;
   if (grad_proxies) {
@@ -184,7 +190,7 @@ inline std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> align_blocke
     for (const at::Tensor& f : feats) grad_feats.push_back(at::empty(f.sizes(), f.options()));
   const std::unique_ptr<AlignProducts> products = k.products_for(feats, proxies);
   const int64_t rows = align::rows_per_block(s.HW, block_rows);
-  const at::Tensor zbuf = at::empty({s.L * s.B * rows * s.M}, f0.options());
+  const at::Tensor zbuf = at::empty({s.L * s.B * rows * s.M}, k.logits_options(f0));
   const at::Tensor gbuf = at::empty({s.L * s.B * rows * s.M}, f0.options());
   const at::Tensor lbuf = at::empty({s.L * s.B * rows}, f0.options().dtype(acc_type));
   const at::Tensor g_loss = grad_loss.reshape({}).to(f0.options());

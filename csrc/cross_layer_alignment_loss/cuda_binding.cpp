@@ -1,10 +1,13 @@
 // Tensor binding of the busseg::cross_layer_alignment_loss CUDA launchers: the blocked driver
-// (common/cra_driver.h) with the fused row kernels of cuda.cu; the products are cuBLAS's
-// (at::bmm).
+// (common/cra_driver.h) with the fused row kernels of cuda.cu; the products are cuBLAS's (at::bmm,
+// in the precision PyTorch's matmuls use: float32 in TF32 when allowed, half and bfloat16 on tensor
+// cores), half and bfloat16 logits written in float32 (bmm.dtype) so that the row kernels read
+// them unrounded.
 #include "common/cuda_binding.h"
 
 #include <torch/library.h>
 
+#include <memory>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -17,8 +20,6 @@ namespace busseg::cuda {
 namespace {
 
 AlignShape align_shape(const at::Tensor& logits) {
-  TORCH_CHECK_VALUE(logits.size(0) <= kMaxAlignLayers, "the CUDA alignment loss handles at most ",
-                    kMaxAlignLayers, " layers, got ", logits.size(0));
   return {static_cast<int>(logits.size(0)), logits.size(1), logits.size(2)};
 }
 
@@ -36,12 +37,39 @@ void rows_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& logits,
                         const at::Tensor& lse, double eps, double norm, at::Tensor& grad) {
   const AlignShape s = align_shape(logits);
   check_launch(cross_layer_alignment_loss_rows_backward(
-                   dtype_of(logits), s, grad_loss.data_ptr(), logits.data_ptr(), lse.data_ptr(),
-                   eps, norm, grad.data_ptr(), c10::cuda::getCurrentCUDAStream()),
+                   dtype_of(logits), dtype_of(grad), s, grad_loss.data_ptr(), logits.data_ptr(),
+                   lse.data_ptr(), eps, norm, grad.data_ptr(), c10::cuda::getCurrentCUDAStream()),
                "cross_layer_alignment_loss_rows_backward");
 }
 
-constexpr AlignKernels kCudaKernels{&rows_forward_cuda, &rows_backward_cuda, nullptr};
+// Half and bfloat16 inputs: float32 logits (cuBLAS accumulates in float32 either way).
+at::ScalarType logits_type(at::ScalarType dtype) {
+  return dtype == at::kHalf || dtype == at::kBFloat16 ? at::kFloat : dtype;
+}
+
+// The driver's products, the logits written in their block's dtype.
+class CudaProducts : public AlignProducts {
+ public:
+  using AlignProducts::AlignProducts;
+  void logits(int64_t r0, int64_t n, at::Tensor& z) override {
+    for (size_t l = 0; l < feats_.size(); ++l) {
+      at::Tensor out = z.select(0, static_cast<int64_t>(l));
+      const at::Tensor f = feats_[l].narrow(2, r0, n).transpose(1, 2),
+                       p = proxies_[l].transpose(1, 2);
+      if (f.scalar_type() == out.scalar_type())
+        at::bmm_out(out, f, p);
+      else
+        at::bmm_out(out, f, p, out.scalar_type());
+    }
+  }
+};
+
+std::unique_ptr<AlignProducts> cuda_products(at::TensorList feats, at::TensorList proxies) {
+  return std::make_unique<CudaProducts>(feats, proxies);
+}
+
+constexpr AlignKernels kCudaKernels{&rows_forward_cuda, &rows_backward_cuda, &cuda_products,
+                                    &logits_type};
 
 std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> cross_layer_alignment_loss_cuda(
     at::TensorList feats, at::TensorList proxies, c10::string_view reduction, double eps,
