@@ -1,5 +1,6 @@
 """MALUNet and UNeXt (SemiSeg-CAW's backbones): the published layouts and outputs, parameter counts,
-shapes at odd sizes, gradients, state-dict round trips, the shifted MLP, and SemiSeg-CAW on both.
+shapes at odd sizes, gradients, state-dict round trips, the shifted MLP, SemiSeg-CAW on both, and a
+tiny end-to-end training run of each through the training package.
 
 tests/data/published_malunet_unext.pt holds the outputs of the public code (JCruan519/MALUNet,
 jeya-maria-jose/UNeXt-pytorch at their default configs) on a seeded input with the state dict of
@@ -13,7 +14,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from busseg_ops.models.unext import shift_groups
+from busseg_ops.train import Trainer, engine
+from busseg_ops.train.errors import UserError
 from published_layout import deterministic_state, malunet_layout, unext_layout
+from train_helpers import tiny
 
 from busseg_ops import models as M
 
@@ -150,3 +154,71 @@ def test_weight_generation_skips_an_absent_loss():
     assert wgm.log_vars.grad[2] == 0  # its s_i does not drift while it is absent
     with pytest.raises(ValueError, match="every task loss is None"):
         wgm([None, None, None])
+
+
+# ------------------------------------------------------------------------- the training package
+@pytest.mark.parametrize(
+    "model,method,extra",
+    [
+        ("malunet", "semiseg_caw", {"stage1_epochs": 1}),  # ClassElevateSeg first, then the main network
+        ("unext", "suponly", {}),
+        ("unext", "rabusseg", {"crop": 64, "synthetic_size": 64, "num_proxies": 4}),  # a 2×2 relation grid
+        ("malunet", "phnet", {"num_patches": 2}),
+    ],
+)
+def test_tiny_training_runs_end_to_end(tmp_path, model, method, extra):
+    small = dict(crop=32, synthetic_size=32, max_steps=1, overlays=1)
+    cfg = tiny(tmp_path, model=model, method=method, **{**small, **extra})
+    res = Trainer(cfg).fit()
+    assert 0 <= res["dice"][0] <= 1
+    net = engine.build_model(cfg)
+    seg = net.main.seg if method == "semiseg_caw" else net
+    assert isinstance(seg, {"malunet": M.MALUNet, "unext": M.UNeXt}[model])
+    log = open(os.path.join(cfg.out, "metrics.csv")).read().splitlines()
+    assert len(log) == 1 + cfg.epochs
+    if method == "semiseg_caw":
+        assert "loss_aux_seg" in log[0] and "loss_u" in log[0]
+    # only the heads the method uses: suponly's network has exactly the public layout (2 classes)
+    heads = {"suponly": set(), "rabusseg": {"proj"}, "phnet": {"rep"}}.get(method, set())
+    built = {k for k in ("rep", "proj") if getattr(seg.heads, f"{k}_head") is not None}
+    assert built == heads
+
+
+def test_model_flag_combinations_are_one_line_errors(tmp_path):
+    with pytest.raises(UserError, match="--model malunet: lanet builds its attention network on --backbone"):
+        tiny(tmp_path, model="malunet", method="lanet").validate()
+    with pytest.raises(UserError, match="--crop 16: --model unext pools five times"):
+        tiny(tmp_path, model="unext", crop=16).validate()
+    with pytest.raises(UserError, match="--synthetic-size 24: --model malunet"):
+        tiny(tmp_path, model="malunet", synthetic_size=24).validate()
+    with pytest.raises(UserError, match="--pretrained"):
+        tiny(tmp_path, model="unext", pretrained="r.pth").validate()
+    with pytest.raises(UserError, match="--labeled-share 1.5"):
+        tiny(tmp_path, labeled_share=1.5).validate()
+
+
+def test_labeled_share_draws_the_validation_images_first(tmp_path):
+    from busseg_ops.train.data import make_splits
+    from train_helpers import fake_busi
+
+    lists = fake_busi(str(tmp_path / "busi"), per_class=12)  # 4 test, 10 + 10 training
+    train = set(lists["labeled"]) | set(lists["unlabeled"])
+
+    def split(share):
+        s = make_splits("busi", str(tmp_path / "busi"), seed=3, val_count=4, labeled_share=share)
+        return [{it.name for it in getattr(s, k)} for k in ("labeled", "unlabeled", "val", "test")]
+
+    lab, unl, val, test = split(0.75)
+    assert test == set(lists["test"]) and len(val) == 4 and val <= train
+    assert (len(lab), len(unl)) == (12, 4) and lab | unl | val == train and not (lab | unl) & val
+    full_lab, full_unl, full_val, _ = split(1.0)
+    assert full_val == val and full_lab == lab | unl and not full_unl  # the same validation images
+    assert split(0.75) == [lab, unl, val, test]  # seeded
+
+
+@pytest.mark.parametrize("model", ["malunet", "unext"])
+@pytest.mark.parametrize("crop", [64, 100, 250])
+def test_relation_grid_is_the_deepest_map(tmp_path, model, crop):
+    cfg = tiny(tmp_path, model=model, method="rabusseg", crop=crop)
+    net = engine.build_model(cfg)
+    assert tuple(net(torch.rand(1, 1, crop, crop), need_proj=True)["proj"].shape[-2:]) == engine.relation_grid(net, cfg)

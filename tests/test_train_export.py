@@ -95,6 +95,8 @@ def test_pt2_export_runs_without_busseg_ops_and_matches_busseg_eval(tmp_path, ca
         dict(method="phnet", model="deeplab", backbone="resnet18", in_channels=3),
         dict(method="semiseg_caw", model="unet", unet_base=4),
         dict(method="suponly", model="unet", unet_base=4, in_channels=3),
+        dict(method="suponly", model="malunet", in_channels=3),
+        dict(method="semiseg_caw", model="unext"),
     ],
 )
 def test_mask_logits_is_busseg_evaluation_for_every_network(kw):
