@@ -416,7 +416,7 @@ def make_splits(
             val = [it for it in pool if it.name in carved]
             lab, unl = [it for it in lab if it.name not in carved], [it for it in unl if it.name not in carved]
             where = (
-                "the training set (before the labelled share)" if labeled_share is not None else "the unlabelled pool"
+                "the training set, before the labelled share" if labeled_share is not None else "the unlabelled pool"
             )
             source["validation"] = f"{val_count} images drawn from {where}"
         if labeled_share is not None:
