@@ -23,9 +23,11 @@ supervised row, the training wall time per epoch beside the paper's, and the cur
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import dataclasses
 import datetime
 import json
+import multiprocessing
 import os
 import platform
 import sys
@@ -132,18 +134,39 @@ def train_one(run: reproduce.Run, quiet: bool = True, threads: int | None = None
             json.dump(times, f)
 
 
-def train_all(runs: list[reproduce.Run]) -> bool:
-    """Trains every unfinished run in this process, one after the other; False when stopped."""
-    todo = [r for r in runs if not r.finished()]
+def train_all(runs: list[reproduce.Run], jobs: int = 1) -> bool:
+    """Trains every unfinished run, `jobs` at a time (separate processes of one torch thread each,
+    the longest rows first); False when stopped by a signal."""
+    todo = sorted((r for r in runs if not r.finished()), key=lambda r: -r.cfg.epochs)
     print(f"{len(runs) - len(todo)} of {len(runs)} runs already finished; {len(todo)} to train", flush=True)
-    for i, run in enumerate(todo):
-        print(f"[{i + 1}/{len(todo)}] {run.name} seed {run.seed} → {run.out}", flush=True)
-        res = train_one(run)
+    stopped = False
+
+    def report(i, run, res):
+        nonlocal stopped
         if res.get("stopped"):
-            print("stopped; run the target again to continue", flush=True)
-            return False
-        print(f"    test Dice {res['dice'][0]:.4f}, {reproduce.wall_time(run) / 60:.1f} min", flush=True)
-    return True
+            stopped = True
+            print(f"stopped; run the target again to continue from {run.out}/last.pt", flush=True)
+        else:
+            print(
+                f"[{i + 1}/{len(todo)}] {run.name} seed {run.seed}: test Dice {res['dice'][0]:.4f}, "
+                f"{reproduce.wall_time(run) / 60:.1f} min → {run.out}",
+                flush=True,
+            )
+
+    if jobs <= 1:
+        for i, run in enumerate(todo):
+            print(f"training {run.name} seed {run.seed} → {run.out}", flush=True)
+            report(i, run, train_one(run))
+            if stopped:
+                return False
+        return True
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context) as pool:
+        futures = {pool.submit(train_one, run, True, 1): run for run in todo}
+        print(f"training {len(todo)} runs in {jobs} processes of one thread each", flush=True)
+        for i, fut in enumerate(concurrent.futures.as_completed(futures)):
+            report(i, futures[fut], fut.result())
+    return not stopped
 
 
 def seconds_per_epoch(run: reproduce.Run) -> float:
@@ -320,6 +343,7 @@ def main(argv=None) -> int:
     p.add_argument("--epochs", type=int, help="shorter runs than the presets' (reported as another scale)")
     p.add_argument("--limit", type=int, help="a subset of this many BUSI images (reported as another scale)")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    p.add_argument("--jobs", type=int, default=1, help="runs trained at once, one process of one thread each")
     p.add_argument("--measure", action="store_true", help="time each row's steps and estimate, instead of training")
     args = p.parse_args(argv)
     if args.threads:
@@ -345,7 +369,7 @@ def main(argv=None) -> int:
         measure(runs)
         return 0
     t0 = time.time()
-    finished = train_all(runs)
+    finished = train_all(runs, args.jobs)
     reproduce._add_elapsed(runs, time.time() - t0)
     if not finished:
         return 130

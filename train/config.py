@@ -148,7 +148,8 @@ class TrainConfig:
         None,
         "data",
         "a labelled share that is no 1/2^k, e.g. SemiSeg-CAW's 468 of 568 (0.824): that share of the whole training "
-        "set labelled (with split lists: of both 1_2 lists), drawn with the seed, the rest unlabelled; replaces "
+        "set labelled (with split lists: of both 1_2 lists; with --val-from-train, of what is left after those "
+        "images, then drawn from the whole training set), drawn with the seed, the rest unlabelled; replaces "
         "--partition",
     )
     limit: int | None = _f(
