@@ -40,8 +40,10 @@ SHIFT_GROUPS = 5  # the public shift_size: groups shifted by -2..2 pixels
 
 
 def to_image(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """(B, H·W, C) row-major tokens → (B, C, H, W)."""
-    return tokens.transpose(1, 2).reshape(tokens.shape[0], -1, h, w)
+    """(B, H·W, C) row-major tokens → (B, C, H, W), contiguous (as the public code's .contiguous();
+    a strided view would make torch.export guard on the memory format, size by size)."""
+    b, _, c = tokens.shape
+    return tokens.transpose(1, 2).reshape(b, c, h, w).contiguous()
 
 
 def to_tokens(x: torch.Tensor) -> torch.Tensor:
