@@ -48,12 +48,23 @@ VARIANTS = [
     ("rabusseg no L_u", {**ROWS["rabusseg"], "lambda_u": 0.0}, "ARP and CRA alone"),
     ("rabusseg no ARP", {**ROWS["rabusseg"], "arp": False}, "L_u and CRA"),
     ("rabusseg no CRA", {**ROWS["rabusseg"], "cra": False}, "L_u and ARP"),
-    ("phnet", ROWS["phnet"], "PH-Net as reproduced (negatives: the other class's centre)"),
-    ("phnet Eq.15 negatives", {**ROWS["phnet"], "contrast_negatives": "anchors"}, "every other-class anchor"),
+    ("rabusseg eval teacher", {**ROWS["rabusseg"], "teacher_train_mode": False}, "L_u's entropy from the eval teacher"),
+    ("phnet", ROWS["phnet"], "PH-Net as reproduced (the released HPC, L_u and APA)"),
     ("phnet no HPC", {**ROWS["phnet"], "hpc": False}, "APA and L_u alone"),
     ("phnet no APA", {**ROWS["phnet"], "apa": False}, "box cutmix instead of the patch cutmix"),
-    ("phnet no MB", {**ROWS["phnet"], "mb": False}, "the batch's class means as positives"),
-    ("phnet code HPC", {**ROWS["phnet"], "hpc_form": "code"}, "HPC as the released patch_contrast"),
+    ("phnet ramp APA", {**ROWS["phnet"], "apa_mix": "ramp"}, "the paper's ramping shield instead of easy_easy"),
+    ("phnet paper L_u", {**ROWS["phnet"], "unsup_form": "paper"}, "L_u on confidence ≥ γ instead of U2PL's"),
+    ("phnet paper HPC", {**ROWS["phnet"], "hpc_form": "paper"}, "HPC as Eq. 13-15 (the class memory bank)"),
+    (
+        "phnet paper HPC Eq.15 negatives",
+        {**ROWS["phnet"], "hpc_form": "paper", "contrast_negatives": "anchors"},
+        "Eq. 13-15 with every other-class anchor",
+    ),
+    (
+        "phnet paper HPC no MB",
+        {**ROWS["phnet"], "hpc_form": "paper", "mb": False},
+        "Eq. 13-15 with the batch's class means as positives",
+    ),
     # The trend with scale: these change the schedule or the crop, so they train from scratch and
     # are compared with suponly at the same scale.
     ("suponly 24 epochs", {**ROWS["suponly"], "epochs": 24}, "the baseline, twice the schedule"),

@@ -10,9 +10,9 @@ An op is one :class:`Op` row: its name is the public function, the schemas ``bus
 C++ kernels of ``cpu`` and ``cuda``) and ``busseg_triton::<name>``, each with ``<name>_backward``
 when differentiable, and the files ``ops/<name>.py``, ``reference/<name>.py``,
 ``triton/<name>.py`` and ``csrc/<name>/``. :func:`dispatch` returns the callable to run (in eager
-a native op's direct call, busseg_ops._C.native_op); :func:`register` registers the fake kernels,
-the autocast kernels and the Triton variant's autograd (the native op's is C++:
-csrc/<name>/autograd.cpp).
+a native op's direct call, busseg_ops._C.native_op); :func:`register` registers the fake and
+autocast kernels (the native op's autograd is C++: csrc/<name>/autograd.cpp); :func:`load_triton`
+registers the Triton variants, on their first dispatch.
 """
 
 from __future__ import annotations
@@ -66,8 +66,8 @@ class Op:
         return tuple(b for b in BACKENDS if b not in self.missing)
 
 
-# Triton decides at a kernel's decoration (when busseg_ops imports its Triton modules) whether it
-# runs in the interpreter: what it decided holds for the process, and so for the backend choice.
+# Triton decides at a kernel's decoration (when load_triton imports the Triton modules) whether it
+# runs in the interpreter; busseg_ops reads the variable at its import: set it before both.
 _TRITON_RUNS_ON_CPU = os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -167,6 +167,8 @@ def dispatch(op: Op, device: torch.device) -> Callable:
 
 
 def _overload(op: Op, backend: str) -> torch._ops.OpOverload:
+    if backend == "triton":
+        load_triton()
     return getattr(torch.ops.busseg_triton if backend == "triton" else torch.ops.busseg, op.name).default
 
 
@@ -182,26 +184,44 @@ def register(
     ``<name>_backward``), the autocast kernels, and, for a differentiable op, the autograd of
     ``busseg_triton::<name>``: ``backward(backward_op)`` returns its backward function given its
     backward op. ``busseg::<name>``'s autograd is C++ (csrc/<name>/autograd.cpp, a few µs a call
-    where Python autograd cost about 16). Importing the Triton module registers the Triton ops
-    (its fake kernels come from tracing the launchers)."""
+    where Python autograd cost about 16). The Triton variant is registered by :func:`load_triton`."""
     torch.library.register_fake(f"busseg::{op.name}")(fake)
     if fake_backward is not None:
         torch.library.register_fake(f"busseg::{op.name}_backward")(fake_backward)
-    namespaces = ["busseg"]
+    _register_autocast(op, "busseg")
     if "triton" not in op.missing and _HAS_TRITON:
+        _pending_triton.append((op, backward, setup_context))
+
+
+def load_triton() -> None:
+    """Registers the ops ``busseg_triton::<name>`` (importing busseg_ops.triton.<name>, whose fake
+    kernels come from tracing the launchers) with their autocast kernels and autograd. Runs on a
+    Triton call's first dispatch, so that ``import busseg_ops`` leaves triton and torch._inductor
+    (which Triton ops import) unloaded: ``busseg --help`` costs about an ``import torch``. Call it
+    before using ``torch.ops.busseg_triton`` directly. Idempotent."""
+    while _pending_triton:
+        op, backward, setup_context = _pending_triton.pop(0)
         importlib.import_module(f"busseg_ops.triton.{op.name}")
-        namespaces.append("busseg_triton")
-    if op.autocast is not None:
-        for namespace in namespaces:
-            library = torch.library.Library(namespace, "IMPL")
-            _LIBRARIES.append(library)  # a registration lives as long as its Library object
-            fn = getattr(getattr(torch.ops, namespace), op.name).default
-            for device_type in ("cpu", "cuda"):
-                library.impl(op.name, _autocast_kernel(op, fn, device_type), _AUTOCAST_KEYS[device_type])
-    if backward is None or "busseg_triton" not in namespaces:
+        _register_autocast(op, "busseg_triton")
+        if backward is not None:
+            backward_op = _autocast_off(getattr(torch.ops.busseg_triton, f"{op.name}_backward"))
+            torch.library.register_autograd(
+                f"busseg_triton::{op.name}", backward(backward_op), setup_context=setup_context
+            )
+
+
+#: (op, backward, setup_context) of the ops whose Triton variant load_triton has yet to register
+_pending_triton: list[tuple[Op, Callable | None, Callable | None]] = []
+
+
+def _register_autocast(op: Op, namespace: str) -> None:
+    if op.autocast is None:
         return
-    backward_op = _autocast_off(getattr(torch.ops.busseg_triton, f"{op.name}_backward"))
-    torch.library.register_autograd(f"busseg_triton::{op.name}", backward(backward_op), setup_context=setup_context)
+    library = torch.library.Library(namespace, "IMPL")
+    _LIBRARIES.append(library)  # a registration lives as long as its Library object
+    fn = getattr(getattr(torch.ops, namespace), op.name).default
+    for device_type in ("cpu", "cuda"):
+        library.impl(op.name, _autocast_kernel(op, fn, device_type), _AUTOCAST_KEYS[device_type])
 
 
 # ---- autocast ------------------------------------------------------------------------------

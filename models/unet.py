@@ -7,10 +7,12 @@ map (so any input size works, no cropping), concat, double conv; a 1×1 classifi
 resolution. ``feats`` are the four strided encoder maps (shallow → deep), ``proj`` is the
 relation head on the deepest one, ``rep`` the projector on the last decoder feature.
 
-``dropout=True`` (the default) is the SSL4MIS encoder dropout: Dropout(p) between the two convs of
-each encoder block, p = 0.05, 0.1, 0.2, 0.3, 0.5 from the full-resolution block to the deepest
-(the decoder has none there), and Dropout2d(0.1) in the heads as upstream's. With an EMA teacher
-in eval mode it is the perturbation between the teacher's view and the student's.
+``dropout=True`` (the default) is upstream's: Dropout2d(0.1) on the classifier path (before the
+1×1 classifier, as the last of the Dropout2d(0.1) in U2PL's / RA-BUSSeg's / PH-Net's ``classifier``)
+and in the heads. ``encoder_dropout=True`` adds the SSL4MIS encoder dropout: Dropout(p) between the
+two convs of each encoder block, p = 0.05, 0.1, 0.2, 0.3, 0.5 from the full-resolution block to the
+deepest: a far stronger perturbation than upstream's, off by default. With an EMA teacher in eval
+mode, dropout is the perturbation between the teacher's view and the student's.
 """
 
 from __future__ import annotations
@@ -77,12 +79,15 @@ class UNet(nn.Module):
         proj_dim: int = 256,
         gray_input: bool = False,
         dropout: bool = True,
+        encoder_dropout: bool = False,
     ):
         super().__init__()
         self.input = input_adapter(in_channels, gray_input)
         ch = [base * 2**i for i in range(5)]
-        self.encoder = UNetEncoder(in_channels, base, ENCODER_DROPOUT if dropout else None)
+        self.encoder = UNetEncoder(in_channels, base, ENCODER_DROPOUT if encoder_dropout else None)
         self.up = nn.ModuleList([UpBlock(ch[i + 1], ch[i], ch[i]) for i in reversed(range(4))])
+        # no parameters: the names are the same with and without
+        self.classifier_dropout = nn.Dropout2d(HEAD_DROPOUT) if dropout else nn.Identity()
         self.classifier = nn.Conv2d(ch[0], num_classes, 1)
         self.heads = SegmentationHeads(ch[0], ch[4], rep_dim, proj_dim, HEAD_DROPOUT if dropout else 0.0)
 
@@ -91,4 +96,6 @@ class UNet(nn.Module):
         y = skips[-1]
         for up, skip in zip(self.up, reversed(skips[:-1])):
             y = up(y, skip)
-        return self.heads.outputs(self.classifier(y), x.shape[-2:], y, skips[1:], need_rep, need_proj, need_feats)
+        return self.heads.outputs(
+            self.classifier(self.classifier_dropout(y)), x.shape[-2:], y, skips[1:], need_rep, need_proj, need_feats
+        )

@@ -21,6 +21,9 @@ import torch
 
 import busseg_ops
 
+# The tests use torch.ops.busseg_triton directly; busseg_ops registers it on first dispatch alone.
+busseg_ops.backends.load_triton()
+
 
 def backends(device: str = "cpu", exclude: tuple[str, ...] = ()) -> list[str]:
     """Non-reference backends that run on ``device`` here."""

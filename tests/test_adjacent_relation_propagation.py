@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import devices, tolerance, triton_device
+from conftest import backends, devices, tolerance, triton_device
 from hypothesis import strategies as st
-from op_contract import OpContract, RawSample, bad
+from op_contract import OpContract, RawSample, bad, channels_last, strided
 
 import busseg_ops
 from busseg_ops import adjacent_relation_propagation as arp
@@ -295,6 +295,114 @@ def test_cpu_blocks_and_tap_groups(kernel_size, dilation, dtype):
                 results.append([out, w, *torch.autograd.grad(out, (f, v), grad.to(x))])
             for got, expected in zip(*results):
                 torch.testing.assert_close(got.double(), expected, **tol)
+
+
+# Shapes that reach every path of the CUDA kernels (csrc/adjacent_relation_propagation/cuda.cu: tiles
+# of 16×8 lattice pixels, 8 channels a stage): B, C, K, H, W, kernel_size, dilation.
+KERNEL_PATHS = [
+    (2, 19, 3, 29, 37, 3, 1),  # interior tiles, partial ones on the right and below, odd W, C % 8 = 3
+    (1, 9, 5, 17, 20, 5, 1),  # W a multiple of 4, a 5×5 kernel, three rows of tiles
+    (2, 6, 2, 10, 9, 3, 2),  # dilation 2: four lattices, strided rows copied element by element
+    (1, 6, 3, 12, 21, 5, 2),  # 5×5 on lattices
+    (1, 5, 2, 4, 5, 3, 9),  # the reach beyond the map: every lattice a single pixel
+    (1, 3, 2, 2, 3, 5, 1),  # a map smaller than the halo
+    (1, 7, 2, 6, 5, 1, 4),  # a 1×1 kernel (its dilation changes nothing)
+    (1, 4, 2, 9, 18, 7, 2),  # 7×7: the general path
+    # more stages than the pipeline's buffers, so each buffer is refilled after it was read
+    (1, 43, 2, 11, 19, 3, 1),  # 6 stages of 8 channels in 3 buffers
+    (1, 37, 2, 9, 21, 5, 1),  # 5×5: 10 stages of 4 in 3 buffers (float32), 5 of 8 in 2 (half)
+    (1, 35, 2, 7, 9, 1, 1),  # 1×1: 5 stages of 8 in 3 buffers
+    (1, 27, 2, 9, 10, 3, 3),  # lattices, 4 stages copied element by element
+]
+# On a GPU also: the benchmarked shape (B=8, C=256, 65×65, 3×3: 32 stages, 360 tiles) and a 5×5
+# kernel on a map that is a multiple of no tile.
+KERNEL_PATHS_GPU = [(8, 256, 3, 65, 65, 3, 1), (2, 130, 4, 61, 67, 5, 1)]
+
+
+def _device_backends():
+    """(device, backend) pairs here; the Triton interpreter's CPU runs are covered by the contract."""
+    return [(d, b) for d in devices() for b in backends(d, exclude=("triton",) if d == "cpu" else ())]
+
+
+def _offset_by_one(t: torch.Tensor) -> torch.Tensor:
+    """t's values in a contiguous tensor that starts one element into its storage (rows not 16-byte
+    aligned), as a leaf that requires grad."""
+    storage = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
+    out = storage[1:].view(t.shape).copy_(t)
+    assert out.is_contiguous() and out.storage_offset() == 1
+    return out.requires_grad_()
+
+
+@pytest.mark.parametrize("device,backend", _device_backends())
+@pytest.mark.parametrize("case", KERNEL_PATHS, ids=str)
+def test_kernel_paths(device, backend, case):
+    """Every backend here against the float64 reference, forward and both gradients, both
+    paddings, in float32, float64 and (on a GPU) float16 and bfloat16, on shapes that reach every
+    path of the CUDA kernels (KERNEL_PATHS); feat starts one element into its storage, so its rows
+    are not 16-byte aligned (the CUDA kernels copy the 16-byte chunks around them)."""
+    compare_with_reference(device, backend, case)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", [b for b in ("cuda", "triton") if b in busseg_ops.available_backends("cuda")])
+@pytest.mark.parametrize("case", KERNEL_PATHS_GPU, ids=str)
+def test_kernel_paths_at_size(backend, case):
+    """The GPU backends on full-size maps (KERNEL_PATHS_GPU), as test_kernel_paths."""
+    compare_with_reference("cuda", backend, case)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("kernel_size,dilation", [(1, 1), (3, 1), (3, 2), (5, 1), (7, 3)])
+@pytest.mark.parametrize("padding", ["zeros", "valid"])
+def test_cuda_gradcheck(kernel_size, dilation, padding):
+    """gradcheck of the CUDA backend in float64 (its general kernels; the tiled float32 and half
+    ones meet the float64 reference's gradients in test_kernel_paths), on an odd map."""
+    feat = torch.randn(2, 5, 7, 6, dtype=torch.float64, device="cuda", requires_grad=True)
+    value = torch.randn(2, 3, 7, 6, dtype=torch.float64, device="cuda", requires_grad=True)
+    with busseg_ops.use_backend("cuda"):
+        assert torch.autograd.gradcheck(lambda f, v: arp(f, v, kernel_size, dilation, padding=padding), (feat, value))
+
+
+def compare_with_reference(device, backend, case):
+    """``backend``'s out, weights and gradients on ``device`` against the float64 reference (see
+    test_kernel_paths)."""
+    B, C, K, H, W, kernel_size, dilation = case
+    dtypes = [torch.float32, torch.float64] + ([torch.float16, torch.bfloat16] if device == "cuda" else [])
+    for dtype, padding in itertools.product(dtypes, ("zeros", "valid")):
+        feat = torch.randn(B, C, H, W, device=device).to(dtype)
+        value = torch.randn(B, K, H, W, device=device, dtype=dtype, requires_grad=True)
+        grad = torch.randn(B, K, H, W, device=device, dtype=dtype)
+        kw = dict(kernel_size=kernel_size, dilation=dilation, padding=padding)
+        f = _offset_by_one(feat)
+        out, w = run(backend, f, value, **kw)
+        got = [out, w, *torch.autograd.grad(out, (f, value), grad)]
+        f64, v64 = feat.double().requires_grad_(), value.detach().double().requires_grad_()
+        out64, w64 = run("reference", f64, v64, **kw)
+        expected = [out64, w64, *torch.autograd.grad(out64, (f64, v64), grad.double())]
+        for name, g, e in zip(("out", "weights", "grad_feat", "grad_value"), got, expected):
+            assert g.dtype == dtype and g.shape == e.shape, name
+            tol = tolerance(dtype)
+            tol["atol"] *= max(1.0, e.abs().max().item())
+            torch.testing.assert_close(g.double(), e, **tol, msg=f"{backend} {dtype} {padding} {name}")
+
+
+@pytest.mark.parametrize("device,backend", _device_backends())
+def test_layouts_on_every_device(device, backend):
+    """Channels-last and strided feat and value on every device (the contract's layout test runs
+    on the CPU only): the same outputs and gradients as contiguous inputs."""
+    feat = torch.randn(2, 6, 11, 19, device=device)
+    value = torch.randn(2, 3, 11, 19, device=device)
+    grad = torch.randn(2, 3, 11, 19, device=device)
+
+    def results(f, v):
+        f, v = f.detach().requires_grad_(), v.detach().requires_grad_()
+        out, w = run(backend, f, v, kernel_size=3, dilation=1)
+        return [out, w, *torch.autograd.grad(out, (f, v), grad)]
+
+    expected = results(feat, value)
+    for layout in (channels_last, strided):
+        for got, e in zip(results(layout(feat), layout(value)), expected):
+            torch.testing.assert_close(got, e, **tolerance(torch.float32))
 
 
 def compare_triton(B, C, K, H, W, kernel_size, dilation, padding, dtype=torch.float64, gradients="both"):

@@ -184,3 +184,33 @@ def test_native_ops_are_called_directly_in_eager(name):
             direct(*sample.args[:-1])
         with pytest.raises(ValueError, match="must"):
             direct(*map_tensors(lambda t: t[None] if t.is_floating_point() else t, sample.args))
+
+
+LAZY_TRITON = """
+import sys
+import torch
+import busseg_ops
+assert "torch._inductor" not in sys.modules and not hasattr(torch.ops.busseg_triton, "{name}")
+x = torch.randn(1, 3, 5, 6, dtype=torch.float64, requires_grad=True)
+with busseg_ops.use_backend("triton"):
+    y = busseg_ops.adjacent_relation_propagation(x, x.detach() + 1, kernel_size=3)
+y.sum().backward()
+with busseg_ops.use_backend("reference"):
+    expected = busseg_ops.adjacent_relation_propagation(x, x.detach() + 1, kernel_size=3)
+torch.testing.assert_close(y, expected)
+print(hasattr(torch.ops.busseg_triton, "{name}"), x.grad.abs().sum().item() > 0)
+"""
+
+
+def test_triton_variants_register_on_first_dispatch():
+    """`import busseg_ops` leaves the Triton ops (and torch._inductor) unloaded; the first Triton
+    dispatch registers them with their autograd, in a fresh process."""
+    import subprocess
+    import sys
+
+    if "triton" not in busseg_ops.available_backends("cpu"):
+        pytest.skip("triton does not run on the CPU here")
+    code = LAZY_TRITON.format(name="adjacent_relation_propagation")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split() == ["True", "True"]

@@ -219,11 +219,11 @@ def test_unet_outputs_and_gradients():
 @pytest.mark.parametrize("arch", ["unet", "deeplab"])
 def test_upstream_dropout_perturbs_training_only_and_keeps_the_parameter_names(arch):
     # Without cutmix, dropout is upstream's only difference between the student's view and the
-    # eval-mode EMA teacher's. Rates: the SSL4MIS U-Net encoder, U2PL/RA-BUSSeg's Dropout2d(0.1).
+    # eval-mode EMA teacher's. Rates: U2PL/RA-BUSSeg's Dropout2d(0.1), on the U-Net's classifier path too.
     def build(dropout):
         torch.manual_seed(0)
         if arch == "unet":
-            return M.UNet(2, in_channels=1, base=8, rep_dim=16, proj_dim=16, dropout=dropout)
+            return M.UNet(2, in_channels=1, base=8, rep_dim=16, proj_dim=16, dropout=dropout, encoder_dropout=dropout)
         return small_deeplab(in_channels=1, dropout=dropout)
 
     with_dropout, without = build(True), build(False)
@@ -232,7 +232,8 @@ def test_upstream_dropout_perturbs_training_only_and_keeps_the_parameter_names(a
         (type(m).__name__, m.p) for m in with_dropout.modules() if isinstance(m, torch.nn.modules.dropout._DropoutNd)
     ]
     if arch == "unet":
-        assert rates == [("Dropout", p) for p in (0.05, 0.1, 0.2, 0.3, 0.5)] + [("Dropout2d", 0.1)] * 2
+        # the SSL4MIS encoder (encoder_dropout), the classifier path, the projector, the relation head
+        assert rates == [("Dropout", p) for p in (0.05, 0.1, 0.2, 0.3, 0.5)] + [("Dropout2d", 0.1)] * 3
     else:  # ASPP output, the two classifier blocks, the projector, the relation head
         assert rates == [("Dropout2d", 0.1)] * 5
     assert not any(isinstance(m, torch.nn.modules.dropout._DropoutNd) for m in without.modules())
@@ -249,6 +250,22 @@ def test_upstream_dropout_perturbs_training_only_and_keeps_the_parameter_names(a
         assert (first[key] - second[key]).abs().max() > 1e-3, key  # a new mask each forward
     first, second = without(x, **heads), without(x, **heads)
     torch.testing.assert_close(first["pred"], second["pred"], rtol=0, atol=0)
+
+
+def test_unet_default_dropout_is_upstreams_classifier_path_only():
+    # Upstream (U2PL/RA-BUSSeg/PH-Net decoder.py) keeps Dropout2d(0.1) right before the final 1x1 classifier;
+    # the SSL4MIS encoder dropout is opt-in. With only the heads' dropout the classifier path would be
+    # deterministic, and the student would see exactly the teacher's view without cutmix.
+    net = M.UNet(2, in_channels=1, base=4, rep_dim=0, proj_dim=0)
+    drops = [m for m in net.modules() if isinstance(m, torch.nn.modules.dropout._DropoutNd)]
+    assert [(type(m).__name__, m.p) for m in drops] == [("Dropout2d", 0.1)]
+    assert net.classifier_dropout is drops[0]
+    seen = []
+    net.classifier.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    net.train()
+    net(torch.rand(2, 1, 32, 32))
+    channels_zeroed = (seen[0].abs().sum((2, 3)) == 0).float().mean()
+    assert channels_zeroed > 0.02  # whole channels dropped before the classifier (p = 0.1 of 2·4)
 
 
 def test_resnet50_deeplab_parameter_count():

@@ -2,6 +2,7 @@
 continues from last.pt, a changed setting is refused, and the report holds the table."""
 
 import csv
+import json
 import os
 import sys
 
@@ -43,7 +44,44 @@ def test_reproduce_skips_resumes_and_reports(tmp_path, capsys):
     table = [ln for ln in generated.splitlines() if ln.startswith("| suponly") or ln.startswith("| rabusseg_no_cra")]
     assert len(table) == 4  # results and pseudo-label rows
     assert "Wilcoxon p" in text and "beat suponly at this scale" in text and "`cra=False`" in text
+    assert "run-level p" in text and "t-test p = " in text and "last quarter of the epochs" in text
     assert "wall time" in text and "UTC" in text
+
+
+def test_converged_scale_has_three_seeds_the_field_of_view_and_writes_the_main_report():
+    runs = reproduce.plan("converged", "/data/BUSI", "/out")
+    for name, _, _ in reproduce.RUNS:
+        assert sorted(r.seed for r in runs if r.name == name) == [0, 1, 2]  # a run-level test needs three
+    cfg = runs[0].cfg
+    assert (cfg.fov, cfg.crop, cfg.dropout, cfg.data, cfg.partition) == (144, 128, True, "busi", "1/4")
+    assert cfg.warmup_epochs * 20 == cfg.epochs  # upstream's share: 10 of 200
+    assert reproduce.REPORT_SCALE == "converged"
+    assert [r.seed for r in reproduce.plan("full", "/data/BUSI", "/out") if r.name == "suponly"] == [0, 1]
+
+
+def _fake_run(tmp_path, name, seed, dice, val):
+    run = reproduce.Run(name, seed, reproduce.TrainConfig(out=str(tmp_path / name / f"seed{seed}")))
+    os.makedirs(run.out)
+    with open(os.path.join(run.out, "test_metrics.json"), "w") as f:
+        json.dump({"dice": {"mean": dice}}, f)
+    with open(os.path.join(run.out, "metrics.csv"), "w") as f:
+        f.write("epoch,val_dice\n" + "".join(f"{e + 1},{v}\n" for e, v in enumerate(val)))
+    return run
+
+
+def test_run_level_paired_test_and_the_convergence_criterion(tmp_path):
+    from scipy import stats
+
+    flat = [0.2, 0.4, 0.5, 0.55, 0.56, 0.562, 0.565, 0.566]
+    base = [_fake_run(tmp_path, "suponly", s, d, flat) for s, d in enumerate([0.50, 0.55, 0.60])]
+    other = [_fake_run(tmp_path, "rabusseg", s, d, flat) for s, d in enumerate([0.53, 0.56, 0.64])]
+    p = reproduce.run_level_p(base, other)
+    assert p == pytest.approx(stats.ttest_rel([0.53, 0.56, 0.64], [0.50, 0.55, 0.60]).pvalue)
+    assert reproduce.run_level_p(base[:1], other[:1]) != reproduce.run_level_p(base[:1], other[:1])  # nan
+    ok, spread = reproduce.converged(base)  # the last quarter: epochs 7-8
+    assert ok and spread == pytest.approx(0.001)
+    rising = [_fake_run(tmp_path, "rising", 0, 0.5, [0.1, 0.2, 0.3, 0.4, 0.45, 0.5, 0.52, 0.56])]
+    assert reproduce.converged(rising) == (False, pytest.approx(0.04))
 
 
 def test_reproduce_rows_follow_the_upstream_configs():

@@ -130,9 +130,12 @@ def test_pseudo_label_check_and_method_filters(tmp_path):
     kept_expected = sum(p.size - int(0.15 * p.size) for p, _ in truth.values()) / n  # 15 % dropped per image
     assert q["pl_kept"] == pytest.approx(kept_expected)
     assert 0 <= q["pl_kept_acc"] <= 1
-    # Filters: PH-Net keeps confidence ≥ γ; suponly has none (no pl_kept columns).
+    # Filters: PH-Net's code-form L_u (default) keeps what rabusseg's does, its paper form confidence ≥ γ;
+    # suponly has none (no pl_kept columns).
     prob = torch.softmax(torch.randn(2, 2, 9, 7), 1)
-    ph = methods.build(tiny(tmp_path, method="phnet", gamma=0.7))
+    ph = methods.build(tiny(tmp_path, method="phnet", gamma=0.7, drop_percent=70.0))
+    assert torch.equal(ph.pseudo_label_keep(prob, None, at_half), ra.pseudo_label_keep(prob, None, at_half))
+    ph = methods.build(tiny(tmp_path, method="phnet", gamma=0.7, unsup_form="paper"))
     assert torch.equal(ph.pseudo_label_keep(prob, None, {}), prob.amax(1) >= 0.7)
     sup = methods.build(tiny(tmp_path, method="suponly"))
     assert set(evaluate.pseudo_label_quality(model, items, lambda p, c: sup.pseudo_label_keep(p, c, {}))) == {

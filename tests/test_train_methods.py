@@ -22,14 +22,20 @@ def _batch(n, seed, size=64, labeled=True):
     }
 
 
-def oracle_teacher(x, need_rep=False, **flags):
+class OracleTeacher(torch.nn.Module):
     """A teacher that already knows the lesions are dark: both classes occur in its pseudo-labels,
     so the contrastive term has anchors of both classes (an untrained teacher predicts one).
-    Its `rep`: 16 unit features that depend on the intensity (tiny's rep_dim)."""
-    out = {"pred": torch.cat([x - 0.3, 0.3 - x], 1) * 20}
-    if need_rep:
-        out["rep"] = torch.nn.functional.normalize(torch.cat([torch.cos(k * x) for k in range(1, 17)], 1), dim=1)
-    return out
+    Its `rep`: 16 unit features that depend on the intensity (tiny's rep_dim). A module without
+    parameters, so that the methods can switch it to train mode and back (teacher_train_mode)."""
+
+    def forward(self, x, need_rep=False, **flags):
+        out = {"pred": torch.cat([x - 0.3, 0.3 - x], 1) * 20}
+        if need_rep:
+            out["rep"] = torch.nn.functional.normalize(torch.cat([torch.cos(k * x) for k in range(1, 17)], 1), dim=1)
+        return out
+
+
+oracle_teacher = OracleTeacher().eval()
 
 
 def _setup(cfg):
@@ -88,9 +94,14 @@ def test_step_finite_and_decreasing(tmp_path, name, kw):
         ("suponly", {"criterion": "ohem", "ohem_min_kept": 1000}, {"criterion": "ce"}),
         ("phnet", {"apa": False}, {}),
         ("phnet", {"hpc": False}, {"mb": False, "gamma": 0.0}),
-        ("phnet", {"gamma": 0.99}, {}),
-        ("phnet", {"contrast_negatives": "anchors"}, {"mb": False}),
-        ("phnet", {"hpc_form": "code"}, {}),
+        ("phnet", {"gamma": 0.99}, {"unsup_form": "paper"}),
+        ("phnet", {"unsup_form": "paper"}, {}),
+        ("phnet", {"contrast_negatives": "anchors"}, {"mb": False, "hpc_form": "paper"}),
+        ("phnet", {"hpc_form": "paper"}, {}),
+        ("phnet", {"apa_mix": "easy_rand"}, {}),
+        ("phnet", {"apa_mix": "ramp"}, {"apa_mix": "easy_rand"}),
+        ("rabusseg", {"teacher_train_mode": False}, {}),
+        ("suponly", {"criterion": "ohem", "ohem_scale": False}, {"criterion": "ohem"}),
         ("lanet", {"tau": 1.0}, {"tau": 0.0}),
         ("lanet", {"alpha": 0.5}, {"tau": 0.0}),
         ("semiseg_caw", {"stage1_epochs": 5}, {}),
@@ -106,7 +117,7 @@ def test_every_switch_changes_the_loss(tmp_path, name, switch, kw):
 def test_phnet_memory_bank_changes_contrastive_loss(tmp_path):
     # MB on: positives are the bank means of earlier batches; off: this batch's own means.
     def second_loss(mb):
-        cfg = tiny(tmp_path, method="phnet", mb=mb, gamma=0.0)
+        cfg = tiny(tmp_path, method="phnet", mb=mb, gamma=0.0, hpc_form="paper")
         student, teacher, method = _setup(cfg)
         out = []
         for seed in (0, 1):

@@ -1,6 +1,6 @@
 """Which C++ exceptions crash the process: each case makes one call that must raise (torch's own
 errors on the CPU and on CUDA as controls, our CPU op's argument check, one bad raw-op call per
-CUDA binding, the greedy binding's BUSSEG_GREEDY_BLOCKS_PER_IMAGE parse), each in a process of its
+CUDA binding), each in a process of its
 own under ``python -X faulthandler``, once per setting of TORCH_SHOW_CPP_STACKTRACES (0/1) with
 TORCH_DISABLE_ADDR2LINE unset or 1. Reported per case and setting: the exception's type (the call
 raised cleanly), or the signal that killed the process, its exit code, or "no error"; the
@@ -31,12 +31,10 @@ import subprocess
 import sys
 import textwrap
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-GREEDY_BINDING = ROOT / "csrc" / "greedy_proxy_sampling" / "cuda_binding.cpp"
-GREEDY_VARIABLE = "BUSSEG_GREEDY_BLOCKS_PER_IMAGE"
 #: the environment variables the settings set (and take out of the inherited environment)
 SETTING_VARIABLES = ("TORCH_SHOW_CPP_STACKTRACES", "TORCH_DISABLE_ADDR2LINE")
 SETTINGS = {
@@ -84,7 +82,6 @@ class Case:
     expect: str  # what the exception's message says (the tests check it on the CPU)
     cuda: bool = True  # needs a CUDA device
     busseg: bool = True  # needs busseg_ops
-    env: dict = field(default_factory=dict)
     control: bool = False  # not a CUDA binding of ours: torch's own checks, our CPU binding
 
 
@@ -135,12 +132,6 @@ CASES = [
         _FIRST + _call("greedy_proxy_sampling", "t(1, 4, 5, 5), first, 0, 0.5"),
         "num_proxies must be in",
     ),
-    Case(  # the test that crashed: thrown after the device guard and the permute
-        f"greedy sampling, CUDA: {GREEDY_VARIABLE}=two",
-        _FIRST + _call("greedy_proxy_sampling", "t(1, 4, 5, 5), first, 3, 0.5"),
-        GREEDY_VARIABLE,
-        env={GREEDY_VARIABLE: "two"},
-    ),
     Case(
         "hardness forward, CUDA: patch_h=0",
         _call("patch_entropy_hardness", "t(1, 2, 8, 8), 0, 4, True, 1e-8"),
@@ -185,13 +176,6 @@ CASES = [
 ]
 
 
-def case_available(case: Case) -> str | None:
-    """Why a case does not apply to this checkout (None: it does)."""
-    if GREEDY_VARIABLE in case.env and GREEDY_VARIABLE not in GREEDY_BINDING.read_text():
-        return f"the greedy CUDA binding no longer reads {GREEDY_VARIABLE}"
-    return None
-
-
 def script(case: Case, device: str = "cuda") -> str:
     """The case as a program: exit 0 after printing the exception it raised, 3 if none."""
     return _PRELUDE.format(
@@ -207,7 +191,7 @@ def script(case: Case, device: str = "cuda") -> str:
 class Outcome:
     case: str
     setting: str
-    result: str  # "raised ValueError", "SIGSEGV", "exit 1", "no error", "timed out", "n/a"
+    result: str  # "raised ValueError", "SIGSEGV", "exit 1", "no error", "timed out"
     clean: bool  # raised a Python exception, the process intact
     message: str = ""
     crash: str = ""  # faulthandler's first line and innermost frame
@@ -233,11 +217,8 @@ def run_case(
     case: Case, setting: str, python: str = sys.executable, timeout: float = TIMEOUT_S, device: str = "cuda"
 ) -> Outcome:
     """The case in a process of its own under the setting's variables (and the case's own)."""
-    reason = case_available(case)
-    if reason:
-        return Outcome(case.name, setting, "n/a", True, reason)
-    env = {k: v for k, v in os.environ.items() if k not in SETTING_VARIABLES + (GREEDY_VARIABLE,)}
-    env.update(SETTINGS[setting], **case.env, PYTHONUNBUFFERED="1")
+    env = {k: v for k, v in os.environ.items() if k not in SETTING_VARIABLES}
+    env.update(SETTINGS[setting], PYTHONUNBUFFERED="1")
     cmd = [python, "-X", "faulthandler", "-c", script(case, device)]
     try:
         out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
@@ -269,8 +250,8 @@ def native_backtrace(case: Case, setting: str, python: str = sys.executable) -> 
     gdb = shutil.which("gdb")
     if gdb is None:
         return ""
-    env = {k: v for k, v in os.environ.items() if k not in SETTING_VARIABLES + (GREEDY_VARIABLE,)}
-    env.update(SETTINGS[setting], **case.env)
+    env = {k: v for k, v in os.environ.items() if k not in SETTING_VARIABLES}
+    env.update(SETTINGS[setting])
     cmd = [gdb, "-batch", "-ex", "run", "-ex", "bt 30", "--args", python, "-X", "faulthandler", "-c", script(case)]
     try:
         out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=GDB_TIMEOUT_S)
@@ -320,7 +301,6 @@ def summary(outcomes: list[Outcome]) -> str:
         ("CUDA-binding", [o for o in outcomes if o.case not in controls]),
         ("control", [o for o in outcomes if o.case in controls]),
     ):
-        probed = [o for o in probed if o.result != "n/a"]
         bad = [o for o in probed if not o.clean]
         if bad:
             by_setting: dict[str, set] = {}

@@ -3,7 +3,8 @@ scale the original image by a random factor (aspect kept; half the time below 1,
 random horizontal flip, then a random crop, padding first (centred; image 0, mask 255 = ignore)
 when the scaled image is smaller than the crop. Strong (per batch, in the training step): box
 cutmix between images of the unlabelled batch (RA-BUSSeg, UniMatch style); PH-Net's adaptive
-patch cutmix is the busseg_ops op.
+patch cutmix is the busseg_ops op (random patches, the hardest shielded) or :func:`easy_patch_swap`
+(the released code's default mixing).
 """
 
 from __future__ import annotations
@@ -22,6 +23,14 @@ def resize(image: torch.Tensor, mask: torch.Tensor, size: int | tuple[int, int])
     image = F.interpolate(image[None], size=hw, mode="bilinear", align_corners=False)[0]
     mask = F.interpolate(mask[None, None].float(), size=hw, mode="nearest")[0, 0].long()
     return image, mask
+
+
+def fov_size(h: int, w: int, fov: int) -> tuple[int, int]:
+    """(h, w) scaled, aspect kept, so that the longer side is `fov` (0: unchanged)."""
+    if not fov:
+        return h, w
+    f = fov / max(h, w)
+    return max(1, round(h * f)), max(1, round(w * f))
 
 
 def weak(
@@ -89,4 +98,38 @@ def mix(box: torch.Tensor, *tensors: torch.Tensor) -> list[torch.Tensor]:
         if t.dim() == 4:
             m = m[:, None]
         out.append(torch.where(m, t.roll(-1, dims=0), t))
+    return out
+
+
+# PH-Net's generate_patch_data (patch_helper.py): ex_ratio 40, and one patch more than that share.
+EASY_SHARE = 0.4
+
+
+def easy_patch_swap(
+    tensors: list[torch.Tensor], hardness: torch.Tensor, share: float = EASY_SHARE
+) -> list[torch.Tensor]:
+    """PH-Net's released APA mixing ("easy_easy"): in each image b the m = round(share·N²) + 1
+    easiest patches (lowest hardness) are replaced by the m easiest patches of image (b+1) mod B,
+    both taken in raster order; the harder patches stay. `tensors`: (B, ..., H, W) with H and W
+    divisible by N; `hardness` (B, N, N). B = 1: unchanged."""
+    b, n = hardness.shape[0], hardness.shape[1]
+    m = min(n * n, round(n * n * share) + 1)
+    easiest = hardness.flatten(1).argsort(1)[:, :m]
+    pos = easiest.sort(1).values  # raster order, as boolean-mask indexing takes them
+    src = pos.roll(-1, 0)
+    rows = torch.arange(b, device=pos.device)[:, None]
+    out = []
+    for t in tensors:
+        h, w = t.shape[-2:]
+        lead = t.shape[1:-2]
+        k = len(lead)
+        x = t.reshape(b, *lead, n, h // n, n, w // n)
+        # (B, n·n, ..., h/n, w/n): the patches, row-major
+        order = (0, k + 1, k + 3, *range(1, k + 1), k + 2, k + 4)
+        p = x.permute(order).reshape(b, n * n, *lead, h // n, w // n)
+        mixed = p.clone()
+        mixed[rows, pos.to(t.device)] = p.roll(-1, 0)[rows, src.to(t.device)]
+        back = mixed.reshape(b, n, n, *lead, h // n, w // n)
+        inverse = (0, *range(3, 3 + k), 1, 3 + k, 2, 4 + k)
+        out.append(back.permute(inverse).reshape(t.shape))
     return out

@@ -126,8 +126,17 @@ def load(path: str) -> dict:
     # checkpoints from before the dropout setting existed trained without dropout; before split_mode,
     # the split followed from the data (the default, None)
     obj["config"].setdefault("dropout", False)
+    # before encoder_dropout, --dropout also put the SSL4MIS encoder dropout into the U-Net
+    obj["config"].setdefault("encoder_dropout", obj["config"]["dropout"])
+    # checkpoints from before issue 30's upstream defaults keep the behaviour they trained with
+    for key, before in ISSUE_30_DEFAULTS_BEFORE.items():
+        obj["config"].setdefault(key, before)
     obj["config"].setdefault("split_mode", None)
     return obj
+
+
+# The settings issue 30 added, at the values that reproduce the training step before them.
+ISSUE_30_DEFAULTS_BEFORE = {"teacher_train_mode": False, "unsup_form": "paper", "apa_mix": "ramp", "ohem_scale": False}
 
 
 # What each use of a checkpoint reads (a hand-edited file can pass the checksum: its digest recomputed).

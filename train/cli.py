@@ -204,6 +204,7 @@ def cmd_eval(args) -> int:
         model,
         getattr(splits, args.split),
         window=args.window,
+        fov=cfg.fov,
         synthetic_size=cfg.synthetic_size,
         overlay_dir=os.path.join(out, "overlays"),
         overlays=cfg.overlays,
@@ -269,11 +270,11 @@ def cmd_predict(args) -> int:
     bad = next((p for p in existing if os.path.islink(p) or not os.path.isfile(p)), None)
     if bad:
         raise UserError(f"predict: {bad} is a link or not a regular file; it is not replaced")
-    model, _ = load_network(args.checkpoint)
+    model, cfg = load_network(args.checkpoint)
     for it in items:
         img = data.read_gray(it.image)
         x = torch.from_numpy(img.copy()).float().div(255)[None, None]
-        m = predict_masks(model, x, window=args.window)[0].numpy().astype("uint8")  # at the image's own size
+        m = predict_masks(model, x, window=args.window, fov=cfg.fov)[0].numpy().astype("uint8")  # at its own size
         stem = os.path.splitext(it.name)[0]
         visualize.save_png(m * 255, os.path.join(out, f"{stem}_pred.png"))
         visualize.save_png(visualize.overlay(img, m), os.path.join(out, f"{stem}_overlay.png"))

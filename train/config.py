@@ -58,6 +58,7 @@ AT_LEAST = {
     "synthetic_n": 4,
     "num_workers": 0,
     "overlays": 0,
+    "fov": 0,
     "unet_base": 1,
     "proj_dim": 1,
     "rep_dim": 1,
@@ -76,6 +77,7 @@ AT_MOST = {
     "synthetic_n": (100_000, "images are generated one by one"),
     "synthetic_size": (2048, "the synthetic images are generated at this side"),
     "crop": (4096, "upstream crops 512"),
+    "fov": (4096, "the longer side of the resized images"),
     "batch_labeled": (1024, "images per step"),
     "batch_unlabeled": (1024, "images per step"),
     "unet_base": (128, "the deepest U-Net map has 16x this many channels; SSL4MIS uses 16"),
@@ -174,6 +176,13 @@ class TrainConfig:
     synthetic_size: int = _f(128, "data", "side of the synthetic images")
     # augmentation
     crop: int = _f(128, "augment", "side of the random training crop (upstream 512; padding is ignored, 255)")
+    fov: int = _f(
+        0,
+        "augment",
+        "field of view: resize each image (aspect kept) so that its longer side is this many pixels before the random "
+        "scale and crop, and alike at evaluation, the prediction resized back to the image's own size for the metrics "
+        "(upstream's 512-px crops see most of a ~500-px image; 0: the original size)",
+    )
     scale_min: float = _f(0.5, "augment", "smallest random scale of the original image (aspect kept)")
     scale_max: float = _f(2.0, "augment", "largest random scale")
     flip: bool = _f(True, "augment", "random horizontal flip")
@@ -209,8 +218,13 @@ class TrainConfig:
     dropout: bool = _f(
         True,
         "model",
-        "upstream dropout in the unet/deeplab of suponly, rabusseg and phnet: the SSL4MIS U-Net's encoder "
-        "Dropout 0.05-0.5, Dropout2d(0.1) in the heads as U2PL/RA-BUSSeg/PH-Net (the EMA teacher runs without it)",
+        "upstream dropout in the unet/deeplab of suponly, rabusseg and phnet: Dropout2d(0.1) on the classifier path "
+        "and in the heads, as U2PL/RA-BUSSeg/PH-Net (the EMA teacher's pseudo-labels come without it)",
+    )
+    encoder_dropout: bool = _f(
+        False,
+        "model",
+        "unet: also the SSL4MIS encoder dropout (Dropout 0.05-0.5 in the encoder blocks; far stronger than upstream's)",
     )
     proj_dim: int = _f(64, "model", "RA-BUSSeg relation projection channels (upstream 256)")
     rep_dim: int = _f(64, "model", "PH-Net projector channels (paper 256)")
@@ -236,6 +250,12 @@ class TrainConfig:
     )
     ohem_thresh: float = _f(0.7, "optim", "OHEM: pixels whose true-class probability is at most this are kept")
     ohem_min_kept: int = _f(100000, "optim", "OHEM: at least this many pixels are kept (0: plain CE, as upstream)")
+    ohem_scale: bool = _f(
+        True,
+        "optim",
+        "OHEM: ohem_min_kept is upstream's for its batch of 2 crops of 512²; scaled by this batch's pixels, so the "
+        "kept share is upstream's (off: as given; 100000 keeps every pixel of a 4 × 128² batch)",
+    )
     # rabusseg
     lambda_u: float = _f(1.0, "rabusseg", "weight of the unlabelled loss L_u (rabusseg, phnet)")
     lambda_arp: float = _f(1.0, "rabusseg", "weight of L_ARP")
@@ -254,10 +274,34 @@ class TrainConfig:
         "upstream drop_percent: keep this %% of the unlabelled pixels at the start (drop the most uncertain "
         "100 − p %%), annealed linearly to keeping all",
     )
+    teacher_train_mode: bool = _f(
+        True,
+        "rabusseg",
+        "rabusseg, phnet: the teacher's second forward, on the student's batch (labelled + mixed unlabelled), runs "
+        "in train mode as U2PL's (BatchNorm batch statistics, dropout on): L_u's uncertainty (phnet: also HPC's "
+        "probabilities and prototypes) comes from it, and the teacher's BN running statistics are its own (the EMA "
+        "averages the parameters only). Off: eval mode, BN statistics an EMA of the student's",
+    )
     cutmix_p: float = _f(1.0, "rabusseg", "probability of a cutmix box per unlabelled image (phnet --no-apa too)")
     # phnet
     apa: bool = _f(True, "phnet", "adaptive patch cutmix (off: plain box cutmix)")
-    shield: bool = _f(True, "phnet", "shield the hardest patches within APA")
+    shield: bool = _f(True, "phnet", "shield the hardest patches within APA (apa_mix easy_rand, ramp)")
+    apa_mix: str = _f(
+        "easy_easy",
+        "phnet",
+        "APA's mixing: easy_easy (PH-Net's released generate_patch_data default: each image's easiest 40 %% + 1 "
+        "patches replaced by the next image's easiest), easy_rand (10-50 %% random patches from the next image, the "
+        "hardest beta share shielded, constant) or ramp (the paper's Eq. 5: shield beta·t/T, ramping)",
+        ("easy_easy", "easy_rand", "ramp"),
+    )
+    unsup_form: str = _f(
+        "code",
+        "phnet",
+        "phnet's L_u: code (the authors' deleted loss_helper.py, U2PL's: drop the scheduled drop_percent share of "
+        "most uncertain pixels, CE mean × all/kept pixels) or paper (CE where the teacher's confidence ≥ gamma, "
+        "averaged over all pixels)",
+        ("code", "paper"),
+    )
     hpc: bool = _f(True, "phnet", "hard-patch contrastive loss")
     mb: bool = _f(True, "phnet", "memory-bank positives (off: the batch's class means)")
     num_patches: int = _f(4, "phnet", "N×N patch grid (paper: 25-px patches, N = 20 at 500 px)")
@@ -275,7 +319,7 @@ class TrainConfig:
         choices=("centres", "anchors"),
     )
     hpc_form: str = _f(
-        "paper",
+        "code",
         "phnet",
         "the HPC term: paper (Eq. 13-15: anchors in the hardest patches, memory-bank centres) or code (PH-Net's "
         "released patch_contrast: anchors in patches holding both classes, whose feature agrees with their "

@@ -530,7 +530,9 @@ class SegDataset(torch.utils.data.Dataset):
     train=True: `size` is the crop side; the original image is randomly scaled within `scale`
     (aspect kept), flipped and cropped (augment.weak) with a generator seeded by (seed, epoch,
     index), so a sample depends on nothing else: identical across worker counts, ranks and resumes.
-    train=False: the image resized to size×size.
+    train=False: the image resized to size×size. `fov` > 0 (training): each image first resized,
+    aspect kept, so that its longer side is `fov` (the field of view option; evaluation does the
+    same in evaluate.predict).
     """
 
     def __init__(
@@ -543,8 +545,9 @@ class SegDataset(torch.utils.data.Dataset):
         labeled: bool = True,
         scale: tuple[float, float] = (0.5, 2.0),
         flip: bool = True,
+        fov: int = 0,
     ):
-        self.items, self.size, self.train, self.seed = items, size, train, seed
+        self.items, self.size, self.train, self.seed, self.fov = items, size, train, seed, fov
         self.labeled, self.scale, self.flip = labeled, scale, flip
         self.synthetic_size = synthetic_size or size
         self.epoch = 0
@@ -569,6 +572,8 @@ class SegDataset(torch.utils.data.Dataset):
         else:  # unlabelled: 0 inside the image, so that padding (255) still marks invalid pixels
             target = torch.zeros(img.shape, dtype=torch.long)
         if self.train:
+            if self.fov:
+                image, target = augment.resize(image, target, augment.fov_size(*target.shape, self.fov))
             g = torch.Generator().manual_seed(hash((self.seed, self.epoch, i)) % (2**62))
             image, target = augment.weak(image, target, self.size, g, self.scale, self.flip)
         else:

@@ -58,6 +58,8 @@ def build_model(cfg: TrainConfig) -> torch.nn.Module:
     heads = dict(rep_dim=cfg.rep_dim, proj_dim=cfg.proj_dim, dropout=cfg.dropout)
     if cfg.model == "deeplab":
         return models.DeepLabV3Plus(2, backbone=cfg.backbone, **heads, **io, **res)
+    if cfg.model == "unet":
+        own["encoder_dropout"] = cfg.encoder_dropout
     if cfg.model in ("malunet", "unext"):  # only the heads the method uses: the public layout otherwise
         heads.update(rep_dim=cfg.rep_dim * (cfg.method == "phnet"), proj_dim=cfg.proj_dim * (cfg.method == "rabusseg"))
     network = {"unet": models.UNet, "malunet": models.MALUNet, "unext": models.UNeXt}[cfg.model]
@@ -251,7 +253,13 @@ class Trainer:
         else:
             kind = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
             self.opt = kind(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        aug = dict(train=True, synthetic_size=cfg.synthetic_size, scale=(cfg.scale_min, cfg.scale_max), flip=cfg.flip)
+        aug = dict(
+            train=True,
+            synthetic_size=cfg.synthetic_size,
+            scale=(cfg.scale_min, cfg.scale_max),
+            flip=cfg.flip,
+            fov=cfg.fov,
+        )
         self.lab_ds = data.SegDataset(self.splits.labeled, cfg.crop, seed=cfg.seed, **aug)
         self.unl_ds = data.SegDataset(self.splits.unlabeled, cfg.crop, seed=cfg.seed + 1, labeled=False, **aug)
         self.steps_per_epoch = self._steps_per_epoch()
@@ -324,7 +332,9 @@ class Trainer:
     def _ema_update(self):
         """Upstream's mean teacher: during the supervised-only epochs the teacher is the student
         (U2PL evaluates the student there and copies it into the teacher when they end); from the
-        first semi-supervised step t = 0 the decay ramps as min(ema, 1 − 1/(t+1))."""
+        first semi-supervised step t = 0 the decay ramps as min(ema, 1 − 1/(t+1)). The BatchNorm
+        statistics are averaged too, unless the method runs the teacher in train mode (U2PL's
+        teacher_train_mode), which keeps its own."""
         if self.epoch < self.cfg.warmup_epochs:
             a = 0.0
         else:
@@ -333,6 +343,8 @@ class Trainer:
         s = self.student.module if hasattr(self.student, "module") else self.student
         for tp, sp in zip(self.teacher.parameters(), s.parameters()):
             tp.mul_(a).add_(sp.detach(), alpha=1 - a)
+        if a > 0 and self.method.owns_teacher_bn:  # U2PL: the teacher's own train-mode BN statistics
+            return
         for tb, sb in zip(self.teacher.buffers(), s.buffers()):
             if tb.dtype.is_floating_point:  # BN statistics follow the averaged weights they belong to
                 tb.mul_(a).add_(sb, alpha=1 - a)
@@ -457,6 +469,7 @@ class Trainer:
             model or self.teacher,
             items,
             device=self.device,
+            fov=self.cfg.fov,
             synthetic_size=self.cfg.synthetic_size,
             overlay_dir=overlay_dir,
             overlays=self.cfg.overlays,
@@ -478,6 +491,7 @@ class Trainer:
             self._check_items,
             lambda prob, cls: self.method.pseudo_label_keep(prob, cls, ctx),
             device=self.device,
+            fov=self.cfg.fov,
             synthetic_size=self.cfg.synthetic_size,
         )
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import data, metrics, visualize
+from . import augment, data, metrics, visualize
 from .errors import UserError
 
 CONVENTIONS = {
@@ -68,11 +68,19 @@ def _starts(size: int, tile: int, step: int) -> list[int]:
 
 
 @torch.no_grad()
-def predict(model: torch.nn.Module, x: torch.Tensor, window: int = 0) -> dict:
+def predict(model: torch.nn.Module, x: torch.Tensor, window: int = 0, fov: int = 0) -> dict:
     """x (B, 1, H, W) grayscale in [0, 1], any H and W → {"prob": (B, 2, H, W) class
     probabilities at the input size, "cls": (B, K) when the network classifies}. window > 0:
     tiles of window² (rounded up to the stride) at half-window steps for images larger than that,
-    probabilities averaged where tiles overlap (classification: averaged over the tiles)."""
+    probabilities averaged where tiles overlap (classification: averaged over the tiles). fov > 0:
+    the image resized (aspect kept) to a longer side of fov as in training (data.SegDataset), the
+    probabilities resized back to H × W."""
+    h, w = x.shape[-2:]
+    size = augment.fov_size(h, w, fov)
+    if size != (h, w):
+        res = predict(model, F.interpolate(x, size=size, mode="bilinear", align_corners=False), window)
+        res["prob"] = F.interpolate(res["prob"], size=(h, w), mode="bilinear", align_corners=False)
+        return res
     model.eval()
     stride = network_stride(model)
     h, w = x.shape[-2:]
@@ -100,9 +108,9 @@ def predict(model: torch.nn.Module, x: torch.Tensor, window: int = 0) -> dict:
 
 
 @torch.no_grad()
-def predict_masks(model: torch.nn.Module, images: torch.Tensor, window: int = 0) -> torch.Tensor:
+def predict_masks(model: torch.nn.Module, images: torch.Tensor, window: int = 0, fov: int = 0) -> torch.Tensor:
     """(B, 1, H, W) images → (B, H, W) binary lesion masks at the same size."""
-    return predict(model, images, window)["prob"].argmax(1)
+    return predict(model, images, window, fov)["prob"].argmax(1)
 
 
 def image_tensor(img: np.ndarray, device="cpu") -> torch.Tensor:
@@ -127,16 +135,18 @@ def evaluate(
     *,
     device="cpu",
     window: int = 0,
+    fov: int = 0,
     synthetic_size: int = 128,
     overlay_dir: str | None = None,
     overlays: int = 8,
     progress: bool = False,
 ) -> dict:
     """Per-image metrics of `model` on `items`, each image at its original size (synthetic items:
-    generated at synthetic_size²). Returns {"per_image": rows (name, height, width, metrics),
-    "summary": {metric: (mean, std)}, "classification": ... for classifying networks,
-    "empty_predictions" / "lesion_images": how many images have no predicted / true lesion pixel}.
-    No image, or a model whose output is not finite, is an error (either would score as a number)."""
+    generated at synthetic_size²; `fov`: predicted as :func:`predict` does, scored at that size).
+    Returns {"per_image": rows (name, height, width, metrics), "summary": {metric: (mean, std)},
+    "classification": ... for classifying networks, "empty_predictions" / "lesion_images": how
+    many images have no predicted / true lesion pixel}. No image, or a model whose output is not
+    finite, is an error (either would score as a number)."""
     if not items:
         raise UserError("nothing to evaluate: the set of images is empty")
     rows, probs, classes, empty, lesions = [], [], [], 0, 0
@@ -145,7 +155,7 @@ def evaluate(
         img, mask = data.load_item(item, synthetic_size)
         if mask is None:
             raise UserError(f"cannot evaluate on {item.name}: it has no mask")
-        res = predict(model, image_tensor(img, device), window)
+        res = predict(model, image_tensor(img, device), window, fov)
         if not torch.isfinite(res["prob"]).all():
             raise UserError(
                 f"the model's output on {item.name} is NaN or infinite (its weights or batch-norm statistics hold "
@@ -178,7 +188,9 @@ def evaluate(
 
 
 @torch.no_grad()
-def pseudo_label_quality(model, items, keep=None, *, device="cpu", synthetic_size: int = 128) -> dict[str, float]:
+def pseudo_label_quality(
+    model, items, keep=None, *, device="cpu", fov: int = 0, synthetic_size: int = 128
+) -> dict[str, float]:
     """Diagnosis only (never used for training): the model's pseudo-labels (argmax, whole image) on
     `items` against their masks. pl_dice: mean per-image Dice; pl_acc: pixel accuracy; when
     `keep(prob, cls)` gives a (B, H, W) bool mask (the pixels a method's unsupervised loss counts;
@@ -186,7 +198,7 @@ def pseudo_label_quality(model, items, keep=None, *, device="cpu", synthetic_siz
     dice, n_pix, n_correct, n_kept, n_kept_correct, filtered = [], 0, 0, 0, 0, False
     for item in items:
         img, mask = data.load_item(item, synthetic_size)
-        res = predict(model, image_tensor(img, device))
+        res = predict(model, image_tensor(img, device), fov=fov)
         pl = res["prob"].argmax(1).cpu()
         gt = torch.from_numpy(mask).long()[None]
         dice.append(metrics.seg_metrics(pl[0], gt[0])["dice"])

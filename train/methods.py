@@ -6,11 +6,16 @@ teacher and evaluates it). A method maps one labelled and one unlabelled batch t
              L_u: CE on box-cutmixed unlabelled images against the teacher's mixed pseudo-labels;
              as U2PL's drop_percent p, the most uncertain (100 − p)·(1 − epoch/epochs) % of the
              pixels (teacher entropy) are dropped and the mean is weighted by all/kept pixels.
+             The entropy is U2PL's: the teacher's second forward, in train mode on the student's
+             batch (--teacher-train-mode; it also keeps the teacher's own BN statistics).
              ARP and CRA switch off for the ablations; the CRA proxy strategy and number of
              scales are options.
-  phnet      PH-Net: adaptive patch cutmix with dynamic shielding (APA), confidence-filtered L_u,
-             hard-patch contrastive loss (HPC) with the class memory bank (MB); all switchable.
-             --hpc-form code: HPC as the released patch_contrast (patch_prototype_contrast).
+  phnet      PH-Net: adaptive patch cutmix (APA: --apa-mix, the released easy_easy swap by
+             default), L_u as the authors' loss_helper.py (--unsup-form code: rabusseg's filtered
+             L_u; paper: confidence ≥ γ), hard-patch contrastive loss (HPC; --hpc-form code: the
+             released patch_contrast, prototypes from the teacher's labelled features; paper:
+             Eq. 13-15 with the class memory bank, MB); all switchable.
+  (docs/upstream_audit.md: each of these against the public code, line by line.)
   lanet      LA-Net's two-stage sequential training: stage 1 segmentation on location labels;
              stage 2 L = λ·L_cls + (1−λ)·(L_sloc-w + α·L_sloc-wo) with pseudo location labels
              binarize(P_pixel > 0.5) kept only for images whose class confidence exceeds τ.
@@ -61,6 +66,18 @@ def ohem_ce(logits: torch.Tensor, target: torch.Tensor, thresh: float = 0.7, min
     return ce(logits, target.masked_fill(~ohem_keep(logits, target, thresh, min_kept), IGNORE))
 
 
+# Upstream's OHEM batch: RA-BUSSeg's BUSI config crops 512² with 2 images per GPU, where min_kept 100000
+# keeps at least 19 % of the pixels.
+UPSTREAM_OHEM_PIXELS = 2 * 512 * 512
+
+
+def ohem_min_kept(cfg, target: torch.Tensor) -> int:
+    """OHEM's min_kept for this batch: with `ohem_scale`, upstream's share of its batch's pixels."""
+    if not cfg.ohem_scale:
+        return cfg.ohem_min_kept
+    return round(cfg.ohem_min_kept * target.numel() / UPSTREAM_OHEM_PIXELS)
+
+
 def unreliable_percent(drop_percent: float, epoch: int, epochs: int) -> float:
     """U2PL's schedule: with drop_percent p, the share of most uncertain unlabelled pixels dropped at
     `epoch` (0-based) is (100 − p)·(1 − epoch/epochs) %, from 100 − p down towards 0."""
@@ -76,20 +93,58 @@ def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return 1 - (2 * (p * g).sum() + 1) / (p.sum() + g.sum() + 1)
 
 
+def unreliable_filtered_ce(pred: torch.Tensor, target: torch.Tensor, prob: torch.Tensor, drop: float) -> torch.Tensor:
+    """U2PL's compute_unsupervised_loss (RA-BUSSeg's base; PH-Net's deleted loss_helper.py is the same):
+    CE over the pixels left after dropping the `drop` % most uncertain (entropy of `prob`,
+    batch-wide), weighted by all pixels / kept pixels."""
+    loss = busseg_ops.entropy_filtered_cross_entropy(pred, target, prob, drop)
+    valid = int((target != IGNORE).sum())
+    kept = valid - int(drop / 100.0 * valid)  # the op drops floor(drop % of the valid pixels)
+    return loss * (target.numel() / max(kept, 1))
+
+
+def entropy_keep(prob: torch.Tensor, drop: float) -> torch.Tensor:
+    """(B, H, W) bool: the pixels :func:`unreliable_filtered_ce` keeps, per image (diagnosis)."""
+    entropy = -(prob * torch.log(prob + 1e-10)).sum(1).flatten(1)
+    keep = torch.ones_like(entropy, dtype=torch.bool)
+    n = int(drop / 100.0 * entropy.shape[1])
+    if n > 0:
+        keep.scatter_(1, entropy.topk(n, dim=1).indices, False)
+    return keep.view(prob.shape[0], *prob.shape[2:])
+
+
+@torch.no_grad()
+def teacher_train_forward(teacher, x: torch.Tensor, **heads) -> dict:
+    """U2PL's second teacher forward: in train mode (BatchNorm on the batch's statistics, which it
+    also folds into its own running statistics; dropout on), without gradients; back to eval after."""
+    teacher.train()
+    try:
+        return teacher(x, **heads)
+    finally:
+        teacher.eval()
+
+
 class Method:
     """Base: the supervised-only step. Subclasses add the unlabelled terms."""
 
     name = "suponly"
     uses_unlabeled = False
+    trains_teacher = False  # runs the teacher in train mode: its BN statistics are its own (engine EMA)
 
     def __init__(self, cfg):
         self.cfg = cfg
+
+    @property
+    def owns_teacher_bn(self) -> bool:
+        """The teacher's BatchNorm running statistics come from its own train-mode forwards
+        (U2PL), so the engine's EMA must leave them alone after the supervised-only epochs."""
+        return self.trains_teacher and self.cfg.teacher_train_mode
 
     def sup(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """L_s by `criterion`: ce, ohem (upstream's default) or ce+dice."""
         c = self.cfg
         if c.criterion == "ohem":
-            return ohem_ce(logits, target, c.ohem_thresh, c.ohem_min_kept)
+            return ohem_ce(logits, target, c.ohem_thresh, ohem_min_kept(c, target))
         loss = ce(logits, target)
         if c.criterion == "ce+dice":
             loss = loss + soft_dice_loss(logits, target)
@@ -128,6 +183,7 @@ class SupOnly(Method):
 class RABUSSeg(Method):
     name = "rabusseg"
     uses_unlabeled = True
+    trains_teacher = True
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -155,14 +211,13 @@ class RABUSSeg(Method):
         x, targets, nl = torch.cat([xl, xu]), torch.cat([yl, pl_u]), len(xl)
         out = student(x, need_proj=c.arp or c.cra, need_feats=c.cra)
         pred = out["pred"]
+        if c.teacher_train_mode:  # U2PL: the uncertainty of the train-mode teacher on the student's batch
+            prob_u = torch.softmax(teacher_train_forward(teacher, x)["pred"][nl:], 1)
         loss_s = self.sup(pred[:nl], yl)
         loss = loss_s
         logs["loss_s"] = loss_s.detach()
         drop = unreliable_percent(c.drop_percent, ctx["epoch"], ctx["epochs"])
-        loss_u = busseg_ops.entropy_filtered_cross_entropy(pred[nl:], pl_u, prob_u, drop)
-        valid = int((pl_u != IGNORE).sum())
-        kept = valid - int(drop / 100.0 * valid)  # the op drops floor(drop % of the valid pixels)
-        loss_u = loss_u * (pl_u.numel() / max(kept, 1))  # U2PL: mean × all pixels / kept pixels
+        loss_u = unreliable_filtered_ce(pred[nl:], pl_u, prob_u, drop)
         loss = loss + c.lambda_u * loss_u
         logs["loss_u"] = loss_u.detach()
         if c.arp:  # L_ARP = CE(upsample(ARP(proj, logits↓ detached)), GT / pseudo-label)
@@ -177,26 +232,24 @@ class RABUSSeg(Method):
 
     def pseudo_label_keep(self, prob, cls, ctx):
         # The step drops the scheduled share of most uncertain pixels batch-wide; here per image.
-        entropy = -(prob * torch.log(prob + 1e-10)).sum(1).flatten(1)
-        keep = torch.ones_like(entropy, dtype=torch.bool)
-        share = unreliable_percent(self.cfg.drop_percent, ctx["epoch"], ctx["epochs"])
-        drop = int(share / 100.0 * entropy.shape[1])
-        if drop > 0:
-            keep.scatter_(1, entropy.topk(drop, dim=1).indices, False)
-        return keep.view(prob.shape[0], *prob.shape[2:])
+        return entropy_keep(prob, unreliable_percent(self.cfg.drop_percent, ctx["epoch"], ctx["epochs"]))
 
 
 # ----------------------------------------------------------------------------------------------
 
 
 class PHNet(Method):
-    """PH-Net (CVPR 2024). APA: the teacher's patch-entropy hardness shields the k = ⌊β·t/T·N²⌋
-    hardest patches from the cutmix (off: plain box cutmix). L_u: CE counted where the teacher's
-    confidence on the mixed image is ≥ γ. HPC: InfoNCE of reliable hard-patch projector features
-    against their class centre (MB: from the memory bank; off: the batch's own class means)."""
+    """PH-Net (CVPR 2024). APA by the teacher's patch-entropy hardness (:meth:`patch_mix`; off:
+    plain box cutmix). L_u: the authors' (U2PL's) entropy-filtered CE (unsup_form code) or CE
+    counted where the teacher's confidence on the mixed image is ≥ γ (paper). HPC: the released
+    patch_contrast (hpc_form code) or InfoNCE of reliable hard-patch projector features against
+    their class centre (paper; MB: from the memory bank; off: the batch's own class means). The
+    teacher's probabilities and features of the mixed batch come from its train-mode forward with
+    teacher_train_mode, as U2PL's."""
 
     name = "phnet"
     uses_unlabeled = True
+    trains_teacher = True
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -208,31 +261,38 @@ class PHNet(Method):
         if unl is None or ctx.get("warmup", False):
             return super().__call__(student, teacher, lab, unl, ctx)
         xu, valid = unl["image"], unl["mask"] != IGNORE
-        n = c.num_patches
         with torch.no_grad():
             prob = torch.softmax(teacher(xu)["pred"], 1)
             pl = prob.argmax(1).masked_fill(~valid, IGNORE)
-            hardness = busseg_ops.patch_entropy_hardness(prob, num_patches=n)
-        k = busseg_ops.shield_count(c.beta, min(1.0, ctx["progress"]), n * n)
+            hardness = busseg_ops.patch_entropy_hardness(prob, num_patches=c.num_patches)
         if c.apa:
-            (xm, plm), _ = busseg_ops.adaptive_patch_cutmix([xu, pl], hardness, k if c.shield else 0)
+            xm, plm = self.patch_mix([xu, pl], hardness, ctx)
         else:
             xm, plm = augment.mix(augment.cutmix_box(len(xu), *xu.shape[-2:], p=c.cutmix_p), xu, pl)
-        with torch.no_grad():
-            tprob = torch.softmax(teacher(xm)["pred"], 1)
         nl = len(xl)
-        if c.hpc and c.hpc_form == "code":  # patch_contrast's prototypes: the teacher on the labelled images
+        x = torch.cat([xl, xm])
+        code_hpc = c.hpc and c.hpc_form == "code"
+        if c.teacher_train_mode:  # U2PL's second teacher forward, which patch_contrast's inputs come from
+            t = teacher_train_forward(teacher, x, need_rep=code_hpc)
+        else:
             with torch.no_grad():
-                tl = teacher(xl, need_rep=True)
-        out = student(torch.cat([xl, xm]), need_rep=c.hpc)
+                t = teacher(x, need_rep=code_hpc)
+        tprob_all = torch.softmax(t["pred"], 1)
+        tprob = tprob_all[nl:]
+        out = student(x, need_rep=c.hpc)
         pred = out["pred"]
         loss_s = self.sup(pred[:nl], yl)
-        loss_u = busseg_ops.confidence_masked_cross_entropy(pred[nl:], plm, tprob, c.gamma)
+        if c.unsup_form == "code":  # the authors' loss_helper.py: U2PL's entropy filter and weight
+            loss_u = unreliable_filtered_ce(
+                pred[nl:], plm, tprob, unreliable_percent(c.drop_percent, ctx["epoch"], ctx["epochs"])
+            )
+        else:
+            loss_u = busseg_ops.confidence_masked_cross_entropy(pred[nl:], plm, tprob, c.gamma)
         loss = loss_s + c.lambda_u * loss_u
         logs = {"loss_s": loss_s.detach(), "loss_u": loss_u.detach()}
-        if c.hpc and c.hpc_form == "code":
+        if code_hpc:  # prototypes: the teacher's labelled features under the ground truth
             loss_c, stats = patch_prototype_contrast(
-                out["rep"][nl:], plm, tprob, tl["rep"], yl, torch.softmax(tl["pred"], 1), n, c.temperature
+                out["rep"][nl:], plm, tprob, t["rep"][:nl], yl, tprob_all[:nl], c.num_patches, c.temperature
             )
             loss = loss + c.lambda_c * loss_c
             logs["loss_c"] = loss_c.detach()
@@ -244,7 +304,26 @@ class PHNet(Method):
             logs.update(stats)
         return loss, logs
 
+    def patch_mix(self, tensors, hardness, ctx):
+        """APA by `apa_mix`: the released code's easy_easy swap, or random patches with the hardest
+        shielded, a constant share (easy_rand: the released code's N² − round(N²·(1 − β))) or the
+        paper's ramp k = ⌊β·t/T·N²⌋."""
+        c = self.cfg
+        if c.apa_mix == "easy_easy":
+            return augment.easy_patch_swap(tensors, hardness)
+        n2 = c.num_patches**2
+        if not c.shield:
+            k = 0
+        elif c.apa_mix == "easy_rand":
+            k = n2 - round(n2 * (1 - c.beta))
+        else:
+            k = busseg_ops.shield_count(c.beta, min(1.0, ctx["progress"]), n2)
+        mixed, _ = busseg_ops.adaptive_patch_cutmix(tensors, hardness, k)
+        return mixed
+
     def pseudo_label_keep(self, prob, cls, ctx):
+        if self.cfg.unsup_form == "code":
+            return entropy_keep(prob, unreliable_percent(self.cfg.drop_percent, ctx["epoch"], ctx["epochs"]))
         return prob.amax(1) >= self.cfg.gamma  # as confidence_masked_cross_entropy
 
     def contrastive(self, rep, plm, tprob):

@@ -107,6 +107,95 @@ __device__ __forceinline__ void block_argmin(A& v, long long& i) {
   __syncthreads();
 }
 
+// Asynchronous copies from global to shared memory: cp.async on sm_80 and later, a plain load and
+// store before. `smem` is a shared-space address (shared_address); Bytes is 4, 8 or 16 (both
+// addresses aligned to it); 2 is always a plain copy, as cp.async has no 2-byte form.
+// async_commit() closes the group of copies issued since the last one; async_wait<N>() returns
+// once at most N of this thread's groups are still in flight (a __syncthreads() after it makes
+// every thread's finished copies visible to the block).
+__device__ __forceinline__ unsigned shared_address(const void* p) {
+  return static_cast<unsigned>(__cvta_generic_to_shared(p));
+}
+template <int Bytes>
+struct CopyWord;
+template <>
+struct CopyWord<2> {
+  using type = unsigned short;
+};
+template <>
+struct CopyWord<4> {
+  using type = unsigned int;
+};
+template <>
+struct CopyWord<8> {
+  using type = uint2;
+};
+template <>
+struct CopyWord<16> {
+  using type = uint4;
+};
+
+template <int Bytes>
+__device__ __forceinline__ void copy_async(unsigned smem, const void* gmem) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  if constexpr (Bytes == 16) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem), "l"(gmem) : "memory");
+    return;
+  } else if constexpr (Bytes >= 4) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], %2;\n" ::"r"(smem), "l"(gmem), "n"(Bytes)
+                 : "memory");
+    return;
+  }
+#endif
+  using W = typename CopyWord<Bytes>::type;
+  *static_cast<W*>(__cvta_shared_to_generic(smem)) = *static_cast<const W*>(gmem);
+}
+// A 16-byte copy_async issued only where `pred` holds, without a branch.
+__device__ __forceinline__ void copy_async_16_if(bool pred, unsigned smem, const void* gmem) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile(
+      "{\n .reg .pred p;\n setp.ne.b32 p, %0, 0;\n"
+      " @p cp.async.cg.shared.global [%1], [%2], 16;\n}\n" ::"r"(static_cast<int>(pred)),
+      "r"(smem), "l"(gmem)
+      : "memory");
+#else
+  if (pred) copy_async<16>(smem, gmem);
+#endif
+}
+// An element at shared-space address `smem`, widened to the accumulator type (a plain shared
+// load: with the address in 32 bits, offsets fold into the instruction).
+template <typename T>
+__device__ __forceinline__ acc_t<T> load_shared(unsigned smem);
+template <>
+__device__ __forceinline__ float load_shared<float>(unsigned smem) {
+  float v;
+  asm volatile("ld.shared.f32 %0, [%1];\n" : "=f"(v) : "r"(smem));
+  return v;
+}
+template <>
+__device__ __forceinline__ float load_shared<__half>(unsigned smem) {
+  unsigned short v;
+  asm volatile("ld.shared.u16 %0, [%1];\n" : "=h"(v) : "r"(smem));
+  return __half2float(__ushort_as_half(v));
+}
+template <>
+__device__ __forceinline__ float load_shared<__nv_bfloat16>(unsigned smem) {
+  unsigned short v;
+  asm volatile("ld.shared.u16 %0, [%1];\n" : "=h"(v) : "r"(smem));
+  return __bfloat162float(__ushort_as_bfloat16(v));
+}
+__device__ __forceinline__ void async_commit() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+template <int N>
+__device__ __forceinline__ void async_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+#endif
+}
+
 // Calls f(T{}) with T the storage type of `dtype`.
 template <typename F>
 cudaError_t dispatch(DType dtype, F&& f) {
