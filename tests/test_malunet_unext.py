@@ -222,3 +222,27 @@ def test_relation_grid_is_the_deepest_map(tmp_path, model, crop):
     cfg = tiny(tmp_path, model=model, method="rabusseg", crop=crop)
     net = engine.build_model(cfg)
     assert tuple(net(torch.rand(1, 1, crop, crop), need_proj=True)["proj"].shape[-2:]) == engine.relation_grid(net, cfg)
+
+
+def test_code_form_hpc_takes_features_below_the_input_size():
+    # MALUNet's projector runs at stride 2 (DeepLab's at 4): the labels and probabilities are brought
+    # to the feature grid, as if the caller had resized them (nearest / bilinear).
+    from busseg_ops.train.methods import patch_prototype_contrast
+
+    g = torch.Generator().manual_seed(0)
+    rep_u, rep_l = (F.normalize(torch.randn(2, 8, 16, 16, generator=g), dim=1) for _ in range(2))
+    label_u, label_l = ((torch.rand(2, 32, 32, generator=g) > 0.5).long() for _ in range(2))
+    prob_u, prob_l = (torch.softmax(torch.randn(2, 2, 32, 32, generator=g), 1) for _ in range(2))
+    got, _ = patch_prototype_contrast(rep_u, label_u, prob_u, rep_l, label_l, prob_l, 4, 0.5)
+
+    def nearest(y):
+        return F.interpolate(y[:, None].float(), size=(16, 16), mode="nearest")[:, 0].long()
+
+    def bilinear(p):
+        return F.interpolate(p, size=(16, 16), mode="bilinear", align_corners=True)
+
+    want, _ = patch_prototype_contrast(
+        rep_u, nearest(label_u), bilinear(prob_u), rep_l, nearest(label_l), bilinear(prob_l), 4, 0.5
+    )
+    assert got > 0
+    torch.testing.assert_close(got, want, rtol=0, atol=0)

@@ -383,22 +383,26 @@ def patch_prototype_contrast(rep_u, label_u, prob_u, rep_l, label_l, prob_l, num
     pseudo-label is the class of the prototype they are closer to (dot product), a filter against
     wrong pseudo-labels. Loss: a 2-way softmax over the cosines to the own and the other class's
     prototype at ``temperature``, averaged over each (patch, class) group's anchors, then over the
-    groups. Inputs at one resolution (B, D, h, w) / (B, h, w) / (B, 2, h, w); sides not divisible
-    by n are resized up (bilinear; labels nearest), as upstream resizes to its feature size.
+    groups. Inputs (B, D, h, w) / (B, h, w) / (B, 2, h, w): the labels and probabilities are brought
+    to the features' size and sides not divisible by n resized up (bilinear; labels nearest), as
+    upstream resizes to its feature size.
     Returns (loss, per-step statistics as :func:`contrastive_stats`'s)."""
     n = num_patches
     h, w = rep_u.shape[-2:]
     size = (n * -(-h // n), n * -(-w // n))
-    if size != (h, w):
 
-        def resize(x):
-            return F.interpolate(x, size=size, mode="bilinear", align_corners=True)
+    def resize(x):  # to the feature grid: a network whose projector runs below the input size
+        if tuple(x.shape[-2:]) == size:  # (DeepLab at stride 4, MALUNet at 2) gets its maps brought to it
+            return x
+        return F.interpolate(x, size=size, mode="bilinear", align_corners=True)
 
-        def resize_labels(y):
-            return F.interpolate(y[:, None].float(), size=size, mode="nearest")[:, 0].long()
+    def resize_labels(y):
+        if tuple(y.shape[-2:]) == size:
+            return y
+        return F.interpolate(y[:, None].float(), size=size, mode="nearest")[:, 0].long()
 
-        rep_u, rep_l, prob_u, prob_l = map(resize, (rep_u, rep_l, prob_u, prob_l))
-        label_u, label_l = resize_labels(label_u), resize_labels(label_l)
+    rep_u, rep_l, prob_u, prob_l = map(resize, (rep_u, rep_l, prob_u, prob_l))
+    label_u, label_l = resize_labels(label_u), resize_labels(label_l)
     zero = rep_u.sum() * 0.0
     lu, ll = _patches(label_u[:, None], n)[:, 0], _patches(label_l[:, None], n)[:, 0]  # (P, pixels)
     mixed_u = ((lu == 0).any(1) & (lu == 1).any(1)).nonzero()[:, 0]
