@@ -180,15 +180,6 @@ def counts(run: reproduce.Run) -> tuple[int, int]:
     return sizes["labeled"], sizes["unlabeled"] if run.cfg.method == "semiseg_caw" else 0
 
 
-def run_level_test(a: list[float], b: list[float]) -> float:
-    """Two-sided paired t-test of the runs' mean test Dice, B − A, paired by seed."""
-    from scipy import stats
-
-    if len(a) < 2:
-        return float("nan")
-    return float(stats.ttest_rel(b, a).pvalue)
-
-
 def run_dice(run: reproduce.Run) -> float:
     return json.load(open(os.path.join(run.out, "test_metrics.json")))["dice"]["mean"]
 
@@ -234,10 +225,8 @@ def write_report(runs: list[reproduce.Run], scale: str, path: str, command: str,
         res = compare_groups([r.out for r in base or group], [r.out for r in group])
         m = res["b"]["metrics"]
         if base:
-            a = {r.seed: run_dice(r) for r in base}
-            b = {r.seed: run_dice(r) for r in group}
-            seeds = sorted(set(a) & set(b))
-            p_run = run_level_test([a[s] for s in seeds], [b[s] for s in seeds])
+            seeds = sorted({r.seed for r in base} & {r.seed for r in group})
+            p_run = reproduce.run_level_p(base, group)
             diff, p_img = f"{res['dice_diff']:+.3f}", res["wilcoxon"]["p"]
             cols = [base_name, diff, f"{p_img:.3g}", f"{p_run:.3g}"]
             beats = res["dice_diff"] > 0 and p_img < 0.05 and p_run < 0.05
