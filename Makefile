@@ -8,7 +8,7 @@ CUDA_ARCH_FLAGS := -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,
 NATIVE_SOURCES  := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh') setup.py
 export MAX_JOBS ?= 2
 
-.PHONY: install build lint test cuda-check gpu-compile-check gpu-resources gpu-check cmake-check bench demo reproduce diagnose clean
+.PHONY: install build lint test cuda-check gpu-compile-check gpu-resources gpu-check cmake-check bench demo reproduce reproduce-semiseg-caw diagnose clean
 
 install: $(STAMP)
 
@@ -127,6 +127,18 @@ REPRO_SCALE ?= converged
 REPRO_ARGS  ?= --jobs 2
 reproduce: build
 	$(PY) benchmarks/reproduce.py --scale $(REPRO_SCALE) $(REPRO_ARGS)
+
+# SemiSeg-CAW's BUSI table at the paper's scale (benchmarks/reproduce_semiseg_caw.py), not part of
+# `make test`: MALUNet on all masks and on the reduced set, SemiSeg-CAW on MALUNet and its ablations
+# (without ClassElevateSeg, without WGM, without both), UNeXt and SemiSeg-CAW on UNeXt; three seeds
+# each, every row a shipped preset. Resumable: run it again to continue, finished runs are skipped.
+# Writes benchmarks/SEMISEG_CAW.md and its curves. SEMISEG_CAW_SCALE=smoke checks the pipeline in
+# a minute or two (report under runs/semiseg_caw/); SEMISEG_CAW_ARGS passes options (--epochs N,
+# --limit N, --seeds 0 1 2, --only ROW, --threads N).
+SEMISEG_CAW_SCALE ?= full
+SEMISEG_CAW_ARGS  ?=
+reproduce-semiseg-caw: build
+	$(PY) benchmarks/reproduce_semiseg_caw.py --scale $(SEMISEG_CAW_SCALE) $(SEMISEG_CAW_ARGS)
 
 # Why the semi-supervised rows win or lose: validation-only ablations (without L_u, ARP, CRA, HPC,
 # APA, the bank; cutmix; Eq. 15's negatives) from a shared warm-up checkpoint per seed, with every

@@ -125,3 +125,32 @@ def test_diagnose_variants_continue_from_the_shared_warm_up_and_never_test(tmp_p
     c = diagnose.train_variant("suponly 192 px", {**variants["suponly"], "epochs": 2}, 0, None, str(tmp_path))
     rows = list(csv.DictReader(open(os.path.join(tmp_path, "suponly_192_px", "seed0", "metrics.csv"))))
     assert len(rows) == 2 and rows[0]["epoch"] == "1" and 0 <= c["best_val"] <= 1
+
+
+def test_semiseg_caw_reproduction_trains_its_presets_resumes_and_reports(tmp_path, capsys):
+    import json
+
+    import reproduce_semiseg_caw as caw
+
+    rows = [r for r in caw.ROWS if r[0] in ("MALUNet reduced", "SemiSeg-CAW (MALUNet)")]
+    tiny = dict(data="synthetic", synthetic_n=24, synthetic_size=32, crop=32, epochs=2, stage1_epochs=1, max_steps=1)
+    tiny.update(batch_labeled=2, batch_unlabeled=1, val_from_train=0, pseudo_label_check=2, overlays=0)
+    runs = caw.plan("smoke", None, str(tmp_path), seeds=(0,), rows=rows, overrides=tiny)
+    assert [(r.name, r.cfg.model, r.cfg.method, r.cfg.labeled_share) for r in runs] == [
+        ("MALUNet reduced", "malunet", "suponly", 0.824),
+        ("SemiSeg-CAW (MALUNet)", "malunet", "semiseg_caw", 0.824),
+    ]
+    assert runs[1].cfg.lr_schedule == "cosine" and runs[1].cfg.optimizer == "adamw"  # from the preset
+    assert caw.train_all(runs)
+    for r in runs:
+        times = json.load(open(os.path.join(r.out, "epoch_times.json")))
+        assert sorted(times) == ["1", "2"] and all(t > 0 for t in times.values())
+    os.unlink(os.path.join(runs[1].out, "test_metrics.json"))  # as if stopped before its test
+    assert caw.train_all(runs)
+    assert "1 of 2 runs already finished; 1 to train" in capsys.readouterr().out
+    path = caw.write_report(runs, "smoke", str(tmp_path / "SEMISEG_CAW.md"), "test", rows)
+    text = open(path).read()
+    assert os.path.isfile(tmp_path / "semiseg_caw_curves.png")
+    row = next(ln for ln in text.splitlines() if ln.startswith("| SemiSeg-CAW (MALUNet)"))
+    assert "`semiseg_caw_busi`" in row and "0.684 / 0.520" in row and "| MALUNet reduced |" in row
+    assert "Wilcoxon" in text and "paired t-test" in text and "(14.5)" in row

@@ -39,6 +39,8 @@ def _networks(tmp_path):
     for name, kw in {
         "unet": dict(method="rabusseg", model="unet", unet_base=4, proj_dim=8, rep_dim=8),
         "lanet": dict(method="lanet", backbone="unet", unet_base=4, in_channels=3),
+        # token maps made contiguous: a strided view made torch.export guard on the size
+        "unext": dict(method="semiseg_caw", model="unext"),
     }.items():
         cfg = config.TrainConfig(**kw, out=str(tmp_path / name))
         model = engine.build_model(cfg)
@@ -74,7 +76,9 @@ def test_pt2_export_runs_without_busseg_ops_and_matches_busseg_eval(tmp_path, ca
         assert r.returncode == 0, r.stderr[-3000:]
         report = json.loads(r.stdout.strip().splitlines()[-1])
         assert report["busseg_loaded"] == []
-        assert report["meta"]["config"]["method"] == {"unet": "rabusseg", "lanet": "lanet"}[name]
+        assert (
+            report["meta"]["config"]["method"] == {"unet": "rabusseg", "lanet": "lanet", "unext": "semiseg_caw"}[name]
+        )
         assert report["meta"]["input"] == export.INPUT
         got = torch.load(got_path, weights_only=True)
         for x, logits in zip(inputs, got):
@@ -95,6 +99,8 @@ def test_pt2_export_runs_without_busseg_ops_and_matches_busseg_eval(tmp_path, ca
         dict(method="phnet", model="deeplab", backbone="resnet18", in_channels=3),
         dict(method="semiseg_caw", model="unet", unet_base=4),
         dict(method="suponly", model="unet", unet_base=4, in_channels=3),
+        dict(method="suponly", model="malunet", in_channels=3),
+        dict(method="semiseg_caw", model="unext"),
     ],
 )
 def test_mask_logits_is_busseg_evaluation_for_every_network(kw):

@@ -105,6 +105,7 @@ def test_step_finite_and_decreasing(tmp_path, name, kw):
         ("lanet", {"tau": 1.0}, {"tau": 0.0}),
         ("lanet", {"alpha": 0.5}, {"tau": 0.0}),
         ("semiseg_caw", {"stage1_epochs": 5}, {}),
+        ("semiseg_caw", {"class_elevate": False}, {}),
     ],
 )
 def test_every_switch_changes_the_loss(tmp_path, name, switch, kw):

@@ -146,6 +146,14 @@ class TrainConfig:
     )
     mask_dir: str | None = _f(None, "data", "masks of --data folder (none: <root>/masks)")
     partition: str = _f("1/4", "data", "labelled share of the training set: 1/1, 1/2, 1/4, 1/8, ... (1/2^k)")
+    labeled_share: float | None = _f(
+        None,
+        "data",
+        "a labelled share that is no 1/2^k, e.g. SemiSeg-CAW's 468 of 568 (0.824): that share of the whole training "
+        "set labelled (with split lists: of both 1_2 lists; with --val-from-train, of what is left after those "
+        "images, then drawn from the whole training set), drawn with the seed, the rest unlabelled; replaces "
+        "--partition",
+    )
     limit: int | None = _f(
         None,
         "data",
@@ -179,7 +187,13 @@ class TrainConfig:
     scale_max: float = _f(2.0, "augment", "largest random scale")
     flip: bool = _f(True, "augment", "random horizontal flip")
     # model
-    model: str = _f("unet", "model", "network (lanet and semiseg_caw build their own around it)", ("unet", "deeplab"))
+    model: str = _f(
+        "unet",
+        "model",
+        "network: unet, deeplab, or SemiSeg-CAW's backbones malunet (MALUNet, 0.18 M) and unext (UNeXt, 1.47 M) "
+        "(semiseg_caw builds its pair around it; lanet builds its own on --backbone)",
+        ("unet", "deeplab", "malunet", "unext"),
+    )
     backbone: str = _f(
         "resnet18",
         "model",
@@ -319,6 +333,9 @@ class TrainConfig:
     alpha: float = _f(0.1, "lanet", "lanet: weight of the pseudo-labelled localisation loss")
     lam: float = _f(0.5, "lanet", "lanet: classification share of the stage-2 loss")
     wgm: bool = _f(True, "lanet", "semiseg_caw: learned loss weights (off: all 1)")
+    class_elevate: bool = _f(
+        True, "lanet", "semiseg_caw: the ClassElevateSeg guide map and its pre-training (off: the main network alone)"
+    )
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "config") -> TrainConfig:
@@ -353,6 +370,8 @@ class TrainConfig:
         for name, (high, why) in AT_MOST.items():
             if getattr(self, name) > high:
                 raise UserError(f"{flag(name)} {getattr(self, name)}: must be at most {high} ({why})")
+        if self.labeled_share is not None and not 0 < self.labeled_share <= 1:
+            raise UserError(f"--labeled-share {self.labeled_share}: must be in (0, 1]")
         for name in ("max_steps", "limit"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise UserError(f"{flag(name)} {getattr(self, name)}: must be at least 1")
@@ -398,6 +417,16 @@ class TrainConfig:
             raise UserError("--split-mode random and --split-dir: choose the split lists or the random split, not both")
         if self.split_mode == "lists" and self.data in ("udiat", "folder") and not self.split_dir:
             raise UserError(f"--split-mode lists: give the folder of the lists (--split-dir) for --data {self.data}")
+        if self.model in ("malunet", "unext"):
+            if self.method == "lanet":
+                raise UserError(
+                    f"--model {self.model}: lanet builds its attention network on --backbone (resnetNN or unet), "
+                    "not on a whole segmentation network"
+                )
+            small = [(n, getattr(self, n)) for n in ("crop", "synthetic_size") if getattr(self, n) < 32]
+            if small and (small[0][0] == "crop" or self.data == "synthetic"):
+                name, v = small[0]
+                raise UserError(f"{flag(name)} {v}: --model {self.model} pools five times (stride 32); use 32 or more")
         if self.backbone == "unet" and self.method != "lanet":
             raise UserError("--backbone unet: only lanet takes the U-Net encoder as a backbone; use --model unet")
         if self.pretrained is not None and not self._has_resnet():

@@ -369,6 +369,7 @@ def make_splits(
     mask_dir: str | None = None,
     val_count: int = 0,
     split: str | None = None,
+    labeled_share: float | None = None,
 ) -> Splits:
     """Items for a run. `split` "lists": the split lists in `split_dir` (BUSI: `<root>/splits` by
     default): test.txt and 1_N/{labeled,unlabeled}.txt for the partition 1/N when that folder
@@ -380,7 +381,10 @@ def make_splits(
     With split lists the validation set is the test list (as the authors select models), unless
     `val_count` > 0: then that many training images, drawn with `seed` from those left unlabelled
     by the partition, are the validation set and leave the unlabelled pool (the labelled set stays
-    the protocol's)."""
+    the protocol's). `labeled_share` replaces the partition: that share of the whole training set
+    (both lists; with `val_count`, of what is left after the validation images, which are then
+    drawn from the whole training set, so every share has the same validation set) is labelled,
+    drawn with `seed`."""
     if data == "synthetic":
         items = synthetic_items(synthetic_n, seed)
     elif data == "busi":
@@ -397,24 +401,34 @@ def make_splits(
     part = normalise_partition(partition_)
     source = dict(data=data, root=os.path.abspath(root) if root else None, split=split, seed=seed, partition=part)
     source["limit"] = limit
+    if labeled_share is not None:
+        source["partition"] = f"labelled share {labeled_share:g}"
     if split == "lists":
         lab, unl, test, source = _from_lists(items, data, root, split_dir, part, frac, seed, limit, source)
         val = test  # No validation list is published: model selection uses the test list, as the authors do.
         source["validation"] = "the test list"
+        pool = lab + unl if labeled_share is not None else unl  # where the validation images come from
         if val_count:
-            if val_count >= len(unl):
-                raise UserError(f"--val-from-train {val_count}: only {len(unl)} unlabelled training images left")
-            carved = {it.name for it in random.Random(seed).sample(unl, val_count)}
-            val = [it for it in unl if it.name in carved]
-            unl = [it for it in unl if it.name not in carved]
-            source["validation"] = f"{val_count} images drawn from the unlabelled pool"
+            if val_count >= len(pool):
+                what = "training" if labeled_share is not None else "unlabelled training"
+                raise UserError(f"--val-from-train {val_count}: only {len(pool)} {what} images left")
+            carved = {it.name for it in random.Random(seed).sample(pool, val_count)}
+            val = [it for it in pool if it.name in carved]
+            lab, unl = [it for it in lab if it.name not in carved], [it for it in unl if it.name not in carved]
+            where = (
+                "the training set, before the labelled share" if labeled_share is not None else "the unlabelled pool"
+            )
+            source["validation"] = f"{val_count} images drawn from {where}"
+        if labeled_share is not None:
+            lab, unl = partition(lab + unl, labeled_share, seed)
+            source["protocol"] = f"labelled share {labeled_share:g} of both training lists, drawn with the seed"
         return Splits(lab, unl, val, test, source)
     if limit is not None and limit < len(items):
         items = random.Random(seed).sample(items, limit)
     if len(items) < 4:
         raise UserError(f"{'--limit' if limit else 'data'}: {len(items)} images; the 8:1:1 split needs at least 4")
     train, val, test = split_811(items, seed)
-    lab, unl = partition(train, frac, seed)
+    lab, unl = partition(train, frac if labeled_share is None else labeled_share, seed)
     source["validation"] = "the split's"
     return Splits(lab, unl, val, test, source)
 
@@ -466,6 +480,7 @@ def splits_for(cfg) -> Splits:
         cfg.mask_dir,
         val_count=cfg.val_from_train,
         split=cfg.split_mode,
+        labeled_share=cfg.labeled_share,
     )
 
 

@@ -49,16 +49,21 @@ def build_model(cfg: TrainConfig) -> torch.nn.Module:
     if cfg.method == "lanet":
         kw = res if cfg.backbone != "unet" else {}
         return models.LANet(2, backbone=cfg.backbone, unet_base=cfg.unet_base, **io, **kw)
+    own = dict(base=cfg.unet_base) if cfg.model == "unet" else {}  # MALUNet, UNeXt: their public configs
     if cfg.method == "semiseg_caw":
-        kw = dict(base=cfg.unet_base) if cfg.model == "unet" else dict(backbone=cfg.backbone, **res)
+        kw = dict(backbone=cfg.backbone, **res) if cfg.model == "deeplab" else own
         # no public code to follow: its networks stay as the paper describes them, without dropout
-        return models.SemiSegCAW(
-            2, 2, arch=cfg.model, freeze_aux=False, rep_dim=0, proj_dim=0, dropout=False, **io, **kw
-        )
+        caw = dict(freeze_aux=False, guide=cfg.class_elevate, rep_dim=0, proj_dim=0, dropout=False)
+        return models.SemiSegCAW(2, 2, arch=cfg.model, **caw, **io, **kw)
     heads = dict(rep_dim=cfg.rep_dim, proj_dim=cfg.proj_dim, dropout=cfg.dropout)
+    if cfg.model == "deeplab":
+        return models.DeepLabV3Plus(2, backbone=cfg.backbone, **heads, **io, **res)
     if cfg.model == "unet":
-        return models.UNet(2, base=cfg.unet_base, encoder_dropout=cfg.encoder_dropout, **heads, **io)
-    return models.DeepLabV3Plus(2, backbone=cfg.backbone, **heads, **io, **res)
+        own["encoder_dropout"] = cfg.encoder_dropout
+    if cfg.model in ("malunet", "unext"):  # only the heads the method uses: the public layout otherwise
+        heads.update(rep_dim=cfg.rep_dim * (cfg.method == "phnet"), proj_dim=cfg.proj_dim * (cfg.method == "rabusseg"))
+    network = {"unet": models.UNet, "malunet": models.MALUNet, "unext": models.UNeXt}[cfg.model]
+    return network(2, **heads, **io, **own)
 
 
 def resnets(model: torch.nn.Module) -> list:
@@ -81,9 +86,16 @@ def load_pretrained(model: torch.nn.Module, path: str) -> list:
 
 
 def relation_grid(model: torch.nn.Module, cfg: TrainConfig) -> tuple[int, int]:
-    """(h, w) of the relation projection for a crop: the deepest feature map (ceil at every stride)."""
-    stride = model.encoder.strides[-1] if isinstance(model, models.UNet) else model.backbone.strides[-1]
-    side = -(-cfg.crop // stride)
+    """(h, w) of the relation projection for a crop: the deepest feature map (ceil at every stride
+    for the U-Net and the ResNets; MALUNet pools five times (floor); UNeXt pools three times, then
+    two stride-2 convolutions round up)."""
+    if isinstance(model, models.MALUNet):
+        side = cfg.crop // 32
+    elif isinstance(model, models.UNeXt):
+        side = -(-(cfg.crop // 8) // 4)
+    else:
+        stride = model.encoder.strides[-1] if isinstance(model, models.UNet) else model.backbone.strides[-1]
+        side = -(-cfg.crop // stride)
     return side, side
 
 

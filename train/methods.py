@@ -383,22 +383,26 @@ def patch_prototype_contrast(rep_u, label_u, prob_u, rep_l, label_l, prob_l, num
     pseudo-label is the class of the prototype they are closer to (dot product), a filter against
     wrong pseudo-labels. Loss: a 2-way softmax over the cosines to the own and the other class's
     prototype at ``temperature``, averaged over each (patch, class) group's anchors, then over the
-    groups. Inputs at one resolution (B, D, h, w) / (B, h, w) / (B, 2, h, w); sides not divisible
-    by n are resized up (bilinear; labels nearest), as upstream resizes to its feature size.
+    groups. Inputs (B, D, h, w) / (B, h, w) / (B, 2, h, w): the labels and probabilities are brought
+    to the features' size and sides not divisible by n resized up (bilinear; labels nearest), as
+    upstream resizes to its feature size.
     Returns (loss, per-step statistics as :func:`contrastive_stats`'s)."""
     n = num_patches
     h, w = rep_u.shape[-2:]
     size = (n * -(-h // n), n * -(-w // n))
-    if size != (h, w):
 
-        def resize(x):
-            return F.interpolate(x, size=size, mode="bilinear", align_corners=True)
+    def resize(x):  # to the feature grid: a network whose projector runs below the input size
+        if tuple(x.shape[-2:]) == size:  # (DeepLab at stride 4, MALUNet at 2) gets its maps brought to it
+            return x
+        return F.interpolate(x, size=size, mode="bilinear", align_corners=True)
 
-        def resize_labels(y):
-            return F.interpolate(y[:, None].float(), size=size, mode="nearest")[:, 0].long()
+    def resize_labels(y):
+        if tuple(y.shape[-2:]) == size:
+            return y
+        return F.interpolate(y[:, None].float(), size=size, mode="nearest")[:, 0].long()
 
-        rep_u, rep_l, prob_u, prob_l = map(resize, (rep_u, rep_l, prob_u, prob_l))
-        label_u, label_l = resize_labels(label_u), resize_labels(label_l)
+    rep_u, rep_l, prob_u, prob_l = map(resize, (rep_u, rep_l, prob_u, prob_l))
+    label_u, label_l = resize_labels(label_u), resize_labels(label_l)
     zero = rep_u.sum() * 0.0
     lu, ll = _patches(label_u[:, None], n)[:, 0], _patches(label_l[:, None], n)[:, 0]  # (P, pixels)
     mixed_u = ((lu == 0).any(1) & (lu == 1).any(1)).nonzero()[:, 0]
@@ -526,8 +530,9 @@ class SemiSegCAW(Method):
     ClassElevateSeg auxiliary network (segmentation on the labelled images + classification on
     every image with a class label, the class-only images included). Stage 2: it is frozen and
     guides the main network, trained on L_seg (labelled), L_cls (all class labels) and L_u
-    (teacher pseudo-labels, confidence ≥ γ) combined by the weight generation module (WGM; off:
-    static weights 1)."""
+    (teacher pseudo-labels, confidence ≥ γ; absent without unlabelled images) combined by the
+    weight generation module (WGM; off: static weights 1). Without ClassElevateSeg
+    (`class_elevate` off) there is no stage 1: the main network trains from the first step."""
 
     name = "semiseg_caw"
     uses_unlabeled = True
@@ -542,10 +547,12 @@ class SemiSegCAW(Method):
     def __call__(self, student, teacher, lab, unl, ctx):
         c = self.cfg
         net = student.module if hasattr(student, "module") else student
-        stage1 = unl is None or ctx["epoch"] < c.stage1_epochs
-        net.aux.requires_grad_(stage1)  # set every step: the stage follows the epoch (and resumes)
-        net.freeze_aux = not stage1
-        net.aux.train(stage1 and net.training)  # frozen in stage 2: no BN statistics updates
+        guided = net.aux is not None  # off: the paper's "removing ClassElevateSeg" (--no-class-elevate)
+        stage1 = guided and ctx["epoch"] < c.stage1_epochs
+        if guided:
+            net.aux.requires_grad_(stage1)  # set every step: the stage follows the epoch (and resumes)
+            net.freeze_aux = not stage1
+            net.aux.train(stage1 and net.training)  # frozen in stage 2: no BN statistics updates
         xl, yl = lab["image"], lab["mask"]
         x = xl if unl is None else torch.cat([xl, unl["image"]])
         cls_t = (
@@ -564,23 +571,21 @@ class SemiSegCAW(Method):
         out = student(x)
         loss_seg = self.sup(out["pred"][:nl], yl)
         loss_cls = F.cross_entropy(out["cls"][known], cls_t[known]) if known.any() else loss_seg * 0
-        with torch.no_grad():
-            prob = torch.softmax(teacher(unl["image"])["pred"], 1)
-            pl = prob.argmax(1).masked_fill(unl["mask"] == IGNORE, IGNORE)
-        loss_u = busseg_ops.confidence_masked_cross_entropy(out["pred"][nl:], pl, prob, c.gamma)
+        loss_u = None  # no unlabelled image (every mask known): no pseudo-label term
+        if unl is not None:
+            with torch.no_grad():
+                prob = torch.softmax(teacher(unl["image"])["pred"], 1)
+                pl = prob.argmax(1).masked_fill(unl["mask"] == IGNORE, IGNORE)
+            loss_u = busseg_ops.confidence_masked_cross_entropy(out["pred"][nl:], pl, prob, c.gamma)
         losses = [loss_seg, loss_cls, loss_u]
         if c.wgm:
             loss, w = self.wgm(losses)
         else:
-            loss, w = sum(losses), torch.ones(3)
-        return loss, {
-            "loss_seg": loss_seg.detach(),
-            "loss_cls": loss_cls.detach(),
-            "loss_u": loss_u.detach(),
-            "w_seg": w[0],
-            "w_cls": w[1],
-            "w_u": w[2],
-        }
+            loss, w = sum(v for v in losses if v is not None), torch.ones(3)
+        logs = {"loss_seg": loss_seg.detach(), "loss_cls": loss_cls.detach(), "w_seg": w[0], "w_cls": w[1]}
+        if loss_u is not None:
+            logs.update(loss_u=loss_u.detach(), w_u=w[2])
+        return loss, logs
 
     def pseudo_label_keep(self, prob, cls, ctx):
         return prob.amax(1) >= self.cfg.gamma  # as confidence_masked_cross_entropy
