@@ -260,7 +260,7 @@ def test_busi_integration_rabusseg_beats_chance(tmp_path):
         limit=48,
         crop=128,
         partition="1/2",
-        epochs=60,
+        epochs=30,
         warmup_epochs=2,
         lr=0.01,
         weight_decay=1e-4,
@@ -288,9 +288,10 @@ def test_busi_integration_rabusseg_beats_chance(tmp_path):
     masks = [torch.from_numpy(data.load_item(it)[1]).long() for it in test]
     chance = sum(metrics.seg_metrics(torch.ones_like(m), m)["dice"] for m in masks) / len(masks)
     print(f"BUSI 48-image subset: held-out Dice {ours:.3f} (subset test {res['dice'][0]:.3f}), chance {chance:.3f}")
-    # Measured at original size: 0.380 against 0.087 (since --limit takes a share of each of the
-    # authors' lists: 19 + 19 training images, 10 test; it drew 48 images at random before, which
-    # gave 0.197 against 0.098).
+    # Measured at original size: 0.319 against 0.087 with 30 epochs under the upstream defaults of
+    # issue 30 (60 epochs of the earlier step gave 0.380, but the train-mode teacher pass made them
+    # cost 5 min); --limit takes a share of each of the authors' lists: 19 + 19 training images, 10
+    # test (it drew 48 images at random before, which gave 0.197 against 0.098).
     assert ours > chance + 0.05
 
 
