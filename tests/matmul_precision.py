@@ -7,7 +7,21 @@ an operand's relative error is below 2^-10: the worst case, which ``to_tf32`` re
 
 import contextlib
 
+import pytest
 import torch
+
+#: Every (dtype, float32 matmul precision) the tensor-core kernels are tested in.
+every_precision = pytest.mark.parametrize(
+    "dtype,precision",
+    [
+        (torch.float32, "ieee"),
+        (torch.float32, "tf32"),
+        (torch.float16, "ieee"),
+        (torch.bfloat16, "ieee"),
+        (torch.float64, "ieee"),
+    ],
+    ids=["fp32", "tf32", "fp16", "bf16", "fp64"],
+)
 
 #: The relative error bound of one operand read as TF32 (truncation).
 TF32_EPS = 2.0**-10

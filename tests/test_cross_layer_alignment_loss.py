@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import backends, tolerance, triton_device
 from hypothesis import strategies as st
-from matmul_precision import TF32_EPS, matmul_precision, to_tf32
+from matmul_precision import TF32_EPS, every_precision, matmul_precision, to_tf32
 from op_contract import OpContract, RawSample, bad
 
 import busseg_ops
@@ -394,17 +394,7 @@ def _gpu_or_triton_ops():
 
 
 @pytest.mark.parametrize("grad", [(True, True), (False, True)], ids=["all", "proxies"])
-@pytest.mark.parametrize(
-    "dtype,precision",
-    [
-        (torch.float32, "ieee"),
-        (torch.float32, "tf32"),
-        (torch.float16, "ieee"),
-        (torch.bfloat16, "ieee"),
-        (torch.float64, "ieee"),
-    ],
-    ids=["fp32", "tf32", "fp16", "bf16", "fp64"],
-)
+@every_precision
 @pytest.mark.parametrize("case", list(KERNEL_CASES))
 @pytest.mark.parametrize("device,namespace", _gpu_or_triton_ops())
 def test_kernels_match_float64(device, namespace, case, dtype, precision, grad):

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from conftest import backends, tolerance
 from hypothesis import strategies as st
-from matmul_precision import TF32_EPS, matmul_precision, to_tf32
+from matmul_precision import TF32_EPS, every_precision, matmul_precision, to_tf32
 from op_contract import OpContract, RawSample, bad
 
 import busseg_ops
@@ -285,17 +285,7 @@ def _gpu_or_triton_backends():
 
 
 @pytest.mark.parametrize("neg_grad", [False, True], ids=["anchors", "negatives-too"])
-@pytest.mark.parametrize(
-    "dtype,precision",
-    [
-        (torch.float32, "ieee"),
-        (torch.float32, "tf32"),
-        (torch.float16, "ieee"),
-        (torch.bfloat16, "ieee"),
-        (torch.float64, "ieee"),
-    ],
-    ids=["fp32", "tf32", "fp16", "bf16", "fp64"],
-)
+@every_precision
 @pytest.mark.parametrize("case", list(KERNEL_CASES))
 @pytest.mark.parametrize("device,backend", _gpu_or_triton_backends())
 def test_kernels_match_float64(device, backend, case, dtype, precision, neg_grad):
