@@ -55,13 +55,15 @@ def digest(state: dict) -> str:
     return h.hexdigest()
 
 
-def _write_atomic(obj, path: str) -> None:
+def write_atomic(path: str, write) -> None:
+    """write(file) into a temporary file beside `path`, fsynced, then renamed over it: `path` is
+    never half-written (checkpoints, exports)."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -75,7 +77,7 @@ def save(state: dict, path: str) -> None:
     """Write `state` (tensors and plain data only: anything else is a TypeError) with its digest."""
     payload = {"format": FORMAT, **state}
     payload["sha256"] = digest(payload)
-    _write_atomic(payload, path)
+    write_atomic(path, lambda f: torch.save(payload, f))
 
 
 def read_plain(path: str, what: str = "checkpoint"):

@@ -22,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 
 import torch
 import torch.nn.functional as F
@@ -84,23 +83,11 @@ def check_destination(path: str, src: str, overwrite: bool) -> None:
 
 
 def _write_atomic(path: str, write) -> None:
-    """write(file) into a temporary file beside `path`, then renamed over it (never half-written)."""
-    folder = os.path.dirname(os.path.abspath(path))
+    """checkpoint.write_atomic, a folder that cannot be written a one-line error."""
     try:
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-export-", dir=folder)
+        checkpoint.write_atomic(path, write)
     except OSError as err:
         raise UserError(f"{path}: cannot write there ({err.strerror or err})") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def load_network(path: str, which: str = "teacher") -> tuple[torch.nn.Module, TrainConfig]:
