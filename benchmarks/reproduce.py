@@ -31,6 +31,7 @@ import platform
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -373,24 +374,36 @@ def train_one(run: Run, quiet: bool = False, threads: int | None = None) -> dict
     return res
 
 
-def train_all(runs: list[Run], quiet: bool = False, jobs: int = 1) -> bool:
-    """Trains every unfinished run (resuming from last.pt), `jobs` at a time in separate processes
-    of one torch thread each (the most expensive rows first); False when stopped by a signal."""
+def _row_cost(run: Run) -> float:
+    return COST.get(run.name, 1.0)
+
+
+def train_all(
+    runs: list[Run],
+    quiet: bool = False,
+    jobs: int = 1,
+    train: Callable[..., dict] = train_one,
+    cost: Callable[[Run], float] = _row_cost,
+    target: str = "make reproduce",
+) -> bool:
+    """Trains every unfinished run with ``train(run, quiet, threads)`` (resuming from last.pt),
+    `jobs` at a time in separate processes of one torch thread each, the most expensive rows
+    (``cost``) first; False when stopped by a signal (``target`` is the command that continues)."""
     todo = [r for r in runs if not r.finished()]
     print(f"{len(runs) - len(todo)} of {len(runs)} runs already finished; {len(todo)} to train", flush=True)
     if not todo:
         return True
-    order = sorted(todo, key=lambda r: -COST.get(r.name, 1.0))
+    order = sorted(todo, key=lambda r: -cost(r))
     t_start, stopped = time.time(), False
-    cost_all, cost_done = sum(COST.get(r.name, 1.0) for r in order), 0.0
+    cost_all, cost_done = sum(cost(r) for r in order), 0.0
 
     def report(i, run, res):
         nonlocal stopped, cost_done
         if res.get("stopped"):
             stopped = True
-            print(f"stopped; run `make reproduce` again to continue from {run.out}/last.pt", flush=True)
+            print(f"stopped; run `{target}` again to continue from {run.out}/last.pt", flush=True)
             return
-        cost_done += COST.get(run.name, 1.0)
+        cost_done += cost(run)
         left = (time.time() - t_start) * (cost_all - cost_done) / cost_done / 60  # runs in flight included
         print(
             f"[{i + 1}/{len(order)}] {run.name} seed {run.seed}: test Dice {res['dice'][0]:.4f}, "
@@ -401,14 +414,14 @@ def train_all(runs: list[Run], quiet: bool = False, jobs: int = 1) -> bool:
     if jobs <= 1:
         for i, run in enumerate(order):
             print(f"training {run.name} seed {run.seed} → {run.out}", flush=True)
-            report(i, run, train_one(run, quiet))
+            report(i, run, train(run, quiet))
             if stopped:
                 return False
         return True
     # Quiet workers: their progress bars would interleave; each finished run is reported here.
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context) as pool:
-        futures = {pool.submit(train_one, run, True, 1): run for run in order}
+        futures = {pool.submit(train, run, True, 1): run for run in order}
         print(f"training {len(order)} runs in {jobs} processes of one thread each", flush=True)
         for i, fut in enumerate(concurrent.futures.as_completed(futures)):
             report(i, futures[fut], fut.result())

@@ -23,11 +23,9 @@ supervised row, the training wall time per epoch beside the paper's, and the cur
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import dataclasses
 import datetime
 import json
-import multiprocessing
 import os
 import platform
 import sys
@@ -135,38 +133,10 @@ def train_one(run: reproduce.Run, quiet: bool = True, threads: int | None = None
 
 
 def train_all(runs: list[reproduce.Run], jobs: int = 1) -> bool:
-    """Trains every unfinished run, `jobs` at a time (separate processes of one torch thread each,
-    the longest rows first); False when stopped by a signal."""
-    todo = sorted((r for r in runs if not r.finished()), key=lambda r: -r.cfg.epochs)
-    print(f"{len(runs) - len(todo)} of {len(runs)} runs already finished; {len(todo)} to train", flush=True)
-    stopped = False
-
-    def report(i, run, res):
-        nonlocal stopped
-        if res.get("stopped"):
-            stopped = True
-            print(f"stopped; run the target again to continue from {run.out}/last.pt", flush=True)
-        else:
-            print(
-                f"[{i + 1}/{len(todo)}] {run.name} seed {run.seed}: test Dice {res['dice'][0]:.4f}, "
-                f"{reproduce.wall_time(run) / 60:.1f} min → {run.out}",
-                flush=True,
-            )
-
-    if jobs <= 1:
-        for i, run in enumerate(todo):
-            print(f"training {run.name} seed {run.seed} → {run.out}", flush=True)
-            report(i, run, train_one(run))
-            if stopped:
-                return False
-        return True
-    context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context) as pool:
-        futures = {pool.submit(train_one, run, True, 1): run for run in todo}
-        print(f"training {len(todo)} runs in {jobs} processes of one thread each", flush=True)
-        for i, fut in enumerate(concurrent.futures.as_completed(futures)):
-            report(i, futures[fut], fut.result())
-    return not stopped
+    """reproduce.train_all with this table's runs (timed per epoch), the longest rows first."""
+    return reproduce.train_all(
+        runs, True, jobs, train=train_one, cost=lambda r: r.cfg.epochs, target="make reproduce-semiseg-caw"
+    )
 
 
 def seconds_per_epoch(run: reproduce.Run) -> float:
