@@ -71,18 +71,6 @@ def extension():
     )
 
 
-# models/ and train/ live at the top of the repo but install under the busseg_ops namespace.
-PACKAGE_DIRS = {"busseg_ops": "busseg_ops", "busseg_ops.models": "models", "busseg_ops.train": "train"}
-
-
-def packages() -> list[str]:
-    """Each package of PACKAGE_DIRS and every subpackage below it: a new subpackage needs no edit here."""
-    found = []
-    for name, folder in PACKAGE_DIRS.items():
-        found += [name] + [f"{name}.{sub}" for sub in find_packages(folder)]
-    return found
-
-
 def torch_requirement() -> str:
     """The extension links against libtorch's C++ API, which changes between minor releases (not
     between patch releases): the package needs the minor release of torch it was built with."""
@@ -107,8 +95,7 @@ setup(
     name="busseg_ops",
     version="0.1.0",
     description="Accelerated operators for relation-aware semi-supervised breast-ultrasound segmentation",
-    packages=packages(),
-    package_dir=PACKAGE_DIRS,
+    packages=find_packages(include=["busseg_ops", "busseg_ops.*"]),
     package_data={"busseg_ops.train": ["configs/*.yaml"]},  # the --preset files
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExtensionKeepingObjects},

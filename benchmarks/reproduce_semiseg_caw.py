@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/reproduce_semiseg_caw.py [--scale full|smoke] [--epochs N] [--limit N]
         [--seeds 0 1 2] [--only ROW ...] [--jobs N] [--root DIR] [--out DIR]
 
-Every row of ROWS is a shipped preset (train/configs/NAME.yaml: the paper's settings where its text
+Every row of ROWS is a shipped preset (busseg_ops/train/configs/NAME.yaml: the paper's settings where its text
 gives them, the public MALUNet/UNeXt configs where it is silent, each value's source in the preset's
 comment) with the row's own flags, trained with every seed of SEEDS on BUSI with the authors' lists:
 per seed, 52 training images drawn for validation (each run's best.pt is its best validation Dice),
@@ -33,6 +33,7 @@ import time
 
 import numpy as np
 import torch
+
 from busseg_ops.train import TrainConfig, Trainer, config
 from busseg_ops.train.evaluate import compare_groups
 
@@ -169,7 +170,7 @@ def write_report(runs: list[reproduce.Run], scale: str, path: str, command: str,
         + (f" (`limit={cfg.limit}`, `epochs={cfg.epochs}`: a pipeline check, not results)" if scale != "full" else "")
         + ".",
         "",
-        "Protocol: each row is its preset (train/configs/, every value's source in its comment). The paper's "
+        "Protocol: each row is its preset (busseg_ops/train/configs/, each value's source in a comment). The paper's "
         "572 training images of BUSI's 780 and its test set are not published; here the RA-BUSSeg authors' BUSI "
         "lists (647 benign + malignant images: 518 training, 129 test). Per seed: "
         f"{cfg.val_from_train} training images drawn for validation (model selection: best validation Dice); of "
