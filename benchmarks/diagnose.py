@@ -34,9 +34,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import reproduce  # noqa: E402  (the scale, the protocol and the method rows are reproduce's)
 import torch.nn.functional as F  # noqa: E402
-from busseg_ops.train import TrainConfig, Trainer, checkpoint, data, engine, evaluate  # noqa: E402
 
 import busseg_ops  # noqa: E402
+from busseg_ops.train import TrainConfig, Trainer, checkpoint, data, engine, evaluate  # noqa: E402
 
 REPO = reproduce.REPO
 ROWS = {name: flags for name, flags, _ in reproduce.RUNS}

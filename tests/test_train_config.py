@@ -6,9 +6,10 @@ import math
 
 import pytest
 import torch
+from train_helpers import fake_busi, tiny, write_lists
+
 from busseg_ops.train import Trainer, checkpoint, cli, config, engine, methods
 from busseg_ops.train.errors import UserError
-from train_helpers import fake_busi, tiny, write_lists
 
 # The structure of the public RA-BUSSeg experiments/busi/1_2/config.yaml (a copy written here, keys
 # and values as upstream has them; nothing is fetched).

@@ -12,12 +12,12 @@ import textwrap
 import pytest
 import torch
 import torch.nn.functional as F
-from busseg_ops.train import Trainer, checkpoint, cli, data, engine, metrics
-from busseg_ops.train.errors import UserError
-from busseg_ops.train.evaluate import evaluate
 from train_helpers import tiny
 
 import busseg_ops
+from busseg_ops.train import Trainer, checkpoint, cli, data, engine, metrics
+from busseg_ops.train.errors import UserError
+from busseg_ops.train.evaluate import evaluate
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUSI = os.path.join(REPO, "..", "shared", "data", "BUSI")

@@ -6,10 +6,10 @@ import math
 
 import pytest
 import torch
-from busseg_ops.train import data, engine, methods
 from train_helpers import tiny
 
 import busseg_ops
+from busseg_ops.train import data, engine, methods
 
 
 def _batch(n, seed, size=64, labeled=True):

@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from busseg_ops.train import Trainer, augment, data, engine, evaluate, methods
 from test_train_methods import _batch, oracle_teacher
 from train_helpers import tiny
+
+from busseg_ops.train import Trainer, augment, data, engine, evaluate, methods
 
 CTX = {"epoch": 1, "progress": 0.5, "warmup": False, "epochs": 2}
 
