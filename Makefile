@@ -19,7 +19,7 @@ $(STAMP): Makefile setup.py pyproject.toml build_backend/busseg_build_backend.py
 	  else python3 -m venv $(VENV); fi; fi
 	$(PY) -c 'import torch' 2>/dev/null || $(PIP) install -q torch==2.13.0
 	$(PIP) install -q triton numpy pytest pytest-benchmark ninja pybind11 setuptools wheel pillow matplotlib tqdm \
-	  scipy pyyaml hypothesis ruff==0.17.6 clang-format==23.1.5
+	  scipy pyyaml hypothesis pytest-xdist ruff==0.17.6 clang-format==23.1.5
 	$(PIP) install -q --no-build-isolation --no-deps -e .
 	touch busseg_ops/.built $(STAMP)  # the editable install just built the extension in place
 
@@ -33,25 +33,33 @@ busseg_ops/.built: $(NATIVE_SOURCES)
 # bindings (built only in CUDA builds) get a syntax and warning check against torch's headers
 # (a CPU wheel lacks one generated CUDA config header: a stand-in defines its one macro).
 # ptxas's resource report of each op's kernels (-Xptxas -v) is kept beside its object for
-# gpu-compile-check (csrc/<op>/cuda.cu -> build/cuda-check/<op>.{o,ptxas.log}).
+# gpu-compile-check (csrc/<op>/cuda.cu -> build/cuda-check/<op>.{o,ptxas.log}). One file per
+# rule, so the files compile MAX_JOBS at a time and a re-run redoes only what changed.
+CUDA_CHECK       := build/cuda-check
+CUDA_OBJECTS     := $(patsubst csrc/%/cuda.cu,$(CUDA_CHECK)/%.o,$(wildcard csrc/*/cuda.cu))
+CUDA_BINDINGS_OK := $(patsubst csrc/%/cuda_binding.cpp,$(CUDA_CHECK)/%.binding-ok,$(wildcard csrc/*/cuda_binding.cpp))
+CUDA_HEADERS     := $(shell find csrc -name '*.h' -o -name '*.cuh')
+
 cuda-check: $(STAMP)
 	@if [ -z "$(NVCC)" ]; then echo "cuda-check: nvcc not found, skipped"; exit 0; fi; \
-	mkdir -p build/cuda-check; rm -f build/cuda-check/*.o build/cuda-check/*.ptxas.log; \
-	for f in csrc/*/cuda.cu; do \
-	  echo "nvcc $$f"; \
-	  out=build/cuda-check/$$(basename $$(dirname $$f)); \
-	  $(NVCC) -std=c++17 -O3 $(CUDA_ARCH_FLAGS) -Werror all-warnings -Xcompiler -Wall,-Wextra,-Werror \
-	    -Xptxas -v -Icsrc -c $$f -o $$out.o 2> $$out.ptxas.log || { cat $$out.ptxas.log; exit 1; }; \
-	done; \
-	cuda_inc=$$(echo '#include <cuda_runtime.h>' | $(NVCC) -x cu -M - | tr ' \\' '\n\n' | grep '/cuda_runtime.h$$' | head -1 | xargs dirname); \
+	for f in $(CUDA_CHECK)/*.o $(CUDA_CHECK)/*.ptxas.log; do \
+	  op=$$(basename "$$f"); [ -f "csrc/$${op%%.*}/cuda.cu" ] || rm -f "$$f"; done; \
+	$(MAKE) -s --no-print-directory -j$(MAX_JOBS) $(CUDA_OBJECTS) $(CUDA_BINDINGS_OK)
+
+$(CUDA_CHECK)/%.o: csrc/%/cuda.cu $(CUDA_HEADERS) Makefile
+	@mkdir -p $(@D); echo "nvcc $<"
+	@$(NVCC) -std=c++17 -O3 $(CUDA_ARCH_FLAGS) -Werror all-warnings -Xcompiler -Wall,-Wextra,-Werror \
+	  -Xptxas -v -Icsrc -c $< -o $@ 2> $(@:.o=.ptxas.log) || { cat $(@:.o=.ptxas.log); rm -f $@; exit 1; }
+
+$(CUDA_CHECK)/%.binding-ok: csrc/%/cuda_binding.cpp $(CUDA_HEADERS) $(STAMP) $(CUDA_CHECK)/stub/c10/cuda/impl/cuda_cmake_macros.h
+	@echo "g++ -fsyntax-only $<"
+	@cuda_inc=$$(echo '#include <cuda_runtime.h>' | $(NVCC) -x cu -M - | tr ' \\' '\n\n' | grep '/cuda_runtime.h$$' | head -1 | xargs dirname); \
 	torch_inc=$$($(PY) -c "from torch.utils.cpp_extension import include_paths; print(' '.join('-isystem' + p for p in include_paths()))"); \
-	mkdir -p build/cuda-check/stub/c10/cuda/impl; \
-	echo '#define C10_CUDA_BUILD_SHARED_LIBS' > build/cuda-check/stub/c10/cuda/impl/cuda_cmake_macros.h; \
-	for f in csrc/*/cuda_binding.cpp; do \
-	  echo "g++ -fsyntax-only $$f"; \
-	  $(CXX) -std=c++20 -fsyntax-only -Wall -Wextra -Werror -DBUSSEG_WITH_CUDA $$torch_inc \
-	    -isystem build/cuda-check/stub -isystem $$cuda_inc -Icsrc $$f || exit 1; \
-	done
+	$(CXX) -std=c++20 -fsyntax-only -Wall -Wextra -Werror -DBUSSEG_WITH_CUDA $$torch_inc \
+	  -isystem $(CUDA_CHECK)/stub -isystem $$cuda_inc -Icsrc $< && touch $@
+
+$(CUDA_CHECK)/stub/c10/cuda/impl/cuda_cmake_macros.h:
+	@mkdir -p $(@D); echo '#define C10_CUDA_BUILD_SHARED_LIBS' > $@
 
 # Every Triton kernel compiled for sm_80 and sm_90 the way its launchers launch it (no GPU needed),
 # then a table of registers, spills, local and shared memory, occupancy, 128-bit global loads and
@@ -83,11 +91,12 @@ cmake-check: $(STAMP)
 	  -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')" >/dev/null
 	cmake --build build/cmake
 
-# Python: ruff (rules and line length in pyproject.toml); C++/CUDA: clang-format (.clang-format).
+# Python: ruff (rules and line length in pyproject.toml), uncached: its cache keys on each file's
+# content, not on the tree's layout, which decides what counts as first-party; C++/CUDA: clang-format.
 CXX_SOURCES = $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh')
 lint: $(STAMP)
-	$(PY) -m ruff check .
-	$(PY) -m ruff format --check .
+	$(PY) -m ruff check --no-cache .
+	$(PY) -m ruff format --no-cache --check .
 	$(VENV)/bin/clang-format --dry-run -Werror $(CXX_SOURCES)
 
 test: lint build cuda-check gpu-compile-check cmake-check
