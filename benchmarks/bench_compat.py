@@ -1,22 +1,7 @@
-"""busseg_ops.compat against the papers' code (issues 15, 29), at the upstream settings, with two
-baselines: ``upstream_published``, the published files themselves (loaded by
-busseg_ops/compat/published.py from ``BUSSEG_UPSTREAM_DIR``; skipped when it is not set), and
-``upstream_restated``, our restatement busseg_ops/compat/upstream.py (the references of
-tests/test_compat.py, always available).
-
-RA-BUSSeg: B=8, deep features 65×65 (513² crops, output stride 8), four layers of 256 (layer 1,
-129×129) / 512 / 1024 / 2048 channels, 256-channel projection, M=64 landmarks.
-- `Corr` forward+backward (the decoder's relation module): upstream forms the (B, HW, HW) map and
-  the unfolded features; ours is ARP plus a CorrelationMap handle.
-- `compute_rank_loss_landmark` forward+backward, from the decoder's outputs: upstream gets the
-  formed map (its cost is in the Corr group) and loops over images and steps; ours gets the handle.
-PH-Net: 512² inputs, N=16 patches per side.
-- patch pipeline: `devide_into_patchs` + `compute_hard_ratio` + `generate_patch_data` (defaults) on
-  B=8 images (3 channels), pseudo-labels, confidences and 2-class probabilities.
-- `patch_contrast` forward+backward: 8 labelled + 8 unlabelled images (U2PL's loaders give both
-  the same batch size), 256-channel representations at 128×128 (the decoder's 1/4 grid, as
-  feat_size), one lesion per image, temperature 0.5.
-Time (median of a few rounds) and peak extra memory (a fresh process each), one run.
+"""busseg_ops.compat against the papers' code at the upstream settings (issues 15, 29), with two
+baselines: ``upstream_published``, the published files (from ``BUSSEG_UPSTREAM_DIR``; skipped when
+it is not set), and ``upstream_restated``, our restatement of them (always available). The problems
+and their sizes: docs/benchmarks.md.
 """
 
 import math

@@ -1,14 +1,7 @@
-"""CRA (RA-BUSSeg) at the upstream setting: B=8, 65×65 deep features, M=64 proxies.
-
-Ours is `cpu` (on the GPU `cuda`, and `triton` where the op has it; greedy sampling in float32
-and bfloat16, the loss in TF32, exact float32 and bfloat16).
-
-- Greedy sampling (C=256 projected deep features): ours against the upstream formulation
-  (materialised (B, HW, HW) correlation map, then a per-image, per-step Python loop with argmin).
-- Alignment loss over four layers of 256/512/1024/2048 channels on the 65×65 grid (layer 1
-  resized from its 130×130 map, detached, as upstream), proxies gathered from each layer's own
-  map at the mapped indices: ours against the reference formulation (einsum + softmax +
-  KLDivLoss per adjacent pair), eager and under torch.compile, forward+backward.
+"""CRA (RA-BUSSeg) at the upstream setting: B=8, 65×65 deep features, M=64 proxies. Ours (`cpu`; on
+the GPU `cuda`, and `triton` where the op has it) against upstream's greedy sampling (the
+materialised (B, HW, HW) map, then a per-step argmin loop) and against the reference alignment loss
+over four layers (einsum + softmax + KLDivLoss per adjacent pair), eager and compiled.
 """
 
 import pytest

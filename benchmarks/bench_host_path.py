@@ -1,15 +1,8 @@
-"""The host path of an op call (issue 27, item 5): Python front end, dispatch, autograd and a kernel
-on tiny tensors, where the kernel costs next to nothing. On a GPU a 20 µs kernel behind a 100 µs
-host path leaves the GPU idle, so an op call should cost about what a torch call of the same
-shape of work costs. Targets: ARP forward ≤ 1.5× an ``F.conv2d`` call, ARP forward + backward
-≤ 1.5× conv forward + backward; the CRA loss is set against ``F.kl_div`` (one fused torch loss
-with autograd), the comparable call for a loss.
-
-One thread: the host path, not OpenMP's fork and join. ``test_ratio`` times both sides of a pair
-in alternating short loops and takes each side's best loop: a loop of a few hundred µs mostly
-runs within one time slice of the scheduler, so on a shared, loaded machine the best of many
-such loops is each side's unloaded cost, and both sides see the same load. The other tests are
-pytest-benchmark's per-call timings of each side (rounds of the same short loops)."""
+"""The host path of an op call (issue 27, item 5) on tiny tensors, where the kernel costs next to
+nothing: on a GPU a 20 µs kernel behind a 100 µs host path leaves the GPU idle, so an op call should
+cost about what the comparable torch call costs (ARP against ``F.conv2d``, the CRA loss against
+``F.kl_div``). One thread. ``test_ratio`` takes each side's best of many short alternating loops:
+on a loaded machine that is each side's unloaded cost, under the same load (docs/benchmarks.md)."""
 
 import time
 

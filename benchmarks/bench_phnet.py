@@ -1,14 +1,8 @@
-"""PH-Net ops at the training settings of the paper. Ours is `cpu` (on the GPU `cuda` and `triton`;
-the cutmix has no Triton kernel and runs `cuda` there).
-
-(1) Hardness + cutmix: B=8, 2×512×512 logits, 3×512×512 images (+ pseudo-labels and
-    confidences), N=16 patches per side. Ours against the PH-Net public-code formulation
-    (chunk/cat into patches, a Python loop per image). On the GPU in float32 and bfloat16.
-(2) Contrastive fwd+bwd at N = N⁻ = 8192, D = 256: ours against the materialising reference
-    (time and peak memory), negatives detached as the default caller does; on the GPU also against
-    torch.compile of the reference, in TF32, exact float32 and bfloat16.
-(3) N = N⁻ = 65536, D = 256, ours: must simply run (time and peak memory recorded); on the GPU in
-    TF32 and bfloat16."""
+"""PH-Net ops at the paper's training settings. Ours (`cpu`; on the GPU `cuda` and `triton`, the
+cutmix `cuda` only) against (1) hardness + cutmix as PH-Net's public code writes them (chunk/cat into
+patches, a Python loop per image); (2) the contrastive loss against the materialising reference at
+N = N⁻ = 8192 (time and peak memory; on the GPU also torch.compile of it); (3) at N = N⁻ = 65536,
+where ours must simply run."""
 
 import math
 

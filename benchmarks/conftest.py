@@ -1,25 +1,10 @@
-"""Benchmark plumbing. Every timed case calls the ``measure`` fixture once:
-``measure(group, fn, traffic=None)``, with ``group`` naming the problem and the test's ``impl``
-parameter naming the implementation (and its ``prec`` the precision, where it has one).
-
-On the CPU (``make bench``) pytest-benchmark times ``fn`` (``benchmark.pedantic``); peak memory goes
-through the ``record_memory`` fixture. At the end a Markdown table of medians, speed-ups against
-every baseline of the same group by medians and by minima (all from this one run) and peak memory
-is printed and appended to benchmarks/last_run.md (``make bench`` clears it first and runs each
-file in a process of its own, so one benchmark's leftovers -- compiled graphs, allocator state --
-cannot slow another's).
-
-``BUSSEG_BENCH_DEVICE=cuda`` runs the op benchmarks on the GPU (``make gpu-check``, through
-tools/gpu_check.py): our ``cuda`` and ``triton`` backends take the place of ``cpu``, in float32 and
-bfloat16, and the matmul-shaped losses also in TF32 (``prec``: PRECISIONS). A GPU case is timed by
-:func:`time_call`, not by pytest-benchmark: kernel time by CUDA events, one call per round, L2
-flushed before each; and, separately, the host path (the call in a loop). Each case appends a JSON
-line to ``BUSSEG_BENCH_JSONL`` as soon as it is measured (a run stopped by a time limit keeps what
-it measured), with its least memory traffic (``bytes``, where the op is bound by memory) and the
-GPU memory one call adds at its peak; the table at the end is benchmarks/speedups.py's
-``gpu_table``, the one tools/gpu_check.py writes into benchmarks/RESULTS_GPU.md.
-Baselines (upstream code, reference formulations, torch.compile of them) carry the ``baseline``
-mark, so that a GPU run can time ours first (``-m "not baseline"``) and the baselines after.
+"""Benchmark plumbing. Every timed case calls the ``measure`` fixture once,
+``measure(group, fn, traffic=None)``: ``group`` names the problem, the test's ``impl`` parameter the
+implementation (and its ``prec`` the precision, where it has one). On the CPU pytest-benchmark
+times it, and a table of medians, speed-ups against the same run's baselines and peak memory goes to
+benchmarks/last_run.md. With ``BUSSEG_BENCH_DEVICE=cuda`` CUDA events time it, the L2 flushed, and
+each case is written at once as a JSON line to ``BUSSEG_BENCH_JSONL``, so a run stopped by a time
+limit keeps what it measured. How and why: docs/benchmarks.md.
 """
 
 from __future__ import annotations

@@ -1,22 +1,10 @@
 """The contract every op's tests run (after torchvision's RoIOpTester and NATTEN's backend tests).
 
-An op's test class subclasses :class:`OpContract` and supplies
-
-- ``op``: its row of the op table (``busseg_ops.ops.<name>.OP``: the name and the backends);
-- ``cases`` and ``make_inputs(case, device)``: the call arguments of each case (odd shapes,
-  dtypes, parameters), with ``requires_grad`` set on the tensors that should get a gradient;
-- ``call(*inputs)``: the public op; ``reference(*inputs)`` defaults to ``call`` under the
-  ``reference`` backend;
-
-and optionally the inputs of the other checks (``None`` skips one). The base runs, for every
-backend that runs here: outputs and gradients against the reference over all cases, gradcheck in
-float64, ``torch.library.opcheck`` of the native and Triton ops, ``torch.compile(fullgraph=True)``,
-NaN propagation, channels-last and strided inputs, the bad-input list of the public function, the
-direct (raw) op calls that the C++ checks must reject, and a hypothesis property test over shapes,
-parameters and value ranges. In float16 and bfloat16: one case (``half_case``) against the float32
-reference on the same rounded values, opcheck of the raw samples, the op's rule under
-``torch.autocast`` (``Op.autocast``) and a compiled call under autocast. Raw-op samples
-(``raw_samples``) also feed the subprocess fuzz test (tests/test_raw_op_fuzz.py).
+An op's test class subclasses :class:`OpContract` and supplies ``op`` (its row of the op table),
+``cases`` and ``make_inputs(case, device)``, ``call`` (the public op), optionally ``reference`` and
+the inputs of the other checks (``None`` skips one). The base then holds every backend that runs here
+to the reference: values and gradients, gradcheck, opcheck, torch.compile, odd layouts, NaN, bad
+inputs, raw-op calls, half precision and autocast (the list: docs/testing.md).
 """
 
 from __future__ import annotations

@@ -4,11 +4,7 @@ each call ended, one JSON line per call (flushed before the next call, so a cras
     python raw_op_fuzz.py SAMPLES_FILE
 
 SAMPLES_FILE (torch.save, loaded with weights_only=True) holds a list of
-{"namespace", "op", "args", "free"}: valid calls and what may change in them and stay valid. Every
-mutation below of a valid call is a bad call, unless ``free`` allows it: a tensor argument (of a
-list argument: its element 0) with one dim longer, one dim more or less, another dtype, or on the
-meta device while the others stay on the CPU (a call on meta tensors only is valid); a list
-argument empty; an int argument negative, zero (unless free: a count that may be 0) or huge.
+{"namespace", "op", "args", "free"}: valid calls, and what may change in them and stay valid.
 """
 
 from __future__ import annotations

@@ -443,9 +443,9 @@ def test_weight_generation_module():
         wgm([torch.tensor(1.0)])
 
 
-def test_readme_models_snippet_runs():
-    readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")).read()
-    section = readme[readme.index("## Models") :]
+def test_docs_models_example_runs():
+    page = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "models.md")).read()
+    section = page[page.index("## Example") :]
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     scope = {}
     exec(code, scope)  # the snippet as a reader would paste it

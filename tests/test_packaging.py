@@ -1,15 +1,8 @@
 """Installing as a user types it, from a fresh `git clone` of this checkout's HEAD (uncommitted
 changes are not in the clone, so commit before trusting these tests), into scratch virtual
-environments that see the torch installed here (a .pth file points at links to this
-environment's packages, less busseg_ops's own install) and download no torch.
-
-The clone and the "user's" environment are shared by the module's tests, so the C++ extension
-compiles once: the editable install compiles it, and `pip install .` and `pip wheel` from the same
-clone, in the same environment and with the same compiler commands, find its objects up to date
-(ninja, under build/temp.*) and only link. Each test still compiles by itself when run alone.
-The ninja of the isolated builds comes from PyPI, the one of `pip wheel --no-build-isolation` from
-PATH: this environment's bin comes first on it, as in an activated environment; another ninja
-version would only recompile."""
+environments that see the torch installed here and download no torch. The clone and the user's
+environment are shared by the module's tests, so the extension compiles once and the other installs
+only link (docs/testing.md)."""
 
 import os
 import re

@@ -1,31 +1,9 @@
-"""`make gpu-check`: on a machine with a CUDA GPU and nvcc, from a clean checkout, in phases ordered
-so that the most valuable results come first, each printed with its wall time:
+"""`make gpu-check`: build, probe, benchmark and test the GPU code on a machine with a CUDA GPU.
 
-1. build: the extension with its CUDA kernels for this GPU's architecture only
-   (TORCH_CUDA_ARCH_LIST from its compute capability), installed editable into .venv (where it
-   is missing, created seeing the packages of the python running this). Skipped where the
-   extension is already built with its CUDA kernels and no native source is newer. Nothing is
-   fetched: torch, triton, pytest and the test dependencies come from the machine's python, as
-   GPU machines often have no registry.
-2. probe: which C++ exceptions crash the process (tools/gpu_exception_probe.py, about 15 s).
-3. bench: our kernels timed (benchmarks/bench_{copy,arp,cra,phnet}.py with BUSSEG_BENCH_DEVICE=cuda,
-   ``-m "not baseline"``): kernel time by CUDA events with the L2 flushed, the host path apart,
-   float32 and bfloat16, the matmul-shaped losses also in TF32 (benchmarks/conftest.py).
-4. tests: every CUDA and Triton test (pytest -k "cuda or triton"), the Triton kernels compiled
-   for the GPU (no interpreter).
-5. baselines: the same benchmarks' baselines (upstream code, references, torch.compile of them).
-
-After every phase benchmarks/RESULTS_GPU.md is written afresh with what has run: date, GPU,
-driver, CUDA, torch, triton, how the kernels were timed, the phases, the probe's table, issue 27's
-and 28's targets met or not, which backend is faster per op, and every timing.
-
-Without a CUDA GPU (no nvcc, or torch here sees no CUDA device) it prints one line and exits 0.
-Exit status 1 when a phase fails (a probe that finds crashes does not fail).
-
-``--time-limit SECONDS`` (for a lent machine's short lease): when the time is up, the command
-running is stopped, the phases left are not started, and the report is still written with what
-ran (every benchmark row measured before the stop counts). ``--only probe,bench`` runs those
-phases only (after the build where it is needed).
+The phases run in the order of their value (build, exception probe, our kernels timed, every CUDA
+and Triton test, the baselines), each printed with its wall time, and benchmarks/RESULTS_GPU.md is
+rewritten after every phase, so that a lease cut short still leaves a report. Nothing is fetched:
+GPU machines often have no registry. The phases, the options and the report: docs/gpu.md.
 """
 
 from __future__ import annotations

@@ -1,23 +1,12 @@
-"""Which C++ exceptions crash the process: each case makes one call that must raise (torch's own
-errors on the CPU and on CUDA as controls, our CPU op's argument check, one bad raw-op call per
-CUDA binding), each in a process of its
-own under ``python -X faulthandler``, once per setting of TORCH_SHOW_CPP_STACKTRACES (0/1) with
-TORCH_DISABLE_ADDR2LINE unset or 1. Reported per case and setting: the exception's type (the call
-raised cleanly), or the signal that killed the process, its exit code, or "no error"; the
-message (first line) and, for a crash, faulthandler's first line and innermost Python frame.
-Where gdb is installed, the first crashing CUDA case is run once more under it for the native
-backtrace.
+"""Which C++ exceptions crash the process: each case makes one call that must raise, in a process of
+its own under faulthandler, once per setting of TORCH_SHOW_CPP_STACKTRACES and
+TORCH_DISABLE_ADDR2LINE; the table of how each call ended is the result (exit status 0).
 
-Why: test_cuda_greedy_split_errors died with a segmentation fault on an H200 as the greedy CUDA
-binding threw its ValueError before any launch (benchmarks/RESULTS.md, "First run on a GPU").
-This tells in one run (about 15 s on 16 cores) whether every CUDA binding's exception path
-crashes, and under which settings.
+Why: a CUDA binding's ValueError, thrown before any launch, killed a test with a segmentation fault
+on an H200; this tells in one run which exception paths crash, and under which settings (the
+cases and the report: docs/gpu.md).
 
     python tools/gpu_exception_probe.py [--json PATH] [--cpu-only]
-
-Run by `make gpu-check` after the build (its second phase), or alone (`python tools/gpu_check.py
---only probe` builds first where needed). Exit status 0 whatever the cases did: the table is the
-result. Needs busseg_ops importable (built, with its CUDA kernels for the CUDA cases).
 """
 
 from __future__ import annotations
