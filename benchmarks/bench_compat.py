@@ -1,7 +1,7 @@
 """busseg_ops.compat against the papers' code (issues 15, 29), at the upstream settings, with two
 baselines: ``upstream_published``, the published files themselves (loaded by
-busseg_ops/compat/published.py from ``BUSSEG_UPSTREAM_DIR``; skipped when it is not set), and
-``upstream_restated``, our restatement busseg_ops/compat/upstream.py (the references of
+tests/support/published.py from ``BUSSEG_UPSTREAM_DIR``; skipped when it is not set), and
+``upstream_restated``, our restatement tests/support/upstream.py (the references of
 tests/test_compat.py, always available).
 
 RA-BUSSeg: B=8, deep features 65×65 (513² crops, output stride 8), four layers of 256 (layer 1,
@@ -24,9 +24,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from support import published, upstream
+from support.memory import peak_extra_mib
 
-from busseg_ops.compat import phnet, published, rabusseg, upstream
-from busseg_ops.testing import peak_extra_mib
+from busseg_ops.compat import phnet, rabusseg
 
 B, H, W, M = 8, 65, 65, 64
 CHANNELS = (256, 512, 1024, 2048)
@@ -191,7 +192,7 @@ def test_patch_contrast(benchmark, impl):
 # ---- peak memory -------------------------------------------------------------------------------
 
 _SETUP = """
-import sys; sys.path.insert(0, 'benchmarks')
+import sys; sys.path[:0] = ['benchmarks', 'tests']
 import torch, bench_compat as bc
 """
 MEMORY = {
