@@ -104,7 +104,7 @@ TABLE = (
 )
 BACKENDS = tuple(b.name for b in TABLE)
 _BY_NAME = {b.name: b for b in TABLE}
-_BY_PRIORITY = sorted(TABLE, key=lambda b: -b.priority)
+_BY_PRIORITY = sorted(TABLE, key=lambda b: b.priority, reverse=True)
 
 
 def available_backends(device: str | torch.device | None = None) -> list[str]:

@@ -30,6 +30,9 @@ def test_environment_variable_selects_backend(monkeypatch):
         arp(feat, value)
     with busseg_ops.use_backend("reference"):  # the context manager wins over the variable
         arp(feat, value)
+        with busseg_ops.use_backend("cpu"):  # the innermost wins
+            assert choose_backend(GREEDY, feat.device) == "cpu"
+        assert choose_backend(GREEDY, feat.device) == "reference"
     with pytest.raises(ValueError, match="unknown busseg backend"):
         busseg_ops.use_backend("fastest").__enter__()
 
