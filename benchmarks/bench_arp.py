@@ -7,9 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import DEVICE, ELEMENTWISE, OUR_BACKENDS, cpu_only, impl_params, nbytes, precision
+from support.memory import peak_extra_mib
 
 import busseg_ops
-from busseg_ops.testing import peak_extra_mib
 
 B, C, K, H, W, KS = 8, 256, 2, 65, 65, 3
 

@@ -1,7 +1,7 @@
 """busseg_ops.compat against the papers' code at the upstream settings (issues 15, 29), with two
-baselines: ``upstream_published``, the published files (from ``BUSSEG_UPSTREAM_DIR``; skipped when
-it is not set), and ``upstream_restated``, our restatement of them (always available). The problems
-and their sizes: docs/benchmarks.md.
+baselines: ``upstream_published``, the published files (loaded by tests/support/published.py from
+``BUSSEG_UPSTREAM_DIR``; skipped when it is not set), and ``upstream_restated``, our restatement
+tests/support/upstream.py (always available). The problems and their sizes: docs/benchmarks.md.
 """
 
 import math
@@ -9,9 +9,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from support import published, upstream
+from support.memory import peak_extra_mib
 
-from busseg_ops.compat import phnet, published, rabusseg, upstream
-from busseg_ops.testing import peak_extra_mib
+from busseg_ops.compat import phnet, rabusseg
 
 B, H, W, M = 8, 65, 65, 64
 CHANNELS = (256, 512, 1024, 2048)
@@ -176,7 +177,7 @@ def test_patch_contrast(benchmark, impl):
 # ---- peak memory -------------------------------------------------------------------------------
 
 _SETUP = """
-import sys; sys.path.insert(0, 'benchmarks')
+import sys; sys.path[:0] = ['benchmarks', 'tests']
 import torch, bench_compat as bc
 """
 MEMORY = {

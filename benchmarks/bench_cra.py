@@ -8,10 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import DEVICE, ELEMENTWISE, MATMUL, OUR_BACKENDS, cpu_only, impl_params, precision
+from support.memory import peak_extra_mib
 
 import busseg_ops
 from busseg_ops.reference.cross_layer_alignment_loss import cross_layer_alignment_loss as spec_loss
-from busseg_ops.testing import peak_extra_mib
 
 B, C, H, W, M = 8, 256, 65, 65, 64
 CHANNELS = (256, 512, 1024, 2048)

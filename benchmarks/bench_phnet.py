@@ -9,10 +9,10 @@ import math
 import pytest
 import torch
 from conftest import DEVICE, ELEMENTWISE, MATMUL, OUR_BACKENDS, cpu_only, impl_params, nbytes, precision
+from support.memory import peak_extra_mib
 
 import busseg_ops
 from busseg_ops.reference.memory_contrastive_loss import memory_contrastive_loss as spec_contrastive
-from busseg_ops.testing import peak_extra_mib
 
 B, K, C, S, NP = 8, 2, 3, 512, 16
 

@@ -13,11 +13,11 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [HERE, os.path.join(os.path.dirname(HERE), "tests")]  # benchmarks/, tests/support
 import bench_compat as bc  # noqa: E402
 from conftest import PRETOUCH_GIB  # noqa: E402
-
-from busseg_ops.compat import published  # noqa: E402
+from support import published  # noqa: E402
 
 GROUPS = {
     "rabusseg Corr fwd+bwd": (bc.CORR, lambda impl: bc.corr_inputs(), bc.corr_step),

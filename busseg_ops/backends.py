@@ -1,23 +1,16 @@
-"""Which implementation an op call runs: the op table, the backend choice and the registration.
+"""Which implementation an op call runs: the op table, the backend table and the registration.
 
-Every op has up to four backends: ``reference`` (plain PyTorch, the executable form of
-docs/ops.md), ``cpu`` (C++/OpenMP), ``cuda`` (CUDA C++) and ``triton``. By default a call runs the
-fastest one available for its tensors' device. Force one with ``BUSSEG_BACKEND=<name>`` (read at
-call time) or ``with busseg_ops.use_backend("<name>"):`` (the innermost context wins over the
-variable). Asking for a backend that cannot run is an error saying why, never a silent fallback.
-
-An op is one :class:`Op` row: its name is the public function, the schemas ``busseg::<name>`` (the
-C++ kernels of ``cpu`` and ``cuda``) and ``busseg_triton::<name>``, each with ``<name>_backward``
-when differentiable, and the files ``ops/<name>.py``, ``reference/<name>.py``,
-``triton/<name>.py`` and ``csrc/<name>/``. :func:`dispatch` returns the callable to run (in eager
-a native op's direct call, busseg_ops._C.native_op); :func:`register` registers the fake and
-autocast kernels (the native op's autograd is C++: csrc/<name>/autograd.cpp); :func:`load_triton`
-registers the Triton variants, on their first dispatch.
+An op may run on four backends (reference PyTorch, C++ cpu, CUDA C++, Triton). One place decides
+which, so that the front ends stay one line: by default the fastest backend that runs on the
+tensors' device; forced with ``BUSSEG_BACKEND`` or ``use_backend``, where a backend that cannot run
+is an error saying why, never a silent fallback. :func:`dispatch` runs on every eager op call:
+what it does per call is kept to a few dictionary lookups.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
 import importlib
 import importlib.util
@@ -28,9 +21,6 @@ import torch
 
 from . import _C
 
-BACKENDS = ("reference", "cpu", "cuda", "triton")
-_FASTEST_FIRST = ("cuda", "cpu", "triton", "reference")
-_forced: list[str] = []
 # looked up once: on every op call, attribute lookups through torch's modules add up
 _is_compiling = torch.compiler.is_compiling
 _any_autocast_enabled = torch._C._is_any_autocast_enabled
@@ -47,7 +37,9 @@ _HAS_CUDA_KERNELS = torch._C._dispatch_has_kernel_for_dispatch_key("busseg::adja
 
 @dataclasses.dataclass(frozen=True)
 class Op:
-    """One op's row of the table.
+    """One op's row of the table. Its name is the public function, the schemas ``busseg::<name>``
+    (the C++ cpu and cuda kernels) and ``busseg_triton::<name>``, and the files ops/<name>.py,
+    reference/<name>.py, triton/<name>.py and csrc/<name>/.
 
     ``reference`` takes the arguments of the native op ``busseg::<name>`` and returns what it
     returns (autograd by PyTorch). ``missing`` maps each backend the op lacks to the reason.
@@ -71,26 +63,48 @@ class Op:
 _TRITON_RUNS_ON_CPU = os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _can_run(name: str, kind: str) -> bool:
-    """Whether backend ``name`` runs on ``kind`` tensors here."""
-    if name == "reference":
-        return True
-    if name == "cpu":
-        return kind == "cpu"
-    if name == "cuda":
-        return kind == "cuda" and _HAS_CUDA_KERNELS
-    return _HAS_TRITON and (kind == "cuda" or (kind == "cpu" and _TRITON_RUNS_ON_CPU))
+@dataclasses.dataclass(frozen=True)
+class Backend:
+    """One backend's row: by default a call runs the backend of highest ``priority`` that the op has
+    and that runs on its tensors; ``unavailable(kind)`` is why it cannot run on ``kind`` tensors
+    (a torch.device type) here, None when it can."""
+
+    name: str
+    priority: int
+    unavailable: Callable[[str], str | None]
 
 
-def _why_unavailable(name: str, kind: str) -> str:
-    """Why backend ``name`` cannot run on ``kind`` tensors here (for the error message)."""
-    if name == "cuda" and kind == "cuda":
+def _runs_on(only: str) -> Callable[[str], str | None]:
+    return lambda kind: None if kind == only else f"it does not run on {kind} tensors"
+
+
+def _cuda_unavailable(kind: str) -> str | None:
+    if kind != "cuda":
+        return f"it does not run on {kind} tensors"
+    if not _HAS_CUDA_KERNELS:
         return "this build has no CUDA kernels (rebuild with a CUDA toolkit or FORCE_CUDA=1)"
-    if name == "triton" and not _HAS_TRITON:
+    return None
+
+
+def _triton_unavailable(kind: str) -> str | None:
+    if not _HAS_TRITON:
         return "triton is not installed"
-    if name == "triton" and kind == "cpu":
+    if kind == "cpu" and not _TRITON_RUNS_ON_CPU:
         return "triton runs on CPU tensors only under TRITON_INTERPRET=1"
-    return f"it does not run on {kind} tensors"
+    if kind not in ("cpu", "cuda"):
+        return f"it does not run on {kind} tensors"
+    return None
+
+
+TABLE = (
+    Backend("reference", 0, lambda kind: None),
+    Backend("cpu", 2, _runs_on("cpu")),
+    Backend("cuda", 3, _cuda_unavailable),
+    Backend("triton", 1, _triton_unavailable),
+)
+BACKENDS = tuple(b.name for b in TABLE)
+_BY_NAME = {b.name: b for b in TABLE}
+_BY_PRIORITY = sorted(TABLE, key=lambda b: b.priority, reverse=True)
 
 
 def available_backends(device: str | torch.device | None = None) -> list[str]:
@@ -99,7 +113,7 @@ def available_backends(device: str | torch.device | None = None) -> list[str]:
         kinds = [torch.device(device).type]
     else:
         kinds = ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
-    return [b for b in BACKENDS if any(_can_run(b, k) for k in kinds)]
+    return [b.name for b in TABLE if any(b.unavailable(k) is None for k in kinds)]
 
 
 _ENVIRON, _BACKEND_VARIABLE = os.environ._data, os.environ.encodekey("BUSSEG_BACKEND")
@@ -113,27 +127,47 @@ def _backend_variable() -> str | None:
     return os.environ.decodevalue(value) if value else None
 
 
+#: The backend forced by use_backend, local to the thread and the asyncio task (each starts with
+#: none; a task inherits its creator's).
+_forced: contextvars.ContextVar[str] = contextvars.ContextVar("busseg_backend")
+_forced_get = _forced.get
+
+
+class _Traced:
+    """``_TRACED.forced`` is the forced backend when torch.compile traces a call, ``_TRACED`` itself
+    when none is (the getter is ``_forced.get(_TRACED)``). torch.compile cannot trace
+    ``ContextVar.get``, but reads a property whose getter is a C function and guards on its value,
+    so that a graph is traced again where the forced backend differs, in any thread or task."""
+
+    __slots__ = ()
+    forced = property(_forced_get)
+
+
+_TRACED = _Traced()
+
+
 def choose_backend(op: Op, device: torch.device) -> str:
     """The backend ``op`` runs for tensors on ``device``: the forced one, else the fastest the op
     has that runs there. An unknown, missing or unavailable forced backend raises, with the reason."""
-    return _choose(op, device.type, _forced[-1] if _forced else _backend_variable())
+    return _choose(op, device.type, _forced_get(None) or _backend_variable())
 
 
 def _choose(op: Op, kind: str, name: str | None) -> str:
     if name is None:
-        return next(b for b in _FASTEST_FIRST if b not in op.missing and _can_run(b, kind))
-    if name not in BACKENDS:
+        return next(b.name for b in _BY_PRIORITY if b.name not in op.missing and b.unavailable(kind) is None)
+    backend = _BY_NAME.get(name)
+    if backend is None:
         raise ValueError(f"unknown busseg backend {name!r}; choose one of {', '.join(BACKENDS)}")
     if name in op.missing:
         raise RuntimeError(
             f"busseg backend {name!r} is not implemented for {op.name}: {op.missing[name]} "
             f"(it has {', '.join(op.backends)})"
         )
-    if not _can_run(name, kind):
-        available = [b for b in op.backends if _can_run(b, kind)]
+    why = backend.unavailable(kind)
+    if why is not None:
+        available = [b for b in op.backends if _BY_NAME[b].unavailable(kind) is None]
         raise RuntimeError(
-            f"busseg backend {name!r} is not available for {kind} tensors: {_why_unavailable(name, kind)}; "
-            f"available: {', '.join(available)}"
+            f"busseg backend {name!r} is not available for {kind} tensors: {why}; available: {', '.join(available)}"
         )
     return name
 
@@ -142,17 +176,16 @@ def dispatch(op: Op, device: torch.device) -> Callable:
     """The callable that runs ``op`` for tensors on ``device``: its reference function, its native
     op ``busseg::<name>`` (cpu and cuda kernels) or its Triton op ``busseg_triton::<name>``. Under
     torch.autocast the reference follows the op's autocast rule as the registered ops do."""
-    name = _forced[-1] if _forced else _backend_variable()
-    eager = not _is_compiling()
-    if name is None and eager:  # the default: the fastest backend's op, looked up once per op and device
+    if _is_compiling():
+        return _traced_kernel(op, device)
+    name = _forced_get(None) or _backend_variable()
+    if name is None:  # the default: the fastest backend's op, looked up once per op and device
         kernel = _fastest_kernels.get((op.name, device))
         if kernel is not None:
             return kernel
     backend = _choose(op, device.type, name)
     if backend == "reference":
-        return _autocast_kernel(op, op.reference, device.type) if _autocast_dtype(op, device.type) else op.reference
-    if not eager:
-        return _overload(op, backend)  # what torch.compile traces
+        return _reference_kernel(op, device.type)
     kernel = _eager_kernels.get((op.name, backend))
     if kernel is None:
         overload = _overload(op, backend)
@@ -164,6 +197,17 @@ def dispatch(op: Op, device: torch.device) -> Callable:
     if name is None:
         _fastest_kernels[op.name, device] = kernel
     return kernel
+
+
+def _traced_kernel(op: Op, device: torch.device) -> Callable:
+    """What torch.compile traces for ``op``: the chosen backend's OpOverload or the reference."""
+    forced = _TRACED.forced
+    backend = _choose(op, device.type, _backend_variable() if forced is _TRACED else forced)
+    return _reference_kernel(op, device.type) if backend == "reference" else _overload(op, backend)
+
+
+def _reference_kernel(op: Op, kind: str) -> Callable:
+    return _autocast_kernel(op, op.reference, kind) if _autocast_dtype(op, kind) else op.reference
 
 
 def _overload(op: Op, backend: str) -> torch._ops.OpOverload:
@@ -292,11 +336,12 @@ def _tensors(obj):
 
 @contextlib.contextmanager
 def use_backend(name: str):
-    """Run busseg ops inside the block with backend ``name``."""
-    if name not in BACKENDS:
+    """Run busseg ops inside the block with backend ``name`` (in this thread or asyncio task only;
+    it wins over BUSSEG_BACKEND)."""
+    if name not in _BY_NAME:
         raise ValueError(f"unknown busseg backend {name!r}; choose one of {', '.join(BACKENDS)}")
-    _forced.append(name)
+    token = _forced.set(name)
     try:
         yield
     finally:
-        _forced.pop()
+        _forced.reset(token)

@@ -1,8 +1,12 @@
-"""Backend choice (busseg_ops.backends): the forced backend, the reasons a backend cannot run, the
-op table behind every op, and where each variant's autograd lives."""
+"""Backend choice (busseg_ops.backends): the forced backend (local to a thread and an asyncio
+task, eager and compiled), the backend table behind the choice and the reasons a backend cannot
+run, the op table behind every op, and where each variant's autograd lives."""
 
+import asyncio
+import contextlib
 import importlib
 import pathlib
+import threading
 
 import pytest
 import torch
@@ -12,7 +16,7 @@ from torch.overrides import TorchFunctionMode
 import busseg_ops
 from busseg_ops import adjacent_relation_propagation as arp
 from busseg_ops import greedy_proxy_sampling
-from busseg_ops.backends import BACKENDS, choose_backend, dispatch
+from busseg_ops.backends import BACKENDS, TABLE, choose_backend, dispatch
 from busseg_ops.ops.greedy_proxy_sampling import OP as GREEDY
 
 
@@ -26,6 +30,9 @@ def test_environment_variable_selects_backend(monkeypatch):
         arp(feat, value)
     with busseg_ops.use_backend("reference"):  # the context manager wins over the variable
         arp(feat, value)
+        with busseg_ops.use_backend("cpu"):  # the innermost wins
+            assert choose_backend(GREEDY, feat.device) == "cpu"
+        assert choose_backend(GREEDY, feat.device) == "reference"
     with pytest.raises(ValueError, match="unknown busseg backend"):
         busseg_ops.use_backend("fastest").__enter__()
 
@@ -44,6 +51,108 @@ def test_default_is_the_fastest_the_op_has():
     if torch.cuda.is_available():
         assert choose_backend(GREEDY, torch.device("cuda")) in ("cuda", "reference")
     assert choose_backend(GREEDY, torch.device("meta")) == "reference"
+
+
+@pytest.mark.parametrize("kind", ["cpu", "cuda", "meta"])
+def test_availability_the_order_and_the_reasons_come_from_the_table(kind):
+    """available_backends is the table's backends whose reason is None; the default is the one of
+    highest priority; forcing any other says its reason."""
+    runs = [b for b in TABLE if b.unavailable(kind) is None]
+    assert [b.name for b in runs] == busseg_ops.available_backends(kind)
+    fastest = max((b for b in runs if b.name not in GREEDY.missing), key=lambda b: b.priority)
+    assert choose_backend(GREEDY, torch.device(kind)) == fastest.name
+    assert BACKENDS == tuple(b.name for b in TABLE) and TABLE[0].name == "reference"
+    for b in TABLE:
+        if b.unavailable(kind) is not None and b.name not in GREEDY.missing:
+            with busseg_ops.use_backend(b.name), pytest.raises(RuntimeError) as error:
+                choose_backend(GREEDY, torch.device(kind))
+            why = f"{b.name!r} is not available for {kind} tensors: {b.unavailable(kind)}; available: "
+            assert why in str(error.value)
+
+
+def _sees_only_its_own(name, barrier, seen):
+    """Forces ``name``, waits until the other thread has forced its own, records what it sees."""
+    cpu = torch.device("cpu")
+    with busseg_ops.use_backend(name):
+        barrier.wait()
+        seen[name] = [choose_backend(GREEDY, cpu), dispatch(GREEDY, cpu) is GREEDY.reference]
+        barrier.wait()
+    seen[name].append(choose_backend(GREEDY, cpu))
+
+
+def test_the_forced_backend_is_local_to_a_thread():
+    barrier, seen = threading.Barrier(2, timeout=60), {}
+    threads = [threading.Thread(target=_sees_only_its_own, args=(n, barrier, seen)) for n in ("cpu", "reference")]
+    with busseg_ops.use_backend("reference"):  # nor does a new thread see this one's
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert seen == {"cpu": ["cpu", False, "cpu"], "reference": ["reference", True, "cpu"]}
+    assert choose_backend(GREEDY, torch.device("cpu")) == "cpu"
+
+
+def test_the_forced_backend_is_local_to_an_asyncio_task():
+    """Tasks that force different backends interleave without seeing each other's; a task starts
+    with the backend forced where it was created."""
+    cpu = torch.device("cpu")
+
+    async def forces(name):
+        seen = []
+        with busseg_ops.use_backend(name):
+            for _ in range(3):
+                await asyncio.sleep(0)  # the other task runs, inside its own use_backend
+                seen.append(choose_backend(GREEDY, cpu))
+        return seen
+
+    async def inherits():
+        return choose_backend(GREEDY, cpu)
+
+    async def main():
+        both = await asyncio.gather(forces("cpu"), forces("reference"))
+        with busseg_ops.use_backend("reference"):
+            task = asyncio.create_task(inherits())
+        return both, await task
+
+    assert asyncio.run(main()) == ([["cpu"] * 3, ["reference"] * 3], "reference")
+
+
+def test_a_compiled_graph_follows_the_forced_backend():
+    """torch.compile reads the forced backend when it traces and guards on it, in the calling
+    thread: another backend traces again, and each thread runs the graph of its own backend."""
+    graphs, ran = [], []
+
+    def record(gm, example_inputs):
+        index = len(graphs)
+        graphs.append({str(n.target) for n in gm.graph.nodes if n.op == "call_function"})
+
+        def run(*args):
+            ran.append(index)
+            return gm.forward(*args)
+
+        return run
+
+    feat, value = torch.randn(1, 3, 5, 6), torch.randn(1, 2, 5, 6)
+    compiled = torch.compile(lambda feat, value: arp(feat, value), backend=record, fullgraph=True)
+    with busseg_ops.use_backend("reference"):
+        expected = arp(feat, value)
+        torch.testing.assert_close(compiled(feat, value), expected)
+    with busseg_ops.use_backend("cpu"):
+        torch.testing.assert_close(compiled(feat, value), expected)
+    native = "busseg.adjacent_relation_propagation.default"
+    assert len(graphs) == 2 and native not in graphs[0] and native in graphs[1]
+
+    def in_thread(name):
+        with busseg_ops.use_backend(name) if name else contextlib.nullcontext():
+            compiled(feat, value)
+
+    for here, there in [("cpu", "reference"), ("reference", None)]:  # None: nothing forced
+        with busseg_ops.use_backend(here):
+            thread = threading.Thread(target=in_thread, args=(there,))
+            thread.start()
+            thread.join()
+    # the reference graph in the first thread; in the second a new graph, of the default (cpu)
+    assert ran == [0, 1, 0, 2] and native in graphs[2]
 
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

@@ -1,9 +1,9 @@
 """busseg_ops.compat (issues 15, 29): each drop-in function against our restatement of the upstream
-code: outputs and gradients in float64 on several shapes, the same random picks for the same seeds
-(and the RNGs left in the same state), and signatures equal to upstream's, written down here. With
-``BUSSEG_UPSTREAM_DIR`` set (clones of RA-BUSSeg/ and PH-Net/) the same checks run against the
-published files too, and docs/porting.md's edits are applied to copies of them; without it those
-tests skip, saying why."""
+code (tests/support/upstream.py): outputs and gradients in float64 on several shapes, the same random
+picks for the same seeds (and the RNGs left in the same state), and signatures equal to upstream's,
+written down here. With ``BUSSEG_UPSTREAM_DIR`` set (clones of RA-BUSSeg/ and PH-Net/,
+tests/support/published.py) the same checks run against the published files too, and
+docs/porting.md's edits are applied to copies of them; without it those tests skip, saying why."""
 
 import importlib
 import inspect
@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from support import published, upstream
 
-from busseg_ops.compat import phnet, published, rabusseg, upstream
+from busseg_ops.compat import phnet, rabusseg
 
 F64 = dict(rtol=1e-9, atol=1e-12)
 

@@ -10,11 +10,11 @@ import torch
 from conftest import backends
 from hypothesis import strategies as st
 from op_contract import OpContract, RawSample, bad
+from support.memory import peak_extra_mib
 
 import busseg_ops
 from busseg_ops import greedy_proxy_sampling as greedy
 from busseg_ops.ops.greedy_proxy_sampling import OP
-from busseg_ops.testing import peak_extra_mib
 
 
 def sampling_backends(device="cpu"):

@@ -1,18 +1,6 @@
 """Drop-in for PH-Net's public code (jjjsyyy/PH-Net, model/patch_helper.py): the same functions,
-signatures and return structures, faster and in less memory.
-
-- ``get_patchs`` / ``devide_into_patchs``: one copy per tensor (upstream: two concatenations).
-- ``compute_hard_ratio``: busseg_ops' fused patch-entropy op on the patch tensor as it is.
-- ``generate_patch_mask`` / ``generate_patch_data``: upstream's random draws (NumPy's and
-  Python's global RNGs: ``np.random.uniform`` then ``random.sample``, image by image), so a seeded
-  run mixes the same patches; the mix itself is one gather per tensor straight into the output.
-- ``patch_contrast``: upstream's loss has a single negative per anchor (the other class's
-  prototype of the matched labelled patch), so there is no anchors × negatives matrix to stream:
-  it is one batched computation over all anchors instead of a Python loop over patches and
-  classes, with busseg_ops' hardness op for the patch matching.
-
-Where a function cannot behave exactly as upstream its docstring says so. Porting:
-docs/porting.md.
+signatures, return structures and random draws, on busseg_ops' ops and in fewer copies. Where a
+function cannot behave exactly as upstream its docstring says so. Porting: docs/porting.md.
 """
 
 from __future__ import annotations

@@ -1,13 +1,7 @@
-"""Drop-in for RA-BUSSeg's public code (dodooo1/RA-BUSSeg): the decoder module ``Corr``
-(rabusseg/models/decoder.py) and the losses of rabusseg/utils/loss_helper.py, same signatures and
-return structures, backed by busseg_ops' ARP, greedy proxy sampling and fused alignment loss.
-
-``Corr`` returns ``'corr_map'`` as a :class:`CorrelationMap`, a light stand-in for the (B, HW, HW)
-global correlation map that holds only the features it is made of: the map is never formed (at
-65×65 it would be 545 MiB in float32 for B = 8). :func:`compute_rank_loss_landmark` takes it, or
-a real map tensor for code that builds one, and draws the first landmark of every image with the
-global torch RNG exactly as upstream does (same calls, same order), so a seeded run picks the same
-landmarks. Porting: docs/porting.md.
+"""Drop-in for RA-BUSSeg's public code (dodooo1/RA-BUSSeg): ``Corr`` (rabusseg/models/decoder.py)
+and the losses of rabusseg/utils/loss_helper.py with their signatures, return structures and
+global-RNG draws, on busseg_ops' ops. ``Corr``'s ``'corr_map'`` is a :class:`CorrelationMap`, which
+never forms the (B, HW, HW) map (545 MiB in float32 at 65×65 for B = 8). Porting: docs/porting.md.
 """
 
 from __future__ import annotations

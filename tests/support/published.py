@@ -1,19 +1,8 @@
-"""The papers' published files, loaded from a local clone for tests and benchmarks that compare
-them with busseg_ops.compat (and with our restatement, busseg_ops/compat/upstream.py). Nothing of
-theirs is shipped here: point ``BUSSEG_UPSTREAM_DIR`` at a folder holding the two clones,
-
-    $BUSSEG_UPSTREAM_DIR/RA-BUSSeg   (dodooo1/RA-BUSSeg: rabusseg/models/decoder.py, rabusseg/utils/loss_helper.py)
-    $BUSSEG_UPSTREAM_DIR/PH-Net      (jjjsyyy/PH-Net: model/patch_helper.py)
-
-What the published code needs to run on a CPU, and how this loader provides it (docs/porting.md):
-
-- ``einops`` (RA-BUSSeg's ``Corr`` uses ``rearrange``): a real dependency, it must be installed.
-- ``sklearn`` and ``skimage``: imported at the top of loss_helper.py / utils.py but unused by the
-  functions loaded here; if absent, a stand-in module that fails on use is imported in their place
-  (only while the files are imported).
-- PH-Net's ``patch_contrast`` calls ``.cuda()`` on its anchors, prototypes and targets: the loaded
-  ``patch_contrast`` runs with ``Tensor.cuda`` returning the tensor itself, so it computes where
-  its inputs are. RA-BUSSeg's ``KLDivLoss(...).cuda()`` has no tensors and works as it is.
+"""The papers' published files, loaded from clones under ``$BUSSEG_UPSTREAM_DIR`` (RA-BUSSeg/ and
+PH-Net/), so that the tests and benchmarks can compare busseg_ops.compat (and support/upstream.py)
+with them; nothing of theirs is in this repository. The loader makes them run on a CPU (docs/porting.md):
+stand-ins for imports the loaded functions never use (sklearn, skimage) and ``Tensor.cuda``
+returning the tensor during PH-Net's ``patch_contrast``.
 """
 
 from __future__ import annotations

@@ -1,10 +1,8 @@
-"""The papers' public code, restated by us from what it computes (no line of theirs): the
-references of tests/test_compat.py and the baselines of bench_compat.py. Each function keeps the
-upstream formulation (materialised correlation map, unfold, per-image and per-step Python loops,
-chunk/cat patch lists, one loss per patch and class) and the upstream random draws in the same
-order, but runs on any device (upstream moves some tensors with `.cuda()`). With the published
-files at hand (BUSSEG_UPSTREAM_DIR, busseg_ops/compat/published.py) tests/test_compat.py checks
-every function here against them: the same values, gradients and random draws.
+"""The papers' public code restated from what it computes (no line of theirs), so that the
+comparisons need no clone: the references of tests/test_compat.py and the baselines of
+benchmarks/bench_compat.py. Each function keeps the upstream formulation and its random draws in
+the same order, but runs on any device. With the published files at hand (support/published.py)
+tests/test_compat.py checks every function here against them.
 
 RA-BUSSeg (dodooo1/RA-BUSSeg): rabusseg/models/decoder.py `Corr`, rabusseg/utils/loss_helper.py.
 PH-Net (jjjsyyy/PH-Net): model/patch_helper.py.

@@ -1,12 +1,7 @@
-"""Test and benchmark helpers. Peak extra resident memory of a piece of code, measured in a fresh
-Python process from /proc/self/status VmHWM (tracemalloc does not see torch's allocations).
-
-    peak_extra_mib(setup, stmt) -> MiB that `stmt` adds to the high-water mark after `setup`.
-
-The child resets the high-water mark after setup (writing 5 to /proc/self/clear_refs) where the
-kernel allows it, else subtracts the setup's own peak. Large blocks are mmap'ed and returned on
-free (MALLOC_MMAP_THRESHOLD_), so what a warm-up call freed is not silently reused and the
-reading does not depend on the allocator's history.
+"""Peak extra resident memory of a piece of code, for tests and benchmarks: measured in a fresh
+Python process from /proc/self/status VmHWM, since tracemalloc does not see torch's allocations.
+Large blocks are mmap'ed and returned on free (MALLOC_MMAP_THRESHOLD_), so the reading does not
+depend on the allocator's history.
 """
 
 from __future__ import annotations
@@ -16,6 +11,8 @@ import subprocess
 import sys
 import textwrap
 
+# The child resets the high-water mark after setup (writing 5 to /proc/self/clear_refs) where the
+# kernel allows it, else subtracts the setup's own peak.
 _CHILD = """
 import os, torch
 torch.set_num_threads({threads})
