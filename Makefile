@@ -99,8 +99,10 @@ lint: $(STAMP)
 	$(PY) -m ruff format --no-cache --check .
 	$(VENV)/bin/clang-format --dry-run -Werror $(CXX_SOURCES)
 
+# The suite in MAX_JOBS processes (pytest-xdist): most tests are single-threaded Python (the Triton
+# interpreter, small tensors), so one process leaves a core idle.
 test: lint build cuda-check gpu-compile-check cmake-check
-	$(PY) -m pytest tests -q
+	$(PY) -m pytest tests -q -n $(MAX_JOBS)
 
 # One process per benchmark file. Each prints pytest-benchmark's table, then a Markdown table of
 # medians, ratios against the baselines of the same run, and peak memory; all of them are
