@@ -7,8 +7,9 @@ through benchmarks/train_step_profile.py; reported in the memory column as a per
 
 import pytest
 import torch
-from busseg_ops.train import TrainConfig, Trainer
 from train_step_profile import profile_steps, wrap_ops
+
+from busseg_ops.train import TrainConfig, Trainer
 
 AMP = {"baseline fp32": "off", "bf16": "bf16"}
 CTX = {"epoch": 0, "progress": 0.5, "warmup": False, "epochs": 1}

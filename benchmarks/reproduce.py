@@ -35,6 +35,7 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
+
 from busseg_ops.train import TrainConfig, Trainer, checkpoint
 from busseg_ops.train.evaluate import compare_groups
 

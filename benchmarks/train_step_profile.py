@@ -10,10 +10,10 @@ import sys
 import time
 
 import torch
-from busseg_ops.train import TrainConfig, Trainer
 from torch.profiler import ProfilerActivity, profile, record_function
 
 import busseg_ops
+from busseg_ops.train import TrainConfig, Trainer
 
 
 def wrap_ops():

@@ -6,6 +6,7 @@ import os
 import time
 
 import torch
+
 from busseg_ops.train import TrainConfig, run
 
 OUT = "runs/demo"

@@ -13,13 +13,13 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from busseg_ops.models.unext import shift_groups
-from busseg_ops.train import Trainer, engine
-from busseg_ops.train.errors import UserError
 from published_layout import deterministic_state, malunet_layout, unext_layout
 from train_helpers import tiny
 
 from busseg_ops import models as M
+from busseg_ops.models.unext import shift_groups
+from busseg_ops.train import Trainer, engine, methods
+from busseg_ops.train.errors import UserError
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "published_malunet_unext.pt")
 NETS = {"malunet": (M.MALUNet, malunet_layout), "unext": (M.UNeXt, unext_layout)}
@@ -198,8 +198,9 @@ def test_model_flag_combinations_are_one_line_errors(tmp_path):
 
 
 def test_labeled_share_draws_the_validation_images_first(tmp_path):
-    from busseg_ops.train.data import make_splits
     from train_helpers import fake_busi
+
+    from busseg_ops.train.data import make_splits
 
     lists = fake_busi(str(tmp_path / "busi"), per_class=12)  # 4 test, 10 + 10 training
     train = set(lists["labeled"]) | set(lists["unlabeled"])
@@ -221,7 +222,9 @@ def test_labeled_share_draws_the_validation_images_first(tmp_path):
 def test_relation_grid_is_the_deepest_map(tmp_path, model, crop):
     cfg = tiny(tmp_path, model=model, method="rabusseg", crop=crop)
     net = engine.build_model(cfg)
-    assert tuple(net(torch.rand(1, 1, crop, crop), need_proj=True)["proj"].shape[-2:]) == engine.relation_grid(net, cfg)
+    assert tuple(net(torch.rand(1, 1, crop, crop), need_proj=True)["proj"].shape[-2:]) == methods.relation_grid(
+        net, crop
+    )
 
 
 def test_code_form_hpc_takes_features_below_the_input_size():

@@ -88,6 +88,7 @@ def test_reproduce_rows_follow_the_upstream_configs():
     # RA-BUSSeg's released config trains without cutmix (apply_aug: False); the reproduction's
     # rabusseg row once kept our default of a box on every unlabelled image.
     import yaml
+
     from busseg_ops.train import config
 
     flags = {name: f for name, f, _ in reproduce.RUNS}

@@ -10,10 +10,11 @@ import zipfile
 
 import pytest
 import torch
-from busseg_ops.train import Trainer, checkpoint, cli, config, engine
-from busseg_ops.train.errors import UserError
 from PIL import Image
 from train_helpers import tiny
+
+from busseg_ops.train import Trainer, checkpoint, cli, config, engine
+from busseg_ops.train.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

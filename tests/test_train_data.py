@@ -1,10 +1,11 @@
 import numpy as np
 import pytest
 import torch
-from busseg_ops.train import augment, config, data, synthetic
-from busseg_ops.train.errors import UserError
 from PIL import Image
 from train_helpers import fake_busi, write_lists
+
+from busseg_ops.train import augment, config, data, synthetic
+from busseg_ops.train.errors import UserError
 
 
 def test_synthetic_is_deterministic_and_hypoechoic():

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import scipy.stats
 import torch
-from busseg_ops.train import Trainer, cli, data, engine, evaluate, methods, metrics, visualize
-from busseg_ops.train.errors import UserError
 from train_helpers import tiny
 
 from busseg_ops import models
+from busseg_ops.train import Trainer, cli, data, engine, evaluate, methods, metrics, visualize
+from busseg_ops.train.errors import UserError
 
 SIZES = [(37, 53), (61, 29)]  # (H, W): two sizes, neither square nor a multiple of any stride
 

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+
 from busseg_ops.train import cli, config, engine, export
 from busseg_ops.train.evaluate import predict
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import scipy.stats
 import torch
+
 from busseg_ops.train import metrics
 
 

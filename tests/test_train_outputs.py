@@ -8,9 +8,10 @@ import os
 
 import numpy as np
 import pytest
-from busseg_ops.train import Trainer, cli, data, engine
 from PIL import Image
 from train_helpers import fake_busi, tiny
+
+from busseg_ops.train import Trainer, cli, data, engine
 
 SMALL = [
     "--synthetic-n", "24", "--synthetic-size", "64", "--crop", "64", "--epochs", "1", "--max-steps", "1",

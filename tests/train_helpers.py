@@ -4,8 +4,9 @@ a small BUSI-like data set with split lists."""
 import os
 
 import numpy as np
-from busseg_ops.train import TrainConfig
 from PIL import Image
+
+from busseg_ops.train import TrainConfig
 
 
 def tiny(tmp_path, **kw) -> TrainConfig:

@@ -78,8 +78,8 @@ class ClassElevateSeg(SegClassNet):
 class SemiSegCAW(nn.Module):
     """Main network guided by ClassElevateSeg (concatenated guide channel). ``forward(x)`` →
     ``pred``, ``cls`` of the main network, ``aux`` (the guide used) and, when the auxiliary net is
-    trained jointly, ``aux_pred`` / ``aux_cls``. ``forward_aux(x)``: the auxiliary network alone
-    (its stage-1 training). ``gray_input`` as in :class:`DeepLabV3Plus`, applied once, before
+    trained jointly, ``aux_pred`` / ``aux_cls``. ``forward_aux(x)`` (or ``forward(x, aux_only=True)``): the
+    auxiliary network alone (its stage-1 training). ``gray_input`` as in :class:`DeepLabV3Plus`, applied once, before
     both networks. ``guide=False`` (the paper's ablation "removing ClassElevateSeg"): no auxiliary
     network, the main network takes the image alone (``aux`` is None)."""
 
@@ -119,7 +119,9 @@ class SemiSegCAW(nn.Module):
             raise ValueError("forward_aux: this SemiSegCAW was built with guide=False (no ClassElevateSeg)")
         return self.aux(self.input(x), **flags)
 
-    def forward(self, x, **flags) -> dict:
+    def forward(self, x, aux_only: bool = False, **flags) -> dict:
+        if aux_only:
+            return self.forward_aux(x, **flags)
         x = self.input(x)
         if self.aux is None:
             return self.main(x, **flags)
