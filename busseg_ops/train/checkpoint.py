@@ -1,14 +1,6 @@
-"""Checkpoints that are safe to load and say when they are damaged.
-
-A checkpoint holds only tensors and plain data (dicts, lists, strings, numbers; RNG states as
-tensors and lists), so `torch.load(path)` with `weights_only=True` reads it and nothing in it can
-run code; `load` never unpickles anything else. A SHA-256 digest of the content (every key, value,
-tensor dtype, shape and byte) is stored beside it and checked on load, so a corrupted file is
-refused with an error that names it. Writes are atomic (temp file in the same folder + fsync +
-rename: a crash never leaves a half-written file). `StopGuard` lets the loop finish its step and
-save on SIGINT/SIGTERM. A file that passes the checksum can still be hand-edited (its digest
-recomputed): `require`, `check_progress` and `check_finite` give such a file a one-line error too.
-"""
+"""Checkpoints that are safe to load (tensors and plain data, read with weights_only=True), refuse a
+damaged file (a SHA-256 of the content), are never half-written, and from an older format are
+upgraded on load (docs/methods.md)."""
 
 from __future__ import annotations
 

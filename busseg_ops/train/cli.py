@@ -1,27 +1,7 @@
-"""`busseg` command line: train | eval | predict | compare | export.
+"""`busseg` command line: train | eval | predict | compare | export (examples: docs/methods.md).
 
-  busseg train --method rabusseg --data busi --root DIR --partition 1/4 --epochs N
-  busseg train --preset rabusseg_busi_1_4 --root DIR [--pretrained resnet50.pth]
-  busseg train --config c.yaml        # our flat keys or the upstream nested layout
-  busseg train --resume runs/x/last.pt [--epochs 300]   # the stored config; flags override
-  busseg eval --checkpoint runs/x/best.pt [--data busi --root DIR] [--out DIR] [--window N]
-  busseg predict IMAGE_OR_DIR --checkpoint runs/x/best.pt [--out DIR] [--window N]
-  busseg compare runs/a runs/b          # Wilcoxon signed-rank p on per-image test Dice
-  busseg compare 'runs/sup_s*' --vs 'runs/ra_s*'   # seeds: mean ± std, Wilcoxon on seed means
-  busseg export runs/x/best.pt model.pt2  # a torch.export program that runs without busseg_ops
-
-Evaluation and prediction take each image at its original size (evaluate.py).
-
-Every TrainConfig field is a `train` option with its help and default (`busseg train --help`);
-a preset, then a config file, then the flags: each overrides the one before. Every flag of every
-subcommand has a help text and shows its default; flags are never abbreviated. Outputs never
-replace inputs or earlier results unless --overwrite. A mistake in the input (a bad path, file,
-value or combination of flags) prints one line and exits with status 2; `--debug` shows the
-traceback instead. Multi-process: `torchrun --nproc_per_node 2 -m busseg_ops.train train ...`.
-
-The training, evaluation and image code is imported by the subcommand that needs it, so that
-`busseg --help` costs no more than importing busseg_ops.
-"""
+A mistake in the input prints one line and exits with status 2 (`--debug`: the traceback). Each
+subcommand imports the code it needs, so that `busseg --help` costs no more than importing busseg_ops."""
 
 from __future__ import annotations
 

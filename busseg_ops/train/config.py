@@ -1,12 +1,6 @@
-"""Training configuration: `TrainConfig` (every field is a `busseg train` flag, with its help text,
-group and choices), its checks, config files in our flat layout or in the nested layout of the
-upstream RA-BUSSeg / U2PL code, and the shipped presets (train/configs/*.yaml).
-
-Defaults: the methods' hyperparameters follow the public RA-BUSSeg/U2PL training code where it and
-a paper's text disagree (weight decay 5e-4, EMA 0.99, OHEM 0.7/100000, drop_percent 80, scale
-0.5–2.0); the run's scale (10 epochs, 128-px crops, a narrow U-Net, synthetic data) is ours, sized
-for a CPU. The presets carry each paper's full protocol. README "Training" has the table.
-"""
+"""Training configuration: `TrainConfig`, the settings every method reads and one group per method
+(methods/), read from flags, our config files (flat or nested) or upstream's nested layout, and the
+shipped presets. Defaults follow the public RA-BUSSeg/U2PL code where it and a paper disagree."""
 
 from __future__ import annotations
 

@@ -1,20 +1,7 @@
-"""The training loop: checks before the first step (every data file, the output folder, flag
-combinations), data streams, student + EMA teacher (the ramp starts after the supervised-only
-epochs), SGD/Adam/AdamW with poly/cosine decay, per-epoch evaluation of the teacher (each image at its
-original size, see evaluate.py), pseudo-label diagnostics on a fixed set of unlabelled images when
-asked, CSV log (TensorBoard when installed), checksummed atomic checkpoints each epoch and on SIGINT/SIGTERM,
-bit-for-bit resume on CPU (within one --amp precision), and DDP under torchrun (gloo on CPU,
-SyncBatchNorm, DistributedSampler). --amp runs the method's forward passes and losses under
-torch.autocast (the busseg ops follow their registered autocast rules, docs/ops.md), with a
-GradScaler for fp16; --channels-last and --compile apply to the student and the teacher.
-
-Determinism: samples depend only on (seed, epoch, index) (see data.SegDataset); sampler order on
-(seed, epoch, cycle); the methods' own draws (cutmix boxes, proxies) use the global torch RNG,
-whose state is checkpointed. Output folder `out`: data.json (the data banner: source, split, the
-images of every set), log.txt (the lines the run printed), metrics.csv, last.pt, best.pt,
-test_metrics.json, test_per_image.csv, overlays/, curves.png. A fresh run never writes into a
-folder that holds another run (claim_output_folder); --resume continues one.
-"""
+"""The training loop, method-agnostic: it checks everything before the first step, trains the student
+and its EMA teacher with the step of cfg.method (methods/), evaluates the teacher each epoch, and
+writes checkpoints from which a run resumes bit for bit on CPU, also under DDP (torchrun). What a
+run writes and why it is deterministic: docs/methods.md."""
 
 from __future__ import annotations
 
