@@ -40,9 +40,9 @@ oracle_teacher = OracleTeacher().eval()
 
 def _setup(cfg):
     torch.manual_seed(0)
-    student = engine.build_model(cfg)
-    teacher = oracle_teacher if cfg.method == "phnet" else copy.deepcopy(student).eval()
-    return student, teacher, methods.build(cfg)
+    student, method = engine.build_model(cfg), methods.build(cfg)
+    teacher = oracle_teacher if isinstance(method, methods.PHNet) else copy.deepcopy(student).eval()
+    return student, teacher, method
 
 
 def _loss(cfg, ctx=None, seed=0):
