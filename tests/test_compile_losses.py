@@ -1,12 +1,12 @@
 """The busseg losses of a training step as one graph (issue 27, item 5): torch.compile(fullgraph=True)
-of the rabusseg relation losses and of the phnet losses as busseg_ops/train/methods.py computes them, forward
+of the rabusseg relation losses and of the phnet losses as busseg_ops/train/methods/ computes them, forward
 and backward, equal to eager; on a GPU, the sync-free ops run under CUDA's sync check.
 
 The compiled backend is aot_eager: Dynamo and AOT autograd trace the whole computation (a graph
 break fails fullgraph, the fake kernels and the autograd are traced), and the graph then runs ATen
 eagerly, so CRA's random first proxy draws the numbers the eager call draws from the same seed.
 
-What stays eager in a training step, and why (busseg_ops/train/methods.py): phnet's anchors are the pixels a
+What stays eager in a training step, and why (busseg_ops/train/methods/phnet.py): phnet's anchors are the pixels a
 boolean mask selects (a data-dependent count) and its memory bank keeps per-class counts on the
 host; OHEM's kept-pixel threshold, rabusseg's count of kept pixels and entropy_filtered_cross_entropy
 read tensors on the host; augment.cutmix_box draws its box on the host."""
