@@ -118,7 +118,7 @@ def train_variant(name: str, flags: dict, seed: int, root: str, out: str) -> dic
         tr.load_state_dict(checkpoint.load(last))  # an interrupted variant
     elif not scale_of(flags):
         warm = warm_up(seed, root, out)
-        tr.load_state_dict(checkpoint.load(os.path.join(warm, "last.pt")))
+        tr.warm_start(checkpoint.load(os.path.join(warm, "last.pt")))  # its heads fresh, as drawn
         shutil.copy(os.path.join(warm, "metrics.csv"), os.path.join(cfg.out, "metrics.csv"))
     t0 = time.time()
     res = tr.fit(test=False)
@@ -142,8 +142,8 @@ def hard_patch_quality(name: str, seed: int, root: str, out: str) -> dict:
     model.load_state_dict(checkpoint.load(os.path.join(cfg.out, "last.pt"))["teacher"])
     model.eval()
     items = engine.check_items(data.splits_for(cfg), cfg.pseudo_label_check, cfg.seed)
-    n = cfg.num_patches
-    k = max(1, busseg_ops.shield_count(cfg.beta, 1.0, n * n))
+    n = cfg.phnet.num_patches
+    k = max(1, busseg_ops.shield_count(cfg.phnet.beta, 1.0, n * n))
 
     def hardest(prob, cls):  # the patch grid needs sides divisible by N: hardness on a resized copy
         h, w = prob.shape[-2:]
@@ -158,7 +158,7 @@ def hard_patch_quality(name: str, seed: int, root: str, out: str) -> dict:
             img, mask = data.load_item(item, cfg.synthetic_size)
             prob = evaluate.predict(model, evaluate.image_tensor(img))["prob"]
             pl, gt = prob.argmax(1)[0], torch.from_numpy(mask).long()
-            ok, conf, hard = pl == gt, prob.amax(1)[0] >= cfg.gamma, hardest(prob, None)[0]
+            ok, conf, hard = pl == gt, prob.amax(1)[0] >= cfg.pseudo.gamma, hardest(prob, None)[0]
             lesion = hard & (pl == 1)
             for key, sel in (("all", torch.ones_like(ok)), ("conf", conf), ("hard", hard), ("hard_les", lesion)):
                 counts[key] += int(sel.sum())

@@ -563,7 +563,7 @@ def write_report(runs: list[Run], scale: str, path: str, command: str, papers=PA
     curves = os.path.join(os.path.dirname(os.path.abspath(path)), "reproduction_curves.png")
     plot_curves(groups, curves)
     cfg = runs[0].cfg
-    scale_fields = {k: v for k, v in dataclasses.asdict(cfg).items() if k in {**COMMON, **SCALES[scale]} or k == "root"}
+    scale_fields = {k: v for k, v in cfg.flat().items() if k in {**COMMON, **SCALES[scale]} or k == "root"}
     load = os.getloadavg() if hasattr(os, "getloadavg") else ("?", "?", "?")
     total_wall = sum(wall_time(r) for r in runs)
     lines = [

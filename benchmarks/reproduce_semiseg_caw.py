@@ -34,7 +34,7 @@ import time
 import numpy as np
 import torch
 
-from busseg_ops.train import TrainConfig, Trainer, config
+from busseg_ops.train import TrainConfig, Trainer, config, methods
 from busseg_ops.train.evaluate import compare_groups
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -148,7 +148,7 @@ def seconds_per_epoch(run: reproduce.Run) -> float:
 
 def counts(run: reproduce.Run) -> tuple[int, int]:
     sizes = json.load(open(os.path.join(run.out, "data.json")))["sizes"]
-    return sizes["labeled"], sizes["unlabeled"] if run.cfg.method == "semiseg_caw" else 0
+    return sizes["labeled"], sizes["unlabeled"] if methods.get(run.cfg.method).uses_unlabeled else 0
 
 
 def run_dice(run: reproduce.Run) -> float:
@@ -252,7 +252,7 @@ def _measure_row(cfg: TrainConfig, steps: int) -> tuple[dict, np.ndarray, np.nda
     tr = Trainer(cfg, overwrite=True)
     lab, unl = next(tr._batches(0))
     stages = {"step": cfg.epochs}
-    if cfg.method == "semiseg_caw" and cfg.class_elevate and cfg.stage1_epochs:
+    if isinstance(tr.method, methods.SemiSegCAW) and cfg.semiseg_caw.class_elevate and cfg.stage1_epochs:
         stages = {"stage 1": 0, "stage 2": cfg.stage1_epochs}  # the epoch each stage's step runs at
     per_step, est = {}, np.zeros(2)
     for label, epoch in stages.items():

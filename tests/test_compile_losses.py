@@ -49,14 +49,14 @@ def _assert_compiled_equals_eager(fn, *inputs):
             torch.testing.assert_close(g, e)
 
 
-def _student_outputs(cfg, batch=4):
+def _student_outputs(cfg, batch=4, **heads):
     torch.manual_seed(0)
     student = engine.build_model(cfg)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(batch, 1, cfg.crop, cfg.crop, generator=g)
     targets = torch.randint(0, 2, (batch, cfg.crop, cfg.crop), generator=g)
     targets[0, :5] = 255  # ignored pixels, as the pseudo-labels have
-    return _leaves(student(x, need_proj=True, need_feats=True, need_rep=True)), targets
+    return _leaves(student(x, need_feats=True, **heads)), targets
 
 
 @pytest.mark.parametrize("strategy", ["greedy", "random"])
@@ -65,12 +65,12 @@ def test_rabusseg_relation_losses_compile_whole(tmp_path, strategy):
     student's outputs): proxy sampling, index mapping, gathering, both ops and their backward."""
     cfg = tiny(tmp_path, method="rabusseg", cra_strategy=strategy)
     method = methods.build(cfg)
-    out, targets = _student_outputs(cfg)
+    out, targets = _student_outputs(cfg, need_proj=True)
 
     def relation_losses(out, targets):
         loss_arp = method.arp.loss(out["proj"], out["pred"], targets)
         loss_cra = method.cra(out["feats"], out["proj"], label=targets)
-        return cfg.lambda_arp * loss_arp + cfg.lambda_cra * loss_cra
+        return cfg.rabusseg.lambda_arp * loss_arp + cfg.rabusseg.lambda_cra * loss_cra
 
     _assert_compiled_equals_eager(relation_losses, out, targets)
 
@@ -81,7 +81,7 @@ def test_phnet_losses_compile_whole(tmp_path):
     calls memory_contrastive_loss on the selected anchors (the class centres of the memory bank as
     positives, a missing one None, the other class's centre as the negative)."""
     cfg = tiny(tmp_path, method="phnet")
-    out, _ = _student_outputs(cfg)
+    out, _ = _student_outputs(cfg, need_rep=True)
     g = torch.Generator().manual_seed(2)
     tprob = torch.softmax(torch.randn(4, 2, cfg.crop, cfg.crop, generator=g), 1)
     plm = tprob.argmax(1)
@@ -91,13 +91,13 @@ def test_phnet_losses_compile_whole(tmp_path):
 
     def phnet_losses(pred_u, tprob, plm, anchors, labels, positives):
         with torch.no_grad():
-            hardness = busseg_ops.patch_entropy_hardness(tprob, num_patches=cfg.num_patches)
-        loss_u = busseg_ops.confidence_masked_cross_entropy(pred_u, plm, tprob, cfg.gamma)
+            hardness = busseg_ops.patch_entropy_hardness(tprob, num_patches=cfg.phnet.num_patches)
+        loss_u = busseg_ops.confidence_masked_cross_entropy(pred_u, plm, tprob, cfg.pseudo.gamma)
         negatives, negative_labels = torch.stack(positives), torch.arange(len(positives))
         loss_c = busseg_ops.memory_contrastive_loss(
-            anchors, labels, negatives, negative_labels, positives, cfg.temperature
+            anchors, labels, negatives, negative_labels, positives, cfg.phnet.temperature
         )
-        return loss_u + cfg.lambda_c * loss_c + 0 * hardness.sum()
+        return loss_u + cfg.phnet.lambda_c * loss_c + 0 * hardness.sum()
 
     _assert_compiled_equals_eager(phnet_losses, out["pred"], tprob, plm, anchors, labels, centres)
 

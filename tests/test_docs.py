@@ -44,6 +44,7 @@ def repo_paths(text):
         for word in span.split():
             word = word.strip("'\"(),;")
             word = re.sub(r":\d+(-\d+)?$", "", word)  # file.py:12-20
+            word = word.split("::")[0]  # tests/test_x.py::test_name
             first = word.split("/")[0]
             if "/" in word and (first in REPO_FOLDERS or first in FORMER_FOLDERS):
                 yield word

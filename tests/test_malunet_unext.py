@@ -18,7 +18,7 @@ from train_helpers import tiny
 
 from busseg_ops import models as M
 from busseg_ops.models.unext import shift_groups
-from busseg_ops.train import Trainer, engine
+from busseg_ops.train import Trainer, engine, methods
 from busseg_ops.train.errors import UserError
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "published_malunet_unext.pt")
@@ -222,7 +222,9 @@ def test_labeled_share_draws_the_validation_images_first(tmp_path):
 def test_relation_grid_is_the_deepest_map(tmp_path, model, crop):
     cfg = tiny(tmp_path, model=model, method="rabusseg", crop=crop)
     net = engine.build_model(cfg)
-    assert tuple(net(torch.rand(1, 1, crop, crop), need_proj=True)["proj"].shape[-2:]) == engine.relation_grid(net, cfg)
+    assert tuple(net(torch.rand(1, 1, crop, crop), need_proj=True)["proj"].shape[-2:]) == methods.relation_grid(
+        net, crop
+    )
 
 
 def test_code_form_hpc_takes_features_below_the_input_size():

@@ -8,6 +8,7 @@ import pytest
 import torch
 from train_helpers import fake_busi, tiny, write_lists
 
+from busseg_ops import models
 from busseg_ops.train import Trainer, checkpoint, cli, config, engine, methods
 from busseg_ops.train.errors import UserError
 
@@ -176,10 +177,9 @@ def test_each_preset_parses_and_builds_its_model(tmp_path, name):
     assert name.startswith(cfg.method) and cfg.data in name
     model = engine.build_model(cfg)
     nets = engine.resnets(model)
-    if cfg.model == "deeplab" or cfg.method == "lanet":
+    if cfg.model == "deeplab" or isinstance(model, models.LANet):
         assert nets and all(n.stem == cfg.stem for n in nets) and nets[0].in_channels == cfg.in_channels
-    if cfg.method in ("rabusseg", "phnet"):  # the checks a run makes before its first step
-        engine.check_combinations(cfg, model)
+    methods.get(cfg.method).check_network(cfg, model)  # the checks a run makes before its first step
     assert sum(p.numel() for p in model.parameters()) > (1.7e5 if cfg.model == "malunet" else 1e6)  # MALUNet 0.18 M
 
 

@@ -135,17 +135,19 @@ def test_checkpoint_is_atomic_and_complete(tmp_path):
     assert os.listdir(os.path.join(cfg.out, "overlays"))
 
 
-def test_dropout_setting_builds_the_network_and_older_checkpoints_read_as_without_it(tmp_path):
+def test_dropout_setting_builds_the_network_and_older_checkpoints_read_as_without_it(tmp_path, monkeypatch):
     def dropouts(cfg):
         return sum(isinstance(m, torch.nn.modules.dropout._DropoutNd) for m in engine.build_model(cfg).modules())
 
-    assert dropouts(tiny(tmp_path, method="rabusseg")) == 3  # classifier path + 2 heads, as upstream
-    assert dropouts(tiny(tmp_path, method="rabusseg", encoder_dropout=True)) == 8  # + 5 SSL4MIS encoder blocks
+    assert dropouts(tiny(tmp_path, method="rabusseg")) == 2  # classifier path + its relation head, as upstream
+    assert dropouts(tiny(tmp_path, method="phnet")) == 2  # classifier path + its projector
+    assert dropouts(tiny(tmp_path, method="rabusseg", encoder_dropout=True)) == 7  # + 5 SSL4MIS encoder blocks
     assert dropouts(tiny(tmp_path, method="phnet", dropout=False)) == 0
     assert dropouts(tiny(tmp_path, method="semiseg_caw")) == 0  # no public code: the paper's network
-    # A checkpoint written before the setting existed was trained without dropout; resuming it
-    # must not switch dropout on.
+    # A checkpoint written before the setting existed (busseg-checkpoint/1) was trained without
+    # dropout; resuming it must not switch dropout on.
     path = str(tmp_path / "old.pt")
+    monkeypatch.setattr(checkpoint, "FORMAT", checkpoint.FORMAT_V1)
     checkpoint.save({"config": {"method": "rabusseg"}, "teacher": {}, "student": {}}, path)
     assert checkpoint.load(path)["config"]["dropout"] is False
     assert checkpoint.load(path)["config"]["encoder_dropout"] is False
@@ -155,12 +157,9 @@ def test_dropout_setting_builds_the_network_and_older_checkpoints_read_as_withou
     assert checkpoint.load(path)["config"]["encoder_dropout"] is True
     # settings added by issue 30: an older run resumes with the step it trained with
     config = checkpoint.load(path)["config"]
-    assert (config["teacher_train_mode"], config["unsup_form"], config["apa_mix"], config["ohem_scale"]) == (
-        False,
-        "paper",
-        "ramp",
-        False,
-    )
+    assert config["pseudo"]["teacher_train_mode"] is False and config["ohem_scale"] is False
+    assert (config["phnet"]["unsup_form"], config["phnet"]["apa_mix"]) == ("paper", "ramp")
+    monkeypatch.undo()
     cfg = tiny(tmp_path, method="phnet")
     checkpoint.save({"config": dataclasses.asdict(cfg), "teacher": {}, "student": {}}, path)
     assert checkpoint.load(path)["config"] == dataclasses.asdict(cfg)  # a new checkpoint: as written
@@ -213,27 +212,40 @@ def test_cli_train_eval_predict_compare(tmp_path, capsys):
 
 
 def test_ddp_two_processes_gloo(tmp_path):
+    """DDP syncs exactly what trains, without searching for unused parameters: phnet (its projector
+    trains from the first step), rabusseg through its supervised-only epoch (the relation head
+    frozen, then training) and semiseg_caw through its two stages (the auxiliary network, then the
+    main one); the replicas stay equal."""
     script = tmp_path / "ddp.py"
     script.write_text(
         textwrap.dedent(f"""
         import gc, torch, torch.distributed as dist
         from busseg_ops.train import Trainer, TrainConfig
-        cfg = TrainConfig(method="phnet", synthetic_n=24, synthetic_size=64, crop=64, epochs=1, max_steps=2,
-                          batch_labeled=2, batch_unlabeled=2, warmup_epochs=0, unet_base=4, proj_dim=16, rep_dim=16,
-                          gamma=0.0, hpc_form="paper", out={str(tmp_path / "run")!r}, quiet=True)
-        tr = Trainer(cfg)
-        assert tr.world == 2
-        # SyncBatchNorm on CUDA (torch has no CPU kernel for it); plain BN + buffer broadcast on CPU
-        assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in tr.student.modules()) == (tr.device.type == "cuda")
-        tr.fit()
-        flat = torch.cat([p.detach().flatten() for p in tr.student.parameters()])
-        got = [torch.zeros_like(flat) for _ in range(2)]
-        dist.all_gather(got, flat)
-        assert torch.equal(got[0], got[1]), "replicas diverged"
-        assert len(tr.method.bank) > 0
-        print("rank", dist.get_rank(), "ok", len(tr.method.bank))
-        del tr  # DDP's reducer holds the process group: free it first, or gloo's threads may abort the exit
-        gc.collect()
+        common = dict(synthetic_n=24, synthetic_size=64, crop=64, max_steps=2, batch_labeled=2, batch_unlabeled=2,
+                      unet_base=4, proj_dim=16, rep_dim=16, num_proxies=8, quiet=True, overlays=0)
+        runs = {{
+            "phnet": dict(epochs=1, warmup_epochs=0, gamma=0.0, hpc_form="paper"),
+            "rabusseg": dict(epochs=2, warmup_epochs=1),
+            "semiseg_caw": dict(epochs=2, warmup_epochs=0, stage1_epochs=1),
+        }}
+        for method, kw in runs.items():
+            cfg = TrainConfig(method=method, out={str(tmp_path)!r} + "/" + method, **common, **kw)
+            tr = Trainer(cfg)
+            assert tr.world == 2
+            # SyncBatchNorm on CUDA (torch has no CPU kernel for it); plain BN + buffer broadcast on CPU
+            sync = any(isinstance(m, torch.nn.SyncBatchNorm) for m in tr.student.modules())
+            assert sync == (tr.device.type == "cuda")
+            tr.fit()
+            assert isinstance(tr.student, torch.nn.parallel.DistributedDataParallel)
+            assert not tr.student.find_unused_parameters
+            flat = torch.cat([p.detach().flatten() for p in tr.student.parameters()])
+            got = [torch.zeros_like(flat) for _ in range(2)]
+            dist.all_gather(got, flat)
+            assert torch.equal(got[0], got[1]), method + ": replicas diverged"
+            assert len(getattr(tr.method, "bank", [None])) > 0  # phnet's bank filled
+            print("rank", dist.get_rank(), method, "ok")
+            del tr  # DDP's reducer holds the process group: free it first, or gloo's threads may abort the exit
+            gc.collect()
         dist.destroy_process_group()
     """)
     )
@@ -247,8 +259,8 @@ def test_ddp_two_processes_gloo(tmp_path):
         cwd=REPO,
     )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert r.stdout.count("ok") == 2
-    assert os.path.isfile(tmp_path / "run" / "last.pt")
+    assert r.stdout.count("ok") == 6
+    assert all(os.path.isfile(tmp_path / m / "last.pt") for m in ("phnet", "rabusseg", "semiseg_caw"))
 
 
 @pytest.mark.skipif(not os.path.isdir(BUSI), reason=f"BUSI data not found at {BUSI}")

@@ -40,9 +40,9 @@ oracle_teacher = OracleTeacher().eval()
 
 def _setup(cfg):
     torch.manual_seed(0)
-    student = engine.build_model(cfg)
-    teacher = oracle_teacher if cfg.method == "phnet" else copy.deepcopy(student).eval()
-    return student, teacher, methods.build(cfg)
+    student, method = engine.build_model(cfg), methods.build(cfg)
+    teacher = oracle_teacher if isinstance(method, methods.PHNet) else copy.deepcopy(student).eval()
+    return student, teacher, method
 
 
 def _loss(cfg, ctx=None, seed=0):
@@ -190,7 +190,7 @@ def test_phnet_contrastive_matches_its_formula(tmp_path, negatives, shape):
     against every other-class anchor. Mean over anchors per class, then over classes."""
     b, d, h, w = shape
     cfg = tiny(tmp_path, method="phnet", mb=False, rep_dim=d, num_patches=4, max_anchors=10**6)
-    cfg.contrast_negatives = negatives
+    cfg.phnet.contrast_negatives = negatives
     method = methods.build(cfg)
     g = torch.Generator().manual_seed(sum(shape))
     rep = torch.nn.functional.normalize(torch.randn(b, d, h, w, generator=g, dtype=torch.float64), dim=1)
@@ -201,7 +201,7 @@ def test_phnet_contrastive_matches_its_formula(tmp_path, negatives, shape):
     loss, stats = method.contrastive(rep, plm, tprob)
 
     hard = busseg_ops.patch_entropy_hardness(tprob, num_patches=4)
-    k = max(1, busseg_ops.shield_count(cfg.beta, 1.0, 16))
+    k = max(1, busseg_ops.shield_count(cfg.phnet.beta, 1.0, 16))
     sel = busseg_ops.reliable_hard_pixels(plm, tprob.argmax(1), hard, k, (h, w))
     z = torch.nn.functional.normalize(rep.permute(0, 2, 3, 1)[sel.mask], dim=1)
     y = sel.labels[sel.mask]
@@ -211,7 +211,7 @@ def test_phnet_contrastive_matches_its_formula(tmp_path, negatives, shape):
         zc = z[y == c]
         pos = zc @ centres[c]
         neg = (zc @ centres[1 - c])[:, None] if negatives == "centres" else zc @ z[y != c].detach().T
-        logits = torch.cat([pos[:, None], neg], 1) / cfg.temperature
+        logits = torch.cat([pos[:, None], neg], 1) / cfg.phnet.temperature
         per_class.append((torch.logsumexp(logits, 1) - logits[:, 0]).mean())
     expected = torch.stack(per_class).mean()
     assert int(stats["c_anchors"]) == len(z) and stats["c_anchors0"] > 0 and stats["c_anchors1"] > 0

@@ -120,13 +120,13 @@ def test_phnet_code_form_loss_u_and_filter(tmp_path):
     with torch.no_grad():
         pred = student(torch.cat([lab["image"], unl["image"]]))["pred"][2:]
         prob = torch.softmax(oracle_teacher(unl["image"])["pred"], 1)
-    drop = methods.unreliable_percent(cfg.drop_percent, 1, 2)
+    drop = methods.unreliable_percent(cfg.pseudo.drop_percent, 1, 2)
     expected = methods.unreliable_filtered_ce(pred, prob.argmax(1), prob, drop)
     torch.testing.assert_close(logs["loss_u"], expected)
     keep = m.pseudo_label_keep(prob, None, CTX)
     assert 0.85 < float(keep.float().mean()) < 0.95  # 10 % of each image dropped at epoch 1 of 2
-    cfg.unsup_form = "paper"
-    assert torch.equal(m.pseudo_label_keep(prob, None, CTX), prob.amax(1) >= cfg.gamma)
+    cfg.phnet.unsup_form = "paper"
+    assert torch.equal(m.pseudo_label_keep(prob, None, CTX), prob.amax(1) >= cfg.pseudo.gamma)
 
 
 def test_easy_patch_swap_replaces_the_easiest_patches_with_the_next_images():

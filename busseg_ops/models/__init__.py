@@ -1,12 +1,6 @@
-"""busseg_ops.models: thin model package (wiring and shapes; the heavy lifting is in the ops).
-
-Backbones: ResNet-18/34/50/101 (``resnet``; deep U2PL stem, or the torchvision/timm stems, loading
-local ImageNet state dicts), U-Net. ``GrayToImageNet``: the gray → ImageNet-normalised RGB step a
-3-channel network built with ``gray_input=True`` runs first. Segmentation: ``DeepLabV3Plus``,
-``UNet``, ``MALUNet``, ``UNeXt`` (dict outputs: ``pred`` + on request ``rep``, ``proj``, ``feats``). RA-BUSSeg relation
-modules: ``AdjacentRelationPropagation``, ``CrossLayerRelationAlignment``. LA-Net: ``LANet``.
-SemiSeg-CAW: ``SegClassNet``, ``ClassElevateSeg``, ``SemiSegCAW``, ``WeightGenerationModule``.
-"""
+"""busseg_ops.models: the networks the methods train (wiring and shapes; the heavy lifting is in the
+ops). Each takes (B, 1, H, W) grayscale and returns a dict: ``pred`` and, on request, its
+method's heads (``rep``, ``proj``) and feature maps (docs/methods.md)."""
 
 from .deeplab import ASPP, DeepLabV3Plus, Projector, SegmentationHeads, upsample
 from .inputs import GrayToImageNet

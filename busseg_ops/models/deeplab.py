@@ -1,13 +1,5 @@
-"""DeepLabv3+ on the deep-stem ResNet, with the PH-Net projector and the RA-BUSSeg relation head.
-
-Layout follows the UniMatch / CorrMatch / RA-BUSSeg code: ASPP on the deepest map (out channels
-= in/8, i.e. 256 for ResNet-50; rates 12/24/36 at output stride 8), a 1×1 Conv-BN-ReLU reduction
-of stage 1 to 48 channels, ASPP output upsampled (bilinear, align_corners=True) to stage 1 and
-concatenated, then the classifier (two 3×3 Conv-BN-ReLU blocks of 256 channels + 1×1 conv to K).
-With ``dropout=True`` (the default) the ASPP output, each of those blocks, the projector's hidden
-block and the relation head end in Dropout2d(0.1), as U2PL's / RA-BUSSeg's / PH-Net's ``classifier``,
-``representation`` and ``proj`` heads.
-"""
+"""DeepLabv3+ as the UniMatch / CorrMatch / RA-BUSSeg code builds it, with the heads the methods add:
+PH-Net's projector and RA-BUSSeg's relation projection (layout: docs/methods.md)."""
 
 from __future__ import annotations
 

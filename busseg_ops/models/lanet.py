@@ -1,21 +1,6 @@
-"""LA-Net (seed 003, Fan et al., MedIA 2023): feature extractor + lesion-aware network + attention
-classifier for joint lesion localisation and classification.
-
-Design choices (the paper leaves them open):
-- FEX: any backbone here; by default a ResNet without dilation (strides 4/8/16/32, "each residual
-  block down-samples the feature map by half"); ``replace_stride_with_dilation`` is passed through.
-- CBAM per level, applied in sequence channel → spatial gate (Woo et al.). Channel gate: avg- and
-  max-pooled descriptors through one shared MLP (reduction 16, at least 4 hidden units), summed,
-  sigmoid. Spatial gate: [channel max, channel mean] through three 3×3 convs (2→8→8→1, BN-ReLU
-  between; the receptive field of CBAM's single 7×7), sigmoid.
-- Fusion: per level a 3×3 conv to one channel, bilinear resize (align_corners=True) to the deepest
-  map, concat (n channels), 3×3 conv + BN → ``mask_logits`` at the deepest grid; the sigmoid of it
-  is f_mask.
-- Attention classifier (MAM): f + f ⊗ f_mask on the deepest FEX map (not the CBAM output; the
-  paper feeds f_n of the FEX), global average pool, FC to the class count.
-Outputs: ``mask_logits`` (B, 1, H, W) at the input resolution (for BCE-with-logits / Dice),
-``mask`` = its sigmoid, ``cls`` (B, num_classes) logits, and on request ``feats``.
-"""
+"""LA-Net (Fan et al., MedIA 2023): feature extractor + lesion-aware network + attention classifier
+for joint lesion localisation and classification; the paper leaves the layers open, our choices
+are in docs/methods.md."""
 
 from __future__ import annotations
 

@@ -1,29 +1,6 @@
-"""MALUNet (Ruan et al., BIBM 2022), the lighter backbone of SemiSeg-CAW (seed 004: 0.18 M parameters).
-
-Written from the paper and the public code (JCruan519/MALUNet, models/malunet.py; its default
-config: c_list 8-16-24-32-48-64, split_att 'fc', bridge on, 3 input channels, 1 class, 256×256
-input). The attribute names are the public code's, so its state dict loads here unchanged
-(``MALUNet(1, 3)`` has exactly its keys and shapes; 177 943 parameters, "0.18 M").
-
-Layout: three plain 3×3 conv stages, then three stages of external attention (EA) + dilated
-gated attention (DGA), each stage GroupNorm(4) → 2× max-pool → GELU (five strided maps t1..t5 at
-strides 2..32, and an unpooled bottleneck); the spatial-then-channel attention bridge (SAB, CAB)
-reweights t1..t5 from all five; a mirrored decoder adds them back, bilinear ×2 (align_corners=True)
-per stage, a 1×1 classifier at stride 2 and a last ×2 to the input size.
-
-Ours vs the public code:
-- ``pred`` is the logits (the public forward returns their sigmoid); ``num_classes=2`` gives the
-  softmax pair the training package uses.
-- Each decoder map is resized to its skip's size (and the output to the input's), which is the
-  public ×2 for sides divisible by 32 and lets any side ≥ 32 through (the public code fails on
-  other sizes).
-- EA's two 1-D convs start tied (linear_1 = linear_0ᵀ) but are separate tensors: the public code
-  assigns a permuted *view* of linear_0's storage to linear_1, so its optimiser updates one
-  storage twice per step; that aliasing is an artefact we do not copy (a checkpoint still loads).
-- ``feats`` (t2, t3, t4 after the bridge and the bottleneck, strides 4-32) and ``rep``/``proj``
-  heads (:class:`SegmentationHeads`, off by default: rep_dim = proj_dim = 0) for the methods that
-  need them; the network itself has no dropout, as upstream.
-"""
+"""MALUNet (Ruan et al., BIBM 2022), SemiSeg-CAW's lighter backbone, written from the paper and its
+public code with the public attribute names, so that its state dict loads unchanged (layout and our
+deviations: docs/methods.md)."""
 
 from __future__ import annotations
 

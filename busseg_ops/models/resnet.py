@@ -1,15 +1,5 @@
-"""ResNet-18/34/50/101 with the deep stem of the RA-BUSSeg / PH-Net / U2PL code, or the plain
-(torchvision / timm) and timm "d" stems, so that their ImageNet state dicts load unchanged.
-
-Deep stem: conv3x3(in, 64, stride 2)-BN-ReLU, conv3x3(64, 64)-BN-ReLU, conv3x3(64, 128), then
-``bn1``, ReLU and a 3×3/2 max-pool; layer1 starts from 128 channels. Module names follow the
-upstream code (``conv1`` is a Sequential: ``conv1.0``, ``conv1.1``, ``conv1.3``, ``conv1.4``,
-``conv1.6``; ``bn1``; ``layer1..4``); every torchvision/timm name outside the stem matches too.
-
-``replace_stride_with_dilation=(False, True, True)`` (default) gives output stride 8; the forward
-returns the four stage maps ``[c1, c2, c3, c4]`` (stride 4, 8, 8, 8 by default). ``multi_grid``
-multiplies the dilation of each layer4 block (True: upstream's, 4-8-16 at output stride 8).
-"""
+"""ResNet-18/34/50/101 with the deep stem of the RA-BUSSeg / PH-Net / U2PL code, or the torchvision /
+timm stems, named so that their ImageNet state dicts load unchanged (docs/methods.md)."""
 
 from __future__ import annotations
 

@@ -1,23 +1,5 @@
-"""SemiSeg-CAW (seed 004, Barzegar & Khan 2025): class-level guidance and adaptive loss weights.
-
-Design choices (the paper gives the stages, not the layers):
-- :class:`SegClassNet`: a segmentation network here (DeepLabv3+, U-Net, or the paper's own
-  backbones MALUNet and UNeXt) plus an image-level classifier (global average pool of the
-  deepest stage map → FC), so segmentation and classification share the encoder ("share a
-  significant portion of their structure").
-- :class:`ClassElevateSeg` (stage 1): a SegClassNet trained with segmentation + classification
-  losses; its auxiliary map ``aux`` is the softmax foreground probability (1 − p(background)),
-  (B, 1, H, W) at the input resolution.
-- Guidance mode: **concatenation**. :class:`SemiSegCAW` feeds ``[image, aux]`` (in_channels + 1
-  channels) to the main SegClassNet. We chose it over multiplying the map into features because
-  it needs no change to the main network's internals, works for any backbone, and lets the main
-  network learn how much to trust the guide (a multiplicative gate zeros the features wherever the
-  auxiliary net misses a lesion). The auxiliary network is frozen (eval mode, no gradient) by
-  default, as in the paper's pre-trained stage 1; ``freeze_aux=False`` trains both jointly.
-- :class:`WeightGenerationModule` (stage 3): learned log-variances s_i (Kendall et al. 2018);
-  weights w_i = exp(−s_i) > 0 always, total = Σ_i w_i·L_i + s_i (the +s_i term keeps the weights
-  from collapsing to zero).
-"""
+"""SemiSeg-CAW (Barzegar & Khan 2025): class-level guidance (ClassElevateSeg) and adaptive loss weights
+(WGM). The paper gives the stages, not the layers: our design choices are in docs/methods.md."""
 
 from __future__ import annotations
 
@@ -78,8 +60,8 @@ class ClassElevateSeg(SegClassNet):
 class SemiSegCAW(nn.Module):
     """Main network guided by ClassElevateSeg (concatenated guide channel). ``forward(x)`` →
     ``pred``, ``cls`` of the main network, ``aux`` (the guide used) and, when the auxiliary net is
-    trained jointly, ``aux_pred`` / ``aux_cls``. ``forward_aux(x)``: the auxiliary network alone
-    (its stage-1 training). ``gray_input`` as in :class:`DeepLabV3Plus`, applied once, before
+    trained jointly, ``aux_pred`` / ``aux_cls``. ``forward_aux(x)`` (or ``forward(x, aux_only=True)``): the
+    auxiliary network alone (its stage-1 training). ``gray_input`` as in :class:`DeepLabV3Plus`, applied once, before
     both networks. ``guide=False`` (the paper's ablation "removing ClassElevateSeg"): no auxiliary
     network, the main network takes the image alone (``aux`` is None)."""
 
@@ -119,7 +101,9 @@ class SemiSegCAW(nn.Module):
             raise ValueError("forward_aux: this SemiSegCAW was built with guide=False (no ClassElevateSeg)")
         return self.aux(self.input(x), **flags)
 
-    def forward(self, x, **flags) -> dict:
+    def forward(self, x, aux_only: bool = False, **flags) -> dict:
+        if aux_only:
+            return self.forward_aux(x, **flags)
         x = self.input(x)
         if self.aux is None:
             return self.main(x, **flags)

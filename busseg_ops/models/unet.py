@@ -1,19 +1,5 @@
-"""U-Net option (PH-Net reports both ResNet-50 DeepLabv3+ and U-Net), with the same outputs.
-
-Encoder: double 3×3 Conv-BN-ReLU at full resolution (``base`` channels) and four max-pool +
-double-conv stages (2, 4, 8, 16 × base channels at strides 2, 4, 8, 16) — the SSL4MIS U-Net used
-by PH-Net's comparison code, with base 16 there. Decoder: 1×1 conv, bilinear resize to the skip
-map (so any input size works, no cropping), concat, double conv; a 1×1 classifier at full
-resolution. ``feats`` are the four strided encoder maps (shallow → deep), ``proj`` is the
-relation head on the deepest one, ``rep`` the projector on the last decoder feature.
-
-``dropout=True`` (the default) is upstream's: Dropout2d(0.1) on the classifier path (before the
-1×1 classifier, as the last of the Dropout2d(0.1) in U2PL's / RA-BUSSeg's / PH-Net's ``classifier``)
-and in the heads. ``encoder_dropout=True`` adds the SSL4MIS encoder dropout: Dropout(p) between the
-two convs of each encoder block, p = 0.05, 0.1, 0.2, 0.3, 0.5 from the full-resolution block to the
-deepest: a far stronger perturbation than upstream's, off by default. With an EMA teacher in eval
-mode, dropout is the perturbation between the teacher's view and the student's.
-"""
+"""The SSL4MIS U-Net of PH-Net's comparison code, with the outputs and heads of DeepLabV3Plus, so that
+every method runs on it (layout and dropout: docs/methods.md)."""
 
 from __future__ import annotations
 

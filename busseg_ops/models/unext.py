@@ -1,30 +1,6 @@
-"""UNeXt (Valanarasu & Patel, MICCAI 2022), the second backbone of SemiSeg-CAW (seed 004: 1.47 M).
-
-Written from the paper and the public code (jeya-maria-jose/UNeXt-pytorch, archs.py ``UNext``, with
-the defaults of its train.py: 3 input channels, 1 class, 256×256 input, no deep supervision,
-drop rates 0). The attribute names are the public code's, so its state dict loads here unchanged
-(``UNeXt(1, 3)`` has exactly its keys and shapes; 1 471 921 parameters, "1.47 M").
-
-Layout: three conv stages (3×3 conv → BatchNorm → 2× max-pool → ReLU; 16, 32, 128 channels), then
-two tokenised-MLP stages (overlapping 3×3 stride-2 patch embedding + LayerNorm, one shifted-MLP
-block, LayerNorm; 160 and 256 channels at strides 16 and 32). The decoder mirrors it: 3×3 conv →
-BatchNorm → bilinear ×2 (align_corners=False, the public F.interpolate default) → ReLU, plus the
-skip; a shifted-MLP block + LayerNorm after the first two; a 1×1 classifier at full resolution.
-
-Shifted MLP (the block's only token mixing): the channels are cut into 5 groups (torch.chunk)
-and group g is shifted by g − 2 pixels along H (zero fill), then Linear → depthwise 3×3 conv →
-GELU; again along W, then Linear; the block adds it to its input after a LayerNorm (pre-norm).
-
-Ours vs the public code:
-- ``in_channels`` is honoured (the public encoder1 always takes 3); ``pred`` is the logits as
-  there; ``num_classes=2`` gives the softmax pair the training package uses.
-- Each decoder map is resized to its skip's size (and the output to the input's), which is the
-  public ×2 for sides divisible by 32 and lets any side ≥ 32 through.
-- The public shift pads, rolls and crops; a zero-filled slice of the padded map is the same.
-- ``feats`` (t2, t3, t4 and the bottleneck, strides 4-32) and ``rep``/``proj`` heads
-  (:class:`SegmentationHeads`, off by default) for the methods that need them; no dropout, as
-  the public default.
-"""
+"""UNeXt (Valanarasu & Patel, MICCAI 2022), SemiSeg-CAW's second backbone, written from the paper
+and its public code with the public attribute names, so that its state dict loads unchanged
+(layout and our deviations: docs/methods.md)."""
 
 from __future__ import annotations
 

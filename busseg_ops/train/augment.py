@@ -1,11 +1,5 @@
-"""Augmentation. Weak (per sample, in the dataset), as the U2PL / RA-BUSSeg / PH-Net data code:
-scale the original image by a random factor (aspect kept; half the time below 1, half above),
-random horizontal flip, then a random crop, padding first (centred; image 0, mask 255 = ignore)
-when the scaled image is smaller than the crop. Strong (per batch, in the training step): box
-cutmix between images of the unlabelled batch (RA-BUSSeg, UniMatch style); PH-Net's adaptive
-patch cutmix is the busseg_ops op (random patches, the hardest shielded) or :func:`easy_patch_swap`
-(the released code's default mixing).
-"""
+"""Augmentation as the U2PL / RA-BUSSeg / PH-Net data code: weak per sample (random scale, flip,
+crop, in the dataset), strong per batch (cutmix, in the training step; docs/methods.md)."""
 
 from __future__ import annotations
 

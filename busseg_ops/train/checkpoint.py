@@ -1,14 +1,6 @@
-"""Checkpoints that are safe to load and say when they are damaged.
-
-A checkpoint holds only tensors and plain data (dicts, lists, strings, numbers; RNG states as
-tensors and lists), so `torch.load(path)` with `weights_only=True` reads it and nothing in it can
-run code; `load` never unpickles anything else. A SHA-256 digest of the content (every key, value,
-tensor dtype, shape and byte) is stored beside it and checked on load, so a corrupted file is
-refused with an error that names it. Writes are atomic (temp file in the same folder + fsync +
-rename: a crash never leaves a half-written file). `StopGuard` lets the loop finish its step and
-save on SIGINT/SIGTERM. A file that passes the checksum can still be hand-edited (its digest
-recomputed): `require`, `check_progress` and `check_finite` give such a file a one-line error too.
-"""
+"""Checkpoints that are safe to load (tensors and plain data, read with weights_only=True), refuse a
+damaged file (a SHA-256 of the content), are never half-written, and from an older format are
+upgraded on load (docs/methods.md)."""
 
 from __future__ import annotations
 
@@ -24,7 +16,9 @@ import torch
 
 from .errors import UserError
 
-FORMAT = "busseg-checkpoint/1"
+FORMAT = "busseg-checkpoint/2"
+# /1: a flat config, and every U-Net and DeepLab with both methods' heads (upgraded on load).
+FORMAT_V1 = "busseg-checkpoint/1"
 
 
 def _digest(obj, h) -> None:
@@ -108,10 +102,17 @@ def _is_pickle(path: str) -> bool:
 
 
 def load(path: str) -> dict:
-    """A checkpoint written by `save`, its digest verified: at least "config" (TrainConfig fields
-    as a plain dict) and "teacher" / "student" (state dicts)."""
+    """A checkpoint written by `save`, its digest verified, in the current layout (an older one
+    upgraded): at least "config" (TrainConfig values, the groups nested) and "teacher" / "student"
+    (state dicts)."""
     obj = read_plain(path)
-    if not isinstance(obj, dict) or obj.get("format") != FORMAT or "sha256" not in obj:
+    version = obj.get("format") if isinstance(obj, dict) else None
+    if isinstance(version, str) and version.startswith("busseg-checkpoint/") and version not in (FORMAT, FORMAT_V1):
+        raise UserError(
+            f"checkpoint {path}: written as {version}, which this busseg cannot read ({FORMAT} and {FORMAT_V1}); "
+            "use the busseg that wrote it"
+        )
+    if version not in (FORMAT, FORMAT_V1) or "sha256" not in obj:
         raise UserError(
             f"checkpoint {path}: not a busseg training checkpoint (no {FORMAT} header; an exported model, "
             "another program's file, or one written before checkpoints were checksummed)"
@@ -125,16 +126,68 @@ def load(path: str) -> dict:
         raise UserError(f"checkpoint {path}: checksum mismatch, the file is corrupted; use another checkpoint")
     obj.pop("format")
     require(obj, ("config",), path)
+    if version == FORMAT_V1:
+        _upgrade_v1(obj, path)
+    return obj
+
+
+def _upgrade_v1(obj: dict, path: str) -> None:
+    """A busseg-checkpoint/1 in place as /2: its flat config with the settings added since at the
+    values it trained with, the groups nested; the heads its method does not use (every U-Net and
+    DeepLab had PH-Net's projector and RA-BUSSeg's relation projection) dropped from the networks
+    and, with their optimizer state, from the optimizer."""
+    from . import config, methods
+
+    flat = obj["config"]
     # checkpoints from before the dropout setting existed trained without dropout; before split_mode,
     # the split followed from the data (the default, None)
-    obj["config"].setdefault("dropout", False)
+    flat.setdefault("dropout", False)
     # before encoder_dropout, --dropout also put the SSL4MIS encoder dropout into the U-Net
-    obj["config"].setdefault("encoder_dropout", obj["config"]["dropout"])
+    flat.setdefault("encoder_dropout", flat["dropout"])
     # checkpoints from before issue 30's upstream defaults keep the behaviour they trained with
     for key, before in ISSUE_30_DEFAULTS_BEFORE.items():
-        obj["config"].setdefault(key, before)
-    obj["config"].setdefault("split_mode", None)
-    return obj
+        flat.setdefault(key, before)
+    flat.setdefault("split_mode", None)
+    obj["config"] = config.nested(flat)
+    student = obj.get("student")
+    if not isinstance(student, dict) or not any(k.startswith(V1_HEADS) for k in student):
+        return
+    cfg = config.TrainConfig.from_dict(obj["config"], source=f"checkpoint {path}")
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):  # the layout alone: no weights, no draws
+        keep = set(methods.get(cfg.method).build_model(cfg).state_dict())
+    unused = {k for k in student if k.startswith(V1_HEADS) and k not in keep}
+    if isinstance(obj.get("optimizer"), dict):
+        names = parameter_names(student)
+        obj["optimizer"] = renumber_optimizer(obj["optimizer"], names, [n for n in names if n not in unused], path)
+    for which in ("student", "teacher"):
+        if isinstance(obj.get(which), dict):
+            obj[which] = {k: v for k, v in obj[which].items() if k not in unused}
+
+
+V1_HEADS = ("heads.rep_head.", "heads.proj_head.")
+_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")  # the networks' only saved buffers (BatchNorm)
+
+
+def parameter_names(state: dict) -> list:
+    """The parameters of a network's state dict, in the order its parameters() gives them."""
+    return [k for k in state if k.rsplit(".", 1)[-1] not in _BUFFERS]
+
+
+def renumber_optimizer(opt: dict, names_from: list, names_to: list, path: str) -> dict:
+    """The optimizer state dict `opt` of the network parameters `names_from` (the method's own
+    follow, unnamed) for the parameters `names_to`: a parameter's state moves with its name, one
+    that `names_from` lacks starts without state, one that `names_to` lacks is dropped."""
+    if len(opt.get("param_groups", [])) != 1:
+        raise UserError(f"checkpoint {path}: expected one optimizer parameter group")
+    group = opt["param_groups"][0]
+    extra = len(group["params"]) - len(names_from)
+    if extra < 0:
+        raise UserError(f"checkpoint {path}: its optimizer holds fewer parameters than its network")
+    position = {name: j for j, name in enumerate(names_to)}
+    new_index = {i: position[name] for i, name in zip(group["params"], names_from) if name in position}
+    new_index.update({i: len(names_to) + e for e, i in enumerate(group["params"][len(names_from) :])})
+    state = {new_index[i]: v for i, v in opt.get("state", {}).items() if i in new_index}
+    return {"state": state, "param_groups": [{**group, "params": list(range(len(names_to) + extra))}]}
 
 
 # The settings issue 30 added, at the values that reproduce the training step before them.

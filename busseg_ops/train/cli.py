@@ -1,27 +1,7 @@
-"""`busseg` command line: train | eval | predict | compare | export.
+"""`busseg` command line: train | eval | predict | compare | export (examples: docs/methods.md).
 
-  busseg train --method rabusseg --data busi --root DIR --partition 1/4 --epochs N
-  busseg train --preset rabusseg_busi_1_4 --root DIR [--pretrained resnet50.pth]
-  busseg train --config c.yaml        # our flat keys or the upstream nested layout
-  busseg train --resume runs/x/last.pt [--epochs 300]   # the stored config; flags override
-  busseg eval --checkpoint runs/x/best.pt [--data busi --root DIR] [--out DIR] [--window N]
-  busseg predict IMAGE_OR_DIR --checkpoint runs/x/best.pt [--out DIR] [--window N]
-  busseg compare runs/a runs/b          # Wilcoxon signed-rank p on per-image test Dice
-  busseg compare 'runs/sup_s*' --vs 'runs/ra_s*'   # seeds: mean ± std, Wilcoxon on seed means
-  busseg export runs/x/best.pt model.pt2  # a torch.export program that runs without busseg_ops
-
-Evaluation and prediction take each image at its original size (evaluate.py).
-
-Every TrainConfig field is a `train` option with its help and default (`busseg train --help`);
-a preset, then a config file, then the flags: each overrides the one before. Every flag of every
-subcommand has a help text and shows its default; flags are never abbreviated. Outputs never
-replace inputs or earlier results unless --overwrite. A mistake in the input (a bad path, file,
-value or combination of flags) prints one line and exits with status 2; `--debug` shows the
-traceback instead. Multi-process: `torchrun --nproc_per_node 2 -m busseg_ops.train train ...`.
-
-The training, evaluation and image code is imported by the subcommand that needs it, so that
-`busseg --help` costs no more than importing busseg_ops.
-"""
+A mistake in the input prints one line and exits with status 2 (`--debug`: the traceback). Each
+subcommand imports the code it needs, so that `busseg --help` costs no more than importing busseg_ops."""
 
 from __future__ import annotations
 
@@ -78,19 +58,29 @@ def _non_negative(text: str) -> int:
     return value
 
 
+def _add_option(group, f, hint) -> None:
+    """The flag of settings field `f` (type `hint`) in argparse group `group`."""
+    meta = f.metadata
+    help_text = f"{meta['help']} (default: {_default_text(f.default)})"
+    if hint is bool:
+        group.add_argument(config.flag(f.name), action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        return
+    base = next((a for a in typing.get_args(hint) if a is not type(None)), hint) if typing.get_args(hint) else hint
+    kw = dict(choices=meta["choices"]) if meta["choices"] else dict(metavar=f.name.upper())
+    group.add_argument(config.flag(f.name), type=base, default=None, help=help_text, **kw)
+
+
 def _add_config_options(p: argparse.ArgumentParser) -> None:
-    hints = typing.get_type_hints(config.TrainConfig)
-    groups = {key: p.add_argument_group(title) for key, title in config.GROUPS.items()}
+    """One argparse group per help section of the shared settings, then one per settings group
+    (cfg.pseudo, cfg.<method>); every flag's destination is the setting's name."""
+    sections = {key: p.add_argument_group(title) for key, title in config.SECTIONS.items()}
     for f in dataclasses.fields(config.TrainConfig):
-        meta, t = f.metadata, hints[f.name]
-        g = groups[meta["group"]]
-        help_text = f"{meta['help']} (default: {_default_text(f.default)})"
-        if t is bool:
-            g.add_argument(config.flag(f.name), action=argparse.BooleanOptionalAction, default=None, help=help_text)
-            continue
-        base = next((a for a in typing.get_args(t) if a is not type(None)), t) if typing.get_args(t) else t
-        kw = dict(choices=meta["choices"]) if meta["choices"] else dict(metavar=f.name.upper())
-        g.add_argument(config.flag(f.name), type=base, default=None, help=help_text, **kw)
+        if f.name not in config.GROUP_KEYS:
+            _add_option(sections[f.metadata["section"]], f, config.TYPES[f.name])
+    for settings in config.methods.GROUPS.values():
+        group = p.add_argument_group(settings.title)
+        for f in dataclasses.fields(settings):
+            _add_option(group, f, config.TYPES[f.name])
 
 
 def _train_description() -> str:
@@ -102,11 +92,8 @@ def _train_description() -> str:
 
 
 def _explicit(args) -> dict:
-    return {
-        f.name: getattr(args, f.name)
-        for f in dataclasses.fields(config.TrainConfig)
-        if getattr(args, f.name) is not None
-    }
+    """The settings given as flags, by name."""
+    return {name: getattr(args, name) for name in config.PLACE if getattr(args, name) is not None}
 
 
 def cmd_train(args) -> int:
@@ -123,7 +110,7 @@ def cmd_train(args) -> int:
         resume = checkpoint.load(args.resume)
         checkpoint.require(resume, checkpoint.TRAINING_KEYS, args.resume)
         checkpoint.check_progress(resume, args.resume)
-        stored = resume["config"]
+        stored = config.flatten(resume["config"], f"checkpoint {args.resume}")
         cfg = config.TrainConfig.from_dict({**stored, **values}, source=f"checkpoint {args.resume}")
         changed = [f"{config.flag(k)} {stored.get(k)!r} → {v!r}" for k, v in values.items() if stored.get(k) != v]
         print(

@@ -1,12 +1,6 @@
-"""Training configuration: `TrainConfig` (every field is a `busseg train` flag, with its help text,
-group and choices), its checks, config files in our flat layout or in the nested layout of the
-upstream RA-BUSSeg / U2PL code, and the shipped presets (train/configs/*.yaml).
-
-Defaults: the methods' hyperparameters follow the public RA-BUSSeg/U2PL training code where it and
-a paper's text disagree (weight decay 5e-4, EMA 0.99, OHEM 0.7/100000, drop_percent 80, scale
-0.5–2.0); the run's scale (10 epochs, 128-px crops, a narrow U-Net, synthetic data) is ours, sized
-for a CPU. The presets carry each paper's full protocol. README "Training" has the table.
-"""
+"""Training configuration: `TrainConfig`, the settings every method reads and one group per method
+(methods/), read from flags, our config files (flat or nested) or upstream's nested layout, and the
+shipped presets. Defaults follow the public RA-BUSSeg/U2PL code where it and a paper disagree."""
 
 from __future__ import annotations
 
@@ -17,95 +11,47 @@ import os
 import typing
 from dataclasses import dataclass, field
 
+from . import methods
 from .errors import UserError
+from .settings import check, flag, setting
 
 PRESET_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 
-METHODS = {
-    "suponly": "supervised only: cross-entropy (or --criterion) on the labelled images; the baseline.",
-    "rabusseg": "RA-BUSSeg (ICCV 2025): mean teacher with cutmixed pseudo-labels, adjacent relation "
-    "propagation (ARP) and cross-layer relation alignment (CRA) with greedy proxy sampling.",
-    "phnet": "PH-Net (CVPR 2024): adaptive patch cutmix that shields the hardest patches, and a "
-    "hard-patch contrastive loss against a class memory bank.",
-    "lanet": "LA-Net (MedIA 2023): lesion-aware attention network, two-stage training of "
-    "localisation then joint classification with pseudo location labels (needs class labels).",
-    "semiseg_caw": "SemiSeg-CAW (2025): a pre-trained ClassElevateSeg guide map and learned "
-    "per-loss weights (WGM) for segmentation, classification and pseudo-label losses.",
-}
-GROUPS = {
+# The help sections of the settings that every method reads; each method's own are in its group.
+SECTIONS = {
     "run": "method and run",
     "data": "data",
     "augment": "augmentation (per sample, as upstream: scale the original, flip, crop)",
     "model": "model",
     "optim": "optimisation and losses",
-    "rabusseg": "rabusseg",
-    "phnet": "phnet",
-    "lanet": "lanet and semiseg_caw",
 }
+METHODS = {name: method.summary for name, method in methods.METHODS.items()}  # name: the sentence --help shows
+GROUPS = {**SECTIONS, **{key: group.title for key, group in methods.GROUPS.items()}}
 
 
-# Ranges of the integer settings, checked by TrainConfig.validate. The upper bounds keep a typo
-# from becoming an allocation failure (or a hang) in the middle of a run; each is far above the
-# papers' values.
-AT_LEAST = {
-    "seed": 0,
-    "epochs": 1,
-    "warmup_epochs": 0,
-    "batch_labeled": 1,
-    "batch_unlabeled": 1,
-    "crop": 16,
-    "synthetic_size": 16,
-    "synthetic_n": 4,
-    "num_workers": 0,
-    "overlays": 0,
-    "fov": 0,
-    "unet_base": 1,
-    "proj_dim": 1,
-    "rep_dim": 1,
-    "ohem_min_kept": 0,
-    "arp_kernel": 1,
-    "num_proxies": 1,
-    "num_patches": 1,
-    "bank_size": 1,
-    "max_anchors": 1,
-    "stage1_epochs": 0,
-    "val_from_train": 0,
-    "pseudo_label_check": 0,
-}
-AT_MOST = {
-    "seed": (2**63 - 1, "a 64-bit seed"),
-    "synthetic_n": (100_000, "images are generated one by one"),
-    "synthetic_size": (2048, "the synthetic images are generated at this side"),
-    "crop": (4096, "upstream crops 512"),
-    "fov": (4096, "the longer side of the resized images"),
-    "batch_labeled": (1024, "images per step"),
-    "batch_unlabeled": (1024, "images per step"),
-    "unet_base": (128, "the deepest U-Net map has 16x this many channels; SSL4MIS uses 16"),
-    "proj_dim": (2048, "upstream 256"),
-    "rep_dim": (2048, "the paper's 256"),
-    "arp_kernel": (32767, "the largest ARP kernel"),
-    "num_proxies": (4096, "CRA builds proxy-by-proxy relation matrices"),
-    "bank_size": (65536, "entries per class kept in memory"),
-    "max_anchors": (65536, "contrastive anchors per step"),
-    "num_patches": (512, "the patch grid's side"),
-    "num_workers": (256, "worker processes"),
-    "scale_max": (4.0, "the random scale of the original image; upstream 2.0"),
-}
+def _f(default, section: str, help: str, choices=None, **ranges):
+    return setting(default, help, choices, section=section, **ranges)
 
 
-def _f(default, group: str, help: str, choices=None):
-    return field(default=default, metadata={"group": group, "help": help, "choices": choices})
+def _group(settings):
+    return field(default_factory=settings)
 
 
-@dataclass
+@dataclass(init=False)
 class TrainConfig:
     # run
     method: str = _f("suponly", "run", "training method (listed above)", tuple(METHODS))
     out: str = _f("runs/train", "run", "output folder (checked writable before the first step)")
-    seed: int = _f(0, "run", "seed of the split, the partition, the augmentation and the methods' draws")
+    seed: int = _f(
+        0,
+        "run",
+        "seed of the split, the partition, the augmentation and the methods' draws",
+        at_least=0,
+        at_most=(2**63 - 1, "a 64-bit seed"),
+    )
     device: str = _f("cpu", "run", "cpu, cuda or cuda:N")
-    num_workers: int = _f(0, "run", "data-loader worker processes")
-    overlays: int = _f(8, "run", "test overlays (pictures) written at the end")
+    num_workers: int = _f(0, "run", "data-loader worker processes", at_least=0, at_most=(256, "worker processes"))
+    overlays: int = _f(8, "run", "test overlays (pictures) written at the end", at_least=0)
     quiet: bool = _f(False, "run", "no progress bars, even on a terminal (the per-epoch lines stay)")
     amp: str = _f(
         "off",
@@ -153,38 +99,60 @@ class TrainConfig:
         "set labelled (with split lists: of both 1_2 lists; with --val-from-train, of what is left after those "
         "images, then drawn from the whole training set), drawn with the seed, the rest unlabelled; replaces "
         "--partition",
+        within="(0, 1]",
     )
     limit: int | None = _f(
         None,
         "data",
         "keep a seeded subset of this many images (quick runs); with split lists a proportional subset of each "
         "list, so every image keeps its role",
+        at_least=1,
     )
     val_from_train: int = _f(
         0,
         "data",
         "with split lists: validate on this many seeded images carved from the unlabelled training pool "
         "(0: the test list, as the authors select models)",
+        at_least=0,
     )
     pseudo_label_check: int = _f(
         0,
         "run",
         "diagnosis: grade the teacher's pseudo-labels on this many fixed unlabelled images after each epoch "
         "with their hidden masks (never used for training; 0: off)",
+        at_least=0,
     )
-    synthetic_n: int = _f(200, "data", "synthetic images")
-    synthetic_size: int = _f(128, "data", "side of the synthetic images")
+    synthetic_n: int = _f(
+        200, "data", "synthetic images", at_least=4, at_most=(100000, "images are generated one by one")
+    )
+    synthetic_size: int = _f(
+        128,
+        "data",
+        "side of the synthetic images",
+        at_least=16,
+        at_most=(2048, "the synthetic images are generated at this side"),
+    )
     # augmentation
-    crop: int = _f(128, "augment", "side of the random training crop (upstream 512; padding is ignored, 255)")
+    crop: int = _f(
+        128,
+        "augment",
+        "side of the random training crop (upstream 512; padding is ignored, 255)",
+        at_least=16,
+        at_most=(4096, "upstream crops 512"),
+    )
     fov: int = _f(
         0,
         "augment",
         "field of view: resize each image (aspect kept) so that its longer side is this many pixels before the random "
         "scale and crop, and alike at evaluation, the prediction resized back to the image's own size for the metrics "
         "(upstream's 512-px crops see most of a ~500-px image; 0: the original size)",
+        at_least=0,
+        at_most=(4096, "the longer side of the resized images"),
     )
-    scale_min: float = _f(0.5, "augment", "smallest random scale of the original image (aspect kept)")
-    scale_max: float = _f(2.0, "augment", "largest random scale")
+    scale_min: float = _f(0.5, "augment", "smallest random scale of the original image (aspect kept)", positive=True)
+    scale_max: float = _f(
+        2.0, "augment", "largest random scale", at_most=(4.0, "the random scale of the original image; upstream 2.0")
+    )
     flip: bool = _f(True, "augment", "random horizontal flip")
     # model
     model: str = _f(
@@ -214,7 +182,13 @@ class TrainConfig:
     )
     multi_grid: bool = _f(True, "model", "ResNet layer4 multi-grid dilations 4-8-16 (upstream multi_grid)")
     zero_init_residual: bool = _f(True, "model", "ResNet: the last BN of each residual branch starts at 0 (upstream)")
-    unet_base: int = _f(16, "model", "U-Net width (SSL4MIS U-Net: 16)")
+    unet_base: int = _f(
+        16,
+        "model",
+        "U-Net width (SSL4MIS U-Net: 16)",
+        at_least=1,
+        at_most=(128, "the deepest U-Net map has 16x this many channels; SSL4MIS uses 16"),
+    )
     dropout: bool = _f(
         True,
         "model",
@@ -226,21 +200,33 @@ class TrainConfig:
         "model",
         "unet: also the SSL4MIS encoder dropout (Dropout 0.05-0.5 in the encoder blocks; far stronger than upstream's)",
     )
-    proj_dim: int = _f(64, "model", "RA-BUSSeg relation projection channels (upstream 256)")
-    rep_dim: int = _f(64, "model", "PH-Net projector channels (paper 256)")
+    proj_dim: int = _f(
+        64, "model", "RA-BUSSeg relation projection channels (upstream 256)", at_least=1, at_most=(2048, "upstream 256")
+    )
+    rep_dim: int = _f(
+        64, "model", "PH-Net projector channels (paper 256)", at_least=1, at_most=(2048, "the paper's 256")
+    )
     # optimisation
-    epochs: int = _f(10, "optim", "training epochs (an epoch: one pass over the larger of the two streams)")
-    warmup_epochs: int = _f(1, "optim", "supervised-only epochs first (upstream sup_only_epoch; papers: 10 of 200)")
-    max_steps: int | None = _f(None, "optim", "cap on steps per epoch (smoke runs)")
-    batch_labeled: int = _f(2, "optim", "labelled images per step (RA-BUSSeg code 2; PH-Net text 4)")
-    batch_unlabeled: int = _f(2, "optim", "unlabelled images per step")
+    epochs: int = _f(10, "optim", "training epochs (an epoch: one pass over the larger of the two streams)", at_least=1)
+    warmup_epochs: int = _f(
+        1, "optim", "supervised-only epochs first (upstream sup_only_epoch; papers: 10 of 200)", at_least=0
+    )
+    max_steps: int | None = _f(None, "optim", "cap on steps per epoch (smoke runs)", at_least=1)
+    batch_labeled: int = _f(
+        2,
+        "optim",
+        "labelled images per step (RA-BUSSeg code 2; PH-Net text 4)",
+        at_least=1,
+        at_most=(1024, "images per step"),
+    )
+    batch_unlabeled: int = _f(2, "optim", "unlabelled images per step", at_least=1, at_most=(1024, "images per step"))
     optimizer: str = _f("sgd", "optim", "optimizer (LA-Net: adam; SemiSeg-CAW: adamw)", ("sgd", "adam", "adamw"))
-    lr: float = _f(0.003, "optim", "initial learning rate")
-    momentum: float = _f(0.9, "optim", "SGD momentum")
-    weight_decay: float = _f(5e-4, "optim", "weight decay (RA-BUSSeg code 5e-4; PH-Net text 1e-4)")
+    lr: float = _f(0.003, "optim", "initial learning rate", positive=True)
+    momentum: float = _f(0.9, "optim", "SGD momentum", within="[0, 1)")
+    weight_decay: float = _f(5e-4, "optim", "weight decay (RA-BUSSeg code 5e-4; PH-Net text 1e-4)", non_negative=True)
     lr_schedule: str = _f("poly", "optim", "learning-rate decay per step", ("poly", "cosine", "constant"))
-    poly_power: float = _f(0.9, "optim", "poly decay: lr·(1 − step/steps)^power")
-    ema: float = _f(0.99, "optim", "teacher EMA decay (RA-BUSSeg code 0.99; PH-Net text 0.999)")
+    poly_power: float = _f(0.9, "optim", "poly decay: lr·(1 − step/steps)^power", positive=True)
+    ema: float = _f(0.99, "optim", "teacher EMA decay (RA-BUSSeg code 0.99; PH-Net text 0.999)", within="[0, 1)")
     criterion: str = _f(
         "ohem",
         "optim",
@@ -248,155 +234,93 @@ class TrainConfig:
         "lanet's sigmoid head always uses binary CE",
         ("ce", "ohem", "ce+dice"),
     )
-    ohem_thresh: float = _f(0.7, "optim", "OHEM: pixels whose true-class probability is at most this are kept")
-    ohem_min_kept: int = _f(100000, "optim", "OHEM: at least this many pixels are kept (0: plain CE, as upstream)")
+    ohem_thresh: float = _f(
+        0.7, "optim", "OHEM: pixels whose true-class probability is at most this are kept", positive=True
+    )
+    ohem_min_kept: int = _f(
+        100000, "optim", "OHEM: at least this many pixels are kept (0: plain CE, as upstream)", at_least=0
+    )
     ohem_scale: bool = _f(
         True,
         "optim",
         "OHEM: ohem_min_kept is upstream's for its batch of 2 crops of 512²; scaled by this batch's pixels, so the "
         "kept share is upstream's (off: as given; 100000 keeps every pixel of a 4 × 128² batch)",
     )
-    # rabusseg
-    lambda_u: float = _f(1.0, "rabusseg", "weight of the unlabelled loss L_u (rabusseg, phnet)")
-    lambda_arp: float = _f(1.0, "rabusseg", "weight of L_ARP")
-    lambda_cra: float = _f(1.0, "rabusseg", "weight of L_CRA")
-    arp: bool = _f(True, "rabusseg", "adjacent relation propagation loss")
-    cra: bool = _f(True, "rabusseg", "cross-layer relation alignment loss")
-    arp_kernel: int = _f(3, "rabusseg", "ARP neighbourhood side")
-    cra_strategy: str = _f(
-        "greedy", "rabusseg", "CRA proxy sampling", ("greedy", "random", "kmeans", "patch", "global")
+    stage1_epochs: int = _f(
+        1,
+        "optim",
+        "first-stage epochs of lanet (localisation) and semiseg_caw (ClassElevateSeg pre-training)",
+        at_least=0,
     )
-    cra_scales: int = _f(4, "rabusseg", "deepest feature maps aligned by CRA", (2, 3, 4))
-    num_proxies: int = _f(64, "rabusseg", "CRA proxies per image (at most the relation grid's pixels)")
-    drop_percent: float = _f(
-        80.0,
-        "rabusseg",
-        "upstream drop_percent: keep this %% of the unlabelled pixels at the start (drop the most uncertain "
-        "100 − p %%), annealed linearly to keeping all",
-    )
-    teacher_train_mode: bool = _f(
-        True,
-        "rabusseg",
-        "rabusseg, phnet: the teacher's second forward, on the student's batch (labelled + mixed unlabelled), runs "
-        "in train mode as U2PL's (BatchNorm batch statistics, dropout on): L_u's uncertainty (phnet: also HPC's "
-        "probabilities and prototypes) comes from it, and the teacher's BN running statistics are its own (the EMA "
-        "averages the parameters only). Off: eval mode, BN statistics an EMA of the student's",
-    )
-    cutmix_p: float = _f(1.0, "rabusseg", "probability of a cutmix box per unlabelled image (phnet --no-apa too)")
-    # phnet
-    apa: bool = _f(True, "phnet", "adaptive patch cutmix (off: plain box cutmix)")
-    shield: bool = _f(True, "phnet", "shield the hardest patches within APA (apa_mix easy_rand, ramp)")
-    apa_mix: str = _f(
-        "easy_easy",
-        "phnet",
-        "APA's mixing: easy_easy (PH-Net's released generate_patch_data default: each image's easiest 40 %% + 1 "
-        "patches replaced by the next image's easiest), easy_rand (10-50 %% random patches from the next image, the "
-        "hardest beta share shielded, constant) or ramp (the paper's Eq. 5: shield beta·t/T, ramping)",
-        ("easy_easy", "easy_rand", "ramp"),
-    )
-    unsup_form: str = _f(
-        "code",
-        "phnet",
-        "phnet's L_u: code (the authors' deleted loss_helper.py, U2PL's: drop the scheduled drop_percent share of "
-        "most uncertain pixels, CE mean × all/kept pixels) or paper (CE where the teacher's confidence ≥ gamma, "
-        "averaged over all pixels)",
-        ("code", "paper"),
-    )
-    hpc: bool = _f(True, "phnet", "hard-patch contrastive loss")
-    mb: bool = _f(True, "phnet", "memory-bank positives (off: the batch's class means)")
-    num_patches: int = _f(4, "phnet", "N×N patch grid (paper: 25-px patches, N = 20 at 500 px)")
-    beta: float = _f(0.3, "phnet", "largest share of shielded patches")
-    gamma: float = _f(0.9, "phnet", "confidence threshold of the pseudo-labels (phnet, semiseg_caw)")
-    lambda_c: float = _f(1.0, "phnet", "weight of the contrastive loss")
-    temperature: float = _f(0.5, "phnet", "contrastive temperature")
-    bank_size: int = _f(4096, "phnet", "memory-bank entries per class")
-    max_anchors: int = _f(1024, "phnet", "contrastive anchors per step")
-    contrast_negatives: str = _f(
-        "centres",
-        "phnet",
-        "negatives of an anchor: centres (the other classes' centres, PH-Net's released patch_contrast) "
-        "or anchors (every other-class anchor of the step, the paper's Eq. 15)",
-        choices=("centres", "anchors"),
-    )
-    hpc_form: str = _f(
-        "code",
-        "phnet",
-        "the HPC term: paper (Eq. 13-15: anchors in the hardest patches, memory-bank centres) or code (PH-Net's "
-        "released patch_contrast: anchors in patches holding both classes, whose feature agrees with their "
-        "pseudo-label, against ground-truth class means of the teacher's features in the labelled patch of "
-        "nearest hardness; --mb and --contrast-negatives do not apply)",
-        choices=("paper", "code"),
-    )
-    # lanet, semiseg_caw
-    stage1_epochs: int = _f(1, "lanet", "LA-Net stage 1 / ClassElevateSeg pre-training epochs")
-    tau: float = _f(0.8, "lanet", "lanet: class confidence needed for pseudo location labels")
-    alpha: float = _f(0.1, "lanet", "lanet: weight of the pseudo-labelled localisation loss")
-    lam: float = _f(0.5, "lanet", "lanet: classification share of the stage-2 loss")
-    wgm: bool = _f(True, "lanet", "semiseg_caw: learned loss weights (off: all 1)")
-    class_elevate: bool = _f(
-        True, "lanet", "semiseg_caw: the ClassElevateSeg guide map and its pre-training (off: the main network alone)"
-    )
+    # the settings groups (methods.GROUPS): cfg.pseudo, then each method's own, cfg.<method>
+    pseudo: methods.PseudoLabelSettings = _group(methods.PseudoLabelSettings)
+    rabusseg: methods.rabusseg.RABUSSegSettings = _group(methods.rabusseg.RABUSSegSettings)
+    phnet: methods.phnet.PHNetSettings = _group(methods.phnet.PHNetSettings)
+    lanet: methods.lanet.LANetSettings = _group(methods.lanet.LANetSettings)
+    semiseg_caw: methods.semiseg_caw.SemiSegCAWSettings = _group(methods.semiseg_caw.SemiSegCAWSettings)
+
+    def __init__(self, **values):
+        """Settings by their flag names (`lambda_arp=2.0`, wherever it is kept) or as whole groups
+        (`rabusseg=RABUSSegSettings(...)` or a mapping of its settings)."""
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default)
+        for key, value in values.items():
+            if key in GROUP_KEYS and not isinstance(value, dict):
+                setattr(self, key, dataclasses.replace(value))  # a copy: no two configs share a group
+            elif key in GROUP_KEYS:
+                for name, v in value.items():
+                    if name not in GROUP_FIELDS[key]:
+                        raise TypeError(f"TrainConfig: the {key} group has no setting {name!r}")
+                    setattr(getattr(self, key), name, v)
+            elif key in PLACE:
+                setattr(getattr(self, PLACE[key]) if PLACE[key] else self, key, value)
+            else:
+                raise TypeError(f"TrainConfig: unexpected setting {key!r}")
+
+    def __setattr__(self, name, value):
+        if name not in FIELDS:  # `cfg.gamma = 0.5` would otherwise set a value nothing reads
+            raise AttributeError(self._where(name))
+        super().__setattr__(name, value)
+
+    def __getattr__(self, name):  # only for names that are not fields
+        raise AttributeError(self._where(name))
+
+    @staticmethod
+    def _where(name: str) -> str:
+        if PLACE.get(name):
+            return f"TrainConfig: {name} is in the {PLACE[name]} group: cfg.{PLACE[name]}.{name}"
+        return f"TrainConfig has no setting {name!r}"
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "config") -> TrainConfig:
-        """A config from plain values (a config file, a checkpoint); unknown keys and values of the
-        wrong type are errors that name the key. Values are checked (:meth:`validate`)."""
-        names = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - set(names))
+        """A config from plain values (a config file, a checkpoint), flat or with its groups nested;
+        unknown keys and values of the wrong type are errors that name the key. Values are checked
+        (:meth:`validate`)."""
+        values = flatten(d, source)
+        unknown = sorted(set(values) - set(PLACE))
         if unknown:
             renamed = {"size": "crop", "dice_weight": "criterion"}
             hints = [f"{k} (now {renamed[k]})" if k in renamed else k for k in unknown]
             raise UserError(f"{source}: unknown config keys: {', '.join(hints)}")
-        hints = typing.get_type_hints(cls)
-        values = {k: _coerce(k, v, hints[k], source) for k, v in d.items()}
-        cfg = cls(**values)
+        cfg = cls(**{k: _coerce(k, v, TYPES[k], source) for k, v in values.items()})
         cfg.validate()
         return cfg
+
+    def flat(self) -> dict:
+        """Every setting by its flag name (the layout of a flat config file)."""
+        return flatten(dataclasses.asdict(self))
 
     def validate(self) -> None:
         """Range and combination checks, all before the first step (a value that could only fail
         mid-training, such as an infinite learning rate or a network too large to allocate, is
-        refused here); the error names the flag."""
-        for f in dataclasses.fields(self):
-            choices, value = f.metadata.get("choices"), getattr(self, f.name)
-            if choices and value not in choices and not (value is None and f.default is None):
-                raise UserError(f"{flag(f.name)} {value!r}: expected one of {', '.join(map(str, choices))}")
-            if isinstance(value, float) and not math.isfinite(value):
-                raise UserError(f"{flag(f.name)} {value}: must be a finite number")
+        refused here); the error names the flag. Then the method's own (methods/)."""
+        check(self)
         self.partition = normalise_partition(self.partition)
-        for name, low in AT_LEAST.items():
-            if getattr(self, name) < low:
-                raise UserError(f"{flag(name)} {getattr(self, name)}: must be at least {low}")
-        for name, (high, why) in AT_MOST.items():
-            if getattr(self, name) > high:
-                raise UserError(f"{flag(name)} {getattr(self, name)}: must be at most {high} ({why})")
-        if self.labeled_share is not None and not 0 < self.labeled_share <= 1:
-            raise UserError(f"--labeled-share {self.labeled_share}: must be in (0, 1]")
-        for name in ("max_steps", "limit"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise UserError(f"{flag(name)} {getattr(self, name)}: must be at least 1")
-        within = {
-            "momentum": (0, 1, False),
-            "ema": (0, 1, False),
-            "cutmix_p": (0, 1, True),
-            "beta": (0, 1, True),
-            "gamma": (0, 1, True),
-            "tau": (0, 1, True),
-            "alpha": (0, 1, True),
-            "lam": (0, 1, True),
-            "drop_percent": (0, 100, True),
-        }
-        for name, (low, high, closed) in within.items():
-            v = getattr(self, name)
-            if not (low <= v <= high if closed else low <= v < high) or (name == "drop_percent" and v == 0):
-                span = f"({low}, {high}]" if name == "drop_percent" else f"[{low}, {high}{']' if closed else ')'}"
-                raise UserError(f"{flag(name)} {v}: must be in {span}")
-        for name in ("lr", "poly_power", "temperature", "ohem_thresh", "scale_min"):
-            if not getattr(self, name) > 0:
-                raise UserError(f"{flag(name)} {getattr(self, name)}: must be positive")
-        for name in ("weight_decay", "lambda_u", "lambda_arp", "lambda_cra", "lambda_c"):
-            if getattr(self, name) < 0:
-                raise UserError(f"{flag(name)} {getattr(self, name)}: must not be negative")
+        for key in GROUP_KEYS:
+            group = getattr(self, key)
+            check(group)
+            if hasattr(group, "validate"):
+                group.validate()
         if self.ohem_thresh > 1:
             raise UserError(f"--ohem-thresh {self.ohem_thresh}: must be in (0, 1]")
         if not self.scale_min <= 1 <= self.scale_max:
@@ -404,8 +328,6 @@ class TrainConfig:
                 f"--scale-min {self.scale_min} / --scale-max {self.scale_max}: need scale-min ≤ 1 ≤ scale-max "
                 "(upstream draws below or above 1 with equal chance)"
             )
-        if self.arp_kernel % 2 == 0:
-            raise UserError(f"--arp-kernel {self.arp_kernel}: must be odd")
         if self.data != "synthetic" and not self.root:
             raise UserError(f"--root is required for --data {self.data}")
         if self.data == "synthetic" and (self.split_dir or self.split_mode == "lists"):
@@ -418,21 +340,11 @@ class TrainConfig:
         if self.split_mode == "lists" and self.data in ("udiat", "folder") and not self.split_dir:
             raise UserError(f"--split-mode lists: give the folder of the lists (--split-dir) for --data {self.data}")
         if self.model in ("malunet", "unext"):
-            if self.method == "lanet":
-                raise UserError(
-                    f"--model {self.model}: lanet builds its attention network on --backbone (resnetNN or unet), "
-                    "not on a whole segmentation network"
-                )
             small = [(n, getattr(self, n)) for n in ("crop", "synthetic_size") if getattr(self, n) < 32]
             if small and (small[0][0] == "crop" or self.data == "synthetic"):
                 name, v = small[0]
                 raise UserError(f"{flag(name)} {v}: --model {self.model} pools five times (stride 32); use 32 or more")
-        if self.backbone == "unet" and self.method != "lanet":
-            raise UserError("--backbone unet: only lanet takes the U-Net encoder as a backbone; use --model unet")
-        if self.pretrained is not None and not self._has_resnet():
-            raise UserError(
-                "--pretrained: this network has no ResNet backbone (--model deeplab, or lanet with --backbone resnetNN)"
-            )
+        methods.get(self.method).check(self)
         if self.device != "cpu" and not (self.device == "cuda" or self.device.startswith("cuda:")):
             raise UserError(f"--device {self.device!r}: expected cpu, cuda or cuda:N")
         if self.amp == "fp16" and self.device == "cpu":
@@ -441,15 +353,46 @@ class TrainConfig:
                 "them); use --amp bf16 on the CPU"
             )
 
-    def _has_resnet(self) -> bool:
-        if self.method == "lanet":
-            return self.backbone != "unet"
-        return self.model == "deeplab"
+
+FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
+GROUP_KEYS = tuple(methods.GROUPS)
+GROUP_FIELDS = {key: {f.name for f in dataclasses.fields(group)} for key, group in methods.GROUPS.items()}
+# Where each setting is kept, by its flag name: None (the config itself) or its group's key.
+PLACE = {f.name: None for f in dataclasses.fields(TrainConfig) if f.name not in GROUP_KEYS}
+for _key, _names in GROUP_FIELDS.items():
+    for _name in _names:
+        assert _name not in PLACE, f"two settings are called {_name}: each flag must name one"
+        PLACE[_name] = _key
+TYPES = {
+    **{k: v for k, v in typing.get_type_hints(TrainConfig).items() if k not in GROUP_KEYS},
+    **{k: v for group in methods.GROUPS.values() for k, v in typing.get_type_hints(group).items() if k != "title"},
+}
 
 
-def flag(name: str) -> str:
-    """The command-line flag of a TrainConfig field."""
-    return "--" + name.replace("_", "-")
+def flatten(d: dict, source: str = "config") -> dict:
+    """Plain config values, flat or with groups nested (`rabusseg: {lambda_arp: 2}`), by flag name."""
+    flat = {}
+    for key, value in d.items():
+        if key in GROUP_KEYS and isinstance(value, dict):
+            unknown = sorted(set(value) - GROUP_FIELDS[key])
+            if unknown:
+                raise UserError(f"{source}: unknown config keys in {key}: {', '.join(unknown)}")
+            flat.update(value)
+        else:
+            flat[key] = value
+    return flat
+
+
+def nested(flat: dict) -> dict:
+    """Flat config values (by flag name) with the grouped ones in their groups: a config's layout."""
+    out = {}
+    for key, value in flat.items():
+        place = PLACE.get(key)
+        if place is None:
+            out[key] = value
+        else:
+            out.setdefault(place, {})[key] = value
+    return out
 
 
 def _coerce(name, value, hint, source):
@@ -505,7 +448,8 @@ def preset_path(name: str) -> str:
 
 
 def load_file(path: str, what: str = "--config") -> dict:
-    """Flat TrainConfig values from a YAML or JSON file in our flat layout or upstream's nested one
+    """TrainConfig values by flag name from a YAML or JSON file in our layout (flat, or with the
+    methods' groups nested: `rabusseg: {lambda_arp: 2}`) or upstream's nested one
     (`dataset`, `trainer`, `net`, `criterion`, `saver`). A key given twice is an error (YAML and JSON
     would keep the last silently). Relative paths in the file (root, split lists, masks, weights,
     output) are read from the file's folder, wherever the command runs. Types are checked by
@@ -530,12 +474,11 @@ def load_file(path: str, what: str = "--config") -> dict:
     # Upstream sections are mappings (a flat `criterion: ohem` is our key of the same name).
     nested = {k: doc.pop(k) for k in UPSTREAM_SECTIONS if isinstance(doc.get(k), dict)}
     values = from_upstream(nested, path) if nested else {}
-    values.update(doc)  # flat keys next to the nested sections override them
-    hints = typing.get_type_hints(TrainConfig)
-    unknown = sorted(set(values) - set(hints))
+    values.update(flatten(doc, path))  # our keys (flat, or in their groups) override the upstream sections
+    unknown = sorted(set(values) - set(PLACE))
     if unknown:
         raise UserError(f"{path}: unknown config keys: {', '.join(unknown)}")
-    values = {k: _coerce(k, v, hints[k], path) for k, v in values.items()}
+    values = {k: _coerce(k, v, TYPES[k], path) for k, v in values.items()}
     folder = os.path.dirname(os.path.abspath(path))
     for key in PATH_KEYS:
         if isinstance(values.get(key), str) and values[key] and not os.path.isabs(os.path.expanduser(values[key])):

@@ -1,15 +1,6 @@
-"""Datasets: BUSI, UDIAT Dataset B, a generic image/mask folder pair and the synthetic default;
-split lists, the 1/2–1/4–1/8 partition protocols and the 8:1:1 split.
-
-An `Item` names one image and its mask files; `SegDataset` reads it (cached) and returns tensors.
-Images are read as 8-bit grayscale whatever their encoding (L, RGB-encoded grayscale, RGBA; 16-bit
-scaled by 1/257, the full 16-bit range onto 0–255, with a warning for 12-bit data stored in 16
-bits). Masks must be binary (0 and 255, or 0 and 1, in 8 or 16 bits; several mask files are merged
-by union): anything else is an error naming the values found. Split lists are checked before
-use (present, non-empty, no duplicates, disjoint, every name found); a missing folder or list is
-an error, never a fallback to another split. `check_items` opens every file of a run once before
-training starts. `Splits.source` says how the sets were formed (the data banner of a run).
-"""
+"""Datasets (BUSI, UDIAT, an image/mask folder, the synthetic default), split lists and partitions.
+Every file, list and mask is checked before training starts: a missing or malformed one is an
+error naming it, never a fallback (what is read and how: docs/methods.md)."""
 
 from __future__ import annotations
 

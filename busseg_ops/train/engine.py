@@ -1,20 +1,7 @@
-"""The training loop: checks before the first step (every data file, the output folder, flag
-combinations), data streams, student + EMA teacher (the ramp starts after the supervised-only
-epochs), SGD/Adam/AdamW with poly/cosine decay, per-epoch evaluation of the teacher (each image at its
-original size, see evaluate.py), pseudo-label diagnostics on a fixed set of unlabelled images when
-asked, CSV log (TensorBoard when installed), checksummed atomic checkpoints each epoch and on SIGINT/SIGTERM,
-bit-for-bit resume on CPU (within one --amp precision), and DDP under torchrun (gloo on CPU,
-SyncBatchNorm, DistributedSampler). --amp runs the method's forward passes and losses under
-torch.autocast (the busseg ops follow their registered autocast rules, docs/ops.md), with a
-GradScaler for fp16; --channels-last and --compile apply to the student and the teacher.
-
-Determinism: samples depend only on (seed, epoch, index) (see data.SegDataset); sampler order on
-(seed, epoch, cycle); the methods' own draws (cutmix boxes, proxies) use the global torch RNG,
-whose state is checkpointed. Output folder `out`: data.json (the data banner: source, split, the
-images of every set), log.txt (the lines the run printed), metrics.csv, last.pt, best.pt,
-test_metrics.json, test_per_image.csv, overlays/, curves.png. A fresh run never writes into a
-folder that holds another run (claim_output_folder); --resume continues one.
-"""
+"""The training loop, method-agnostic: it checks everything before the first step, trains the student
+and its EMA teacher with the step of cfg.method (methods/), evaluates the teacher each epoch, and
+writes checkpoints from which a run resumes bit for bit on CPU, also under DDP (torchrun). What a
+run writes and why it is deterministic: docs/methods.md."""
 
 from __future__ import annotations
 
@@ -40,30 +27,11 @@ from .evaluate import evaluate, pseudo_label_quality, write_results
 
 
 def build_model(cfg: TrainConfig) -> torch.nn.Module:
-    """The network for the method, 2 classes, randomly initialised (Trainer loads --pretrained).
-    It takes (B, 1, H, W) grayscale in [0, 1] whatever `in_channels` is: with 3 it replicates the
-    gray channel and normalises with the ImageNet mean/std inside its forward (models/inputs.py),
-    so evaluation, prediction and an exported model need no extra step."""
-    io = dict(in_channels=cfg.in_channels, gray_input=True)
-    res = dict(stem=cfg.stem, multi_grid=cfg.multi_grid or None, zero_init_residual=cfg.zero_init_residual)
-    if cfg.method == "lanet":
-        kw = res if cfg.backbone != "unet" else {}
-        return models.LANet(2, backbone=cfg.backbone, unet_base=cfg.unet_base, **io, **kw)
-    own = dict(base=cfg.unet_base) if cfg.model == "unet" else {}  # MALUNet, UNeXt: their public configs
-    if cfg.method == "semiseg_caw":
-        kw = dict(backbone=cfg.backbone, **res) if cfg.model == "deeplab" else own
-        # no public code to follow: its networks stay as the paper describes them, without dropout
-        caw = dict(freeze_aux=False, guide=cfg.class_elevate, rep_dim=0, proj_dim=0, dropout=False)
-        return models.SemiSegCAW(2, 2, arch=cfg.model, **caw, **io, **kw)
-    heads = dict(rep_dim=cfg.rep_dim, proj_dim=cfg.proj_dim, dropout=cfg.dropout)
-    if cfg.model == "deeplab":
-        return models.DeepLabV3Plus(2, backbone=cfg.backbone, **heads, **io, **res)
-    if cfg.model == "unet":
-        own["encoder_dropout"] = cfg.encoder_dropout
-    if cfg.model in ("malunet", "unext"):  # only the heads the method uses: the public layout otherwise
-        heads.update(rep_dim=cfg.rep_dim * (cfg.method == "phnet"), proj_dim=cfg.proj_dim * (cfg.method == "rabusseg"))
-    network = {"unet": models.UNet, "malunet": models.MALUNet, "unext": models.UNeXt}[cfg.model]
-    return network(2, **heads, **io, **own)
+    """The network of cfg.method (methods/), 2 classes, randomly initialised (Trainer loads
+    --pretrained). It takes (B, 1, H, W) grayscale in [0, 1] whatever `in_channels` is: with 3 it
+    replicates the gray channel and normalises with the ImageNet mean/std inside its forward
+    (models/inputs.py), so evaluation, prediction and an exported model need no extra step."""
+    return methods.get(cfg.method).build_model(cfg)
 
 
 def resnets(model: torch.nn.Module) -> list:
@@ -83,20 +51,6 @@ def load_pretrained(model: torch.nn.Module, path: str) -> list:
         except ValueError as err:  # its message starts with the path
             raise UserError(f"--pretrained {err}") from None
     return reports
-
-
-def relation_grid(model: torch.nn.Module, cfg: TrainConfig) -> tuple[int, int]:
-    """(h, w) of the relation projection for a crop: the deepest feature map (ceil at every stride
-    for the U-Net and the ResNets; MALUNet pools five times (floor); UNeXt pools three times, then
-    two stride-2 convolutions round up)."""
-    if isinstance(model, models.MALUNet):
-        side = cfg.crop // 32
-    elif isinstance(model, models.UNeXt):
-        side = -(-(cfg.crop // 8) // 4)
-    else:
-        stride = model.encoder.strides[-1] if isinstance(model, models.UNet) else model.backbone.strides[-1]
-        side = -(-cfg.crop // stride)
-    return side, side
 
 
 def check_output_folder(out: str) -> None:
@@ -163,27 +117,6 @@ def prepare_output(cfg: TrainConfig, resume_path: str | None = None, overwrite: 
     claim_output_folder(cfg.out, overwrite)
 
 
-def check_combinations(cfg: TrainConfig, model: torch.nn.Module) -> None:
-    """Flags that are valid alone but not together for this network and crop."""
-    if cfg.method == "rabusseg" and cfg.cra:
-        h, w = relation_grid(model, cfg)
-        if cfg.num_proxies > h * w:
-            raise UserError(
-                f"--num-proxies {cfg.num_proxies}: the {h}×{w} relation grid of a {cfg.crop}-px crop has only "
-                f"{h * w} positions; use --num-proxies {h * w} or less, or a larger --crop"
-            )
-    if cfg.method == "rabusseg" and cfg.arp:
-        h, w = relation_grid(model, cfg)
-        reach = 2 * max(h, w) - 1
-        if cfg.arp_kernel > reach:
-            raise UserError(
-                f"--arp-kernel {cfg.arp_kernel}: the {h}×{w} relation grid of a {cfg.crop}-px crop is covered by a "
-                f"kernel of {reach}; use --arp-kernel {reach} or less, or a larger --crop"
-            )
-    if cfg.method == "phnet" and cfg.crop % cfg.num_patches:
-        raise UserError(f"--num-patches {cfg.num_patches}: the patches must tile the {cfg.crop}-px crop exactly")
-
-
 def _dist() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
@@ -227,7 +160,7 @@ class Trainer:
         data.check_items(self.splits, progress=not cfg.quiet and self.rank == 0)
         self.method = methods.build(cfg)
         student = build_model(cfg)
-        check_combinations(cfg, student)
+        self.method.check_network(cfg, student)
         if cfg.pretrained and pretrained:
             for report in load_pretrained(student, cfg.pretrained):
                 self._say(f"pretrained {report}")
@@ -240,10 +173,8 @@ class Trainer:
         if cfg.compile:  # in place: the state dicts keep their keys
             student.compile()
             self.teacher.compile()
-        if self.world > 1:
-            # Heads a step does not use (e.g. the projector for suponly) get no gradient.
-            student = torch.nn.parallel.DistributedDataParallel(student, find_unused_parameters=True)
-        self.student = student
+        self.student = student  # under DDP, wrapped at the start of each epoch (_train_parts)
+        self._frozen = None
         self.amp_dtype = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.amp]
         # float16 gradients underflow without loss scaling (bfloat16 has float32's range)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.amp == "fp16")
@@ -402,14 +333,31 @@ class Trainer:
             return {"epoch": self.epoch}
         return self.finish()
 
+    def _train_parts(self, ctx) -> None:
+        """Freeze for this epoch the parts of the network its steps give no gradient (the method
+        says which: a head during the supervised-only epochs, the network of the other stage), and
+        under DDP wrap the student anew when they change: DDP syncs exactly the parameters that
+        train, with no search for unused ones."""
+        net = self.student.module if hasattr(self.student, "module") else self.student
+        frozen = {id(p) for part in self.method.frozen(net, ctx) for p in part.parameters()}
+        if frozen == self._frozen:
+            return
+        for p in net.parameters():
+            p.requires_grad_(id(p) not in frozen)
+        self._frozen = frozen
+        if self.world > 1:
+            self.student = torch.nn.parallel.DistributedDataParallel(net)
+
     def _run_epoch(self, guard) -> bool:
         cfg = self.cfg
         ctx = {
             "epoch": self.epoch,
             "warmup": self.epoch < cfg.warmup_epochs,
+            "semi": self.method.uses_unlabeled and len(self.unl_ds) > 0,  # unlabelled batches come
             "progress": self.epoch / max(1, cfg.epochs),
             "epochs": cfg.epochs,
         }
+        self._train_parts(ctx)
         if self.step_in_epoch > self.steps_per_epoch:  # equal: stopped after the last step, before the epoch's end
             raise UserError(
                 f"--resume: the checkpoint stopped after step {self.step_in_epoch} of epoch {self.epoch + 1}, but this "
@@ -556,6 +504,27 @@ class Trainer:
             self._resume_rng = st["rng"]  # restored after the data stream is replayed
         else:
             checkpoint.set_rng_state(st["rng"])
+
+    def warm_start(self, st: dict, source: str = "warm start") -> None:
+        """Continue from another method's checkpoint of the same network, e.g. a shared
+        supervised-only warm-up (benchmarks/diagnose.py): the heads this method has and it lacks
+        keep their initialisation (a seed draws them alike) and start without optimizer state."""
+        s = self.student.module if hasattr(self.student, "module") else self.student
+        own = s.state_dict()
+        added = set(own) - set(st["student"])
+        if not all(k.startswith(checkpoint.V1_HEADS) for k in added) or set(st["student"]) - set(own):
+            raise UserError(f"{source}: the checkpoint's network is not this method's without its heads")
+        names_from = checkpoint.parameter_names(st["student"])
+        self.load_state_dict(
+            {
+                **st,
+                "student": {**own, **st["student"]},
+                "teacher": {**self.teacher.state_dict(), **st["teacher"]},
+                "optimizer": checkpoint.renumber_optimizer(
+                    st["optimizer"], names_from, [n for n, _ in s.named_parameters()], source
+                ),
+            }
+        )
 
     def resume(self, source) -> None:
         """Continue from a checkpoint (a path, or what checkpoint.load returned)."""

@@ -1,14 +1,6 @@
-"""Whole-image evaluation, as upstream (U²PL / RA-BUSSeg validate with batch 1 on the whole image):
-each image goes through the network at its own size — zero-padded at the bottom and right to a
-multiple of the network's stride, cropped back — and every metric is computed at that resolution
-(HD95 in the image's own pixels). The training crop (`--crop`) is a training choice only. An
-optional sliding window (`window`) tiles large images with half-window overlap and averages the
-class probabilities.
-
-Images are read as data.load_item reads them (8-bit grayscale, 16-bit scaled by 1/257) and
-divided by 255, one channel, at their own size. Also here: the teacher's pseudo-label quality on unlabelled images
-(diagnosis only), per-run result files and the comparison of groups of runs (seeds).
-"""
+"""Whole-image evaluation, as upstream validates: each image at its own size, so that the metrics
+do not depend on the training crop (details: docs/methods.md); also the pseudo-label diagnosis,
+the result files and the comparison of runs."""
 
 from __future__ import annotations
 

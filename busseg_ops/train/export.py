@@ -1,21 +1,5 @@
-"""`busseg export`: a checkpoint's network as a file that runs without busseg_ops.
-
-Formats:
-  pt2         (default) a torch.export program: `torch.export.load(path).module()(x)` with torch
-              alone. x: float32 (B, 1, H, W), grayscale in [0, 1] (an 8-bit image divided by 255),
-              any B in [1, MAX_BATCH] and H, W in (S, MAX_SIDE] with S the network's stride (U-Net 16,
-              DeepLabv3+ 8, LA-Net 32; its deepest map must be larger than 1×1); returns float32 (B, 2, H, W)
-              logits of (background, lesion) at the input size: mask = logits.argmax(1). The
-              network pads to its stride and crops back inside, as `busseg eval` does, and a
-              3-channel (ImageNet) network converts the gray input itself. The program holds
-              `busseg.json` (the run's config and this description) as an extra file.
-  state-dict  the weights alone (`model.load_state_dict(torch.load(path))`), with the config as
-              JSON beside it (PATH with .json); rebuilding the network needs busseg_ops.
-
-The networks' inference forward uses no busseg custom op (ARP and CRA are training losses), so the
-exported graph holds ATen operators only. Nothing is written over the checkpoint, over an existing
-file (unless `overwrite`), over a symbolic link or a special file, or over another file of a run.
-"""
+"""`busseg export`: a checkpoint's network as a file that runs without busseg_ops: a torch.export
+program (torch alone runs it) or its weights with their config (formats: docs/methods.md)."""
 
 from __future__ import annotations
 

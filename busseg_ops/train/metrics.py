@@ -1,19 +1,5 @@
-"""Evaluation metrics: per-image segmentation metrics (Dice, IoU, HD95 in pixels, precision,
-recall, specificity, accuracy), classification metrics (accuracy, precision, recall, F1, AUC) and
-the Wilcoxon signed-rank test (scipy.stats.wilcoxon).
-
-HD95 follows medpy's `hd95` with its default connectivity: the surface of a mask is the mask minus
-its erosion by the cross-shaped (4-neighbour) structuring element, with the outside of the image
-counted as background (so a mask touching the border has its border pixels on the surface); each
-surface pixel of one mask gets its Euclidean distance to the nearest surface pixel of the other
-(scipy's exact distance transform); HD95 is numpy's 95th percentile (linear interpolation) of both
-directed distance sets pooled. Distances are in pixels of the arrays given.
-
-Empty masks (medpy raises an error there): both empty → Dice = IoU = 1 and HD95 = 0; exactly one
-empty → Dice = IoU = 0 and HD95 = the image diagonal √(H² + W²) (no distance inside the image is
-larger). Precision with no predicted positives is 1 when there are no true positives to find, else
-0. Pixels of the ground truth equal to 255 are ignored by every metric (HD95 included).
-"""
+"""Evaluation metrics, as the papers report them (HD95 as medpy computes it), their conventions for
+empty masks and ignored pixels (docs/methods.md), and the Wilcoxon signed-rank test."""
 
 from __future__ import annotations
 

@@ -1,0 +1,123 @@
+"""SemiSeg-CAW (2025): a pre-trained ClassElevateSeg guide map and learned per-loss weights (WGM)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+
+import busseg_ops
+
+from ..settings import setting
+from .base import IGNORE, Method, resnet_options
+
+
+@dataclass
+class SemiSegCAWSettings:
+    """cfg.semiseg_caw (the pre-training's length is --stage1-epochs, the pseudo-labels' threshold
+    cfg.pseudo's --gamma)."""
+
+    title: ClassVar[str] = "semiseg_caw"
+    wgm: bool = setting(True, "learned loss weights (off: all 1)")
+    class_elevate: bool = setting(
+        True, "the ClassElevateSeg guide map and its pre-training (off: the main network alone)"
+    )
+
+
+class SemiSegCAW(Method):
+    """On models.SemiSegCAW. Stage 1 (`stage1_epochs`): pre-train the ClassElevateSeg auxiliary
+    network (segmentation on the labelled images + classification on every image with a class
+    label, the class-only images included). Stage 2: it is frozen and guides the main network,
+    trained on L_seg (labelled), L_cls (all class labels) and L_u (teacher pseudo-labels,
+    confidence ≥ γ; absent without unlabelled images) combined by the weight generation module
+    (WGM; off: static weights 1). Without ClassElevateSeg (`class_elevate` off) there is no stage
+    1: the main network trains from the first step."""
+
+    name = "semiseg_caw"
+    summary = (
+        "SemiSeg-CAW (2025): a pre-trained ClassElevateSeg guide map and learned "
+        "per-loss weights (WGM) for segmentation, classification and pseudo-label losses."
+    )
+    settings = SemiSegCAWSettings
+    uses_unlabeled = True
+
+    @classmethod
+    def build_model(cls, cfg) -> torch.nn.Module:
+        from ... import models
+
+        if cfg.model == "deeplab":
+            kw = dict(backbone=cfg.backbone, **resnet_options(cfg))
+        else:
+            kw = dict(base=cfg.unet_base) if cfg.model == "unet" else {}  # MALUNet, UNeXt: their public configs
+        # no public code to follow: its networks stay as the paper describes them, without dropout
+        caw = dict(freeze_aux=False, guide=cfg.semiseg_caw.class_elevate, rep_dim=0, proj_dim=0, dropout=False)
+        return models.SemiSegCAW(2, 2, arch=cfg.model, in_channels=cfg.in_channels, gray_input=True, **caw, **kw)
+
+    def __init__(self, cfg):
+        from ... import models
+
+        super().__init__(cfg)
+        self.wgm = models.WeightGenerationModule(3)
+
+    def stage1(self, network, ctx) -> bool:
+        return network.aux is not None and ctx["epoch"] < self.cfg.stage1_epochs
+
+    def frozen(self, network, ctx):
+        if network.aux is None:
+            return []
+        return [network.main] if self.stage1(network, ctx) else [network.aux]
+
+    def parameters(self):
+        return list(self.wgm.parameters())
+
+    def __call__(self, student, teacher, lab, unl, ctx):
+        c = self.cfg.semiseg_caw
+        net = student.module if hasattr(student, "module") else student
+        stage1 = self.stage1(net, ctx)
+        if net.aux is not None:  # off: the paper's "removing ClassElevateSeg" (--no-class-elevate)
+            net.freeze_aux = not stage1  # set every step: the stage follows the epoch (and resumes)
+            net.aux.train(stage1 and net.training)  # frozen in stage 2: no BN statistics updates
+        xl, yl = lab["image"], lab["mask"]
+        x = xl if unl is None else torch.cat([xl, unl["image"]])
+        cls_t = (
+            torch.as_tensor(lab["cls"])
+            if unl is None
+            else torch.cat([torch.as_tensor(lab["cls"]), torch.as_tensor(unl["cls"])])
+        )
+        cls_t = cls_t.to(x.device)
+        known = cls_t >= 0
+        nl = len(xl)
+        if stage1:
+            out = student(x, aux_only=True)  # through DDP's forward, which syncs the gradients
+            loss_seg = self.sup(out["pred"][:nl], yl)
+            loss_cls = F.cross_entropy(out["cls"][known], cls_t[known]) if known.any() else loss_seg * 0
+            return loss_seg + loss_cls, {"loss_aux_seg": loss_seg.detach(), "loss_aux_cls": loss_cls.detach()}
+        out = student(x)
+        loss_seg = self.sup(out["pred"][:nl], yl)
+        loss_cls = F.cross_entropy(out["cls"][known], cls_t[known]) if known.any() else loss_seg * 0
+        loss_u = None  # no unlabelled image (every mask known): no pseudo-label term
+        if unl is not None:
+            with torch.no_grad():
+                prob = torch.softmax(teacher(unl["image"])["pred"], 1)
+                pl = prob.argmax(1).masked_fill(unl["mask"] == IGNORE, IGNORE)
+            loss_u = busseg_ops.confidence_masked_cross_entropy(out["pred"][nl:], pl, prob, self.cfg.pseudo.gamma)
+        losses = [loss_seg, loss_cls, loss_u]
+        if c.wgm:
+            loss, w = self.wgm(losses)
+        else:
+            loss, w = sum(v for v in losses if v is not None), torch.ones(3)
+        logs = {"loss_seg": loss_seg.detach(), "loss_cls": loss_cls.detach(), "w_seg": w[0], "w_cls": w[1]}
+        if loss_u is not None:
+            logs.update(loss_u=loss_u.detach(), w_u=w[2])
+        return loss, logs
+
+    def pseudo_label_keep(self, prob, cls, ctx):
+        return prob.amax(1) >= self.cfg.pseudo.gamma  # as confidence_masked_cross_entropy
+
+    def state_dict(self) -> dict:
+        return {"wgm": self.wgm.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.wgm.load_state_dict(state["wgm"])
