@@ -43,8 +43,9 @@ def same(names: str, a: torch.Tensor, b: torch.Tensor, *, dims: tuple[int, ...] 
 
 
 def integer(name: str, v, minimum: int | None = None, odd: bool = False, maximum: int = 2**63 - 1) -> int:
-    """An int in [minimum, maximum] (by default within int64, what the C++ ops take); a bool is not one."""
-    if type(v) is not int and (isinstance(v, bool) or not isinstance(v, int)):
+    """An int in [minimum, maximum] (by default within int64, what the C++ ops take); a bool is not
+    one. Traced (torch.compile), a size-derived int is a SymInt."""
+    if type(v) is not int and (isinstance(v, bool) or not isinstance(v, (int, torch.SymInt))):
         raise TypeError(f"{name} must be an int, got {type(v).__name__}")
     if minimum is not None and v < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {v}")

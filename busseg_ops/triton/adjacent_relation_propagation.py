@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from .. import _validate
+from ..ops.adjacent_relation_propagation import check_args, check_backward_args
 from ._float_args import join, split
 
 
@@ -477,44 +477,11 @@ def _feature_grid(B: int, C: int, H: int, W: int, block_c: int):
     return tile_w, per_group * block_c, (tiles, triton.cdiv(chunks, per_group), B)
 
 
-def _check(op, feat, value, kernel_size, dilation, grad_out=None, weights=None):
-    """The checks of csrc/adjacent_relation_propagation/checks.h, before any launch."""
-    torch._check_value(feat.dim() == 4 and value.dim() == 4, lambda: f"{op}: feat and value must be 4-D")
-    B, _, H, W = feat.shape
-    torch._check_value(
-        value.shape[0] == B and value.shape[2:] == feat.shape[2:],
-        lambda: f"{op}: feat {tuple(feat.shape)} and value {tuple(value.shape)} must share batch and spatial sizes",
-    )
-    torch._check_value(
-        1 <= kernel_size <= 32767 and kernel_size % 2 == 1,
-        lambda: f"{op}: kernel_size must be odd and in [1, 32767], got {kernel_size}",
-    )
-    torch._check_value(
-        1 <= dilation <= _validate.MAX_EXTENT // max(1, kernel_size // 2),
-        lambda: f"{op}: dilation * (kernel_size // 2) must be in [1, 2**30], got dilation {dilation}",
-    )
-    torch._check_type(
-        feat.is_floating_point() and value.dtype == feat.dtype, lambda: f"{op}: feat and value must share a float dtype"
-    )
-    if grad_out is None:
-        _validate.one_device(op, feat=feat, value=value)
-        return
-    torch._check_value(grad_out.shape == (B, value.shape[1], H, W), lambda: f"{op}: grad_out must be (B, K, H, W)")
-    torch._check_value(
-        weights.shape == (B, kernel_size * kernel_size, H, W), lambda: f"{op}: weights must be (B, k*k, H, W)"
-    )
-    torch._check_type(
-        grad_out.dtype == feat.dtype and weights.dtype == feat.dtype,
-        lambda: f"{op}: grad_out and weights must have feat's dtype",
-    )
-    _validate.one_device(op, feat=feat, value=value, grad_out=grad_out, weights=weights)
-
-
 @triton_op("busseg_triton::adjacent_relation_propagation", mutates_args=())
 def adjacent_relation_propagation(
     feat: torch.Tensor, value: torch.Tensor, kernel_size: int, dilation: int, scale: float, valid_padding: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    _check("adjacent_relation_propagation", feat, value, kernel_size, dilation)
+    check_args(feat, value, kernel_size, dilation, allow_empty=True)
     feat, value = feat.contiguous(), value.contiguous()
     B, C, H, W = feat.shape
     K = value.shape[1]
@@ -581,7 +548,7 @@ def adjacent_relation_propagation_backward(
     need_grad_feat: bool,
     need_grad_value: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    _check("adjacent_relation_propagation_backward", feat, value, kernel_size, dilation, grad_out, weights)
+    check_backward_args(grad_out, feat, value, weights, kernel_size, dilation)
     grad_out, feat, value, weights = grad_out.contiguous(), feat.contiguous(), value.contiguous(), weights.contiguous()
     B, C, H, W = feat.shape
     K = value.shape[1]

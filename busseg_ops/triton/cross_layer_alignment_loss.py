@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from .. import _validate
+from ..ops.cross_layer_alignment_loss import check_args, check_backward_args
 from ._float_args import join, split
 from ._precision import dot_precision
 
@@ -427,27 +427,6 @@ def _rows_per_block(HW: int, block_rows: int) -> int:
     return -(-HW // blocks)
 
 
-def _check(op, feats, proxies, reduction, eps, block_rows):
-    """The checks of csrc/cross_layer_alignment_loss/checks.h, before any launch."""
-    torch._check_value(len(feats) >= 2 and len(proxies) == len(feats), lambda: f"{op}: need L >= 2 feats and proxies")
-    torch._check_value(eps >= 0 and block_rows >= 1, lambda: f"{op}: eps must be >= 0 and block_rows >= 1")
-    torch._check_value(reduction in ("mean", "batchmean", "sum"), lambda: f"{op}: unknown reduction {reduction!r}")
-    f0, p0 = feats[0], proxies[0]
-    torch._check_value(f0.dim() == 3 and p0.dim() == 3, lambda: f"{op}: feats[l] (B, C_l, HW), proxies[l] (B, M, C_l)")
-    B, HW, M = f0.shape[0], f0.shape[2], p0.shape[1]
-    torch._check_value(B * HW * M > 0, lambda: f"{op}: the loss inputs are empty")
-    torch._check_type(f0.is_floating_point(), lambda: f"{op}: feats must be floating")
-    for l, (f, p) in enumerate(zip(feats, proxies)):
-        torch._check_value(
-            f.dim() == 3 and p.dim() == 3 and f.shape[0] == B and f.shape[2] == HW and f.shape[1] > 0,
-            lambda l=l: f"{op}: feats[{l}] must be (B, C_l, HW) with B = {B}, HW = {HW}",
-        )
-        torch._check_value(tuple(p.shape) == (B, M, f.shape[1]), lambda l=l: f"{op}: proxies[{l}] must be (B, M, C_l)")
-        torch._check_type(f.dtype == f0.dtype and p.dtype == f0.dtype, lambda: f"{op}: one dtype for all inputs")
-    named = {f"feats[{l}]": f for l, f in enumerate(feats)} | {f"proxies[{l}]": p for l, p in enumerate(proxies)}
-    _validate.one_device(op, **named)
-
-
 def _block_logits(feats, proxies, r0, n):
     """(L, B, n, M) logits of pixel rows [r0, r0 + n), contiguous."""
     return torch.stack(
@@ -541,7 +520,7 @@ def cross_layer_alignment_loss(
     block_rows: int,
     grad_proxies: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-    _check("cross_layer_alignment_loss", feats, proxies, reduction, eps, block_rows)
+    check_args(feats, proxies, reduction, eps, block_rows)
     L, (B, _, HW), M = len(feats), feats[0].shape, proxies[0].shape[1]
     dtype, device = feats[0].dtype, feats[0].device
     acc = torch.float64 if dtype == torch.float64 else torch.float32
@@ -579,15 +558,8 @@ def cross_layer_alignment_loss_backward(
     need_grad_feats: bool,
     need_grad_proxies: bool,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    op = "cross_layer_alignment_loss_backward"
-    _check(op, feats, proxies, reduction, eps, block_rows)
+    check_backward_args(grad_loss, feats, proxies, lse, reduction, eps, block_rows)
     L, (B, _, HW), M = len(feats), feats[0].shape, proxies[0].shape[1]
-    torch._check_value(tuple(lse.shape) == (L, B, HW), lambda: f"{op}: lse must be (L, B, HW) = {(L, B, HW)}")
-    torch._check_value(grad_loss.numel() == 1, lambda: f"{op}: grad_loss must be a scalar")
-    torch._check_type(
-        lse.is_floating_point() and grad_loss.is_floating_point(), lambda: f"{op}: lse and grad_loss must be floating"
-    )
-    _validate.one_device(op, **{"feats[0]": feats[0], "lse": lse, "grad_loss": grad_loss})
     if not (need_grad_feats or need_grad_proxies):
         return [], []
     norm = align_norm((L, B, HW, M), reduction)

@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from .. import _validate
+from ..ops.memory_contrastive_loss import check_args, check_backward_args
 from ._float_args import join, split
 from ._precision import dot_precision
 
@@ -547,44 +547,6 @@ def _normalize_backward(x, xhat, dxhat):
     return torch.where(norm > _NORM_EPS, proj, dxhat) / norm.clamp_min(_NORM_EPS)
 
 
-def _check(op, anchors, anchor_labels, negatives, negative_labels, positives, has_positive, temperature):
-    """The checks of csrc/memory_contrastive_loss/checks.h, before any launch."""
-    torch._check_value(
-        anchors.dim() == 2 and negatives.dim() == 2 and positives.dim() == 2,
-        lambda: f"{op}: anchors (N, D), negatives (N-, D) and positives (K, D) must be 2-D",
-    )
-    D = anchors.shape[1]
-    torch._check_value(
-        negatives.shape[1] == D and positives.shape[1] == D and positives.shape[0] >= 1,
-        lambda: f"{op}: anchors, negatives and positives must share D, with K >= 1 positives",
-    )
-    torch._check_value(
-        tuple(anchor_labels.shape) == (anchors.shape[0],) and tuple(negative_labels.shape) == (negatives.shape[0],),
-        lambda: f"{op}: anchor_labels must be (N,) and negative_labels (N-,)",
-    )
-    torch._check_value(tuple(has_positive.shape) == (positives.shape[0],), lambda: f"{op}: has_positive must be (K,)")
-    torch._check_type(
-        anchor_labels.dtype == torch.int64
-        and negative_labels.dtype == torch.int64
-        and has_positive.dtype == torch.bool,
-        lambda: f"{op}: labels must be int64 and has_positive bool",
-    )
-    torch._check_type(
-        anchors.is_floating_point() and negatives.dtype == anchors.dtype and positives.dtype == anchors.dtype,
-        lambda: f"{op}: anchors, negatives and positives must share a float dtype",
-    )
-    torch._check_value(temperature > 0, lambda: f"{op}: temperature must be > 0, got {temperature}")
-    _validate.one_device(
-        op,
-        anchors=anchors,
-        anchor_labels=anchor_labels,
-        negatives=negatives,
-        negative_labels=negative_labels,
-        positives=positives,
-        has_positive=has_positive,
-    )
-
-
 @triton_op("busseg_triton::memory_contrastive_loss", mutates_args=())
 def memory_contrastive_loss(
     anchors: torch.Tensor,
@@ -597,7 +559,7 @@ def memory_contrastive_loss(
     save_weighted_negatives: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     args = (anchors, anchor_labels, negatives, negative_labels, positives, has_positive, temperature)
-    _check("memory_contrastive_loss", *args)
+    check_args(*args, allow_empty=True)
     s = _prepare(*args)
     K = positives.shape[0]
     lse, wn = s.pos, None
@@ -624,20 +586,19 @@ def memory_contrastive_loss_backward(
     temperature: float,
     need_grad_negatives: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    op = "memory_contrastive_loss_backward"
-    _check(op, anchors, anchor_labels, negatives, negative_labels, positives, has_positive, temperature)
-    torch._check_value(tuple(lse.shape) == (anchors.shape[0],), lambda: f"{op}: lse must be (N,)")
-    torch._check_value(grad_loss.numel() == 1, lambda: f"{op}: grad_loss must be a scalar")
-    torch._check_type(
-        lse.is_floating_point() and grad_loss.is_floating_point() and weighted_negatives.is_floating_point(),
-        lambda: f"{op}: lse, weighted_negatives and grad_loss must be floating",
+    check_backward_args(
+        grad_loss,
+        anchors,
+        anchor_labels,
+        negatives,
+        negative_labels,
+        positives,
+        has_positive,
+        lse,
+        weighted_negatives,
+        temperature,
     )
     saved = tuple(weighted_negatives.shape) != (0,)
-    torch._check_value(
-        not saved or tuple(weighted_negatives.shape) == tuple(anchors.shape),
-        lambda: f"{op}: weighted_negatives must be (N, D) or (0,)",
-    )
-    _validate.one_device(op, anchors=anchors, lse=lse, grad_loss=grad_loss, weighted_negatives=weighted_negatives)
     s = _prepare(anchors, anchor_labels, negatives, negative_labels, positives, has_positive, temperature)
     K = positives.shape[0]
     N, M = anchors.shape[0], negatives.shape[0]

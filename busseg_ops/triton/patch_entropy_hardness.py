@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from .. import _validate
+from ..ops.patch_entropy_hardness import check_args, check_backward_args
 from ._float_args import join, split
 
 
@@ -130,20 +130,9 @@ def _hardness_backward_kernel(
                 tl.store(pdx + k * HW, dp, mask=mask)
 
 
-def _check(op, x, patch_h, patch_w, grad=None):
-    """The checks of csrc/patch_entropy_hardness/checks.h, before any launch."""
-    torch._check_value(x.dim() == 4 and x.shape[1] >= 2, lambda: f"{op}: x must be (B, K, H, W) with K >= 2")
-    torch._check_type(x.is_floating_point(), lambda: f"{op}: x must be floating")
-    torch._check_value(
-        patch_h >= 1 and patch_w >= 1 and x.shape[2] % patch_h == 0 and x.shape[3] % patch_w == 0,
-        lambda: f"{op}: patch size ({patch_h}, {patch_w}) must divide the map size {tuple(x.shape[2:])}",
-    )
-    torch._check_value(x.shape[2] * x.shape[3] < 2**31, lambda: f"{op}: x must have H*W < 2^31 pixels")
-    if grad is not None:
-        shape = (x.shape[0], x.shape[2] // patch_h, x.shape[3] // patch_w)
-        torch._check_value(tuple(grad.shape) == shape, lambda: f"{op}: grad must be (B, Nh, Nw) = {shape}")
-        torch._check_type(grad.is_floating_point(), lambda: f"{op}: grad must be floating")
-        _validate.one_device(op, x=x, grad=grad)
+def _check_pixels(x) -> None:
+    """Offsets within an image are int32 here."""
+    torch._check_value(x.shape[2] * x.shape[3] < 2**31, lambda: f"x must have H*W < 2^31 pixels, got {tuple(x.shape)}")
 
 
 def _tile_shape(patch_h: int, patch_w: int) -> dict:
@@ -157,7 +146,8 @@ def _tile_shape(patch_h: int, patch_w: int) -> dict:
 
 @triton_op("busseg_triton::patch_entropy_hardness", mutates_args=())
 def patch_entropy_hardness(x: torch.Tensor, patch_h: int, patch_w: int, from_logits: bool, eps: float) -> torch.Tensor:
-    _check("patch_entropy_hardness", x, patch_h, patch_w)
+    check_args(x, patch_h, patch_w)
+    _check_pixels(x)
     B, K, H, W = x.shape
     nh, nw = H // patch_h, W // patch_w
     out = torch.empty(B, nh, nw, dtype=torch.float32, device=x.device)
@@ -183,7 +173,8 @@ def patch_entropy_hardness(x: torch.Tensor, patch_h: int, patch_w: int, from_log
 def patch_entropy_hardness_backward(
     grad: torch.Tensor, x: torch.Tensor, patch_h: int, patch_w: int, from_logits: bool, eps: float
 ) -> torch.Tensor:
-    _check("patch_entropy_hardness_backward", x, patch_h, patch_w, grad)
+    check_backward_args(grad, x, patch_h, patch_w)
+    _check_pixels(x)
     B, K, H, W = x.shape
     nh, nw = H // patch_h, W // patch_w
     dx = torch.empty(B, K, H, W, dtype=torch.float32, device=x.device)
