@@ -618,37 +618,3 @@ def memory_contrastive_loss_backward(
             dn = _negative_grad(s, K, lse, coef, temperature)
         grad_negatives = _normalize_backward(negatives, s.n, dn).to(negatives.dtype)
     return _normalize_backward(anchors, s.a, da).to(anchors.dtype), grad_negatives
-
-
-# ---- launch space: what the GPU compile check (tools/gpu_compile_check.py) compiles ------------
-
-#: Problem axes that decide what the launchers above launch. First value: the base problem; second:
-#: the smallest blocks. Features of 256 give feature-column blocks of 128 (tensor cores) and 64 (FMA:
-#: exact float32, float64), then 1, 12, 20, 40 and 100 the smaller blocks, 300 padding to whole
-#: blocks. Each launch runs under both float32 matmul precisions (launch_stand_in).
-LAUNCH_AXES = {
-    "dtype": (torch.float32, torch.float64, torch.float16, torch.bfloat16),
-    "dim": (256, 1, 12, 20, 40, 100, 300),
-}
-#: The largest blocks with D padded, compiled in every dtype like the base.
-LAUNCH_CORNERS = ({"dim": 300},)
-
-
-def launch_stand_in(dtype, dim):
-    """Forward (Σ π n̂ not saved) and backward (formed again, and the negatives' gradient) launches
-    on stand-in inputs with features of `dim`, under each of torch's float32 matmul precisions
-    (exact, and TF32: other tiles)."""
-    anchors, negatives, positives = (torch.ones(n, dim, dtype=dtype) for n in (37, 41, 2))
-    labels = torch.zeros(37, dtype=torch.int64), torch.ones(41, dtype=torch.int64)
-    has_positive = torch.ones(2, dtype=torch.bool)
-    args = (anchors, labels[0], negatives, labels[1], positives, has_positive, 0.5)
-    before = torch.backends.cuda.matmul.fp32_precision
-    try:
-        for precision in ("ieee", "tf32"):
-            torch.backends.cuda.matmul.fp32_precision = precision
-            _, lse, _ = memory_contrastive_loss(*args, False)
-            memory_contrastive_loss_backward(
-                torch.ones((), dtype=dtype), *args[:6], lse, anchors.new_empty(0), 0.5, True
-            )
-    finally:
-        torch.backends.cuda.matmul.fp32_precision = before

@@ -195,26 +195,3 @@ def patch_entropy_hardness_backward(
         **_tile_shape(patch_h, patch_w),
     )
     return dx.to(x.dtype)
-
-
-# ---- launch space: what the GPU compile check (tools/gpu_compile_check.py) compiles ------------
-
-#: Problem axes that decide what the launchers above launch (_tile_shape: the tile from the patch's
-#: height and width). First value: the base problem (16 x 16 tiles, one warp); second: the
-#: smallest (1 x 1); then 8 x 64 tiles for 20 x 40 patches and 16 x 32 for 40 x 20 (four warps,
-#: looping over rows), 4 x 64 for 3 x 64 (one warp).
-LAUNCH_AXES = {
-    "dtype": (torch.float32, torch.float64, torch.float16, torch.bfloat16),
-    "patch_h": (16, 1, 20, 40, 3),
-    "patch_w": (16, 1, 40, 20, 64),
-    "from_logits": (True, False),
-}
-#: The largest tiles (and loops over them), compiled in every dtype like the base.
-LAUNCH_CORNERS = ({"patch_h": 40, "patch_w": 40},)
-
-
-def launch_stand_in(dtype, patch_h, patch_w, from_logits):
-    """Forward and backward launches on stand-in inputs: a 2 x 3 grid of patches."""
-    x = torch.zeros(1, 2, 2 * patch_h, 3 * patch_w, dtype=dtype)
-    hardness = patch_entropy_hardness(x, patch_h, patch_w, from_logits, 1e-10)
-    patch_entropy_hardness_backward(torch.ones_like(hardness), x, patch_h, patch_w, from_logits, 1e-10)
