@@ -1,35 +1,9 @@
 """busseg_triton::adjacent_relation_propagation (RA-BUSSeg ARP; docs/ops.md) in Triton, on NCHW
-tensors as they lie (no permuted copies).
-
-What bounds it (B=8, C=256, 65x65, k=3): the features, 35 MB in float32, read once by the forward
-and once by the backward, which also writes their gradient; everything else is a few MB. The
-two kernels that stream the features work on a tile of BLOCK_P pixels (whole rows back to back,
-or (BLOCK_P / 32) x 32 blocks on wide maps) and a chunk of BLOCK_C channels: each thread owns one
-pixel and all channels of the chunk, so a warp reads 32 consecutive pixels of a channel (one
-coalesced 128-byte row) and sums over channels stay in its registers. Each tap's shifted tile is
-read from the same chunk right after the centre tile: those re-reads hit L1 (the tile) or L2
-(the halo), and DRAM sees the features about once. What is left to bound them is L1 (a tap
-shifted by one pixel is never 16-byte aligned, so loads are 32-bit, one per channel and tap);
-hence the affinity kernel reads half the taps only (below). Sizes enter unspecialised
+tensors as they lie (no permuted copies). Reading the features bounds it, so the affinity kernel
+computes half the taps (affinities are symmetric) and a tap's shifted tile is re-read from L1/L2,
+never DRAM; how the four kernels work: docs/kernels.md. Sizes enter unspecialised
 (``do_not_specialize``): a map whose rows happen to be 16-byte aligned would otherwise get vector
-loads for its unshifted taps only, and the mix costs a shared-memory layout conversion per tile.
-
-Forward, two kernels:
-- ``_affinity_kernel``: <f_p, f_q> is symmetric, so it computes the centre tap and the taps after
-  it in row-major order only (the mirror tap T-1-t of a neighbour q = p + o_t is <f_q, f_p>: half
-  the loads), each channel group into its own partial sum (more programs than SMs, no atomics).
-- ``_softmax_kernel``: per pixel, each tap's affinity from the partial sums (its own, or the
-  mirror's at the neighbour), the softmax in registers, the weights and out.
-Backward, two kernels:
-- ``_pixel_grad_kernel``: per pixel, da = scale * w * (dw - sum w dw) (float32 / float64, B x k^2 x
-  H x W, small) and the value gradient (a gather of w * g over the pixels whose taps land here).
-- ``_feat_grad_kernel``: the feature gradient as a gather over channel chunks, each pixel's
-  coupling E[p, t] = da[p, t] + da[p + o_t, T-1-t] (p as query and as key) computed once per tile.
-
-Up to 3x3 the taps are unrolled (tl.static_range), with their accumulators in registers; larger
-kernels loop over taps at run time, with per-tap sums recomputed or kept in memory (the partial,
-weights and da buffers), so no kernel's registers grow with k. The dilation is a run-time argument
-(each distinct value would be a compile of its own)."""
+loads for its unshifted taps only, and the mix costs a shared-memory layout conversion per tile."""
 
 import torch
 import triton

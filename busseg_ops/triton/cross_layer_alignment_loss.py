@@ -1,32 +1,9 @@
 """busseg_triton::cross_layer_alignment_loss (RA-BUSSeg CRA; docs/ops.md) in Triton, with the
 contract of the native op: the per-row log-sum-exp (L, B, HW) kept for backward, the logits never
-stored.
-
-Tensor-core products (float32 in TF32 as PyTorch's matmul precision allows, float16, bfloat16;
-busseg_ops/triton/_precision.py) of rows of at most _FUSED_MAX_M proxies (upstream: M = 64) and at
-most _MAX_LAYERS layers take the fused kernel: a program per image and block of _FUSED_ROWS pixel
-rows forms the logits of every layer on the tensor cores (tl.dot over chunks of channels, read
-straight from each layer's feature map: no stacked copy) and does everything after them in
-registers: the log-softmax of every layer, the KL terms of the adjacent pairs and, when a gradient
-is wanted, the logit gradients (a sliding window over layers l-1, l, l+1). The gradients of the
-proxies (gᵀ fᵀ) and of the features (pᵀ gᵀ) are then batched products (torch.bmm: cuBLAS on a
-GPU, in the same precision) over blocks of block_rows pixel rows, each right after the fused
-kernel has written that block's logit gradients, so that they re-read feature rows the kernel has
-just read. A program takes the layers' maps and proxies as _MAX_LAYERS argument slots (L is a
-compile-time constant).
-
-Everything else (exact float32 and float64 products, whose fused forms spilled registers, more
-layers, wider rows such as global alignment's every-pixel proxies) keeps the blocked path: blocks
-of pixel rows, the logits of a block by BLAS (torch.bmm) into one buffer, the fused row kernels
-below, only the per-row log-sum-exp kept, and backward recomputing each block's logits (as
-csrc/common/cra_driver.h). A row kernel program owns a block of pixel rows with whole proxy rows
-(M padded to a power of two) in registers; the layers are unrolled. Forward: log-sum-exp per layer
-and the KL terms of the adjacent pairs; backward: a sliding window over layers l-1, l, l+1 writes
-each logit gradient once. A tile holds at most _TILE logits (a thread's share of each live tile
-stays in registers; 4096 spilled in backward on sm_80/sm_90); rows of more than _TILE proxies go to
-the "wide" kernels, which stream each row in chunks of _TILE, one pass per row sum they need, each
-summing element-wise over the chunks and reducing the row once after the loop (Triton 3.6 failed
-to compile a row reduction carried by the loop)."""
+stored. Tensor-core products of at most _MAX_LAYERS layers of _FUSED_MAX_M proxies (upstream: 4
+and 64) take one fused kernel that does everything after the logits in registers; the rest (exact
+float32 and float64 products, whose fused forms spilled registers, more layers, wider rows) keeps
+the blocked path of csrc/common/cra_driver.h. How both work: docs/kernels.md."""
 
 import torch
 import triton

@@ -1,28 +1,7 @@
 """busseg_triton::memory_contrastive_loss (PH-Net Eq. 15; docs/ops.md) in Triton, flash-attention
-style: Σ_j π_ij n̂_j is attention with the keys as values.
-
-Anchors and negatives are first sorted by class on the device (torch.argsort; no host sync), the
-ignored anchors (label outside [0, K) or no positive) last. A program owns a block of anchors and
-streams blocks of negatives: the similarity tile is a tensor-core product (tl.dot over chunks of
-_BLOCK_K features), folded into the anchors' online log-sum-exp and, when asked, into Σ_j π_ij n̂_j
-(a second tl.dot; rescaled as the running max moves). A block whose anchors are all of one class
-skips the negative blocks that lie inside that class's run of sorted negatives (same-class pairs
-never count), and a block of ignored anchors does nothing. Where the anchor blocks are too few to
-fill the GPU, the negatives are split across programs and a few torch ops merge the partial sums.
-The backward forms the anchors' gradient from Σ_j π_ij n̂_j (saved by forward, or formed by the
-same kernel) and, when the negatives need one, the negatives' gradient with a program per block of
-sorted negatives that streams anchor blocks (skipping its own class's run and the ignored anchors).
-Memory is O((N + N⁻)·D) besides partial sums bounded by a few rows per SM.
-
-Precision (busseg_ops/triton/_precision.py): float32 operands on TF32 tensor cores exactly when
-PyTorch's float32 matmuls may use TF32, else exact; float16 / bfloat16 operands on tensor cores
-(the normalised rows are formed in float32, then rounded to the input dtype, as are the softmax
-weights of the second product); every sum in float32 (float64 for float64). The cosine
-normalisation, the positive term, the class weights, the sort and the merge of split partial sums
-are O((N + N⁻)·D) torch ops around the kernels.
-
-On sm_90 the products lower to wgmma (tf32, bf16, f16; float64 to DMMA): a program of 4 warps with
-a 64-row operand, as Hopper's warpgroup MMA needs."""
+style: Σ_j π_ij n̂_j is attention with the keys as values, so the (N, N⁻) similarities never exist
+(memory O((N + N⁻)·D)). How the kernels stream the negatives, skip same-class blocks and split
+the work: docs/kernels.md."""
 
 from typing import NamedTuple
 
