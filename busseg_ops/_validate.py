@@ -94,14 +94,12 @@ def in_range(name: str, t: torch.Tensor, stop: int, what: str) -> None:
 
 
 def one_device(op: str, **tensors: torch.Tensor) -> None:
-    """The raw-op rule of the fake kernels and Triton launchers (as csrc/common/checks.h): all
-    tensor arguments on one device, so that no device's kernel gets another device's pointer."""
+    """All tensor arguments on one device (as csrc/common/checks.h), so that no device's kernel gets
+    another device's pointer."""
     names = list(tensors)
     first = tensors[names[0]]
     for name in names[1:]:
-        torch._check_value(
-            tensors[name].device == first.device,
-            lambda name=name: (
+        if tensors[name].device != first.device:
+            raise ValueError(
                 f"{op}: {name} must be on the device of {names[0]} ({first.device}), got {tensors[name].device}"
-            ),
-        )
+            )
