@@ -165,10 +165,10 @@ class TestAdjacentRelationPropagation(OpContract):
         bad(lambda f, v: arp(f[:, :0], v), ValueError, "feat is empty"),
         bad(lambda f, v: arp(f.numpy(), v), TypeError, "feat must be a torch.Tensor"),
         # sizes whose index arithmetic would overflow: rejected, never a wrong result
-        bad(lambda f, v: arp(f, v, kernel_size=2**63 - 1), ValueError, "kernel_size must be <= 32767"),
-        bad(lambda f, v: arp(f, v, kernel_size=2**64 + 1), ValueError, "kernel_size must be <= 32767"),
+        bad(lambda f, v: arp(f, v, kernel_size=2**63 - 1), ValueError, f"kernel_size must be <= {MAX_KERNEL_SIZE}"),
+        bad(lambda f, v: arp(f, v, kernel_size=2**64 + 1), ValueError, f"kernel_size must be <= {MAX_KERNEL_SIZE}"),
         bad(lambda f, v: arp(f, v, dilation=2**62 + 1), ValueError, r"dilation \* \(kernel_size // 2\)"),
-        bad(lambda f, v: arp(f, v, kernel_size=3, dilation=2**30 + 1), ValueError, r"dilation \* \(kernel_size"),
+        bad(lambda f, v: arp(f, v, kernel_size=3, dilation=MAX_EXTENT + 1), ValueError, r"dilation \* \(kernel_size"),
         # scalars (issue 29): an infinite scale made the CPU and the reference disagree; a bool is no number
         bad(lambda f, v: arp(f, v, scale=float("inf")), ValueError, "scale must be a finite float, got inf"),
         bad(lambda f, v: arp(f, v, scale=-float("inf")), ValueError, "scale must be a finite float, got -inf"),
@@ -552,7 +552,7 @@ def test_cpp_checks_hold_the_contract_limits():
     """csrc/adjacent_relation_propagation/checks.h and csrc/common/checks.h guard direct calls with
     the Python contract's limits: just past each, the C++ error names the argument (and the kernel
     size limit, which must be MAX_KERNEL_SIZE); at the reach limit the C++ op runs. The contract
-    itself takes the same values (a 32767-wide kernel is too large to run here)."""
+    itself takes the same values (a MAX_KERNEL_SIZE-wide kernel is too large to run here)."""
     feat, value = torch.randn(1, 2, 3, 3), torch.randn(1, 1, 3, 3)
     past = MAX_KERNEL_SIZE + 2
     with pytest.raises(ValueError, match=rf"kernel_size must be odd and in \[1, {MAX_KERNEL_SIZE}\], got {past}$"):
