@@ -96,10 +96,7 @@ def in_range(name: str, t: torch.Tensor, stop: int, what: str) -> None:
 def one_device(op: str, **tensors: torch.Tensor) -> None:
     """All tensor arguments on one device (as csrc/common/checks.h), so that no device's kernel gets
     another device's pointer."""
-    names = list(tensors)
-    first = tensors[names[0]]
-    for name in names[1:]:
-        if tensors[name].device != first.device:
-            raise ValueError(
-                f"{op}: {name} must be on the device of {names[0]} ({first.device}), got {tensors[name].device}"
-            )
+    (first_name, first), *others = tensors.items()
+    for name, t in others:
+        if t.device != first.device:
+            raise ValueError(f"{op}: {name} must be on the device of {first_name} ({first.device}), got {t.device}")

@@ -28,9 +28,9 @@ def check_args(feat, value, kernel_size, dilation, allow_empty=False) -> None:
     tensors only with ``allow_empty`` (the ops compute nothing; the public function refuses them)."""
     _validate.tensor("feat", feat, 4, "(B, C, H, W)", allow_empty=allow_empty)
     _validate.tensor("value", value, 4, "(B, K, H, W)", allow_empty=allow_empty)
-    _validate.one_device(OP.name, feat=feat, value=value)
     _validate.same("feat and value", feat, value, dims=(0, 2, 3), dtype=True)
-    if feat.shape[2] > _validate.MAX_EXTENT or feat.shape[3] > _validate.MAX_EXTENT:
+    _, _, H, W = feat.shape
+    if H > _validate.MAX_EXTENT or W > _validate.MAX_EXTENT:
         raise ValueError(f"feat's H and W must be <= {_validate.MAX_EXTENT}, got shape {tuple(feat.shape)}")
     _validate.integer("kernel_size", kernel_size, minimum=1, odd=True, maximum=MAX_KERNEL_SIZE)
     _validate.integer("dilation", dilation, minimum=1)
@@ -53,7 +53,6 @@ def check_backward_args(grad_out, feat, value, weights, kernel_size, dilation) -
         _validate.tensor(name, t, 4, layout, allow_empty=True)
         if tuple(t.shape) != shape:
             raise ValueError(f"{name} must be {layout} = {shape}, got {tuple(t.shape)}")
-        _validate.one_device(f"{OP.name}_backward", feat=feat, **{name: t})
         _validate.same(f"feat and {name}", feat, t, dtype=True)
 
 

@@ -39,7 +39,6 @@ def check_loss_args(feats, proxies, reduction, eps) -> None:
     for l, (f, p) in enumerate(zip(feats, proxies)):
         _validate.tensor(f"feats[{l}]", f, 3, "(B, C_l, HW)")
         _validate.tensor(f"proxies[{l}]", p, 3, "(B, M, C_l)")
-        _validate.one_device(OP.name, **{"feats[0]": feats[0], f"feats[{l}]": f, f"proxies[{l}]": p})
         _validate.same(f"feats[0] and feats[{l}]", feats[0], f, dims=(0, 2), dtype=True)
         M = proxies[0].shape[1]
         _validate.same(f"feats[{l}] and proxies[{l}]", f, p, dtype=True)
