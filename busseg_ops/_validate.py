@@ -43,8 +43,9 @@ def same(names: str, a: torch.Tensor, b: torch.Tensor, *, dims: tuple[int, ...] 
 
 
 def integer(name: str, v, minimum: int | None = None, odd: bool = False, maximum: int = 2**63 - 1) -> int:
-    """An int in [minimum, maximum] (by default within int64, what the C++ ops take); a bool is not one."""
-    if type(v) is not int and (isinstance(v, bool) or not isinstance(v, int)):
+    """An int in [minimum, maximum] (by default within int64, what the C++ ops take); a bool is not
+    one. Traced (torch.compile), a size-derived int is a SymInt."""
+    if type(v) is not int and (isinstance(v, bool) or not isinstance(v, (int, torch.SymInt))):
         raise TypeError(f"{name} must be an int, got {type(v).__name__}")
     if minimum is not None and v < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {v}")
@@ -93,14 +94,9 @@ def in_range(name: str, t: torch.Tensor, stop: int, what: str) -> None:
 
 
 def one_device(op: str, **tensors: torch.Tensor) -> None:
-    """The raw-op rule of the fake kernels and Triton launchers (as csrc/common/checks.h): all
-    tensor arguments on one device, so that no device's kernel gets another device's pointer."""
-    names = list(tensors)
-    first = tensors[names[0]]
-    for name in names[1:]:
-        torch._check_value(
-            tensors[name].device == first.device,
-            lambda name=name: (
-                f"{op}: {name} must be on the device of {names[0]} ({first.device}), got {tensors[name].device}"
-            ),
-        )
+    """All tensor arguments on one device (as csrc/common/checks.h), so that no device's kernel gets
+    another device's pointer."""
+    (first_name, first), *others = tensors.items()
+    for name, t in others:
+        if t.device != first.device:
+            raise ValueError(f"{op}: {name} must be on the device of {first_name} ({first.device}), got {t.device}")

@@ -13,7 +13,8 @@ from op_contract import OpContract, RawSample, bad, channels_last, strided
 
 import busseg_ops
 from busseg_ops import adjacent_relation_propagation as arp
-from busseg_ops.ops.adjacent_relation_propagation import OP
+from busseg_ops._validate import MAX_EXTENT
+from busseg_ops.ops.adjacent_relation_propagation import MAX_KERNEL_SIZE, OP, check_args
 
 SHAPES = [  # B, C, K, H, W
     (2, 8, 2, 9, 9),
@@ -164,10 +165,10 @@ class TestAdjacentRelationPropagation(OpContract):
         bad(lambda f, v: arp(f[:, :0], v), ValueError, "feat is empty"),
         bad(lambda f, v: arp(f.numpy(), v), TypeError, "feat must be a torch.Tensor"),
         # sizes whose index arithmetic would overflow: rejected, never a wrong result
-        bad(lambda f, v: arp(f, v, kernel_size=2**63 - 1), ValueError, "kernel_size must be <= 32767"),
-        bad(lambda f, v: arp(f, v, kernel_size=2**64 + 1), ValueError, "kernel_size must be <= 32767"),
+        bad(lambda f, v: arp(f, v, kernel_size=2**63 - 1), ValueError, f"kernel_size must be <= {MAX_KERNEL_SIZE}"),
+        bad(lambda f, v: arp(f, v, kernel_size=2**64 + 1), ValueError, f"kernel_size must be <= {MAX_KERNEL_SIZE}"),
         bad(lambda f, v: arp(f, v, dilation=2**62 + 1), ValueError, r"dilation \* \(kernel_size // 2\)"),
-        bad(lambda f, v: arp(f, v, kernel_size=3, dilation=2**30 + 1), ValueError, r"dilation \* \(kernel_size"),
+        bad(lambda f, v: arp(f, v, kernel_size=3, dilation=MAX_EXTENT + 1), ValueError, r"dilation \* \(kernel_size"),
         # scalars (issue 29): an infinite scale made the CPU and the reference disagree; a bool is no number
         bad(lambda f, v: arp(f, v, scale=float("inf")), ValueError, "scale must be a finite float, got inf"),
         bad(lambda f, v: arp(f, v, scale=-float("inf")), ValueError, "scale must be a finite float, got -inf"),
@@ -192,8 +193,9 @@ class TestAdjacentRelationPropagation(OpContract):
             TypeError,
             "feat must be float32, float64, float16 or bfloat16",
         ),
-        bad(_raw_forward(to={"value": {"device": "meta"}}), ValueError, "value must be on the device of feat"),
-        bad(_raw_forward(to={"feat": {"device": "meta"}}), ValueError, "value must be on the device of feat"),
+        # a meta tensor takes the call to the fake kernel, which checks the contract
+        bad(_raw_forward(to={"value": {"device": "meta"}}), ValueError, "feat and value must be on the same device"),
+        bad(_raw_forward(to={"feat": {"device": "meta"}}), ValueError, "feat and value must be on the same device"),
         # a grad_out of the wrong shape once read out of bounds (garbage at 256², SIGSEGV at 1024²)
         bad(_raw_backward(grad_out=torch.randn(2, 2, 3, 3, dtype=torch.float64)), ValueError, r"grad_out must be"),
         bad(_raw_backward(grad_out=torch.randn(2, 3, 6, 7, dtype=torch.float64)), ValueError, r"grad_out must be"),
@@ -545,3 +547,26 @@ def test_cuda_half_precision(dtype):
         (g,) = torch.autograd.grad(out.float().sum(), f16)
     torch.testing.assert_close(out.float(), ref, **tolerance(dtype))
     torch.testing.assert_close(g.float(), g_ref, **tolerance(dtype))
+
+
+def test_cpp_checks_hold_the_contract_limits():
+    """csrc/adjacent_relation_propagation/checks.h and csrc/common/checks.h guard direct calls with
+    the Python contract's limits: just past each, the C++ error names the argument (and the kernel
+    size limit, which must be MAX_KERNEL_SIZE); at the reach limit the C++ op runs. The contract
+    itself takes the same values (a MAX_KERNEL_SIZE-wide kernel is too large to run here)."""
+    feat, value = torch.randn(1, 2, 3, 3), torch.randn(1, 1, 3, 3)
+    past = MAX_KERNEL_SIZE + 2
+    with pytest.raises(ValueError, match=rf"kernel_size must be odd and in \[1, {MAX_KERNEL_SIZE}\], got {past}$"):
+        _ops.adjacent_relation_propagation(feat, value, past, 1, 1.0, False)
+    # every neighbour outside: 8 zero affinities beside the centre's |f|²
+    out, _ = _ops.adjacent_relation_propagation(feat, value, 3, MAX_EXTENT, 1.0, False)
+    centre = feat.square().sum(1, keepdim=True).exp()
+    torch.testing.assert_close(out, value * centre / (centre + 8))
+    with pytest.raises(ValueError, match=r"dilation \* \(kernel_size // 2\) must be <= 2\^30, got dilation"):
+        _ops.adjacent_relation_propagation(feat, value, 3, MAX_EXTENT + 1, 1.0, False)
+    check_args(feat, value, MAX_KERNEL_SIZE, 1)
+    check_args(feat, value, 3, MAX_EXTENT)
+    with pytest.raises(ValueError, match=f"kernel_size must be <= {MAX_KERNEL_SIZE}, got {past}"):
+        check_args(feat, value, past, 1)
+    with pytest.raises(ValueError, match=rf"dilation \* \(kernel_size // 2\) .* must be <= {MAX_EXTENT}, got"):
+        check_args(feat, value, 3, MAX_EXTENT + 1)

@@ -5,7 +5,6 @@ on real sm_90 compiles; local memory fails the check where issue 27 allows none.
 (every kernel compiled for sm_80/sm_90) runs in `make test` as its own target."""
 
 import ast
-import importlib
 import subprocess
 import sys
 import textwrap
@@ -21,25 +20,28 @@ import gpu_compile_check as check  # noqa: E402
 
 @pytest.mark.parametrize("name", check.TRITON_MODULES)
 def test_launch_points_cover_every_value_of_every_axis(name):
-    module = importlib.import_module(name)
-    points = check.launch_points(module)
-    for axis, values in module.LAUNCH_AXES.items():
+    space = check.SPACES[name]
+    points = check.launch_points(space)
+    for axis, values in space.axes.items():
         assert {repr(v) for v in values} <= {repr(p[axis]) for p in points}, axis
-    corners = [{}, *getattr(module, "LAUNCH_CORNERS", ())]
-    for dtype in module.LAUNCH_AXES["dtype"]:  # base and corners in every dtype
-        assert sum(p["dtype"] == dtype for p in points) >= len(corners)
-    assert set(getattr(module, "UNBOUNDED_AXES", ())) <= set(module.LAUNCH_AXES)
+    for dtype in space.axes["dtype"]:  # base and corners in every dtype
+        assert sum(p["dtype"] == dtype for p in points) >= 1 + len(space.corners)
+    assert set(space.unbounded) <= set(space.axes)
 
 
 def test_every_triton_module_is_checked():
     stems = {p.stem for p in (ROOT / "busseg_ops" / "triton").glob("*.py") if not p.name.startswith("_")}
     assert {m.rsplit(".", 1)[1] for m in check.TRITON_MODULES} == stems
+    assert set(check.SPACES) == set(check.TRITON_MODULES)  # each with its launch space
+    jobs, problems = check.triton_jobs(check.TRITON_MODULES[:1], targets=(90,), spaces={})
+    assert not jobs and problems == [f"{check.TRITON_MODULES[0]}: no launch space (tools/triton_launches.py)"]
 
 
 FAKE_MODULE = """
 import torch
 import triton
 import triton.language as tl
+from triton_launches import LaunchSpace
 
 
 @triton.jit
@@ -54,12 +56,12 @@ def forgotten_kernel(x):
     tl.store(x, 1.0)
 
 
-LAUNCH_AXES = {"dtype": (torch.float16,), "n": (8, 64)}
-
-
-def launch_stand_in(dtype, n):
+def stand_in(dtype, n):
     x = torch.zeros(n, n, dtype=dtype)
     small_dot_kernel[(1,)](x, x, BLOCK=triton.next_power_of_2(n))  # uncapped
+
+
+SPACE = LaunchSpace({"dtype": (torch.float16,), "n": (8, 64)}, stand_in)
 """
 
 
@@ -72,8 +74,10 @@ def run_check_on(tmp_path, name: str, source: str, body: str) -> str:
         os.environ.pop("TRITON_INTERPRET", None)
         os.environ["TRITON_CACHE_DIR"] = {str(tmp_path / "cache")!r}
         sys.path[:0] = [{str(tmp_path)!r}, {str(ROOT / "tools")!r}]
+        import importlib
         import gpu_compile_check as check
-        jobs, problems = check.triton_jobs([{name!r}], targets=(90,))
+        space = importlib.import_module({name!r}).SPACE
+        jobs, problems = check.triton_jobs([{name!r}], targets=(90,), spaces={{{name!r}: space}})
     """) + textwrap.dedent(body)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
@@ -94,7 +98,7 @@ def test_drift_guards_and_compile_errors(tmp_path):
         print("ERROR", check.compile_job(small[0]).error.splitlines()[-1])
         """,
     )
-    assert "fake_kernels.forgotten_kernel: a kernel that launch_stand_in never launches" in stdout
+    assert "fake_kernels.forgotten_kernel: a kernel that its stand-in never launches" in stdout
     assert "fake_kernels.small_dot_kernel: n=256 launches a configuration that n=64 does not" in stdout
     assert "BLOCK=8" in stdout and "BLOCK=64" in stdout
     error = stdout.split("ERROR ", 1)[1]
@@ -105,6 +109,8 @@ FLOAT_ARG_MODULE = """
 import torch
 import triton
 import triton.language as tl
+
+from triton_launches import LaunchSpace
 
 from busseg_ops.triton._float_args import join, split
 
@@ -126,13 +132,13 @@ def joining_kernel(x, out, n, scale_hi, scale_lo, BLOCK: tl.constexpr):
     tl.store(out + tl.arange(0, BLOCK), acc)
 
 
-LAUNCH_AXES = {"dtype": (torch.float32,)}
-
-
-def launch_stand_in(dtype):
+def stand_in(dtype):
     x = torch.zeros(4, 128, dtype=dtype)
     promoting_kernel[(1,)](x, x, 4, 0.1, BLOCK=128)
     joining_kernel[(1,)](x, x, 4, *split(0.1), BLOCK=128)
+
+
+SPACE = LaunchSpace({"dtype": (torch.float32,)}, stand_in)
 """
 
 
@@ -352,6 +358,7 @@ WIDE_MODULE = """
 import torch
 import triton
 import triton.language as tl
+from triton_launches import LaunchSpace
 
 
 @triton.jit
@@ -368,13 +375,13 @@ def dot_kernel(a, b, c):
     tl.store(c + i[:, None] * 64 + i[None, :], tl.dot(x, y))
 
 
-LAUNCH_AXES = {"dtype": (torch.bfloat16,)}
-
-
-def launch_stand_in(dtype):
+def stand_in(dtype):
     x = torch.zeros(64, 64, dtype=dtype)
     copy_kernel[(8,)](x, x, BLOCK=1024, num_warps=4)  # 8 bf16 per thread: one 128-bit load
     dot_kernel[(1,)](x, x, torch.zeros(64, 64))
+
+
+SPACE = LaunchSpace({"dtype": (torch.bfloat16,)}, stand_in)
 """
 
 

@@ -1,38 +1,10 @@
-"""Compile every Triton kernel of busseg_ops for sm_80 and sm_90 with no GPU, the way its
-launchers would launch it, and print the resource usage of each (and of the CUDA kernels that
-`make cuda-check` compiled): registers, spills, local memory, shared memory, occupancy, and what
-the code does -- how many of its global loads move 128 bits per thread, and its tensor-core
-instructions by input type (wgmma or mma.sync; tf32, bf16, f16, f64) -- read off Triton's PTX and
-the CUDA objects' SASS (``cuobjdump -sass``). Fails on any compile error, on any register spill,
-on local memory in the kernels of NO_LOCAL_MEMORY_OPS (issue 27's memory-bound ops), and on a CUDA
-kernel that does not declare its block size (``__launch_bounds__``, which the occupancy needs).
-
-Where the configurations come from: each module ``busseg_ops/triton/*.py`` declares the problem
-axes that decide what its launchers launch (``LAUNCH_AXES``: dtypes, sizes that pick block sizes,
-flags) and a ``launch_stand_in(**point)`` that calls its launchers on stand-in inputs of one
-problem. The check runs those calls with every kernel launch intercepted (nothing runs), and
-derives each launch's signature, specialisation and constexprs with Triton's own binder for the
-GPU target, exactly as ``JITFunction.run`` would on a GPU. So block sizes and dtypes always come
-from the launchers' own code, never from a copy here.
-
-Which problems: in every dtype the base problem (the first value of each axis) and the module's
-``LAUNCH_CORNERS`` (the largest blocks: the register worst case); then, in the base dtype, a
-diagonal sweep: point i takes value i+1 of every axis (cycling), the first point the smallest
-blocks. So every value of every axis is compiled at least once, and the register worst case in
-every dtype; the full cross product of all axes would be thousands of compiles, far beyond what
-`make test` can spend. Launches that compile to the same thing (kernel, target, signature,
-specialisation, constexprs, options) are compiled once. Triton also specialises integer arguments
-on their value (1, multiples of 16): the stand-ins' sizes include both kinds, not every mix.
-Guards against drift: every @triton.jit kernel of a module must be launched by some stand-in, and
-the size axes must be saturated -- a problem four times larger than an axis's largest value may
-not launch anything new (an uncapped block size fails here). Axes listed in ``UNBOUNDED_AXES``
-(each value its own compile, e.g. the kernel size) are checked at their listed values only.
-
-torch.compile launches the same kernels with other argument types: on a GPU, Inductor types a
-Python float argument float64 where Triton's JIT types it float32. So each launch of the base
-problem and the corners (every dtype) with float arguments is compiled for sm_90 a second time with
-them float64 (the configuration reads "floats fp64"); a kernel that lets such an argument promote
-its float32 arithmetic fails there (busseg_ops/triton/_float_args.py says how ours avoid it).
+"""Compile every Triton kernel of busseg_ops for sm_80 and sm_90 with no GPU, the way its launchers
+would launch it (the launch spaces of tools/triton_launches.py, each launch intercepted and bound by
+Triton's own binder), and print each kernel's resources, with those of the CUDA kernels that
+`make cuda-check` compiled. Fails on a compile error, a register spill, local memory in the kernels
+of NO_LOCAL_MEMORY_OPS, a CUDA kernel without ``__launch_bounds__``, a kernel no stand-in launches
+and a size axis whose launches still change past its largest value. docs/kernels.md says which
+problems are compiled and why.
 
     python tools/gpu_compile_check.py                 # compile, print the table; exit 1 on failure
     python tools/gpu_compile_check.py --write-results # also rewrite the table in benchmarks/RESULTS.md
@@ -62,6 +34,7 @@ from pathlib import Path
 from unittest import mock
 
 from tqdm import tqdm
+from triton_launches import SPACES, LaunchSpace
 
 ROOT = Path(__file__).resolve().parent.parent
 # The one list of kernel sources: every Triton module of the package, every CUDA object that
@@ -237,15 +210,15 @@ def occupancy(u: Usage) -> tuple[int, int, str]:
 # ---- Triton: which launches --------------------------------------------------------------------
 
 
-def launch_points(module) -> list[dict]:
+def launch_points(space: LaunchSpace) -> list[dict]:
     """Problems to run through the stand-in: the base and the corners in every dtype, then a
     diagonal sweep in the base dtype (point i takes value i+1 of every axis, cycling), so every value
     of every axis is compiled at least once."""
-    axes = module.LAUNCH_AXES
+    axes = space.axes
     base = {name: values[0] for name, values in axes.items()}
     points = []
     for dtype in axes["dtype"]:
-        for corner in ({}, *getattr(module, "LAUNCH_CORNERS", ())):
+        for corner in ({}, *space.corners):
             points.append({**base, **corner, "dtype": dtype})
     sweep = {name: values[1:] for name, values in axes.items() if name != "dtype" and len(values) > 1}
     for i in range(max(map(len, sweep.values()), default=0)):
@@ -253,13 +226,12 @@ def launch_points(module) -> list[dict]:
     return points
 
 
-def size_axes(module) -> list[str]:
-    """Axes of integer sizes whose block sizes must saturate (all but UNBOUNDED_AXES)."""
-    unbounded = set(getattr(module, "UNBOUNDED_AXES", ()))
+def size_axes(space: LaunchSpace) -> list[str]:
+    """Axes of integer sizes whose block sizes must saturate (all but the unbounded ones)."""
     return [
         name
-        for name, values in module.LAUNCH_AXES.items()
-        if name not in unbounded and all(isinstance(v, int) and not isinstance(v, bool) for v in values)
+        for name, values in space.axes.items()
+        if name not in space.unbounded and all(isinstance(v, int) and not isinstance(v, bool) for v in values)
     ]
 
 
@@ -347,9 +319,10 @@ def _signature_key(launch: Launch, target: int) -> tuple:
     return launch.kernel, repr(sig), repr(const), options["num_warps"]
 
 
-def triton_jobs(modules=TRITON_MODULES, targets=TARGETS) -> tuple[list[Job], list[str]]:
-    """The compile jobs (deduplicated) and the drift errors: modules without a launch space,
-    kernels no stand-in launches, size axes whose launches still change past their largest value."""
+def triton_jobs(modules=TRITON_MODULES, targets=TARGETS, spaces=SPACES) -> tuple[list[Job], list[str]]:
+    """The compile jobs (deduplicated) and the drift errors: modules without a launch space in
+    ``spaces``, kernels no stand-in launches, size axes whose launches still change past their
+    largest value."""
     jobs: dict[tuple, Job] = {}
     problems = []
 
@@ -361,18 +334,19 @@ def triton_jobs(modules=TRITON_MODULES, targets=TARGETS) -> tuple[list[Job], lis
 
     for name in modules:
         module = importlib.import_module(name)
-        if not hasattr(module, "LAUNCH_AXES"):
-            problems.append(f"{name}: no LAUNCH_AXES / launch_stand_in (see tools/gpu_compile_check.py)")
+        space = spaces.get(name)
+        if space is None:
+            problems.append(f"{name}: no launch space (tools/triton_launches.py)")
             continue
 
-        def launches(point, module=module):
+        def launches(point, space=space):
             with captured_launches() as found:
-                module.launch_stand_in(**point)
+                space.stand_in(**point)
             return found
 
         seen = set()
-        points = launch_points(module)
-        typed = points[: len(module.LAUNCH_AXES["dtype"]) * (1 + len(getattr(module, "LAUNCH_CORNERS", ())))]
+        points = launch_points(space)
+        typed = points[: len(space.axes["dtype"]) * (1 + len(space.corners))]
         for point in points:
             for launch in launches(point):
                 seen.add(launch.kernel)
@@ -385,17 +359,17 @@ def triton_jobs(modules=TRITON_MODULES, targets=TARGETS) -> tuple[list[Job], lis
                         add(name, launch, 90, sig, const, attrs, options, " floats fp64")
         for kernel in _entry_kernels(module):
             if kernel not in seen:
-                problems.append(f"{name}.{kernel}: a kernel that launch_stand_in never launches")
-        base = {axis: values[0] for axis, values in module.LAUNCH_AXES.items()}
-        for start in (base, *({**base, **c} for c in getattr(module, "LAUNCH_CORNERS", ()))):
-            for axis in size_axes(module):
-                largest = max(module.LAUNCH_AXES[axis])
+                problems.append(f"{name}.{kernel}: a kernel that its stand-in never launches")
+        base = {axis: values[0] for axis, values in space.axes.items()}
+        for start in (base, *({**base, **c} for c in space.corners)):
+            for axis in size_axes(space):
+                largest = max(space.axes[axis])
                 at_max = {_signature_key(x, targets[0]) for x in launches({**start, axis: largest})}
                 beyond = {_signature_key(x, targets[0]) for x in launches({**start, axis: SATURATION_FACTOR * largest})}
                 for kernel, *_ in sorted(beyond - at_max):
                     problems.append(
                         f"{name}.{kernel}: {axis}={SATURATION_FACTOR * largest} launches a configuration that "
-                        f"{axis}={largest} does not (an uncapped block size? cap it, or extend LAUNCH_AXES)"
+                        f"{axis}={largest} does not (an uncapped block size? cap it, or extend its axis)"
                     )
     return list(jobs.values()), problems
 
@@ -654,9 +628,10 @@ def results_text(triton_usage: list[Usage], cuda: list[Usage], timing: str) -> s
         f"without a GPU: {toolchain()}. {timing}.",
         "",
         "Every Triton kernel is compiled as its launcher would launch it: the configurations come from each "
-        "module's `LAUNCH_AXES` run through the launchers themselves (base and largest blocks in every dtype, "
-        "then every other value of every axis once; see the tool's docstring). CUDA kernels: every template "
-        "instance `make cuda-check` compiles (nvcc `-Xptxas -v`), the block size from `__launch_bounds__`.",
+        "module's launch space (tools/triton_launches.py) run through the launchers themselves (base and "
+        "largest blocks in every dtype, then every other value of every axis once; see docs/kernels.md). CUDA "
+        "kernels: every template instance `make cuda-check` compiles (nvcc `-Xptxas -v`), the block size from "
+        "`__launch_bounds__`.",
         "",
         "Occupancy: resident blocks × threads per SM and the share of the SM's 64 warp slots, with what limits "
         "it. Assumptions (CUDA occupancy calculator rules): "

@@ -21,6 +21,54 @@ def _reference_blocked(feats, proxies, reduction, eps, block_rows, grad_proxies)
 # Under autocast a loss in float32, as torch's own losses.
 OP = Op("cross_layer_alignment_loss", reference=_reference_blocked, autocast="float32")
 
+# ---- contract: the arguments of busseg::cross_layer_alignment_loss and its backward ------------
+# Checked by the public function, the fake kernels and the Triton launchers alike; csrc/
+# cross_layer_alignment_loss/checks.h guards direct calls of the C++ kernels with the same rules.
+
+REDUCTIONS = ("mean", "batchmean", "sum")
+
+
+def check_loss_args(feats, proxies, reduction, eps) -> None:
+    """``feats``: L >= 2 maps (B, C_l, HW) and ``proxies``: L tensors (B, M, C_l), of one floating
+    dtype and device; ``reduction`` one of REDUCTIONS, ``eps`` a finite float >= 0."""
+    if not isinstance(feats, (list, tuple)) or len(feats) < 2:
+        length = len(feats) if hasattr(feats, "__len__") else "?"
+        raise ValueError(f"feats must be a list of L >= 2 feature maps, got {type(feats).__name__} of length {length}")
+    if not isinstance(proxies, (list, tuple)) or len(proxies) != len(feats):
+        raise ValueError(f"proxies must be a list of L = {len(feats)} tensors (B, M, C_l), one per layer of feats")
+    for l, (f, p) in enumerate(zip(feats, proxies)):
+        _validate.tensor(f"feats[{l}]", f, 3, "(B, C_l, HW)")
+        _validate.tensor(f"proxies[{l}]", p, 3, "(B, M, C_l)")
+        _validate.same(f"feats[0] and feats[{l}]", feats[0], f, dims=(0, 2), dtype=True)
+        M = proxies[0].shape[1]
+        _validate.same(f"feats[{l}] and proxies[{l}]", f, p, dtype=True)
+        if tuple(p.shape) != (f.shape[0], M, f.shape[1]):
+            raise ValueError(f"proxies[{l}] must be (B, M, C_l) = {(f.shape[0], M, f.shape[1])}, got {tuple(p.shape)}")
+    _validate.choice("reduction", reduction, REDUCTIONS)
+    _validate.real("eps", eps, minimum=0)
+
+
+def check_args(feats, proxies, reduction, eps, block_rows) -> None:
+    """The loss's arguments (:func:`check_loss_args`) and ``block_rows``, the pixel rows per block
+    (>= 1; the public function sizes it with :func:`block_rows`)."""
+    check_loss_args(feats, proxies, reduction, eps)
+    _validate.integer("block_rows", block_rows, minimum=1)
+
+
+def check_backward_args(grad_loss, feats, proxies, lse, reduction, eps, block_rows) -> None:
+    """The forward's arguments, ``lse`` (L, B, HW) and the scalar ``grad_loss``, floating, on the
+    device of feats."""
+    check_args(feats, proxies, reduction, eps, block_rows)
+    shape = (len(feats), feats[0].shape[0], feats[0].shape[2])
+    _validate.tensor("lse", lse, 3, "(L, B, HW)")
+    if tuple(lse.shape) != shape:
+        raise ValueError(f"lse must be (L, B, HW) = {shape}, got {tuple(lse.shape)}")
+    _validate.tensor("grad_loss", grad_loss)
+    if grad_loss.numel() != 1:
+        raise ValueError(f"grad_loss must be a scalar, got shape {tuple(grad_loss.shape)}")
+    _validate.one_device(f"{OP.name}_backward", **{"feats[0]": feats[0]}, lse=lse, grad_loss=grad_loss)
+
+
 #: Bytes of one (L, B, rows, M) logit block (the kernels balance the blocks). Few, large blocks
 #: keep the number of BLAS calls and thread fork/joins low (at the upstream setting 8 MiB is four
 #: blocks of 1057 rows); a GPU gets larger blocks for parallelism.
@@ -53,46 +101,32 @@ def cross_layer_alignment_loss(feats, proxies=None, reduction: str = "mean", eps
     and the loss comes out in the inputs' dtype. Under torch.autocast the inputs are cast to float32.
     """
     feats, proxies = autocast_inputs(OP, feats, proxies)
-    _check_loss_inputs(feats, proxies)
-    _validate.choice("reduction", reduction, ("mean", "batchmean", "sum"))
-    eps = _validate.real("eps", eps, minimum=0)
+    _check_maps(feats)
     if proxies is None:
         proxies = _global_proxies(feats)
-    f0 = feats[0]
+    flat = [f.flatten(2) for f in feats]
+    check_loss_args(flat, proxies, reduction, eps)
+    eps, f0 = float(eps), feats[0]
     rows = block_rows(len(feats), f0.shape[0], proxies[0].shape[1], f0.element_size(), f0.device)
     # When only the proxies need a gradient (upstream: detached maps), forward forms it from the
     # logit blocks it already has and backward just scales it (no recomputed logits).
     grad_proxies = (
         torch.is_grad_enabled() and any(p.requires_grad for p in proxies) and not any(f.requires_grad for f in feats)
     )
-    loss, _, _ = dispatch(OP, f0.device)(
-        [f.flatten(2) for f in feats], list(proxies), reduction, eps, rows, grad_proxies
-    )
+    loss, _, _ = dispatch(OP, f0.device)(flat, list(proxies), reduction, eps, rows, grad_proxies)
     return loss
 
 
-def _check_loss_inputs(feats, proxies):
+def _check_maps(feats) -> None:
+    """The public form of feats: L >= 2 maps (B, C_l, H, W) on one grid (the contract sees them
+    flattened)."""
     if not isinstance(feats, (list, tuple)) or len(feats) < 2:
-        raise ValueError(
-            f"feats must be a list of L >= 2 feature maps, got "
-            f"{type(feats).__name__} of length {len(feats) if hasattr(feats, '__len__') else '?'}"
-        )
+        length = len(feats) if hasattr(feats, "__len__") else "?"
+        raise ValueError(f"feats must be a list of L >= 2 feature maps, got {type(feats).__name__} of length {length}")
     for l, f in enumerate(feats):
         _validate.tensor(f"feats[{l}]", f, 4, "(B, C_l, H, W)")
         if l:
             _validate.same(f"feats[0] and feats[{l}]", feats[0], f, dims=(0, 2, 3), dtype=True)
-    if proxies is None:
-        return
-    if not isinstance(proxies, (list, tuple)) or len(proxies) != len(feats):
-        raise ValueError(f"proxies must be a list of L = {len(feats)} tensors (B, M, C_l), one per layer of feats")
-    for l, (f, p) in enumerate(zip(feats, proxies)):
-        _validate.tensor(f"proxies[{l}]", p, 3, "(B, M, C_l)")
-        _validate.same(f"feats[{l}] and proxies[{l}]", f, p, dtype=True)
-        if p.shape[0] != f.shape[0] or p.shape[2] != f.shape[1] or p.shape[1] != proxies[0].shape[1]:
-            raise ValueError(
-                f"proxies[{l}] must be (B, M, C_l) = ({f.shape[0]}, "
-                f"{proxies[0].shape[1]}, {f.shape[1]}), got {tuple(p.shape)}"
-            )
 
 
 def _available_bytes(device: torch.device) -> int:
@@ -128,12 +162,8 @@ def _global_proxies(feats):
     return [f.flatten(2).transpose(1, 2) for f in feats]
 
 
-def _named(name, tensors):
-    return {f"{name}[{i}]": t for i, t in enumerate(tensors)}
-
-
 def _fake(feats, proxies, reduction, eps, block_rows, grad_proxies):
-    _validate.one_device(OP.name, **_named("feats", feats), **_named("proxies", proxies))
+    check_args(feats, proxies, reduction, eps, block_rows)
     f = feats[0]
     acc = torch.float64 if f.dtype == torch.float64 else torch.float32
     return (
@@ -144,9 +174,7 @@ def _fake(feats, proxies, reduction, eps, block_rows, grad_proxies):
 
 
 def _fake_backward(grad_loss, feats, proxies, lse, reduction, eps, block_rows, need_grad_feats, need_grad_proxies):
-    _validate.one_device(
-        f"{OP.name}_backward", **_named("feats", feats), **_named("proxies", proxies), lse=lse, grad_loss=grad_loss
-    )
+    check_backward_args(grad_loss, feats, proxies, lse, reduction, eps, block_rows)
     return (
         [f.new_empty(f.shape) for f in feats] if need_grad_feats else [],
         [p.new_empty(p.shape) for p in proxies] if need_grad_proxies else [],

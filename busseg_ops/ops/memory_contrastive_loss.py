@@ -15,6 +15,93 @@ from ..reference.memory_contrastive_loss import memory_contrastive_loss as _refe
 # Under autocast a loss in float32, as torch's own losses.
 OP = Op("memory_contrastive_loss", reference=_reference, autocast="float32")
 
+# ---- contract: the arguments of busseg::memory_contrastive_loss and its backward ---------------
+# Checked by the public function, the fake kernels and the Triton launchers alike; csrc/
+# memory_contrastive_loss/checks.h guards direct calls of the C++ kernels with the same rules.
+
+
+def check_args(
+    anchors, anchor_labels, negatives, negative_labels, positives, has_positive, temperature, allow_empty=False
+) -> None:
+    """``anchors`` (N, D), ``negatives`` (N-, D) and ``positives`` (K >= 1, D) of one floating dtype,
+    D >= 1 (D = 0 only with ``allow_empty``: the public function refuses it); int64
+    ``anchor_labels`` (N,) and ``negative_labels`` (N-,); bool ``has_positive`` (K,); all on one
+    device; ``temperature`` a finite float > 0."""
+    _validate.tensor("anchors", anchors, 2, "(N, D)", allow_empty=True)
+    D = anchors.shape[1]
+    if D == 0 and not allow_empty:
+        raise ValueError("anchors is empty: feature dimension D = 0")
+    _validate.tensor("negatives", negatives, 2, "(N-, D)", allow_empty=True)
+    _validate.tensor("positives", positives, 2, "(K, D)", allow_empty=True)
+    if positives.shape[0] == 0:
+        raise ValueError(f"positives must be (K, D) with K >= 1, got {tuple(positives.shape)}")
+    _validate.tensor("anchor_labels", anchor_labels, 1, "(N,)", floating=False, allow_empty=True)
+    _validate.tensor("negative_labels", negative_labels, 1, "(N-,)", floating=False, allow_empty=True)
+    _validate.tensor("has_positive", has_positive, 1, "(K,)", floating=False)
+    _validate.one_device(
+        OP.name,
+        anchors=anchors,
+        anchor_labels=anchor_labels,
+        negatives=negatives,
+        negative_labels=negative_labels,
+        positives=positives,
+        has_positive=has_positive,
+    )
+    for name, t, dtype in (
+        ("anchor_labels", anchor_labels, torch.int64),
+        ("negative_labels", negative_labels, torch.int64),
+        ("has_positive", has_positive, torch.bool),
+    ):
+        if t.dtype != dtype:
+            raise TypeError(f"{name} must be {str(dtype).removeprefix('torch.')}, got {t.dtype}")
+    if negatives.shape[1] != D:
+        raise ValueError(f"anchors and negatives must share D, got {D} and {negatives.shape[1]}")
+    if positives.shape[1] != D:
+        raise ValueError(f"positives must be (K, D) with D = {D}, got {tuple(positives.shape)}")
+    for name, t, rows, of in (
+        ("anchor_labels", anchor_labels, anchors.shape[0], "N"),
+        ("negative_labels", negative_labels, negatives.shape[0], "N-"),
+        ("has_positive", has_positive, positives.shape[0], "K"),
+    ):
+        if t.shape[0] != rows:
+            raise ValueError(f"{name} must be ({of},) with {of} = {rows}, got {tuple(t.shape)}")
+    _validate.same("anchors and negatives", anchors, negatives, dtype=True)
+    _validate.same("anchors and positives", anchors, positives, dtype=True)
+    _validate.real("temperature", temperature, positive=True)
+
+
+def check_backward_args(
+    grad_loss,
+    anchors,
+    anchor_labels,
+    negatives,
+    negative_labels,
+    positives,
+    has_positive,
+    lse,
+    weighted_negatives,
+    temperature,
+) -> None:
+    """The forward's arguments, ``lse`` (N,), the scalar ``grad_loss`` and ``weighted_negatives``
+    (N, D), or (0,) when forward saved none: floating, on the anchors' device."""
+    check_args(
+        anchors, anchor_labels, negatives, negative_labels, positives, has_positive, temperature, allow_empty=True
+    )
+    _validate.tensor("lse", lse, 1, "(N,)", allow_empty=True)
+    if lse.shape[0] != anchors.shape[0]:
+        raise ValueError(f"lse must be (N,) with N = {anchors.shape[0]}, got {tuple(lse.shape)}")
+    _validate.tensor("grad_loss", grad_loss)
+    if grad_loss.numel() != 1:
+        raise ValueError(f"grad_loss must be a scalar, got shape {tuple(grad_loss.shape)}")
+    _validate.tensor("weighted_negatives", weighted_negatives, allow_empty=True)
+    if tuple(weighted_negatives.shape) not in ((0,), tuple(anchors.shape)):
+        raise ValueError(
+            f"weighted_negatives must be (N, D) = {tuple(anchors.shape)} or (0,), got {tuple(weighted_negatives.shape)}"
+        )
+    _validate.one_device(
+        f"{OP.name}_backward", anchors=anchors, lse=lse, grad_loss=grad_loss, weighted_negatives=weighted_negatives
+    )
+
 
 def _positives(positives, dim: int, like: torch.Tensor):
     """(K, D) tensor, or a sequence of K (D,) tensors / None (ClassMemoryBank.means()) →
@@ -64,38 +151,10 @@ def memory_contrastive_loss(
     float32 (the positives follow the anchors' dtype)."""
     anchors, negatives = autocast_inputs(OP, anchors, negatives)
     _validate.tensor("anchors", anchors, 2, "(N, D)", allow_empty=True)
-    _validate.tensor("negatives", negatives, 2, "(N-, D)", allow_empty=True)
-    _validate.tensor("anchor_labels", anchor_labels, 1, "(N,)", floating=False, allow_empty=True)
-    _validate.tensor("negative_labels", negative_labels, 1, "(N-,)", floating=False, allow_empty=True)
-    for name, t in (("anchor_labels", anchor_labels), ("negative_labels", negative_labels)):
-        if t.dtype != torch.int64:
-            raise TypeError(f"{name} must be int64, got {t.dtype}")
-    D = anchors.shape[1]
-    if D == 0:
-        raise ValueError("anchors is empty: feature dimension D = 0")
-    if negatives.shape[1] != D:
-        raise ValueError(f"anchors and negatives must share D, got {D} and {negatives.shape[1]}")
-    if anchor_labels.shape[0] != anchors.shape[0]:
-        raise ValueError(f"anchor_labels must be (N,) with N = {anchors.shape[0]}, got {tuple(anchor_labels.shape)}")
-    if negative_labels.shape[0] != negatives.shape[0]:
-        raise ValueError(
-            f"negative_labels must be (N-,) with N- = {negatives.shape[0]}, got {tuple(negative_labels.shape)}"
-        )
-    pos, has_positive = _positives(positives, D, anchors)
-    if pos.shape[1] != D:
-        raise ValueError(f"positives must be (K, D) with D = {D}, got {tuple(pos.shape)}")
-    for name, t in (
-        ("negatives", negatives),
-        ("positives", pos),
-        ("anchor_labels", anchor_labels),
-        ("negative_labels", negative_labels),
-    ):
-        if t.device != anchors.device:
-            raise ValueError(f"anchors and {name} must be on the same device")
-    if negatives.dtype != anchors.dtype:
-        raise TypeError(f"anchors and negatives must have the same dtype, got {anchors.dtype} and {negatives.dtype}")
+    pos, has_positive = _positives(positives, anchors.shape[1], anchors)
     pos = pos.to(anchors.dtype)
-    temperature = _validate.real("temperature", temperature, positive=True)
+    check_args(anchors, anchor_labels, negatives, negative_labels, pos, has_positive, temperature)
+    temperature = float(temperature)
     # Forward saves Σ π n̂ for the anchors' gradient when that is the only one backward needs: the
     # backward then skips its pass over the tiles (with a negative gradient that pass runs anyway).
     save = torch.is_grad_enabled() and anchors.requires_grad and not negatives.requires_grad
@@ -108,14 +167,8 @@ def memory_contrastive_loss(
 def _fake(
     anchors, anchor_labels, negatives, negative_labels, positives, has_positive, temperature, save_weighted_negatives
 ):
-    _validate.one_device(
-        OP.name,
-        anchors=anchors,
-        anchor_labels=anchor_labels,
-        negatives=negatives,
-        negative_labels=negative_labels,
-        positives=positives,
-        has_positive=has_positive,
+    check_args(
+        anchors, anchor_labels, negatives, negative_labels, positives, has_positive, temperature, allow_empty=True
     )
     weighted_negatives = anchors.new_empty(anchors.shape if save_weighted_negatives else (0,))
     return anchors.new_empty(()), anchors.new_empty(anchors.shape[0]), weighted_negatives
@@ -134,17 +187,17 @@ def _fake_backward(
     temperature,
     need_grad_negatives,
 ):
-    _validate.one_device(
-        f"{OP.name}_backward",
-        grad_loss=grad_loss,
-        anchors=anchors,
-        anchor_labels=anchor_labels,
-        negatives=negatives,
-        negative_labels=negative_labels,
-        positives=positives,
-        has_positive=has_positive,
-        lse=lse,
-        weighted_negatives=weighted_negatives,
+    check_backward_args(
+        grad_loss,
+        anchors,
+        anchor_labels,
+        negatives,
+        negative_labels,
+        positives,
+        has_positive,
+        lse,
+        weighted_negatives,
+        temperature,
     )
     return (
         torch.empty_like(anchors, memory_format=torch.contiguous_format),

@@ -1,42 +1,16 @@
 """busseg_triton::adjacent_relation_propagation (RA-BUSSeg ARP; docs/ops.md) in Triton, on NCHW
-tensors as they lie (no permuted copies).
-
-What bounds it (B=8, C=256, 65x65, k=3): the features, 35 MB in float32, read once by the forward
-and once by the backward, which also writes their gradient; everything else is a few MB. The
-two kernels that stream the features work on a tile of BLOCK_P pixels (whole rows back to back,
-or (BLOCK_P / 32) x 32 blocks on wide maps) and a chunk of BLOCK_C channels: each thread owns one
-pixel and all channels of the chunk, so a warp reads 32 consecutive pixels of a channel (one
-coalesced 128-byte row) and sums over channels stay in its registers. Each tap's shifted tile is
-read from the same chunk right after the centre tile: those re-reads hit L1 (the tile) or L2
-(the halo), and DRAM sees the features about once. What is left to bound them is L1 (a tap
-shifted by one pixel is never 16-byte aligned, so loads are 32-bit, one per channel and tap);
-hence the affinity kernel reads half the taps only (below). Sizes enter unspecialised
+tensors as they lie (no permuted copies). Reading the features bounds it, so the affinity kernel
+computes half the taps (affinities are symmetric) and a tap's shifted tile is re-read from L1/L2,
+never DRAM; how the four kernels work: docs/kernels.md. Sizes enter unspecialised
 (``do_not_specialize``): a map whose rows happen to be 16-byte aligned would otherwise get vector
-loads for its unshifted taps only, and the mix costs a shared-memory layout conversion per tile.
-
-Forward, two kernels:
-- ``_affinity_kernel``: <f_p, f_q> is symmetric, so it computes the centre tap and the taps after
-  it in row-major order only (the mirror tap T-1-t of a neighbour q = p + o_t is <f_q, f_p>: half
-  the loads), each channel group into its own partial sum (more programs than SMs, no atomics).
-- ``_softmax_kernel``: per pixel, each tap's affinity from the partial sums (its own, or the
-  mirror's at the neighbour), the softmax in registers, the weights and out.
-Backward, two kernels:
-- ``_pixel_grad_kernel``: per pixel, da = scale * w * (dw - sum w dw) (float32 / float64, B x k^2 x
-  H x W, small) and the value gradient (a gather of w * g over the pixels whose taps land here).
-- ``_feat_grad_kernel``: the feature gradient as a gather over channel chunks, each pixel's
-  coupling E[p, t] = da[p, t] + da[p + o_t, T-1-t] (p as query and as key) computed once per tile.
-
-Up to 3x3 the taps are unrolled (tl.static_range), with their accumulators in registers; larger
-kernels loop over taps at run time, with per-tap sums recomputed or kept in memory (the partial,
-weights and da buffers), so no kernel's registers grow with k. The dilation is a run-time argument
-(each distinct value would be a compile of its own)."""
+loads for its unshifted taps only, and the mix costs a shared-memory layout conversion per tile."""
 
 import torch
 import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from .. import _validate
+from ..ops.adjacent_relation_propagation import check_args, check_backward_args
 from ._float_args import join, split
 
 
@@ -477,44 +451,11 @@ def _feature_grid(B: int, C: int, H: int, W: int, block_c: int):
     return tile_w, per_group * block_c, (tiles, triton.cdiv(chunks, per_group), B)
 
 
-def _check(op, feat, value, kernel_size, dilation, grad_out=None, weights=None):
-    """The checks of csrc/adjacent_relation_propagation/checks.h, before any launch."""
-    torch._check_value(feat.dim() == 4 and value.dim() == 4, lambda: f"{op}: feat and value must be 4-D")
-    B, _, H, W = feat.shape
-    torch._check_value(
-        value.shape[0] == B and value.shape[2:] == feat.shape[2:],
-        lambda: f"{op}: feat {tuple(feat.shape)} and value {tuple(value.shape)} must share batch and spatial sizes",
-    )
-    torch._check_value(
-        1 <= kernel_size <= 32767 and kernel_size % 2 == 1,
-        lambda: f"{op}: kernel_size must be odd and in [1, 32767], got {kernel_size}",
-    )
-    torch._check_value(
-        1 <= dilation <= _validate.MAX_EXTENT // max(1, kernel_size // 2),
-        lambda: f"{op}: dilation * (kernel_size // 2) must be in [1, 2**30], got dilation {dilation}",
-    )
-    torch._check_type(
-        feat.is_floating_point() and value.dtype == feat.dtype, lambda: f"{op}: feat and value must share a float dtype"
-    )
-    if grad_out is None:
-        _validate.one_device(op, feat=feat, value=value)
-        return
-    torch._check_value(grad_out.shape == (B, value.shape[1], H, W), lambda: f"{op}: grad_out must be (B, K, H, W)")
-    torch._check_value(
-        weights.shape == (B, kernel_size * kernel_size, H, W), lambda: f"{op}: weights must be (B, k*k, H, W)"
-    )
-    torch._check_type(
-        grad_out.dtype == feat.dtype and weights.dtype == feat.dtype,
-        lambda: f"{op}: grad_out and weights must have feat's dtype",
-    )
-    _validate.one_device(op, feat=feat, value=value, grad_out=grad_out, weights=weights)
-
-
 @triton_op("busseg_triton::adjacent_relation_propagation", mutates_args=())
 def adjacent_relation_propagation(
     feat: torch.Tensor, value: torch.Tensor, kernel_size: int, dilation: int, scale: float, valid_padding: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    _check("adjacent_relation_propagation", feat, value, kernel_size, dilation)
+    check_args(feat, value, kernel_size, dilation, allow_empty=True)
     feat, value = feat.contiguous(), value.contiguous()
     B, C, H, W = feat.shape
     K = value.shape[1]
@@ -581,7 +522,7 @@ def adjacent_relation_propagation_backward(
     need_grad_feat: bool,
     need_grad_value: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    _check("adjacent_relation_propagation_backward", feat, value, kernel_size, dilation, grad_out, weights)
+    check_backward_args(grad_out, feat, value, weights, kernel_size, dilation)
     grad_out, feat, value, weights = grad_out.contiguous(), feat.contiguous(), value.contiguous(), weights.contiguous()
     B, C, H, W = feat.shape
     K = value.shape[1]
@@ -639,43 +580,3 @@ def adjacent_relation_propagation_backward(
             num_warps=_NUM_WARPS,
         )
     return grad_feat, grad_value
-
-
-# ---- launch space: what the GPU compile check (tools/gpu_compile_check.py) compiles ------------
-
-#: Problem axes that decide what the launchers above launch. First value: the base problem (on its
-#: 5 x 7 stand-in map, 256 channels are 8 groups of full chunks: no channel mask); the other
-#: channel counts give partial chunks in 1, 2, 4 and 8 groups (the softmax kernel's group blocks);
-#: value blocks of 1 and 4 (37: several); kernel sizes 1 and 3 unrolled, 5 and 7 a run-time tap
-#: loop; dilation 1 is specialised (constant column offsets), 2 halves the chunks; width 130 tiles
-#: the map in 8 x 32 blocks (7: whole rows); gradients: what the backward is asked for.
-LAUNCH_AXES = {
-    "dtype": (torch.float32, torch.float64, torch.float16, torch.bfloat16),
-    "channels": (256, 3, 7, 13, 31),
-    "classes": (2, 1, 7, 37),
-    "kernel_size": (3, 1, 5, 7),
-    "dilation": (1, 2),
-    "padding": ("zeros", "valid"),
-    "width": (7, 130),
-    "gradients": ("both", "feat", "value"),
-}
-#: Compiled in every dtype like the base: the unrolled and the run-time tap loops with the largest
-#: blocks, at dilation 2 (per-tap addresses) and 1 (the widest chunks); the base on a wide map.
-LAUNCH_CORNERS = (
-    {"channels": 256, "classes": 37, "kernel_size": 3, "dilation": 2},
-    {"channels": 256, "classes": 37, "kernel_size": 7, "dilation": 1},
-    {"width": 130},
-)
-#: Each kernel size is a compile of its own; the values above are the ones checked.
-UNBOUNDED_AXES = ("kernel_size",)
-
-
-def launch_stand_in(dtype, channels, classes, kernel_size, dilation, padding, width, gradients):
-    """Forward and backward launches of one problem, on stand-in inputs."""
-    feat = torch.zeros(1, channels, 5, width, dtype=dtype)
-    value = torch.zeros(1, classes, 5, width, dtype=dtype)
-    valid = padding == "valid"
-    out, weights = adjacent_relation_propagation(feat, value, kernel_size, dilation, 1.0, valid)
-    adjacent_relation_propagation_backward(
-        out, feat, value, weights, kernel_size, dilation, 1.0, valid, gradients != "value", gradients != "feat"
-    )

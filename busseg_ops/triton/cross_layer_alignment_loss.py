@@ -1,39 +1,16 @@
 """busseg_triton::cross_layer_alignment_loss (RA-BUSSeg CRA; docs/ops.md) in Triton, with the
 contract of the native op: the per-row log-sum-exp (L, B, HW) kept for backward, the logits never
-stored.
-
-Tensor-core products (float32 in TF32 as PyTorch's matmul precision allows, float16, bfloat16;
-busseg_ops/triton/_precision.py) of rows of at most _FUSED_MAX_M proxies (upstream: M = 64) and at
-most _MAX_LAYERS layers take the fused kernel: a program per image and block of _FUSED_ROWS pixel
-rows forms the logits of every layer on the tensor cores (tl.dot over chunks of channels, read
-straight from each layer's feature map: no stacked copy) and does everything after them in
-registers: the log-softmax of every layer, the KL terms of the adjacent pairs and, when a gradient
-is wanted, the logit gradients (a sliding window over layers l-1, l, l+1). The gradients of the
-proxies (gᵀ fᵀ) and of the features (pᵀ gᵀ) are then batched products (torch.bmm: cuBLAS on a
-GPU, in the same precision) over blocks of block_rows pixel rows, each right after the fused
-kernel has written that block's logit gradients, so that they re-read feature rows the kernel has
-just read. A program takes the layers' maps and proxies as _MAX_LAYERS argument slots (L is a
-compile-time constant).
-
-Everything else (exact float32 and float64 products, whose fused forms spilled registers, more
-layers, wider rows such as global alignment's every-pixel proxies) keeps the blocked path: blocks
-of pixel rows, the logits of a block by BLAS (torch.bmm) into one buffer, the fused row kernels
-below, only the per-row log-sum-exp kept, and backward recomputing each block's logits (as
-csrc/common/cra_driver.h). A row kernel program owns a block of pixel rows with whole proxy rows
-(M padded to a power of two) in registers; the layers are unrolled. Forward: log-sum-exp per layer
-and the KL terms of the adjacent pairs; backward: a sliding window over layers l-1, l, l+1 writes
-each logit gradient once. A tile holds at most _TILE logits (a thread's share of each live tile
-stays in registers; 4096 spilled in backward on sm_80/sm_90); rows of more than _TILE proxies go to
-the "wide" kernels, which stream each row in chunks of _TILE, one pass per row sum they need, each
-summing element-wise over the chunks and reducing the row once after the loop (Triton 3.6 failed
-to compile a row reduction carried by the loop)."""
+stored. Tensor-core products of at most _MAX_LAYERS layers of _FUSED_MAX_M proxies (upstream: 4
+and 64) take one fused kernel that does everything after the logits in registers; the rest (exact
+float32 and float64 products, whose fused forms spilled registers, more layers, wider rows) keeps
+the blocked path of csrc/common/cra_driver.h. How both work: docs/kernels.md."""
 
 import torch
 import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from .. import _validate
+from ..ops.cross_layer_alignment_loss import check_args, check_backward_args
 from ._float_args import join, split
 from ._precision import dot_precision
 
@@ -427,27 +404,6 @@ def _rows_per_block(HW: int, block_rows: int) -> int:
     return -(-HW // blocks)
 
 
-def _check(op, feats, proxies, reduction, eps, block_rows):
-    """The checks of csrc/cross_layer_alignment_loss/checks.h, before any launch."""
-    torch._check_value(len(feats) >= 2 and len(proxies) == len(feats), lambda: f"{op}: need L >= 2 feats and proxies")
-    torch._check_value(eps >= 0 and block_rows >= 1, lambda: f"{op}: eps must be >= 0 and block_rows >= 1")
-    torch._check_value(reduction in ("mean", "batchmean", "sum"), lambda: f"{op}: unknown reduction {reduction!r}")
-    f0, p0 = feats[0], proxies[0]
-    torch._check_value(f0.dim() == 3 and p0.dim() == 3, lambda: f"{op}: feats[l] (B, C_l, HW), proxies[l] (B, M, C_l)")
-    B, HW, M = f0.shape[0], f0.shape[2], p0.shape[1]
-    torch._check_value(B * HW * M > 0, lambda: f"{op}: the loss inputs are empty")
-    torch._check_type(f0.is_floating_point(), lambda: f"{op}: feats must be floating")
-    for l, (f, p) in enumerate(zip(feats, proxies)):
-        torch._check_value(
-            f.dim() == 3 and p.dim() == 3 and f.shape[0] == B and f.shape[2] == HW and f.shape[1] > 0,
-            lambda l=l: f"{op}: feats[{l}] must be (B, C_l, HW) with B = {B}, HW = {HW}",
-        )
-        torch._check_value(tuple(p.shape) == (B, M, f.shape[1]), lambda l=l: f"{op}: proxies[{l}] must be (B, M, C_l)")
-        torch._check_type(f.dtype == f0.dtype and p.dtype == f0.dtype, lambda: f"{op}: one dtype for all inputs")
-    named = {f"feats[{l}]": f for l, f in enumerate(feats)} | {f"proxies[{l}]": p for l, p in enumerate(proxies)}
-    _validate.one_device(op, **named)
-
-
 def _block_logits(feats, proxies, r0, n):
     """(L, B, n, M) logits of pixel rows [r0, r0 + n), contiguous."""
     return torch.stack(
@@ -541,7 +497,7 @@ def cross_layer_alignment_loss(
     block_rows: int,
     grad_proxies: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-    _check("cross_layer_alignment_loss", feats, proxies, reduction, eps, block_rows)
+    check_args(feats, proxies, reduction, eps, block_rows)
     L, (B, _, HW), M = len(feats), feats[0].shape, proxies[0].shape[1]
     dtype, device = feats[0].dtype, feats[0].device
     acc = torch.float64 if dtype == torch.float64 else torch.float32
@@ -579,15 +535,8 @@ def cross_layer_alignment_loss_backward(
     need_grad_feats: bool,
     need_grad_proxies: bool,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    op = "cross_layer_alignment_loss_backward"
-    _check(op, feats, proxies, reduction, eps, block_rows)
+    check_backward_args(grad_loss, feats, proxies, lse, reduction, eps, block_rows)
     L, (B, _, HW), M = len(feats), feats[0].shape, proxies[0].shape[1]
-    torch._check_value(tuple(lse.shape) == (L, B, HW), lambda: f"{op}: lse must be (L, B, HW) = {(L, B, HW)}")
-    torch._check_value(grad_loss.numel() == 1, lambda: f"{op}: grad_loss must be a scalar")
-    torch._check_type(
-        lse.is_floating_point() and grad_loss.is_floating_point(), lambda: f"{op}: lse and grad_loss must be floating"
-    )
-    _validate.one_device(op, **{"feats[0]": feats[0], "lse": lse, "grad_loss": grad_loss})
     if not (need_grad_feats or need_grad_proxies):
         return [], []
     norm = align_norm((L, B, HW, M), reduction)
@@ -674,41 +623,3 @@ def _blocked_backward(grad_loss, feats, proxies, lse, eps, norm, block_rows, nee
             if need_grad_feats:  # f_l[:, :, block] gradient = (g_l p_l)ᵀ
                 grad_feats[l][:, :, r0 : r0 + n] = torch.bmm(proxies[l].transpose(1, 2), g[l].transpose(1, 2))
     return grad_feats, [s.to(p.dtype) for s, p in zip(sums, proxies)]
-
-
-# ---- launch space: what the GPU compile check (tools/gpu_compile_check.py) compiles ------------
-
-#: Problem axes that decide what the launchers above launch. First value: the base problem (the
-#: upstream M = 64, L = 4); second: the smallest blocks. Proxies give fused tiles of 64 (base), 16
-#: and 32 proxies, then the blocked path's row tiles of 128, 256, 512 and 1024 proxies, and wide
-#: rows; layers 2 to 4 are fused, 6 take the blocked path. Each launch runs under both float32
-#: matmul precisions (launch_stand_in).
-LAUNCH_AXES = {
-    "dtype": (torch.float32, torch.float64, torch.float16, torch.bfloat16),
-    "proxies": (64, 1, 20, 100, 200, 300, 1000, 1500),
-    "layers": (4, 2, 3, 6),
-}
-#: The blocked path's largest tiles with more layers, and wide rows, compiled in every dtype like
-#: the base (which is the fused kernel's largest tile with the most layers).
-LAUNCH_CORNERS = ({"proxies": 1000, "layers": 6}, {"proxies": 5000})
-#: The narrow and fused kernels unroll the layers: each count is a compile of its own; the values
-#: above are the ones checked.
-UNBOUNDED_AXES = ("layers",)
-
-
-def launch_stand_in(dtype, proxies, layers):
-    """Forward (with the proxy gradients it forms), forward alone and backward launches of one
-    problem, on stand-in inputs of 37 pixel rows, under each of torch's float32 matmul precisions
-    (exact, and TF32)."""
-    feats = [torch.zeros(1, 3, 37, dtype=dtype) for _ in range(layers)]
-    proxy_rows = [torch.zeros(1, proxies, 3, dtype=dtype) for _ in range(layers)]
-    grad_loss = torch.ones((), dtype=dtype)
-    before = torch.backends.cuda.matmul.fp32_precision
-    try:
-        for precision in ("ieee", "tf32"):
-            torch.backends.cuda.matmul.fp32_precision = precision
-            cross_layer_alignment_loss(feats, proxy_rows, "mean", 1e-10, 37, False)
-            _, lse, _ = cross_layer_alignment_loss(feats, proxy_rows, "mean", 1e-10, 37, True)
-            cross_layer_alignment_loss_backward(grad_loss, feats, proxy_rows, lse, "mean", 1e-10, 37, True, True)
-    finally:
-        torch.backends.cuda.matmul.fp32_precision = before

@@ -1,28 +1,7 @@
 """busseg_triton::memory_contrastive_loss (PH-Net Eq. 15; docs/ops.md) in Triton, flash-attention
-style: Σ_j π_ij n̂_j is attention with the keys as values.
-
-Anchors and negatives are first sorted by class on the device (torch.argsort; no host sync), the
-ignored anchors (label outside [0, K) or no positive) last. A program owns a block of anchors and
-streams blocks of negatives: the similarity tile is a tensor-core product (tl.dot over chunks of
-_BLOCK_K features), folded into the anchors' online log-sum-exp and, when asked, into Σ_j π_ij n̂_j
-(a second tl.dot; rescaled as the running max moves). A block whose anchors are all of one class
-skips the negative blocks that lie inside that class's run of sorted negatives (same-class pairs
-never count), and a block of ignored anchors does nothing. Where the anchor blocks are too few to
-fill the GPU, the negatives are split across programs and a few torch ops merge the partial sums.
-The backward forms the anchors' gradient from Σ_j π_ij n̂_j (saved by forward, or formed by the
-same kernel) and, when the negatives need one, the negatives' gradient with a program per block of
-sorted negatives that streams anchor blocks (skipping its own class's run and the ignored anchors).
-Memory is O((N + N⁻)·D) besides partial sums bounded by a few rows per SM.
-
-Precision (busseg_ops/triton/_precision.py): float32 operands on TF32 tensor cores exactly when
-PyTorch's float32 matmuls may use TF32, else exact; float16 / bfloat16 operands on tensor cores
-(the normalised rows are formed in float32, then rounded to the input dtype, as are the softmax
-weights of the second product); every sum in float32 (float64 for float64). The cosine
-normalisation, the positive term, the class weights, the sort and the merge of split partial sums
-are O((N + N⁻)·D) torch ops around the kernels.
-
-On sm_90 the products lower to wgmma (tf32, bf16, f16; float64 to DMMA): a program of 4 warps with
-a 64-row operand, as Hopper's warpgroup MMA needs."""
+style: Σ_j π_ij n̂_j is attention with the keys as values, so the (N, N⁻) similarities never exist
+(memory O((N + N⁻)·D)). How the kernels stream the negatives, skip same-class blocks and split
+the work: docs/kernels.md."""
 
 from typing import NamedTuple
 
@@ -31,7 +10,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from .. import _validate
+from ..ops.memory_contrastive_loss import check_args, check_backward_args
 from ._float_args import join, split
 from ._precision import dot_precision
 
@@ -547,44 +526,6 @@ def _normalize_backward(x, xhat, dxhat):
     return torch.where(norm > _NORM_EPS, proj, dxhat) / norm.clamp_min(_NORM_EPS)
 
 
-def _check(op, anchors, anchor_labels, negatives, negative_labels, positives, has_positive, temperature):
-    """The checks of csrc/memory_contrastive_loss/checks.h, before any launch."""
-    torch._check_value(
-        anchors.dim() == 2 and negatives.dim() == 2 and positives.dim() == 2,
-        lambda: f"{op}: anchors (N, D), negatives (N-, D) and positives (K, D) must be 2-D",
-    )
-    D = anchors.shape[1]
-    torch._check_value(
-        negatives.shape[1] == D and positives.shape[1] == D and positives.shape[0] >= 1,
-        lambda: f"{op}: anchors, negatives and positives must share D, with K >= 1 positives",
-    )
-    torch._check_value(
-        tuple(anchor_labels.shape) == (anchors.shape[0],) and tuple(negative_labels.shape) == (negatives.shape[0],),
-        lambda: f"{op}: anchor_labels must be (N,) and negative_labels (N-,)",
-    )
-    torch._check_value(tuple(has_positive.shape) == (positives.shape[0],), lambda: f"{op}: has_positive must be (K,)")
-    torch._check_type(
-        anchor_labels.dtype == torch.int64
-        and negative_labels.dtype == torch.int64
-        and has_positive.dtype == torch.bool,
-        lambda: f"{op}: labels must be int64 and has_positive bool",
-    )
-    torch._check_type(
-        anchors.is_floating_point() and negatives.dtype == anchors.dtype and positives.dtype == anchors.dtype,
-        lambda: f"{op}: anchors, negatives and positives must share a float dtype",
-    )
-    torch._check_value(temperature > 0, lambda: f"{op}: temperature must be > 0, got {temperature}")
-    _validate.one_device(
-        op,
-        anchors=anchors,
-        anchor_labels=anchor_labels,
-        negatives=negatives,
-        negative_labels=negative_labels,
-        positives=positives,
-        has_positive=has_positive,
-    )
-
-
 @triton_op("busseg_triton::memory_contrastive_loss", mutates_args=())
 def memory_contrastive_loss(
     anchors: torch.Tensor,
@@ -597,7 +538,7 @@ def memory_contrastive_loss(
     save_weighted_negatives: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     args = (anchors, anchor_labels, negatives, negative_labels, positives, has_positive, temperature)
-    _check("memory_contrastive_loss", *args)
+    check_args(*args, allow_empty=True)
     s = _prepare(*args)
     K = positives.shape[0]
     lse, wn = s.pos, None
@@ -624,20 +565,19 @@ def memory_contrastive_loss_backward(
     temperature: float,
     need_grad_negatives: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    op = "memory_contrastive_loss_backward"
-    _check(op, anchors, anchor_labels, negatives, negative_labels, positives, has_positive, temperature)
-    torch._check_value(tuple(lse.shape) == (anchors.shape[0],), lambda: f"{op}: lse must be (N,)")
-    torch._check_value(grad_loss.numel() == 1, lambda: f"{op}: grad_loss must be a scalar")
-    torch._check_type(
-        lse.is_floating_point() and grad_loss.is_floating_point() and weighted_negatives.is_floating_point(),
-        lambda: f"{op}: lse, weighted_negatives and grad_loss must be floating",
+    check_backward_args(
+        grad_loss,
+        anchors,
+        anchor_labels,
+        negatives,
+        negative_labels,
+        positives,
+        has_positive,
+        lse,
+        weighted_negatives,
+        temperature,
     )
     saved = tuple(weighted_negatives.shape) != (0,)
-    torch._check_value(
-        not saved or tuple(weighted_negatives.shape) == tuple(anchors.shape),
-        lambda: f"{op}: weighted_negatives must be (N, D) or (0,)",
-    )
-    _validate.one_device(op, anchors=anchors, lse=lse, grad_loss=grad_loss, weighted_negatives=weighted_negatives)
     s = _prepare(anchors, anchor_labels, negatives, negative_labels, positives, has_positive, temperature)
     K = positives.shape[0]
     N, M = anchors.shape[0], negatives.shape[0]
@@ -657,37 +597,3 @@ def memory_contrastive_loss_backward(
             dn = _negative_grad(s, K, lse, coef, temperature)
         grad_negatives = _normalize_backward(negatives, s.n, dn).to(negatives.dtype)
     return _normalize_backward(anchors, s.a, da).to(anchors.dtype), grad_negatives
-
-
-# ---- launch space: what the GPU compile check (tools/gpu_compile_check.py) compiles ------------
-
-#: Problem axes that decide what the launchers above launch. First value: the base problem; second:
-#: the smallest blocks. Features of 256 give feature-column blocks of 128 (tensor cores) and 64 (FMA:
-#: exact float32, float64), then 1, 12, 20, 40 and 100 the smaller blocks, 300 padding to whole
-#: blocks. Each launch runs under both float32 matmul precisions (launch_stand_in).
-LAUNCH_AXES = {
-    "dtype": (torch.float32, torch.float64, torch.float16, torch.bfloat16),
-    "dim": (256, 1, 12, 20, 40, 100, 300),
-}
-#: The largest blocks with D padded, compiled in every dtype like the base.
-LAUNCH_CORNERS = ({"dim": 300},)
-
-
-def launch_stand_in(dtype, dim):
-    """Forward (Σ π n̂ not saved) and backward (formed again, and the negatives' gradient) launches
-    on stand-in inputs with features of `dim`, under each of torch's float32 matmul precisions
-    (exact, and TF32: other tiles)."""
-    anchors, negatives, positives = (torch.ones(n, dim, dtype=dtype) for n in (37, 41, 2))
-    labels = torch.zeros(37, dtype=torch.int64), torch.ones(41, dtype=torch.int64)
-    has_positive = torch.ones(2, dtype=torch.bool)
-    args = (anchors, labels[0], negatives, labels[1], positives, has_positive, 0.5)
-    before = torch.backends.cuda.matmul.fp32_precision
-    try:
-        for precision in ("ieee", "tf32"):
-            torch.backends.cuda.matmul.fp32_precision = precision
-            _, lse, _ = memory_contrastive_loss(*args, False)
-            memory_contrastive_loss_backward(
-                torch.ones((), dtype=dtype), *args[:6], lse, anchors.new_empty(0), 0.5, True
-            )
-    finally:
-        torch.backends.cuda.matmul.fp32_precision = before

@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from .. import _validate
+from ..ops.patch_entropy_hardness import check_args, check_backward_args
 from ._float_args import join, split
 
 
@@ -130,20 +130,9 @@ def _hardness_backward_kernel(
                 tl.store(pdx + k * HW, dp, mask=mask)
 
 
-def _check(op, x, patch_h, patch_w, grad=None):
-    """The checks of csrc/patch_entropy_hardness/checks.h, before any launch."""
-    torch._check_value(x.dim() == 4 and x.shape[1] >= 2, lambda: f"{op}: x must be (B, K, H, W) with K >= 2")
-    torch._check_type(x.is_floating_point(), lambda: f"{op}: x must be floating")
-    torch._check_value(
-        patch_h >= 1 and patch_w >= 1 and x.shape[2] % patch_h == 0 and x.shape[3] % patch_w == 0,
-        lambda: f"{op}: patch size ({patch_h}, {patch_w}) must divide the map size {tuple(x.shape[2:])}",
-    )
-    torch._check_value(x.shape[2] * x.shape[3] < 2**31, lambda: f"{op}: x must have H*W < 2^31 pixels")
-    if grad is not None:
-        shape = (x.shape[0], x.shape[2] // patch_h, x.shape[3] // patch_w)
-        torch._check_value(tuple(grad.shape) == shape, lambda: f"{op}: grad must be (B, Nh, Nw) = {shape}")
-        torch._check_type(grad.is_floating_point(), lambda: f"{op}: grad must be floating")
-        _validate.one_device(op, x=x, grad=grad)
+def _check_pixels(x) -> None:
+    """Offsets within an image are int32 here."""
+    torch._check_value(x.shape[2] * x.shape[3] < 2**31, lambda: f"x must have H*W < 2^31 pixels, got {tuple(x.shape)}")
 
 
 def _tile_shape(patch_h: int, patch_w: int) -> dict:
@@ -157,7 +146,8 @@ def _tile_shape(patch_h: int, patch_w: int) -> dict:
 
 @triton_op("busseg_triton::patch_entropy_hardness", mutates_args=())
 def patch_entropy_hardness(x: torch.Tensor, patch_h: int, patch_w: int, from_logits: bool, eps: float) -> torch.Tensor:
-    _check("patch_entropy_hardness", x, patch_h, patch_w)
+    check_args(x, patch_h, patch_w)
+    _check_pixels(x)
     B, K, H, W = x.shape
     nh, nw = H // patch_h, W // patch_w
     out = torch.empty(B, nh, nw, dtype=torch.float32, device=x.device)
@@ -183,7 +173,8 @@ def patch_entropy_hardness(x: torch.Tensor, patch_h: int, patch_w: int, from_log
 def patch_entropy_hardness_backward(
     grad: torch.Tensor, x: torch.Tensor, patch_h: int, patch_w: int, from_logits: bool, eps: float
 ) -> torch.Tensor:
-    _check("patch_entropy_hardness_backward", x, patch_h, patch_w, grad)
+    check_backward_args(grad, x, patch_h, patch_w)
+    _check_pixels(x)
     B, K, H, W = x.shape
     nh, nw = H // patch_h, W // patch_w
     dx = torch.empty(B, K, H, W, dtype=torch.float32, device=x.device)
@@ -204,26 +195,3 @@ def patch_entropy_hardness_backward(
         **_tile_shape(patch_h, patch_w),
     )
     return dx.to(x.dtype)
-
-
-# ---- launch space: what the GPU compile check (tools/gpu_compile_check.py) compiles ------------
-
-#: Problem axes that decide what the launchers above launch (_tile_shape: the tile from the patch's
-#: height and width). First value: the base problem (16 x 16 tiles, one warp); second: the
-#: smallest (1 x 1); then 8 x 64 tiles for 20 x 40 patches and 16 x 32 for 40 x 20 (four warps,
-#: looping over rows), 4 x 64 for 3 x 64 (one warp).
-LAUNCH_AXES = {
-    "dtype": (torch.float32, torch.float64, torch.float16, torch.bfloat16),
-    "patch_h": (16, 1, 20, 40, 3),
-    "patch_w": (16, 1, 40, 20, 64),
-    "from_logits": (True, False),
-}
-#: The largest tiles (and loops over them), compiled in every dtype like the base.
-LAUNCH_CORNERS = ({"patch_h": 40, "patch_w": 40},)
-
-
-def launch_stand_in(dtype, patch_h, patch_w, from_logits):
-    """Forward and backward launches on stand-in inputs: a 2 x 3 grid of patches."""
-    x = torch.zeros(1, 2, 2 * patch_h, 3 * patch_w, dtype=dtype)
-    hardness = patch_entropy_hardness(x, patch_h, patch_w, from_logits, 1e-10)
-    patch_entropy_hardness_backward(torch.ones_like(hardness), x, patch_h, patch_w, from_logits, 1e-10)

@@ -1,16 +1,7 @@
 // busseg::cutmix_patch_mask and busseg::adaptive_patch_cutmix (PH-Net Eq. 5-7; docs/ops.md), CUDA
-// kernels.
-//
-// The mask: a block per image sorts its patch indices twice (bitonic sort of (key, index) pairs
-// in shared memory, or in global scratch for images of more than kMaskSharedPatches patches):
-// by the shield order, marking the k hardest, then by the replacement order, marking the first n
-// (mask.h defines both and n, for the CPU kernel alike).
-//
-// The gather: one launch copies every row of every tensor (a warp per row of W elements, rows of
-// all tensors in one sequence), each row in chunks of the widest power of two up to 16 bytes that
-// divides the row, the patch width and both pointers (128-bit loads and stores for the usual
-// float, half and int64 maps). A chunk's patch column comes from a multiply-shift divider set up
-// on the host; the image and the patch row once per row.
+// kernels: a block per image sorts its patches for the mask (mask.h defines the orders, for the
+// CPU kernel alike), and one launch gathers every row of every tensor in the widest chunks that
+// divide it (docs/kernels.md).
 #include <algorithm>
 #include <climits>
 #include <cstdint>

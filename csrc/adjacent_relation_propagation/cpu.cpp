@@ -1,20 +1,8 @@
-// busseg::adjacent_relation_propagation (RA-BUSSeg ARP; docs/ops.md), C++/OpenMP CPU kernels.
-//
-// Works on the tensors' own NCHW layout; neither the inputs nor the gradient are ever transposed,
-// and OpenMP gives each thread one contiguous chunk of the work. The two sums over channels, the
-// affinities (forward) and the feature gradient's gather (backward), are the whole cost: they run
-// over blocks of 16 consecutive pixels of an image plane (a block runs on from the end of a row
-// into the next), so each channel of a block costs one load and one fused multiply-add per tap,
-// and one sweep over the features serves every tap. The forward keeps one sum per tap of a block
-// in registers through the loop over channels (taps in groups of up to nine); each channel's rows
-// lie in another page, where the hardware prefetchers do not reach, so a block prefetches the rows
-// it reads a few channels ahead. The backward's gather has one sum per channel instead: it runs
-// over a strip of blocks channel by channel, reading each channel's rows under the strip as one
-// short run. Affinities are symmetric, a[p, o] = a[p + d*o, -o]: the forward computes
-// the taps from the centre on and reads the mirrored ones from the neighbour; the backward gives
-// each neighbour one coefficient (p as query plus p as key), a gather with no write races and no
-// atomics. Per-tap buffers (raw affinities, weights, their gradients) are (B, taps, H, W); nothing
-// of size (B, C*k*k, HW) is formed.
+// busseg::adjacent_relation_propagation (RA-BUSSeg ARP; docs/ops.md), C++/OpenMP CPU kernels on the
+// tensors' own NCHW layout: nothing transposed, nothing of size (B, C*k*k, HW) formed. The two sums
+// over channels are the whole cost, so they run over blocks of 16 consecutive pixels (one sweep
+// over the features serves every tap), each symmetric affinity is computed once, and the backward
+// is a gather with no atomics. docs/kernels.md says how.
 #include "common/cpu.h"
 
 #include <ATen/ATen.h>

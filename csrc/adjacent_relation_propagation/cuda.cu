@@ -1,35 +1,9 @@
 // busseg::adjacent_relation_propagation (RA-BUSSeg ARP; docs/ops.md), CUDA kernels on the
-// tensors' own NCHW layout.
-//
-// Lattices. With dilation d a pixel only ever meets pixels whose coordinates agree with its own
-// modulo d, so the op is d×d independent problems of dilation 1, one per lattice of pixels
-// (ry + d·Y, rx + d·X). The tiled kernels work in lattice coordinates (Y, X); image coordinates
-// only appear in addresses. With d = 1 the image is its own single lattice.
-//
-// Tiled path (kernel_size 1, 3 or 5 in float32, float16 and bfloat16). A block owns a TY×TX tile
-// of a lattice and stages the features of the tile and its halo (R = kernel_size / 2 pixels on
-// every side), CC channels at a time, through shared memory in an NST-deep cp.async pipeline: the
-// features cross global memory once (plus the halo, from L2) and each channel costs a thread a few
-// shared loads per pixel. With d = 1 a halo row is copied in 16-byte chunks starting at the 16-byte
-// boundary at or below its first element, so the row lands in shared memory shifted by `s`
-// elements (that element's address mod 16), which its readers add back. Only chunks that hold one
-// of the row's pixels inside the image are copied, so no load leaves the tensor; the elements
-// around those (the previous or next row's, or stale ones) are garbage: the forward overrides every
-// affinity they enter, the backward zeroes them before use. With d > 1 lattice rows are strided in
-// memory and copied one element at a time.
-// The threads form S groups of TYT×TX; a thread owns a column of P pixels (tile rows ty·P ..
-// ty·P + P - 1 at column tx) and keeps their taps' sums in registers, and group g sums channels
-// g, g + S, ... of each stage. A stage spans a multiple of 16 bytes of channels, so each chunk's
-// addresses and each window row's shift are the same in every stage: a thread works them out once
-// per tile, and a stage costs it a predicated cp.async per chunk and one add per window row.
-// Forward: after the last stage the groups' partial affinities meet in shared memory and group g
-// takes pixel g of every column (S = P): softmax in registers, weights and out written per pixel.
-// Backward (one kernel): the affinity gradients da of the tile and its halo go to shared memory
-// while the first stages load; each pixel combines its taps' coefficients da[p, o] + da[p + o, -o]
-// in registers (the feature gradient as a gather, no atomics); then the stages stream by and each
-// channel's gradient is written once. The value gradient is gathered per pixel.
-//
-// General path (any other kernel size, and float64): one thread per pixel on global memory.
+// tensors' own NCHW layout. Reading the features bounds the op, so the tiled path (kernel_size 1,
+// 3 or 5 in float32, float16 and bfloat16) stages each tile's features and halo through shared
+// memory once (a cp.async pipeline), with dilation d split into d×d independent lattices of
+// dilation 1; every other case takes the general path, a thread per pixel on global memory.
+// docs/kernels.md describes both (tiles, lattices, the shifted halo rows, the thread groups).
 #include <algorithm>
 #include <climits>
 #include <cmath>

@@ -1,16 +1,8 @@
 // busseg::memory_contrastive_loss (PH-Net Eq. 15; docs/ops.md): the tiled driver of the CPU entry
-// points, which check the arguments first (memory_contrastive_loss/checks.h); its per-anchor
-// quantities (prepare, backward_start, loss_from_running_lse, normalize_backward) serve the CUDA
-// entry points too, whose tiles memory_contrastive_loss/cuda_binding.cpp forms without a host
-// synchronisation. Similarities are formed one (anchor block × negative block) tile at a time with
-// at::mm (BLAS); a device-specific tile kernel folds each tile into a per-anchor online
-// log-sum-exp (forward) or turns it into the gradient tile in place (backward). Memory is
-// O((N + N⁻)·D + tile), never O(N·N⁻). Forward keeps only the per-anchor LSE. Anchors are grouped
-// by class so that only the negatives of other classes are multiplied (no masked work; the
-// grouping reads the class members back to the host, free on a CPU).
-// Asked to, forward also accumulates weighted_negatives = Σ_j π_ij n̂_j beside the LSE (rescaled
-// as the running max moves, as in flash attention): backward then forms the anchors' gradient from
-// it without recomputing a tile (one product per tile instead of three over forward and backward).
+// points (arguments checked first: memory_contrastive_loss/checks.h), whose per-anchor steps serve
+// the CUDA entry points too. Similarities are formed a tile at a time (at::mm) and folded into a
+// per-anchor online log-sum-exp, so memory is O((N + N⁻)·D + tile), never O(N·N⁻); docs/kernels.md
+// says how.
 //
 // Notation: â = anchors/‖anchors‖, n̂, p̂ likewise; pos_i = <â_i, p̂_{y_i}>/τ;
 // lse_i = log(e^{pos_i} + Σ_{j: yn_j ≠ y_i} e^{<â_i, n̂_j>/τ}); ℓ_i = lse_i − pos_i;

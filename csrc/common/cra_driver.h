@@ -1,13 +1,7 @@
 // busseg::cross_layer_alignment_loss (RA-BUSSeg CRA; docs/ops.md): the device-independent driver
-// shared by the CPU and CUDA entry points, which check the arguments first
-// (cross_layer_alignment_loss/checks.h). Pixel rows are processed in blocks: per block the logits
-// of every layer, f_l[:, :, block]ᵀ p_lᵀ, are formed into one preallocated (L, B, rows, M) buffer
-// (by at::bmm, i.e. BLAS / cuBLAS, unless the device brings its own products), and a
-// device-specific fused row kernel does everything after them (log-softmax of every layer, the L-1
-// KL terms; in backward the logit gradients). Backward recomputes the block's logits and folds the
-// gradient block straight into the proxy gradients (and the feature gradients when asked). No (L,
-// B, HW, M) tensor ever exists: memory is the block buffers plus the (L, B, HW) log-sum-exp that
-// forward saves.
+// of the CPU and CUDA entry points (arguments checked first: cross_layer_alignment_loss/checks.h).
+// Pixel rows go in blocks, each block's logits into one buffer with a fused row kernel after them,
+// so no (L, B, HW, M) tensor ever exists; docs/kernels.md says how.
 //
 // Layouts: feats[l] (B, C_l, HW) (the usual NCHW map flattened: a view, no copy; any strides),
 // proxies[l] (B, M, C_l), lse (L, B, HW) in the accumulator type (double for f64, else float).

@@ -1,21 +1,10 @@
-// busseg::greedy_proxy_sampling (RA-BUSSeg; docs/ops.md), CUDA kernel.
+// busseg::greedy_proxy_sampling (RA-BUSSeg; docs/ops.md), CUDA kernel: one persistent launch runs
+// all M steps, each image split over P blocks that agree on each step's winner (a thread block
+// cluster on sm_90, else a global barrier under a cooperative launch); docs/kernels.md says how.
 //
-// One persistent launch runs all M steps. Each image is split into P contiguous pixel ranges, one
-// block each; a thread owns pixels tid, tid + blockDim, ... of its block's range and reads their
-// features straight from the NCHW map (consecutive threads, consecutive pixels: coalesced). What
-// fits stays on chip for all steps: the first `cached` channels of the block's pixels in shared
-// memory, the next `in_registers` channels of each thread's first pixel in registers, the rest
-// is read from global memory (L2) every step. The running state (cumulative similarity, its
-// running max, the chosen flag) lives in shared memory. Per step the block stages the proxy's
-// feature row in shared memory, scores its pixels, and takes an arg-min (warp shuffles, then
-// across warps); with P >= 2 the blocks of an image then agree on the winner through a thread
-// block cluster (distributed shared memory and a cluster barrier, sm_90) or through a per-image
-// barrier in global memory among blocks that a cooperative launch keeps resident.
-//
-// Every pixel's dot product is summed in one fixed order, whichever memory holds its features:
-// channel c goes to partial sum c % 8 in increasing c, and the eight are added pairwise. So the
-// proxies of an image never depend on the plan (how many blocks, what is cached): an image gives
-// the same proxies alone or in any batch, on any GPU.
+// Every pixel's dot product is summed in one fixed order, whichever memory holds its features
+// (channel c into partial sum c % 8, the eight added pairwise), so an image gives the same proxies
+// alone or in any batch, on any GPU, whatever the plan.
 #include <cooperative_groups.h>
 
 #include <algorithm>
