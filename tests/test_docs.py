@@ -42,7 +42,7 @@ def code_spans(text):
 def repo_paths(text):
     for span in code_spans(text):
         for word in span.split():
-            word = word.strip("'\"(),;")
+            word = word.strip("'\"(),;").rstrip(".:),;")  # the sentence's punctuation after a path
             word = re.sub(r":\d+(-\d+)?$", "", word)  # file.py:12-20
             word = word.split("::")[0]  # tests/test_x.py::test_name
             first = word.split("/")[0]

@@ -8,6 +8,7 @@ from typing import ClassVar
 import torch
 
 import busseg_ops
+from busseg_ops.ops.adjacent_relation_propagation import MAX_KERNEL_SIZE
 
 from .. import augment
 from ..errors import UserError
@@ -33,7 +34,9 @@ class RABUSSegSettings:
     lambda_cra: float = setting(1.0, "weight of L_CRA", non_negative=True)
     arp: bool = setting(True, "adjacent relation propagation loss")
     cra: bool = setting(True, "cross-layer relation alignment loss")
-    arp_kernel: int = setting(3, "ARP neighbourhood side", at_least=1, at_most=(32767, "the largest ARP kernel"))
+    arp_kernel: int = setting(
+        3, "ARP neighbourhood side", at_least=1, at_most=(MAX_KERNEL_SIZE, "the largest ARP kernel")
+    )
     cra_strategy: str = setting("greedy", "CRA proxy sampling", ("greedy", "random", "kmeans", "patch", "global"))
     cra_scales: int = setting(4, "deepest feature maps aligned by CRA", (2, 3, 4))
     num_proxies: int = setting(
