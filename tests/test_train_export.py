@@ -42,6 +42,8 @@ def _networks(tmp_path):
         "lanet": dict(method="lanet", backbone="unet", unet_base=4, in_channels=3),
         # token maps made contiguous: a strided view made torch.export guard on the size
         "unext": dict(method="semiseg_caw", model="unext"),
+        # trained on images resized to a longer side of 48: the program resizes as busseg eval does
+        "unet_fov": dict(method="suponly", model="unet", unet_base=4, fov=48),
     }.items():
         cfg = config.TrainConfig(**kw, out=str(tmp_path / name))
         model = engine.build_model(cfg)
@@ -78,13 +80,14 @@ def test_pt2_export_runs_without_busseg_ops_and_matches_busseg_eval(tmp_path, ca
         report = json.loads(r.stdout.strip().splitlines()[-1])
         assert report["busseg_loaded"] == []
         assert (
-            report["meta"]["config"]["method"] == {"unet": "rabusseg", "lanet": "lanet", "unext": "semiseg_caw"}[name]
+            report["meta"]["config"]["method"]
+            == {"unet": "rabusseg", "lanet": "lanet", "unext": "semiseg_caw", "unet_fov": "suponly"}[name]
         )
         assert report["meta"]["input"] == export.INPUT
         got = torch.load(got_path, weights_only=True)
         for x, logits in zip(inputs, got):
             assert logits.shape == (x.shape[0], 2, *x.shape[-2:]) and logits.dtype == torch.float32
-            want = predict(model, x)["prob"]  # what busseg eval scores: each image at its size
+            want = predict(model, x, fov=report["meta"]["config"]["fov"])["prob"]  # busseg eval: each image at its size
             torch.testing.assert_close(torch.softmax(logits, 1), want, rtol=1e-4, atol=1e-5)
         # The inference forward calls no busseg op (ARP and CRA are training losses): ATen only.
         graph = torch.export.load(str(dst)).graph

@@ -182,6 +182,10 @@ def test_fov_resizes_before_the_crop_and_back_at_evaluation():
     assert augment.fov_size(200, 320, 128) == (80, 128)
     assert augment.fov_size(320, 100, 64) == (64, 20)
     assert augment.fov_size(37, 53, 0) == (37, 53)
+    # Python's rounding (half to even), in integer arithmetic: 250 · 144 / 320 = 112.5 → 112
+    assert augment.fov_size(250, 320, 144) == (112, 144) and augment.fov_size(320, 227, 320) == (320, 227)
+    for h, w, fov in [(h, w, fov) for fov in (48, 144) for h in range(1, 200, 7) for w in range(1, 330, 3)]:
+        assert augment.fov_size(h, w, fov) == tuple(max(1, round(s * fov / max(h, w))) for s in (h, w)), (h, w, fov)
     items = data.synthetic_items(2, 0)
     kw = dict(train=True, synthetic_size=96, scale=(1.0, 1.0), flip=False)
     ds = data.SegDataset(items, 48, fov=48, **kw)

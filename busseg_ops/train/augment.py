@@ -20,11 +20,19 @@ def resize(image: torch.Tensor, mask: torch.Tensor, size: int | tuple[int, int])
 
 
 def fov_size(h: int, w: int, fov: int) -> tuple[int, int]:
-    """(h, w) scaled, aspect kept, so that the longer side is `fov` (0: unchanged)."""
+    """(h, w) scaled, aspect kept, so that the longer side is `fov` (0: unchanged), each side
+    round(side · fov / longer) with Python's rounding (half to even), at least 1. In integer
+    arithmetic without branches, so that torch.export traces it on symbolic sizes (busseg export)."""
     if not fov:
         return h, w
-    f = fov / max(h, w)
-    return max(1, round(h * f)), max(1, round(w * f))
+    longer = torch.sym_max(h, w)
+    sides = []
+    for side in (h, w):
+        q = side * fov // longer
+        r = side * fov - q * longer
+        # + 1 iff r / longer > 1/2, or = 1/2 with q odd
+        sides.append(torch.sym_max(1, q + (2 * r + q % 2) // (longer + 1)))
+    return tuple(sides)
 
 
 def weak(

@@ -10,7 +10,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from . import checkpoint, engine
+from . import augment, checkpoint, engine
 from .config import TrainConfig
 from .errors import UserError
 from .evaluate import network_stride
@@ -19,7 +19,8 @@ MAX_SIDE, MAX_BATCH = 4096, 256
 FORMATS = ("pt2", "state-dict")
 INPUT = (
     f"float32 (B, 1, H, W) grayscale in [0, 1] (8-bit image / 255), 1 <= B <= {MAX_BATCH}, S < H, W <= {MAX_SIDE} "
-    "with S the network's stride (U-Net 16, DeepLabv3+ 8, LA-Net 32): any size, padded to a multiple of S inside"
+    "with S the network's stride (U-Net 16, DeepLabv3+ 8, LA-Net 32): any size, padded to a multiple of S inside "
+    "(a network trained with --fov N: resized inside to a longer side of N, aspect kept, the logits back to H, W)"
 )
 OUTPUT = "float32 (B, 2, H, W) logits of (background, lesion) at the input size; mask = argmax over dim 1"
 
@@ -27,13 +28,23 @@ OUTPUT = "float32 (B, 2, H, W) logits of (background, lesion) at the input size;
 class MaskLogits(torch.nn.Module):
     """A network of build_model as one function image → (B, 2, H, W) class logits, the way busseg
     evaluates it: zero-padded at the bottom and right to a multiple of its stride, cropped back. A
-    sigmoid mask head (LA-Net) gives the logits (0, z), whose softmax is (1 − σ(z), σ(z))."""
+    sigmoid mask head (LA-Net) gives the logits (0, z), whose softmax is (1 − σ(z), σ(z)). With
+    `fov` (the network's training field of view) the image is first resized as evaluate.predict
+    does and the probabilities resized back; their logarithms are the logits (same softmax)."""
 
-    def __init__(self, net: torch.nn.Module):
+    def __init__(self, net: torch.nn.Module, fov: int = 0):
         super().__init__()
-        self.net, self.stride = net, network_stride(net)
+        self.net, self.stride, self.fov = net, network_stride(net), fov
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.fov:
+            return self.logits(x)
+        h, w = x.shape[-2:]
+        small = F.interpolate(x, size=augment.fov_size(h, w, self.fov), mode="bilinear", align_corners=False)
+        prob = F.interpolate(self.logits(small).softmax(1), size=(h, w), mode="bilinear", align_corners=False)
+        return prob.log()
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]
         s = self.stride  # the padded sides as multiples of s: torch.export then proves the grids' sizes
         out = self.net(F.pad(x, (0, (w + s - 1) // s * s - w, 0, (h + s - 1) // s * s - h)))
@@ -120,14 +131,14 @@ def export(src: str, dst: str, which: str = "teacher", fmt: str = "pt2", overwri
         _write_atomic(dst, lambda f: torch.save(model.state_dict(), f))
         _write_atomic(sidecar, lambda f: f.write(json.dumps(dataclasses.asdict(cfg), indent=2).encode()))
         return meta
-    program = export_program(model)
+    program = export_program(model, cfg.fov)
     _write_atomic(dst, lambda f: torch.export.save(program, f, extra_files={"busseg.json": json.dumps(meta)}))
     return meta
 
 
-def export_program(model: torch.nn.Module) -> torch.export.ExportedProgram:
-    """torch.export of MaskLogits(model) with a dynamic batch, height and width."""
-    wrapped = MaskLogits(model.eval())
+def export_program(model: torch.nn.Module, fov: int = 0) -> torch.export.ExportedProgram:
+    """torch.export of MaskLogits(model, fov) with a dynamic batch, height and width."""
+    wrapped = MaskLogits(model.eval(), fov)
     batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
     height = torch.export.Dim("height", min=wrapped.stride + 1, max=MAX_SIDE)
     width = torch.export.Dim("width", min=wrapped.stride + 1, max=MAX_SIDE)
