@@ -40,7 +40,8 @@ def test_reproduce_skips_resumes_and_reports(tmp_path, capsys):
     path = reproduce.write_report(runs, "smoke", str(tmp_path / "REPRODUCTION.md"), "test")
     text = open(path).read()
     assert os.path.isfile(tmp_path / "reproduction_curves.png")
-    generated = text.split("## Diagnosis")[0]  # the diagnosis text after it has tables of its own
+    assert reproduce.NOTES["smoke"] in text and "## History: defects found at the full scale" in text
+    generated = text.split("## History")[0]  # the history after it has tables of its own
     table = [ln for ln in generated.splitlines() if ln.startswith("| suponly") or ln.startswith("| rabusseg_no_cra")]
     assert len(table) == 4  # results and pseudo-label rows
     assert "Wilcoxon p" in text and "beat suponly at this scale" in text and "`cra=False`" in text
