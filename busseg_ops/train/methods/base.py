@@ -96,6 +96,17 @@ def entropy_keep(prob: torch.Tensor, drop: float) -> torch.Tensor:
 
 
 @torch.no_grad()
+def class_loss(cls_logits: torch.Tensor, lab: dict, unl: dict | None) -> torch.Tensor:
+    """Cross-entropy of the image-class head (rows: the labelled batch, then the unlabelled one) over
+    the images whose class is known (cls ≥ 0); a zero in the graph when none is."""
+    target = torch.as_tensor(lab["cls"])
+    if unl is not None:
+        target = torch.cat([target, torch.as_tensor(unl["cls"])])
+    target = target.to(cls_logits.device)
+    known = target >= 0
+    return F.cross_entropy(cls_logits[known], target[known]) if known.any() else cls_logits.sum() * 0
+
+
 def teacher_train_forward(teacher, x: torch.Tensor, **heads) -> dict:
     """U2PL's second teacher forward: in train mode (BatchNorm on the batch's statistics, which it
     also folds into its own running statistics; dropout on), without gradients; back to eval after."""

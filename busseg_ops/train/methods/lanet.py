@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from ..errors import UserError
 from ..settings import setting
-from .base import IGNORE, Method, resnet_options
+from .base import IGNORE, Method, class_loss, resnet_options
 
 
 def bce(mask_logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -80,14 +80,7 @@ class LANet(Method):
         nl = len(xl)
         out = student(xl if unl is None else torch.cat([xl, unl["image"]]))
         logits = out["mask_logits"]
-        cls_t = (
-            torch.as_tensor(lab["cls"])
-            if unl is None
-            else torch.cat([torch.as_tensor(lab["cls"]), torch.as_tensor(unl["cls"])])
-        )
-        cls_t = cls_t.to(logits.device)
-        known = cls_t >= 0
-        loss_cls = F.cross_entropy(out["cls"][known], cls_t[known]) if known.any() else logits.sum() * 0
+        loss_cls = class_loss(out["cls"], lab, unl)
         loss_w = bce(logits[:nl], yl)
         if unl is None:  # every image has a location label (e.g. --partition 1/1): no L_sloc-wo
             loss = c.lam * loss_cls + (1 - c.lam) * loss_w

@@ -6,12 +6,11 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 
 import busseg_ops
 
 from ..settings import setting
-from .base import IGNORE, Method, resnet_options
+from .base import IGNORE, Method, class_loss, resnet_options
 
 
 @dataclass
@@ -81,22 +80,15 @@ class SemiSegCAW(Method):
             net.aux.train(stage1 and net.training)  # frozen in stage 2: no BN statistics updates
         xl, yl = lab["image"], lab["mask"]
         x = xl if unl is None else torch.cat([xl, unl["image"]])
-        cls_t = (
-            torch.as_tensor(lab["cls"])
-            if unl is None
-            else torch.cat([torch.as_tensor(lab["cls"]), torch.as_tensor(unl["cls"])])
-        )
-        cls_t = cls_t.to(x.device)
-        known = cls_t >= 0
         nl = len(xl)
         if stage1:
             out = student(x, aux_only=True)  # through DDP's forward, which syncs the gradients
             loss_seg = self.sup(out["pred"][:nl], yl)
-            loss_cls = F.cross_entropy(out["cls"][known], cls_t[known]) if known.any() else loss_seg * 0
+            loss_cls = class_loss(out["cls"], lab, unl)
             return loss_seg + loss_cls, {"loss_aux_seg": loss_seg.detach(), "loss_aux_cls": loss_cls.detach()}
         out = student(x)
         loss_seg = self.sup(out["pred"][:nl], yl)
-        loss_cls = F.cross_entropy(out["cls"][known], cls_t[known]) if known.any() else loss_seg * 0
+        loss_cls = class_loss(out["cls"], lab, unl)
         loss_u = None  # no unlabelled image (every mask known): no pseudo-label term
         if unl is not None:
             with torch.no_grad():
