@@ -303,3 +303,29 @@ def test_bank_centres_follow_the_anchors_device():
     bank.push(torch.nn.functional.normalize(torch.randn(3, 4), dim=1), torch.tensor([0, 0, 0]))
     centres = methods.bank_centres(bank, torch.device("meta"))
     assert centres[0].device.type == "meta" and centres[0].shape == (4,) and centres[1] is None
+
+
+def test_class_loss_trains_the_class_head_on_known_classes_only():
+    """lanet's and semiseg_caw's L_cls: cross-entropy over the images of known class (−1: unknown),
+    with a gradient into the class head; a zero that still reaches the head when no class is known."""
+    from busseg_ops.train.methods.base import class_loss
+
+    logits = torch.randn(5, 2, dtype=torch.float64, requires_grad=True)
+    lab, unl = {"cls": torch.tensor([1, -1])}, {"cls": torch.tensor([0, -1, 1])}
+    loss = class_loss(logits, lab, unl)
+    known = torch.tensor([0, 2, 4])
+    torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(logits[known], torch.tensor([1, 0, 1])))
+    loss.backward()
+    assert (logits.grad[known].abs().sum(1) > 0).all() and (logits.grad[[1, 3]] == 0).all()
+    none_known = class_loss(logits, {"cls": torch.tensor([-1, -1])}, None)
+    assert none_known.item() == 0 and none_known.grad_fn is not None
+
+
+def test_teacher_train_forward_builds_no_graph():
+    """U2PL's second teacher forward runs in train mode but without gradients, and leaves eval mode."""
+    from busseg_ops.train.methods.base import teacher_train_forward
+
+    teacher = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2)).eval()
+    out = teacher_train_forward(teacher, torch.randn(2, 1, 8, 8))
+    assert out.grad_fn is None and not out.requires_grad and not teacher.training
+    assert teacher[1].num_batches_tracked.item() == 1  # it ran in train mode: BN folded the batch in

@@ -95,7 +95,6 @@ def entropy_keep(prob: torch.Tensor, drop: float) -> torch.Tensor:
     return keep.view(prob.shape[0], *prob.shape[2:])
 
 
-@torch.no_grad()
 def class_loss(cls_logits: torch.Tensor, lab: dict, unl: dict | None) -> torch.Tensor:
     """Cross-entropy of the image-class head (rows: the labelled batch, then the unlabelled one) over
     the images whose class is known (cls ≥ 0); a zero in the graph when none is."""
@@ -107,6 +106,7 @@ def class_loss(cls_logits: torch.Tensor, lab: dict, unl: dict | None) -> torch.T
     return F.cross_entropy(cls_logits[known], target[known]) if known.any() else cls_logits.sum() * 0
 
 
+@torch.no_grad()
 def teacher_train_forward(teacher, x: torch.Tensor, **heads) -> dict:
     """U2PL's second teacher forward: in train mode (BatchNorm on the batch's statistics, which it
     also folds into its own running statistics; dropout on), without gradients; back to eval after."""
