@@ -40,3 +40,31 @@ def test_rabusseg_step(benchmark, record_memory, tmp_path, impl, channels_last):
 @pytest.mark.parametrize("impl", list(AMP))
 def test_phnet_step(benchmark, record_memory, tmp_path, impl, channels_last):
     time_step(benchmark, record_memory, tmp_path, "phnet", impl, channels_last)
+
+
+# Issue 30: the converged reproduction's step (batch 4 + 4, rep_dim 32, upstream dropout) with PH-Net's projector
+# on the U-Net's full-resolution map (the baseline, the reproduction's setting), at upstream's stride 4, and
+# suponly's step for the scale of the SSL methods' cost.
+PROJECTOR = {"baseline phnet stride 1": ("phnet", 1), "phnet stride 4": ("phnet", 4), "suponly": ("suponly", 4)}
+
+
+@pytest.mark.parametrize("impl", list(PROJECTOR))
+def test_phnet_projector_stride(benchmark, tmp_path, impl):
+    method, stride = PROJECTOR[impl]
+    benchmark.group = "phnet train step, reproduction scale (128 px, batch 4 + 4)"
+    torch.manual_seed(0)
+    cfg = TrainConfig(
+        method=method,
+        unet_rep_stride=stride,
+        batch_labeled=4,
+        batch_unlabeled=4,
+        rep_dim=32,
+        proj_dim=32,
+        criterion="ce+dice",
+        warmup_epochs=0,
+        out=str(tmp_path),
+        quiet=True,
+    )
+    tr = Trainer(cfg)
+    lab, unl = next(iter(tr._batches(0)))
+    benchmark.pedantic(lambda: tr.train_step(lab, unl, CTX), rounds=5, warmup_rounds=2)

@@ -67,6 +67,9 @@ COMMON = dict(
     pseudo_label_check=24,  # teacher pseudo-labels graded on 24 fixed unlabelled images per epoch
     model="unet",
     unet_base=16,  # the SSL4MIS U-Net of PH-Net's U-Net row
+    # PH-Net's projector on the last, full-resolution decoder map: every scale's runs were started with it, before
+    # --unet-rep-stride (default 4, upstream's stride, ~4x cheaper phnet steps); kept so that they resume as begun
+    unet_rep_stride=1,
     proj_dim=32,
     rep_dim=32,
     num_proxies=32,

@@ -202,18 +202,43 @@ def test_deeplab_gradients_reach_every_parameter():
     grad_check(net, random_loss(out))
 
 
-def test_unet_outputs_and_gradients():
-    net = M.UNet(2, in_channels=1, base=8, rep_dim=16, proj_dim=16)
+@pytest.mark.parametrize("rep_stride", [1, 2, 4, 8])
+def test_unet_outputs_and_gradients(rep_stride):
+    net = M.UNet(2, in_channels=1, base=8, rep_dim=16, proj_dim=16, rep_stride=rep_stride)
     x = torch.randn(2, 1, H, W)
     out = net(x, need_rep=True, need_proj=True, need_feats=True)
     sizes = [(math.ceil(H / s), math.ceil(W / s)) for s in (2, 4, 8, 16)]
     assert shapes(out) == {
         "pred": (2, 2, H, W),
-        "rep": (2, 16, H, W),
+        "rep": (2, 16, math.ceil(H / rep_stride), math.ceil(W / rep_stride)),
         "proj": (2, 16, *sizes[-1]),
         "feats": [(2, 8 * 2**i, *sz) for i, sz in enumerate(sizes, 1)],
     }
     grad_check(net, random_loss(out))
+
+
+@pytest.mark.parametrize("size", [(64, 48), (37, 45)])
+def test_unet_projector_reads_the_decoder_map_at_its_stride(size):
+    # PH-Net's projector at stride s is the same head on the decoder output s pixels per feature: upstream's
+    # reads the DeepLab decoder at stride 4. The prediction does not depend on where the projector reads.
+    x = torch.rand(2, 1, *size)
+    nets = {}
+    for stride in (1, 4):
+        torch.manual_seed(0)
+        nets[stride] = M.UNet(2, in_channels=1, base=4, rep_dim=8, proj_dim=0, rep_stride=stride).eval()
+    seen = []
+    nets[4].up[1].register_forward_hook(lambda m, args, out: seen.append(out))  # up blocks: strides 8, 4, 2, 1
+    out4, out1 = nets[4](x, need_rep=True), nets[1](x, need_rep=True)
+    torch.testing.assert_close(out4["rep"], nets[4].heads.rep_head(seen[0]), rtol=0, atol=0)
+    assert seen[0].shape[-2:] == tuple(math.ceil(n / 4) for n in size)
+    torch.testing.assert_close(out4["pred"], out1["pred"], rtol=0, atol=0)
+    torch.testing.assert_close(out4["rep"].norm(dim=1), torch.ones_like(out4["rep"][:, 0]))
+
+
+@pytest.mark.parametrize("bad", [0, 3, 16, -4])
+def test_unet_rep_stride_must_be_a_decoder_level(bad):
+    with pytest.raises(ValueError, match=rf"rep_stride must be one of \(8, 4, 2, 1\).*got {bad}"):
+        M.UNet(2, rep_stride=bad)
 
 
 @pytest.mark.parametrize("arch", ["unet", "deeplab"])

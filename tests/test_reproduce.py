@@ -97,6 +97,17 @@ def test_reproduce_rows_follow_the_upstream_configs():
     assert flags["rabusseg"]["cutmix_p"] == preset["cutmix_p"] == 0.0
 
 
+def test_reproduce_keeps_the_projector_stride_its_runs_began_with(tmp_path):
+    # Every scale's runs began with PH-Net's projector on the full-resolution map; the default became
+    # upstream's stride 4 later. A run planned now must equal what its last.pt holds, or it cannot resume.
+    from busseg_ops.train import config
+
+    assert config.TrainConfig().unet_rep_stride == 4
+    for scale in reproduce.SCALES:
+        for run in reproduce.plan(scale, str(tmp_path), str(tmp_path / "out")):
+            assert run.cfg.unet_rep_stride == 1, (scale, run.name)
+
+
 def test_diagnose_variants_continue_from_the_shared_warm_up_and_never_test(tmp_path, monkeypatch):
     import diagnose
 

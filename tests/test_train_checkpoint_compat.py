@@ -32,7 +32,8 @@ def test_v1_checkpoint_is_upgraded_on_load():
     st = checkpoint.load(V1)
     assert st["config"]["rabusseg"]["num_proxies"] == 4 and "num_proxies" not in st["config"]
     cfg = config.TrainConfig.from_dict(st["config"])
-    assert config.TrainConfig.from_dict(raw["config"]) == cfg  # the flat layout reads the same
+    # the flat layout reads the same (with the settings added since at the values it trained with)
+    assert config.TrainConfig.from_dict({**raw["config"], **checkpoint.SETTINGS_ADDED_SINCE_V2}) == cfg
     # rabusseg uses the relation projection, not PH-Net's projector: that one is gone, with its state
     for which in ("student", "teacher"):
         assert not any(k.startswith("heads.rep_head.") for k in st[which])
@@ -91,3 +92,47 @@ def test_v1_checkpoint_resumes_through_the_cli(tmp_path):
     st = checkpoint.load(str(run / "last.pt"))  # rewritten by this code: the current format
     assert st["epoch"] == 2 and "rabusseg" in st["config"]
     assert torch.load(run / "last.pt", weights_only=True)["format"] == checkpoint.FORMAT
+
+
+# A phnet checkpoint written by d9f9ec1 (busseg-checkpoint/2), before --unet-rep-stride: its U-Net's projector
+# read the full-resolution decoder map, which the new default (4) would not load.
+V2_STRIDE1 = os.path.join(DATA, "checkpoint_v2_phnet_stride1.pt")
+EXPECTED_STRIDE1 = json.load(open(os.path.join(DATA, "checkpoint_v2_phnet_stride1.json")))
+
+
+def test_checkpoint_from_before_rep_stride_keeps_its_projector():
+    raw = torch.load(V2_STRIDE1, weights_only=True)
+    assert raw["format"] == checkpoint.FORMAT and "unet_rep_stride" not in raw["config"]
+    st = checkpoint.load(V2_STRIDE1)
+    cfg = config.TrainConfig.from_dict(st["config"])
+    assert cfg.unet_rep_stride == 1 and config.TrainConfig().unet_rep_stride == 4
+    net = methods.get(cfg.method).build_model(cfg)
+    net.load_state_dict(st["teacher"])  # strict: the projector takes the last decoder map's channels
+    assert net.heads.rep_head.body[0][0].in_channels == cfg.unet_base
+    x = torch.rand(2, 1, 48, 40, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = load_network(V2_STRIDE1)[0](x)["pred"].double()
+    probe = EXPECTED_STRIDE1["probe"]
+    assert _close(logits.sum(), probe["sum"]) and _close(logits.abs().sum(), probe["abs_sum"])
+    assert net(x, need_rep=True)["rep"].shape[-2:] == x.shape[-2:]
+
+
+def test_checkpoint_from_before_rep_stride_resumes_to_the_same_losses(tmp_path):
+    st = checkpoint.load(V2_STRIDE1)
+    cfg = config.TrainConfig.from_dict({**config.flatten(st["config"]), "out": str(tmp_path / "resumed")})
+    tr = Trainer(cfg, pretrained=False)
+    tr.resume(st)
+    res = tr.fit()
+    rows = list(csv.DictReader(open(tmp_path / "resumed" / "metrics.csv")))
+    for k, v in EXPECTED_STRIDE1["epoch2"].items():
+        assert _close(rows[-1][k], v), (k, rows[-1][k], v)
+    for k, v in EXPECTED_STRIDE1["resumed_test"].items():
+        assert _close(res[k][0], v), k
+
+
+def test_a_checkpoint_keeps_the_rep_stride_it_names(tmp_path):
+    st = checkpoint.load(V2_STRIDE1)
+    st["config"]["unet_rep_stride"] = 4
+    path = str(tmp_path / "stride4.pt")
+    checkpoint.save(st, path)
+    assert checkpoint.load(path)["config"]["unet_rep_stride"] == 4

@@ -12,6 +12,7 @@ from .inputs import input_adapter
 from .resnet import conv_bn_relu
 
 ENCODER_DROPOUT = (0.05, 0.1, 0.2, 0.3, 0.5)  # SSL4MIS U-Net, full resolution → deepest
+REP_STRIDES = (8, 4, 2, 1)  # the decoder's outputs, first to last
 
 
 def double_conv(cin: int, cout: int, dropout: float = 0.0) -> nn.Sequential:
@@ -54,7 +55,10 @@ class UNetEncoder(nn.Module):
 
 class UNet(nn.Module):
     """``forward(x, need_rep=False, need_proj=False, need_feats=False)`` → dict like
-    :class:`DeepLabV3Plus` (``pred`` at the input resolution; ``gray_input`` as there)."""
+    :class:`DeepLabV3Plus` (``pred`` at the input resolution; ``gray_input`` as there).
+    ``rep_stride``: the decoder level whose feature PH-Net's projector reads (1, 2, 4 or 8 pixels
+    per feature). 4 is upstream's: its projector reads the DeepLab decoder feature at a quarter of
+    the input; at 1 the projector costs 16× the pixels (docs/methods.md)."""
 
     def __init__(
         self,
@@ -66,8 +70,12 @@ class UNet(nn.Module):
         gray_input: bool = False,
         dropout: bool = True,
         encoder_dropout: bool = False,
+        rep_stride: int = 4,
     ):
         super().__init__()
+        if rep_stride not in REP_STRIDES:
+            raise ValueError(f"rep_stride must be one of {REP_STRIDES} (a decoder level), got {rep_stride!r}")
+        self.rep_level = REP_STRIDES.index(rep_stride)  # decoder outputs from the deepest: strides 8, 4, 2, 1
         self.input = input_adapter(in_channels, gray_input)
         ch = [base * 2**i for i in range(5)]
         self.encoder = UNetEncoder(in_channels, base, ENCODER_DROPOUT if encoder_dropout else None)
@@ -75,13 +83,21 @@ class UNet(nn.Module):
         # no parameters: the names are the same with and without
         self.classifier_dropout = nn.Dropout2d(HEAD_DROPOUT) if dropout else nn.Identity()
         self.classifier = nn.Conv2d(ch[0], num_classes, 1)
-        self.heads = SegmentationHeads(ch[0], ch[4], rep_dim, proj_dim, HEAD_DROPOUT if dropout else 0.0)
+        rep_channels = ch[3 - self.rep_level]
+        self.heads = SegmentationHeads(rep_channels, ch[4], rep_dim, proj_dim, HEAD_DROPOUT if dropout else 0.0)
 
     def forward(self, x, need_rep: bool = False, need_proj: bool = False, need_feats: bool = False) -> dict:
         skips = self.encoder(self.input(x))
-        y = skips[-1]
+        decoded = [skips[-1]]
         for up, skip in zip(self.up, reversed(skips[:-1])):
-            y = up(y, skip)
+            decoded.append(up(decoded[-1], skip))
+        y = decoded[-1]
         return self.heads.outputs(
-            self.classifier(self.classifier_dropout(y)), x.shape[-2:], y, skips[1:], need_rep, need_proj, need_feats
+            self.classifier(self.classifier_dropout(y)),
+            x.shape[-2:],
+            decoded[1 + self.rep_level],
+            skips[1:],
+            need_rep,
+            need_proj,
+            need_feats,
         )

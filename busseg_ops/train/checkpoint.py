@@ -128,6 +128,8 @@ def load(path: str) -> dict:
     require(obj, ("config",), path)
     if version == FORMAT_V1:
         _upgrade_v1(obj, path)
+    for key, before in SETTINGS_ADDED_SINCE_V2.items():  # the value it trained with
+        obj["config"].setdefault(key, before)
     return obj
 
 
@@ -191,6 +193,8 @@ def renumber_optimizer(opt: dict, names_from: list, names_to: list, path: str) -
 
 
 # The settings issue 30 added, at the values that reproduce the training step before them.
+# Settings added after busseg-checkpoint/2, with the behaviour of the code before them.
+SETTINGS_ADDED_SINCE_V2 = {"unet_rep_stride": 1}
 ISSUE_30_DEFAULTS_BEFORE = {"teacher_train_mode": False, "unsup_form": "paper", "apa_mix": "ramp", "ohem_scale": False}
 
 

@@ -189,6 +189,13 @@ class TrainConfig:
         at_least=1,
         at_most=(128, "the deepest U-Net map has 16x this many channels; SSL4MIS uses 16"),
     )
+    unet_rep_stride: int = _f(
+        4,
+        "model",
+        "unet: pixels per feature of the decoder map PH-Net's projector reads: 4 as upstream's DeepLab decoder "
+        "(1: the full-resolution last map, 16x the projector's work; the default before 2026-12-07)",
+        (1, 2, 4, 8),
+    )
     dropout: bool = _f(
         True,
         "model",

@@ -166,7 +166,9 @@ def segmentation_network(cfg, **heads: bool):
     if cfg.model == "deeplab":
         net = models.DeepLabV3Plus(2, backbone=cfg.backbone, **kw, **resnet_options(cfg))
     elif cfg.model == "unet":
-        net = models.UNet(2, base=cfg.unet_base, encoder_dropout=cfg.encoder_dropout, **kw)
+        net = models.UNet(
+            2, base=cfg.unet_base, encoder_dropout=cfg.encoder_dropout, rep_stride=cfg.unet_rep_stride, **kw
+        )
     else:  # MALUNet, UNeXt: their public configs
         net = {"malunet": models.MALUNet, "unext": models.UNeXt}[cfg.model](2, **kw)
     for kind in dims:
