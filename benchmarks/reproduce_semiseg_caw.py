@@ -52,12 +52,22 @@ ROWS = [
     # The ablation (the paper's table gives it on another setting: its full model scores 0.610 there).
     ("no ClassElevateSeg", "semiseg_caw_busi", {"class_elevate": False}, "MALUNet reduced", (0.571, 0.400, None)),
     ("static weights, no WGM", "semiseg_caw_busi", {"wgm": False}, "MALUNet reduced", (0.572, 0.401, None)),
+    # "Strategy of [21] instead of WGM": [21] is IMTL (Liu et al., ICLR 2021), its hybrid here
+    ("IMTL instead of WGM", "semiseg_caw_busi", {"weighting": "imtl"}, "MALUNet reduced", (0.537, 0.367, None)),
     (
         "no ClassElevateSeg, no WGM",
         "semiseg_caw_busi",
         {"class_elevate": False, "wgm": False},
         "MALUNet reduced",
         (0.601, 0.429, None),
+    ),
+    # "LayerCAM [27] instead of ClassElevateSeg": the same pre-trained network, its guide map by LayerCAM
+    (
+        "LayerCAM instead of ClassElevateSeg",
+        "semiseg_caw_busi",
+        {"guide_map": "layercam"},
+        "MALUNet reduced",
+        (0.583, 0.411, None),
     ),
     ("UNeXt", "suponly_busi_unext", {}, None, (0.710, 0.595, 1.57)),
     ("SemiSeg-CAW (UNeXt)", "semiseg_caw_busi_unext", {}, "UNeXt", (0.813, 0.704, 15.85)),

@@ -167,3 +167,23 @@ def test_semiseg_caw_reproduction_trains_its_presets_resumes_and_reports(tmp_pat
     row = next(ln for ln in text.splitlines() if ln.startswith("| SemiSeg-CAW (MALUNet)"))
     assert "`semiseg_caw_busi`" in row and "0.684 / 0.520" in row and "| MALUNet reduced |" in row
     assert "Wilcoxon" in text and "paired t-test" in text and "(14.5)" in row
+
+
+def test_semiseg_caw_plan_builds_the_imtl_and_layercam_ablation_rows(tmp_path):
+    import reproduce_semiseg_caw as caw
+
+    names = ("IMTL instead of WGM", "LayerCAM instead of ClassElevateSeg")
+    rows = [r for r in caw.ROWS if r[0] in names]
+    assert [(r[0], r[1], r[3], r[4]) for r in rows] == [
+        (names[0], "semiseg_caw_busi", "MALUNet reduced", (0.537, 0.367, None)),  # the paper's ablation table
+        (names[1], "semiseg_caw_busi", "MALUNet reduced", (0.583, 0.411, None)),
+    ]
+    runs = caw.plan("smoke", None, str(tmp_path), rows=rows, overrides=dict(data="synthetic"))
+    assert [(r.name, r.seed) for r in runs] == [(n, s) for n in names for s in caw.SEEDS]
+    want = {names[0]: ("imtl", "segmentation"), names[1]: ("wgm", "layercam")}
+    for r in runs:
+        c = r.cfg.semiseg_caw
+        assert (c.weighting, c.guide_map) == want[r.name] and c.wgm and c.class_elevate
+        assert (r.cfg.method, r.cfg.model, r.cfg.labeled_share) == ("semiseg_caw", "malunet", 0.824)
+        r.cfg.validate()
+    assert len({r.out for r in runs}) == len(runs)  # each run its own folder

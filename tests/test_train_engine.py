@@ -215,7 +215,7 @@ def test_ddp_two_processes_gloo(tmp_path):
     """DDP syncs exactly what trains, without searching for unused parameters: phnet (its projector
     trains from the first step), rabusseg through its supervised-only epoch (the relation head
     frozen, then training) and semiseg_caw through its two stages (the auxiliary network, then the
-    main one); the replicas stay equal."""
+    main one; also with IMTL and the LayerCAM guide); the replicas stay equal."""
     script = tmp_path / "ddp.py"
     script.write_text(
         textwrap.dedent(f"""
@@ -227,9 +227,13 @@ def test_ddp_two_processes_gloo(tmp_path):
             "phnet": dict(epochs=1, warmup_epochs=0, gamma=0.0, hpc_form="paper"),
             "rabusseg": dict(epochs=2, warmup_epochs=1),
             "semiseg_caw": dict(epochs=2, warmup_epochs=0, stage1_epochs=1),
+            # IMTL takes per-task gradients of the parameters, LayerCAM one inside the frozen network's forward
+            "semiseg_caw_ablations": dict(
+                method="semiseg_caw", epochs=2, warmup_epochs=0, stage1_epochs=1, weighting="imtl", guide_map="layercam"
+            ),
         }}
         for method, kw in runs.items():
-            cfg = TrainConfig(method=method, out={str(tmp_path)!r} + "/" + method, **common, **kw)
+            cfg = TrainConfig(**{{"method": method, **kw}}, out={str(tmp_path)!r} + "/" + method, **common)
             tr = Trainer(cfg)
             assert tr.world == 2
             # SyncBatchNorm on CUDA (torch has no CPU kernel for it); plain BN + buffer broadcast on CPU
@@ -259,8 +263,9 @@ def test_ddp_two_processes_gloo(tmp_path):
         cwd=REPO,
     )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert r.stdout.count("ok") == 6
-    assert all(os.path.isfile(tmp_path / m / "last.pt") for m in ("phnet", "rabusseg", "semiseg_caw"))
+    assert r.stdout.count("ok") == 8
+    runs = ("phnet", "rabusseg", "semiseg_caw", "semiseg_caw_ablations")
+    assert all(os.path.isfile(tmp_path / m / "last.pt") for m in runs)
 
 
 @pytest.mark.skipif(not os.path.isdir(BUSI), reason=f"BUSI data not found at {BUSI}")

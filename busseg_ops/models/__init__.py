@@ -8,7 +8,15 @@ from .lanet import CBAM, LANet, LesionAwareNet
 from .malunet import MALUNet
 from .relation import AdjacentRelationPropagation, CrossLayerRelationAlignment
 from .resnet import LoadReport, ResNet, adapt_input_conv, resnet, resnet18, resnet50, resnet101
-from .semiseg_caw import ClassElevateSeg, SegClassNet, SemiSegCAW, WeightGenerationModule
+from .semiseg_caw import (
+    IMTL,
+    ClassElevateSeg,
+    SegClassNet,
+    SemiSegCAW,
+    WeightGenerationModule,
+    imtl_gradient_weights,
+    layercam,
+)
 from .unet import UNet, UNetEncoder
 from .unext import UNeXt
 
@@ -36,6 +44,9 @@ __all__ = [
     "SegClassNet",
     "SemiSegCAW",
     "WeightGenerationModule",
+    "IMTL",
+    "imtl_gradient_weights",
+    "layercam",
     "UNet",
     "UNetEncoder",
     "UNeXt",

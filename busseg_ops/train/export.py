@@ -120,6 +120,11 @@ def export(src: str, dst: str, which: str = "teacher", fmt: str = "pt2", overwri
             raise UserError(f"{dst}: the state dict and its config (.json) would be the same file")
         check_destination(sidecar, src, overwrite)
     model, cfg = load_network(src, which)
+    if fmt == "pt2" and cfg.method == "semiseg_caw" and cfg.semiseg_caw.guide_map == "layercam":
+        raise UserError(
+            f"--format pt2: {src} is a SemiSeg-CAW guided by LayerCAM, whose forward takes a gradient, which "
+            "torch.export cannot trace; pass --format state-dict"
+        )
     meta = {
         "config": dataclasses.asdict(cfg),
         "which": which,
