@@ -242,7 +242,9 @@ def test_ddp_two_processes_gloo(tmp_path):
             tr.fit()
             assert isinstance(tr.student, torch.nn.parallel.DistributedDataParallel)
             assert not tr.student.find_unused_parameters
-            flat = torch.cat([p.detach().flatten() for p in tr.student.parameters()])
+            # the method's own parameters too (SemiSeg-CAW's learned loss weights, outside DDP's module)
+            params = list(tr.student.parameters()) + tr.method.parameters()
+            flat = torch.cat([p.detach().flatten() for p in params])
             got = [torch.zeros_like(flat) for _ in range(2)]
             dist.all_gather(got, flat)
             assert torch.equal(got[0], got[1]), method + ": replicas diverged"

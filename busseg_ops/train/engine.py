@@ -299,6 +299,7 @@ class Trainer:
             )
         self.opt.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()  # disabled (off, bf16): loss.backward() and opt.step()
+        self._average_method_gradients()
         self.scaler.step(self.opt)
         self.scaler.update()
         self.sched.step()
@@ -307,6 +308,21 @@ class Trainer:
         logs = {k: float(v) for k, v in logs.items()}
         logs["loss"] = float(loss.detach())
         return logs
+
+    def _average_method_gradients(self) -> None:
+        """DDP averages the network's gradients; the method's own parameters (SemiSeg-CAW's learned loss
+        weights) live outside it: average theirs across the processes too, or each would learn its own
+        weights and only rank 0's be saved. A parameter gets a gradient where any process gave it one."""
+        params = self.method.parameters()
+        if self.world == 1 or not params:
+            return
+        has = torch.tensor([p.grad is not None for p in params], dtype=torch.int32, device=self.device)
+        dist.all_reduce(has, op=dist.ReduceOp.MAX)  # every process reduces the same tensors
+        for p, any_grad in zip(params, has.tolist()):
+            if any_grad:
+                grad = p.grad if p.grad is not None else torch.zeros_like(p)
+                dist.all_reduce(grad)
+                p.grad = grad.div_(self.world)
 
     def fit(self, until: int | None = None, test: bool = True) -> dict:
         """Train to epoch `until` (default: the last), then, when the schedule is complete and
