@@ -28,6 +28,7 @@ import json
 import multiprocessing
 import os
 import platform
+import signal
 import subprocess
 import sys
 import time
@@ -57,7 +58,8 @@ RUNS = [
 ]
 BASELINE = "suponly"
 # Relative cost of a run (CPU time per step, measured; see NOTES["full"]): the order in which --jobs > 1 starts them.
-COST = {"suponly": 0.30, "rabusseg": 0.73, "phnet": 2.04, "phnet_no_hpc": 0.70}
+# phnet: 2.04 with the projector at full resolution (the full scale's); at stride 4 about 3.4x suponly's step.
+COST = {"suponly": 0.30, "rabusseg": 0.73, "phnet": 1.0, "phnet_no_hpc": 0.70}
 
 # Shared by every run at every scale: data protocol, network, diagnostics.
 COMMON = dict(
@@ -67,9 +69,6 @@ COMMON = dict(
     pseudo_label_check=24,  # teacher pseudo-labels graded on 24 fixed unlabelled images per epoch
     model="unet",
     unet_base=16,  # the SSL4MIS U-Net of PH-Net's U-Net row
-    # PH-Net's projector on the last, full-resolution decoder map: every scale's runs were started with it, before
-    # --unet-rep-stride (default 4, upstream's stride, ~4x cheaper phnet steps); kept so that they resume as begun
-    unet_rep_stride=1,
     proj_dim=32,
     rep_dim=32,
     num_proxies=32,
@@ -91,6 +90,7 @@ SCALES = {
         # The SSL4MIS encoder dropout off: chosen on the validation split, where every row scored higher
         # without it at this scale (two seeds each; the report's defect 6).
         dropout=False,
+        unet_rep_stride=1,  # PH-Net's projector on the full-resolution map, as these runs had it (before the setting)
     ),
     # Issue 30: a converged schedule (meant to run for days in the background, resumably) with the faithful
     # defaults of docs/upstream_audit.md: upstream's classifier-path dropout, the train-mode teacher with its
@@ -141,9 +141,14 @@ train mode with its own BatchNorm statistics, PH-Net's released HPC, L_u and APA
 10 of 200), lr 0.01 and CE + soft Dice as at the full scale. The field of view (each image resized
 to a longer side of 144 px before the random scale and the 128-px crop, and alike at evaluation,
 metrics at the original size) was set a priori to upstream's share of the image — a 512-px crop of
-a ~560-px BUSI original sees most of it — not picked on validation. Cost, estimated by `--measure`:
-about 2200 CPU minutes for the twelve runs, some 18 hours of wall time with `--jobs 2` on the idle
-2-core machine; the runs resume from their last epoch, so the target can run across sessions.
+a ~560-px BUSI original sees most of it — not picked on validation. PH-Net's projector reads the U-Net
+decoder at stride 4, as upstream's reads its DeepLab decoder (`--unet-rep-stride`): a first start of
+this scale had it on the full-resolution map (1/16 the cost at stride 4, docs/methods.md); its two
+phnet runs were at epoch 11 of 100 when it was restarted at stride 4 on 2026-12-07, with no run
+finished and nothing looked at but the training log (kept in `converged_stride1_a907c54/` beside the
+runs). Cost, estimated by `--measure` before that: about 2200 CPU minutes for the twelve runs, some 18
+hours of wall time with `--jobs 2` on the idle 2-core machine, about half of it phnet's; the runs
+resume from their last epoch, so the target can run across sessions.
 Convergence is checked, not assumed: the findings say whether suponly's validation Dice was flat
 over the last quarter of its epochs.
 """
@@ -440,14 +445,41 @@ def train_all(
             if stopped:
                 return False
         return True
-    # Quiet workers: their progress bars would interleave; each finished run is reported here.
+    # Quiet workers: their progress bars would interleave; each finished run is reported here. Runs are
+    # handed out one per free process (not queued all at once): after a stop nothing new starts.
     context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context) as pool:
-        futures = {pool.submit(train, run, True, 1): run for run in order}
-        print(f"training {len(order)} runs in {jobs} processes of one thread each", flush=True)
-        for i, fut in enumerate(concurrent.futures.as_completed(futures)):
-            report(i, futures[fut], fut.result())
+    queue, running, done_count = list(order), {}, 0
+
+    def stop_all(signum, frame):  # a kill of this process: the runs in flight save and stop too
+        nonlocal stopped
+        stopped = True
+        for child in multiprocessing.active_children():  # a terminal's Ctrl-C reaches them itself as well
+            os.kill(child.pid, signal.SIGINT)
+
+    handlers = {s: signal.signal(s, stop_all) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context, initializer=_idle_ignores_sigint) as pool:
+            print(f"training {len(order)} runs in {jobs} processes of one thread each", flush=True)
+            while queue or running:
+                while queue and len(running) < jobs and not stopped:
+                    run = queue.pop(0)
+                    running[pool.submit(train, run, True, 1)] = run
+                if not running:
+                    break
+                finished, _ = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
+                for fut in finished:
+                    report(done_count, running.pop(fut), fut.result())
+                    done_count += 1
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
     return not stopped
+
+
+def _idle_ignores_sigint() -> None:
+    """A pool process between runs ignores SIGINT: one that died of it would break the pool, and the
+    pool would end the other runs before they saved. In a run, the run's StopGuard catches it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 # ---------------------------------------------------------------------------------------------- report

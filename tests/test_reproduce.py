@@ -4,7 +4,10 @@ continues from last.pt, a changed setting is refused, and the report holds the t
 import csv
 import json
 import os
+import signal
 import sys
+import threading
+import time
 
 import pytest
 
@@ -47,6 +50,66 @@ def test_reproduce_skips_resumes_and_reports(tmp_path, capsys):
     assert "Wilcoxon p" in text and "beat suponly at this scale" in text and "`cra=False`" in text
     assert "run-level p" in text and "t-test p = " in text and "last quarter of the epochs" in text
     assert "wall time" in text and "UTC" in text
+
+
+def _train_or_stop(run, quiet, threads):
+    """A stand-in run for train_all's pool: the run named "stop" stops at once (as one signalled)."""
+    open(os.path.join(run.out, "started"), "w").close()
+    if run.name == "stop":
+        return {"stopped": True}
+    time.sleep(1.0)
+    return {"dice": [0.5]}
+
+
+def _train_until_signalled(run, quiet, threads):
+    """A stand-in run that trains until its StopGuard sees a signal (at most 30 s)."""
+    from busseg_ops.train import checkpoint
+
+    with checkpoint.StopGuard() as guard:
+        open(os.path.join(run.out, "started"), "w").close()
+        for _ in range(600):
+            if guard.requested:
+                return {"stopped": True}
+            time.sleep(0.05)
+    return {"dice": [0.5]}
+
+
+def _fake_runs(tmp_path, names):
+    runs = [reproduce.Run(n, 0, reproduce.TrainConfig(out=str(tmp_path / n))) for n in names]
+    for r in runs:
+        os.makedirs(r.out)
+    return runs
+
+
+def test_parallel_runs_start_nothing_after_a_stop(tmp_path):
+    # The pool once queued every run at once: a Ctrl-C stopped the runs in flight, and the queued ones
+    # started in their place (the converged reproduction went on that way).
+    runs = _fake_runs(tmp_path, ["stop", "a", "b", "c"])
+    order = {r.name: -i for i, r in enumerate(runs)}
+    assert not reproduce.train_all(runs, jobs=2, train=_train_or_stop, cost=lambda r: order[r.name])
+    started = {r.name for r in runs if os.path.isfile(os.path.join(r.out, "started"))}
+    assert started == {"stop", "a"}  # "a" was in flight and ran to its end; "b" and "c" never started
+
+
+def test_a_signal_to_the_parallel_driver_stops_its_runs(tmp_path):
+    # `kill -INT` of the driver alone (not its process group): the runs in flight get it too, save and
+    # stop; the queued ones never start, and the driver returns instead of dying.
+    runs = _fake_runs(tmp_path, ["a", "b", "c"])
+    markers = [os.path.join(r.out, "started") for r in runs[:2]]
+
+    def interrupt_when_both_started():
+        for _ in range(600):
+            if all(os.path.isfile(m) for m in markers):
+                os.kill(os.getpid(), signal.SIGINT)
+                return
+            time.sleep(0.05)
+
+    threading.Thread(target=interrupt_when_both_started, daemon=True).start()
+    t0 = time.time()
+    assert not reproduce.train_all(runs, jobs=2, train=_train_until_signalled, cost=lambda r: -"abc".index(r.name))
+    assert time.time() - t0 < 25  # the runs stopped on the signal, not after their 30 s
+    assert not os.path.isfile(os.path.join(runs[2].out, "started"))
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the driver's handler is gone again
 
 
 def test_converged_scale_has_three_seeds_the_field_of_view_and_writes_the_main_report():
@@ -97,15 +160,17 @@ def test_reproduce_rows_follow_the_upstream_configs():
     assert flags["rabusseg"]["cutmix_p"] == preset["cutmix_p"] == 0.0
 
 
-def test_reproduce_keeps_the_projector_stride_its_runs_began_with(tmp_path):
-    # Every scale's runs began with PH-Net's projector on the full-resolution map; the default became
-    # upstream's stride 4 later. A run planned now must equal what its last.pt holds, or it cannot resume.
+def test_reproduce_keeps_the_projector_stride_each_scale_ran_with(tmp_path):
+    # The full scale's runs (a finished report) had PH-Net's projector on the full-resolution map; the
+    # converged scale restarted at upstream's stride 4, the default; a planned run must equal its last.pt.
     from busseg_ops.train import config
 
     assert config.TrainConfig().unet_rep_stride == 4
-    for scale in reproduce.SCALES:
+    want = {"full": 1, "converged": 4, "smoke": 4}
+    assert set(want) == set(reproduce.SCALES)
+    for scale, stride in want.items():
         for run in reproduce.plan(scale, str(tmp_path), str(tmp_path / "out")):
-            assert run.cfg.unet_rep_stride == 1, (scale, run.name)
+            assert run.cfg.unet_rep_stride == stride, (scale, run.name)
 
 
 def test_diagnose_variants_continue_from_the_shared_warm_up_and_never_test(tmp_path, monkeypatch):
