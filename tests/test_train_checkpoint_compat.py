@@ -59,19 +59,24 @@ def test_v1_checkpoint_evaluates_as_it_did(tmp_path):
         assert _close(summary[k]["mean"], v), (k, summary[k], v)
 
 
-def test_v1_checkpoint_resumes_to_the_same_losses(tmp_path):
-    st = checkpoint.load(V1)
-    cfg = config.TrainConfig.from_dict({**config.flatten(st["config"]), "out": str(tmp_path / "resumed")})
+def resume_and_compare(path, expected, out):
+    """Resume the checkpoint at `path` to its end: the last epoch's log row and the test summary are
+    what the code that wrote it printed (`expected`)."""
+    st = checkpoint.load(path)
+    cfg = config.TrainConfig.from_dict({**config.flatten(st["config"]), "out": str(out)})
     tr = Trainer(cfg, pretrained=False)
     tr.resume(st)
     res = tr.fit()
-    rows = list(csv.DictReader(open(tmp_path / "resumed" / "metrics.csv")))
-    expected = EXPECTED["epoch2"]
-    assert set(rows[-1]) == set(expected)
-    for k, v in expected.items():
+    rows = list(csv.DictReader(open(out / "metrics.csv")))
+    assert set(rows[-1]) == set(expected["epoch2"])
+    for k, v in expected["epoch2"].items():
         assert _close(rows[-1][k], v), (k, rows[-1][k], v)
-    for k, v in EXPECTED["resumed_test"].items():
+    for k, v in expected["resumed_test"].items():
         assert _close(res[k][0], v), k
+
+
+def test_v1_checkpoint_resumes_to_the_same_losses(tmp_path):
+    resume_and_compare(V1, EXPECTED, tmp_path / "resumed")
 
 
 def test_unknown_checkpoint_version_is_one_line_naming_it(tmp_path, monkeypatch):
@@ -118,16 +123,7 @@ def test_checkpoint_from_before_rep_stride_keeps_its_projector():
 
 
 def test_checkpoint_from_before_rep_stride_resumes_to_the_same_losses(tmp_path):
-    st = checkpoint.load(V2_STRIDE1)
-    cfg = config.TrainConfig.from_dict({**config.flatten(st["config"]), "out": str(tmp_path / "resumed")})
-    tr = Trainer(cfg, pretrained=False)
-    tr.resume(st)
-    res = tr.fit()
-    rows = list(csv.DictReader(open(tmp_path / "resumed" / "metrics.csv")))
-    for k, v in EXPECTED_STRIDE1["epoch2"].items():
-        assert _close(rows[-1][k], v), (k, rows[-1][k], v)
-    for k, v in EXPECTED_STRIDE1["resumed_test"].items():
-        assert _close(res[k][0], v), k
+    resume_and_compare(V2_STRIDE1, EXPECTED_STRIDE1, tmp_path / "resumed")
 
 
 def test_a_checkpoint_keeps_the_rep_stride_it_names(tmp_path):
