@@ -329,3 +329,15 @@ def test_teacher_train_forward_builds_no_graph():
     out = teacher_train_forward(teacher, torch.randn(2, 1, 8, 8))
     assert out.grad_fn is None and not out.requires_grad and not teacher.training
     assert teacher[1].num_batches_tracked.item() == 1  # it ran in train mode: BN folded the batch in
+
+
+@pytest.mark.parametrize("stride", [1, 4, 8])
+@pytest.mark.parametrize("method, flags", [("suponly", {}), ("rabusseg", {}), ("phnet", {"hpc": False})])
+def test_an_unused_projector_is_drawn_as_it_always_was(method, flags, stride):
+    # Every U-Net draws PH-Net's projector (dropped unless its method uses it), so that a seed gives the
+    # initial weights and the random stream it always gave. --unet-rep-stride once changed the drawn head's
+    # shape for every method, and with it every later draw (make demo's Dice moved by 4-6 points).
+    # The values: the stream after building the network, from d9f9ec1 (before the setting).
+    torch.manual_seed(0)
+    methods.get(method).build_model(engine.TrainConfig(method=method, unet_rep_stride=stride, **flags))
+    assert torch.rand(3).tolist() == [0.12482190132141113, 0.9146623015403748, 0.5157020688056946]

@@ -166,9 +166,10 @@ def segmentation_network(cfg, **heads: bool):
     if cfg.model == "deeplab":
         net = models.DeepLabV3Plus(2, backbone=cfg.backbone, **kw, **resnet_options(cfg))
     elif cfg.model == "unet":
-        net = models.UNet(
-            2, base=cfg.unet_base, encoder_dropout=cfg.encoder_dropout, rep_stride=cfg.unet_rep_stride, **kw
-        )
+        # a projector drawn but unused has the shape it always had (stride 1), so a seed still gives the random
+        # stream it always gave (the demo's numbers); phnet's own projector reads at --unet-rep-stride
+        stride = cfg.unet_rep_stride if heads.get("rep") else 1
+        net = models.UNet(2, base=cfg.unet_base, encoder_dropout=cfg.encoder_dropout, rep_stride=stride, **kw)
     else:  # MALUNet, UNeXt: their public configs
         net = {"malunet": models.MALUNet, "unext": models.UNeXt}[cfg.model](2, **kw)
     for kind in dims:
