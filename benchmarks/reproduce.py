@@ -460,11 +460,11 @@ def train_all(
     try:
         with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context, initializer=_idle_ignores_sigint) as pool:
             print(f"training {len(order)} runs in {jobs} processes of one thread each", flush=True)
-            while queue or running:
+            while True:
                 while queue and len(running) < jobs and not stopped:
                     run = queue.pop(0)
                     running[pool.submit(train, run, True, 1)] = run
-                if not running:
+                if not running:  # all done, or stopped with nothing in flight
                     break
                 finished, _ = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
                 for fut in finished:

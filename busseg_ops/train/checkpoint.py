@@ -192,9 +192,9 @@ def renumber_optimizer(opt: dict, names_from: list, names_to: list, path: str) -
     return {"state": state, "param_groups": [{**group, "params": list(range(len(names_to) + extra))}]}
 
 
-# The settings issue 30 added, at the values that reproduce the training step before them.
 # Settings added after busseg-checkpoint/2, with the behaviour of the code before them.
 SETTINGS_ADDED_SINCE_V2 = {"unet_rep_stride": 1}
+# The settings issue 30 added, at the values that reproduce the training step before them.
 ISSUE_30_DEFAULTS_BEFORE = {"teacher_train_mode": False, "unsup_form": "paper", "apa_mix": "ramp", "ohem_scale": False}
 
 

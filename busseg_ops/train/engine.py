@@ -316,13 +316,18 @@ class Trainer:
         params = self.method.parameters()
         if self.world == 1 or not params:
             return
-        has = torch.tensor([p.grad is not None for p in params], dtype=torch.int32, device=self.device)
-        dist.all_reduce(has, op=dist.ReduceOp.MAX)  # every process reduces the same tensors
-        for p, any_grad in zip(params, has.tolist()):
-            if any_grad:
-                grad = p.grad if p.grad is not None else torch.zeros_like(p)
-                dist.all_reduce(grad)
-                p.grad = grad.div_(self.world)
+        # one all-reduce: the gradients (zeros where this process has none), then how many processes had one
+        had = [p.grad is not None for p in params]
+        grads = [
+            p.grad.reshape(-1) if h else torch.zeros(p.numel(), dtype=p.dtype, device=p.device)
+            for p, h in zip(params, had)
+        ]
+        flat = torch.cat(grads + [torch.tensor(had, dtype=grads[0].dtype, device=grads[0].device)])
+        dist.all_reduce(flat)
+        sums = flat[: -len(params)].div_(self.world).split([p.numel() for p in params])
+        for p, grad, count in zip(params, sums, flat[-len(params) :].tolist()):
+            if count > 0:
+                p.grad = grad.view_as(p).clone()
 
     def fit(self, until: int | None = None, test: bool = True) -> dict:
         """Train to epoch `until` (default: the last), then, when the schedule is complete and
