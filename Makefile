@@ -100,9 +100,10 @@ lint: $(STAMP)
 	$(VENV)/bin/clang-format --dry-run -Werror $(CXX_SOURCES)
 
 # The suite in MAX_JOBS processes (pytest-xdist): most tests are single-threaded Python (the Triton
-# interpreter, small tensors), so one process leaves a core idle.
+# interpreter, small tensors), so one process leaves a core idle. worksteal: the slow tests first
+# (tests/conftest.py), an idle worker takes the end of the other's list, so the two finish together.
 test: lint build cuda-check gpu-compile-check cmake-check
-	$(PY) -m pytest tests -q -n $(MAX_JOBS)
+	$(PY) -m pytest tests -q -n $(MAX_JOBS) --dist worksteal
 
 # One process per benchmark file. Each prints pytest-benchmark's table, then a Markdown table of
 # medians, ratios against the baselines of the same run, and peak memory; all of them are

@@ -157,16 +157,17 @@ class TestGreedyProxySampling(OpContract):
 
 
 class _threads:
-    """Runs the block with ``n`` torch threads, then back to 2."""
+    """Runs the block with ``n`` torch threads, then with as many as before."""
 
     def __init__(self, n):
         self.n = n
 
     def __enter__(self):
+        self.previous = torch.get_num_threads()
         torch.set_num_threads(self.n)
 
     def __exit__(self, *exc):
-        torch.set_num_threads(2)
+        torch.set_num_threads(self.previous)
 
 
 @pytest.mark.parametrize("case", GREEDY_CASES)
@@ -250,11 +251,8 @@ def test_float_sampling_resolves_differences_below_half_precision(case):
     rounded = run_greedy("reference", feat.half().double(), M, first=first)
     assert not torch.equal(rounded, expected), "the half copy alone must not suffice here"
     for threads in (1, 2):
-        torch.set_num_threads(threads)
-        try:
+        with _threads(threads):
             got = run_greedy("cpu", feat, M, first=first)
-        finally:
-            torch.set_num_threads(2)
         assert torch.equal(got, expected), f"{threads} threads"
 
 

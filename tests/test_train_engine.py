@@ -270,6 +270,7 @@ def test_ddp_two_processes_gloo(tmp_path):
     assert all(os.path.isfile(tmp_path / m / "last.pt") for m in runs)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.isdir(BUSI), reason=f"BUSI data not found at {BUSI}")
 def test_busi_integration_rabusseg_beats_chance(tmp_path):
     cfg = engine.TrainConfig(
@@ -308,9 +309,10 @@ def test_busi_integration_rabusseg_beats_chance(tmp_path):
     chance = sum(metrics.seg_metrics(torch.ones_like(m), m)["dice"] for m in masks) / len(masks)
     print(f"BUSI 48-image subset: held-out Dice {ours:.3f} (subset test {res['dice'][0]:.3f}), chance {chance:.3f}")
     # Measured at original size: 0.319 against 0.087 with 30 epochs under the upstream defaults of
-    # issue 30 (60 epochs of the earlier step gave 0.380, but the train-mode teacher pass made them
-    # cost 5 min); --limit takes a share of each of the authors' lists: 19 + 19 training images, 10
-    # test (it drew 48 images at random before, which gave 0.197 against 0.098).
+    # issue 30 in two threads, 0.253 in the one thread of a make-test worker (60 epochs of the
+    # earlier step gave 0.380, but the train-mode teacher pass made them cost 5 min); --limit takes
+    # a share of each of the authors' lists: 19 + 19 training images, 10 test (it drew 48 images at
+    # random before, which gave 0.197 against 0.098).
     assert ours > chance + 0.05
 
 

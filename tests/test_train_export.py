@@ -59,6 +59,7 @@ def _networks(tmp_path):
     return out
 
 
+@pytest.mark.slow
 def test_pt2_export_runs_without_busseg_ops_and_matches_busseg_eval(tmp_path, capsys):
     torch_dir = os.path.dirname(os.path.dirname(torch.__file__))
     inputs = [torch.rand(s) for s in SHAPES]
