@@ -463,7 +463,7 @@ def train_all(
             while True:
                 while queue and len(running) < jobs and not stopped:
                     run = queue.pop(0)
-                    running[pool.submit(train, run, True, 1)] = run
+                    running[pool.submit(_run_in_pool, train, run)] = run
                 if not running:  # all done, or stopped with nothing in flight
                     break
                 finished, _ = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
@@ -478,8 +478,16 @@ def train_all(
 
 def _idle_ignores_sigint() -> None:
     """A pool process between runs ignores SIGINT: one that died of it would break the pool, and the
-    pool would end the other runs before they saved. In a run, the run's StopGuard catches it."""
+    pool would end the other runs before they saved. In a run, _run_in_pool's StopGuard catches it."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _run_in_pool(train: Callable[..., dict], run: Run) -> dict:
+    """One run in a pool process (quiet, one thread). A signal before the run's own StopGuard begins
+    (while it builds the trainer and loads its checkpoint: seconds) was once ignored and the run
+    trained on; this guard keeps it, and the run's guard, nested in it, stops at the first step."""
+    with checkpoint.StopGuard():
+        return train(run, True, 1)
 
 
 # ---------------------------------------------------------------------------------------------- report

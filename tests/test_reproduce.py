@@ -74,6 +74,14 @@ def _train_until_signalled(run, quiet, threads):
     return {"dice": [0.5]}
 
 
+def _train_after_a_slow_start(run, quiet, threads):
+    """A stand-in run whose StopGuard begins a second after it starts, as a Trainer's does after it
+    is built and has loaded its checkpoint."""
+    open(os.path.join(run.out, "started"), "w").close()
+    time.sleep(1.0)
+    return _train_until_signalled(run, quiet, threads)
+
+
 def _fake_runs(tmp_path, names):
     runs = [reproduce.Run(n, 0, reproduce.TrainConfig(out=str(tmp_path / n))) for n in names]
     for r in runs:
@@ -91,9 +99,11 @@ def test_parallel_runs_start_nothing_after_a_stop(tmp_path):
     assert started == {"stop", "a"}  # "a" was in flight and ran to its end; "b" and "c" never started
 
 
-def test_a_signal_to_the_parallel_driver_stops_its_runs(tmp_path):
+@pytest.mark.parametrize("train", [_train_until_signalled, _train_after_a_slow_start])
+def test_a_signal_to_the_parallel_driver_stops_its_runs(tmp_path, train):
     # `kill -INT` of the driver alone (not its process group): the runs in flight get it too, save and
-    # stop; the queued ones never start, and the driver returns instead of dying.
+    # stop, also those signalled before their own StopGuard began (they once trained on); the queued
+    # ones never start, and the driver returns instead of dying.
     runs = _fake_runs(tmp_path, ["a", "b", "c"])
     markers = [os.path.join(r.out, "started") for r in runs[:2]]
 
@@ -107,7 +117,7 @@ def test_a_signal_to_the_parallel_driver_stops_its_runs(tmp_path):
     before = signal.getsignal(signal.SIGINT)  # (an xdist worker ignores SIGINT)
     threading.Thread(target=interrupt_when_both_started, daemon=True).start()
     t0 = time.time()
-    assert not reproduce.train_all(runs, jobs=2, train=_train_until_signalled, cost=lambda r: -"abc".index(r.name))
+    assert not reproduce.train_all(runs, jobs=2, train=train, cost=lambda r: -"abc".index(r.name))
     assert time.time() - t0 < 25  # the runs stopped on the signal, not after their 30 s
     assert not os.path.isfile(os.path.join(runs[2].out, "started"))
     assert signal.getsignal(signal.SIGINT) == before  # the driver's handler is gone again

@@ -281,18 +281,29 @@ def set_rng_state(state: dict) -> None:
 
 class StopGuard:
     """While active, SIGINT/SIGTERM only set `requested`; the loop saves and stops at the next step
-    boundary. A second signal restores the default behaviour (so Ctrl-C twice still kills)."""
+    boundary. A second signal restores the handlers found on entry (by default: Ctrl-C twice still
+    kills). Inside another StopGuard (reproduce's pool keeps one around each whole run), a stop
+    asked of the outer one before this one began is asked of this one too."""
+
+    _active: list[StopGuard] = []  # the guards entered and not yet left, innermost last
 
     def __init__(self):
-        self.requested = False
+        self._requested = False
         self._old = {}
+        self._outer = None
+
+    @property
+    def requested(self) -> bool:
+        return self._requested or (self._outer is not None and self._outer.requested)
 
     def _handler(self, signum, frame):
-        self.requested = True
+        self._requested = True
         for s, h in self._old.items():
             signal.signal(s, h)
 
     def __enter__(self):
+        self._outer = StopGuard._active[-1] if StopGuard._active else None
+        StopGuard._active.append(self)
         try:
             for s in (signal.SIGINT, signal.SIGTERM):
                 self._old[s] = signal.signal(s, self._handler)
@@ -301,6 +312,7 @@ class StopGuard:
         return self
 
     def __exit__(self, *exc):
+        StopGuard._active.remove(self)
         for s, h in self._old.items():
             signal.signal(s, h)
         return False
