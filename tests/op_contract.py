@@ -132,6 +132,11 @@ class OpContract:
     def tolerance(self, dtype) -> dict:
         return tolerance(dtype)
 
+    def case_tolerance(self, case, dtype) -> dict:
+        """The outputs' tolerance for one case of compare_backends (an op whose rounding error grows
+        with its inputs' size widens it there)."""
+        return self.tolerance(dtype)
+
     def grad_tolerance(self, dtype, expected: torch.Tensor) -> dict:
         return tolerance(dtype)
 
@@ -233,14 +238,15 @@ class OpContract:
         with busseg_ops.use_backend(backend):
             return self.call(*inputs)
 
-    def assert_same(self, got, expected, msg: str, exact: bool = False) -> None:
+    def assert_same(self, got, expected, msg: str, exact: bool = False, case=None) -> None:
         got_t, exp_t = tensors_in(got), tensors_in(expected)
         assert len(got_t) == len(exp_t), f"{msg}: {len(got_t)} outputs, expected {len(exp_t)}"
         for i, (g, e) in enumerate(zip(got_t, exp_t)):
             if exact or self.exact or not e.is_floating_point():
                 assert g.dtype == e.dtype and torch.equal(g, e), f"{msg}: output {i} differs"
             else:
-                torch.testing.assert_close(g, e, **self.tolerance(e.dtype), msg=f"{msg}: output {i}")
+                tol = self.tolerance(e.dtype) if case is None else self.case_tolerance(case, e.dtype)
+                torch.testing.assert_close(g, e, **tol, msg=f"{msg}: output {i}")
 
     def gradients(self, out, inputs, cotangents):
         leaves = [t for t in tensors_in(inputs) if t.requires_grad]
@@ -262,7 +268,7 @@ class OpContract:
                 with setting:
                     got = self.run(backend, *inputs)
                 msg = f"{backend}{label}"
-                self.assert_same(got, expected, msg)
+                self.assert_same(got, expected, msg, case=case)
                 grads = self.gradients(got, inputs, cotangents)
                 assert len(grads) == len(expected_grads), msg
                 for i, (g, e) in enumerate(zip(grads, expected_grads)):

@@ -84,6 +84,15 @@ class TestAdjacentRelationPropagation(OpContract):
         value = torch.randn(B, K, H, W, device=device, dtype=dtype, requires_grad=value_grad)
         return feat, value, kernel_size, dilation, padding
 
+    def case_tolerance(self, case, dtype):
+        # Features of size m make logits of size about C·m², whose float32 rounding (C·m²·eps) the
+        # softmax passes on to the weights and the output: at m = 30 (a property case) the kernel
+        # was 1.1e-5 from float64, the float32 reference 2.1e-5, and they were 3.2e-5 apart.
+        (_, C, *_), _, _, _, _, *magnitude = case
+        tol = dict(self.tolerance(dtype))
+        tol["atol"] = max(tol["atol"], 4 * C * (magnitude or [1])[0] ** 2 * torch.finfo(dtype).eps)
+        return tol
+
     def call(self, feat, value, kernel_size, dilation, padding):
         return arp(feat, value, kernel_size, dilation, padding=padding, return_weights=True)
 
