@@ -65,7 +65,7 @@ def _fresh_seed(request):
 def pytest_collection_modifyitems(items):
     """The slow tests first (a stable sort). `make test`'s `--dist worksteal` gives each worker half
     of the list and lets an idle one take the far end of the other's: one worker starts on the slow
-    tests (the packaging module's share one build) and none ends the run alone on one of them."""
+    tests (the packaging module's tests share one build) and none ends the run alone on one."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
