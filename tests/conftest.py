@@ -3,6 +3,7 @@ variable must be set before triton is first imported. torch.compile gets a cache
 per session: the shared one does not key on custom ops' fake kernels, so graphs cached by
 another checkout (or an older build) could be replayed against this one."""
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -25,6 +26,18 @@ import busseg_ops
 # worker, oversubscribes them and OpenMP threads spin waiting on each other (the BUSI run took twice
 # as long beside the packaging build; the suite 14 % more CPU time). Thread-count tests set their own.
 torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """Runs the block with ``n`` torch threads, then with as many as before."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
 
 # The tests use torch.ops.busseg_triton directly; busseg_ops registers it on first dispatch alone.
 busseg_ops.backends.load_triton()

@@ -4,7 +4,7 @@ choice), its generator, and every path of the CPU and CUDA gathers."""
 
 import pytest
 import torch
-from conftest import devices
+from conftest import devices, torch_threads
 from hypothesis import strategies as st
 from op_contract import OpContract, RawSample, bad
 
@@ -366,12 +366,8 @@ def test_cutmix_cpu_splits_bytes_across_threads(threads):
         torch.randn(B, H, W),
     ]
     mask = torch.rand(B, 4, 5) > 0.4
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         out = _ops.adaptive_patch_cutmix(tensors, mask)
-    finally:
-        torch.set_num_threads(previous)
     for a, b in zip(out, reference_gather(tensors, mask)):
         assert a.dtype == b.dtype and torch.equal(a, b)
 

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from conftest import backends
+from conftest import backends, torch_threads
 from hypothesis import strategies as st
 from op_contract import OpContract, RawSample, bad
 from support.memory import peak_extra_mib
@@ -87,7 +87,7 @@ class TestGreedyProxySampling(OpContract):
 
     def variants(self, backend):
         # images in parallel (1 thread), and pixels of one image in parallel (2 threads)
-        return [(f" with {threads} threads", _threads(threads)) for threads in (1, 2)]
+        return [(f" with {threads} threads", torch_threads(threads)) for threads in (1, 2)]
 
     def property_case(self):
         # float64 features: the cpu backend's double sums agree with the reference's choice
@@ -154,20 +154,6 @@ class TestGreedyProxySampling(OpContract):
         return [
             RawSample(OP.name, (feat, torch.tensor([0, 7]), 6, 0.5), free={(0, "dim", 1), (0, "dim", 2), (0, "dim", 3)})
         ]
-
-
-class _threads:
-    """Runs the block with ``n`` torch threads, then with as many as before."""
-
-    def __init__(self, n):
-        self.n = n
-
-    def __enter__(self):
-        self.previous = torch.get_num_threads()
-        torch.set_num_threads(self.n)
-
-    def __exit__(self, *exc):
-        torch.set_num_threads(self.previous)
 
 
 @pytest.mark.parametrize("case", GREEDY_CASES)
@@ -251,7 +237,7 @@ def test_float_sampling_resolves_differences_below_half_precision(case):
     rounded = run_greedy("reference", feat.half().double(), M, first=first)
     assert not torch.equal(rounded, expected), "the half copy alone must not suffice here"
     for threads in (1, 2):
-        with _threads(threads):
+        with torch_threads(threads):
             got = run_greedy("cpu", feat, M, first=first)
         assert torch.equal(got, expected), f"{threads} threads"
 
